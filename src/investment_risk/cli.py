@@ -1,0 +1,115 @@
+"""The `investment-risk` command line: thin Click commands that parse, call one library function, and report.
+
+Domain exceptions become a one-line `Error: ...` with the exit code the contract gives them, in one place
+(`App.invoke`): 2 for bad usage, config or data; 1 for what a retry may fix; 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import InvestmentRiskError
+from .logs import bind, configure_logging, get_logger, new_run_id
+
+ENV_PREFIX = "INVESTMENT_RISK_"
+
+
+class EnvOption(click.Option):
+    """Every option can also come from INVESTMENT_RISK_<OPTION> (the contract's rule, not Click's nested prefix)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("show_envvar", True)
+        super().__init__(*args, **kwargs)
+        if self.envvar is None and self.name:
+            self.envvar = ENV_PREFIX + self.name.upper()
+
+
+option = functools.partial(click.option, cls=EnvOption)
+
+
+class App(click.Group):
+    """The root group: maps the package's exceptions to exit codes for every subcommand below it."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except InvestmentRiskError as exc:
+            get_logger().error("command_failed", error=str(exc), exit_code=exc.exit_code)
+            error = click.ClickException(str(exc))
+            error.exit_code = exc.exit_code
+            raise error from None
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            error = click.ClickException(f"{exc.filename}: {exc.strerror}")
+            error.exit_code = 2
+            raise error from None
+        except OSError as exc:
+            get_logger().error("command_failed", error=str(exc), exit_code=1)
+            error = click.ClickException(f"I/O error: {exc}")
+            error.exit_code = 1
+            raise error from None
+        except KeyboardInterrupt:
+            get_logger().warning("interrupted")
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=App, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto",
+        help="Log lines as JSON (default when stdout is not a terminal) or readable console lines.")
+@option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False), default="INFO",
+        help="The least severe level that is logged.")
+@click.version_option(__version__, prog_name="investment-risk")
+def main(log_format: str, log_level: str) -> None:
+    """Eight calibrated capital-preservation risk scores per financial news article."""
+    configure_logging(log_format, log_level)
+    bind(run_id=os.environ.get(ENV_PREFIX + "RUN_ID") or new_run_id())
+
+
+@main.group()
+def data() -> None:
+    """Make and prepare labelled article data."""
+
+
+@data.command("synth")
+@option("--rows", type=click.IntRange(min=1), required=True, help="How many articles to generate (>= 1).")
+@option("--seed", type=int, default=0, show_default=True, help="Random seed; the same seed gives the same file.")
+@option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+        help="Output file: .parquet, or .jsonl for JSON lines.")
+def data_synth(rows: int, seed: int, out: Path) -> None:
+    """Generate synthetic labelled articles (with reasoning) for tests, demos and benchmarks."""
+    from .synth import SynthConfig, write_synthetic
+
+    bind(stage="synth")
+    started = time.monotonic()
+    path = write_synthetic(SynthConfig(rows=rows, seed=seed), out)
+    get_logger().info("synth_written", out=str(path), rows=rows, seed=seed, seconds=round(time.monotonic() - started, 2))
+
+
+@data.command("split")
+@option("--input", "input_", type=str, required=True, envvar=ENV_PREFIX + "INPUT",
+        help="Labelled articles: a Parquet/JSONL file, a directory or a glob.")
+@option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+        help="Output directory for train.parquet, val.parquet, test.parquet and split_summary.json.")
+@option("--val", type=float, default=0.1, show_default=True, help="Share of unique rows for validation.")
+@option("--test", type=float, default=0.1, show_default=True, help="Share of unique rows for testing.")
+@option("--seed", type=int, default=42, show_default=True, help="Random seed of the shuffle.")
+def data_split(input_: str, out: Path, val: float, test: float, seed: int) -> None:
+    """De-duplicate (by id and normalised content) and split into train/val/test."""
+    from .split import SplitConfig, run_split
+
+    bind(stage="split")
+    summary = run_split([input_], out, SplitConfig(val=val, test=test, seed=seed))
+    click.echo(f"train={summary['rows']['train']} val={summary['rows']['val']} test={summary['rows']['test']} "
+               f"-> {out}", err=not sys.stdout.isatty())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,302 @@
+"""Reading articles in bounded batches (Parquet files, directories, globs; JSONL) and writing files atomically.
+
+Readers stream: a Parquet file is read a record batch at a time, JSONL a bounded number of lines at a time, so
+memory stays flat however large the input. Problems are reported with the file and row (0-based row index for
+Parquet, 1-based line number for JSONL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import InputError
+from .spec import DIMENSIONS
+
+REQUIRED_COLUMNS = ("id", "title", "content")
+OPTIONAL_STRING_COLUMNS = ("source", "url", "published_at", "language", "reasoning")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+DEFAULT_BATCH_ROWS = 1024
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@dataclass
+class Batch:
+    """A bounded slice of one input file. `problems` maps a row offset within the batch to why it is unusable."""
+
+    path: Path
+    start_row: int
+    table: pa.Table
+    problems: dict[int, str] = field(default_factory=dict)
+
+    def where(self, offset: int) -> str:
+        row = self.start_row + offset
+        return f"{self.path} line {row + 1}" if is_jsonl(self.path) else f"{self.path} row {row}"
+
+
+def is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() in JSONL_SUFFIXES
+
+
+def _has_glob(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _supported(path: Path) -> bool:
+    return path.suffix.lower() in PARQUET_SUFFIXES + JSONL_SUFFIXES
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files, directories (their Parquet/JSONL files, recursively) and globs -> a sorted, de-duplicated file list."""
+    found: list[Path] = []
+    for raw in inputs:
+        text = str(raw)
+        if _has_glob(text):
+            matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            matches = [p for p in matches if _supported(p)]
+            if not matches:
+                raise InputError(f"{text}: no Parquet or JSONL file matches this pattern")
+            found.extend(matches)
+        elif Path(text).is_dir():
+            matches = sorted(p for p in Path(text).rglob("*") if p.is_file() and _supported(p)
+                             and not any(part.startswith(("_", ".")) for part in p.relative_to(text).parts))
+            if not matches:
+                raise InputError(f"{text}: directory holds no .parquet or .jsonl file")
+            found.extend(matches)
+        elif Path(text).is_file():
+            if not _supported(Path(text)):
+                raise InputError(f"{text}: unsupported file type (expected .parquet or .jsonl)")
+            found.append(Path(text))
+        else:
+            raise InputError(f"{text}: no such file or directory")
+    return sorted(dict.fromkeys(found))
+
+
+def _string_type(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _numeric_type(t: pa.DataType) -> bool:
+    return pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_decimal(t)
+
+
+def check_schema(path: Path, schema: pa.Schema, labels: Sequence[str] = ()) -> None:
+    """Whole-file problems: a required column missing or of the wrong type."""
+    names = set(schema.names)
+    missing = [c for c in (*REQUIRED_COLUMNS, *labels) if c not in names]
+    if missing:
+        raise InputError(f"{path}: missing required column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
+    for name in REQUIRED_COLUMNS + OPTIONAL_STRING_COLUMNS:
+        if name in names and not _string_type(schema.field(name).type) and not pa.types.is_null(schema.field(name).type):
+            raise InputError(f"{path}: column '{name}' has type {schema.field(name).type}, expected string")
+    for name in labels:
+        t = schema.field(name).type
+        if not _numeric_type(t) and not pa.types.is_null(t):
+            raise InputError(f"{path}: label column '{name}' has type {t}, expected a number")
+
+
+def row_problems(table: pa.Table, labels: Sequence[str] = ()) -> dict[int, str]:
+    """Per-row problems: null/empty id, missing title and content, labels null, NaN or outside [0, 10]."""
+    problems: dict[int, str] = {}
+    ids = table.column("id").to_pylist()
+    titles = table.column("title").to_pylist()
+    contents = table.column("content").to_pylist()
+    for i, (id_, title, content) in enumerate(zip(ids, titles, contents)):
+        if id_ is None or not str(id_).strip():
+            problems[i] = "id is null or empty"
+        elif not (title or "").strip() and not (content or "").strip():
+            problems[i] = "title and content are both null or empty"
+    for name in labels:
+        for i, value in enumerate(table.column(name).to_pylist()):
+            if i in problems:
+                continue
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                problems[i] = f"label '{name}' is null or NaN"
+            elif not 0.0 <= float(value) <= 10.0:
+                problems[i] = f"label '{name}' = {value} is outside [0, 10]"
+    return problems
+
+
+def _iter_parquet(path: Path, batch_rows: int, columns: Sequence[str] | None) -> Iterator[Batch]:
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (0 bytes), not a Parquet file")
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+    start = 0
+    try:
+        for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+            yield Batch(path, start, pa.Table.from_batches([record_batch]))
+            start += record_batch.num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: corrupt Parquet data after row {start} ({exc})") from None
+
+
+def parquet_schema(path: Path) -> pa.Schema:
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (0 bytes), not a Parquet file")
+    try:
+        return pq.read_schema(path)
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+_JSON_KINDS = {str: "string", bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}
+
+
+def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Sequence[str]) -> Batch:
+    """Rows -> a typed table. A value of the wrong type becomes null and a row problem (JSONL has no schema)."""
+    problems: dict[int, str] = {}
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    string_cols = set(REQUIRED_COLUMNS + OPTIONAL_STRING_COLUMNS)
+    columns: dict[str, pa.Array] = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        if name in string_cols or name in labels:
+            want_number = name in labels
+            clean = []
+            for i, value in enumerate(values):
+                ok = value is None or (
+                    isinstance(value, (int, float)) and not isinstance(value, bool) if want_number else isinstance(value, str)
+                )
+                if not ok:
+                    kind = _JSON_KINDS.get(type(value), type(value).__name__)
+                    problems.setdefault(i, f"column '{name}' is a {kind}, expected {'a number' if want_number else 'a string'}")
+                    value = None
+                clean.append(float(value) if want_number and value is not None else value)
+            columns[name] = pa.array(clean, type=pa.float64() if want_number else pa.string())
+        else:
+            try:
+                columns[name] = pa.array(values)
+            except (pa.ArrowException, TypeError):
+                # Mixed types in a pass-through column: keep them as JSON text rather than drop them.
+                columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], type=pa.string())
+    return Batch(path, start, pa.table(columns) if columns else pa.table({}), problems)
+
+
+def _iter_jsonl(path: Path, batch_rows: int, labels: Sequence[str]) -> Iterator[Batch]:
+    rows: list[dict[str, Any]] = []
+    start = 0
+    line_no = 0
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path} line {line_no}: invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            if not text.strip():
+                raise InputError(f"{path} line {line_no}: blank line (every line must hold one JSON object)")
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path} line {line_no}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{path} line {line_no}: expected a JSON object, got {_JSON_KINDS.get(type(obj), 'value')}")
+            rows.append(obj)
+            if len(rows) == batch_rows:
+                yield _jsonl_table(path, start, rows, labels)
+                start += len(rows)
+                rows = []
+    if rows:
+        yield _jsonl_table(path, start, rows, labels)
+
+
+def iter_file_batches(path: Path, batch_rows: int = DEFAULT_BATCH_ROWS, labels: Sequence[str] = (),
+                      columns: Sequence[str] | None = None) -> Iterator[Batch]:
+    """Bounded batches of one file, schema-checked; row problems are attached, not raised."""
+    try:
+        if is_jsonl(path):
+            batches = _iter_jsonl(path, batch_rows, labels)
+        else:
+            check_schema(path, parquet_schema(path), labels)
+            batches = _iter_parquet(path, batch_rows, columns)
+        for batch in batches:
+            if batch.table.num_rows and is_jsonl(path):
+                check_schema(path, batch.table.schema, labels)
+            if batch.table.num_rows:
+                for offset, reason in row_problems(batch.table, labels).items():
+                    batch.problems.setdefault(offset, reason)
+            yield batch
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+
+
+def read_articles(inputs: Sequence[str | Path], labels: Sequence[str] = (), batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.Table:
+    """Read small labelled inputs (training data) strictly: the first problem row is an error naming file and row."""
+    tables = []
+    for path in expand_inputs(inputs):
+        for batch in iter_file_batches(path, batch_rows, labels):
+            if batch.problems:
+                offset = min(batch.problems)
+                raise InputError(f"{batch.where(offset)}: {batch.problems[offset]}")
+            if batch.table.num_rows:
+                tables.append(normalise_types(batch.table, labels))
+    if not tables:
+        raise InputError(f"{', '.join(map(str, inputs))}: no rows")
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowException as exc:
+        raise InputError(f"{', '.join(map(str, inputs))}: files disagree on their schema ({exc})") from None
+
+
+def normalise_types(table: pa.Table, labels: Sequence[str] = ()) -> pa.Table:
+    """Known string columns as string, labels as float32, so files written by different tools concatenate."""
+    for i, name in enumerate(table.column_names):
+        if name in REQUIRED_COLUMNS + OPTIONAL_STRING_COLUMNS:
+            table = table.set_column(i, name, table.column(i).cast(pa.string()))
+        elif name in labels or name in DIMENSIONS:
+            if _numeric_type(table.schema.field(i).type) or pa.types.is_null(table.schema.field(i).type):
+                table = table.set_column(i, name, table.column(i).cast(pa.float32()))
+    return table
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """A temporary path beside `dest`; renamed onto `dest` only if the block succeeds, removed otherwise."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should look like any written file
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, dest)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_parquet_atomic(table: pa.Table, dest: str | Path, **kwargs: Any) -> Path:
+    with atomic_path(dest) as tmp:
+        pq.write_table(table, tmp, **kwargs)
+    return Path(dest)
+
+
+def write_json_atomic(obj: Any, dest: str | Path) -> Path:
+    return write_text_atomic(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", dest)
+
+
+def write_text_atomic(text: str, dest: str | Path) -> Path:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text)
+    return Path(dest)

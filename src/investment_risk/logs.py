@@ -1,0 +1,149 @@
+"""Structured logging, configured once at the CLI edge (structlog's production recipe).
+
+JSON lines on stdout when it is not a terminal, readable console lines when it is. `run_id`, `stage` and
+`shard` are bound with contextvars so every event of a stage carries them. Secrets never reach a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+REDACTED = "***"
+
+# Keys whose values are secret whatever they look like.
+# "hf_token" is a secret; "tokens" or "tokens_per_second" is a count and stays.
+_SECRET_KEY = re.compile(
+    r"((^|[_-])(token|api[_-]?key|authori[sz]ation|credentials?|private[_-]?key|passwd)$)|password|secret", re.I
+)
+# Values that look like credentials wherever they appear (inside longer strings too).
+_SECRET_VALUE = re.compile(
+    r"(hf_[A-Za-z0-9]{16,}"  # Hugging Face tokens
+    r"|gh[pousr]_[A-Za-z0-9]{20,}"  # GitHub tokens
+    r"|sk-[A-Za-z0-9_-]{16,}"  # OpenAI-style keys
+    r"|AKIA[0-9A-Z]{16}"  # AWS access key ids
+    r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWTs (Kubernetes service-account tokens)
+    r"|(?<=Bearer )[A-Za-z0-9._~+/=-]{8,}"
+    r"|(?<=[?&]token=)[^&\s]+|(?<=[?&]key=)[^&\s]+)"
+)
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return _SECRET_VALUE.sub(REDACTED, value)
+    if isinstance(value, Mapping):
+        return {k: (REDACTED if _SECRET_KEY.search(str(k)) else _redact_value(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redact_value(v) for v in value)
+    return value
+
+
+def redact_secrets(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: blank any key named like a secret and any value shaped like a token."""
+    return {
+        key: (REDACTED if key != "event" and _SECRET_KEY.search(key) else _redact_value(value))
+        for key, value in event_dict.items()
+    }
+
+
+def shared_processors() -> list[Any]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact_secrets,
+        structlog.processors.StackInfoRenderer(),
+    ]
+
+
+def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
+    """Configure structlog once. `auto` means JSON unless stdout is a terminal."""
+    if log_format == "auto":
+        log_format = "console" if sys.stdout.isatty() else "json"
+    numeric_level = logging.getLevelNamesMapping().get(level.upper())
+    if numeric_level is None:
+        raise ValueError(f"unknown log level {level!r}")
+    if log_format == "json":
+        renderers: list[Any] = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    else:
+        renderers = [structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())]
+    structlog.configure(
+        processors=shared_processors() + renderers,
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        # A new PrintLogger per use picks up the current sys.stdout (CliRunner swaps it).
+        logger_factory=structlog.PrintLoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries that use stdlib logging (transformers, peft) go to stderr, at warning level and above.
+    logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=sys.stderr, format="%(name)s: %(message)s")
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def bind(**values: Any) -> None:
+    """Bind run_id / stage / shard (or anything) to every later event in this context."""
+    structlog.contextvars.bind_contextvars(**values)
+
+
+def get_logger(**initial: Any) -> Any:
+    return structlog.get_logger(**initial)
+
+
+class Progress:
+    """Progress of a long loop: a bar on a terminal, a JSON `progress` event at least every `interval_s` otherwise.
+
+    Used as a context manager; `update(n)` after each unit of work. The final event is always emitted.
+    """
+
+    def __init__(self, total: int | None, what: str, interval_s: float = 30.0, unit: str = "rows") -> None:
+        self.total = total
+        self.what = what
+        self.unit = unit
+        self.interval_s = interval_s
+        self.done = 0
+        self._log = get_logger()
+        self._bar = None
+        self._start = self._last = time.monotonic()
+
+    def __enter__(self) -> "Progress":
+        if sys.stdout.isatty() and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total, desc=self.what, unit=self.unit, dynamic_ncols=True)
+        return self
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            self._last = now
+            self._emit("progress")
+
+    def snapshot(self) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self._start, 1e-9)
+        rate = self.done / elapsed
+        eta = None
+        if self.total is not None and rate > 0:
+            eta = round(max(self.total - self.done, 0) / rate, 1)
+        return {"what": self.what, "done": self.done, "total": self.total, "rate": round(rate, 2),
+                "unit": self.unit, "eta_s": eta, "elapsed_s": round(elapsed, 1)}
+
+    def _emit(self, event: str) -> None:
+        self._log.info(event, **self.snapshot())
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._emit("progress_done")

@@ -1,0 +1,150 @@
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from investment_risk.dataio import (atomic_path, expand_inputs, iter_file_batches, read_articles, write_json_atomic,
+                                    write_parquet_atomic)
+from investment_risk.errors import InputError
+from investment_risk.spec import DIMENSIONS
+
+from .conftest import article_rows
+
+
+def write_parquet(path: Path, rows: list[dict], **kw) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path, **kw)
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_expand_files_directories_and_globs(tmp_path):
+    write_parquet(tmp_path / "b.parquet", article_rows(2))
+    write_parquet(tmp_path / "a.parquet", article_rows(2))
+    (tmp_path / "sub").mkdir()
+    write_jsonl(tmp_path / "sub" / "c.jsonl", article_rows(1))
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "_done").mkdir()
+    write_parquet(tmp_path / "_done" / "hidden.parquet", article_rows(1))
+    assert [p.name for p in expand_inputs([tmp_path])] == ["a.parquet", "b.parquet", "c.jsonl"]
+    assert [p.name for p in expand_inputs([str(tmp_path / "*.parquet")])] == ["a.parquet", "b.parquet"]
+    both = expand_inputs([tmp_path / "a.parquet", str(tmp_path / "*.parquet")])
+    assert [p.name for p in both] == ["a.parquet", "b.parquet"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing.parquet", "no such file or directory"),
+    (lambda d: str(d / "*.parquet"), "no Parquet or JSONL file matches"),
+    (lambda d: d, "directory holds no"),
+    (lambda d: (d / "x.csv").write_text("a") and d / "x.csv", "unsupported file type"),
+])
+def test_expand_errors_name_the_input(tmp_path, make, message):
+    target = make(tmp_path)
+    with pytest.raises(InputError, match=message) as info:
+        expand_inputs([target])
+    assert str(target) in str(info.value)
+
+
+def test_parquet_is_streamed_in_bounded_batches(tmp_path):
+    path = write_parquet(tmp_path / "a.parquet", article_rows(2500), row_group_size=1000)
+    batches = list(iter_file_batches(path, batch_rows=300))
+    assert all(b.table.num_rows <= 300 for b in batches)
+    assert sum(b.table.num_rows for b in batches) == 2500
+    assert [b.start_row for b in batches][:3] == [0, 300, 600]
+
+
+def test_jsonl_is_streamed_in_bounded_batches(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", article_rows(250))
+    batches = list(iter_file_batches(path, batch_rows=100, labels=DIMENSIONS))
+    assert [b.table.num_rows for b in batches] == [100, 100, 50]
+    assert batches[0].table.schema.field("macro_risk_severity").type == pa.float64()
+
+
+def bad_cases(tmp: Path):
+    rows = article_rows(5)
+    yield "missing column", write_parquet(tmp / "m.parquet", [{k: v for k, v in r.items() if k != "content"} for r in rows]), \
+        "missing required column(s) content"
+    yield "missing label", write_parquet(tmp / "ml.parquet", [{k: v for k, v in r.items() if k != "actionability"} for r in rows]), \
+        "missing required column(s) actionability"
+    yield "wrong type", write_parquet(tmp / "t.parquet", [{**r, "title": 5} for r in rows]), "column 'title' has type int64"
+    yield "label as string", write_parquet(tmp / "ls.parquet", [{**r, "valuation_risk": "7"} for r in rows]), \
+        "label column 'valuation_risk' has type string"
+    (tmp / "empty.parquet").write_bytes(b"")
+    yield "empty file", tmp / "empty.parquet", "empty file (0 bytes)"
+    (tmp / "zero.jsonl").write_text("")
+    yield "zero rows", tmp / "zero.jsonl", "no rows"
+    pq.write_table(pa.Table.from_pylist(rows).slice(0, 0), tmp / "zero.parquet")
+    yield "zero-row parquet", tmp / "zero.parquet", "no rows"
+    (tmp / "corrupt.parquet").write_bytes(b"PAR1" + os.urandom(200) + b"PAR1")
+    yield "corrupt parquet", tmp / "corrupt.parquet", "not a readable Parquet file"
+    good = write_parquet(tmp / "good.parquet", rows)
+    (tmp / "trunc.parquet").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    yield "truncated parquet", tmp / "trunc.parquet", "not a readable Parquet file"
+    yield "invalid json", write_jsonl(tmp / "bad.jsonl", [rows[0], "{not json", rows[2]]), "line 2: invalid JSON"
+    yield "json not an object", write_jsonl(tmp / "arr.jsonl", [rows[0], "[1, 2]"]), "line 2: expected a JSON object"
+    (tmp / "utf.jsonl").write_bytes(json.dumps(rows[0]).encode() + b"\n" + b'{"id": "\xff\xfe"}\n')
+    yield "invalid utf-8", tmp / "utf.jsonl", "line 2: invalid UTF-8"
+    yield "label out of range", write_parquet(tmp / "r.parquet", rows[:3] + [{**rows[3], "systemic_risk": 10.5}]), \
+        "row 3: label 'systemic_risk' = 10.5 is outside [0, 10]"
+    yield "label NaN", write_parquet(tmp / "n.parquet", [{**rows[0], "evidence_quality": float("nan")}] + rows[1:]), \
+        "row 0: label 'evidence_quality' is null or NaN"
+    yield "label string in jsonl", write_jsonl(tmp / "s.jsonl", rows[:1] + [{**rows[1], "actionability": "high"}]), \
+        "line 2: column 'actionability' is a string, expected a number"
+    yield "mixed types in jsonl", write_jsonl(tmp / "mx.jsonl", rows[:2] + [{**rows[2], "content": 12}]), \
+        "line 3: column 'content' is a number, expected a string"
+    yield "null id", write_parquet(tmp / "ni.parquet", rows[:1] + [{**rows[1], "id": None}]), "row 1: id is null or empty"
+    yield "empty text", write_jsonl(tmp / "et.jsonl", [{**rows[0], "title": " ", "content": ""}]), \
+        "line 1: title and content are both null or empty"
+
+
+@pytest.mark.parametrize("case", range(18))
+def test_bad_input_is_a_one_line_error_naming_file_and_row(tmp_path, case):
+    name, path, message = list(bad_cases(tmp_path))[case]
+    with pytest.raises(InputError) as info:
+        read_articles([path], labels=DIMENSIONS)
+    text = str(info.value)
+    assert message in text, name
+    assert str(path) in text and "\n" not in text
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_unreadable_file_is_named(tmp_path, monkeypatch, suffix):
+    path = tmp_path / f"locked{suffix}"
+    write_parquet(path, article_rows(2)) if suffix == ".parquet" else write_jsonl(path, article_rows(2))
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads anything: make the open fail as it would for anyone else
+        def deny(*args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(path))
+        monkeypatch.setattr(pq, "read_schema", deny)
+        monkeypatch.setattr(Path, "open", deny)
+    with pytest.raises(InputError, match=f"{path}: permission denied"):
+        read_articles([path])
+
+
+def test_read_articles_concatenates_and_normalises_types(tmp_path):
+    a = write_parquet(tmp_path / "a.parquet", article_rows(3))
+    b = write_jsonl(tmp_path / "b.jsonl", article_rows(2, start=3))
+    table = read_articles([a, b], labels=DIMENSIONS)
+    assert table.num_rows == 5
+    assert table.schema.field("macro_risk_severity").type == pa.float32()
+    assert table.column("id").to_pylist() == ["a0", "a1", "a2", "a3", "a4"]
+
+
+def test_atomic_writer_leaves_nothing_on_failure(tmp_path):
+    dest = tmp_path / "out" / "x.parquet"
+    with pytest.raises(RuntimeError):
+        with atomic_path(dest) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("boom")
+    assert not dest.exists() and list(dest.parent.iterdir()) == []
+    write_parquet_atomic(pa.table({"a": [1]}), dest)
+    assert pq.read_table(dest).num_rows == 1 and len(list(dest.parent.iterdir())) == 1
+    write_json_atomic({"k": 1}, tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text()) == {"k": 1}
+    assert oct((tmp_path / "m.json").stat().st_mode & 0o777) != oct(0o600)

@@ -1,0 +1,83 @@
+import json
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from investment_risk import logs
+from investment_risk.logs import Progress, bind, configure_logging, get_logger, redact_secrets
+
+
+def test_json_lines_with_iso_utc_timestamp_and_bound_context(capsys):
+    configure_logging("json", "INFO")
+    bind(run_id="r1", stage="score", shard=3)
+    get_logger().info("hello", rows=5)
+    get_logger().debug("hidden")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    event = json.loads(lines[0])
+    assert event["event"] == "hello" and event["level"] == "info" and event["rows"] == 5
+    assert event["run_id"] == "r1" and event["stage"] == "score" and event["shard"] == 3
+    assert event["timestamp"].endswith("Z") and "T" in event["timestamp"]
+
+
+def test_auto_is_json_when_not_a_terminal(capsys):
+    configure_logging("auto", "DEBUG")
+    get_logger().debug("dbg")
+    assert json.loads(capsys.readouterr().out)["event"] == "dbg"
+
+
+def test_console_format_is_not_json(capsys):
+    configure_logging("console", "INFO")
+    get_logger().info("readable", x=1)
+    out = capsys.readouterr().out
+    assert "readable" in out and not out.lstrip().startswith("{")
+
+
+def test_unknown_level():
+    with pytest.raises(ValueError):
+        configure_logging("json", "LOUD")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("hf_token", "abc"), ("password", "hunter2"), ("client_secret", "s"), ("api_key", "k"), ("Authorization", "x"),
+])
+def test_secret_keys_are_redacted(key, value):
+    out = redact_secrets(None, "info", {"event": "e", key: value})
+    assert out[key] == logs.REDACTED
+
+
+@pytest.mark.parametrize("value", [
+    "hf_abcdefghijklmnopqrstuvwxyz123456", "Bearer abcdefghijklmnop", "ghp_abcdefghijklmnopqrstuvwxyz",
+    "https://host/path?token=s3cr3tvalue&x=1", "eyJhbGciOiJSUzI1NiIs.eyJpc3MiOiJrdWJlcm5ldGVz.c2lnbmF0dXJlc2ln",
+])
+def test_token_shaped_values_are_redacted_anywhere(value, capsys):
+    configure_logging("json", "INFO")
+    get_logger().info(f"loading with {value}", nested={"list": [value]}, arg=value)
+    out = capsys.readouterr().out
+    assert value not in out and "s3cr3tvalue" not in out and logs.REDACTED in out
+
+
+def test_ordinary_values_survive():
+    event = {"event": "token_count", "tokens": 10, "tokens_per_second": 5.0, "path": "/data/x.parquet",
+             "token_path": "/var/run/secrets-free/path"}
+    assert redact_secrets(None, "info", dict(event)) == event
+
+
+def test_progress_emits_events_with_rate_and_eta(monkeypatch):
+    with capture_logs() as captured:
+        with Progress(total=10, what="rows", interval_s=0.0) as progress:
+            for _ in range(10):
+                progress.update(1)
+    events = [e for e in captured if e["event"] in ("progress", "progress_done")]
+    assert len(events) == 11 and events[-1]["event"] == "progress_done"
+    assert events[-1]["done"] == 10 and events[-1]["total"] == 10
+    assert {"rate", "eta_s", "elapsed_s"} <= set(events[0])
+
+
+def test_progress_is_quiet_between_intervals():
+    with capture_logs() as captured:
+        with Progress(total=1000, what="rows", interval_s=3600) as progress:
+            for _ in range(1000):
+                progress.update(1)
+    assert [e["event"] for e in captured] == ["progress_done"]

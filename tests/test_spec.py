@@ -1,0 +1,141 @@
+import json
+
+import numpy as np
+import pytest
+
+from investment_risk.errors import ConfigError
+from investment_risk.spec import DIMENSIONS, default_spec, load_spec, parse_spec
+
+SPEC = default_spec()
+M, C, S, V, P, Y, E, A = range(8)
+
+
+def scores(**kw: float) -> np.ndarray:
+    """A neutral row (BLUE under every rule) with the given dimensions overridden."""
+    row = {d: 0.0 for d in DIMENSIONS}
+    row.update({"evidence_quality": 6.0, "actionability": 6.0, "valuation_risk": 5.0})
+    short = {"macro": "macro_risk_severity", "credit": "credit_market_stress", "sentiment": "market_sentiment_extremes",
+             "valuation": "valuation_risk", "policy": "policy_regulatory_risk", "systemic": "systemic_risk",
+             "evidence": "evidence_quality", "action": "actionability"}
+    for key, value in kw.items():
+        row[short[key]] = value
+    return np.array([[row[d] for d in DIMENSIONS]], dtype=np.float32)
+
+
+def tier(prefiltered: bool = False, **kw: float) -> str:
+    tiers, _ = SPEC.assign_tiers(scores(**kw), np.array([prefiltered]))
+    return tiers[0]
+
+
+def test_dimensions_are_the_contract_order():
+    assert DIMENSIONS == ("macro_risk_severity", "credit_market_stress", "market_sentiment_extremes", "valuation_risk",
+                          "policy_regulatory_risk", "systemic_risk", "evidence_quality", "actionability")
+
+
+@pytest.mark.parametrize("kw, expected", [
+    # RED: macro >= 7 or credit >= 7 or systemic >= 8, with evidence >= 5 and actionability >= 5
+    ({"macro": 7.0}, "RED"), ({"macro": 6.99}, "YELLOW"), ({"credit": 7.0}, "RED"), ({"credit": 6.99}, "YELLOW"),
+    ({"systemic": 8.0}, "RED"), ({"systemic": 7.99}, "BLUE"),
+    ({"macro": 9, "evidence": 5.0, "action": 5.0}, "RED"), ({"macro": 9, "evidence": 4.99}, "BLUE"),
+    ({"macro": 9, "action": 4.99}, "BLUE"), ({"macro": 9, "action": 4.0}, "BLUE"),
+    # YELLOW: macro or credit in [5, 7), or valuation in [7, 9), with evidence >= 5 and actionability >= 4
+    ({"macro": 5.0}, "YELLOW"), ({"macro": 4.99}, "BLUE"), ({"credit": 5.0}, "YELLOW"), ({"credit": 4.99}, "BLUE"),
+    ({"valuation": 7.0}, "YELLOW"), ({"valuation": 6.99}, "BLUE"), ({"valuation": 8.99}, "YELLOW"),
+    ({"valuation": 9.0}, "BLUE"), ({"macro": 6, "action": 4.0}, "YELLOW"), ({"macro": 6, "action": 3.99}, "BLUE"),
+    ({"macro": 6, "evidence": 4.99}, "BLUE"),
+    # GREEN: sentiment >= 7, valuation <= 3, evidence >= 6, actionability >= 5
+    ({"sentiment": 7.0, "valuation": 3.0}, "GREEN"), ({"sentiment": 6.99, "valuation": 3.0}, "BLUE"),
+    ({"sentiment": 7.0, "valuation": 3.01}, "BLUE"), ({"sentiment": 7, "valuation": 1, "evidence": 5.99}, "BLUE"),
+    ({"sentiment": 7, "valuation": 1, "action": 4.99}, "BLUE"),
+    # NOISE by evidence: < 4
+    ({"evidence": 3.99}, "NOISE"), ({"evidence": 4.0}, "BLUE"),
+    # Precedence: RED > YELLOW > GREEN > NOISE(evidence) > BLUE
+    ({"macro": 7, "valuation": 8}, "RED"), ({"macro": 6, "sentiment": 9, "valuation": 8}, "YELLOW"),
+    ({"credit": 6, "sentiment": 8, "valuation": 2}, "YELLOW"), ({"macro": 9, "evidence": 3}, "NOISE"),
+])
+def test_tier_boundaries(kw, expected):
+    assert tier(**kw) == expected
+
+
+def test_prefilter_noise_beats_everything():
+    assert tier(prefiltered=True, macro=10, credit=10, systemic=10) == "NOISE"
+    assert tier(prefiltered=False, macro=10, credit=10, systemic=10) == "RED"
+
+
+def test_signal_strength_weights():
+    row = scores(macro=10, credit=0, sentiment=0, valuation=0, policy=0, systemic=0, evidence=10, action=10)
+    assert SPEC.signal_strength(row)[0] == pytest.approx(2.5)
+    full = np.full((1, 8), 10.0)
+    assert SPEC.signal_strength(full)[0] == pytest.approx(10.0)
+    row = np.array([[1, 2, 3, 4, 5, 6, 7, 8]], dtype=np.float32)
+    expected = 0.25 * 1 + 0.20 * 2 + 0.15 * 3 + 0.15 * 4 + 0.10 * 5 + 0.15 * 6
+    assert SPEC.signal_strength(row)[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_assign_tiers_is_vectorised_and_checks_shape():
+    rng = np.random.default_rng(0)
+    matrix = rng.uniform(0, 10, (1000, 8)).astype(np.float32)
+    tiers, strength = SPEC.assign_tiers(matrix)
+    assert tiers.shape == (1000,) and strength.shape == (1000,) and strength.dtype == np.float32
+    assert set(tiers) <= set(SPEC.tier_names)
+    one_by_one = [SPEC.assign_tiers(matrix[i:i + 1])[0][0] for i in range(50)]
+    assert list(tiers[:50]) == one_by_one
+    with pytest.raises(ValueError):
+        SPEC.assign_tiers(np.zeros((3, 7)))
+
+
+@pytest.mark.parametrize("title, content, category", [
+    ("This coin is going to the moon", "Get in now.", "fomo_speculation"),
+    ("Markets", "Don't miss out on 100x gains!", "fomo_speculation"),
+    ("Top 5 stocks to buy now", "Our picks: Contoso and Fabrikam.", "stock_picking_without_macro"),
+    ("Weekly", "This post contains an affiliate link; use promo code X.", "affiliate_promo"),
+    ("You won't believe this", "A story.", "clickbait"),
+])
+def test_prefilter_catches_each_category_with_a_reason(title, content, category):
+    reason = SPEC.prefilter_reason(title, content)
+    assert reason is not None and category in reason and "'" in reason
+
+
+def test_stock_picking_with_macro_context_is_not_noise():
+    assert SPEC.prefilter_reason("Top 5 stocks to buy now", "Picks for a recession as the Fed raises interest rates.") is None
+
+
+@pytest.mark.parametrize("title, content", [
+    ("Credit spreads widen", "High-yield spreads rose 40bp as defaults climbed, according to official data."),
+    ("Fed holds rates", "The central bank kept its policy rate unchanged and signalled patience."),
+    ("", None),
+])
+def test_prefilter_passes_ordinary_news(title, content):
+    assert SPEC.prefilter_reason(title, content) is None
+
+
+def _raw() -> dict:
+    from importlib import resources
+    return json.loads(resources.files("investment_risk").joinpath("data/filter_spec.json").read_text())
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r["signal_strength_weights"].update(macro_risk_severity=0.5), "sum to"),
+    (lambda r: r["signal_strength_weights"].pop("actionability"), "exactly the dimensions"),
+    (lambda r: r["tiers"][0]["any"].append({"dimension": "bogus", "gte": 1}), "unknown dimension"),
+    (lambda r: r["tiers"][0]["any"].append({"dimension": "systemic_risk", "above": 1}), "unknown condition keys"),
+    (lambda r: r["tiers"][0]["any"].append({"dimension": "systemic_risk"}), "has no bound"),
+    (lambda r: r["prefilter"]["clickbait"]["patterns"].append("(unclosed"), "bad prefilter pattern"),
+    (lambda r: r.pop("tiers"), "missing key"),
+])
+def test_spec_validation(mutate, message):
+    raw = _raw()
+    mutate(raw)
+    with pytest.raises(ConfigError, match=message):
+        parse_spec(raw)
+
+
+def test_spec_is_frozen_and_loadable_from_a_file(tmp_path):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(_raw()))
+    spec = load_spec(path)
+    assert spec.dimensions == DIMENSIONS and spec.version == SPEC.version
+    with pytest.raises(Exception):
+        spec.version = "2"  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_spec(tmp_path / "missing.json")
