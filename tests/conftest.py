@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,6 +11,15 @@ from click.testing import CliRunner
 
 from investment_risk.spec import DIMENSIONS
 from investment_risk.synth import SynthConfig, generate
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    """One cache for built test models (tiny-qwen2), shared by the xdist workers of this run."""
+    root = tmp_path_factory.getbasetemp()
+    shared = (root.parent if root.name.startswith("popen-gw") else root) / "model-cache"
+    os.environ["INVESTMENT_RISK_CACHE"] = str(shared)
+    yield shared
 
 
 @pytest.fixture(autouse=True)
@@ -44,3 +54,18 @@ def article_rows(n: int, labels: bool = True, start: int = 0) -> list[dict]:
             row.update({d: float((i + j) % 10) for j, d in enumerate(DIMENSIONS)})
         rows.append(row)
     return rows
+
+
+@pytest.fixture(scope="session")
+def split_dir(tmp_path_factory) -> Path:
+    """A small train/val/test split of synthetic articles."""
+    from investment_risk.split import SplitConfig, run_split
+
+    root = tmp_path_factory.mktemp("split")
+    pq.write_table(generate(SynthConfig(rows=160, seed=4)), root / "all.parquet")
+    run_split([str(root / "all.parquet")], root / "data", SplitConfig(val=0.15, test=0.15, seed=1))
+    return root / "data"
+
+
+TINY_TRAIN_ARGS = ["--base-model", "tiny-qwen2", "--epochs", "2", "--batch-size", "8", "--learning-rate", "2e-3",
+                   "--max-length", "64", "--warmup-steps", "2", "--checkpoint-steps", "5", "--device", "cpu"]

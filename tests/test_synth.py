@@ -65,7 +65,7 @@ def _phrase_features(texts: list[str]) -> np.ndarray:
         lede = text.split("\n\n")[0]
         row = [1.0]
         for dim in DIMENSIONS:
-            sentence = next((s for s in lede.split(". ") if any(p in s for p in PHRASES[dim][1])), "")
+            sentence = next((s for s in lede.split(". ") if s.startswith(PHRASES[dim][0])), "")
             row += [float(p in sentence) for p in PHRASES[dim][1]]
             row.append(float(any(c in sentence for c in UPPER_HALF + UPPER_HALF_QUALITY)))
         features.append(row)

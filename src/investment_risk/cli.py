@@ -111,5 +111,59 @@ def data_split(input_: str, out: Path, val: float, test: float, seed: int) -> No
                f"-> {out}", err=not sys.stdout.isatty())
 
 
+@main.command("train")
+@option("--mode", type=click.Choice(["distillation"]), default="distillation", show_default=True,
+        help="distillation: article -> regression head with the eight scores.")
+@option("--base-model", required=True,
+        help="Preset (qwen2.5-1.5b, minilm, tiny-qwen2), a local model directory, or a hub id in the local cache.")
+@option("--data", type=click.Path(file_okay=False, path_type=Path), required=True,
+        help="Directory with train.parquet and val.parquet (from 'data split').")
+@option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory to create.")
+@option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
+@option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per micro-batch.")
+@option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+        help="Micro-batches per optimizer step (effective batch = batch size x this).")
+@option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=2e-5, show_default=True)
+@option("--max-length", type=click.IntRange(min=8), default=512, show_default=True, help="Tokens per article.")
+@option("--warmup-steps", type=click.IntRange(min=0), default=500, show_default=True,
+        help="Linear warm-up steps, capped at 10% of all optimizer steps.")
+@option("--seed", type=int, default=42, show_default=True)
+@option("--checkpoint-steps", type=click.IntRange(min=1), default=500, show_default=True,
+        help="Also checkpoint every N optimizer steps (always at each epoch end).")
+@option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@option("--dry-run", is_flag=True, help="Validate and count parameters on the meta device; load no weights, write nothing.")
+def train_command(resume: bool, dry_run: bool, **options: Any) -> None:
+    """Train a LoRA adapter and regression head on labelled articles."""
+    from .train import TrainConfig, dry_run as plan, train
+
+    bind(stage="train")
+    config = TrainConfig(**{k: str(v) if isinstance(v, Path) else v for k, v in options.items()})
+    if dry_run:
+        report = plan(config)
+        get_logger().info("dry_run", **report)
+        click.echo("\n".join(f"{key:<26} {value}" for key, value in report.items()), err=not sys.stdout.isatty())
+        return
+    metadata = train(config, resume=resume)
+    click.echo(f"best val MAE {metadata['best_val_mae']:.4f} (epoch {metadata['best_epoch']}) -> {config.out}",
+               err=not sys.stdout.isatty())
+
+
+@main.command("evaluate")
+@option("--model", "model", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+        help="A training run directory.")
+@option("--data", type=click.Path(dir_okay=False, path_type=Path), required=True, help="A labelled Parquet/JSONL file.")
+@option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the metrics as JSON here.")
+@option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def evaluate_command(model: Path, data: Path, out: Path | None, batch_size: int, device: str) -> None:
+    """MAE/RMSE overall and per dimension, beside the predict-the-train-mean baseline."""
+    from .evaluate import evaluate_run, format_table
+
+    bind(stage="evaluate")
+    result = evaluate_run(model, data, out, batch_size, device)
+    click.echo(format_table(result), err=not sys.stdout.isatty())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

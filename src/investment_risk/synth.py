@@ -19,80 +19,53 @@ import pyarrow as pa
 
 from .spec import DIMENSIONS, default_spec
 
-LEVEL_WORDS = ("minimal", "low", "moderate", "high", "severe")
+LEVEL_WORDS = ("very low", "low", "moderate", "high", "very high")
 
-# Per dimension: sentence subjects, then one predicate per severity level (0-2, 2-4, 4-6, 6-8, 8-10).
+# Per dimension: sentence subjects (unique to the dimension), then one predicate per severity level (0-2, 2-4,
+# 4-6, 6-8, 8-10). Short on purpose: the whole lede fits in 128 tokens, as a real wire lede would.
 PHRASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "macro_risk_severity": (
-        ("The growth outlook", "The latest macro data", "The economic backdrop"),
-        ("looks robust, with output and hiring expanding steadily",
-         "shows only mild softening in a still healthy expansion",
-         "points to a clear slowdown in output and hiring",
-         "signals a likely recession as orders and payrolls contract",
-         "is collapsing into a deep recession with surging unemployment"),
+        ("Growth", "The economy", "Macro data"),
+        ("looks robust", "is softening slightly", "is slowing clearly", "signals a likely recession",
+         "is collapsing into deep recession"),
     ),
     "credit_market_stress": (
-        ("Credit markets", "Corporate bond spreads", "Bank lending conditions"),
-        ("remain calm, with spreads near record tights and easy refinancing",
-         "show slight widening but issuance remains open",
-         "are tightening as spreads widen and weaker issuers struggle to refinance",
-         "are under real strain, with high-yield spreads blowing out and defaults rising",
-         "are seizing up, with funding markets frozen and a wave of defaults under way"),
+        ("Credit markets", "Bond spreads", "Lending conditions"),
+        ("are calm", "are widening slightly", "are tightening noticeably", "are under severe strain",
+         "are freezing up as defaults surge"),
     ),
     "market_sentiment_extremes": (
-        ("Investor sentiment", "Positioning", "Market mood"),
-        ("is balanced, with no sign of euphoria or panic",
-         "leans slightly one-sided but stays within normal ranges",
-         "is becoming stretched as flows chase the trend",
-         "is at an extreme, with surveys showing near-record greed or fear",
-         "has reached a historic extreme of capitulation or mania"),
+        ("Sentiment", "Positioning", "Market mood"),
+        ("is balanced", "is leaning one-sided", "is getting stretched", "is at an extreme", "is at a historic extreme"),
     ),
     "valuation_risk": (
-        ("Equity valuations", "Price-to-earnings multiples", "Asset prices"),
-        ("look cheap against history and earnings",
-         "sit close to their long-run averages",
-         "are somewhat rich relative to earnings growth",
-         "are stretched well above historical norms",
-         "are at bubble levels last seen before major crashes"),
+        ("Valuations", "Multiples", "Asset prices"),
+        ("are cheap", "are near average", "are somewhat rich", "are stretched", "are at bubble levels"),
     ),
     "policy_regulatory_risk": (
-        ("Policy risk", "The regulatory outlook", "Central bank and government policy"),
-        ("is stable and predictable",
-         "carries minor uncertainty from routine rule changes",
-         "is rising as officials debate significant rule and rate changes",
-         "is high, with abrupt tightening and sweeping new regulation on the table",
-         "is extreme, with emergency measures, capital controls or a policy shock under way"),
+        ("Policy risk", "Regulatory risk", "Policy uncertainty"),
+        ("is stable", "is modest", "is rising", "is high", "is extreme amid emergency measures"),
     ),
     "systemic_risk": (
-        ("Systemic risk", "Contagion risk across the financial system", "Financial stability"),
-        ("is negligible, with strong bank capital and little interconnection",
-         "is low, though a few pockets of leverage bear watching",
-         "is building as leverage and interconnected exposures grow",
-         "is elevated, with stress spreading between banks, funds and markets",
-         "is acute, with contagion threatening the core of the financial system"),
+        ("Systemic risk", "Contagion risk", "Financial stability risk"),
+        ("is negligible", "is contained", "is building", "is elevated", "is acute"),
     ),
     "evidence_quality": (
-        ("The reporting", "The article's evidence", "The sourcing"),
-        ("rests on rumour and anonymous speculation with no data",
-         "relies mostly on opinion with little supporting data",
-         "mixes some data with commentary and a few named sources",
-         "cites official statistics and several named experts",
-         "draws on comprehensive official data, named sources and a transparent methodology"),
+        ("Reporting", "Sourcing", "The evidence"),
+        ("is rumour only", "is mostly opinion", "mixes data and opinion", "cites official data",
+         "is comprehensive and transparent"),
     ),
     "actionability": (
-        ("For investors, the piece", "In practical terms, the article", "For portfolio decisions, the report"),
-        ("offers nothing concrete to act on",
-         "offers only vague general commentary",
-         "suggests some broad positioning ideas",
-         "sets out clear steps such as trimming risk and raising cash",
-         "gives specific, time-bound hedging and capital-preservation actions"),
+        ("For investors, the piece", "Practically, the article", "For portfolios, the report"),
+        ("offers nothing to act on", "offers vague ideas", "suggests broad positioning", "sets clear steps",
+         "gives specific hedging actions"),
     ),
 }
-UPPER_HALF = ("and the risk is intensifying", "with conditions worsening week by week", "and the trend is accelerating")
-LOWER_HALF = ("though the picture is steady for now", "with little change in recent weeks", "and the trend is stable")
+UPPER_HALF = ("and worsening", "and deteriorating")
+LOWER_HALF = ("but steady", "for now")
 # For the two quality dimensions a higher score is better, so the half-level clauses read differently.
-UPPER_HALF_QUALITY = ("and this is unusually thorough", "with unusual precision")
-LOWER_HALF_QUALITY = ("though with notable gaps", "with some caveats")
+UPPER_HALF_QUALITY = ("and unusually thorough", "in detail")
+LOWER_HALF_QUALITY = ("with gaps", "with caveats")
 
 HEADLINES = {
     "macro_risk_severity": ("Growth worries mount as data weaken", "Economy at a crossroads", "Recession signals flash"),
@@ -191,7 +164,7 @@ def dimension_sentence(rng: np.random.Generator, dim: str, score: float) -> str:
     quality = dim in ("evidence_quality", "actionability")
     clauses = (UPPER_HALF_QUALITY if upper else LOWER_HALF_QUALITY) if quality else (UPPER_HALF if upper else LOWER_HALF)
     subject = subjects[int(rng.integers(len(subjects)))]
-    return f"{subject} {predicates[level]}, {clauses[int(rng.integers(len(clauses)))]}."
+    return f"{subject} {predicates[level]} {clauses[int(rng.integers(len(clauses)))]}."
 
 
 def _target_words(rng: np.random.Generator, long_tail_share: float) -> int:

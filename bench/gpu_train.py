@@ -1,0 +1,125 @@
+"""GPU training benchmark: a Qwen2.5-1.5B-shaped model (random weights from the config, bf16), 512-token batches.
+
+Runs the real `investment_risk.train.train` recipe on synthetic articles long enough to fill 512 tokens, and a
+bare step loop on random ids at a few batch sizes for the ceiling. Target (issue 3): >= 50k training tokens/s on
+an H100, i.e. 3 epochs x 4,118 articles in <= 2 min. Prints a table and writes JSON to --out.
+
+    python bench/gpu_train.py --out bench-results/gpu-train.json [--articles 4118 --epochs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+QWEN25_15B = dict(  # Qwen/Qwen2.5-1.5B config.json
+    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+    num_key_value_heads=2, max_position_embeddings=131072, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=True, hidden_act="silu", bos_token_id=151643, eos_token_id=151643,
+)
+
+
+def make_base_model(root: Path) -> Path:
+    """config.json + random bf16 safetensors weights + a tokenizer: a local base-model directory."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from investment_risk.models import _tiny_tokenizer
+
+    path = root / "qwen2.5-1.5b-shaped"
+    path.mkdir(parents=True)
+    tokenizer = _tiny_tokenizer(path)  # ids < 2048 < vocab; the model's maths does not care which ids
+    config = Qwen2Config(**QWEN25_15B, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    del model
+    torch.cuda.empty_cache()
+    return path
+
+
+def step_loop(base: Path, batch: int, length: int, steps: int = 12) -> dict:
+    """Forward + backward + AdamW on random ids: the ceiling of the training step, without data handling."""
+    from investment_risk.models import load_tokenizer, regression_model, resolve_base_model
+
+    resolved = resolve_base_model(str(base))
+    model = regression_model(resolved, load_tokenizer(base), dtype=torch.bfloat16).cuda()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    ids = torch.randint(0, 2000, (batch, length), device="cuda")
+    mask = torch.ones_like(ids)
+    target = torch.rand(batch, 8, device="cuda") * 10
+    for i in range(steps + 3):
+        if i == 3:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(input_ids=ids, attention_mask=mask).logits.float()
+        loss = torch.nn.functional.mse_loss(out, target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del model, opt
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return {"batch": batch, "length": length, "tokens_per_second": round(batch * length * steps / seconds),
+            "step_ms": round(1000 * seconds / steps, 1), "peak_gib": round(peak, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench-results/gpu-train.json")
+    parser.add_argument("--articles", type=int, default=4118)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    from investment_risk.logs import configure_logging
+    from investment_risk.split import SplitConfig, run_split
+    from investment_risk.synth import SynthConfig, write_synthetic
+    from investment_risk.train import TrainConfig, train
+
+    configure_logging("json", "WARNING")
+    results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        started = time.perf_counter()
+        base = make_base_model(root)
+        results["base_model_build_s"] = round(time.perf_counter() - started, 1)
+        results["step_loop"] = [step_loop(base, b, 512) for b in (8, 16, 32)]
+        # ~4,118 training rows after de-duplication and the 80/10/10 split.
+        rows = int(args.articles / 0.8 / 0.98) + 1
+        write_synthetic(SynthConfig(rows=rows, seed=11, long_tail_share=0.0), root / "articles.parquet")
+        run_split([str(root / "articles.parquet")], root / "data", SplitConfig())
+        config = TrainConfig(mode="distillation", base_model=str(base), data=str(root / "data"), out=str(root / "run"),
+                             epochs=args.epochs, batch_size=args.batch_size, learning_rate=2e-5, max_length=512,
+                             checkpoint_steps=10_000, device="cuda")
+        started = time.perf_counter()
+        metadata = train(config)
+        wall = time.perf_counter() - started
+        per_epoch = metadata["train_seconds"] / args.epochs
+        results["recipe"] = {
+            "train_examples": metadata["train_examples"], "epochs": args.epochs, "batch_size": args.batch_size,
+            "train_tokens": metadata["train_tokens"], "tokens_per_second": metadata["tokens_per_second"],
+            "train_seconds": metadata["train_seconds"], "wall_seconds": round(wall, 1),
+            "mean_tokens_per_article": round(metadata["train_tokens"] / metadata["train_examples"] / args.epochs, 1),
+            "projected_3_epochs_4118_articles_s": round(3 * per_epoch * 4118 / metadata["train_examples"], 1),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        }
+        results["target_tokens_per_second"] = 50_000
+        results["target_met"] = metadata["tokens_per_second"] >= 50_000
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from structlog.testing import capture_logs
+
+from investment_risk.batching import length_grouped_batches, pad_batch
+from investment_risk.cli import main
+from investment_risk.errors import InputError
+from investment_risk.spec import DIMENSIONS
+from investment_risk.train import TrainConfig, dry_run, train
+
+from .conftest import TINY_TRAIN_ARGS
+
+EXE = str(Path(sys.executable).parent / "investment-risk")
+METADATA_KEYS = {"filter_name", "filter_version", "dimension_names", "num_dimensions", "model_name", "num_parameters",
+                 "num_trainable_parameters", "epochs", "batch_size", "learning_rate", "max_length", "warmup_steps",
+                 "train_examples", "val_examples", "best_val_mae", "include_prompt", "training_mode",
+                 "base_model_revision", "package_versions", "seed", "wall_time_s", "tokens_per_second"}
+
+
+def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(mode="distillation", base_model="tiny-qwen2", data=str(data), out=str(out), epochs=2, batch_size=8,
+                learning_rate=2e-3, max_length=64, warmup_steps=2, checkpoint_steps=5, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(split_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    with capture_logs() as logs:
+        metadata = train(tiny_config(split_dir, out))
+    return out, metadata, logs
+
+
+def test_run_package_is_complete(tiny_run):
+    out, metadata, _ = tiny_run
+    model = out / "model"
+    assert (model / "adapter_model.safetensors").exists() and (model / "adapter_config.json").exists()
+    assert (model / "tokenizer.json").exists() or (model / "tokenizer_config.json").exists()
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt")) and not list(out.rglob("*.pkl"))
+    from safetensors import safe_open
+    with safe_open(str(model / "adapter_model.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+    assert any("score" in k for k in keys), "the regression head is saved with the adapter"
+    history = json.loads((out / "training_history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    for entry in history:
+        for split in ("train", "val"):
+            expected = {"mae", "rmse", "loss"} | {f"{d}_{m}" for d in DIMENSIONS for m in ("mae", "rmse")}
+            assert set(entry[split]) == expected
+    saved = json.loads((out / "training_metadata.json").read_text())
+    assert METADATA_KEYS <= set(saved) and saved == json.loads(json.dumps(metadata))
+    assert saved["best_val_mae"] == min(h["val"]["mae"] for h in history)
+    assert saved["include_prompt"] is False and saved["training_mode"] == "distillation"
+    assert saved["num_dimensions"] == 8 and saved["dimension_names"] == list(DIMENSIONS)
+    reports = out / "training_reports"
+    for png in ("overall_metrics.png", "per_dimension_mae.png", "loss_curves.png"):
+        assert (reports / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (reports / "training_summary.txt").read_text()
+    assert "Overall metrics" in summary
+    for dim in DIMENSIONS:
+        assert any(line.strip().startswith(dim) and "Train=" in line and "Val=" in line and "Gap=" in line
+                   for line in summary.splitlines())
+    from docx import Document
+    doc = Document(str(reports / "training_report.docx"))
+    assert len(doc.tables) == 3 and len(doc.inline_shapes) == 3
+
+
+def test_learning_happens(tiny_run):
+    out, _, _ = tiny_run
+    history = json.loads((out / "training_history.json").read_text())
+    assert history[1]["train"]["loss"] < history[0]["train"]["loss"]
+    assert history[1]["val"]["mae"] < history[0]["val"]["mae"]
+
+
+def test_warmup_cap_is_logged(tiny_run):
+    _, _, logs = tiny_run
+    starts = [e for e in logs if e["event"] == "training_start"]
+    assert starts and starts[0]["warmup_steps"] == 2 and starts[0]["total_steps"] > 20
+    assert not [e for e in logs if e["event"] == "warmup_capped"]
+
+
+def test_warmup_cap_applies_on_small_data(split_dir, tmp_path):
+    with capture_logs() as logs:
+        metadata = train(tiny_config(split_dir, tmp_path / "r", epochs=1, warmup_steps=500))
+    capped = [e for e in logs if e["event"] == "warmup_capped"]
+    assert capped and capped[0]["requested"] == 500 and capped[0]["used"] == metadata["warmup_steps"] < 500
+
+
+def test_lora_on_every_projection_and_head_trained_in_full():
+    from investment_risk.models import load_tokenizer, regression_model, resolve_base_model
+
+    base = resolve_base_model("tiny-qwen2")
+    model = regression_model(base, load_tokenizer(base.path))
+    config = model.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (16, 32, 0.05)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for layer in range(2):
+        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            assert any(f"layers.{layer}.{proj}.lora_A" in n for n in trainable), proj
+    assert any(n.endswith("score.modules_to_save.default.weight") for n in trainable)
+    assert not any("embed_tokens" in n for n in trainable)
+
+
+def test_minilm_targets_and_head():
+    from investment_risk.models import load_tokenizer, regression_model, resolve_base_model
+
+    base = resolve_base_model("minilm")
+    model = regression_model(base, load_tokenizer(base.path), meta=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for name in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                 "intermediate.dense", "output.dense"):
+        assert any(f"layer.5.{name}.lora_A" in n for n in trainable), name
+    assert any("classifier.modules_to_save" in n for n in trainable)
+
+
+def test_same_seed_same_history(split_dir, tmp_path, tiny_run):
+    train(tiny_config(split_dir, tmp_path / "again"))
+    first = json.loads((tiny_run[0] / "training_history.json").read_text())
+    again = json.loads((tmp_path / "again" / "training_history.json").read_text())
+    assert again == first
+
+
+def test_batches_are_length_grouped_and_dynamically_padded():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 500, 1000)
+    batches = length_grouped_batches(lengths, 8, seed=1, epoch=1)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(1000))
+    assert [b.tolist() for b in batches] == [b.tolist() for b in length_grouped_batches(lengths, 8, 1, 1)]
+    assert [b.tolist() for b in batches] != [b.tolist() for b in length_grouped_batches(lengths, 8, 1, 2)]
+    def real_share(groups):
+        return lengths.sum() / sum(len(g) * lengths[g].max() for g in groups)
+    random_batches = [rng.permutation(1000)[i:i + 8] for i in range(0, 1000, 8)]
+    assert real_share(batches) > 0.95 > real_share(random_batches)
+    ids, mask = pad_batch([np.array([1, 2, 3]), np.array([4])], pad_id=0)
+    assert ids.shape == (2, 3) and mask.tolist() == [[1, 1, 1], [1, 0, 0]] and ids[1].tolist() == [4, 0, 0]
+
+
+def test_tokens_are_cached_once_per_run(tiny_run, monkeypatch):
+    from investment_risk import batching
+    from investment_risk.models import load_tokenizer
+
+    out, _, _ = tiny_run
+    cache = out / "cache" / "tokens-train.safetensors"
+    assert cache.exists()
+    tokenizer = load_tokenizer(out / "model")
+    texts = ["a b c", "d e"]
+    first = batching.encode_cached(tokenizer, texts, 64, out / "cache" / "t.safetensors")
+    monkeypatch.setattr(batching, "encode", lambda *a, **k: pytest.fail("tokenised twice"))
+    again = batching.encode_cached(tokenizer, texts, 64, out / "cache" / "t.safetensors")
+    assert [a.tolist() for a in again] == [f.tolist() for f in first]
+
+
+def run_cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([EXE, "--log-format", "json", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_resume_after_kill_matches_an_unbroken_run(split_dir, tmp_path):
+    args = ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir)]
+    whole = run_cli(args + ["--out", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr
+    killed = run_cli(args + ["--out", str(tmp_path / "broken")], env={"_INVESTMENT_RISK_KILL_AT_STEP": "17"})
+    assert killed.returncode == -9
+    assert not (tmp_path / "broken" / "training_metadata.json").exists()
+    assert json.loads((tmp_path / "broken" / "checkpoints" / "latest.json").read_text())["step"] == 15
+    resumed = run_cli(args + ["--out", str(tmp_path / "broken"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert any(json.loads(line)["event"] == "resumed" for line in resumed.stdout.splitlines() if line.startswith("{"))
+    a = json.loads((tmp_path / "whole" / "training_history.json").read_text())
+    b = json.loads((tmp_path / "broken" / "training_history.json").read_text())
+    assert [h["epoch"] for h in a] == [h["epoch"] for h in b]
+    for x, y in zip(a, b):
+        for split in ("train", "val"):
+            for key in x[split]:
+                assert x[split][key] == pytest.approx(y[split][key], rel=1e-5, abs=1e-6), (split, key)
+
+
+def test_dry_run_counts_like_peft_and_writes_nothing(split_dir, tmp_path, tiny_run):
+    _, metadata, _ = tiny_run
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    from investment_risk.models import resolve_base_model
+    shutil.copy(resolve_base_model("tiny-qwen2").path / "config.json", config_only / "config.json")
+    report = dry_run(tiny_config(split_dir, tmp_path / "never", base_model=str(config_only)))
+    assert report["num_parameters"] == metadata["num_parameters"]
+    assert report["num_trainable_parameters"] == metadata["num_trainable_parameters"]
+    train_rows = pq.read_metadata(split_dir / "train.parquet").num_rows
+    assert report["steps_per_epoch"] == -(-train_rows // 8)
+    assert "train_tokens" not in report  # no tokenizer beside the config
+    assert not (tmp_path / "never").exists()
+    with_tokenizer = dry_run(tiny_config(split_dir, tmp_path / "never"))
+    assert with_tokenizer["train_tokens"] > 0 and 0 <= with_tokenizer["train_truncated_share"] <= 1
+
+
+def test_dry_run_cli(runner, split_dir, tmp_path):
+    result = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(tmp_path / "x"),
+                                  "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "num_trainable_parameters" in result.output and not (tmp_path / "x").exists()
+
+
+def test_evaluate_reports_mae_and_baseline(tiny_run, split_dir, tmp_path, runner):
+    out, metadata, _ = tiny_run
+    result = runner.invoke(main, ["evaluate", "--model", str(out), "--data", str(split_dir / "test.parquet"),
+                                  "--out", str(tmp_path / "eval.json"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval.json").read_text())
+    test = pq.read_table(split_dir / "test.parquet")
+    labels = np.stack([test.column(d).to_numpy() for d in DIMENSIONS], axis=1)
+    expected_baseline = np.abs(labels - np.array(metadata["train_label_mean"])).mean()
+    assert report["baseline_mae"] == pytest.approx(expected_baseline, rel=1e-5)
+    assert report["rows"] == test.num_rows and set(report["per_dimension"]) == set(DIMENSIONS)
+    assert "overall" in result.output and "base MAE" in result.output
+
+
+def write_split(root: Path, table: pa.Table) -> Path:
+    root.mkdir(parents=True)
+    for name in ("train", "val", "test"):
+        pq.write_table(table, root / f"{name}.parquet")
+    return root
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no labels", "missing required column(s) macro_risk_severity"),
+    ("missing dimension", "missing required column(s) actionability"),
+    ("too few rows", "too few for one batch"),
+    ("no such base model", "not found offline"),
+    ("pickle base model", "pickle checkpoints are never loaded"),
+])
+def test_bad_training_input_exit_2(runner, tmp_path, synth_table, case, message):
+    table = synth_table.slice(0, 40)
+    args = ["--base-model", "tiny-qwen2"]
+    if case == "no labels":
+        table = table.drop_columns(list(DIMENSIONS))
+    elif case == "missing dimension":
+        table = table.drop_columns(["actionability"])
+    elif case == "too few rows":
+        table = table.slice(0, 5)
+    elif case == "no such base model":
+        args = ["--base-model", "Nobody/no-such-model"]
+    elif case == "pickle base model":
+        pickled = tmp_path / "pickled"
+        pickled.mkdir()
+        (pickled / "config.json").write_text('{"model_type": "qwen2"}')
+        (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+        args = ["--base-model", str(pickled)]
+    data = write_split(tmp_path / "d", table)
+    result = runner.invoke(main, ["train", *args, "--data", str(data), "--out", str(tmp_path / "run"),
+                                  "--batch-size", "8", "--max-length", "32"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    if case == "no such base model":
+        assert "HF_HOME" in result.output and "Nobody/no-such-model" in result.output
+
+
+def test_existing_out_without_resume(runner, tiny_run, split_dir):
+    out, _, _ = tiny_run
+    result = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(out)])
+    assert result.exit_code == 2 and "already exists and is not empty" in result.output
+
+
+def test_resume_with_another_base_model(runner, tiny_run, split_dir):
+    out, _, _ = tiny_run
+    args = [a if a != "tiny-qwen2" else "minilm" for a in TINY_TRAIN_ARGS]
+    result = runner.invoke(main, ["train", *args, "--data", str(split_dir), "--out", str(out), "--resume"])
+    assert result.exit_code == 2 and "was trained with --base-model tiny-qwen2" in result.output
+
+
+def test_resume_without_a_run(runner, tmp_path, split_dir):
+    result = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(tmp_path / "none"),
+                                  "--resume"])
+    assert result.exit_code == 2 and "holds no training run" in result.output
+
+
+def test_config_validation():
+    with pytest.raises(Exception, match="--mode"):
+        TrainConfig(mode="bogus", base_model="x", data="d", out="o")
+    with pytest.raises(InputError):
+        dry_run(TrainConfig(mode="distillation", base_model="tiny-qwen2", data="/nonexistent", out="/tmp/none-x"))
