@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow clean
+.PHONY: install demo test test-slow bench bench-learning clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,21 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+demo: install
+	$(BIN)/investment-risk demo --out demo-output
+
 test: install
 	$(BIN)/python -m pytest -m "not slow" -n 2 $(PYTEST_ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/cpu_train.py
+	$(BIN)/python bench/cpu_score.py
+
+bench-learning: install
+	bash bench/learning.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache

@@ -106,6 +106,16 @@ def pad_batch(rows: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.n
     return ids, mask
 
 
+def to_device(array: np.ndarray, device: Any) -> Any:
+    """numpy -> tensor on `device`; pinned first on CUDA so the copy is truly asynchronous (no host sync)."""
+    import torch
+
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def predict(model: Any, token_rows: Sequence[np.ndarray], pad_id: int, batch_size: int, device: Any,
             autocast_dtype: Any = None) -> np.ndarray:
     """Raw model outputs (n, num_labels) as float32, in input order."""
@@ -117,11 +127,10 @@ def predict(model: Any, token_rows: Sequence[np.ndarray], pad_id: int, batch_siz
     with torch.inference_mode():
         for idx in sorted_batches(lengths, batch_size):
             ids, mask = pad_batch([token_rows[i] for i in idx], pad_id)
-            ids_t = torch.from_numpy(ids).to(device, non_blocking=True)
-            mask_t = torch.from_numpy(mask).to(device, non_blocking=True)
+            ids_t, mask_t = to_device(ids, device), to_device(mask, device)
             with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(input_ids=ids_t, attention_mask=mask_t).logits
             if out is None:
                 out = torch.empty((len(token_rows), logits.shape[-1]), dtype=torch.float32, device=device)
-            out[torch.from_numpy(idx).to(device)] = logits.float()
+            out[to_device(idx, device)] = logits.float()
     return out.cpu().numpy() if out is not None else np.zeros((0, 8), dtype=np.float32)

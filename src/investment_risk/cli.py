@@ -7,6 +7,7 @@ Domain exceptions become a one-line `Error: ...` with the exit code the contract
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import time
@@ -124,6 +125,8 @@ def data_split(input_: str, out: Path, val: float, test: float, seed: int) -> No
 @option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
         help="Micro-batches per optimizer step (effective batch = batch size x this).")
 @option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=2e-5, show_default=True)
+@option("--head-lr-multiplier", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+        help="The regression head's learning rate as a multiple of --learning-rate.")
 @option("--max-length", type=click.IntRange(min=8), default=512, show_default=True, help="Tokens per article.")
 @option("--warmup-steps", type=click.IntRange(min=0), default=500, show_default=True,
         help="Linear warm-up steps, capped at 10% of all optimizer steps.")
@@ -163,6 +166,88 @@ def evaluate_command(model: Path, data: Path, out: Path | None, batch_size: int,
     bind(stage="evaluate")
     result = evaluate_run(model, data, out, batch_size, device)
     click.echo(format_table(result), err=not sys.stdout.isatty())
+
+
+@main.command("export")
+@option("--run", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+        help="A training run directory.")
+@option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model directory to write.")
+@option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+        help="fp16 (for GPUs) keeps norms, softmax and other overflow-prone ops in fp32.")
+@option("--force", is_flag=True, help="Replace an existing --out.")
+def export_command(run: Path, out: Path, dtype: str, force: bool) -> None:
+    """Merge the adapter and export to ONNX with a measured PyTorch parity (fp32 must be within 1e-3)."""
+    from .export import export_run
+
+    bind(stage="export")
+    info = export_run(run, out, dtype, force)
+    click.echo(f"{out}: model_version {info['model_version']}, fp32 parity {info['parity']['fp32_max_abs_diff']:.2e}",
+               err=not sys.stdout.isatty())
+
+
+@main.command("score")
+@option("--model", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+        help="An exported model directory (or, with --backend torch, a training run).")
+@option("--input", "inputs", multiple=True, required=True, envvar=ENV_PREFIX + "INPUT",
+        help="Parquet/JSONL files, directories or quoted globs; repeat for more.")
+@option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output directory.")
+@option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
+        envvar=[ENV_PREFIX + "SHARD_INDEX", "JOB_COMPLETION_INDEX"],
+        help="This shard (defaults to JOB_COMPLETION_INDEX in an Indexed Job).")
+@option("--shard-count", type=click.IntRange(min=1), default=1, show_default=True)
+@option("--backend", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True)
+@option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@option("--keep-columns", default="", help="Comma-separated input columns to pass through (as strings).")
+@option("--token-budget", type=click.IntRange(min=64), default=16384, show_default=True,
+        help="Padded tokens per model call.")
+@option("--force", is_flag=True, help="Redo a shard that is already done.")
+def score_command(model: Path, inputs: tuple[str, ...], out: Path, shard_index: int, shard_count: int, backend: str,
+                  device: str, keep_columns: str, token_budget: int, force: bool) -> None:
+    """Score articles into OUT/part-<shard>.parquet with rejects, metrics and a _done marker."""
+    from .score import ScoreConfig, score
+
+    keep = tuple(c.strip() for c in keep_columns.split(",") if c.strip())
+    merged = score(ScoreConfig(model=model, inputs=inputs, out=out, shard_index=shard_index, shard_count=shard_count,
+                               backend=backend, device=device, force=force, keep_columns=keep, token_budget=token_budget))
+    click.echo(f"{out}: {merged['rows_in']} rows in, {merged['rows_scored']} scored, {merged['rows_rejected']} rejected "
+               f"({merged['shards']}/{merged['shard_count']} shards done)", err=not sys.stdout.isatty())
+
+
+@main.command("score-merge")
+@option("--out", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+        help="A scoring output directory.")
+@option("--expect-shards", type=click.IntRange(min=1), default=None,
+        help="Fail (exit 1) unless this many shards are done.")
+def score_merge_command(out: Path, expect_shards: int | None) -> None:
+    """Merge the finished shards' metrics into OUT/metrics.json and OUT/metrics.prom (the Jobs' last step)."""
+    from .errors import RetryableError
+    from .metrics_io import merge_metrics
+
+    bind(stage="merge")
+    merged = merge_metrics(out)
+    get_logger().info("metrics_merged", shards=merged["shards"], rows_in=merged["rows_in"],
+                      invariant_holds=merged["invariant_holds"])
+    if expect_shards is not None and merged["shards"] < expect_shards:
+        raise RetryableError(f"{out}: {merged['shards']} of {expect_shards} shards are done")
+    click.echo(json.dumps({k: merged[k] for k in ("shards", "rows_in", "rows_scored", "rows_rejected", "tier_counts")}),
+               err=not sys.stdout.isatty())
+
+
+@main.command("demo")
+@option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-output"), show_default=True,
+        help="Where every output of the demo goes.")
+@option("--base-model", default="minilm", show_default=True, help="The base model to train (a preset or a path).")
+@option("--rows", type=click.IntRange(min=50), default=2500, show_default=True, help="Synthetic labelled articles.")
+@option("--batch-rows", type=click.IntRange(min=1), default=3000, show_default=True,
+        help="Articles in the batch that is scored.")
+@option("--epochs", type=click.IntRange(min=1), default=2, show_default=True)
+def demo_command(out: Path, base_model: str, rows: int, batch_rows: int, epochs: int) -> None:
+    """Run the whole loop offline: synth, split, train, evaluate, export to ONNX, score a batch, report."""
+    from .demo import DemoConfig, run_demo, summary_lines
+
+    summary = run_demo(DemoConfig(out=out, base_model=base_model, rows=rows, batch_rows=batch_rows, epochs=epochs))
+    for line in summary_lines(summary):
+        click.echo(line)
 
 
 if __name__ == "__main__":  # pragma: no cover

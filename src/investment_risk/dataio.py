@@ -41,6 +41,7 @@ class Batch:
     start_row: int
     table: pa.Table
     problems: dict[int, str] = field(default_factory=dict)
+    unreadable_rows: int = 0  # JSONL lines that could not be parsed at all (lenient reading)
 
     def where(self, offset: int) -> str:
         row = self.start_row + offset
@@ -130,7 +131,8 @@ def row_problems(table: pa.Table, labels: Sequence[str] = ()) -> dict[int, str]:
     return problems
 
 
-def _iter_parquet(path: Path, batch_rows: int, columns: Sequence[str] | None) -> Iterator[Batch]:
+def _iter_parquet(path: Path, batch_rows: int, columns: Sequence[str] | None,
+                  row_groups: Sequence[int] | None = None) -> Iterator[Batch]:
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file (0 bytes), not a Parquet file")
     try:
@@ -138,8 +140,10 @@ def _iter_parquet(path: Path, batch_rows: int, columns: Sequence[str] | None) ->
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
     start = 0
+    if row_groups:
+        start = sum(parquet.metadata.row_group(i).num_rows for i in range(min(row_groups)))
     try:
-        for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+        for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=columns, row_groups=row_groups):
             yield Batch(path, start, pa.Table.from_batches([record_batch]))
             start += record_batch.num_rows
     except (pa.ArrowException, OSError) as exc:
@@ -187,48 +191,73 @@ def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Seq
             except (pa.ArrowException, TypeError):
                 # Mixed types in a pass-through column: keep them as JSON text rather than drop them.
                 columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], type=pa.string())
-    return Batch(path, start, pa.table(columns) if columns else pa.table({}), problems)
+    if not columns:  # every line unreadable: keep the rows, so they are counted and rejected
+        columns["id"] = pa.nulls(len(rows), pa.string())
+    return Batch(path, start, pa.table(columns), problems)
 
 
-def _iter_jsonl(path: Path, batch_rows: int, labels: Sequence[str]) -> Iterator[Batch]:
+def _iter_jsonl(path: Path, batch_rows: int, labels: Sequence[str], lenient: bool = False) -> Iterator[Batch]:
+    """JSON lines in bounded batches. A bad line is an error, or with `lenient` an empty row with its reason."""
     rows: list[dict[str, Any]] = []
+    bad: dict[int, str] = {}
     start = 0
-    line_no = 0
+
+    def flush() -> Batch:
+        batch = _jsonl_table(path, start, rows, labels)
+        batch.problems.update(bad)
+        batch.unreadable_rows = len(bad)
+        return batch
+
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{path} line {line_no}: invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
-            if not text.strip():
-                raise InputError(f"{path} line {line_no}: blank line (every line must hold one JSON object)")
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path} line {line_no}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path} line {line_no}: expected a JSON object, got {_JSON_KINDS.get(type(obj), 'value')}")
+            obj, reason = _parse_line(raw)
+            if reason is not None:
+                if not lenient:
+                    raise InputError(f"{path} line {line_no}: {reason}")
+                bad[len(rows)] = reason
+                obj = {}
             rows.append(obj)
             if len(rows) == batch_rows:
-                yield _jsonl_table(path, start, rows, labels)
+                yield flush()
                 start += len(rows)
-                rows = []
+                rows, bad = [], {}
     if rows:
-        yield _jsonl_table(path, start, rows, labels)
+        yield flush()
+
+
+def _parse_line(raw: bytes) -> tuple[dict[str, Any], str | None]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return {}, f"invalid UTF-8 ({exc.reason} at byte {exc.start})"
+    if not text.strip():
+        return {}, "blank line (every line must hold one JSON object)"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return {}, f"invalid JSON ({exc.msg} at column {exc.colno})"
+    if not isinstance(obj, dict):
+        return {}, f"expected a JSON object, got {_JSON_KINDS.get(type(obj), 'value')}"
+    return obj, None
 
 
 def iter_file_batches(path: Path, batch_rows: int = DEFAULT_BATCH_ROWS, labels: Sequence[str] = (),
-                      columns: Sequence[str] | None = None) -> Iterator[Batch]:
-    """Bounded batches of one file, schema-checked; row problems are attached, not raised."""
+                      columns: Sequence[str] | None = None, lenient: bool = False,
+                      row_groups: Sequence[int] | None = None) -> Iterator[Batch]:
+    """Bounded batches of one file, schema-checked; row problems are attached, not raised.
+
+    `lenient` (scoring): an unparseable JSONL line becomes a row problem instead of an error.
+    `row_groups`: read only these Parquet row groups (a shard's share of the file).
+    """
     try:
         if is_jsonl(path):
-            batches = _iter_jsonl(path, batch_rows, labels)
+            batches = _iter_jsonl(path, batch_rows, labels, lenient)
         else:
             check_schema(path, parquet_schema(path), labels)
-            batches = _iter_parquet(path, batch_rows, columns)
+            batches = _iter_parquet(path, batch_rows, columns, row_groups)
         for batch in batches:
-            if batch.table.num_rows and is_jsonl(path):
-                check_schema(path, batch.table.schema, labels)
+            if is_jsonl(path):
+                _complete_jsonl_columns(batch, labels)
             if batch.table.num_rows:
                 for offset, reason in row_problems(batch.table, labels).items():
                     batch.problems.setdefault(offset, reason)
@@ -237,6 +266,16 @@ def iter_file_batches(path: Path, batch_rows: int = DEFAULT_BATCH_ROWS, labels: 
         raise InputError(f"{path}: permission denied") from None
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
+
+
+def _complete_jsonl_columns(batch: Batch, labels: Sequence[str]) -> None:
+    """A JSONL batch must name the required columns in its readable rows; unreadable-only batches get null ones."""
+    if batch.table.num_rows > batch.unreadable_rows:
+        check_schema(batch.path, batch.table.schema, labels)
+    for name in (*REQUIRED_COLUMNS, *labels):
+        if name not in batch.table.column_names:
+            kind = pa.float64() if name in labels else pa.string()
+            batch.table = batch.table.append_column(name, pa.nulls(batch.table.num_rows, kind))
 
 
 def read_articles(inputs: Sequence[str | Path], labels: Sequence[str] = (), batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.Table:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .batching import article_text, encode, encode_cached, length_grouped_batches, pad_batch, predict
+from .batching import article_text, encode, encode_cached, length_grouped_batches, pad_batch, predict, to_device
 from .dataio import read_articles, write_json_atomic
 from .errors import ConfigError, InputError
 from .logs import Progress, get_logger
@@ -47,6 +47,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     learning_rate: float = 2e-5
+    head_lr_multiplier: float = 10.0
     max_length: int = 512
     warmup_steps: int = 500
     weight_decay: float = 0.01
@@ -64,6 +65,7 @@ class TrainConfig:
             (self.grad_accum >= 1, "--grad-accum must be >= 1"),
             (self.learning_rate > 0 and math.isfinite(self.learning_rate), "--learning-rate must be positive"),
             (8 <= self.max_length <= 32768, "--max-length must be in [8, 32768]"),
+            (self.head_lr_multiplier > 0, "--head-lr-multiplier must be positive"),
             (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
             (self.checkpoint_steps >= 1, "--checkpoint-steps must be >= 1"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
@@ -181,8 +183,13 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     init_head_bias(model, train_data.labels.mean(axis=0))
     total_params, trainable_params = parameter_counts(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
-                                  fused=on_cuda or None)
+    # The head is trained in full and starts from scratch: it gets a larger step than the adapter.
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    adapter = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": adapter, "lr": config.learning_rate},
+         {"params": head, "lr": config.learning_rate * config.head_lr_multiplier}],
+        weight_decay=config.weight_decay, fused=on_cuda or None)
     batches_per_epoch = math.ceil(train_data.table.num_rows / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
@@ -228,9 +235,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
             for b in range(progress["batch"], len(batches)):
                 idx = batches[b]
                 ids, mask = pad_batch([train_data.tokens[i] for i in idx], pad_id)
-                idx_t = torch.from_numpy(idx).to(device, non_blocking=True)
-                ids_t = torch.from_numpy(ids).to(device, non_blocking=True)
-                mask_t = torch.from_numpy(mask).to(device, non_blocking=True)
+                idx_t, ids_t, mask_t = to_device(idx, device), to_device(ids, device), to_device(mask, device)
                 with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     logits = model(input_ids=ids_t, attention_mask=mask_t).logits
                 preds = logits.float()
@@ -257,7 +262,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
                     progress["since_log"] = 0
                     progress["step_losses"].append([progress["step"], mean_loss])
                     log.info("train_step", epoch=epoch, step=progress["step"], total_steps=total_steps,
-                             loss=round(mean_loss, 5), lr=scheduler.get_last_lr()[0])
+                             loss=round(mean_loss, 5), lr=scheduler.get_last_lr()[0],
+                             tokens_per_second=round(progress["tokens"] / max(time.monotonic() - segment_start
+                                                                              + progress["train_seconds"], 1e-9), 1))
                 if kill_at is not None and progress["step"] == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if progress["step"] % config.checkpoint_steps == 0 and progress["batch"] < len(batches):

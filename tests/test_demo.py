@@ -1,0 +1,21 @@
+import json
+
+from investment_risk.cli import main
+
+
+def test_demo_runs_the_whole_loop(runner, tmp_path):
+    out = tmp_path / "demo"
+    result = runner.invoke(main, ["--log-format", "json", "demo", "--out", str(out), "--base-model", "tiny-qwen2",
+                                  "--rows", "120", "--batch-rows", "150", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    for name in ("articles.parquet", "data/train.parquet", "run/training_metadata.json", "model/model.onnx",
+                 "scored/part-00000.parquet", "scored/metrics.json", "evaluation.json", "demo_report.md"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "scored" / "metrics.json").read_text())
+    assert metrics["rows_in"] == 150 and metrics["invariant_holds"]
+    lines = result.output.splitlines()
+    assert any(line.startswith("val MAE") and "predict-the-mean" in line for line in lines)
+    assert any("rows/s" in line and "tiers:" in line for line in lines)
+    assert any(line.startswith("scored ") and str(out / "scored") in line for line in lines)
+    report = (out / "demo_report.md").read_text()
+    assert "| test MAE" in report and str(out / "model") in report

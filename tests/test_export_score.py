@@ -1,0 +1,257 @@
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from investment_risk.cli import main
+from investment_risk.export import export_run, verify_model_dir
+from investment_risk.score import ScoreConfig, list_units, score, shard_units
+from investment_risk.spec import DIMENSIONS, default_spec
+from investment_risk.synth import SynthConfig, generate
+from investment_risk.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def exported(split_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exported")
+    train(TrainConfig(mode="distillation", base_model="tiny-qwen2", data=str(split_dir), out=str(root / "run"), epochs=1,
+                      batch_size=8, learning_rate=2e-3, max_length=64, warmup_steps=2, device="cpu"))
+    info = export_run(root / "run", root / "model")
+    return root / "run", root / "model", info
+
+
+@pytest.fixture(scope="module")
+def articles(tmp_path_factory) -> Path:
+    """Two Parquet files with several row groups each, and a JSONL file."""
+    root = tmp_path_factory.mktemp("articles")
+    table = generate(SynthConfig(rows=240, seed=21))
+    pq.write_table(table.slice(0, 100), root / "a.parquet", row_group_size=30)
+    pq.write_table(table.slice(100, 100), root / "b.parquet", row_group_size=45)
+    with (root / "c.jsonl").open("w") as handle:
+        for row in table.slice(200, 40).to_pylist():
+            handle.write(json.dumps(row) + "\n")
+    return root
+
+
+def read_out(out: Path) -> tuple[pa.Table, pa.Table]:
+    parts = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))])
+    rejects = pa.concat_tables([pq.read_table(p) for p in sorted((out / "rejects").glob("part-*.parquet"))])
+    return parts, rejects
+
+
+def test_export_writes_a_verified_model(exported):
+    _, model, info = exported
+    assert (model / "model.onnx").exists() and (model / "tokenizer.json").exists()
+    saved = json.loads((model / "model.json").read_text())
+    assert saved == json.loads(json.dumps(info))
+    assert saved["opset"] >= 17 and saved["dtype"] == "fp32" and saved["dimensions"] == list(DIMENSIONS)
+    assert saved["parity"]["fp32_max_abs_diff"] <= 1e-3 and len(saved["parity"]["batches"]) >= 3
+    assert verify_model_dir(model)["model_version"] == saved["model_version"]
+
+
+def test_onnx_has_dynamic_batch_and_sequence_axes(exported):
+    import onnxruntime as ort
+    _, model, _ = exported
+    session = ort.InferenceSession(str(model / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch, length in ((1, 3), (5, 17), (2, 64)):
+        ids = np.ones((batch, length), dtype=np.int64)
+        out = session.run(["scores"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+        assert out.shape == (batch, 8)
+
+
+def test_export_fails_on_parity(exported, tmp_path, monkeypatch, runner):
+    from investment_risk import export
+    run, _, _ = exported
+    monkeypatch.setattr(export, "FP32_PARITY_LIMIT", -1.0)
+    result = runner.invoke(main, ["export", "--run", str(run), "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 1 and "differs from PyTorch" in result.output
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad-*"))
+
+
+def test_fp16_export_records_its_parity(exported, tmp_path):
+    run, _, _ = exported
+    info = export_run(run, tmp_path / "fp16", dtype="fp16")
+    assert info["dtype"] == "fp16" and info["parity"]["fp16_max_abs_diff"] < 0.05
+    assert "SimplifiedLayerNormalization" in info["parity"]["fp32_ops"]
+
+
+def test_export_refuses_non_empty_out(exported, runner):
+    run, model, _ = exported
+    result = runner.invoke(main, ["export", "--run", str(run), "--out", str(model)])
+    assert result.exit_code == 2 and "already exists" in result.output
+
+
+def test_score_writes_the_contract_layout(exported, articles, tmp_path):
+    _, model, info = exported
+    out = tmp_path / "scored"
+    merged = score(ScoreConfig(model=model, inputs=(str(articles),), out=out, keep_columns=("source", "kind")))
+    assert (out / "part-00000.parquet").exists() and (out / "rejects" / "part-00000.parquet").exists()
+    assert (out / "metrics" / "part-00000.json").exists() and (out / "metrics" / "part-00000.prom").exists()
+    assert (out / "_done" / "part-00000").exists() and (out / "metrics.json").exists()
+    parts, rejects = read_out(out)
+    assert parts.num_rows + rejects.num_rows == 240 == merged["rows_in"]
+    assert merged["rows_scored"] == parts.num_rows and merged["invariant_holds"]
+    for dim in DIMENSIONS:
+        assert parts.schema.field(dim).type == pa.float32()
+    assert {"signal_tier", "signal_strength", "model_version", "source", "kind"} <= set(parts.column_names)
+    assert set(parts.column("model_version").to_pylist()) == {info["model_version"]}
+    # Input order is kept within the shard, though the model saw rows sorted by length.
+    expected = [f"syn-21-{i:06d}" for i in range(240)]
+    assert parts.column("id").to_pylist() == expected
+
+
+def test_tiers_and_prefilter(exported, articles, tmp_path):
+    _, model, _ = exported
+    out = tmp_path / "s"
+    merged = score(ScoreConfig(model=model, inputs=(str(articles),), out=out, keep_columns=("kind",)))
+    parts, _ = read_out(out)
+    spec = default_spec()
+    kinds = parts.column("kind").to_pylist()
+    reasons = parts.column("prefilter_reason").to_pylist()
+    noise = [r is not None for r in reasons]
+    assert sum(noise) == merged["rows_prefiltered"] > 0
+    assert all(n for n, k in zip(noise, kinds) if k == "noise")
+    tiers = parts.column("signal_tier").to_pylist()
+    assert all(t == "NOISE" for t, n in zip(tiers, noise) if n)
+    assert all(parts.column(DIMENSIONS[0]).is_null().to_pylist()[i] for i, n in enumerate(noise) if n)
+    scored = ~np.array(noise)
+    matrix = np.stack([parts.column(d).to_numpy(zero_copy_only=False) for d in DIMENSIONS], axis=1)[scored]
+    assert matrix.min() >= 0 and matrix.max() <= 10
+    expected_tiers, strength = spec.assign_tiers(matrix)
+    assert list(np.array(tiers)[scored]) == list(expected_tiers)
+    assert np.allclose(parts.column("signal_strength").to_numpy(zero_copy_only=False)[scored], strength, atol=1e-5)
+    assert sum(merged["tier_counts"].values()) == parts.num_rows
+    assert "mae" in merged and "macro_risk_severity_rmse" in merged  # labels were present
+
+
+def test_shards_partition_the_rows_exactly_once(exported, articles, tmp_path, monkeypatch, runner):
+    _, model, _ = exported
+    single = tmp_path / "single"
+    score(ScoreConfig(model=model, inputs=(str(articles),), out=single))
+    units = list_units(sorted(p for p in articles.iterdir()))
+    assert sum(len(shard_units(units, i, 3)) for i in range(3)) == len(units)
+    sharded = tmp_path / "sharded"
+    for index in range(3):
+        monkeypatch.setenv("JOB_COMPLETION_INDEX", str(index))
+        result = runner.invoke(main, ["score", "--model", str(model), "--input", str(articles), "--out", str(sharded),
+                                      "--shard-count", "3"])
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (sharded / "_done").iterdir()) == ["part-00000", "part-00001", "part-00002"]
+    one, _ = read_out(single)
+    three, _ = read_out(sharded)
+    assert sorted(three.column("id").to_pylist()) == sorted(one.column("id").to_pylist())
+    assert len(set(three.column("id").to_pylist())) == three.num_rows
+    by_id = {r["id"]: r for r in one.to_pylist()}
+    for row in three.to_pylist():
+        for dim in DIMENSIONS:
+            a, b = row[dim], by_id[row["id"]][dim]
+            assert (a is None and b is None) or abs(a - b) < 1e-4
+    merged = json.loads((sharded / "metrics.json").read_text())
+    assert merged["shards"] == 3 and merged["complete"] and merged["rows_in"] == 240
+
+
+def test_done_shard_is_skipped_unless_forced(exported, articles, tmp_path):
+    _, model, _ = exported
+    out = tmp_path / "again"
+    config = ScoreConfig(model=model, inputs=(str(articles / "a.parquet"),), out=out)
+    score(config)
+    part = out / "part-00000.parquet"
+    before = part.stat().st_mtime_ns
+    score(config)
+    assert part.stat().st_mtime_ns == before
+    score(ScoreConfig(model=model, inputs=(str(articles / "a.parquet"),), out=out, force=True))
+    assert part.stat().st_mtime_ns != before
+
+
+def test_bad_rows_become_rejects_with_reasons(exported, tmp_path):
+    _, model, _ = exported
+    good = {"id": "ok-1", "title": "Credit markets", "content": "Bond spreads are widening slightly but steady."}
+    lines = [
+        json.dumps(good),
+        json.dumps({**good, "id": None}),
+        json.dumps({**good, "id": "empty", "title": "", "content": "   "}),
+        json.dumps({**good, "id": "number", "content": 42}),
+        "{broken json",
+        json.dumps({**good, "id": "huge", "content": "x" * 1_100_000}),
+        json.dumps(good),  # a duplicate id: scored, counted
+        json.dumps({**good, "id": "other-lang", "content": "Die Kreditmärkte sind ruhig. 信用市场平静。"}),
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    merged = score(ScoreConfig(model=model, inputs=(str(path),), out=out))
+    parts, rejects = read_out(out)
+    assert merged["rows_in"] == 8 and parts.num_rows == 3 and rejects.num_rows == 5
+    reasons = dict(zip(rejects.column("row_number").to_pylist(), rejects.column("reason").to_pylist()))
+    assert "id is null" in reasons[1] and "both null or empty" in reasons[2]
+    assert "expected a string" in reasons[3] and "invalid JSON" in reasons[4] and "1000000-byte limit" in reasons[5]
+    assert set(rejects.column("source_file").to_pylist()) == {str(path)}
+    assert merged["duplicate_ids"] == 1
+
+
+@pytest.mark.parametrize("case", ["corrupt", "missing column", "sha mismatch", "shard index", "no input"])
+def test_bad_invocations_exit_2(exported, articles, tmp_path, runner, case):
+    _, model, _ = exported
+    inputs = [str(articles / "a.parquet")]
+    extra: list[str] = []
+    message = ""
+    if case == "corrupt":
+        (tmp_path / "bad.parquet").write_bytes(b"PAR1garbagePAR1")
+        inputs, message = [str(tmp_path / "bad.parquet")], "bad.parquet: not a readable Parquet file"
+    elif case == "missing column":
+        pq.write_table(pa.table({"id": ["a"], "title": ["t"]}), tmp_path / "nocontent.parquet")
+        inputs, message = [str(tmp_path / "nocontent.parquet")], "missing required column(s) content"
+    elif case == "sha mismatch":
+        copy = tmp_path / "model"
+        shutil.copytree(model, copy)
+        with (copy / "model.onnx").open("ab") as handle:
+            handle.write(b"\0")
+        model, message = copy, "do not match the sha256"
+    elif case == "shard index":
+        extra, message = ["--shard-index", "3", "--shard-count", "3"], "--shard-index 3 must be in [0, --shard-count 3)"
+    elif case == "no input":
+        inputs, message = [str(tmp_path / "nothing" / "*.parquet")], "no Parquet or JSONL file matches"
+    args = ["score", "--model", str(model), "--out", str(tmp_path / "o"), *extra]
+    for item in inputs:
+        args += ["--input", item]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "o" / "_done").exists()
+
+
+def test_torch_backend_matches_onnx(exported, articles, tmp_path):
+    _, model, _ = exported
+    score(ScoreConfig(model=model, inputs=(str(articles / "b.parquet"),), out=tmp_path / "onnx"))
+    score(ScoreConfig(model=model, inputs=(str(articles / "b.parquet"),), out=tmp_path / "torch", backend="torch"))
+    a, _ = read_out(tmp_path / "onnx")
+    b, _ = read_out(tmp_path / "torch")
+    for dim in DIMENSIONS:
+        x = a.column(dim).to_numpy(zero_copy_only=False)
+        y = b.column(dim).to_numpy(zero_copy_only=False)
+        assert np.allclose(x, y, atol=1e-3, equal_nan=True)
+    metrics = json.loads((tmp_path / "torch" / "metrics" / "part-00000.json").read_text())
+    assert metrics["backend"] == "torch" and metrics["provider"] == "torch-cpu"
+
+
+def test_metrics_and_merge_command(exported, articles, tmp_path, runner):
+    _, model, _ = exported
+    out = tmp_path / "m"
+    score(ScoreConfig(model=model, inputs=(str(articles / "a.parquet"),), out=out, shard_count=2, shard_index=1))
+    shard = json.loads((out / "metrics" / "part-00001.json").read_text())
+    for key in ("rows_in", "rows_scored", "rows_rejected", "rows_prefiltered", "rows_per_second", "batch_latency_ms",
+                "real_token_share", "score_histograms", "tier_counts", "mae", "rmse"):
+        assert key in shard, key
+    assert shard["batch_latency_ms"]["p50"] <= shard["batch_latency_ms"]["p95"]
+    assert sum(shard["score_histograms"]["macro_risk_severity"]) == shard["rows_model"]
+    prom = (out / "metrics" / "part-00001.prom").read_text()
+    assert 'investment_risk_rows{shard="1",outcome="in"}' in prom and "# TYPE investment_risk_rows gauge" in prom
+    result = runner.invoke(main, ["score-merge", "--out", str(out), "--expect-shards", "2"])
+    assert result.exit_code == 1 and "1 of 2 shards are done" in result.output
+    result = runner.invoke(main, ["score-merge", "--out", str(out)])
+    assert result.exit_code == 0 and json.loads((out / "metrics.json").read_text())["shards"] == 1
