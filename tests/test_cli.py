@@ -107,8 +107,10 @@ def test_every_option_has_an_env_var():
             yield from walk(sub)
     for command in walk(main):
         for param in command.params:
-            if isinstance(param, click.Option) and not param.is_flag or isinstance(param, cli.EnvOption):
-                assert param.envvar and str(param.envvar).startswith("INVESTMENT_RISK_"), (command.name, param.name)
+            if isinstance(param, click.Option) and param.name not in ("help", "version"):
+                names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or [])
+                wanted = "INVESTMENT_RISK_" + param.name.upper().removesuffix("_")
+                assert wanted in names or "INVESTMENT_RISK_INPUT" in names, (command.name, param.name, names)
 
 
 def test_console_script_logs_json_when_piped(tmp_path):

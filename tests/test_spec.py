@@ -96,6 +96,11 @@ def test_prefilter_catches_each_category_with_a_reason(title, content, category)
     assert reason is not None and category in reason and "'" in reason
 
 
+def test_prefilter_ignores_case():
+    assert "clickbait" in SPEC.prefilter_reason("YOU WON'T BELIEVE THIS", "")
+    assert SPEC.prefilter_reason("Title", "Escapes like \\d stay allowed: 100X gains") is not None
+
+
 def test_stock_picking_with_macro_context_is_not_noise():
     assert SPEC.prefilter_reason("Top 5 stocks to buy now", "Picks for a recession as the Fed raises interest rates.") is None
 
@@ -122,6 +127,7 @@ def _raw() -> dict:
     (lambda r: r["tiers"][0]["any"].append({"dimension": "systemic_risk"}), "has no bound"),
     (lambda r: r["prefilter"]["clickbait"]["patterns"].append("(unclosed"), "bad prefilter pattern"),
     (lambda r: r.pop("tiers"), "missing key"),
+    (lambda r: r["prefilter"]["clickbait"]["patterns"].append("Shocking News"), "lowercase"),
 ])
 def test_spec_validation(mutate, message):
     raw = _raw()

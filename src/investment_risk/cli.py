@@ -134,6 +134,7 @@ def data_split(input_: str, out: Path, val: float, test: float, seed: int) -> No
 @option("--checkpoint-steps", type=click.IntRange(min=1), default=500, show_default=True,
         help="Also checkpoint every N optimizer steps (always at each epoch end).")
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@option("--compile", "compile", is_flag=True, help="torch.compile the training forward (worth it on GPUs).")
 @option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @option("--dry-run", is_flag=True, help="Validate and count parameters on the meta device; load no weights, write nothing.")
 def train_command(resume: bool, dry_run: bool, **options: Any) -> None:

@@ -48,18 +48,24 @@ class TierRule:
 @dataclass(frozen=True)
 class PrefilterCategory:
     name: str
-    patterns: tuple[re.Pattern[str], ...]
-    unless: tuple[re.Pattern[str], ...]
+    pattern: re.Pattern[str]  # the category's patterns as one alternation: one pass over the text
+    unless: re.Pattern[str] | None
 
     def match(self, text: str) -> str | None:
-        """The first pattern that hits (as a reason), unless an `unless` pattern also appears."""
-        for pattern in self.patterns:
-            hit = pattern.search(text)
-            if hit:
-                if any(u.search(text) for u in self.unless):
-                    return None
-                return f"{self.name}: '{hit.group(0)}'"
-        return None
+        """The earliest hit (as a reason), unless an `unless` pattern also appears."""
+        hit = self.pattern.search(text)
+        if hit is None or (self.unless is not None and self.unless.search(text)):
+            return None
+        return f"{self.name}: '{hit.group(0)}'"
+
+
+def _alternation(patterns: list[str]) -> re.Pattern[str]:
+    """Patterns are matched against lowercased text (twice as fast as re.I), so they must be lowercase."""
+    for p in patterns:
+        re.compile(p)  # a bad pattern fails here, by itself, with a message that names it
+        if any(c.isupper() for c in re.sub(r"\\.", "", p)):
+            raise re.error(f"write prefilter patterns in lowercase (they match lowercased text): {p!r}", pattern=p)
+    return re.compile("|".join(f"(?:{p})" for p in patterns))
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class FilterSpec:
     prefilter_tier: str
     default_tier: str
     prefilter: tuple[PrefilterCategory, ...]
+    any_prefilter: re.Pattern[str] | None = None  # every category's patterns: most articles need only this pass
 
     @property
     def tier_names(self) -> tuple[str, ...]:
@@ -113,7 +120,9 @@ class FilterSpec:
 
     def prefilter_reason(self, title: str | None, content: str | None) -> str | None:
         """Why an article is noise before any model sees it ('category: matched text'), or None."""
-        text = f"{title or ''}\n{content or ''}"
+        text = f"{title or ''}\n{content or ''}".lower()
+        if self.any_prefilter is not None and not self.any_prefilter.search(text):
+            return None
         reasons = [r for r in (c.match(text) for c in self.prefilter) if r]
         return "; ".join(reasons) if reasons else None
 
@@ -154,17 +163,18 @@ def parse_spec(raw: dict[str, Any], source: str = "filter spec") -> FilterSpec:
             ))
         prefilter = tuple(
             PrefilterCategory(
-                name=name,
-                patterns=tuple(re.compile(p, re.I) for p in body["patterns"]),
-                unless=tuple(re.compile(p, re.I) for p in body.get("unless", [])),
+                name=name, pattern=_alternation(body["patterns"]),
+                unless=_alternation(body["unless"]) if body.get("unless") else None,
             )
             for name, body in raw["prefilter"].items()
         )
+        everything = [p for body in raw["prefilter"].values() for p in body["patterns"]]
         low, high = (float(x) for x in raw["score_range"])
         return FilterSpec(
             name=str(raw["name"]), version=str(raw["version"]), dimensions=dimensions, score_range=(low, high),
             weights=weights, rules=tuple(rules), prefilter_tier=str(raw["prefilter_tier"]),
             default_tier=str(raw["default_tier"]), prefilter=prefilter,
+            any_prefilter=_alternation(everything) if everything else None,
         )
     except KeyError as exc:
         raise ConfigError(f"{source}: missing key {exc}") from None

@@ -1,0 +1,170 @@
+"""CPU scoring benchmark (issue 4): ONNX Runtime vs PyTorch eager, length bucketing, memory, tokenizer speed.
+
+(a) ONNX Runtime vs PyTorch eager on the same minilm model, same rows, same batching: rows/s and their ratio.
+(b) Real-token share of length-bucketed batches vs padding every row to max length (512), on the synthetic spread.
+(c) Peak RSS scoring 10k vs 200k rows with a tiny-qwen2 model (each in its own process): their ratio.
+(d) Tokenizer throughput (articles/s, tokens/s) at 512 tokens: our cut-then-tokenise vs tokenising whole articles.
+
+Prints a table and writes bench-results/cpu.json. Targets: ratio >= 2, bucketed share >= 0.9, RSS growth <= 1.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROWS_SPEED = 1500
+
+
+def make_model(root: Path, base: str) -> Path:
+    from investment_risk.export import export_run
+    from investment_risk.split import SplitConfig, run_split
+    from investment_risk.synth import SynthConfig, write_synthetic
+    from investment_risk.train import TrainConfig, train
+
+    write_synthetic(SynthConfig(rows=60, seed=1), root / f"{base}.parquet")
+    run_split([str(root / f"{base}.parquet")], root / f"{base}-data", SplitConfig(val=0.2, test=0.1))
+    train(TrainConfig(mode="distillation", base_model=base, data=str(root / f"{base}-data"), out=str(root / f"{base}-run"),
+                      epochs=1, batch_size=16, learning_rate=3e-4, max_length=128, device="cpu"))
+    export_run(root / f"{base}-run", root / f"{base}-model")
+    return root / f"{base}-model"
+
+
+def backend_speed(model: Path, articles: Path, root: Path) -> dict:
+    from investment_risk.score import ScoreConfig, score
+
+    out = {}
+    for backend in ("onnx", "torch"):
+        started = time.perf_counter()
+        score(ScoreConfig(model=model, inputs=(str(articles),), out=root / f"speed-{backend}", backend=backend))
+        seconds = time.perf_counter() - started
+        shard = json.loads((root / f"speed-{backend}" / "metrics" / "part-00000.json").read_text())
+        out[backend] = {"rows_per_second": shard["rows_per_second"], "model_rows_per_second": shard["model_rows_per_second"],
+                        "wall_s": round(seconds, 1), "batches": shard["batches"],
+                        "batch_latency_ms_p50": shard["batch_latency_ms"]["p50"]}
+    out["ort_vs_torch_ratio"] = round(out["onnx"]["model_rows_per_second"] / out["torch"]["model_rows_per_second"], 2)
+    return out
+
+
+def token_shares(articles: Path) -> dict:
+    from investment_risk.batching import article_text, encode
+    from investment_risk.models import load_tokenizer, resolve_base_model
+    from investment_risk.score import length_batches
+
+    table = pq.read_table(articles)
+    tokenizer = load_tokenizer(resolve_base_model("minilm").path)
+    texts = [article_text(t, c) for t, c in zip(table.column("title").to_pylist(), table.column("content").to_pylist())]
+    lengths = np.array([len(r) for r in encode(tokenizer, texts, 512)])
+    real = int(lengths.sum())
+    bucketed = sum(len(b) * int(lengths[b].max()) for start in range(0, len(lengths), 2048)
+                   for b in [start + x for x in length_batches(lengths[start:start + 2048], 16384, 256)])
+    return {"real_token_share_bucketed": round(real / bucketed, 4),
+            "real_token_share_padded": round(real / (len(lengths) * 512), 4),
+            "mean_tokens": round(float(lengths.mean()), 1), "truncated_share": round(float((lengths >= 512).mean()), 4)}
+
+
+def tokenizer_speed(articles: Path) -> dict:
+    from investment_risk.batching import article_text, encode
+    from investment_risk.models import load_tokenizer, resolve_base_model
+
+    table = pq.read_table(articles)
+    texts = [article_text(t, c) for t, c in zip(table.column("title").to_pylist(), table.column("content").to_pylist())]
+    out = {}
+    for name in ("minilm", "tiny-qwen2"):
+        tokenizer = load_tokenizer(resolve_base_model(name).path)
+        started = time.perf_counter()
+        rows = encode(tokenizer, texts, 512)
+        cut = time.perf_counter() - started
+        started = time.perf_counter()
+        tokenizer(texts, truncation=True, max_length=512)
+        whole = time.perf_counter() - started
+        out[name] = {"articles_per_second": round(len(texts) / cut), "tokens_per_second": round(sum(map(len, rows)) / cut),
+                     "articles_per_second_whole_text": round(len(texts) / whole)}
+    return out
+
+
+def rss_child(model: str, inputs: str, out: str) -> None:
+    import resource
+
+    from investment_risk.logs import configure_logging
+    from investment_risk.score import ScoreConfig, score
+
+    configure_logging("json", "WARNING")
+    merged = score(ScoreConfig(model=Path(model), inputs=(inputs,), out=Path(out)))
+    print(json.dumps({"rows": merged["rows_in"], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def rss_growth(root: Path, tiny_model: Path) -> dict:
+    from investment_risk.synth import SynthConfig, generate
+
+    base = generate(SynthConfig(rows=10_000, seed=2))
+    small, large = root / "rss-10k", root / "rss-200k"
+    small.mkdir()
+    large.mkdir()
+    pq.write_table(base, small / "a.parquet", row_group_size=2000)
+    for copy in range(20):  # 200k rows: the same articles under new ids, 20 files
+        ids = pa.array([f"{i}-c{copy}" for i in base.column("id").to_pylist()])
+        pq.write_table(base.set_column(0, "id", ids), large / f"part-{copy:02d}.parquet", row_group_size=2000)
+    out = {}
+    for name, folder in (("10k", small), ("200k", large)):
+        done = subprocess.run([sys.executable, __file__, "--rss-child", str(tiny_model), str(folder), str(root / f"out-{name}")],
+                              capture_output=True, text=True, check=True)
+        out[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    out["rss_growth_ratio"] = round(out["200k"]["peak_rss_mib"] / out["10k"]["peak_rss_mib"], 3)
+    return out
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--rss-child":
+        rss_child(*sys.argv[2:5])
+        return
+    from investment_risk.logs import configure_logging
+    from investment_risk.synth import SynthConfig, write_synthetic
+
+    configure_logging("json", "WARNING")
+    results: dict = {"cpus": len(os.sched_getaffinity(0))}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_synthetic(SynthConfig(rows=ROWS_SPEED, seed=3), root / "speed" / "articles.parquet")
+        articles = root / "speed" / "articles.parquet"
+        minilm = make_model(root, "minilm")
+        results["backends_minilm_128_tokens"] = backend_speed(minilm, articles, root)
+        results.update(token_shares(articles))
+        results["tokenizer_512"] = tokenizer_speed(articles)
+        tiny = make_model(root, "tiny-qwen2")
+        results["rss"] = rss_growth(root, tiny)
+    results["ort_vs_torch_ratio"] = results["backends_minilm_128_tokens"]["ort_vs_torch_ratio"]
+    results["rss_growth_ratio"] = results["rss"]["rss_growth_ratio"]
+    results["targets"] = {"ort_vs_torch_ratio >= 2": results["ort_vs_torch_ratio"] >= 2,
+                          "real_token_share_bucketed >= 0.9": results["real_token_share_bucketed"] >= 0.9,
+                          "rss_growth_ratio <= 1.1": results["rss_growth_ratio"] <= 1.1}
+    out = Path("bench-results/cpu.json")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    b = results["backends_minilm_128_tokens"]
+    rows = [("ONNX Runtime model rows/s (minilm, 128 tok)", b["onnx"]["model_rows_per_second"]),
+            ("PyTorch eager model rows/s (same rows, batches)", b["torch"]["model_rows_per_second"]),
+            ("ort_vs_torch_ratio (target >= 2)", results["ort_vs_torch_ratio"]),
+            ("real_token_share_bucketed (target >= 0.9)", results["real_token_share_bucketed"]),
+            ("real_token_share_padded (pad to 512)", results["real_token_share_padded"]),
+            ("peak RSS MiB, 10k rows", round(results["rss"]["10k"]["peak_rss_mib"], 1)),
+            ("peak RSS MiB, 200k rows", round(results["rss"]["200k"]["peak_rss_mib"], 1)),
+            ("rss_growth_ratio (target <= 1.1)", results["rss_growth_ratio"])]
+    rows += [(f"tokenizer {k} articles/s at 512 (cut / whole)", f"{v['articles_per_second']} / "
+              f"{v['articles_per_second_whole_text']}") for k, v in results["tokenizer_512"].items()]
+    for label, value in rows:
+        print(f"{label:<52} {value}")
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""GPU scoring benchmark (issue 4): a Qwen2.5-1.5B-shaped model (config only, random weights), 512-token articles.
+
+Measures articles/s for
+  - PyTorch, bf16 + SDPA, our batching (length-bucketed under a token budget, dynamic padding),
+  - ONNX Runtime with the CUDA execution provider, when onnxruntime-gpu is installed (else reported as missing),
+  - the original's way: fp32, every article padded to 512, batch 8,
+all in the same process on the same articles. Targets: >= 340 articles/s on an H100, >= 10x the original's way.
+
+    python bench/gpu_score.py --out bench-results/gpu-score.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpu_train import DEVICE, QWEN25_15B, SMOKE, TINY  # noqa: E402  (same directory)
+
+
+def build(dtype: torch.dtype, pad_id: int) -> torch.nn.Module:
+    from transformers import AutoModelForSequenceClassification, Qwen2Config
+
+    config = Qwen2Config(**(TINY if SMOKE else QWEN25_15B), num_labels=8, pad_token_id=pad_id)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def run(model: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndarray]], autocast: bool) -> float:
+    """Seconds for all batches, after one warm-up batch."""
+    from investment_risk.batching import to_device
+
+    device = torch.device(DEVICE)
+    sync = (lambda: None) if SMOKE else torch.cuda.synchronize
+    with torch.inference_mode():
+        ids, mask = batches[0]
+        model(input_ids=to_device(ids, device), attention_mask=to_device(mask, device))
+        sync()
+        started = time.perf_counter()
+        outs = []
+        for ids, mask in batches:
+            with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+                outs.append(model(input_ids=to_device(ids, device), attention_mask=to_device(mask, device)).logits)
+        sync()
+        np.concatenate([o.float().cpu().numpy() for o in outs])
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench-results/gpu-score.json")
+    parser.add_argument("--articles", type=int, default=4000)
+    parser.add_argument("--original-articles", type=int, default=400)
+    parser.add_argument("--token-budget", type=int, default=65536)
+    args = parser.parse_args()
+    if SMOKE:
+        args.articles, args.original_articles = 64, 16
+    from investment_risk.batching import article_text, encode, pad_batch
+    from investment_risk.models import _tiny_tokenizer
+    from investment_risk.score import length_batches
+    from investment_risk.synth import SynthConfig, generate
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = _tiny_tokenizer(Path(tmp))
+    table = generate(SynthConfig(rows=args.articles, seed=5, long_tail_share=0.0))
+    # 512-token articles: each text repeated so that even short ones fill the window before truncation.
+    texts = [article_text(t, c) * 6 for t, c in zip(table.column("title").to_pylist(), table.column("content").to_pylist())]
+    rows = encode(tokenizer, texts, 512)
+    lengths = np.array([len(r) for r in rows])
+    pad = tokenizer.pad_token_id
+    results: dict = {"device": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(0), "torch": torch.__version__, "articles": len(rows),
+                     "mean_tokens": round(float(lengths.mean()), 1), "share_at_512": round(float((lengths >= 512).mean()), 3)}
+
+    ours = [pad_batch([rows[i] for i in b], pad) for b in length_batches(lengths, args.token_budget, 256)]
+    model = build(torch.bfloat16, pad)
+    seconds = run(model, ours, autocast=False)
+    results["torch_bf16_sdpa_bucketed"] = {"articles_per_second": round(len(rows) / seconds, 1), "batches": len(ours),
+                                           "token_budget": args.token_budget}
+    del model
+    if not SMOKE:
+        torch.cuda.empty_cache()
+
+    try:
+        import onnxruntime as ort
+        providers = ort.get_available_providers()
+    except ImportError:
+        providers = []
+    results["onnxruntime_cuda"] = ("available" if "CUDAExecutionProvider" in providers else
+                                   f"not measured: onnxruntime-gpu is not installed here (providers: {providers})")
+
+    n = args.original_articles
+    original = [pad_batch([np.pad(r, (0, 512 - len(r)), constant_values=pad)[:512] for r in rows[i:i + 8]], pad)
+                for i in range(0, n, 8)]
+    original = [(ids, (ids != pad).astype(np.int64)) for ids, _ in original]
+    model = build(torch.float32, pad)
+    seconds = run(model, original, autocast=False)
+    results["original_fp32_pad512_batch8"] = {"articles_per_second": round(n / seconds, 1), "articles": n}
+    results["speedup_vs_original"] = round(results["torch_bf16_sdpa_bucketed"]["articles_per_second"]
+                                           / results["original_fp32_pad512_batch8"]["articles_per_second"], 1)
+    results["targets"] = {"articles_per_second >= 340": results["torch_bf16_sdpa_bucketed"]["articles_per_second"] >= 340,
+                          "speedup >= 10": results["speedup_vs_original"] >= 10}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
