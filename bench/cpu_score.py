@@ -36,6 +36,7 @@ def make_model(root: Path, base: str) -> Path:
     train(TrainConfig(mode="distillation", base_model=base, data=str(root / f"{base}-data"), out=str(root / f"{base}-run"),
                       epochs=1, batch_size=16, learning_rate=3e-4, max_length=128, device="cpu"))
     export_run(root / f"{base}-run", root / f"{base}-model")
+    export_run(root / f"{base}-run", root / f"{base}-model-int8", dtype="int8")
     return root / f"{base}-model"
 
 
@@ -43,15 +44,17 @@ def backend_speed(model: Path, articles: Path, root: Path) -> dict:
     from investment_risk.score import ScoreConfig, score
 
     out = {}
-    for backend in ("onnx", "torch"):
+    for backend, path in (("onnx", model), ("onnx_int8", model.with_name(model.name + "-int8")), ("torch", model)):
         started = time.perf_counter()
-        score(ScoreConfig(model=model, inputs=(str(articles),), out=root / f"speed-{backend}", backend=backend))
+        score(ScoreConfig(model=path, inputs=(str(articles),), out=root / f"speed-{backend}", backend=backend[:5]))
         seconds = time.perf_counter() - started
         shard = json.loads((root / f"speed-{backend}" / "metrics" / "part-00000.json").read_text())
         out[backend] = {"rows_per_second": shard["rows_per_second"], "model_rows_per_second": shard["model_rows_per_second"],
                         "wall_s": round(seconds, 1), "batches": shard["batches"],
                         "batch_latency_ms_p50": shard["batch_latency_ms"]["p50"]}
     out["ort_vs_torch_ratio"] = round(out["onnx"]["model_rows_per_second"] / out["torch"]["model_rows_per_second"], 2)
+    out["ort_int8_vs_torch_ratio"] = round(out["onnx_int8"]["model_rows_per_second"]
+                                           / out["torch"]["model_rows_per_second"], 2)
     return out
 
 
@@ -153,7 +156,9 @@ def main() -> None:
     b = results["backends_minilm_128_tokens"]
     rows = [("ONNX Runtime model rows/s (minilm, 128 tok)", b["onnx"]["model_rows_per_second"]),
             ("PyTorch eager model rows/s (same rows, batches)", b["torch"]["model_rows_per_second"]),
+            ("ONNX Runtime int8 model rows/s", b["onnx_int8"]["model_rows_per_second"]),
             ("ort_vs_torch_ratio (target >= 2)", results["ort_vs_torch_ratio"]),
+            ("ort_int8_vs_torch_ratio", b["ort_int8_vs_torch_ratio"]),
             ("real_token_share_bucketed (target >= 0.9)", results["real_token_share_bucketed"]),
             ("real_token_share_padded (pad to 512)", results["real_token_share_padded"]),
             ("peak RSS MiB, 10k rows", round(results["rss"]["10k"]["peak_rss_mib"], 1)),

@@ -80,6 +80,15 @@ def test_fp16_export_records_its_parity(exported, tmp_path):
     assert "SimplifiedLayerNormalization" in info["parity"]["fp32_ops"]
 
 
+def test_int8_export_records_its_parity_and_scores(exported, tmp_path, articles):
+    run, _, _ = exported
+    info = export_run(run, tmp_path / "int8", dtype="int8")
+    assert info["dtype"] == "int8" and 0 < info["parity"]["int8_max_abs_diff"] < 0.5
+    assert [p.name for p in (tmp_path / "int8").glob("*.onnx*")] == ["model.onnx"]
+    merged = score(ScoreConfig(model=tmp_path / "int8", inputs=(str(articles / "a.parquet"),), out=tmp_path / "s"))
+    assert merged["rows_in"] == 100 and merged["invariant_holds"]
+
+
 def test_export_refuses_non_empty_out(exported, runner):
     run, model, _ = exported
     result = runner.invoke(main, ["export", "--run", str(run), "--out", str(model)])
@@ -255,3 +264,15 @@ def test_metrics_and_merge_command(exported, articles, tmp_path, runner):
     assert result.exit_code == 1 and "1 of 2 shards are done" in result.output
     result = runner.invoke(main, ["score-merge", "--out", str(out)])
     assert result.exit_code == 0 and json.loads((out / "metrics.json").read_text())["shards"] == 1
+
+
+def test_evaluate_an_exported_model_matches_the_run(exported, split_dir, runner, tmp_path):
+    run, model, _ = exported
+    data = str(split_dir / "test.parquet")
+    for name, target in (("run", run), ("model", model)):
+        result = runner.invoke(main, ["evaluate", "--model", str(target), "--data", data, "--out", str(tmp_path / name),
+                                      "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("run", "model"))
+    assert b["backend"] == "onnx" and a["backend"] == "torch"
+    assert b["mae"] == pytest.approx(a["mae"], abs=1e-4) and b["baseline_mae"] == pytest.approx(a["baseline_mae"])

@@ -155,7 +155,7 @@ def train_command(resume: bool, dry_run: bool, **options: Any) -> None:
 
 @main.command("evaluate")
 @option("--model", "model", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
-        help="A training run directory.")
+        help="A training run directory, or an exported model directory (scored with ONNX Runtime).")
 @option("--data", type=click.Path(dir_okay=False, path_type=Path), required=True, help="A labelled Parquet/JSONL file.")
 @option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the metrics as JSON here.")
 @option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
@@ -173,8 +173,9 @@ def evaluate_command(model: Path, data: Path, out: Path | None, batch_size: int,
 @option("--run", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
         help="A training run directory.")
 @option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model directory to write.")
-@option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-        help="fp16 (for GPUs) keeps norms, softmax and other overflow-prone ops in fp32.")
+@option("--dtype", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+        help="fp16 (for GPUs) keeps norms, softmax and other overflow-prone ops in fp32; int8 (for CPUs) quantises "
+             "the MatMuls dynamically. Both record their own parity.")
 @option("--force", is_flag=True, help="Replace an existing --out.")
 def export_command(run: Path, out: Path, dtype: str, force: bool) -> None:
     """Merge the adapter and export to ONNX with a measured PyTorch parity (fp32 must be within 1e-3)."""

@@ -15,21 +15,52 @@ from .spec import DIMENSIONS
 from .train import label_matrix, pick_device, texts_of
 
 
-def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size: int = 32,
-                 device_name: str = "auto") -> dict[str, Any]:
+def _predict_run(run_dir: Path, table: Any, batch_size: int, device_name: str) -> tuple[np.ndarray, dict[str, Any]]:
     import torch
 
     from .models import load_run_model
 
-    table = read_articles([data], labels=DIMENSIONS)
     device = pick_device(device_name)
     model, tokenizer, metadata = load_run_model(run_dir, dtype=torch.bfloat16 if device.type == "cuda" else None)
     model.to(device)
     tokens = encode(tokenizer, texts_of(table), int(metadata["max_length"]))
-    pred = np.clip(predict(model, tokens, tokenizer.pad_token_id, batch_size, device,
-                           torch.bfloat16 if device.type == "cuda" else None), 0.0, 10.0)
+    return predict(model, tokens, tokenizer.pad_token_id, batch_size, device,
+                   torch.bfloat16 if device.type == "cuda" else None), metadata
+
+
+def _predict_exported(model_dir: Path, table: Any, batch_size: int, device_name: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """An exported ONNX model; the baseline comes from its source run's training means when that run is here."""
+    import json
+
+    from .batching import pad_batch, sorted_batches
+    from .export import verify_model_dir
+    from .models import load_tokenizer
+    from .runners import OnnxRunner
+
+    info = verify_model_dir(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    runner = OnnxRunner(model_dir, device_name)
+    tokens = encode(tokenizer, texts_of(table), int(info["max_length"]))
+    lengths = np.array([len(t) for t in tokens])
+    pred = np.zeros((len(tokens), len(DIMENSIONS)), dtype=np.float32)
+    for idx in sorted_batches(lengths, batch_size):
+        pred[idx] = runner(*pad_batch([tokens[i] for i in idx], tokenizer.pad_token_id))
+    source = Path(info["source_run"]) / "training_metadata.json"
+    metadata = json.loads(source.read_text()) if source.exists() else {}
+    return pred, metadata
+
+
+def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size: int = 32,
+                 device_name: str = "auto") -> dict[str, Any]:
+    """Evaluate a training run (PyTorch) or an exported model directory (ONNX Runtime) on a labelled file."""
+    table = read_articles([data], labels=DIMENSIONS)
+    exported = (run_dir / "model.json").exists()
+    predict_with = _predict_exported if exported else _predict_run
+    raw, metadata = predict_with(run_dir, table, batch_size, device_name)
+    pred = np.clip(raw, 0.0, 10.0)
     labels = label_matrix(table)
-    mean = np.asarray(metadata["train_label_mean"], dtype=np.float32)
+    # The baseline predicts the training mean; without the training run, the mean of these labels stands in.
+    mean = np.asarray(metadata.get("train_label_mean", labels.mean(axis=0)), dtype=np.float32)
     model_metrics = regression_metrics(pred, labels)
     baseline = regression_metrics(np.broadcast_to(mean, labels.shape), labels)
     result: dict[str, Any] = {
@@ -40,7 +71,9 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
         "per_dimension": {d: {"mae": model_metrics[f"{d}_mae"], "rmse": model_metrics[f"{d}_rmse"],
                               "baseline_mae": baseline[f"{d}_mae"], "baseline_rmse": baseline[f"{d}_rmse"]}
                           for d in DIMENSIONS},
-        "baseline": "predict the training-set mean of each dimension",
+        "baseline": ("predict the training-set mean of each dimension" if "train_label_mean" in metadata
+                     else "predict the evaluated labels' own mean (the training run was not found)"),
+        "backend": "onnx" if exported else "torch",
     }
     if out is not None:
         write_json_atomic(result, out)

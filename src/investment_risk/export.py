@@ -131,6 +131,19 @@ def _to_fp16(path: Path, external: bool) -> None:
                     location="model.onnx.data" if external else None)
 
 
+def _to_int8(path: Path, external: bool) -> None:
+    """Dynamic int8 quantisation of the MatMuls (ONNX Runtime's quantiser): for CPU scoring."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source = path.with_name("fp32.onnx")
+    for stale in onnx_files(path.parent):
+        stale.rename(stale.with_name(stale.name.replace("model.onnx", "fp32.onnx")))
+    quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                     use_external_data_format=external)
+    for stale in path.parent.glob("fp32.onnx*"):
+        stale.unlink()
+
+
 def cpu_session(path: Path) -> Any:
     import onnxruntime as ort
 
@@ -154,9 +167,9 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
     import torch
 
     log = get_logger()
-    if dtype not in ("fp32", "fp16"):
-        raise ConfigError(f"--dtype {dtype}: supported are fp32 and fp16 (bf16 has no ONNX Runtime CPU kernels to "
-                          "prove parity with)")
+    if dtype not in ("fp32", "fp16", "int8"):
+        raise ConfigError(f"--dtype {dtype}: supported are fp32, fp16 and int8 (bf16 has no ONNX Runtime CPU kernels "
+                          "to prove parity with)")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise InputError(f"--out {out_dir} already exists and is not empty (pass --force to replace it)")
     module, tokenizer, metadata = merged_scoring_module(run_dir)
@@ -184,6 +197,10 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
             parity["fp16_max_abs_diff"] = max_abs_difference(cpu_session(work / "model.onnx"), module, batches)
             parity["fp32_ops"] = FP32_OPS
             log.info("onnx_parity", dtype="fp16", max_abs_diff=parity["fp16_max_abs_diff"])
+        if dtype == "int8":
+            _to_int8(work / "model.onnx", external)
+            parity["int8_max_abs_diff"] = max_abs_difference(cpu_session(work / "model.onnx"), module, batches)
+            log.info("onnx_parity", dtype="int8", max_abs_diff=parity["int8_max_abs_diff"])
         tokenizer.save_pretrained(work)
         digests = model_digest(work)
         spec = default_spec()
