@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchutil import peak_rss_mib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -96,14 +98,12 @@ def tokenizer_speed(articles: Path) -> dict:
 
 
 def rss_child(model: str, inputs: str, out: str) -> None:
-    import resource
-
     from investment_risk.logs import configure_logging
     from investment_risk.score import ScoreConfig, score
 
     configure_logging("json", "WARNING")
     merged = score(ScoreConfig(model=Path(model), inputs=(inputs,), out=Path(out)))
-    print(json.dumps({"rows": merged["rows_in"], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"rows": merged["rows_in"], "peak_rss_mib": peak_rss_mib()}))
 
 
 def rss_growth(root: Path, tiny_model: Path) -> dict:

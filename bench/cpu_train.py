@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from benchutil import peak_rss_mib
 
 MODELS = {"tiny-qwen2": {"rows": 600, "batch": 16}, "minilm": {"rows": 250, "batch": 16}}
 
@@ -28,7 +29,7 @@ def child(model: str, rows: int, batch: int, root: Path) -> None:
     run_split([str(root / "a.parquet")], root / "d", SplitConfig(val=0.05, test=0.05))
     meta = train(TrainConfig(mode="distillation", base_model=model, data=str(root / "d"), out=str(root / "run"),
                              epochs=1, batch_size=batch, learning_rate=3e-4, max_length=128, device="cpu"))
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mib = peak_rss_mib()
     print(json.dumps({"model": model, "train_examples": meta["train_examples"], "train_tokens": meta["train_tokens"],
                       "train_seconds": meta["train_seconds"], "tokens_per_second": meta["tokens_per_second"],
                       "peak_rss_mib": round(peak_mib, 1), "batch_size": batch, "max_length": 128,

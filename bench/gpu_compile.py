@@ -8,14 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from gpu_score import build, run
-from gpu_train import DEVICE, SMOKE, make_base_model
+from gpu_train import SMOKE, make_base_model, step_loop
 
 
 def scoring(rows: list[np.ndarray], pad: int, budget: int, compiled: bool) -> float:
@@ -33,36 +32,6 @@ def scoring(rows: list[np.ndarray], pad: int, budget: int, compiled: bool) -> fl
     if not SMOKE:
         torch.cuda.empty_cache()
     return round(len(rows) / seconds, 1)
-
-
-def training_steps(base: Path, batch: int, compiled: bool, steps: int) -> float:
-    from investment_risk.models import load_tokenizer, regression_model, resolve_base_model
-
-    model = regression_model(resolve_base_model(str(base)), load_tokenizer(base),
-                             dtype=torch.float32 if SMOKE else torch.bfloat16).to(DEVICE)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=not SMOKE)
-    forward = torch.compile(model, dynamic=False) if compiled else model
-    ids = torch.randint(0, 2000, (batch, 512), device=DEVICE)
-    mask = torch.ones_like(ids)
-    target = torch.rand(batch, 8, device=DEVICE) * 10
-    sync = (lambda: None) if SMOKE else torch.cuda.synchronize
-    for i in range(steps + 3):
-        if i == 3:
-            sync()
-            start = time.perf_counter()
-        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=not SMOKE):
-            out = forward(input_ids=ids, attention_mask=mask).logits.float()
-        torch.nn.functional.mse_loss(out, target).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    sync()
-    rate = batch * 512 * steps / (time.perf_counter() - start)
-    del model, opt, forward
-    if not SMOKE:
-        torch.cuda.empty_cache()
-    return round(rate)
 
 
 def main() -> None:
@@ -90,8 +59,8 @@ def main() -> None:
         base = make_base_model(root)
         steps = 2 if SMOKE else 10
         results["training_tokens_per_second"] = {
-            "eager_batch_16": training_steps(base, 16, False, steps),
-            "compiled_batch_16": training_steps(base, 16, True, steps),
+            "eager_batch_16": step_loop(base, 16, 512, steps)["tokens_per_second"],
+            "compiled_batch_16": step_loop(base, 16, 512, steps, compiled=True)["tokens_per_second"],
         }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

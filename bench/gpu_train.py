@@ -51,7 +51,7 @@ def make_base_model(root: Path) -> Path:
     return path
 
 
-def step_loop(base: Path, batch: int, length: int, steps: int = 12) -> dict:
+def step_loop(base: Path, batch: int, length: int, steps: int = 12, compiled: bool = False) -> dict:
     """Forward + backward + AdamW on random ids: the ceiling of the training step, without data handling."""
     from investment_risk.models import load_tokenizer, regression_model, resolve_base_model
 
@@ -59,6 +59,7 @@ def step_loop(base: Path, batch: int, length: int, steps: int = 12) -> dict:
     model = regression_model(resolved, load_tokenizer(base), dtype=torch.float32 if SMOKE else torch.bfloat16).to(DEVICE)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=not SMOKE)
+    forward = torch.compile(model, dynamic=False) if compiled else model
     ids = torch.randint(0, 2000, (batch, length), device=DEVICE)
     mask = torch.ones_like(ids)
     target = torch.rand(batch, 8, device=DEVICE) * 10
@@ -68,7 +69,7 @@ def step_loop(base: Path, batch: int, length: int, steps: int = 12) -> dict:
             sync()
             start = time.perf_counter()
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=not SMOKE):
-            out = model(input_ids=ids, attention_mask=mask).logits.float()
+            out = forward(input_ids=ids, attention_mask=mask).logits.float()
         loss = torch.nn.functional.mse_loss(out, target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -77,11 +78,11 @@ def step_loop(base: Path, batch: int, length: int, steps: int = 12) -> dict:
     sync()
     seconds = time.perf_counter() - start
     peak = 0.0 if SMOKE else torch.cuda.max_memory_allocated() / 2**30
-    del model, opt
+    del model, opt, forward
     if not SMOKE:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    return {"batch": batch, "length": length, "tokens_per_second": round(batch * length * steps / seconds),
+    return {"batch": batch, "length": length, "compiled": compiled, "tokens_per_second": round(batch * length * steps / seconds),
             "step_ms": round(1000 * seconds / steps, 1), "peak_gib": round(peak, 1)}
 
 

@@ -276,3 +276,13 @@ def test_evaluate_an_exported_model_matches_the_run(exported, split_dir, runner,
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("run", "model"))
     assert b["backend"] == "onnx" and a["backend"] == "torch"
     assert b["mae"] == pytest.approx(a["mae"], abs=1e-4) and b["baseline_mae"] == pytest.approx(a["baseline_mae"])
+
+
+def test_minilm_export_is_optimized_and_quantized(split_dir, tmp_path):
+    """The BERT path: ONNX Runtime's transformer optimizer fuses it, then int8 quantisation, each with its parity."""
+    train(TrainConfig(mode="distillation", base_model="minilm", data=str(split_dir), out=str(tmp_path / "run"), epochs=1,
+                      batch_size=16, learning_rate=3e-4, max_length=32, device="cpu"))
+    info = export_run(tmp_path / "run", tmp_path / "model", dtype="int8")
+    assert info["ort_fused_operators"].get("SkipLayerNormalization", 0) > 0
+    assert info["parity"]["fp32_max_abs_diff"] <= 1e-3 and info["parity"]["fp32_optimized_max_abs_diff"] <= 1e-3
+    assert info["parity"]["int8_max_abs_diff"] < 0.5
