@@ -48,7 +48,7 @@ def backend_speed(model: Path, articles: Path, root: Path) -> dict:
     out = {}
     for backend, path in (("onnx", model), ("onnx_int8", model.with_name(model.name + "-int8")), ("torch", model)):
         started = time.perf_counter()
-        score(ScoreConfig(model=path, inputs=(str(articles),), out=root / f"speed-{backend}", backend=backend[:5]))
+        score(ScoreConfig(model=path, inputs=(str(articles),), out=root / f"speed-{backend}", backend=backend.split("_")[0]))
         seconds = time.perf_counter() - started
         shard = json.loads((root / f"speed-{backend}" / "metrics" / "part-00000.json").read_text())
         out[backend] = {"rows_per_second": shard["rows_per_second"], "model_rows_per_second": shard["model_rows_per_second"],

@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -159,10 +160,16 @@ def _to_int8(path: Path, external: bool) -> None:
     source = path.with_name("fp32.onnx")
     for stale in onnx_files(path.parent):
         stale.rename(stale.with_name(stale.name.replace("model.onnx", "fp32.onnx")))
-    quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                     use_external_data_format=external,
-                     # fused ops (SkipLayerNormalization) defeat shape inference; their outputs are fp32
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser advises pre-processing on the root logger at every call
+    try:
+        quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                         use_external_data_format=external,
+                         # fused ops (SkipLayerNormalization) defeat shape inference; their outputs are fp32
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        root.setLevel(level)
     for stale in path.parent.glob("fp32.onnx*"):
         stale.unlink()
 
