@@ -4,7 +4,6 @@ import click
 import pyarrow.parquet as pq
 import pytest
 
-from investment_risk import cli
 from investment_risk.cli import main
 from investment_risk.errors import InputError, RetryableError
 

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import structlog
 from structlog.testing import capture_logs
 
 from investment_risk import logs

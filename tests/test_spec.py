@@ -141,7 +141,8 @@ def test_spec_is_frozen_and_loadable_from_a_file(tmp_path):
     path.write_text(json.dumps(_raw()))
     spec = load_spec(path)
     assert spec.dimensions == DIMENSIONS and spec.version == SPEC.version
-    with pytest.raises(Exception):
+    import dataclasses
+    with pytest.raises(dataclasses.FrozenInstanceError):
         spec.version = "2"  # type: ignore[misc]
     with pytest.raises(ConfigError, match="cannot read"):
         load_spec(tmp_path / "missing.json")

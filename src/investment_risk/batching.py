@@ -29,7 +29,7 @@ def encode(tokenizer: Any, texts: Sequence[str], max_length: int, chunk: int = 5
         part = list(texts[start:start + chunk])
         cut = [t[:limit] for t in part]
         ids = tokenizer(cut, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
-        for i, (text, row) in enumerate(zip(part, ids)):
+        for text, row in zip(part, ids):
             if len(row) < max_length and len(text) > limit:  # the cut text ran short: do it exactly
                 row = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
             out.append(np.asarray(row, dtype=np.int32))
