@@ -288,3 +288,14 @@ def test_config_validation():
         TrainConfig(mode="bogus", base_model="x", data="d", out="o")
     with pytest.raises(InputError):
         dry_run(TrainConfig(mode="distillation", base_model="tiny-qwen2", data="/nonexistent", out="/tmp/none-x"))
+
+
+def test_gradient_accumulation_steps_once_per_group(split_dir, tmp_path):
+    with capture_logs() as logs:
+        metadata = train(tiny_config(split_dir, tmp_path / "accum", epochs=1, batch_size=4, grad_accum=3))
+    start = next(e for e in logs if e["event"] == "training_start")
+    batches = -(-metadata["train_examples"] // 4)
+    assert start["steps_per_epoch"] == -(-batches // 3) == metadata["steps_per_epoch"]
+    assert metadata["effective_batch_size"] == 12 and metadata["gradient_accumulation_steps"] == 3
+    saved = json.loads((tmp_path / "accum" / "checkpoints" / "latest.json").read_text())
+    assert saved["step"] == start["steps_per_epoch"]
