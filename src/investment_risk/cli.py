@@ -235,6 +235,25 @@ def score_merge_command(out: Path, expect_shards: int | None) -> None:
                err=not sys.stdout.isatty())
 
 
+@main.group()
+def report() -> None:
+    """Reports over training runs."""
+
+
+@report.command("compare")
+@click.argument("run_a", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("run_b", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for the report.")
+def report_compare(run_a: Path, run_b: Path, out: Path) -> None:
+    """Compare two runs: comparison_report.md (overall and per-dimension tables) and three plots."""
+    from .compare import write_comparison
+
+    bind(stage="report")
+    result = write_comparison(run_a, run_b, out)
+    get_logger().info("comparison_written", out=str(out), winner=result["winner"])
+    click.echo(f"winner by val MAE: {result['winner']} -> {out / 'comparison_report.md'}", err=not sys.stdout.isatty())
+
+
 @main.command("demo")
 @option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-output"), show_default=True,
         help="Where every output of the demo goes.")

@@ -1,0 +1,41 @@
+import json
+
+import pytest
+
+from investment_risk.cli import main
+from investment_risk.spec import DIMENSIONS
+from investment_risk.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def two_runs(split_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    for name, lr in (("slow", 1e-4), ("fast", 3e-3)):
+        train(TrainConfig(mode="distillation", base_model="tiny-qwen2", data=str(split_dir), out=str(root / name),
+                          epochs=1, batch_size=8, learning_rate=lr, max_length=48, warmup_steps=1, device="cpu"))
+    return root / "slow", root / "fast"
+
+
+def test_compare_writes_tables_and_plots(two_runs, tmp_path, runner):
+    a, b = two_runs
+    result = runner.invoke(main, ["report", "compare", str(a), str(b), "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "cmp"
+    for png in ("mode_comparison_mae.png", "mode_comparison_per_dimension.png", "mode_comparison_improvement.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    report = (out / "comparison_report.md").read_text()
+    for row in ("| val MAE |", "| val RMSE |", "| max tokens | 48 | 48 |", "| train/val gap (MAE) |", "| dimensions won |",
+                "| winner |"):
+        assert row in report, row
+    for dim in DIMENSIONS:
+        assert f"| {dim} |" in report
+    mae = {name: json.loads((run / "training_metadata.json").read_text())["best_val_mae"]
+           for name, run in (("A", a), ("B", b))}
+    expected = "A" if mae["A"] < mae["B"] else "B"
+    assert f"winner by val MAE: {expected}" in result.output
+
+
+def test_compare_needs_finished_runs(two_runs, tmp_path, runner):
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(main, ["report", "compare", str(two_runs[0]), str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "not a finished training run" in result.output
