@@ -84,6 +84,7 @@ class SplitData:
     table: Any
     labels: np.ndarray  # (n, 8) float32
     tokens: list[np.ndarray]
+    prompt_lengths: np.ndarray | None = None  # instruction mode: where each prompt ends and the target begins
 
     @property
     def lengths(self) -> np.ndarray:
@@ -153,6 +154,55 @@ def load_training_data(config: TrainConfig, tokenizer: Any, cache: Path | None) 
     return train, val
 
 
+class DistillationTask:
+    """Article -> base model -> 8-output regression head; MSE. The production mode."""
+
+    mode = "distillation"
+
+    def __init__(self, config: TrainConfig, tokenizer: Any) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id
+
+    def prepare(self, cache: Path | None) -> tuple[SplitData, SplitData]:
+        return load_training_data(self.config, self.tokenizer, cache)
+
+    def build_model(self, base: Any, dtype: Any, label_mean: np.ndarray) -> Any:
+        from .models import regression_model
+
+        model = regression_model(base, self.tokenizer, dtype=dtype)
+        init_head_bias(model, label_mean)
+        return model
+
+    @staticmethod
+    def is_head(name: str) -> bool:
+        return "modules_to_save" in name
+
+    def loss_and_preds(self, forward: Any, data: SplitData, idx: np.ndarray, labels: Any, device: Any,
+                       autocast_dtype: Any) -> tuple[Any, Any, Any]:
+        """(loss to minimise, the head's predictions, a token loss or None) for one micro-batch."""
+        import torch
+
+        ids, mask = pad_batch([data.tokens[i] for i in idx], self.pad_id)
+        with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            preds = forward(input_ids=to_device(ids, device), attention_mask=to_device(mask, device)).logits.float()
+        return torch.nn.functional.mse_loss(preds, labels), preds, None
+
+    def validate(self, model: Any, data: SplitData, device: Any, autocast_dtype: Any) -> tuple[np.ndarray, dict[str, float]]:
+        return predict(model, data.tokens, self.pad_id, self.config.batch_size * 2, device, autocast_dtype), {}
+
+    def save(self, model: Any, dest: Path) -> None:
+        save_model(model, self.tokenizer, dest)
+
+
+def make_task(config: TrainConfig, tokenizer: Any) -> Any:
+    if config.mode == "instruction":
+        from .instruct_train import InstructionTask
+
+        return InstructionTask(config, tokenizer)
+    return DistillationTask(config, tokenizer)
+
+
 def _kill_point() -> int | None:
     """Test hook: SIGKILL this process after the given optimizer step, to prove --resume."""
     value = os.environ.get("_INVESTMENT_RISK_KILL_AT_STEP")
@@ -164,7 +214,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from .models import load_tokenizer, parameter_counts, regression_model, resolve_base_model
+    from .models import load_tokenizer, parameter_counts, resolve_base_model
 
     log = get_logger()
     out = _check_out_dir(config, resume)
@@ -174,19 +224,19 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     tokenizer = load_tokenizer(base.path)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config.to_json(), out / "training_config.json")
-    train_data, val_data = load_training_data(config, tokenizer, out / "cache")
+    task = make_task(config, tokenizer)
+    train_data, val_data = task.prepare(out / "cache")
 
     torch.manual_seed(config.seed)
     on_cuda = device.type == "cuda"
     # bf16 on CUDA: the frozen base in bf16 under autocast, adapter and head in fp32. fp32 on CPU.
     autocast_dtype = torch.bfloat16 if on_cuda else None
-    model = regression_model(base, tokenizer, dtype=torch.bfloat16 if on_cuda else torch.float32).to(device)
-    init_head_bias(model, train_data.labels.mean(axis=0))
+    model = task.build_model(base, torch.bfloat16 if on_cuda else torch.float32, train_data.labels.mean(axis=0)).to(device)
     total_params, trainable_params = parameter_counts(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # The head is trained in full and starts from scratch: it gets a larger step than the adapter.
-    head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
-    adapter = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n]
+    head = [p for n, p in model.named_parameters() if p.requires_grad and task.is_head(n)]
+    adapter = [p for n, p in model.named_parameters() if p.requires_grad and not task.is_head(n)]
     optimizer = torch.optim.AdamW(
         [{"params": adapter, "lr": config.learning_rate},
          {"params": head, "lr": config.learning_rate * config.head_lr_multiplier}],
@@ -213,21 +263,20 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
                                 "epoch_seconds": [], "epoch_tokens": []}
     epoch_preds = torch.zeros((n_train, len(DIMENSIONS)), dtype=torch.float32, device=device)
     running = torch.zeros((), dtype=torch.float32, device=device)  # loss summed since the last log line, on device
+    token_loss = torch.zeros(2, dtype=torch.float32, device=device)  # instruction mode: epoch's token loss sum, count
     checkpoints = out / "checkpoints"
     if resume and (latest := latest_checkpoint(checkpoints)) is not None:
         progress, extra = load_checkpoint(latest, model, optimizer, scheduler, device)
-        epoch_preds, running = extra["epoch_preds"], extra["running"]
+        epoch_preds, running, token_loss = extra["epoch_preds"], extra["running"], extra["token_loss"]
         log.info("resumed", checkpoint=latest.name, epoch=progress["epoch"], batch=progress["batch"], step=progress["step"])
 
     def checkpoint() -> None:
         save_checkpoint(checkpoints, progress["step"], model, optimizer, scheduler, progress,
-                        {"epoch_preds": epoch_preds, "running": running})
+                        {"epoch_preds": epoch_preds, "running": running, "token_loss": token_loss})
 
     # torch.compile fuses the many small ops of LoRA layers and norms (1.7x training tokens/s on an H200).
     forward = torch.compile(model) if config.compile else model
     kill_at = _kill_point()
-    pad_id = tokenizer.pad_token_id
-    loss_fn = torch.nn.MSELoss()
     train_lengths = train_data.lengths
     segment_start = time.monotonic()
     with Progress(total=batches_per_epoch * config.epochs, what="train", unit="batches") as bar:
@@ -239,12 +288,11 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
             model.train()
             for b in range(progress["batch"], len(batches)):
                 idx = batches[b]
-                ids, mask = pad_batch([train_data.tokens[i] for i in idx], pad_id)
-                idx_t, ids_t, mask_t = to_device(idx, device), to_device(ids, device), to_device(mask, device)
-                with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits = forward(input_ids=ids_t, attention_mask=mask_t).logits
-                preds = logits.float()
-                loss = loss_fn(preds, labels_t[idx_t])
+                idx_t = to_device(idx, device)
+                loss, preds, tokens_loss = task.loss_and_preds(forward, train_data, idx, labels_t[idx_t], device,
+                                                               autocast_dtype)
+                if tokens_loss is not None:
+                    token_loss += torch.stack([tokens_loss.detach(), torch.ones((), device=device)])
                 group_start = (b // config.grad_accum) * config.grad_accum
                 group_size = min(config.grad_accum, len(batches) - group_start)
                 (loss / group_size).backward()
@@ -281,17 +329,20 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
             progress["epoch_seconds"].append(round(time.monotonic() - epoch_started, 3))
             progress["epoch_tokens"].append(progress["tokens"] - tokens_before)
             train_metrics = regression_metrics(epoch_preds.cpu().numpy(), train_data.labels)
-            val_pred = predict(model, val_data.tokens, pad_id, config.batch_size * 2, device, autocast_dtype)
-            val_metrics = regression_metrics(val_pred, val_data.labels)
+            if float(token_loss[1]) > 0:
+                train_metrics["token_loss"] = float(token_loss[0] / token_loss[1])
+            val_pred, val_extra = task.validate(model, val_data, device, autocast_dtype)
+            val_metrics = {**regression_metrics(val_pred, val_data.labels), **val_extra}
             progress["history"].append({"epoch": epoch, "train": train_metrics, "val": val_metrics})
             log.info("epoch_done", epoch=epoch, train_mae=round(train_metrics["mae"], 4), val_mae=round(val_metrics["mae"], 4),
                      val_rmse=round(val_metrics["rmse"], 4))
             if progress["best_val_mae"] is None or val_metrics["mae"] < progress["best_val_mae"]:
                 progress["best_val_mae"], progress["best_epoch"] = val_metrics["mae"], epoch
-                save_model(model, tokenizer, out / "model")
+                task.save(model, out / "model")
             write_json_atomic(progress["history"], out / "training_history.json")
             progress["epoch"], progress["batch"] = epoch + 1, 0
             epoch_preds.zero_()
+            token_loss.zero_()
             progress["train_seconds"] += time.monotonic() - segment_start
             segment_start = time.monotonic()
             checkpoint()
