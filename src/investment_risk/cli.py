@@ -113,8 +113,9 @@ def data_split(input_: str, out: Path, val: float, test: float, seed: int) -> No
 
 
 @main.command("train")
-@option("--mode", type=click.Choice(["distillation"]), default="distillation", show_default=True,
-        help="distillation: article -> regression head with the eight scores.")
+@option("--mode", type=click.Choice(["distillation", "instruction"]), default="distillation", show_default=True,
+        help="distillation: article -> regression head. instruction: prompt + article -> reasoning and JSON scores "
+             "(a causal LM), with a score head beside it.")
 @option("--base-model", required=True,
         help="Preset (qwen2.5-1.5b, minilm, tiny-qwen2), a local model directory, or a hub id in the local cache.")
 @option("--data", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -127,7 +128,10 @@ def data_split(input_: str, out: Path, val: float, test: float, seed: int) -> No
 @option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=2e-5, show_default=True)
 @option("--head-lr-multiplier", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
         help="The regression head's learning rate as a multiple of --learning-rate.")
-@option("--max-length", type=click.IntRange(min=8), default=512, show_default=True, help="Tokens per article.")
+@option("--max-length", type=click.IntRange(min=8), default=None,
+        help="Tokens per example (default 512 for distillation, 1024 for instruction: prompt + article + target).")
+@option("--score-loss-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
+        help="Instruction mode: lambda in token loss + lambda x score MSE.")
 @option("--warmup-steps", type=click.IntRange(min=0), default=500, show_default=True,
         help="Linear warm-up steps, capped at 10% of all optimizer steps.")
 @option("--seed", type=int, default=42, show_default=True)
@@ -142,6 +146,7 @@ def train_command(resume: bool, dry_run: bool, **options: Any) -> None:
     from .train import TrainConfig, dry_run as plan, train
 
     bind(stage="train")
+    options["max_length"] = options["max_length"] or 0
     config = TrainConfig(**{k: str(v) if isinstance(v, Path) else v for k, v in options.items()})
     if dry_run:
         report = plan(config)
@@ -160,12 +165,15 @@ def train_command(resume: bool, dry_run: bool, **options: Any) -> None:
 @option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the metrics as JSON here.")
 @option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def evaluate_command(model: Path, data: Path, out: Path | None, batch_size: int, device: str) -> None:
+@option("--explain", is_flag=True, help="Instruction runs: also generate reasoning + JSON; report parse rate and its MAE.")
+@option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="With --explain.")
+def evaluate_command(model: Path, data: Path, out: Path | None, batch_size: int, device: str, explain: bool,
+                     max_new_tokens: int) -> None:
     """MAE/RMSE overall and per dimension, beside the predict-the-train-mean baseline."""
     from .evaluate import evaluate_run, format_table
 
     bind(stage="evaluate")
-    result = evaluate_run(model, data, out, batch_size, device)
+    result = evaluate_run(model, data, out, batch_size, device, explain, max_new_tokens)
     click.echo(format_table(result), err=not sys.stdout.isatty())
 
 

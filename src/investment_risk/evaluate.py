@@ -28,6 +28,30 @@ def _predict_run(run_dir: Path, table: Any, batch_size: int, device_name: str) -
                    torch.bfloat16 if device.type == "cuda" else None), metadata
 
 
+def _predict_instruction(run_dir: Path, table: Any, batch_size: int, device_name: str, explain: bool,
+                         max_new_tokens: int) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
+    """Head scores (one forward pass) and, with `explain`, generated reasoning + JSON parsed tolerantly."""
+    from collections import Counter
+
+    from .instruct import parse_generation
+    from .instruct_train import generate_explanations, head_scores, load_instruction_run, prompt_tokens
+
+    device = pick_device(device_name)
+    model, tokenizer, metadata = load_instruction_run(run_dir)
+    model.to(device)
+    rows = prompt_tokens(tokenizer, table.column("title").to_pylist(), table.column("content").to_pylist(),
+                         int(metadata["max_length"]))
+    pred = head_scores(model, rows, tokenizer.pad_token_id, batch_size, device)
+    extra: dict[str, Any] = {}
+    if explain:
+        parsed = [parse_generation(t) for t in generate_explanations(model, tokenizer, rows, device, max_new_tokens)]
+        complete = [p.complete for p in parsed]
+        extra["parse_rate"] = sum(complete) / len(parsed) if parsed else None
+        extra["parse_problems"] = dict(Counter(problem.split(" = ")[0] for p in parsed for problem in p.problems))
+        extra["generated"] = np.array([p.vector() for p in parsed], dtype=np.float64)
+    return pred, metadata, extra
+
+
 def _predict_exported(model_dir: Path, table: Any, batch_size: int, device_name: str) -> tuple[np.ndarray, dict[str, Any]]:
     """An exported ONNX model; the baseline comes from its source run's training means when that run is here."""
     import json
@@ -50,13 +74,26 @@ def _predict_exported(model_dir: Path, table: Any, batch_size: int, device_name:
     return pred, metadata
 
 
+def _is_instruction_run(run_dir: Path) -> bool:
+    import json
+
+    meta = run_dir / "training_metadata.json"
+    return meta.exists() and json.loads(meta.read_text()).get("training_mode") == "instruction"
+
+
 def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size: int = 32,
-                 device_name: str = "auto") -> dict[str, Any]:
-    """Evaluate a training run (PyTorch) or an exported model directory (ONNX Runtime) on a labelled file."""
+                 device_name: str = "auto", explain: bool = False, max_new_tokens: int = 512) -> dict[str, Any]:
+    """Evaluate a training run (PyTorch) or an exported model directory (ONNX Runtime) on a labelled file.
+
+    An instruction run is scored by its head; `explain` also generates reasoning + JSON and reports the parse
+    rate and the MAE of the generated scores."""
     table = read_articles([data], labels=DIMENSIONS)
     exported = (run_dir / "model.json").exists()
-    predict_with = _predict_exported if exported else _predict_run
-    raw, metadata = predict_with(run_dir, table, batch_size, device_name)
+    extra: dict[str, Any] = {}
+    if _is_instruction_run(run_dir):
+        raw, metadata, extra = _predict_instruction(run_dir, table, batch_size, device_name, explain, max_new_tokens)
+    else:
+        raw, metadata = (_predict_exported if exported else _predict_run)(run_dir, table, batch_size, device_name)
     pred = np.clip(raw, 0.0, 10.0)
     labels = label_matrix(table)
     # The baseline predicts the training mean; without the training run, the mean of these labels stands in.
@@ -75,9 +112,16 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
                      else "predict the evaluated labels' own mean (the training run was not found)"),
         "backend": "onnx" if exported else "torch",
     }
+    if extra:
+        generated = extra.pop("generated")
+        ok = ~np.isnan(generated).any(axis=1)
+        result.update(extra)
+        result["generated_rows"] = int(ok.sum())
+        result["generated_mae"] = (float(np.abs(generated[ok] - labels[ok]).mean()) if ok.any() else None)
+        result["head_mae"] = result["mae"]
     if out is not None:
         write_json_atomic(result, out)
-    get_logger().info("evaluated", rows=table.num_rows, mae=round(result["mae"], 4),
+    get_logger().info("evaluated", rows=table.num_rows, mae=round(result["mae"], 4), parse_rate=result.get("parse_rate"),
                       baseline_mae=round(result["baseline_mae"], 4), out=str(out) if out else None)
     return result
 
@@ -89,4 +133,9 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"{'overall':<28} {result['mae']:>7.3f} {result['rmse']:>7.3f} {result['baseline_mae']:>9.3f} "
                  f"{result['baseline_rmse']:>10.3f}")
     lines.append(f"rows={result['rows']}  MAE / baseline MAE = {result['mae_vs_baseline']:.3f}")
+    if "parse_rate" in result:
+        generated = result["generated_mae"]
+        lines.append(f"generated JSON: parse rate {result['parse_rate']:.3f}, MAE "
+                     f"{'n/a' if generated is None else f'{generated:.3f}'} over {result['generated_rows']} rows; "
+                     f"problems {result['parse_problems']}")
     return "\n".join(lines)

@@ -70,7 +70,14 @@ class TorchRunner:
             if not run_dir.exists():
                 raise InputError(f"{model_path}: --backend torch needs the source run {run_dir}, which is gone")
         self.device = pick_device(device)
-        module, _, _ = merged_scoring_module(run_dir)
+        meta = json.loads((run_dir / "training_metadata.json").read_text())
+        self.instruction = meta.get("training_mode") == "instruction"
+        if self.instruction:  # the score head on the prompt's last token: one forward pass, no generation
+            from .instruct_train import load_instruction_run
+
+            module, _, _ = load_instruction_run(run_dir)
+        else:
+            module, _, _ = merged_scoring_module(run_dir)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else None
         self.module = module.to(self.device, dtype=self.dtype or torch.float32).eval()
         self.provider = f"torch-{self.device.type}"
@@ -81,7 +88,11 @@ class TorchRunner:
         from .batching import to_device
 
         with torch.inference_mode():
-            out = self.module(to_device(ids, self.device), to_device(mask, self.device))
+            if self.instruction:
+                prompt_end = to_device(mask.sum(axis=1) - 1, self.device)
+                _, out = self.module(to_device(ids, self.device), to_device(mask, self.device), prompt_end)
+            else:
+                out = self.module(to_device(ids, self.device), to_device(mask, self.device))
         return out.float().cpu().numpy()
 
 

@@ -124,7 +124,7 @@ def _reject_reasons(batch: Batch) -> dict[int, str]:
     return reasons
 
 
-def prepare(batch: Batch, tokenizer: Any, max_length: int, has_labels: bool) -> Prepared:
+def prepare(batch: Batch, tokenizer: Any, max_length: int, has_labels: bool, input_format: str = "article") -> Prepared:
     spec = default_spec()
     rejects = _reject_reasons(batch)
     titles, contents = batch.table.column("title").to_pylist(), batch.table.column("content").to_pylist()
@@ -138,7 +138,12 @@ def prepare(batch: Batch, tokenizer: Any, max_length: int, has_labels: bool) -> 
             prefiltered[i] = reason
         else:
             model_rows.append(i)
-    tokens = encode(tokenizer, [article_text(titles[i], contents[i]) for i in model_rows], max_length)
+    if input_format == "instruction":  # an instruction run's head reads the prompt (instruction + article)
+        from .instruct_train import prompt_tokens
+
+        tokens = prompt_tokens(tokenizer, [titles[i] for i in model_rows], [contents[i] for i in model_rows], max_length)
+    else:
+        tokens = encode(tokenizer, [article_text(titles[i], contents[i]) for i in model_rows], max_length)
     labels = None
     if has_labels:
         labels = np.stack([np.asarray(batch.table.column(d).to_pylist(), dtype=np.float64) for d in DIMENSIONS], axis=1)
@@ -246,6 +251,7 @@ class ShardScorer:
         self.max_length = int(info["max_length"])
         self.pad_id = int(info["pad_token_id"]) if info.get("pad_token_id") is not None else tokenizer.pad_token_id
         self.model_version = str(info["model_version"])
+        self.input_format = info.get("input_format", "article")
         self.spec = default_spec()
         self.log = get_logger()
 
@@ -264,7 +270,7 @@ class ShardScorer:
         try:
             for batch in self._read(units):
                 has_labels = all(d in batch.table.column_names for d in DIMENSIONS)
-                item = prepare(batch, self.tokenizer, self.max_length, has_labels)
+                item = prepare(batch, self.tokenizer, self.max_length, has_labels, self.input_format)
                 while not stop.is_set():
                     try:
                         out.put(item, timeout=0.5)
@@ -388,7 +394,8 @@ def score(config: ScoreConfig) -> dict[str, Any]:
             model_path / "training_metadata.json").exists() else None
         if meta is None:
             raise InputError(f"{model_path}: neither an exported model (model.json) nor a training run")
-        info = {"max_length": meta["max_length"], "model_version": f"run:{model_path.name}", "pad_token_id": None}
+        info = {"max_length": meta["max_length"], "model_version": f"run:{model_path.name}", "pad_token_id": None,
+                "input_format": "instruction" if meta.get("training_mode") == "instruction" else "article"}
     tokenizer = load_tokenizer(model_path if (model_path / "tokenizer_config.json").exists() else model_path / "model")
     from .runners import make_runner
 

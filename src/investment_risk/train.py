@@ -48,7 +48,8 @@ class TrainConfig:
     grad_accum: int = 1
     learning_rate: float = 2e-5
     head_lr_multiplier: float = 10.0
-    max_length: int = 512
+    score_loss_weight: float = 1.0  # instruction mode: lambda in token loss + lambda * score MSE
+    max_length: int = 0  # 0: the mode's default, 512 for distillation, 1024 for instruction
     warmup_steps: int = 500
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
@@ -59,6 +60,8 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
+        if not self.max_length:
+            object.__setattr__(self, "max_length", 1024 if self.mode == "instruction" else 512)
         checks = [
             (self.mode in MODES, f"--mode must be one of {', '.join(MODES)}"),
             (self.epochs >= 1, "--epochs must be >= 1"),
@@ -67,6 +70,7 @@ class TrainConfig:
             (self.learning_rate > 0 and math.isfinite(self.learning_rate), "--learning-rate must be positive"),
             (8 <= self.max_length <= 32768, "--max-length must be in [8, 32768]"),
             (self.head_lr_multiplier > 0, "--head-lr-multiplier must be positive"),
+            (self.score_loss_weight >= 0, "--score-loss-weight must be >= 0"),
             (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
             (self.checkpoint_steps >= 1, "--checkpoint-steps must be >= 1"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
@@ -443,8 +447,15 @@ def dry_run(config: TrainConfig) -> dict[str, Any]:
     if train_table.num_rows < config.batch_size:
         raise InputError(f"{Path(config.data) / 'train.parquet'}: {train_table.num_rows} rows are too few for one batch "
                          f"of --batch-size {config.batch_size}")
-    model = regression_model(base, tokenizer, meta=True)
-    total, trainable = parameter_counts(model)
+    if config.mode == "instruction":
+        from .instruct_train import causal_lm
+
+        lm, lm_config = causal_lm(base, meta=True)
+        trainable, total = lm.get_nb_trainable_parameters()
+        head = lm_config.hidden_size * len(DIMENSIONS) + len(DIMENSIONS)  # the score head, trained in full
+        total, trainable = total + head, trainable + head
+    else:
+        total, trainable = parameter_counts(regression_model(base, tokenizer, meta=True))
     batches = math.ceil(train_table.num_rows / config.batch_size)
     steps_per_epoch = math.ceil(batches / config.grad_accum)
     report: dict[str, Any] = {

@@ -1,0 +1,240 @@
+"""Instruction mode: a causal LM with LoRA writes reasoning + JSON scores; a small head reads the scores directly.
+
+Loss = token cross-entropy on the target only (prompt and padding masked) + lambda * MSE of a linear head on the
+hidden state at the end of the prompt. Because attention is causal, that hidden state does not depend on the
+target, so at scoring time the head needs only the prompt: one forward pass, no generation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .batching import pad_batch, sorted_batches, to_device
+from .errors import ConfigError, InputError
+from .instruct import PromptTooLong, build_prompt, format_target
+from .spec import DIMENSIONS
+from .train import SplitData, TrainConfig, label_matrix, read_split
+
+CAUSAL_TYPES = ("qwen2", "llama", "mistral")
+HEAD_FILE = "regression_head.safetensors"
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+class InstructionModel(_torch().nn.Module):
+    """The LoRA-wrapped causal LM and the score head on the hidden state at the prompt's last token."""
+
+    def __init__(self, lm: Any, hidden_size: int) -> None:
+        torch = _torch()
+        super().__init__()
+        self.lm = lm
+        self.head = torch.nn.Linear(hidden_size, len(DIMENSIONS))
+
+    def forward(self, input_ids: Any, attention_mask: Any, prompt_end: Any) -> tuple[Any, Any]:
+        torch = _torch()
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        pooled = out.hidden_states[-1][torch.arange(input_ids.shape[0], device=input_ids.device), prompt_end]
+        return out.logits, self.head(pooled.float())
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable, total = self.lm.get_nb_trainable_parameters()
+        head = sum(p.numel() for p in self.head.parameters())
+        return trainable + head, total + head
+
+
+def causal_lm(base: Any, dtype: Any = None, meta: bool = False) -> Any:
+    """The base as a causal LM with LoRA on every attention and MLP projection."""
+    torch = _torch()
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import lora_config, quiet_libraries
+
+    quiet_libraries()
+    config = AutoConfig.from_pretrained(base.path, trust_remote_code=False)
+    if config.model_type not in CAUSAL_TYPES:
+        raise ConfigError(f"--mode instruction needs a causal language model ({', '.join(CAUSAL_TYPES)}); "
+                          f"{base.name} is {config.model_type!r}")
+    if meta:
+        with torch.device("meta"):
+            return get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(config.model_type, "CAUSAL_LM")), config
+    lm = AutoModelForCausalLM.from_pretrained(base.path, use_safetensors=True, trust_remote_code=False,
+                                              dtype=dtype or torch.float32)
+    lm = get_peft_model(lm, lora_config(config.model_type, "CAUSAL_LM"))
+    for param in lm.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return lm, config
+
+
+class InstructionTask:
+    mode = "instruction"
+
+    def __init__(self, config: TrainConfig, tokenizer: Any) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id
+
+    def prepare(self, cache: Path | None) -> tuple[SplitData, SplitData]:
+        data_dir = Path(self.config.data)
+        splits = []
+        for name in ("train", "val"):
+            table = read_split(data_dir, name)
+            path = data_dir / f"{name}.parquet"
+            if "reasoning" not in table.column_names:
+                raise InputError(f"{path}: --mode instruction needs a 'reasoning' column (the oracle's explanation, "
+                                 "which 'data synth' writes)")
+            labels = label_matrix(table)
+            tokens, prompt_lengths = [], []
+            rows = zip(table.column("title").to_pylist(), table.column("content").to_pylist(),
+                       table.column("reasoning").to_pylist())
+            for i, (title, content, reasoning) in enumerate(rows):
+                if not (reasoning or "").strip():
+                    raise InputError(f"{path} row {i}: reasoning is null or empty")
+                try:
+                    parts = build_prompt(self.tokenizer, title, content, self.config.max_length,
+                                         format_target(reasoning, labels[i].tolist()))
+                except PromptTooLong as exc:
+                    raise InputError(f"{path} row {i}: {exc}") from None
+                tokens.append(np.asarray(parts.input_ids, dtype=np.int64))
+                prompt_lengths.append(len(parts.prompt_ids))
+            splits.append(SplitData(table, labels, tokens, np.asarray(prompt_lengths)))
+        if splits[0].table.num_rows < self.config.batch_size:
+            raise InputError(f"{data_dir / 'train.parquet'}: {splits[0].table.num_rows} rows are too few for one batch "
+                             f"of --batch-size {self.config.batch_size}")
+        return splits[0], splits[1]
+
+    def build_model(self, base: Any, dtype: Any, label_mean: np.ndarray) -> Any:
+        torch = _torch()
+        lm, config = causal_lm(base, dtype)
+        model = InstructionModel(lm, config.hidden_size)
+        with torch.no_grad():
+            model.head.bias.copy_(torch.as_tensor(label_mean, dtype=torch.float32))
+        return model
+
+    @staticmethod
+    def is_head(name: str) -> bool:
+        return name.startswith("head.")
+
+    def _batch(self, data: SplitData, idx: np.ndarray, device: Any) -> tuple[Any, Any, Any, Any]:
+        rows = [data.tokens[i] for i in idx]
+        ids, mask = pad_batch(rows, self.pad_id)
+        targets = np.where(mask == 1, ids, -100)
+        prompt = data.prompt_lengths[idx]
+        targets[np.arange(ids.shape[1])[None, :] < prompt[:, None]] = -100  # the prompt is read, not learned
+        return (to_device(ids, device), to_device(mask, device), to_device(targets, device),
+                to_device(prompt - 1, device))
+
+    def _losses(self, model: Any, data: SplitData, idx: np.ndarray, device: Any, autocast_dtype: Any) -> tuple[Any, Any]:
+        torch = _torch()
+        ids, mask, targets, prompt_end = self._batch(data, idx, device)
+        with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits, preds = model(ids, mask, prompt_end)
+        token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets[:, 1:],
+                                                       ignore_index=-100)
+        return token_loss, preds.float()
+
+    def loss_and_preds(self, forward: Any, data: SplitData, idx: np.ndarray, labels: Any, device: Any,
+                       autocast_dtype: Any) -> tuple[Any, Any, Any]:
+        torch = _torch()
+        token_loss, preds = self._losses(forward, data, idx, device, autocast_dtype)
+        loss = token_loss + self.config.score_loss_weight * torch.nn.functional.mse_loss(preds, labels)
+        return loss, preds, token_loss
+
+    def validate(self, model: Any, data: SplitData, device: Any, autocast_dtype: Any) -> tuple[np.ndarray, dict[str, float]]:
+        torch = _torch()
+        model.eval()
+        preds = np.zeros((len(data.tokens), len(DIMENSIONS)), dtype=np.float32)
+        token_losses = []
+        with torch.inference_mode():
+            for idx in sorted_batches(np.array([len(t) for t in data.tokens]), self.config.batch_size * 2):
+                token_loss, batch_preds = self._losses(model, data, idx, device, autocast_dtype)
+                preds[idx] = batch_preds.cpu().numpy()
+                token_losses.append(float(token_loss) * len(idx))
+        return preds, {"token_loss": sum(token_losses) / max(len(data.tokens), 1)}
+
+    def save(self, model: Any, dest: Path) -> None:
+        from safetensors.torch import save_file
+
+        work = Path(tempfile.mkdtemp(prefix=".model-", dir=dest.parent))
+        try:
+            model.lm.save_pretrained(work, safe_serialization=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(work / HEAD_FILE))
+            self.tokenizer.save_pretrained(work)
+            (work / "regression_head.json").write_text(json.dumps({
+                "dimensions": list(DIMENSIONS), "num_labels": len(DIMENSIONS), "head_in_adapter": False,
+                "head_file": HEAD_FILE, "pooling": "hidden state of the prompt's last token",
+                "hidden_size": model.head.in_features}, indent=2))
+            old = dest.parent / ".model-old"
+            shutil.rmtree(old, ignore_errors=True)
+            if dest.exists():
+                dest.rename(old)
+            work.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def load_instruction_run(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+    """A trained instruction run: InstructionModel (adapter + head loaded), tokenizer, metadata."""
+    torch = _torch()
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import load_tokenizer, quiet_libraries, resolve_base_model
+
+    metadata = json.loads((run_dir / "training_metadata.json").read_text())
+    quiet_libraries()
+    base = resolve_base_model(metadata["model_name"])
+    tokenizer = load_tokenizer(run_dir / "model")
+    lm = AutoModelForCausalLM.from_pretrained(base.path, use_safetensors=True, trust_remote_code=False,
+                                              dtype=dtype or torch.float32)
+    lm = PeftModel.from_pretrained(lm, run_dir / "model", is_trainable=False)
+    model = InstructionModel(lm, AutoConfig.from_pretrained(base.path).hidden_size)
+    model.head.load_state_dict(load_file(str(run_dir / "model" / HEAD_FILE)))
+    return model.eval(), tokenizer, metadata
+
+
+def prompt_tokens(tokenizer: Any, titles: list[str | None], contents: list[str | None], max_length: int) -> list[np.ndarray]:
+    """Prompt-only token ids (instruction + article, no target): what the score head and generation read."""
+    return [np.asarray(build_prompt(tokenizer, t, c, max_length).prompt_ids, dtype=np.int64)
+            for t, c in zip(titles, contents)]
+
+
+def head_scores(model: Any, rows: list[np.ndarray], pad_id: int, batch_size: int, device: Any) -> np.ndarray:
+    """The score head on prompts, in input order."""
+    torch = _torch()
+    out = np.zeros((len(rows), len(DIMENSIONS)), dtype=np.float32)
+    with torch.inference_mode():
+        for idx in sorted_batches(np.array([len(r) for r in rows]), batch_size):
+            ids, mask = pad_batch([rows[i] for i in idx], pad_id)
+            prompt_end = mask.sum(axis=1) - 1
+            _, preds = model(to_device(ids, device), to_device(mask, device), to_device(prompt_end, device))
+            out[idx] = preds.float().cpu().numpy()
+    return out
+
+
+def generate_explanations(model: Any, tokenizer: Any, rows: list[np.ndarray], device: Any,
+                          max_new_tokens: int = 512) -> list[str]:
+    """Greedy generation of reasoning + JSON for each prompt (one at a time: no left-padding subtleties)."""
+    torch = _torch()
+    texts = []
+    with torch.inference_mode():
+        for row in rows:
+            ids = torch.as_tensor(row, device=device)[None, :]
+            out = model.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                    do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=tokenizer.eos_token_id)
+            texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts

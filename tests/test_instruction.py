@@ -1,0 +1,119 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from investment_risk.cli import main
+from investment_risk.split import SplitConfig, run_split
+from investment_risk.synth import SynthConfig, generate
+from investment_risk.train import TrainConfig, train
+
+EXE = str(Path(sys.executable).parent / "investment-risk")
+ARGS = ["--mode", "instruction", "--base-model", "tiny-qwen2", "--epochs", "2", "--batch-size", "8",
+        "--learning-rate", "3e-3", "--warmup-steps", "1", "--checkpoint-steps", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def small_split(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("instruction-data")
+    pq.write_table(generate(SynthConfig(rows=50, seed=8, long_tail_share=0.0)), root / "all.parquet")
+    run_split([str(root / "all.parquet")], root / "data", SplitConfig(val=0.2, test=0.1, seed=3))
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def instruction_run(small_split, tmp_path_factory):
+    out = tmp_path_factory.mktemp("instruction-run") / "run"
+    metadata = train(TrainConfig(mode="instruction", base_model="tiny-qwen2", data=str(small_split), out=str(out), epochs=2,
+                                 batch_size=8, learning_rate=3e-3, warmup_steps=1, checkpoint_steps=2, device="cpu"))
+    return out, metadata
+
+
+def test_run_package_and_falling_losses(instruction_run):
+    out, metadata = instruction_run
+    assert metadata["training_mode"] == "instruction" and metadata["include_prompt"] is True
+    assert metadata["max_length"] == 1024
+    for name in ("adapter_model.safetensors", "regression_head.safetensors", "regression_head.json", "tokenizer.json"):
+        assert (out / "model" / name).exists(), name
+    history = json.loads((out / "training_history.json").read_text())
+    assert history[1]["train"]["token_loss"] < history[0]["train"]["token_loss"]
+    assert history[1]["val"]["token_loss"] < history[0]["val"]["token_loss"]
+    assert history[1]["train"]["loss"] < history[0]["train"]["loss"]  # the head's MSE
+    assert (out / "training_reports" / "training_report.docx").exists()
+
+
+def test_evaluate_head_and_generation(instruction_run, small_split, runner, tmp_path):
+    out, _ = instruction_run
+    result = runner.invoke(main, ["evaluate", "--model", str(out), "--data", str(small_split / "test.parquet"), "--explain",
+                                  "--max-new-tokens", "24", "--out", str(tmp_path / "e.json"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["head_mae"] == report["mae"] > 0 and 0.0 <= report["parse_rate"] <= 1.0
+    assert sum(report["parse_problems"].values()) >= report["rows"] - report["generated_rows"]
+    assert "parse rate" in result.output
+
+
+def test_score_with_the_head(instruction_run, small_split, tmp_path):
+    from investment_risk.score import ScoreConfig, score
+    out, _ = instruction_run
+    merged = score(ScoreConfig(model=out, inputs=(str(small_split / "test.parquet"),), out=tmp_path / "s", backend="torch"))
+    parts = pq.read_table(tmp_path / "s" / "part-00000.parquet")
+    assert merged["invariant_holds"] and parts.num_rows == merged["rows_in"]
+    scores = parts.column("macro_risk_severity").to_numpy(zero_copy_only=False)
+    assert np.nanmin(scores) >= 0 and np.nanmax(scores) <= 10
+
+
+def test_resume_after_kill_matches(small_split, tmp_path):
+    args = ["--log-format", "json", "train", *ARGS, "--data", str(small_split)]
+    env = {**os.environ}
+    whole = subprocess.run([EXE, *args, "--out", str(tmp_path / "whole")], capture_output=True, text=True, env=env)
+    assert whole.returncode == 0, whole.stderr
+    killed = subprocess.run([EXE, *args, "--out", str(tmp_path / "broken")], capture_output=True, text=True,
+                            env={**env, "_INVESTMENT_RISK_KILL_AT_STEP": "5"})
+    assert killed.returncode == -9
+    resumed = subprocess.run([EXE, *args, "--out", str(tmp_path / "broken"), "--resume"], capture_output=True, text=True,
+                             env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((tmp_path / "whole" / "training_history.json").read_text())
+    b = json.loads((tmp_path / "broken" / "training_history.json").read_text())
+    for x, y in zip(a, b):
+        for split in ("train", "val"):
+            for key in x[split]:
+                assert x[split][key] == pytest.approx(y[split][key], rel=1e-5, abs=1e-6), (split, key)
+
+
+def test_missing_reasoning_is_exit_2(small_split, tmp_path, runner):
+    data = tmp_path / "noreason"
+    data.mkdir()
+    for name in ("train", "val", "test"):
+        pq.write_table(pq.read_table(small_split / f"{name}.parquet").drop_columns(["reasoning"]), data / f"{name}.parquet")
+    result = runner.invoke(main, ["train", *ARGS, "--data", str(data), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "needs a 'reasoning' column" in result.output
+
+
+def test_encoder_models_are_refused(small_split, tmp_path, runner):
+    args = [a if a != "tiny-qwen2" else "minilm" for a in ARGS]
+    result = runner.invoke(main, ["train", *args, "--data", str(small_split), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "needs a causal language model" in result.output
+
+
+def test_resume_refuses_another_mode(instruction_run, small_split, runner):
+    out, _ = instruction_run
+    args = [a if a != "instruction" else "distillation" for a in ARGS]
+    result = runner.invoke(main, ["train", *args, "--data", str(small_split), "--out", str(out), "--resume"])
+    assert result.exit_code == 2 and "was trained with --mode instruction" in result.output
+
+
+def test_dry_run_counts_the_instruction_model(instruction_run, small_split, tmp_path):
+    from investment_risk.train import dry_run
+    _, metadata = instruction_run
+    report = dry_run(TrainConfig(mode="instruction", base_model="tiny-qwen2", data=str(small_split),
+                                 out=str(tmp_path / "never"), batch_size=8))
+    assert report["num_parameters"] == metadata["num_parameters"]
+    assert report["num_trainable_parameters"] == metadata["num_trainable_parameters"]
+    assert not (tmp_path / "never").exists()
