@@ -117,3 +117,9 @@ def test_dry_run_counts_the_instruction_model(instruction_run, small_split, tmp_
     assert report["num_parameters"] == metadata["num_parameters"]
     assert report["num_trainable_parameters"] == metadata["num_trainable_parameters"]
     assert not (tmp_path / "never").exists()
+
+
+def test_export_refuses_instruction_runs(instruction_run, tmp_path, runner):
+    out, _ = instruction_run
+    result = runner.invoke(main, ["export", "--run", str(out), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2 and "score an instruction run with --backend torch" in result.output

@@ -325,6 +325,27 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def write_dir_atomic(dest: str | Path, fill: Any) -> Path:
+    """Build a directory with `fill(path)` beside `dest`, then swap it in; a failure leaves `dest` as it was."""
+    import shutil
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        fill(work)
+        work.chmod(0o777 & ~_UMASK)
+        old = dest.parent / f".{dest.name}-old"
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():
+            dest.rename(old)
+        work.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
 def write_parquet_atomic(table: pa.Table, dest: str | Path, **kwargs: Any) -> Path:
     with atomic_path(dest) as tmp:
         pq.write_table(table, tmp, **kwargs)

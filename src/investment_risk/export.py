@@ -13,9 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import numpy as np
 
 from . import __version__
 from .batching import encode, pad_batch
-from .dataio import write_json_atomic
+from .dataio import write_dir_atomic, write_json_atomic
 from .errors import ConfigError, InputError, RetryableError
 from .logs import get_logger
 from .spec import DIMENSIONS, default_spec
@@ -202,13 +200,16 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
                           "to prove parity with)")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise InputError(f"--out {out_dir} already exists and is not empty (pass --force to replace it)")
+    run_meta = run_dir / "training_metadata.json"
+    if run_meta.exists() and json.loads(run_meta.read_text()).get("training_mode") == "instruction":
+        raise ConfigError(f"{run_dir}: export takes distillation runs; score an instruction run with --backend torch")
     module, tokenizer, metadata = merged_scoring_module(run_dir)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     batches = parity_batches(tokenizer, run_dir, metadata)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    info: dict[str, Any] = {}
+
+    def build(work: Path) -> None:
         example = tuple(torch.from_numpy(a) for a in batches[1])
         log.info("onnx_export_start", run=str(run_dir), parameters=sum(p.numel() for p in module.parameters()),
                  external_data=external)
@@ -241,7 +242,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         tokenizer.save_pretrained(work)
         digests = model_digest(work)
         spec = default_spec()
-        info = {
+        written = {
             "format": "onnx", "dimensions": list(DIMENSIONS), "max_length": int(metadata["max_length"]), "dtype": dtype,
             "opset": OPSET, "inputs": ["input_ids", "attention_mask"], "outputs": ["scores"],
             "pad_token_id": tokenizer.pad_token_id, "source_run": str(run_dir.resolve()),
@@ -251,13 +252,10 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
             "parity": parity, "ort_fused_operators": fused, "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "exporter": {"investment-risk": __version__, "torch": torch.__version__},
         }
-        write_json_atomic(info, work / "model.json")
-        work.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        work.rename(out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        write_json_atomic(written, work / "model.json")
+        info.update(written)
+
+    write_dir_atomic(out_dir, build)
     log.info("exported", out=str(out_dir), model_version=info["model_version"], dtype=dtype)
     return info
 

@@ -8,14 +8,13 @@ target, so at scoring time the head needs only the prompt: one forward pass, no 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .batching import pad_batch, sorted_batches, to_device
+from .dataio import write_dir_atomic
 from .errors import ConfigError, InputError
 from .instruct import PromptTooLong, build_prompt, format_target
 from .spec import DIMENSIONS
@@ -164,10 +163,10 @@ class InstructionTask:
         return preds, {"token_loss": sum(token_losses) / max(len(data.tokens), 1)}
 
     def save(self, model: Any, dest: Path) -> None:
+        """Adapter, head and tokenizer, swapped into place whole."""
         from safetensors.torch import save_file
 
-        work = Path(tempfile.mkdtemp(prefix=".model-", dir=dest.parent))
-        try:
+        def fill(work: Path) -> None:
             model.lm.save_pretrained(work, safe_serialization=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(work / HEAD_FILE))
             self.tokenizer.save_pretrained(work)
@@ -175,14 +174,8 @@ class InstructionTask:
                 "dimensions": list(DIMENSIONS), "num_labels": len(DIMENSIONS), "head_in_adapter": False,
                 "head_file": HEAD_FILE, "pooling": "hidden state of the prompt's last token",
                 "hidden_size": model.head.in_features}, indent=2))
-            old = dest.parent / ".model-old"
-            shutil.rmtree(old, ignore_errors=True)
-            if dest.exists():
-                dest.rename(old)
-            work.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+
+        write_dir_atomic(dest, fill)
 
 
 def load_instruction_run(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, dict[str, Any]]:

@@ -14,9 +14,7 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ import numpy as np
 
 from . import __version__
 from .batching import article_text, encode, encode_cached, length_grouped_batches, pad_batch, predict, to_device
-from .dataio import read_articles, write_json_atomic
+from .dataio import read_articles, write_dir_atomic, write_json_atomic
 from .errors import ConfigError, InputError
 from .logs import Progress, get_logger
 from .metrics import regression_metrics
@@ -381,20 +379,13 @@ def init_head_bias(model: Any, label_mean: np.ndarray) -> bool:
 
 def save_model(model: Any, tokenizer: Any, dest: Path) -> None:
     """Adapter + head (safetensors) + tokenizer, swapped into place whole."""
-    work = Path(tempfile.mkdtemp(prefix=".model-", dir=dest.parent))
-    try:
+    def fill(work: Path) -> None:
         model.save_pretrained(work, safe_serialization=True)
         tokenizer.save_pretrained(work)
         (work / "regression_head.json").write_text(json.dumps({"dimensions": list(DIMENSIONS), "num_labels": len(DIMENSIONS),
                                                               "head_in_adapter": True}, indent=2))
-        old = dest.parent / ".model-old"
-        shutil.rmtree(old, ignore_errors=True)
-        if dest.exists():
-            dest.rename(old)
-        work.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+    write_dir_atomic(dest, fill)
 
 
 def _package_versions() -> dict[str, str]:
