@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .batching import CHARS_PER_TOKEN_BOUND
 from .spec import DIMENSIONS
 
 INSTRUCTION = (
@@ -72,7 +73,11 @@ def build_prompt(tokenizer: Any, title: str | None, content: str | None, max_len
     if room < 1:
         raise PromptTooLong(f"instruction ({len(head) + len(tail)} tokens) and target ({len(target_ids)} tokens) leave "
                             f"no room for the article within --max-length {max_length}")
-    article = tokenizer(f"{title or ''}\n\n{content or ''}", add_special_tokens=False)["input_ids"]
+    text = f"{title or ''}\n\n{content or ''}"
+    # Tokenise only the text that can fit (a token rarely spans over 16 characters); all of it if that runs short.
+    article = tokenizer(text[: room * CHARS_PER_TOKEN_BOUND], add_special_tokens=False)["input_ids"]
+    if len(article) < room and len(text) > room * CHARS_PER_TOKEN_BOUND:
+        article = tokenizer(text, add_special_tokens=False)["input_ids"]
     truncated = len(article) > room
     return PromptParts(head + article[:room] + tail, target_ids, truncated)
 

@@ -192,6 +192,7 @@ def load_config(base: BaseModel, pad_token_id: int | None = None) -> Any:
 def load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
+    quiet_libraries()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
