@@ -2,11 +2,11 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# The CPU build of torch; the Dockerfile installs the CUDA build instead.
+# The CPU build of torch (it lies on this kind of machine; a CUDA image would take a CUDA build instead).
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow bench bench-learning clean
+.PHONY: install demo test bench bench-learning clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,6 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -m "not slow" -n 2 $(PYTEST_ARGS)
-
-test-slow: install
-	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/cpu_train.py
