@@ -299,3 +299,18 @@ def test_gradient_accumulation_steps_once_per_group(split_dir, tmp_path):
     assert metadata["effective_batch_size"] == 12 and metadata["gradient_accumulation_steps"] == 3
     saved = json.loads((tmp_path / "accum" / "checkpoints" / "latest.json").read_text())
     assert saved["step"] == start["steps_per_epoch"]
+
+
+def test_compile_trains_to_the_same_result(split_dir, tmp_path, monkeypatch):
+    """--compile changes the speed, not the model: the result matches eager training up to dropout draws (inductor
+    generates dropout masks with its own RNG, so the two runs see different masks)."""
+    import torch
+    calls = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(model) or real_compile(model, **kw))
+    eager = train(tiny_config(split_dir, tmp_path / "eager", epochs=1))
+    assert not calls
+    compiled = train(tiny_config(split_dir, tmp_path / "compiled", epochs=1, compile=True))
+    assert len(calls) == 1
+    assert compiled["config"]["compile"] is True
+    assert compiled["best_val_mae"] == pytest.approx(eager["best_val_mae"], rel=2e-2)
