@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ class Unit:
 
     path: Path
     row_group: int | None
+    rows: int | None = None  # known from Parquet metadata; None for JSONL until read
 
 
 def list_units(files: Sequence[Path]) -> list[Unit]:
@@ -82,10 +83,10 @@ def list_units(files: Sequence[Path]) -> list[Unit]:
             continue
         parquet_schema(path)  # a corrupt file fails here, naming itself, in every shard alike
         try:
-            groups = pq.ParquetFile(path).metadata.num_row_groups
+            metadata = pq.ParquetFile(path).metadata
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
-        units.extend(Unit(path, g) for g in range(groups))
+        units.extend(Unit(path, g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups))
     return units
 
 
@@ -162,29 +163,20 @@ def length_batches(lengths: np.ndarray, token_budget: int, max_rows: int) -> lis
     return batches
 
 
-@dataclass
+def part_schema(keep_columns: Sequence[str]) -> pa.Schema:
+    fields = [pa.field("id", pa.string())] + [pa.field(d, pa.float32()) for d in DIMENSIONS] + [
+        pa.field("signal_tier", pa.string()), pa.field("signal_strength", pa.float32()),
+        pa.field("model_version", pa.string()), pa.field("prefilter_reason", pa.string())]
+    return pa.schema(fields + [pa.field(c, pa.string()) for c in keep_columns])
+
+
 class ShardWriter:
-    """Part and rejects files streamed to temporary names; `commit` renames them and writes metrics and marker."""
+    """The part and rejects files of a shard, streamed into temporary paths (atomic_path renames them)."""
 
-    out: Path
-    shard: int
-    keep_columns: tuple[str, ...]
-    _part: Any = None
-    _rejects: Any = None
-    _tmp: list[Path] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        name = part_name(self.shard)
-        self.part_path = self.out / f"{name}.parquet"
-        self.rejects_path = self.out / "rejects" / f"{name}.parquet"
-        self.part_ctx, self.rejects_ctx = atomic_path(self.part_path), atomic_path(self.rejects_path)
-        self.part_tmp, self.rejects_tmp = self.part_ctx.__enter__(), self.rejects_ctx.__enter__()
-
-    def part_schema(self, kept: pa.Schema) -> pa.Schema:
-        fields = [pa.field("id", pa.string())] + [pa.field(d, pa.float32()) for d in DIMENSIONS] + [
-            pa.field("signal_tier", pa.string()), pa.field("signal_strength", pa.float32()),
-            pa.field("model_version", pa.string()), pa.field("prefilter_reason", pa.string())]
-        return pa.schema(fields + list(kept))
+    def __init__(self, part_tmp: Path, rejects_tmp: Path) -> None:
+        self.part_tmp, self.rejects_tmp = part_tmp, rejects_tmp
+        self._part: Any = None
+        self._rejects: Any = None
 
     def write_part(self, table: pa.Table) -> None:
         if self._part is None:
@@ -196,28 +188,14 @@ class ShardWriter:
             self._rejects = pq.ParquetWriter(self.rejects_tmp, REJECT_SCHEMA)
         self._rejects.write_table(table)
 
-    def commit(self, empty_part: pa.Schema) -> None:
-        if self._part is None:
-            self._part = pq.ParquetWriter(self.part_tmp, empty_part)
-        if self._rejects is None:
-            self._rejects = pq.ParquetWriter(self.rejects_tmp, REJECT_SCHEMA)
-        self._part.close()
-        self._rejects.close()
-        self.part_ctx.__exit__(None, None, None)
-        self.rejects_ctx.__exit__(None, None, None)
-
-    def abort(self) -> None:
+    def close(self, empty_part: pa.Schema | None = None) -> None:
+        """Close both files; with `empty_part`, first create whichever was never written (an empty shard)."""
+        if empty_part is not None:
+            self._part = self._part or pq.ParquetWriter(self.part_tmp, empty_part)
+            self._rejects = self._rejects or pq.ParquetWriter(self.rejects_tmp, REJECT_SCHEMA)
         for writer in (self._part, self._rejects):
             if writer is not None:
-                try:
-                    writer.close()
-                except Exception:  # noqa: BLE001 - already failing; the temp files go next
-                    pass
-        for ctx in (self.part_ctx, self.rejects_ctx):
-            try:
-                ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
-            except RuntimeError:
-                pass
+                writer.close()
 
 
 REJECT_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("source_file", pa.string()),
@@ -287,27 +265,32 @@ class ShardScorer:
         metrics = ShardMetrics(shard=self.config.shard_index, shard_count=self.config.shard_count,
                                model_version=self.model_version, backend=self.config.backend,
                                provider=getattr(self.runner, "provider", "?"))
-        writer = ShardWriter(self.config.out, self.config.shard_index, self.config.keep_columns)
+        name = part_name(self.config.shard_index)
         items: queue.Queue = queue.Queue(maxsize=4)
         stop = threading.Event()
         producer = threading.Thread(target=self._producer, args=(units, items, stop), daemon=True, name="tokenise")
         producer.start()
         seen_ids: set[str] = set()
         try:
-            with Progress(total=total_rows, what="score", unit="rows") as progress:
-                while True:
-                    item = items.get()
-                    if item is None:
-                        break
-                    if isinstance(item, BaseException):
-                        raise item
-                    self._score_batch(item, writer, metrics, seen_ids)
-                    progress.update(item.batch.table.num_rows)
-            writer.commit(writer.part_schema(pa.schema([pa.field(c, pa.string()) for c in self.config.keep_columns])))
-        except BaseException:
-            stop.set()
-            writer.abort()
-            raise
+            # Both files are renamed into place only if the whole shard succeeds; a failure leaves neither.
+            with atomic_path(self.config.out / f"{name}.parquet") as part_tmp, \
+                    atomic_path(self.config.out / "rejects" / f"{name}.parquet") as rejects_tmp:
+                writer = ShardWriter(part_tmp, rejects_tmp)
+                try:
+                    with Progress(total=total_rows, what="score", unit="rows") as progress:
+                        while True:
+                            item = items.get()
+                            if item is None:
+                                break
+                            if isinstance(item, BaseException):
+                                raise item
+                            self._score_batch(item, writer, metrics, seen_ids)
+                            progress.update(item.batch.table.num_rows)
+                except BaseException:
+                    stop.set()
+                    writer.close()
+                    raise
+                writer.close(part_schema(self.config.keep_columns))
         finally:
             stop.set()
             producer.join(timeout=5)
@@ -418,9 +401,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
 
 
 def _count_rows(units: Sequence[Unit]) -> int | None:
-    total = 0
-    for unit in units:
-        if unit.row_group is None:
-            return None  # JSONL: unknown without reading it
-        total += pq.ParquetFile(unit.path).metadata.row_group(unit.row_group).num_rows
-    return total
+    """Rows in this shard, or None when a JSONL file makes it unknown without reading it."""
+    if any(unit.rows is None for unit in units):
+        return None
+    return sum(unit.rows for unit in units)
