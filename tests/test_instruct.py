@@ -37,6 +37,17 @@ def test_only_the_article_is_truncated(tokenizer):
     assert long.labels[len(long.prompt_ids):] == long.target_ids
 
 
+def test_reserved_room_makes_training_and_scoring_prompts_identical(tokenizer):
+    article = "word " * 5000
+    short_target, long_target = format_target("Brief.", SCORES), format_target("Much longer reasoning. " * 10, SCORES)
+    reserve = len(build_prompt(tokenizer, "t", "c", 1024, long_target).target_ids)
+    trained = [build_prompt(tokenizer, "Title", article, 600, t, reserve) for t in (short_target, long_target)]
+    scored = build_prompt(tokenizer, "Title", article, 600 - reserve)
+    assert trained[0].prompt_ids == trained[1].prompt_ids == scored.prompt_ids  # whatever the target's length
+    with pytest.raises(PromptTooLong, match="longer than the reserve"):
+        build_prompt(tokenizer, "Title", article, 600, long_target, reserve - 1)
+
+
 def test_no_room_for_the_article(tokenizer):
     with pytest.raises(PromptTooLong, match="no room for the article"):
         build_prompt(tokenizer, "t", "c", 50, format_target("r", SCORES))
@@ -62,6 +73,16 @@ def test_parser_never_crashes_and_says_what_was_wrong(text, complete, problem):
     assert parsed.complete is complete
     if problem:
         assert any(problem in p for p in parsed.problems), parsed.problems
+
+
+def test_answer_grammar_accepts_the_trained_layout_and_its_prefixes():
+    from investment_risk.instruct import answer_grammar
+    grammar = answer_grammar()
+    target = format_target("Credit is tight.", SCORES)
+    assert grammar.fullmatch(target)
+    assert all(grammar.fullmatch(target[:i], partial=True) for i in range(len(target)))
+    for bad in ('{"macro', "Reasoning\n{\"macro_risk_severity\": 11", "Reasoning\n{\"credit", "a\nb\n{"):
+        assert grammar.fullmatch(bad, partial=True) is None, bad
 
 
 def test_out_of_range_values_are_clipped_and_vector_fills_gaps():

@@ -30,7 +30,8 @@ def small_split(tmp_path_factory) -> Path:
 def instruction_run(small_split, tmp_path_factory):
     out = tmp_path_factory.mktemp("instruction-run") / "run"
     metadata = train(TrainConfig(mode="instruction", base_model="tiny-qwen2", data=str(small_split), out=str(out), epochs=2,
-                                 batch_size=8, learning_rate=3e-3, warmup_steps=1, checkpoint_steps=2, device="cpu"))
+                                 batch_size=8, learning_rate=3e-3, warmup_steps=1, checkpoint_steps=2, device="cpu",
+                                 train_embeddings=True))
     return out, metadata
 
 
@@ -38,7 +39,10 @@ def test_run_package_and_falling_losses(instruction_run):
     out, metadata = instruction_run
     assert metadata["training_mode"] == "instruction" and metadata["include_prompt"] is True
     assert metadata["max_length"] == 1024
-    for name in ("adapter_model.safetensors", "regression_head.safetensors", "regression_head.json", "tokenizer.json"):
+    # scoring builds prompts with the room left after the longest target, as training did
+    assert 0 < metadata["prompt_max_length"] < metadata["max_length"]
+    for name in ("adapter_model.safetensors", "regression_head.safetensors", "regression_head.json", "tokenizer.json",
+                 "token_embeddings.safetensors"):
         assert (out / "model" / name).exists(), name
     history = json.loads((out / "training_history.json").read_text())
     assert history[1]["train"]["token_loss"] < history[0]["train"]["token_loss"]
@@ -47,15 +51,46 @@ def test_run_package_and_falling_losses(instruction_run):
     assert (out / "training_reports" / "training_report.docx").exists()
 
 
-def test_evaluate_head_and_generation(instruction_run, small_split, runner, tmp_path):
+def test_evaluate_head_and_constrained_generation(instruction_run, small_split, runner, tmp_path):
     out, _ = instruction_run
     result = runner.invoke(main, ["evaluate", "--model", str(out), "--data", str(small_split / "test.parquet"), "--explain",
-                                  "--max-new-tokens", "24", "--out", str(tmp_path / "e.json"), "--device", "cpu"])
+                                  "--max-new-tokens", "160", "--out", str(tmp_path / "e.json"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "e.json").read_text())
-    assert report["head_mae"] == report["mae"] > 0 and 0.0 <= report["parse_rate"] <= 1.0
-    assert sum(report["parse_problems"].values()) >= report["rows"] - report["generated_rows"]
+    assert report["head_mae"] == report["mae"] > 0 and report["decoding"] == "constrained"
+    # two epochs on 35 rows teach no format, yet every answer parses: the grammar rules out malformed output
+    assert report["parse_rate"] == 1.0 and report["generated_rows"] == report["rows"] and not report["parse_problems"]
+    assert report["generated_mae"] is not None and len(report["explanations"]) == report["rows"]
     assert "parse rate" in result.output
+
+
+def test_free_generation_reports_what_went_wrong(instruction_run, small_split, runner, tmp_path):
+    out, _ = instruction_run
+    result = runner.invoke(main, ["evaluate", "--model", str(out), "--data", str(small_split / "test.parquet"), "--explain",
+                                  "--free-generation", "--max-new-tokens", "24", "--out", str(tmp_path / "e.json"),
+                                  "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["decoding"] == "free" and 0.0 <= report["parse_rate"] <= 1.0
+    assert sum(report["parse_problems"].values()) >= report["rows"] - report["generated_rows"]
+
+
+def test_trained_embeddings_are_saved_and_restored(instruction_run):
+    import torch
+    from safetensors.torch import load_file
+
+    from investment_risk.instruct_train import EMBEDDINGS_FILE, load_instruction_run
+    out, _ = instruction_run
+    saved = load_file(str(out / "model" / EMBEDDINGS_FILE))["weight"]
+    model, _, _ = load_instruction_run(out)
+    assert torch.equal(model.lm.get_input_embeddings().weight, saved)
+    assert torch.equal(model.lm.get_output_embeddings().weight, saved)  # tied: the LM head learned too
+
+
+def test_train_embeddings_needs_instruction_mode(small_split, tmp_path, runner):
+    args = [a if a != "instruction" else "distillation" for a in ARGS]
+    result = runner.invoke(main, ["train", *args, "--train-embeddings", "--data", str(small_split), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--train-embeddings needs --mode instruction" in result.output
 
 
 def test_score_with_the_head(instruction_run, small_split, tmp_path):
@@ -113,7 +148,7 @@ def test_dry_run_counts_the_instruction_model(instruction_run, small_split, tmp_
     from investment_risk.train import dry_run
     _, metadata = instruction_run
     report = dry_run(TrainConfig(mode="instruction", base_model="tiny-qwen2", data=str(small_split),
-                                 out=str(tmp_path / "never"), batch_size=8))
+                                 out=str(tmp_path / "never"), batch_size=8, train_embeddings=True))
     assert report["num_parameters"] == metadata["num_parameters"]
     assert report["num_trainable_parameters"] == metadata["num_trainable_parameters"]
     assert not (tmp_path / "never").exists()

@@ -139,6 +139,9 @@ def data_split(input_: str, out: Path, val: float, test: float, seed: int) -> No
         help="Also checkpoint every N optimizer steps (always at each epoch end).")
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @option("--compile", "compile", is_flag=True, help="torch.compile the training forward (worth it on GPUs).")
+@option("--train-embeddings", is_flag=True,
+        help="Instruction mode: also train the token embeddings (tied to the LM head). Needed by a base that was never "
+             "pretrained, like tiny-qwen2; costs vocab x hidden extra parameters.")
 @option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @option("--dry-run", is_flag=True, help="Validate and count parameters on the meta device; load no weights, write nothing.")
 def train_command(resume: bool, dry_run: bool, **options: Any) -> None:
@@ -167,13 +170,15 @@ def train_command(resume: bool, dry_run: bool, **options: Any) -> None:
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @option("--explain", is_flag=True, help="Instruction runs: also generate reasoning + JSON; report parse rate and its MAE.")
 @option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="With --explain.")
+@option("--free-generation", is_flag=True,
+        help="With --explain: plain greedy decoding, without the answer grammar (measures the learned format alone).")
 def evaluate_command(model: Path, data: Path, out: Path | None, batch_size: int, device: str, explain: bool,
-                     max_new_tokens: int) -> None:
+                     max_new_tokens: int, free_generation: bool) -> None:
     """MAE/RMSE overall and per dimension, beside the predict-the-train-mean baseline."""
     from .evaluate import evaluate_run, format_table
 
     bind(stage="evaluate")
-    result = evaluate_run(model, data, out, batch_size, device, explain, max_new_tokens)
+    result = evaluate_run(model, data, out, batch_size, device, explain, max_new_tokens, not free_generation)
     click.echo(format_table(result), err=not sys.stdout.isatty())
 
 

@@ -29,7 +29,7 @@ def _predict_run(run_dir: Path, table: Any, batch_size: int, device_name: str) -
 
 
 def _predict_instruction(run_dir: Path, table: Any, batch_size: int, device_name: str, explain: bool,
-                         max_new_tokens: int) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
+                         max_new_tokens: int, constrained: bool) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
     """Head scores (one forward pass) and, with `explain`, generated reasoning + JSON parsed tolerantly."""
     from collections import Counter
 
@@ -40,11 +40,14 @@ def _predict_instruction(run_dir: Path, table: Any, batch_size: int, device_name
     model, tokenizer, metadata = load_instruction_run(run_dir)
     model.to(device)
     rows = prompt_tokens(tokenizer, table.column("title").to_pylist(), table.column("content").to_pylist(),
-                         int(metadata["max_length"]))
+                         int(metadata.get("prompt_max_length") or metadata["max_length"]))
     pred = head_scores(model, rows, tokenizer.pad_token_id, batch_size, device)
     extra: dict[str, Any] = {}
     if explain:
-        parsed = [parse_generation(t) for t in generate_explanations(model, tokenizer, rows, device, max_new_tokens)]
+        texts = generate_explanations(model, tokenizer, rows, device, max_new_tokens, constrained)
+        parsed = [parse_generation(t) for t in texts]
+        extra["decoding"] = "constrained" if constrained else "free"
+        extra["explanations"] = texts
         complete = [p.complete for p in parsed]
         extra["parse_rate"] = sum(complete) / len(parsed) if parsed else None
         extra["parse_problems"] = dict(Counter(problem.split(" = ")[0] for p in parsed for problem in p.problems))
@@ -82,16 +85,18 @@ def _is_instruction_run(run_dir: Path) -> bool:
 
 
 def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size: int = 32,
-                 device_name: str = "auto", explain: bool = False, max_new_tokens: int = 512) -> dict[str, Any]:
+                 device_name: str = "auto", explain: bool = False, max_new_tokens: int = 512,
+                 constrained: bool = True) -> dict[str, Any]:
     """Evaluate a training run (PyTorch) or an exported model directory (ONNX Runtime) on a labelled file.
 
     An instruction run is scored by its head; `explain` also generates reasoning + JSON and reports the parse
-    rate and the MAE of the generated scores."""
+    rate and the MAE of the generated scores (grammar-constrained decoding unless `constrained` is False)."""
     table = read_articles([data], labels=DIMENSIONS)
     exported = (run_dir / "model.json").exists()
     extra: dict[str, Any] = {}
     if _is_instruction_run(run_dir):
-        raw, metadata, extra = _predict_instruction(run_dir, table, batch_size, device_name, explain, max_new_tokens)
+        raw, metadata, extra = _predict_instruction(run_dir, table, batch_size, device_name, explain, max_new_tokens,
+                                                    constrained)
     else:
         raw, metadata = (_predict_exported if exported else _predict_run)(run_dir, table, batch_size, device_name)
     pred = np.clip(raw, 0.0, 10.0)

