@@ -5,8 +5,22 @@ BIN    := $(VENV)/bin
 # The CPU build of torch (it lies on this kind of machine; a CUDA image would take a CUDA build instead).
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
+# checkov pins an old `packaging` that pytest cannot use, so it gets a venv of its own.
+CHECKOV_VENV := .venv-checkov
+CHECKOV_VERSION ?= 3.3.30
+# make train-job / score-job parameters (paths are as the pods see them: /data and /models are the PVCs).
+IMAGE ?= ghcr.io/investment-risk/investment-risk:0.1.0
+MODE ?= distillation
+DATA ?= /data/splits/latest
+BASE_MODEL ?= qwen2.5-1.5b
+MODEL ?= /models/current
+INPUT ?= /data/incoming
+SHARDS ?= 4
+PROFILE ?= gpu
+NAMESPACE ?= investment-risk
+JOB_ARGS ?= --wait
 
-.PHONY: install demo test bench bench-learning clean
+.PHONY: install demo test bench bench-learning clean k8s lock image train-job score-job
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +28,15 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH_CPU)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,cpu]"
 	touch $@
 
-install: $(VENV)/.installed
+$(CHECKOV_VENV)/.installed:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet "checkov==$(CHECKOV_VERSION)"
+	touch $@
+
+install: $(VENV)/.installed $(CHECKOV_VENV)/.installed
 
 demo: install
 	$(BIN)/investment-risk demo --out demo-output
@@ -32,5 +51,25 @@ bench: install
 bench-learning: install
 	bash bench/learning.sh
 
+k8s: install
+	$(BIN)/python tools/render_k8s_base.py
+
+# The image's hash-checked lock: torch and onnxruntime-gpu on one CUDA stack, for Python 3.12 on x86_64 Linux.
+lock: install
+	$(BIN)/python -m pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --extra gpu --python-version 3.12 --python-platform x86_64-manylinux_2_28 \
+		--generate-hashes --no-header --index-url https://pypi.org/simple -o docker/requirements.lock
+
+image:
+	docker build -t $(IMAGE) .
+
+train-job: install
+	$(BIN)/investment-risk jobs submit train --image $(IMAGE) --namespace $(NAMESPACE) --profile $(PROFILE) \
+		--mode $(MODE) --data $(DATA) --base-model $(BASE_MODEL) $(JOB_ARGS)
+
+score-job: install
+	$(BIN)/investment-risk jobs submit score --image $(IMAGE) --namespace $(NAMESPACE) --profile $(PROFILE) \
+		--model $(MODEL) --input $(INPUT) --shards $(SHARDS) $(JOB_ARGS)
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) build dist *.egg-info src/*.egg-info .pytest_cache

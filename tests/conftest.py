@@ -9,6 +9,8 @@ import pytest
 import structlog
 from click.testing import CliRunner
 
+import json
+
 from investment_risk.spec import DIMENSIONS
 from investment_risk.synth import SynthConfig, generate
 
@@ -69,3 +71,28 @@ def split_dir(tmp_path_factory) -> Path:
 
 TINY_TRAIN_ARGS = ["--base-model", "tiny-qwen2", "--epochs", "2", "--batch-size", "8", "--learning-rate", "2e-3",
                    "--max-length", "64", "--warmup-steps", "2", "--checkpoint-steps", "5", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def exported(split_dir, tmp_path_factory):
+    from investment_risk.export import export_run
+    from investment_risk.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("exported")
+    train(TrainConfig(mode="distillation", base_model="tiny-qwen2", data=str(split_dir), out=str(root / "run"), epochs=1,
+                      batch_size=8, learning_rate=2e-3, max_length=64, warmup_steps=2, device="cpu"))
+    info = export_run(root / "run", root / "model")
+    return root / "run", root / "model", info
+
+
+@pytest.fixture(scope="session")
+def articles(tmp_path_factory) -> Path:
+    """Two Parquet files with several row groups each, and a JSONL file."""
+    root = tmp_path_factory.mktemp("articles")
+    table = generate(SynthConfig(rows=240, seed=21))
+    pq.write_table(table.slice(0, 100), root / "a.parquet", row_group_size=30)
+    pq.write_table(table.slice(100, 100), root / "b.parquet", row_group_size=45)
+    with (root / "c.jsonl").open("w") as handle:
+        for row in table.slice(200, 40).to_pylist():
+            handle.write(json.dumps(row) + "\n")
+    return root

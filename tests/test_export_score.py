@@ -15,28 +15,6 @@ from investment_risk.synth import SynthConfig, generate
 from investment_risk.train import TrainConfig, train
 
 
-@pytest.fixture(scope="module")
-def exported(split_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("exported")
-    train(TrainConfig(mode="distillation", base_model="tiny-qwen2", data=str(split_dir), out=str(root / "run"), epochs=1,
-                      batch_size=8, learning_rate=2e-3, max_length=64, warmup_steps=2, device="cpu"))
-    info = export_run(root / "run", root / "model")
-    return root / "run", root / "model", info
-
-
-@pytest.fixture(scope="module")
-def articles(tmp_path_factory) -> Path:
-    """Two Parquet files with several row groups each, and a JSONL file."""
-    root = tmp_path_factory.mktemp("articles")
-    table = generate(SynthConfig(rows=240, seed=21))
-    pq.write_table(table.slice(0, 100), root / "a.parquet", row_group_size=30)
-    pq.write_table(table.slice(100, 100), root / "b.parquet", row_group_size=45)
-    with (root / "c.jsonl").open("w") as handle:
-        for row in table.slice(200, 40).to_pylist():
-            handle.write(json.dumps(row) + "\n")
-    return root
-
-
 def read_out(out: Path) -> tuple[pa.Table, pa.Table]:
     parts = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))])
     rejects = pa.concat_tables([pq.read_table(p) for p in sorted((out / "rejects").glob("part-*.parquet"))])

@@ -143,8 +143,10 @@ def data_split(input_: str, out: Path, val: float, test: float, seed: int) -> No
         help="Instruction mode: also train the token embeddings (tied to the LM head). Needed by a base that was never "
              "pretrained, like tiny-qwen2; costs vocab x hidden extra parameters.")
 @option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@option("--resume-if-present", is_flag=True,
+        help="Continue --out if it already holds this run, else start it (what a retried Kubernetes pod needs).")
 @option("--dry-run", is_flag=True, help="Validate and count parameters on the meta device; load no weights, write nothing.")
-def train_command(resume: bool, dry_run: bool, **options: Any) -> None:
+def train_command(resume: bool, resume_if_present: bool, dry_run: bool, **options: Any) -> None:
     """Train a LoRA adapter and regression head on labelled articles."""
     from .train import TrainConfig, dry_run as plan, train
 
@@ -156,6 +158,7 @@ def train_command(resume: bool, dry_run: bool, **options: Any) -> None:
         get_logger().info("dry_run", **report)
         click.echo("\n".join(f"{key:<26} {value}" for key, value in report.items()), err=not sys.stdout.isatty())
         return
+    resume = resume or (resume_if_present and (Path(config.out) / "training_config.json").exists())
     metadata = train(config, resume=resume)
     click.echo(f"best val MAE {metadata['best_val_mae']:.4f} (epoch {metadata['best_epoch']}) -> {config.out}",
                err=not sys.stdout.isatty())
@@ -283,6 +286,10 @@ def demo_command(out: Path, base_model: str, rows: int, batch_rows: int, epochs:
     for line in summary_lines(summary):
         click.echo(line)
 
+
+from .jobs_cli import jobs_group  # noqa: E402  (it builds on this module's option helpers)
+
+main.add_command(jobs_group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,5 @@
+"""`python -m investment_risk` is the `investment-risk` command (what `jobs run-local` starts for each pod)."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,125 @@
+"""A kmock Kubernetes emulator on a real localhost port, driven from synchronous tests.
+
+kmock is asyncio-based: it runs on its own loop in a thread; the store is changed on that loop via `call`.
+It ignores label selectors and does not serve pod logs, so both are added as routes here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from typing import Any, Callable
+
+import kmock
+
+
+class FakeCluster:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.emulator: Any = None
+        self.port: int | None = None
+        self.pod_logs: dict[tuple[str, str], str] = {}
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kmock", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._serve())
+        except BaseException as exc:  # surface start-up errors to the test
+            self._error = exc
+            self._ready.set()
+        finally:
+            self.loop.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        emulator = kmock.KubernetesEmulator()  # made on its loop: it holds asyncio primitives
+        async with emulator, kmock.Server(emulator) as server:
+            self.emulator, self.port = emulator, server.port
+            emulator.resources.load_bundled()
+            self._install_routes(emulator)
+            self._ready.set()
+            await self._stop.wait()
+
+    def _install_routes(self, emulator: Any) -> None:
+        def list_selected(request: Any) -> dict:
+            wanted = dict(term.split("=", 1) for term in request.params["labelSelector"].split(",") if "=" in term)
+            items = [obj.raw for (resource, namespace, _), obj in list(emulator.objects.items())
+                     if resource == request.resource and not obj.deleted
+                     and (request.namespace is None or namespace == request.namespace)
+                     and all(((obj.raw.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in wanted.items())]
+            return {"metadata": {"resourceVersion": "1"}, "items": items}
+
+        def serve_log(request: Any) -> Any:
+            text = self.pod_logs.get((request.namespace, request.name))
+            return kmock.KubernetesObjectNotFoundError() if text is None else text.encode()
+
+        emulator[kmock.action.LIST, lambda request: "labelSelector" in request.params] << list_selected
+        emulator[kmock.resource("v1/pods"), kmock.subresource("log"), "get"] << {"Content-Type": "text/plain"} << serve_log
+
+    def start(self) -> "FakeCluster":
+        self._thread.start()
+        self._ready.wait(15)
+        if self._error:
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        if self._stop is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the server's loop (where the store may be changed) and return its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return future.result(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def kubeconfig(self, path: Any, namespace: str = "investment-risk") -> Any:
+        import yaml
+
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake", "user": {"token": "not-a-real-token"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": namespace}}],
+        }))
+        return path
+
+    # What no controller computes here: the Job's status and its pods.
+    def seed_status(self, namespace: str, name: str, status: dict) -> None:
+        self.call(lambda: self.emulator.objects["batch/v1/jobs", namespace, name].patch({"status": status}))
+
+    def seed_pod(self, namespace: str, job: str, pod: str, phase: str, log: str, exit_code: int | None = None,
+                 index: int | None = None) -> None:
+        def seed() -> None:
+            status: dict = {"phase": phase}
+            if exit_code is not None:
+                status["containerStatuses"] = [{"name": "main", "image": "x", "imageID": "", "ready": False,
+                                                "restartCount": 0, "state": {"terminated": {"exitCode": exit_code}}}]
+            annotations = {"batch.kubernetes.io/job-completion-index": str(index)} if index is not None else {}
+            self.emulator.objects["v1/pods", namespace, pod] = {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": pod, "namespace": namespace, "annotations": annotations,
+                             "labels": {"batch.kubernetes.io/job-name": job, "job-name": job}},
+                "spec": {"containers": [{"name": "main", "image": "x"}]}, "status": status}
+            self.pod_logs[(namespace, pod)] = log
+        self.call(seed)
+
+    def requests(self, method: str, resource: str) -> list:
+        return list(self.emulator[method, kmock.resource(resource)])

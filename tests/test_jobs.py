@@ -1,0 +1,340 @@
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from investment_risk.cli import main
+from investment_risk.jobs import JobSettings, build, default_base, to_yaml
+from investment_risk.score import ScoreConfig, score
+from investment_risk.spec import DIMENSIONS
+from investment_risk.synth import SynthConfig, generate
+
+from .k8s_fake import FakeCluster
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NS = "investment-risk"
+
+
+def run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+
+
+def kustomize(path: Path) -> str:
+    done = run(["kubectl", "kustomize", path])
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def validate(text: str, tmp_path: Path) -> None:
+    path = tmp_path / f"manifests-{abs(hash(text))}.yaml"
+    path.write_text(text)
+    done = run([BIN / "kubernetes-validate", "--strict", "-k", "1.33.0", path])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ERROR" not in done.stdout
+
+
+def docs_of(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def pod_specs(docs: list[dict]) -> dict[str, dict]:
+    out = {}
+    for d in docs:
+        if d["kind"] == "Job":
+            out[d["metadata"]["name"]] = d["spec"]
+        elif d["kind"] == "CronJob":
+            out[d["metadata"]["name"]] = d["spec"]["jobTemplate"]["spec"]
+    return out
+
+
+# --- manifests ---------------------------------------------------------------------------------------------------
+
+def test_base_files_are_the_builders_output():
+    for name, docs in default_base().items():
+        committed = (ROOT / "k8s" / "base" / name).read_text()
+        assert committed.split("\n", 1)[1] == to_yaml(docs), f"k8s/base/{name} is stale: run `make k8s`"
+
+
+@pytest.fixture(scope="module")
+def kueue_overlay(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("kueue")
+    (root / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(ROOT / "k8s" / "overlays" / "gpu", root)],
+        "components": [os.path.relpath(ROOT / "k8s" / "components" / "kueue", root)]}))
+    return root
+
+
+def test_every_overlay_renders_and_validates_for_1_33(tmp_path, kueue_overlay):
+    for path in (ROOT / "k8s" / "base", ROOT / "k8s" / "overlays" / "gpu", ROOT / "k8s" / "overlays" / "cpu", kueue_overlay):
+        validate(kustomize(path), tmp_path)
+
+
+def test_overlays_set_the_hardware(kueue_overlay):
+    gpu, cpu = docs_of(kustomize(ROOT / "k8s" / "overlays" / "gpu")), docs_of(kustomize(ROOT / "k8s" / "overlays" / "cpu"))
+    for name, spec in pod_specs(gpu).items():
+        pod = spec["template"]["spec"]
+        container = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        if "merge" in name:
+            assert "nvidia.com/gpu" not in container["resources"]["limits"] and env["INVESTMENT_RISK_DEVICE"] == "cpu"
+            continue
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and env["INVESTMENT_RISK_DEVICE"] == "cuda"
+        assert pod["tolerations"][0]["key"] == "nvidia.com/gpu" and pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert "nvidia.com/gpu" not in kustomize(ROOT / "k8s" / "overlays" / "cpu")
+    for name, spec in pod_specs(cpu).items():
+        env = {e["name"]: e.get("value") for e in spec["template"]["spec"]["containers"][0]["env"]}
+        assert env["INVESTMENT_RISK_DEVICE"] == "cpu", name
+        if spec.get("completionMode") == "Indexed":
+            args = spec["template"]["spec"]["containers"][0]["args"]
+            assert spec["completions"] == 2 and args[args.index("--shard-count") + 1] == "2", name
+    queued = [d for d in docs_of(kustomize(kueue_overlay)) if d["kind"] == "Job"]
+    assert all(d["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == NS for d in queued)
+
+
+def test_rendered_jobs_validate_for_every_kind_and_profile(tmp_path, runner):
+    texts = []
+    for kind in ("train", "score", "merge", "nightly", "shared", "all"):
+        for profile in ("gpu", "cpu"):
+            result = runner.invoke(main, ["jobs", "render", kind, "--profile", profile, "--queue", "batch",
+                                          "--out", "/data/scored/x", "--name", f"{kind}-{profile}"])
+            assert result.exit_code == 0, result.output
+            texts.append(result.output)
+    validate("---\n".join(texts), tmp_path)
+
+
+def test_pods_follow_the_restricted_profile_and_failure_policy():
+    docs = [d for file_docs in default_base().values() for d in file_docs]
+    for name, spec in pod_specs(docs).items():
+        assert spec["activeDeadlineSeconds"] > 0 and spec["ttlSecondsAfterFinished"] > 0
+        rules = spec["podFailurePolicy"]["rules"]
+        assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2]
+        assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+        pod = spec["template"]["spec"]
+        assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        container = pod["containers"][0]
+        context = container["securityContext"]
+        assert context["readOnlyRootFilesystem"] and not context["allowPrivilegeEscalation"]
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        for path in ("/tmp", "/cache"):
+            assert volumes[mounts[path]]["emptyDir"]["sizeLimit"], path
+        assert volumes["hf-token"]["secret"]["secretName"] == "investment-risk-hf-token"
+    indexed = pod_specs(docs)["investment-risk-score"]
+    assert indexed["completionMode"] == "Indexed" and indexed["completions"] == 4
+    assert indexed["backoffLimitPerIndex"] >= 1 and indexed["maxFailedIndexes"] == 0
+    cron = next(d for d in docs if d["kind"] == "CronJob")["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid" and cron["startingDeadlineSeconds"] > 0 and cron["timeZone"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert config["HF_TOKEN_PATH"] == "/var/run/secrets/huggingface/token" and config["HF_HOME"].startswith("/cache/")
+    role = next(d for d in docs if d["kind"] == "Role")
+    assert {r for rule in role["rules"] for r in rule["resources"]} == {"jobs", "pods", "pods/log"}
+    assert not any("*" in rule["verbs"] for rule in role["rules"])
+
+
+def test_bad_parameters_are_exit_2(runner):
+    for args, message in [(["--name", "Bad_Name"], "must be a DNS label"), (["--namespace", "UPPER"], "valid Kubernetes"),
+                          (["--queue", "no spaces"], "valid Kueue")]:
+        result = runner.invoke(main, ["jobs", "render", "score", *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+    result = runner.invoke(main, ["jobs", "render", "merge"])
+    assert result.exit_code == 2 and "merge needs --out" in result.output
+
+
+# --- image -------------------------------------------------------------------------------------------------------
+
+def checkov() -> str:
+    found = os.environ.get("CHECKOV") or next(
+        (str(p) for p in (ROOT / ".venv-checkov" / "bin" / "checkov", BIN / "checkov") if p.exists()), None)
+    if found is None:
+        pytest.fail("checkov is not installed: `make install` puts it in .venv-checkov (it needs its own venv)")
+    return found
+
+
+def test_checkov_finds_no_failed_check(tmp_path):
+    for args in (["-d", ROOT / "k8s", "--framework", "kubernetes", "kustomize"],
+                 ["-f", ROOT / "Dockerfile", "--framework", "dockerfile"]):
+        done = run([checkov(), *args, "--skip-download", "--compact", "--quiet", "-o", "json"], cwd=tmp_path)
+        reports = json.loads(done.stdout)
+        reports = reports if isinstance(reports, list) else [reports]
+        failed = [(c["check_id"], c["resource"]) for r in reports for c in r.get("results", {}).get("failed_checks", [])]
+        assert done.returncode == 0 and not failed, failed or done.stderr
+        assert sum(r["summary"]["passed"] for r in reports) > 0
+
+
+def test_dockerfile_lints_clean_and_locks_one_cuda_stack():
+    done = run([BIN / "hadolint", ROOT / "Dockerfile"])
+    assert done.returncode == 0, done.stdout
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER \d+:\d+$", dockerfile, re.M) and 'ENTRYPOINT ["investment-risk"]' in dockerfile
+    assert "--require-hashes" in dockerfile and "HF_HOME=/cache/" in dockerfile and dockerfile.count("FROM ") >= 2
+    assert "HF_TOKEN" not in dockerfile.replace("HF_TOKEN_PATH", "")  # no token at build time
+    lock = (ROOT / "docker" / "requirements.lock").read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^\s\\]+)", lock, re.M))
+    assert "onnxruntime" not in pins and "onnxruntime-gpu" in pins  # one runtime, the CUDA one
+    torch_version = tuple(int(x) for x in pins["torch"].split(".")[:2])
+    ort_version = tuple(int(x) for x in pins["onnxruntime-gpu"].split(".")[:2])
+    assert torch_version >= (2, 11) and ort_version >= (1, 27)  # both CUDA 13 on PyPI
+    assert pins["nvidia-cuda-runtime"].startswith("13.")
+    assert not [name for name in pins if name.endswith("-cu12")]  # no second CUDA stack
+    ignored = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    assert ignored[0] == "*" and "!src/" in ignored
+
+
+# --- the cluster API, against a fake API server on a real port ---------------------------------------------------
+
+@pytest.fixture
+def fake(tmp_path):
+    cluster = FakeCluster().start()
+    cluster.kubeconfig(tmp_path / "kubeconfig")
+    yield cluster
+    cluster.stop()
+
+
+def jobs_cli(runner, fake, tmp_path, *args):
+    return runner.invoke(main, ["jobs", *args, "--kubeconfig", str(tmp_path / "kubeconfig")])
+
+
+LOG = "\n".join([
+    json.dumps({"event": "shard_start", "shard": 1, "stage": "score", "level": "info", "rows": 10,
+                "timestamp": "2026-11-26T01:00:00Z", "run_id": "r"}),
+    json.dumps({"event": "shard_done", "shard": 1, "stage": "score", "level": "info", "rows_in": 10,
+                "timestamp": "2026-11-26T01:00:05Z", "run_id": "r"}),
+    "a plain line"]) + "\n"
+
+
+def test_submit_status_logs_cancel(fake, tmp_path, runner):
+    result = jobs_cli(runner, fake, tmp_path, "submit", "score", "--name", "nightly-1", "--shards", "3", "--profile", "cpu")
+    assert result.exit_code == 0, result.output
+    created = fake.requests("post", "batch/v1/jobs")[0].data
+    assert created["spec"]["completionMode"] == "Indexed" and created["spec"]["completions"] == 3
+    fake.seed_status(NS, "nightly-1", {"active": 1, "succeeded": 2, "failed": 1, "completedIndexes": "0,2",
+                                       "conditions": []})
+    fake.seed_pod(NS, "nightly-1", "nightly-1-1-abc", "Running", LOG, index=1)
+    fake.seed_pod(NS, "other", "other-0-x", "Running", "not ours\n")
+    result = jobs_cli(runner, fake, tmp_path, "status", "nightly-1", "--json")
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    assert status["state"] == "Running" and status["succeeded"] == 2 and status["completed_indexes"] == "0,2"
+    assert [p["name"] for p in status["pods"]] == ["nightly-1-1-abc"]
+    result = jobs_cli(runner, fake, tmp_path, "logs", "nightly-1")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "nightly-1-1-abc: 2026-11-26 01:00:00 INFO    stage=score shard=1 shard_start rows=10"
+    assert lines[2] == "nightly-1-1-abc: a plain line" and "not ours" not in result.output
+    result = jobs_cli(runner, fake, tmp_path, "cancel", "nightly-1")
+    assert result.exit_code == 0, result.output
+    assert fake.requests("delete", "batch/v1/jobs")[0].data["propagationPolicy"] == "Background"
+    result = jobs_cli(runner, fake, tmp_path, "status", "nightly-1")
+    assert result.exit_code == 2 and "not found" in result.output
+
+
+def _finish_when_created(fake, name: str, status: dict, pods: int = 2) -> threading.Thread:
+    def finish() -> None:
+        for _ in range(200):
+            if fake.requests("post", "batch/v1/jobs"):
+                break
+            time.sleep(0.05)
+        for i in range(pods):
+            fake.seed_pod(NS, name, f"{name}-{i}-x", "Succeeded", LOG, exit_code=0, index=i)
+        time.sleep(0.3)
+        fake.seed_status(NS, name, status)
+    thread = threading.Thread(target=finish, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("condition, exit_code", [
+    ({"type": "Complete", "status": "True", "reason": "CompletionsReached"}, 0),
+    ({"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "exit code 2"}, 2),
+    ({"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}, 1),
+])
+def test_submit_wait_follows_the_logs_and_exits_with_the_outcome(fake, tmp_path, runner, condition, exit_code):
+    thread = _finish_when_created(fake, "train-1", {"succeeded": int(exit_code == 0), "conditions": [condition]})
+    result = jobs_cli(runner, fake, tmp_path, "submit", "train", "--name", "train-1", "--wait", "--poll-seconds", "0.1",
+                      "--timeout", "30")
+    thread.join()
+    assert result.exit_code == exit_code, result.output
+    assert "train-1-0-x: 2026-11-26 01:00:05 INFO    stage=score shard=1 shard_done rows_in=10" in result.output
+    assert result.output.count("shard_done") == 2  # each pod's lines once, however many polls
+
+
+def test_cluster_errors_are_clear(fake, tmp_path, runner):
+    import kmock
+
+    fake.call(lambda: fake.emulator["get", kmock.resource("batch/v1/jobs"), kmock.name("secret")] << 403 << {
+        "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403, "reason": "Forbidden",
+        "message": 'jobs.batch "secret" is forbidden: User "x" cannot get resource "jobs"'})
+    result = jobs_cli(runner, fake, tmp_path, "status", "secret")
+    assert result.exit_code == 2 and "forbidden" in result.output and "pods/log" in result.output
+    result = runner.invoke(main, ["jobs", "status", "x", "--kubeconfig", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "no cluster configured" in result.output
+    fake.stop()
+    result = jobs_cli(runner, fake, tmp_path, "status", "x")
+    assert result.exit_code == 1 and "cannot reach the cluster" in result.output
+
+
+# --- run-local: the pod contract without a cluster ---------------------------------------------------------------
+
+def test_run_local_three_shards_match_a_single_score_run(exported, tmp_path, runner):
+    _, model, _ = exported
+    data, models = tmp_path / "data", tmp_path / "models"
+    (data / "in").mkdir(parents=True)
+    table = generate(SynthConfig(rows=150, seed=31))
+    for i in range(3):
+        pq.write_table(table.slice(i * 50, 50), data / "in" / f"batch-{i}.parquet", row_group_size=20)
+    shutil.copytree(model, models / "current")
+    single = score(ScoreConfig(model=models / "current", inputs=(str(data / "in"),), out=tmp_path / "single"))
+    result = runner.invoke(main, ["jobs", "render", "score", "--with-shared", "--profile", "cpu", "--name", "rl",
+                                  "--shards", "3", "--parallelism", "2", "--model", "/models/current",
+                                  "--input", "/data/in", "--out", "/data/scored/$(JOB_NAME)"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "job.yaml").write_text(result.output)
+    result = runner.invoke(main, ["jobs", "run-local", "--manifest", str(tmp_path / "job.yaml"),
+                                  "--mount", f"/data={data}", "--mount", f"/models={models}"])
+    assert result.exit_code == 0, result.output
+    out = data / "scored" / "rl"  # $(JOB_NAME) expanded from the downward API, as the kubelet does
+    assert sorted(p.name for p in (out / "_done").iterdir()) == ["part-00000", "part-00001", "part-00002"]
+    merged = json.loads((out / "metrics.json").read_text())
+    assert merged["complete"] and merged["shards"] == 3 and merged["rows_in"] == single["rows_in"] == 150
+
+    def rows(directory: Path) -> pa.Table:
+        parts = pa.concat_tables([pq.read_table(p) for p in sorted(directory.glob("part-*.parquet"))])
+        return parts.sort_by("id")
+
+    local, alone = rows(out), rows(tmp_path / "single")
+    assert local.column("id").to_pylist() == alone.column("id").to_pylist()
+    assert local.column("signal_tier").to_pylist() == alone.column("signal_tier").to_pylist()
+    for dim in DIMENSIONS:
+        np.testing.assert_allclose(local.column(dim).to_numpy(zero_copy_only=False),
+                                   alone.column(dim).to_numpy(zero_copy_only=False), atol=1e-4)
+
+
+def test_run_local_exit_2_fails_the_job_and_unmapped_pvcs_are_refused(tmp_path, runner):
+    result = runner.invoke(main, ["jobs", "render", "score", "--with-shared", "--profile", "cpu", "--name", "bad",
+                                  "--shards", "2", "--model", "/models/missing", "--input", "/data/in"])
+    (tmp_path / "job.yaml").write_text(result.output)
+    (tmp_path / "data" / "in").mkdir(parents=True)
+    (tmp_path / "models").mkdir()
+    result = runner.invoke(main, ["jobs", "run-local", "--manifest", str(tmp_path / "job.yaml"),
+                                  "--mount", f"/data={tmp_path / 'data'}"])
+    assert result.exit_code == 2 and "--mount /models=DIR" in result.output
+    result = runner.invoke(main, ["jobs", "run-local", "--manifest", str(tmp_path / "job.yaml"),
+                                  "--mount", f"/data={tmp_path / 'data'}", "--mount", f"/models={tmp_path / 'models'}"])
+    assert result.exit_code == 2, result.output  # the model is missing: exit 2 -> FailJob, no retries
+    assert "failed" in result.output
