@@ -20,7 +20,7 @@ PROFILE ?= gpu
 NAMESPACE ?= investment-risk
 JOB_ARGS ?= --wait
 
-.PHONY: install demo test bench bench-learning clean k8s lock image train-job score-job
+.PHONY: install demo test bench bench-learning chaos clean k8s lock image train-job score-job
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,3 +73,8 @@ score-job: install
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) build dist *.egg-info src/*.egg-info .pytest_cache
+
+# Fault injection: SIGKILL the scorer at random moments and commit points, rerun, check exactly-once (about 20 min).
+CHAOS_CYCLES ?= 200
+chaos: install
+	$(BIN)/python -m tests.chaos --cycles $(CHAOS_CYCLES) --out bench-results/chaos.json

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError
+from .faults import fault_point
 from .spec import DIMENSIONS
 
 REQUIRED_COLUMNS = ("id", "title", "content")
@@ -320,7 +321,10 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
+        label = f"{dest.parent.name}/{dest.name}"
+        fault_point(f"before_rename:{label}")
         os.replace(tmp_path, dest)
+        fault_point(f"after_rename:{label}")
     finally:
         tmp_path.unlink(missing_ok=True)
 

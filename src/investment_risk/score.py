@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from .batching import article_text, encode, pad_batch
 from .dataio import Batch, atomic_path, expand_inputs, is_jsonl, iter_file_batches, parquet_schema, write_json_atomic
 from .errors import ConfigError, InputError
+from .faults import fault_point
 from .logs import Progress, bind, get_logger
 from .metrics_io import ShardMetrics, merge_metrics, write_prometheus
 from .spec import DIMENSIONS, default_spec
@@ -393,6 +394,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     as_dict = metrics.to_dict()
     write_json_atomic(as_dict, metrics_dir / f"{part_name(config.shard_index)}.json")
     write_prometheus(as_dict, metrics_dir / f"{part_name(config.shard_index)}.prom")
+    fault_point(f"before_done:{part_name(config.shard_index)}")
     with atomic_path(marker) as tmp:
         tmp.write_text(json.dumps({"rows_in": metrics.rows_in, "finished_at": as_dict["finished_at"]}) + "\n")
     log.info("shard_done", rows_in=metrics.rows_in, scored=metrics.rows_scored, rejected=metrics.rows_rejected,

@@ -1,0 +1,80 @@
+"""Reliability proofs in `make test`: a short fault-injection run and training resumed after kills at random steps.
+
+`make chaos` runs the long version (tests/chaos.py: 200 cycles).
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from . import chaos
+from .conftest import TINY_TRAIN_ARGS
+
+EXE = str(Path(sys.executable).parent / "investment-risk")
+SEED = int(os.environ.get("RELIABILITY_SEED") or random.SystemRandom().randrange(10**6))
+
+
+def test_scoring_is_exactly_once_under_faults(exported, tmp_path):
+    _, model, _ = exported
+    inputs, total, ids, typical_s = chaos.prepare(model, tmp_path)
+    plans = [{"kind": "point", "shard": 0, "point": chaos.POINTS[0].format(shard=0)},  # rejects in, part not
+             {"kind": "point", "shard": 1, "point": chaos.POINTS[1].format(shard=1)},  # part in, no _done
+             {"kind": "point", "shard": 0, "point": chaos.POINTS[2].format(shard=0)},  # while writing metrics
+             {"kind": "point", "shard": 1, "point": chaos.POINTS[5].format(shard=1)},  # done, merge not yet
+             {"kind": "random", "shard": 0, "after_s": round(random.Random(SEED).uniform(0.3, typical_s), 3)},
+             {"kind": "race", "shard": 1}]
+    for n, plan in enumerate(plans):
+        record = chaos.cycle(n, plan, model, inputs, total, ids, tmp_path)
+        assert not record["violations"], (SEED, record)
+        if plan["kind"] == "point":
+            assert record["killed_exit_code"] == -9, record  # the fault really fired
+
+
+def test_a_failed_check_is_reported(exported, tmp_path):
+    """The checker itself: a lost row, a doubled row and a torn file are each caught."""
+    _, model, _ = exported
+    inputs, total, ids, _ = chaos.prepare(model, tmp_path)
+    out = tmp_path / "baseline"
+    assert chaos.check(out, total, ids) == []
+    assert any("rows out" in p for p in chaos.check(out, total + 1, ids))
+    part = out / "part-00000.parquet"
+    data = part.read_bytes()
+    part.write_bytes(data[: len(data) // 2])
+    assert any("not a valid Parquet file" in p for p in chaos.check(out, total, ids))
+    (out / "part-00000.parquet").write_bytes(data)
+    (out / "part-00009.parquet").write_bytes(data)
+    problems = chaos.check(out, total, ids)
+    assert any("scored twice" in p for p in problems) and any("metrics.json rows_scored" in p for p in problems)
+
+
+def run_train(args, env=None):
+    return subprocess.run([EXE, "--log-format", "json", "train", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_training_resumed_after_kills_at_random_steps_matches_an_unbroken_run(split_dir, tmp_path):
+    args = [*TINY_TRAIN_ARGS, "--data", str(split_dir)]
+    whole = run_train([*args, "--out", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr
+    total = json.loads((tmp_path / "whole" / "training_metadata.json").read_text())["config"]["epochs"] * -(
+        -json.loads((tmp_path / "whole" / "training_metadata.json").read_text())["train_examples"] // 8)
+    rng = random.Random(SEED)
+    first = rng.randint(1, total - 2)
+    second = rng.randint(first + 1, total - 1)
+    broken = ["--out", str(tmp_path / "broken")]
+    assert run_train([*args, *broken], {"_INVESTMENT_RISK_KILL_AT_STEP": str(first)}).returncode == -9, SEED
+    assert run_train([*args, *broken, "--resume"], {"_INVESTMENT_RISK_KILL_AT_STEP": str(second)}).returncode == -9, SEED
+    done = run_train([*args, *broken, "--resume-if-present"])
+    assert done.returncode == 0, done.stderr
+    a = json.loads((tmp_path / "whole" / "training_history.json").read_text())
+    b = json.loads((tmp_path / "broken" / "training_history.json").read_text())
+    assert [h["epoch"] for h in a] == [h["epoch"] for h in b]
+    for x, y in zip(a, b):
+        for split in ("train", "val"):
+            for key in x[split]:
+                assert x[split][key] == pytest.approx(y[split][key], rel=1e-5, abs=1e-6), (SEED, first, second, key)
