@@ -164,7 +164,7 @@ def test_bad_rows_become_rejects_with_reasons(exported, tmp_path):
         json.dumps({**good, "id": "number", "content": 42}),
         "{broken json",
         json.dumps({**good, "id": "huge", "content": "x" * 1_100_000}),
-        json.dumps(good),  # a duplicate id: scored, counted
+        json.dumps(good),  # a duplicate id: rejected, counted
         json.dumps({**good, "id": "other-lang", "content": "Die Kreditmärkte sind ruhig. 信用市场平静。"}),
     ]
     path = tmp_path / "mixed.jsonl"
@@ -172,10 +172,11 @@ def test_bad_rows_become_rejects_with_reasons(exported, tmp_path):
     out = tmp_path / "out"
     merged = score(ScoreConfig(model=model, inputs=(str(path),), out=out))
     parts, rejects = read_out(out)
-    assert merged["rows_in"] == 8 and parts.num_rows == 3 and rejects.num_rows == 5
+    assert merged["rows_in"] == 8 and parts.num_rows == 2 and rejects.num_rows == 6
     reasons = dict(zip(rejects.column("row_number").to_pylist(), rejects.column("reason").to_pylist()))
     assert "id is null" in reasons[1] and "both null or empty" in reasons[2]
     assert "expected a string" in reasons[3] and "invalid JSON" in reasons[4] and "1000000-byte limit" in reasons[5]
+    assert reasons[6] == "duplicate id 'ok-1' (first seen at mixed.jsonl row 0)"
     assert set(rejects.column("source_file").to_pylist()) == {str(path)}
     assert merged["duplicate_ids"] == 1
 

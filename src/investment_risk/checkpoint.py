@@ -78,6 +78,9 @@ def latest_checkpoint(root: Path) -> Path | None:
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     device: torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore everything in place; returns the saved progress and the extra tensors."""
+    missing = [name for name in ("trainable.safetensors", "state.safetensors", "state.json") if not (path / name).exists()]
+    if missing:
+        raise InputError(f"checkpoint {path} is incomplete: missing {', '.join(missing)} (pickle files are never loaded)")
     params = dict(model.named_parameters())
     for name, value in load_file(str(path / "trainable.safetensors")).items():
         if name not in params:

@@ -18,7 +18,7 @@ import click
 
 from . import __version__
 from .errors import InvestmentRiskError
-from .logs import bind, configure_logging, get_logger, new_run_id
+from .logs import bind, configure_logging, get_logger, new_run_id, redact_text
 
 ENV_PREFIX = "INVESTMENT_RISK_"
 
@@ -44,16 +44,17 @@ class App(click.Group):
             return super().invoke(ctx)
         except InvestmentRiskError as exc:
             get_logger().error("command_failed", error=str(exc), exit_code=exc.exit_code)
-            error = click.ClickException(str(exc))
+            error = click.ClickException(redact_text(str(exc)))  # messages echo paths and options
             error.exit_code = exc.exit_code
             raise error from None
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-            error = click.ClickException(f"{exc.filename}: {exc.strerror}")
+            text = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc) or exc.__class__.__name__
+            error = click.ClickException(redact_text(text))
             error.exit_code = 2
             raise error from None
         except OSError as exc:
             get_logger().error("command_failed", error=str(exc), exit_code=1)
-            error = click.ClickException(f"I/O error: {exc}")
+            error = click.ClickException(redact_text(f"I/O error: {exc}"))
             error.exit_code = 1
             raise error from None
         except KeyboardInterrupt:

@@ -206,6 +206,9 @@ def load_instruction_run(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, di
 
     from .models import load_tokenizer, quiet_libraries, resolve_base_model
 
+    if not (run_dir / "model" / "adapter_model.safetensors").exists():
+        raise InputError(f"{run_dir}: not a training run (needs model/adapter_model.safetensors; pickle files are "
+                         "never loaded)")
     metadata = json.loads((run_dir / "training_metadata.json").read_text())
     quiet_libraries()
     base = resolve_base_model(metadata["model_name"])

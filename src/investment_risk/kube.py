@@ -38,7 +38,9 @@ def connect(namespace: str, kubeconfig: Path | None = None, context: str | None 
         else:
             config.load_kube_config(config_file=str(kubeconfig) if kubeconfig else None, context=context)
     except (config.ConfigException, FileNotFoundError, OSError) as exc:
-        raise ConfigError(f"no cluster configured ({exc}); pass --kubeconfig, set KUBECONFIG, or run inside a pod") from None
+        where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        raise ConfigError(f"no cluster configured ({where}: {exc}); pass --kubeconfig, set KUBECONFIG, "
+                          "or run inside a pod") from None
     api = client.ApiClient()
     return Cluster(client.BatchV1Api(api), client.CoreV1Api(api), namespace)
 

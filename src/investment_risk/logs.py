@@ -35,6 +35,11 @@ _SECRET_VALUE = re.compile(
 )
 
 
+def redact_text(text: str) -> str:
+    """Token-shaped substrings replaced: for messages that leave through other channels than the logger."""
+    return _SECRET_VALUE.sub(REDACTED, text)
+
+
 def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
         return _SECRET_VALUE.sub(REDACTED, value)

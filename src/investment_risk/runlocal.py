@@ -9,6 +9,7 @@ indexes are retried up to backoffLimitPerIndex; exit code 2 fails the whole Job,
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import subprocess
 import sys
@@ -60,10 +61,13 @@ def pick_job(docs: list[dict[str, Any]], name: str | None, source: Path) -> dict
 
 
 def _map_path(value: str, mounts: dict[str, Path]) -> str:
-    """Rewrite a pod path under a mount to the local directory standing in for it."""
+    """Rewrite a pod path under a mount to the local directory standing in for it; refuse one that climbs out."""
     for mount in sorted(mounts, key=len, reverse=True):
         if value == mount or value.startswith(mount.rstrip("/") + "/"):
-            return str(mounts[mount]) + value[len(mount.rstrip("/")):]
+            inside = posixpath.normpath(value)
+            if inside != mount and not inside.startswith(mount.rstrip("/") + "/"):
+                raise ConfigError(f"path {value!r} climbs out of the mount {mount}: refused")
+            return str(mounts[mount]) + inside[len(mount.rstrip("/")):]
     return value
 
 

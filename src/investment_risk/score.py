@@ -271,7 +271,7 @@ class ShardScorer:
         stop = threading.Event()
         producer = threading.Thread(target=self._producer, args=(units, items, stop), daemon=True, name="tokenise")
         producer.start()
-        seen_ids: set[str] = set()
+        seen_ids: dict[str, str] = {}  # id -> where it was first scored
         try:
             # Both files are renamed into place only if the whole shard succeeds; a failure leaves neither.
             with atomic_path(self.config.out / f"{name}.parquet") as part_tmp, \
@@ -298,10 +298,30 @@ class ShardScorer:
         metrics.finish()
         return metrics
 
-    def _score_batch(self, item: Prepared, writer: ShardWriter, metrics: ShardMetrics, seen_ids: set[str]) -> None:
+    @staticmethod
+    def _reject_duplicates(item: Prepared, seen_ids: dict[str, str], metrics: ShardMetrics) -> None:
+        """A second row with an id already scored in this shard is rejected, never scored twice."""
+        batch = item.batch
+        ids_col = batch.table.column("id").to_pylist()
+        duplicates = set()
+        for i, id_ in enumerate(ids_col):
+            if i in item.reject_reasons:
+                continue
+            if id_ in seen_ids:
+                item.reject_reasons[i] = f"duplicate id {id_!r} (first seen at {seen_ids[id_]})"
+                duplicates.add(i)
+            else:
+                seen_ids[id_] = f"{batch.path.name} row {batch.start_row + i}"
+        if duplicates:
+            metrics.duplicate_ids += len(duplicates)
+            pairs = [(r, t) for r, t in zip(item.model_rows, item.tokens) if r not in duplicates]
+            item.model_rows, item.tokens = [r for r, _ in pairs], [t for _, t in pairs]
+
+    def _score_batch(self, item: Prepared, writer: ShardWriter, metrics: ShardMetrics, seen_ids: dict[str, str]) -> None:
         batch = item.batch
         n = batch.table.num_rows
         metrics.rows_in += n
+        self._reject_duplicates(item, seen_ids, metrics)
         scores = np.zeros((n, len(DIMENSIONS)), dtype=np.float32)
         if item.model_rows:
             lengths = np.array([len(t) for t in item.tokens])
@@ -317,11 +337,6 @@ class ShardScorer:
         tiers, strength = self.spec.assign_tiers(scores[keep], prefiltered)
         ids_col = batch.table.column("id").to_pylist()
         kept_ids = [ids_col[i] for i in keep]
-        for id_ in kept_ids:
-            if id_ in seen_ids:
-                metrics.duplicate_ids += 1
-            else:
-                seen_ids.add(id_)
         # Prefiltered rows were never scored: their scores and strength are null, their tier is NOISE.
         score_mask = np.repeat(prefiltered[:, None], len(DIMENSIONS), axis=1)
         columns: dict[str, Any] = {"id": pa.array(kept_ids, type=pa.string())}

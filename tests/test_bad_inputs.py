@@ -1,0 +1,256 @@
+"""The bad-input corpus: each case is a small input and what must happen to it.
+
+Either the command stops with exit code 2 and a one-line message naming the file, row or option, or the batch is
+scored with a reject row (and its reason) for each row that cannot be scored. For every batch case the row
+invariant is checked: rows in = scored + rejected, no id is scored twice, and every input row is accounted for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from investment_risk.cli import main
+
+GOOD = {"title": "Fed holds rates", "content": "Credit spreads widened as the Federal Reserve held rates steady."}
+
+
+def rows(n: int, prefix: str = "r", **overrides) -> list[dict]:
+    return [{"id": f"{prefix}{i}", **GOOD, **overrides} for i in range(n)]
+
+
+def parquet(path: Path, records: list[dict], schema: pa.Schema | None = None) -> Path:
+    pq.write_table(pa.Table.from_pylist(records, schema=schema), path)
+    return path
+
+
+def jsonl(path: Path, lines: list[str | bytes]) -> Path:
+    path.write_bytes(b"\n".join(line if isinstance(line, bytes) else line.encode() for line in lines) + b"\n")
+    return path
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[Path], list[str]]  # writes the input under the directory, returns --input values
+    exit_code: int = 0
+    message: str = ""  # exit 2: in the error line
+    rows_in: int = 0  # batch: every row read
+    rejects: dict[str, int] = field(default_factory=dict)  # batch: reason fragment -> rows
+    command: str = "score"
+
+
+def _truncated(d: Path) -> list[str]:
+    data = parquet(d / "t.parquet", rows(20)).read_bytes()
+    (d / "t.parquet").write_bytes(data[: len(data) // 2])
+    return [str(d / "t.parquet")]
+
+
+def _magic(d: Path) -> list[str]:
+    (d / "m.parquet").write_bytes(b"PK\x03\x04 this is a zip file, not Parquet" * 10)
+    return [str(d / "m.parquet")]
+
+
+def _schema_drift(d: Path) -> list[str]:
+    parquet(d / "a.parquet", rows(3))
+    parquet(d / "b.parquet", [{"id": "b0", "headline": "no title or content columns"}])
+    return [str(d)]
+
+
+def _nested(d: Path) -> list[str]:
+    parquet(d / "n.parquet", [{"id": "n0", "title": "t", "content": ["a", "list", "of", "strings"]}])
+    return [str(d / "n.parquet")]
+
+
+def _huge(d: Path) -> list[str]:
+    parquet(d / "h.parquet", rows(2) + [{"id": "huge", "title": "t", "content": "x" * 1_200_000}])
+    return [str(d / "h.parquet")]
+
+
+def _bad_utf8(d: Path) -> list[str]:
+    return [str(jsonl(d / "u.jsonl", [json.dumps(r) for r in rows(2)] + [b'{"id": "u", "title": "\xff\xfe bad"}']))]
+
+
+def _nul(d: Path) -> list[str]:
+    return [str(parquet(d / "nul.parquet", rows(2) + [{"id": "nul", "title": "a\x00b", "content": "c\x00\x00d"}]))]
+
+
+def _mixed_types(d: Path) -> list[str]:
+    lines = [json.dumps(r) for r in rows(2)] + [json.dumps({"id": 17, **GOOD}), json.dumps({"id": "m", "title": 5,
+                                                                                         "content": "x"})]
+    return [str(jsonl(d / "mixed.jsonl", lines))]
+
+
+def _null_ids(d: Path) -> list[str]:
+    return [str(parquet(d / "ids.parquet", rows(2) + [{"id": None, **GOOD}, {"id": "  ", **GOOD}]))]
+
+
+def _duplicate_ids(d: Path) -> list[str]:
+    return [str(parquet(d / "dup.parquet", rows(3) + rows(2)))]
+
+
+def _empty_strings(d: Path) -> list[str]:
+    return [str(parquet(d / "e.parquet", rows(2) + [{"id": "e", "title": "", "content": ""}]))]
+
+
+def _whitespace(d: Path) -> list[str]:
+    return [str(parquet(d / "w.parquet", rows(2) + [{"id": "w", "title": " \t", "content": "\n\n  "}]))]
+
+
+def _non_english(d: Path) -> list[str]:
+    return [str(parquet(d / "i18n.parquet", [
+        {"id": "zh", "title": "美联储维持利率不变", "content": "信用利差扩大，市场担忧经济衰退。"},
+        {"id": "ar", "title": "البنك المركزي", "content": "ارتفاع أسعار الفائدة يضغط على الأسواق"},
+        {"id": "emoji", "title": "📉 Markets", "content": "Stocks fell 🚨 as yields rose"}]))]
+
+
+def _html(d: Path) -> list[str]:
+    return [str(parquet(d / "html.parquet", [{"id": "h", "title": "<b>Fed</b> &amp; banks",
+                                              "content": "<script>alert(1)</script><p>Credit <i>spreads</i> widen</p>"}]))]
+
+
+def _zero_rows(d: Path) -> list[str]:
+    parquet(d / "zero.parquet", [], schema=pa.schema([("id", pa.string()), ("title", pa.string()),
+                                                      ("content", pa.string())]))
+    parquet(d / "ok.parquet", rows(2))
+    return [str(d)]
+
+
+def _zero_bytes(d: Path) -> list[str]:
+    (d / "empty.parquet").write_bytes(b"")
+    return [str(d / "empty.parquet")]
+
+
+def _zero_byte_jsonl(d: Path) -> list[str]:
+    (d / "empty.jsonl").write_bytes(b"")
+    parquet(d / "ok.parquet", rows(2))
+    return [str(d)]
+
+
+def _unreadable(d: Path) -> list[str]:
+    path = parquet(d / "locked.parquet", rows(2))
+    path.chmod(0)
+    return [str(path)]
+
+
+def _no_matching_files(d: Path) -> list[str]:
+    (d / "notes.txt").write_text("not an input")
+    return [str(d)]
+
+
+def _glob_matches_nothing(d: Path) -> list[str]:
+    return [str(d / "*.parquet")]
+
+
+def _missing_path(d: Path) -> list[str]:
+    return [str(d / "does-not-exist.parquet")]
+
+
+def _csv(d: Path) -> list[str]:
+    (d / "a.csv").write_text("id,title,content\n1,t,c\n")
+    return [str(d / "a.csv")]
+
+
+def _missing_content_column(d: Path) -> list[str]:
+    return [str(parquet(d / "nc.parquet", [{"id": "a", "title": "only a title"}]))]
+
+
+def _int_ids_parquet(d: Path) -> list[str]:
+    return [str(parquet(d / "int.parquet", [{"id": i, **GOOD} for i in range(3)]))]
+
+
+def _broken_jsonl_lines(d: Path) -> list[str]:
+    lines = [json.dumps(r) for r in rows(2)] + ['{"id": "x", "title": ', "[1, 2, 3]", "", '"just a string"']
+    return [str(jsonl(d / "broken.jsonl", lines))]
+
+
+def _labels(value) -> Callable[[Path], list[str]]:
+    def build(d: Path) -> list[str]:
+        from investment_risk.spec import DIMENSIONS
+        record = {**rows(1)[0], **{dim: 5.0 for dim in DIMENSIONS}}
+        record["macro_risk_severity"] = value
+        return [str(jsonl(d / "labels.jsonl", [json.dumps(record)]))]
+    return build
+
+
+def _wrong_type_model_input(d: Path) -> list[str]:
+    return [str(parquet(d / "struct.parquet", [{"id": "s", "title": {"nested": "struct"}, "content": "c"}]))]
+
+
+CASES = [
+    Case("truncated parquet", _truncated, 2, "t.parquet"),
+    Case("wrong magic bytes", _magic, 2, "m.parquet"),
+    Case("schema drift between files", _schema_drift, 2, "b.parquet"),
+    Case("list column for content", _nested, 2, "n.parquet"),
+    Case("struct column for title", _wrong_type_model_input, 2, "struct.parquet"),
+    Case("huge string", _huge, rows_in=3, rejects={"over the 1000000-byte limit": 1}),
+    Case("invalid UTF-8 in JSONL", _bad_utf8, rows_in=3, rejects={"invalid UTF-8": 1}),
+    Case("NUL bytes", _nul, rows_in=3),
+    Case("mixed types in JSONL", _mixed_types, rows_in=4, rejects={"expected a string": 2}),
+    Case("null and blank ids", _null_ids, rows_in=4, rejects={"id is null or empty": 2}),
+    Case("duplicate ids", _duplicate_ids, rows_in=5, rejects={"duplicate id": 2}),
+    Case("empty strings", _empty_strings, rows_in=3, rejects={"both null or empty": 1}),
+    Case("whitespace-only title and content", _whitespace, rows_in=3, rejects={"both null or empty": 1}),
+    Case("non-English text", _non_english, rows_in=3),
+    Case("HTML-laden content", _html, rows_in=1),
+    Case("0-row Parquet file beside a good one", _zero_rows, rows_in=2),
+    Case("0-byte Parquet file", _zero_bytes, 2, "empty file (0 bytes)"),
+    Case("0-byte JSONL file beside a good one", _zero_byte_jsonl, rows_in=2),
+    Case("unreadable permissions", _unreadable, 2, "locked.parquet"),
+    Case("directory with no matching files", _no_matching_files, 2, "holds no .parquet or .jsonl file"),
+    Case("glob matching nothing", _glob_matches_nothing, 2, "*.parquet"),
+    Case("missing path", _missing_path, 2, "does-not-exist.parquet"),
+    Case("CSV file", _csv, 2, "a.csv"),
+    Case("missing content column", _missing_content_column, 2, "content"),
+    Case("integer ids in Parquet", _int_ids_parquet, 2, "int.parquet"),
+    Case("broken JSONL lines, a blank one too", _broken_jsonl_lines, rows_in=6, rejects={"": 4}),
+    Case("label out of range", _labels(12.5), 2, "outside [0, 10]", command="evaluate"),
+    Case("label NaN", _labels(float("nan")), 2, "null or NaN", command="evaluate"),
+    Case("label as a string", _labels("high"), 2, "macro_risk_severity", command="evaluate"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case, exported, tmp_path, runner):
+    if case.name == "unreadable permissions" and os.geteuid() == 0:
+        pytest.skip("root reads any file: permissions cannot be denied to this process")
+    _, model, _ = exported
+    data = tmp_path / "in"
+    data.mkdir()
+    inputs = case.build(data)
+    out = tmp_path / "out"
+    if case.command == "evaluate":
+        args = ["evaluate", "--model", str(model), "--data", inputs[0]]
+    else:
+        args = ["score", "--model", str(model), *[a for i in inputs for a in ("--input", i)], "--out", str(out),
+                "--device", "cpu"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == case.exit_code, result.output
+    if case.exit_code:
+        error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert len(error) == 1 and case.message in error[0], result.output
+        assert not list(out.glob("part-*.parquet")) and not (out / "_done").exists()  # nothing half-made
+        return
+    parts = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))])
+    rejects = pa.concat_tables([pq.read_table(p) for p in sorted((out / "rejects").glob("part-*.parquet"))])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rows_in"] == case.rows_in == parts.num_rows + rejects.num_rows, result.output
+    assert metrics["rows_rejected"] == rejects.num_rows and metrics["invariant_holds"]
+    scored_ids = parts.column("id").to_pylist()
+    assert len(scored_ids) == len(set(scored_ids)), "an id was scored twice"
+    reasons = rejects.column("reason").to_pylist()
+    assert all(reasons) and all(rejects.column("source_file").to_pylist())
+    for fragment, count in case.rejects.items():
+        assert sum(fragment in r for r in reasons) == count, reasons
+    assert rejects.num_rows == sum(case.rejects.values()), reasons
+
+
+def test_corpus_is_broad():
+    assert len(CASES) >= 25 and len({c.name for c in CASES}) == len(CASES)
