@@ -96,3 +96,14 @@ def articles(tmp_path_factory) -> Path:
         for row in table.slice(200, 40).to_pylist():
             handle.write(json.dumps(row) + "\n")
     return root
+
+
+def assert_same_history(whole: Path, resumed: Path, context: object = None) -> None:
+    """Two runs' training_history.json agree epoch by epoch, metric by metric, within float tolerance."""
+    a = json.loads((whole / "training_history.json").read_text())
+    b = json.loads((resumed / "training_history.json").read_text())
+    assert [h["epoch"] for h in a] == [h["epoch"] for h in b], context
+    for x, y in zip(a, b):
+        for split in ("train", "val"):
+            for key in x[split]:
+                assert x[split][key] == pytest.approx(y[split][key], rel=1e-5, abs=1e-6), (context, split, key)

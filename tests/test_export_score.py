@@ -11,7 +11,6 @@ from investment_risk.cli import main
 from investment_risk.export import export_run, verify_model_dir
 from investment_risk.score import ScoreConfig, list_units, score, shard_units
 from investment_risk.spec import DIMENSIONS, default_spec
-from investment_risk.synth import SynthConfig, generate
 from investment_risk.train import TrainConfig, train
 
 

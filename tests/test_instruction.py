@@ -13,6 +13,8 @@ from investment_risk.split import SplitConfig, run_split
 from investment_risk.synth import SynthConfig, generate
 from investment_risk.train import TrainConfig, train
 
+from .conftest import assert_same_history
+
 EXE = str(Path(sys.executable).parent / "investment-risk")
 ARGS = ["--mode", "instruction", "--base-model", "tiny-qwen2", "--epochs", "2", "--batch-size", "8",
         "--learning-rate", "3e-3", "--warmup-steps", "1", "--checkpoint-steps", "2", "--device", "cpu"]
@@ -114,12 +116,7 @@ def test_resume_after_kill_matches(small_split, tmp_path):
     resumed = subprocess.run([EXE, *args, "--out", str(tmp_path / "broken"), "--resume"], capture_output=True, text=True,
                              env=env)
     assert resumed.returncode == 0, resumed.stderr
-    a = json.loads((tmp_path / "whole" / "training_history.json").read_text())
-    b = json.loads((tmp_path / "broken" / "training_history.json").read_text())
-    for x, y in zip(a, b):
-        for split in ("train", "val"):
-            for key in x[split]:
-                assert x[split][key] == pytest.approx(y[split][key], rel=1e-5, abs=1e-6), (split, key)
+    assert_same_history(tmp_path / "whole", tmp_path / "broken", None)
 
 
 def test_missing_reasoning_is_exit_2(small_split, tmp_path, runner):

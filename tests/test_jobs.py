@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from investment_risk.cli import main
-from investment_risk.jobs import JobSettings, build, default_base, to_yaml
+from investment_risk.jobs import default_base, to_yaml
 from investment_risk.score import ScoreConfig, score
 from investment_risk.spec import DIMENSIONS
 from investment_risk.synth import SynthConfig, generate

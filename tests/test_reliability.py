@@ -10,10 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from . import chaos
-from .conftest import TINY_TRAIN_ARGS
+from .conftest import TINY_TRAIN_ARGS, assert_same_history
 
 EXE = str(Path(sys.executable).parent / "investment-risk")
 SEED = int(os.environ.get("RELIABILITY_SEED") or random.SystemRandom().randrange(10**6))
@@ -71,10 +70,4 @@ def test_training_resumed_after_kills_at_random_steps_matches_an_unbroken_run(sp
     assert run_train([*args, *broken, "--resume"], {"_INVESTMENT_RISK_KILL_AT_STEP": str(second)}).returncode == -9, SEED
     done = run_train([*args, *broken, "--resume-if-present"])
     assert done.returncode == 0, done.stderr
-    a = json.loads((tmp_path / "whole" / "training_history.json").read_text())
-    b = json.loads((tmp_path / "broken" / "training_history.json").read_text())
-    assert [h["epoch"] for h in a] == [h["epoch"] for h in b]
-    for x, y in zip(a, b):
-        for split in ("train", "val"):
-            for key in x[split]:
-                assert x[split][key] == pytest.approx(y[split][key], rel=1e-5, abs=1e-6), (SEED, first, second, key)
+    assert_same_history(tmp_path / "whole", tmp_path / "broken", (SEED, first, second))

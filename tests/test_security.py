@@ -65,10 +65,16 @@ def test_remote_code_is_never_run(tmp_path, split_dir, runner):
                      "AutoModelForSequenceClassification": "modeling_evil.EvilModel"}}))
     (evil / "modeling_evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
     (evil / "model.safetensors").write_bytes(b"")
-    for extra in (["--dry-run"], []):
+    for extra in (["--dry-run"], [], ["--mode", "instruction"]):
         result = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, "--base-model", str(evil), "--data", str(split_dir),
                                       "--out", str(tmp_path / "run"), *extra])
-        assert result.exit_code != 0 and result.exit_code in (1, 2), result.output
+        assert result.exit_code == 2 and "ships custom code (auto_map: AutoConfig, AutoModel" in result.output, \
+            result.output
+    # without auto_map, an architecture transformers does not know is refused too, in one line
+    (evil / "config.json").write_text(json.dumps({"model_type": "evil"}))
+    result = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, "--base-model", str(evil), "--data", str(split_dir),
+                                  "--out", str(tmp_path / "run"), "--dry-run"])
+    assert result.exit_code == 2 and result.output.count("Error:") == 1, result.output
     assert not marker.exists()
 
 

@@ -17,7 +17,7 @@ from investment_risk.errors import InputError
 from investment_risk.spec import DIMENSIONS
 from investment_risk.train import TrainConfig, dry_run, train
 
-from .conftest import TINY_TRAIN_ARGS
+from .conftest import TINY_TRAIN_ARGS, assert_same_history
 
 EXE = str(Path(sys.executable).parent / "investment-risk")
 METADATA_KEYS = {"filter_name", "filter_version", "dimension_names", "num_dimensions", "model_name", "num_parameters",
@@ -177,13 +177,7 @@ def test_resume_after_kill_matches_an_unbroken_run(split_dir, tmp_path):
     resumed = run_cli(args + ["--out", str(tmp_path / "broken"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert any(json.loads(line)["event"] == "resumed" for line in resumed.stdout.splitlines() if line.startswith("{"))
-    a = json.loads((tmp_path / "whole" / "training_history.json").read_text())
-    b = json.loads((tmp_path / "broken" / "training_history.json").read_text())
-    assert [h["epoch"] for h in a] == [h["epoch"] for h in b]
-    for x, y in zip(a, b):
-        for split in ("train", "val"):
-            for key in x[split]:
-                assert x[split][key] == pytest.approx(y[split][key], rel=1e-5, abs=1e-6), (split, key)
+    assert_same_history(tmp_path / "whole", tmp_path / "broken", None)
 
 
 def test_dry_run_counts_like_peft_and_writes_nothing(split_dir, tmp_path, tiny_run):

@@ -61,7 +61,10 @@ def causal_lm(base: Any, dtype: Any = None, meta: bool = False, train_embeddings
     from .models import lora_config, quiet_libraries
 
     quiet_libraries()
-    config = AutoConfig.from_pretrained(base.path, trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(base.path, trust_remote_code=False)
+    except (ValueError, KeyError) as exc:  # an unknown architecture, or one that would need remote code
+        raise ConfigError(f"base model {base.name!r} at {base.path}: {str(exc).splitlines()[0]}") from None
     if config.model_type not in CAUSAL_TYPES:
         raise ConfigError(f"--mode instruction needs a causal language model ({', '.join(CAUSAL_TYPES)}); "
                           f"{base.name} is {config.model_type!r}")

@@ -109,6 +109,13 @@ def resolve_base_model(name: str, need_weights: bool = True) -> BaseModel:
 
 
 def _checked(base: BaseModel, need_weights: bool) -> BaseModel:
+    try:
+        config = json.loads((base.path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"base model {base.name!r}: {base.path / 'config.json'} is unreadable ({exc})") from None
+    if config.get("auto_map"):
+        raise InputError(f"base model {base.name!r} at {base.path} ships custom code (auto_map: "
+                         f"{', '.join(sorted(config['auto_map']))}); remote code is never run")
     if need_weights and not base.has_weights:
         pickles = [p.name for p in base.path.glob("*.bin")] + [p.name for p in base.path.glob("*.pt*")]
         hint = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded)" if pickles else ""
@@ -190,8 +197,11 @@ def lora_config(model_type: str, task: str = "SEQ_CLS") -> Any:
 def load_config(base: BaseModel, pad_token_id: int | None = None) -> Any:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(base.path, num_labels=NUM_LABELS, problem_type="regression",
-                                        trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(base.path, num_labels=NUM_LABELS, problem_type="regression",
+                                            trust_remote_code=False)
+    except (ValueError, KeyError) as exc:  # an unknown architecture, or one that would need remote code
+        raise ConfigError(f"base model {base.name!r} at {base.path}: {str(exc).splitlines()[0]}") from None
     if pad_token_id is not None:
         config.pad_token_id = pad_token_id
     return config
