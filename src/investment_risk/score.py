@@ -299,10 +299,9 @@ class ShardScorer:
         return metrics
 
     @staticmethod
-    def _reject_duplicates(item: Prepared, seen_ids: dict[str, str], metrics: ShardMetrics) -> None:
+    def _reject_duplicates(item: Prepared, ids_col: list[Any], seen_ids: dict[str, str], metrics: ShardMetrics) -> None:
         """A second row with an id already scored in this shard is rejected, never scored twice."""
         batch = item.batch
-        ids_col = batch.table.column("id").to_pylist()
         duplicates = set()
         for i, id_ in enumerate(ids_col):
             if i in item.reject_reasons:
@@ -321,7 +320,8 @@ class ShardScorer:
         batch = item.batch
         n = batch.table.num_rows
         metrics.rows_in += n
-        self._reject_duplicates(item, seen_ids, metrics)
+        ids_col = batch.table.column("id").to_pylist()
+        self._reject_duplicates(item, ids_col, seen_ids, metrics)
         scores = np.zeros((n, len(DIMENSIONS)), dtype=np.float32)
         if item.model_rows:
             lengths = np.array([len(t) for t in item.tokens])
@@ -335,7 +335,6 @@ class ShardScorer:
         keep = [i for i in range(n) if i not in item.reject_reasons]
         prefiltered = np.array([i in item.prefilter_reasons for i in keep], dtype=bool)
         tiers, strength = self.spec.assign_tiers(scores[keep], prefiltered)
-        ids_col = batch.table.column("id").to_pylist()
         kept_ids = [ids_col[i] for i in keep]
         # Prefiltered rows were never scored: their scores and strength are null, their tier is NOISE.
         score_mask = np.repeat(prefiltered[:, None], len(DIMENSIONS), axis=1)
@@ -393,7 +392,9 @@ def score(config: ScoreConfig) -> dict[str, Any]:
             model_path / "training_metadata.json").exists() else None
         if meta is None:
             raise InputError(f"{model_path}: neither an exported model (model.json) nor a training run")
-        info = {"max_length": meta.get("prompt_max_length") or meta["max_length"], "model_version": f"run:{model_path.name}", "pad_token_id": None,
+        # An instruction run's prompts get the budget it trained them with (prompt_max_length).
+        info = {"max_length": meta.get("prompt_max_length") or meta["max_length"],
+                "model_version": f"run:{model_path.name}", "pad_token_id": None,
                 "input_format": "instruction" if meta.get("training_mode") == "instruction" else "article"}
     tokenizer = load_tokenizer(model_path if (model_path / "tokenizer_config.json").exists() else model_path / "model")
     from .runners import make_runner
