@@ -140,6 +140,8 @@ def cycle(n: int, plan: dict, model: Path, inputs: Path, total: int, ids: set[st
             problems.append(f"a racing scorer exited {record['exit_codes']}")
     elif plan["kind"] == "point":
         record["killed_exit_code"] = run(cmd, {"_INVESTMENT_RISK_KILL_AT": plan["point"]})
+        if record["killed_exit_code"] != -9:  # a renamed point would otherwise make a cycle with no fault
+            problems.append(f"the fault at {plan['point']} never fired (exit {record['killed_exit_code']})")
     else:
         record["killed_exit_code"] = run(cmd, kill_after=plan["after_s"])
     record["rerun_exit_codes"] = [run(score_cmd(model, inputs, out, s)) for s in range(SHARDS)]
@@ -222,6 +224,7 @@ def main() -> None:
             print(f"cycle {record['cycle']} ({record['kind']}): {problem}")
     print(f"details: {args.out}  seed={report['seed']}  wall={report['wall_s']}s  kinds={report['kinds']}")
     print(f"cycles={report['cycles']} violations={report['violations']}")
+    raise SystemExit(1 if report["violations"] else 0)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import kmock
 
+WAITING = "<container waiting to start>"
+
 
 class FakeCluster:
     def __init__(self) -> None:
@@ -56,7 +58,12 @@ class FakeCluster:
 
         def serve_log(request: Any) -> Any:
             text = self.pod_logs.get((request.namespace, request.name))
-            return kmock.KubernetesObjectNotFoundError() if text is None else text.encode()
+            if text is None:
+                return kmock.KubernetesObjectNotFoundError()
+            if text == WAITING:  # what the API server says while the container is pulling or pending
+                return kmock.KubernetesError(status=400, reason="BadRequest",
+                                             message=f'container "main" in pod "{request.name}" is waiting to start')
+            return text.encode()
 
         emulator[kmock.action.LIST, lambda request: "labelSelector" in request.params] << list_selected
         emulator[kmock.resource("v1/pods"), kmock.subresource("log"), "get"] << {"Content-Type": "text/plain"} << serve_log

@@ -175,7 +175,8 @@ def test_bad_rows_become_rejects_with_reasons(exported, tmp_path):
     reasons = dict(zip(rejects.column("row_number").to_pylist(), rejects.column("reason").to_pylist()))
     assert "id is null" in reasons[1] and "both null or empty" in reasons[2]
     assert "expected a string" in reasons[3] and "invalid JSON" in reasons[4] and "1000000-byte limit" in reasons[5]
-    assert reasons[6] == "duplicate id 'ok-1' (first seen at mixed.jsonl row 0)"
+    assert reasons[6] == "duplicate id (first seen at mixed.jsonl row 0): 'ok-1'"
+    assert merged["reject_reasons"]["duplicate id"] == 1
     assert set(rejects.column("source_file").to_pylist()) == {str(path)}
     assert merged["duplicate_ids"] == 1
 
@@ -239,8 +240,27 @@ def test_metrics_and_merge_command(exported, articles, tmp_path, runner):
     assert 'investment_risk_rows{shard="1",outcome="in"}' in prom and "# TYPE investment_risk_rows gauge" in prom
     result = runner.invoke(main, ["score-merge", "--out", str(out), "--expect-shards", "2"])
     assert result.exit_code == 1 and "1 of 2 shards are done" in result.output
-    result = runner.invoke(main, ["score-merge", "--out", str(out)])
-    assert result.exit_code == 0 and json.loads((out / "metrics.json").read_text())["shards"] == 1
+    result = runner.invoke(main, ["score-merge", "--out", str(out)])  # the shard says there are 2
+    assert result.exit_code == 1 and "1 of 2 shards are done" in result.output
+    assert json.loads((out / "metrics.json").read_text())["shards"] == 1  # the partial merge is still written
+    result = runner.invoke(main, ["score-merge", "--out", str(tmp_path / "not-yet"), "--expect-shards", "2"])
+    assert result.exit_code == 1 and "0 of 2 shards are done" in result.output  # retried, not a FailJob exit 2
+    score(ScoreConfig(model=model, inputs=(str(articles / "a.parquet"),), out=out, shard_count=2, shard_index=0))
+    result = runner.invoke(main, ["score-merge", "--out", str(out), "--expect-shards", "2", "--wait-seconds", "5"])
+    assert result.exit_code == 0 and json.loads((out / "metrics.json").read_text())["complete"]
+
+
+def test_merge_waits_for_the_missing_shards(exported, articles, tmp_path):
+    import threading
+
+    from investment_risk.metrics_io import merge_until_complete
+    _, model, _ = exported
+    out = tmp_path / "w"
+    late = threading.Timer(0.5, lambda: score(ScoreConfig(model=model, inputs=(str(articles / "a.parquet"),), out=out)))
+    late.start()
+    merged = merge_until_complete(out, expect_shards=1, wait_seconds=120, poll_seconds=0.2)
+    late.join()
+    assert merged["complete"] and merged["shards"] == 1
 
 
 def test_evaluate_an_exported_model_matches_the_run(exported, split_dir, runner, tmp_path):

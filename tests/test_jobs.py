@@ -20,7 +20,7 @@ from investment_risk.score import ScoreConfig, score
 from investment_risk.spec import DIMENSIONS
 from investment_risk.synth import SynthConfig, generate
 
-from .k8s_fake import FakeCluster
+from .k8s_fake import WAITING, FakeCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -100,6 +100,9 @@ def test_overlays_set_the_hardware(kueue_overlay):
         if spec.get("completionMode") == "Indexed":
             args = spec["template"]["spec"]["containers"][0]["args"]
             assert spec["completions"] == 2 and args[args.index("--shard-count") + 1] == "2", name
+        elif "merge" in name:
+            args = spec["template"]["spec"]["containers"][0]["args"]
+            assert args[args.index("--expect-shards") + 1] == "2"
     queued = [d for d in docs_of(kustomize(kueue_overlay)) if d["kind"] == "Job"]
     assert all(d["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == NS for d in queued)
 
@@ -141,7 +144,10 @@ def test_pods_follow_the_restricted_profile_and_failure_policy():
     cron = next(d for d in docs if d["kind"] == "CronJob")["spec"]
     assert cron["concurrencyPolicy"] == "Forbid" and cron["startingDeadlineSeconds"] > 0 and cron["timeZone"]
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
-    assert config["HF_TOKEN_PATH"] == "/var/run/secrets/huggingface/token" and config["HF_HOME"].startswith("/cache/")
+    assert config["HF_TOKEN_PATH"] == "/var/run/secrets/huggingface/token" and config["HF_HOME"].startswith("/models/")
+    assert all(d["spec"].get("suspend") for d in docs if d["kind"] == "Job")  # templates: applying starts nothing
+    merge = pod_specs(docs)["investment-risk-merge"]["template"]["spec"]["containers"][0]["args"]
+    assert merge[merge.index("--expect-shards") + 1] == str(indexed["completions"]) and "--wait-seconds" in merge
     role = next(d for d in docs if d["kind"] == "Role")
     assert {r for rule in role["rules"] for r in rule["resources"]} == {"jobs", "pods", "pods/log"}
     assert not any("*" in rule["verbs"] for rule in role["rules"])
@@ -250,6 +256,8 @@ def _finish_when_created(fake, name: str, status: dict, pods: int = 2) -> thread
             if fake.requests("post", "batch/v1/jobs"):
                 break
             time.sleep(0.05)
+        fake.seed_pod(NS, name, f"{name}-{pods}-pending", "Pending", WAITING, index=pods)  # no log yet: skipped
+        time.sleep(0.3)
         for i in range(pods):
             fake.seed_pod(NS, name, f"{name}-{i}-x", "Succeeded", LOG, exit_code=0, index=i)
         time.sleep(0.3)
@@ -338,3 +346,16 @@ def test_run_local_exit_2_fails_the_job_and_unmapped_pvcs_are_refused(tmp_path, 
                                   "--mount", f"/data={tmp_path / 'data'}", "--mount", f"/models={tmp_path / 'models'}"])
     assert result.exit_code == 2, result.output  # the model is missing: exit 2 -> FailJob, no retries
     assert "failed" in result.output
+
+
+def test_run_local_maps_each_path_once_and_option_values_too(tmp_path):
+    from investment_risk.runlocal import pod_environment
+    docs = docs_of(__import__("investment_risk.jobs", fromlist=["to_yaml"]).to_yaml(
+        default_base()["shared.yaml"] + default_base()["score-job.yaml"]))
+    job = next(d for d in docs if d["kind"] == "Job")
+    job["spec"]["template"]["spec"]["containers"][0]["args"] += ["--cache=$(INVESTMENT_RISK_CACHE)", "--x=/data/y"]
+    mounts = {"/data": tmp_path / "data", "/cache": tmp_path / "scratch" / "cache", "/tmp": tmp_path / "scratch" / "tmp"}
+    args, env = pod_environment(job, docs, mounts, 2)
+    assert f"--cache={tmp_path}/scratch/cache/investment-risk" in args and f"--x={tmp_path}/data/y" in args
+    assert env["INVESTMENT_RISK_CACHE"] == f"{tmp_path}/scratch/cache/investment-risk"
+    assert env["JOB_COMPLETION_INDEX"] == "2" and env["JOB_NAME"] == job["metadata"]["name"]

@@ -21,12 +21,9 @@ SEED = int(os.environ.get("RELIABILITY_SEED") or random.SystemRandom().randrange
 def test_scoring_is_exactly_once_under_faults(exported, tmp_path):
     _, model, _ = exported
     inputs, total, ids, typical_s = chaos.prepare(model, tmp_path)
-    plans = [{"kind": "point", "shard": 0, "point": chaos.POINTS[0].format(shard=0)},  # rejects in, part not
-             {"kind": "point", "shard": 1, "point": chaos.POINTS[1].format(shard=1)},  # part in, no _done
-             {"kind": "point", "shard": 0, "point": chaos.POINTS[2].format(shard=0)},  # while writing metrics
-             {"kind": "point", "shard": 1, "point": chaos.POINTS[5].format(shard=1)},  # done, merge not yet
-             {"kind": "random", "shard": 0, "after_s": round(random.Random(SEED).uniform(0.3, typical_s), 3)},
-             {"kind": "race", "shard": 1}]
+    plans = [{"kind": "point", "shard": n % 2, "point": point.format(shard=n % 2)} for n, point in enumerate(chaos.POINTS)]
+    plans += [{"kind": "random", "shard": 0, "after_s": round(random.Random(SEED).uniform(0.3, typical_s), 3)},
+              {"kind": "race", "shard": 1}]
     for n, plan in enumerate(plans):
         record = chaos.cycle(n, plan, model, inputs, total, ids, tmp_path)
         assert not record["violations"], (SEED, record)

@@ -233,21 +233,20 @@ def score_command(model: Path, inputs: tuple[str, ...], out: Path, shard_index: 
 
 
 @main.command("score-merge")
-@option("--out", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+@option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
         help="A scoring output directory.")
 @option("--expect-shards", type=click.IntRange(min=1), default=None,
-        help="Fail (exit 1) unless this many shards are done.")
-def score_merge_command(out: Path, expect_shards: int | None) -> None:
+        help="Fail (exit 1) unless this many shards are done (and every shard of the count they were scored with).")
+@option("--wait-seconds", type=click.FloatRange(min=0), default=0.0, show_default=True,
+        help="Wait up to this long for the missing shards, checking every 30 s (what the merge Job does).")
+def score_merge_command(out: Path, expect_shards: int | None, wait_seconds: float) -> None:
     """Merge the finished shards' metrics into OUT/metrics.json and OUT/metrics.prom (the Jobs' last step)."""
-    from .errors import RetryableError
-    from .metrics_io import merge_metrics
+    from .metrics_io import merge_until_complete
 
     bind(stage="merge")
-    merged = merge_metrics(out)
+    merged = merge_until_complete(out, expect_shards, wait_seconds)
     get_logger().info("metrics_merged", shards=merged["shards"], rows_in=merged["rows_in"],
                       invariant_holds=merged["invariant_holds"])
-    if expect_shards is not None and merged["shards"] < expect_shards:
-        raise RetryableError(f"{out}: {merged['shards']} of {expect_shards} shards are done")
     click.echo(json.dumps({k: merged[k] for k in ("shards", "rows_in", "rows_scored", "rows_rejected", "tier_counts")}),
                err=not sys.stdout.isatty())
 

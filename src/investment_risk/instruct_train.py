@@ -279,12 +279,17 @@ class _ConstrainedDecoder:
     def __init__(self, tokenizer: Any, max_new_tokens: int) -> None:
         from .instruct import answer_grammar, format_target
 
+        self.tokenizer = tokenizer
         self.grammar = answer_grammar()
-        self.pieces = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+        # Each token's text as it reads after other text: decoded behind an anchor, because SentencePiece
+        # tokenizers drop a token's leading space when it is decoded alone.
+        anchor = tokenizer("a", add_special_tokens=False)["input_ids"]
+        offset = len(tokenizer.decode(anchor))
+        self.pieces = [tokenizer.decode(anchor + [i])[offset:] for i in range(len(tokenizer))]
         self.special = set(tokenizer.all_special_ids)
-        # Tokens the longest possible JSON needs, with slack for a tokenizer that splits numbers into digits.
-        json_tokens = len(tokenizer(format_target("", [10.0] * len(DIMENSIONS)), add_special_tokens=False)["input_ids"])
-        self.paragraph_budget = max(max_new_tokens - 2 * json_tokens, 0)
+        # Room for the longest JSON even if the grammar makes the model spell it one character per token.
+        json_chars = len(format_target("", [10.0] * len(DIMENSIONS)))
+        self.paragraph_budget = max(max_new_tokens - json_chars, 0)
         self.max_new_tokens = max_new_tokens
 
     def _allowed(self, text: str, piece: str, token: int, close_paragraph: bool) -> bool:
@@ -295,7 +300,8 @@ class _ConstrainedDecoder:
         return self.grammar.fullmatch(text + piece, partial=True) is not None
 
     def _pick(self, logits: Any, text: str, close_paragraph: bool) -> int | None:
-        order = logits.argsort(descending=True).tolist()
+        # The embedding matrix may be padded past the tokenizer's vocabulary: those ids are never candidates.
+        order = logits[: len(self.pieces)].argsort(descending=True).tolist()
         for token in order[: self.CANDIDATES] + order[self.CANDIDATES:]:
             if self._allowed(text, self.pieces[token], token, close_paragraph):
                 return token
@@ -309,14 +315,16 @@ class _ConstrainedDecoder:
         # The cache argument was renamed (past_key_values -> cache) in transformers 5.2x; the cache fills in place.
         forward = inspect.signature(type(lm.get_base_model()).forward).parameters
         cache = {"cache" if "cache" in forward else "past_key_values": DynamicCache()}
-        text, step_ids = "", ids
+        text, step_ids, generated = "", ids, []
         for step in range(self.max_new_tokens):
             out = lm(input_ids=step_ids, use_cache=True, **cache)
             token = self._pick(out.logits[0, -1].float(), text, step >= self.paragraph_budget)
             if token is None:
                 break
+            generated.append(token)
             text += self.pieces[token]
             if self.grammar.fullmatch(text) is not None:
                 break
             step_ids = ids.new_tensor([[token]])
-        return text
+        # The pieces steer the grammar; the answer is the ids decoded together (multi-byte characters intact).
+        return self.tokenizer.decode(generated, skip_special_tokens=True)

@@ -232,7 +232,10 @@ def merge_job(name: str, out: str, shards: int, settings: JobSettings) -> dict[s
     """The last step: merge the shards' metrics; exits 1 (and is retried) until all shards are done."""
     check_name(name)
     small = replace(settings, profile="cpu")  # merging reads JSON: no accelerator
-    container = _container("merge", ["score-merge", "--out", out, "--expect-shards", str(shards)], small, gpu=False)
+    # The pod waits for the shards itself (the Job's backoff would give up after minutes, scoring takes hours).
+    wait = str(max(settings.deadline_s - 600, 60))
+    container = _container("merge", ["score-merge", "--out", out, "--expect-shards", str(shards), "--wait-seconds", wait],
+                           small, gpu=False)
     return {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(name, settings, "merge", queue=True),
         "spec": {"backoffLimit": 6, "activeDeadlineSeconds": settings.deadline_s, "ttlSecondsAfterFinished": settings.ttl_s,
@@ -280,7 +283,8 @@ def shared_resources(settings: JobSettings) -> list[dict[str, Any]]:
                                                                "labels": _labels("settings")},
          "data": {
              "INVESTMENT_RISK_LOG_FORMAT": "json", "INVESTMENT_RISK_LOG_LEVEL": "info",
-             "HF_HOME": f"{CACHE_MOUNT}/huggingface", "INVESTMENT_RISK_CACHE": f"{CACHE_MOUNT}/investment-risk",
+             # The Hugging Face cache lives on the models PVC: stage the base model there once (see the README).
+             "HF_HOME": f"{MODELS_MOUNT}/huggingface", "INVESTMENT_RISK_CACHE": f"{CACHE_MOUNT}/investment-risk",
              "HF_HUB_OFFLINE": "1", "HF_TOKEN_PATH": f"{HF_TOKEN_DIR}/token", "TOKENIZERS_PARALLELISM": "false",
              "MPLCONFIGDIR": "/tmp/matplotlib",
          }},
@@ -308,18 +312,27 @@ def shared_resources(settings: JobSettings) -> list[dict[str, Any]]:
     ]
 
 
+def _suspended(job: dict[str, Any]) -> dict[str, Any]:
+    job["spec"]["suspend"] = True
+    return job
+
+
 def default_base(settings: JobSettings | None = None) -> dict[str, list[dict[str, Any]]]:
-    """What k8s/base holds: file name -> documents, for the default settings."""
+    """What k8s/base holds: file name -> documents, for the default settings.
+
+    The three Jobs are suspended templates: `kubectl apply -k` starts nothing but the nightly CronJob. Launch runs
+    with `jobs submit` (fresh names), or unsuspend a template once its inputs exist."""
     settings = settings or JobSettings()
     nightly = ScoreSpec(name=f"{APP}-nightly", model=f"{MODELS_MOUNT}/current", inputs=(f"{DATA_MOUNT}/incoming",),
                         out=f"{DATA_MOUNT}/scored/$(JOB_NAME)", shards=4)
     batch = replace(nightly, name=f"{APP}-score", out=f"{DATA_MOUNT}/scored/{APP}-score")
     return {
         "shared.yaml": shared_resources(settings),
-        "train-job.yaml": [train_job(TrainSpec(name=f"{APP}-train", mode="distillation", data=f"{DATA_MOUNT}/splits/latest",
-                                               out=f"{MODELS_MOUNT}/runs/{APP}-train"), settings)],
-        "score-job.yaml": [score_job(batch, settings)],
-        "merge-job.yaml": [merge_job(f"{APP}-merge", batch.out, batch.shards, settings)],
+        "train-job.yaml": [_suspended(train_job(TrainSpec(
+            name=f"{APP}-train", mode="distillation", data=f"{DATA_MOUNT}/splits/latest",
+            out=f"{MODELS_MOUNT}/runs/{APP}-train"), settings))],
+        "score-job.yaml": [_suspended(score_job(batch, settings))],
+        "merge-job.yaml": [_suspended(merge_job(f"{APP}-merge", batch.out, batch.shards, settings))],
         "nightly-cronjob.yaml": [nightly_cronjob(nightly, settings)],
     }
 

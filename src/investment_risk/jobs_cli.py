@@ -209,6 +209,7 @@ def run_local_command(manifest: Path, job_name: str | None, mounts: tuple[str, .
     mapped = dict(_mount(m) for m in mounts)
     result = run_local(manifest, mapped, job_name, parallelism)
     click.echo(f"job {result.job}: {len(result.succeeded)}/{result.completions} indexes succeeded"
-               + (f", failed {result.failed}" if result.failed else ""), err=not sys.stdout.isatty())
+               + (f", failed {result.failed}" if result.failed else "")
+               + (f" ({result.fail_reason})" if result.fail_reason else ""), err=not sys.stdout.isatty())
     if not result.ok:
-        raise click.exceptions.Exit(2 if result.failed_job else 1)
+        raise click.exceptions.Exit(2 if result.fail_reason == "PodFailurePolicy" else 1)

@@ -1,7 +1,7 @@
 """Talking to a cluster with the official client: submit, wait, status, logs, cancel.
 
-API failures become the package's errors in one place (`_api_errors`): no cluster or refused connections are
-retryable (exit 1); forbidden, not found and conflicts are configuration problems (exit 2).
+API failures become the package's errors in one place (`_api_errors`): an unreachable API server is retryable
+(exit 1); no cluster configured, forbidden, not found and conflicts are configuration problems (exit 2).
 """
 
 from __future__ import annotations
@@ -124,14 +124,22 @@ def exit_code_for(status: dict[str, Any]) -> int:
 
 
 def pod_logs(cluster: Cluster, name: str, tail: int | None = None) -> list[tuple[str, str]]:
-    """(pod name, log text) for every pod of the Job, in name order."""
+    """(pod name, log text) for every pod of the Job that has a log yet, in name order."""
+    from kubernetes.client.rest import ApiException
+
     with _api_errors(f"logs of job {name} in namespace {cluster.namespace}"):
         pods = cluster.core.list_namespaced_pod(cluster.namespace, label_selector=f"{JOB_NAME_LABEL}={name}").items
         out = []
         for pod in sorted(pods, key=lambda p: p.metadata.name):
             kwargs = {"tail_lines": tail} if tail else {}
-            out.append((pod.metadata.name, cluster.core.read_namespaced_pod_log(pod.metadata.name, cluster.namespace,
-                                                                                **kwargs)))
+            try:
+                text = cluster.core.read_namespaced_pod_log(pod.metadata.name, cluster.namespace, **kwargs)
+            except ApiException as exc:
+                # 400: the container is still waiting to start (pulling, pending); 404: the pod just went away.
+                if exc.status in (400, 404):
+                    continue
+                raise
+            out.append((pod.metadata.name, text))
     return out
 
 

@@ -124,10 +124,25 @@ def label_metrics(sums: dict[str, list[float]]) -> dict[str, Any]:
     return out
 
 
+def _done_shards(out_dir: Path) -> set[str]:
+    return {p.name for p in (out_dir / "_done").glob("part-*")} if (out_dir / "_done").exists() else set()
+
+
 def merge_metrics(out_dir: Path) -> dict[str, Any]:
-    """Merge every finished shard's metrics into OUT/metrics.json (and metrics.prom); safe to run at any time."""
+    """Merge every finished shard's metrics into OUT/metrics.json (and metrics.prom); safe to run at any time.
+
+    Shards finish concurrently and each merges: a merge that a shard finished during is done again, so a writer
+    that saw fewer shards can never be the last word."""
+    for _ in range(10):
+        done = _done_shards(out_dir)
+        merged = _merge_once(out_dir, done)
+        if _done_shards(out_dir) == done:
+            break
+    return merged
+
+
+def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
     parts = sorted((out_dir / "metrics").glob("part-*.json"))
-    done = {p.name for p in (out_dir / "_done").glob("part-*")} if (out_dir / "_done").exists() else set()
     shards = [json.loads(p.read_text()) for p in parts if p.stem in done]
     merged: dict[str, Any] = {"shards": len(shards), "shard_count": max((s["shard_count"] for s in shards), default=0),
                               "shards_done": sorted(s["shard"] for s in shards)}
@@ -161,6 +176,23 @@ def merge_metrics(out_dir: Path) -> dict[str, Any]:
         write_json_atomic(merged, out_dir / "metrics.json")
         write_prometheus(merged, out_dir / "metrics.prom")
     return merged
+
+
+def merge_until_complete(out_dir: Path, expect_shards: int | None, wait_seconds: float = 0.0,
+                         poll_seconds: float = 30.0) -> dict[str, Any]:
+    """Merge once every expected shard is done: at least `expect_shards`, and every shard of the count the done
+    shards were scored with. Waits up to `wait_seconds`; a directory not made yet counts as no shard done."""
+    from .errors import RetryableError
+
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        merged = merge_metrics(out_dir) if out_dir.is_dir() else {"shards": 0, "shard_count": 0}
+        needed = max(expect_shards or 0, merged["shard_count"], 1)
+        if merged["shards"] >= needed:
+            return merged
+        if time.monotonic() >= deadline:
+            raise RetryableError(f"{out_dir}: {merged['shards']} of {needed} shards are done")
+        time.sleep(min(poll_seconds, max(deadline - time.monotonic(), 0.0)))
 
 
 def write_prometheus(metrics: dict[str, Any], dest: Path) -> None:

@@ -32,7 +32,8 @@ class LocalResult:
     succeeded: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     exit_codes: dict[int, list[int]] = field(default_factory=dict)
-    failed_job: bool = False  # a podFailurePolicy FailJob rule fired
+    failed_job: bool = False  # the Job failed as a whole: see fail_reason
+    fail_reason: str | None = None  # PodFailurePolicy (an exit code with a FailJob rule) or FailedIndexes
 
     @property
     def ok(self) -> bool:
@@ -52,11 +53,13 @@ def load_manifests(path: Path) -> list[dict[str, Any]]:
 
 
 def pick_job(docs: list[dict[str, Any]], name: str | None, source: Path) -> dict[str, Any]:
-    jobs = [d for d in docs if d["kind"] == "Job" and (name is None or d["metadata"]["name"] == name)]
+    all_jobs = [d for d in docs if d["kind"] == "Job"]
+    jobs = [d for d in all_jobs if name is None or d["metadata"]["name"] == name]
     if len(jobs) != 1:
-        found = ", ".join(d["metadata"]["name"] for d in docs if d["kind"] == "Job") or "none"
-        raise ConfigError(f"{source}: {'no Job named ' + repr(name) if name else 'more than one Job'} "
-                          f"(Jobs in the file: {found}); pass --job NAME")
+        found = ", ".join(d["metadata"]["name"] for d in all_jobs) or "none"
+        problem = (f"no Job named {name!r}" if name else "no Job" if not all_jobs else "more than one Job")
+        raise ConfigError(f"{source}: {problem} (Jobs in the file: {found}); render one with `jobs render KIND`"
+                          + (" and pass --job NAME" if len(all_jobs) > 1 else ""))
     return jobs[0]
 
 
@@ -94,9 +97,17 @@ def pod_environment(job: dict[str, Any], docs: list[dict[str, Any]], mounts: dic
             env[item["name"]] = job["metadata"]["name"]
     if index is not None:
         env["JOB_COMPLETION_INDEX"] = str(index)
-    env = {k: _map_path(v, mounts) for k, v in env.items()}
-    args = [_map_path(_expand(a, env), mounts) for a in [*container.get("command", []), *container.get("args", [])]]
-    return args, env
+    # Expand $(VAR) with the pod's values first, then map paths once (mapping twice would nest the local dirs).
+    args = [_map_arg(_expand(a, env), mounts) for a in [*container.get("command", []), *container.get("args", [])]]
+    return args, {k: _map_path(v, mounts) for k, v in env.items()}
+
+
+def _map_arg(arg: str, mounts: dict[str, Path]) -> str:
+    """A path argument, or the value of `--option=/path`, mapped to its local directory."""
+    if arg.startswith("-") and "=" in arg:
+        option, value = arg.split("=", 1)
+        return f"{option}={_map_path(value, mounts)}"
+    return _map_path(arg, mounts)
 
 
 def _mounts(job: dict[str, Any], given: dict[str, Path], scratch: Path) -> dict[str, Path]:
@@ -127,7 +138,9 @@ def run_local(manifest: Path, mounts: dict[str, Path], job_name: str | None = No
     indexed = spec.get("completionMode") == "Indexed"
     completions = int(spec.get("completions") or 1)
     width = max(1, int(parallelism or spec.get("parallelism") or 1))
-    retries = int(spec.get("backoffLimitPerIndex", spec.get("backoffLimit", 0)))
+    per_index = "backoffLimitPerIndex" in spec
+    retries = int(spec["backoffLimitPerIndex"] if per_index else spec.get("backoffLimit", 6))  # 6: the API default
+    max_failed = int(spec["maxFailedIndexes"]) if per_index and "maxFailedIndexes" in spec else None
     fail_job_codes = {code for rule in spec.get("podFailurePolicy", {}).get("rules", [])
                       if rule.get("action") == "FailJob" for code in rule.get("onExitCodes", {}).get("values", [])}
     result = LocalResult(job["metadata"]["name"], completions)
@@ -156,12 +169,16 @@ def run_local(manifest: Path, mounts: dict[str, Path], job_name: str | None = No
                 if code == 0:
                     result.succeeded.append(index)
                 elif code in fail_job_codes:
-                    result.failed_job = True
+                    result.failed_job, result.fail_reason = True, "PodFailurePolicy"
                     result.failed.append(index)
                 elif attempts[index] <= retries:
                     pending.append(index)
                 else:
                     result.failed.append(index)
+                    # Past maxFailedIndexes (or, without per-index limits, any index out of retries) the controller
+                    # fails the Job and stops its other pods.
+                    if max_failed is None or len(result.failed) > max_failed:
+                        result.failed_job, result.fail_reason = True, "FailedIndexes"
         for proc in running.values():  # FailJob: the remaining pods are terminated, as the Job controller does
             proc.terminate()
             proc.wait()

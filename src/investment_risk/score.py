@@ -307,7 +307,8 @@ class ShardScorer:
             if i in item.reject_reasons:
                 continue
             if id_ in seen_ids:
-                item.reject_reasons[i] = f"duplicate id {id_!r} (first seen at {seen_ids[id_]})"
+                # The id goes after the colon, so metrics group all duplicates under one reason.
+                item.reject_reasons[i] = f"duplicate id (first seen at {seen_ids[id_]}): {id_!r}"
                 duplicates.add(i)
             else:
                 seen_ids[id_] = f"{batch.path.name} row {batch.start_row + i}"
