@@ -20,7 +20,7 @@ PROFILE ?= gpu
 NAMESPACE ?= investment-risk
 JOB_ARGS ?= --wait
 
-.PHONY: install demo test bench bench-learning chaos clean k8s lock image train-job score-job
+.PHONY: install demo test bench bench-learning bench-instruction chaos clean k8s lock image train-job score-job
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,9 @@ bench: install
 
 bench-learning: install
 	bash bench/learning.sh
+
+bench-instruction: install
+	bash bench/instruction.sh
 
 k8s: install
 	$(BIN)/python tools/render_k8s_base.py
