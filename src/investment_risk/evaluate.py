@@ -34,13 +34,13 @@ def _predict_instruction(run_dir: Path, table: Any, batch_size: int, device_name
     from collections import Counter
 
     from .instruct import parse_generation
-    from .instruct_train import generate_explanations, head_scores, load_instruction_run, prompt_tokens
+    from .instruct_train import generate_explanations, head_scores, load_instruction_run, prompt_budget, prompt_tokens
 
     device = pick_device(device_name)
     model, tokenizer, metadata = load_instruction_run(run_dir)
     model.to(device)
     rows = prompt_tokens(tokenizer, table.column("title").to_pylist(), table.column("content").to_pylist(),
-                         int(metadata.get("prompt_max_length") or metadata["max_length"]))
+                         prompt_budget(metadata))
     pred = head_scores(model, rows, tokenizer.pad_token_id, batch_size, device)
     extra: dict[str, Any] = {}
     if explain:

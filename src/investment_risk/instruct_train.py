@@ -227,6 +227,11 @@ def load_instruction_run(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, di
     return model.eval(), tokenizer, metadata
 
 
+def prompt_budget(metadata: dict[str, Any]) -> int:
+    """The tokens a run's prompts may take when scored: what training left them (instruction), else max_length."""
+    return int(metadata.get("prompt_max_length") or metadata["max_length"])
+
+
 def prompt_tokens(tokenizer: Any, titles: list[str | None], contents: list[str | None], max_length: int) -> list[np.ndarray]:
     """Prompt-only token ids (instruction + article, no target): what the score head and generation read."""
     return [np.asarray(build_prompt(tokenizer, t, c, max_length).prompt_ids, dtype=np.int64)

@@ -13,55 +13,52 @@ from .cli import option
 from .errors import ConfigError
 from .logs import bind
 
-KIND = click.Choice(["train", "score", "merge", "nightly"])
+
+def _options(*decorators: Any) -> Any:
+    """One decorator applying several Click options, listed in the order --help shows them."""
+    def apply(fn: Any) -> Any:
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+    return apply
 
 
-def settings_options(fn: Any) -> Any:
-    """Where and how the pods run."""
-    for decorator in reversed([
-        option("--image", default="ghcr.io/investment-risk/investment-risk:0.1.0", show_default=True,
-               help="Container image (pin a digest in production)."),
-        option("--namespace", default="investment-risk", show_default=True),
-        option("--profile", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
-               help="gpu: 1 GPU per pod, tolerations, --device cuda. cpu: small CPU pods."),
-        option("--queue", default=None, help="Kueue LocalQueue name (adds the kueue.x-k8s.io/queue-name label)."),
-    ]):
-        fn = decorator(fn)
-    return fn
+# Where and how the pods run.
+settings_options = _options(
+    option("--image", default="ghcr.io/investment-risk/investment-risk:0.1.0", show_default=True,
+           help="Container image (pin a digest in production)."),
+    option("--namespace", default="investment-risk", show_default=True),
+    option("--profile", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+           help="gpu: 1 GPU per pod, tolerations, --device cuda. cpu: small CPU pods."),
+    option("--queue", default=None, help="Kueue LocalQueue name (adds the kueue.x-k8s.io/queue-name label)."),
+)
 
+# What the Job does; paths are as the pod sees them (/data and /models are the PVCs).
+job_options = _options(
+    option("--name", default=None, help="Job name (default: investment-risk-<kind>-<UTC time>)."),
+    option("--mode", type=click.Choice(["distillation", "instruction"]), default="distillation", show_default=True,
+           help="train: the training mode."),
+    option("--data", default="/data/splits/latest", show_default=True, help="train: the split directory."),
+    option("--base-model", default="qwen2.5-1.5b", show_default=True, help="train: preset or path."),
+    option("--model", default="/models/current", show_default=True, help="score: the exported model directory."),
+    option("--input", "inputs", multiple=True, default=("/data/incoming",), show_default=True,
+           help="score: input files, directories or globs; repeat for more."),
+    option("--out", default=None, help="Output: the run directory (train) or scoring directory (score, merge)."),
+    option("--shards", type=click.IntRange(min=1), default=4, show_default=True, help="score: completions."),
+    option("--parallelism", type=click.IntRange(min=1), default=None, help="score: pods at once (default: all)."),
+    option("--backend", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True),
+    option("--schedule", default="30 2 * * *", show_default=True, help="nightly: cron schedule."),
+    option("--time-zone", default="Etc/UTC", show_default=True, help="nightly: IANA time zone of the schedule."),
+    option("--extra-arg", "extra_args", multiple=True, help="Passed through to the pod's command; repeatable."),
+)
 
-def job_options(fn: Any) -> Any:
-    """What the Job does; paths are as the pod sees them (/data and /models are the PVCs)."""
-    for decorator in reversed([
-        option("--name", default=None, help="Job name (default: investment-risk-<kind>-<UTC time>)."),
-        option("--mode", type=click.Choice(["distillation", "instruction"]), default="distillation", show_default=True,
-               help="train: the training mode."),
-        option("--data", default="/data/splits/latest", show_default=True, help="train: the split directory."),
-        option("--base-model", default="qwen2.5-1.5b", show_default=True, help="train: preset or path."),
-        option("--model", default="/models/current", show_default=True, help="score: the exported model directory."),
-        option("--input", "inputs", multiple=True, default=("/data/incoming",), show_default=True,
-               help="score: input files, directories or globs; repeat for more."),
-        option("--out", default=None, help="Output: the run directory (train) or scoring directory (score, merge)."),
-        option("--shards", type=click.IntRange(min=1), default=4, show_default=True, help="score: completions."),
-        option("--parallelism", type=click.IntRange(min=1), default=None, help="score: pods at once (default: all)."),
-        option("--backend", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True),
-        option("--schedule", default="30 2 * * *", show_default=True, help="nightly: cron schedule."),
-        option("--time-zone", default="Etc/UTC", show_default=True, help="nightly: IANA time zone of the schedule."),
-        option("--extra-arg", "extra_args", multiple=True, help="Passed through to the pod's command; repeatable."),
-    ]):
-        fn = decorator(fn)
-    return fn
-
-
-def cluster_options(fn: Any) -> Any:
-    for decorator in reversed([
-        option("--kubeconfig", type=click.Path(dir_okay=False, path_type=Path), default=None,
-               help="Kubeconfig file (default: in-cluster config in a pod, else $KUBECONFIG or ~/.kube/config)."),
-        option("--context", default=None, help="Kubeconfig context."),
-        option("--namespace", default="investment-risk", show_default=True),
-    ]):
-        fn = decorator(fn)
-    return fn
+# How to reach the cluster (submit takes --namespace from settings_options).
+connection_options = _options(
+    option("--kubeconfig", type=click.Path(dir_okay=False, path_type=Path), default=None,
+       help="Kubeconfig file (default: in-cluster config in a pod, else $KUBECONFIG or ~/.kube/config)."),
+    option("--context", default=None, help="Kubeconfig context."),
+)
+cluster_options = _options(connection_options, option("--namespace", default="investment-risk", show_default=True))
 
 
 def _settings(image: str, namespace: str, profile: str, queue: str | None) -> Any:
@@ -108,9 +105,7 @@ def render_command(kind: str, image: str, namespace: str, profile: str, queue: s
 @click.argument("kind", type=click.Choice(["train", "score", "merge"]))
 @settings_options
 @job_options
-@option("--kubeconfig", type=click.Path(dir_okay=False, path_type=Path), default=None,
-        help="Kubeconfig file (default: in-cluster config in a pod, else $KUBECONFIG or ~/.kube/config).")
-@option("--context", default=None, help="Kubeconfig context.")
+@connection_options
 @option("--wait", is_flag=True, help="Follow the pods' logs until the Job finishes; exit with what it meant.")
 @option("--timeout", type=click.FloatRange(min=1), default=None, help="With --wait: give up after this many seconds.")
 @option("--poll-seconds", type=click.FloatRange(min=0.1), default=5.0, show_default=True)

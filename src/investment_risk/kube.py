@@ -125,21 +125,26 @@ def exit_code_for(status: dict[str, Any]) -> int:
 
 def pod_logs(cluster: Cluster, name: str, tail: int | None = None) -> list[tuple[str, str]]:
     """(pod name, log text) for every pod of the Job that has a log yet, in name order."""
-    from kubernetes.client.rest import ApiException
-
     with _api_errors(f"logs of job {name} in namespace {cluster.namespace}"):
         pods = cluster.core.list_namespaced_pod(cluster.namespace, label_selector=f"{JOB_NAME_LABEL}={name}").items
-        out = []
-        for pod in sorted(pods, key=lambda p: p.metadata.name):
+    return _read_logs(cluster, name, [p.metadata.name for p in pods], tail)
+
+
+def _read_logs(cluster: Cluster, name: str, pods: list[str], tail: int | None = None) -> list[tuple[str, str]]:
+    from kubernetes.client.rest import ApiException
+
+    out = []
+    with _api_errors(f"logs of job {name} in namespace {cluster.namespace}"):
+        for pod in sorted(pods):
             kwargs = {"tail_lines": tail} if tail else {}
             try:
-                text = cluster.core.read_namespaced_pod_log(pod.metadata.name, cluster.namespace, **kwargs)
+                text = cluster.core.read_namespaced_pod_log(pod, cluster.namespace, **kwargs)
             except ApiException as exc:
                 # 400: the container is still waiting to start (pulling, pending); 404: the pod just went away.
                 if exc.status in (400, 404):
                     continue
                 raise
-            out.append((pod.metadata.name, text))
+            out.append((pod, text))
     return out
 
 
@@ -159,7 +164,7 @@ def wait(cluster: Cluster, name: str, on_line: Callable[[str, str], None], poll_
     started = time.monotonic()
     while True:
         status = job_status(cluster, name)
-        for pod, text in pod_logs(cluster, name):
+        for pod, text in _read_logs(cluster, name, [p["name"] for p in status["pods"]]):  # pods listed once
             lines = text.splitlines()
             for line in lines[seen.get(pod, 0):]:
                 on_line(pod, line)

@@ -393,8 +393,9 @@ def score(config: ScoreConfig) -> dict[str, Any]:
             model_path / "training_metadata.json").exists() else None
         if meta is None:
             raise InputError(f"{model_path}: neither an exported model (model.json) nor a training run")
-        # An instruction run's prompts get the budget it trained them with (prompt_max_length).
-        info = {"max_length": meta.get("prompt_max_length") or meta["max_length"],
+        from .instruct_train import prompt_budget
+
+        info = {"max_length": prompt_budget(meta),
                 "model_version": f"run:{model_path.name}", "pad_token_id": None,
                 "input_format": "instruction" if meta.get("training_mode") == "instruction" else "article"}
     tokenizer = load_tokenizer(model_path if (model_path / "tokenizer_config.json").exists() else model_path / "model")
