@@ -42,7 +42,7 @@ demo: install
 	$(BIN)/investment-risk demo --out demo-output
 
 test: install
-	$(BIN)/python -m pytest -m "not slow" -n 2 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/cpu_train.py

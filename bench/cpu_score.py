@@ -28,10 +28,11 @@ ROWS_SPEED = 1500
 
 
 def make_model(root: Path, base: str) -> Path:
-    from investment_risk.export import export_run
-    from investment_risk.split import SplitConfig, run_split
-    from investment_risk.synth import SynthConfig, write_synthetic
-    from investment_risk.train import TrainConfig, train
+    from investment_risk.export.onnx_export import export_run
+    from investment_risk.datasets.split import SplitConfig, run_split
+    from investment_risk.datasets.synth import SynthConfig, write_synthetic
+    from investment_risk.training.config import TrainConfig
+    from investment_risk.training.recipe import train
 
     write_synthetic(SynthConfig(rows=60, seed=1), root / f"{base}.parquet")
     run_split([str(root / f"{base}.parquet")], root / f"{base}-data", SplitConfig(val=0.2, test=0.1))
@@ -43,7 +44,7 @@ def make_model(root: Path, base: str) -> Path:
 
 
 def backend_speed(model: Path, articles: Path, root: Path) -> dict:
-    from investment_risk.score import ScoreConfig, score
+    from investment_risk.scoring.pipeline import ScoreConfig, score
 
     out = {}
     for backend, path in (("onnx", model), ("onnx_int8", model.with_name(model.name + "-int8")), ("torch", model)):
@@ -61,9 +62,9 @@ def backend_speed(model: Path, articles: Path, root: Path) -> dict:
 
 
 def token_shares(articles: Path) -> dict:
-    from investment_risk.batching import article_text, encode
-    from investment_risk.models import load_tokenizer, resolve_base_model
-    from investment_risk.score import length_batches
+    from investment_risk.modeling.tokens import article_text, encode
+    from investment_risk.modeling.presets import load_tokenizer, resolve_base_model
+    from investment_risk.modeling.tokens import length_batches
 
     table = pq.read_table(articles)
     tokenizer = load_tokenizer(resolve_base_model("minilm").path)
@@ -78,8 +79,8 @@ def token_shares(articles: Path) -> dict:
 
 
 def tokenizer_speed(articles: Path) -> dict:
-    from investment_risk.batching import article_text, encode
-    from investment_risk.models import load_tokenizer, resolve_base_model
+    from investment_risk.modeling.tokens import article_text, encode
+    from investment_risk.modeling.presets import load_tokenizer, resolve_base_model
 
     table = pq.read_table(articles)
     texts = [article_text(t, c) for t, c in zip(table.column("title").to_pylist(), table.column("content").to_pylist())]
@@ -98,8 +99,8 @@ def tokenizer_speed(articles: Path) -> dict:
 
 
 def rss_child(model: str, inputs: str, out: str) -> None:
-    from investment_risk.logs import configure_logging
-    from investment_risk.score import ScoreConfig, score
+    from investment_risk.core.logs import configure_logging
+    from investment_risk.scoring.pipeline import ScoreConfig, score
 
     configure_logging("json", "WARNING")
     merged = score(ScoreConfig(model=Path(model), inputs=(inputs,), out=Path(out)))
@@ -107,7 +108,7 @@ def rss_child(model: str, inputs: str, out: str) -> None:
 
 
 def rss_growth(root: Path, tiny_model: Path) -> dict:
-    from investment_risk.synth import SynthConfig, generate
+    from investment_risk.datasets.synth import SynthConfig, generate
 
     base = generate(SynthConfig(rows=10_000, seed=2))
     small, large = root / "rss-10k", root / "rss-200k"
@@ -130,8 +131,8 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--rss-child":
         rss_child(*sys.argv[2:5])
         return
-    from investment_risk.logs import configure_logging
-    from investment_risk.synth import SynthConfig, write_synthetic
+    from investment_risk.core.logs import configure_logging
+    from investment_risk.datasets.synth import SynthConfig, write_synthetic
 
     configure_logging("json", "WARNING")
     results: dict = {"cpus": len(os.sched_getaffinity(0))}

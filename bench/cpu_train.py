@@ -19,10 +19,11 @@ MODELS = {"tiny-qwen2": {"rows": 600, "batch": 16}, "minilm": {"rows": 250, "bat
 
 
 def child(model: str, rows: int, batch: int, root: Path) -> None:
-    from investment_risk.logs import configure_logging
-    from investment_risk.split import SplitConfig, run_split
-    from investment_risk.synth import SynthConfig, write_synthetic
-    from investment_risk.train import TrainConfig, train
+    from investment_risk.core.logs import configure_logging
+    from investment_risk.datasets.split import SplitConfig, run_split
+    from investment_risk.datasets.synth import SynthConfig, write_synthetic
+    from investment_risk.training.config import TrainConfig
+    from investment_risk.training.recipe import train
 
     configure_logging("json", "WARNING")
     write_synthetic(SynthConfig(rows=rows, seed=3), root / "a.parquet")

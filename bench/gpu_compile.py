@@ -18,8 +18,8 @@ from gpu_train import SMOKE, make_base_model, step_loop
 
 
 def scoring(rows: list[np.ndarray], pad: int, budget: int, compiled: bool) -> float:
-    from investment_risk.batching import pad_batch
-    from investment_risk.score import length_batches
+    from investment_risk.modeling.tokens import pad_batch
+    from investment_risk.modeling.tokens import length_batches
 
     lengths = np.array([len(r) for r in rows])
     batches = [pad_batch([rows[i] for i in b], pad) for b in length_batches(lengths, budget, 1024)]
@@ -38,9 +38,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench-results/gpu-compile.json")
     args = parser.parse_args()
-    from investment_risk.batching import article_text, encode
-    from investment_risk.models import _tiny_tokenizer
-    from investment_risk.synth import SynthConfig, generate
+    from investment_risk.modeling.tokens import article_text, encode
+    from investment_risk.modeling.tiny import tiny_tokenizer as _tiny_tokenizer
+    from investment_risk.datasets.synth import SynthConfig, generate
 
     results: dict = {"device": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(0)}
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,7 +34,7 @@ def build(dtype: torch.dtype, pad_id: int) -> torch.nn.Module:
 
 def run(model: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndarray]], autocast: bool) -> float:
     """Seconds for all batches, after one warm-up batch."""
-    from investment_risk.batching import to_device
+    from investment_risk.modeling.tokens import to_device
 
     device = torch.device(DEVICE)
     sync = (lambda: None) if SMOKE else torch.cuda.synchronize
@@ -61,10 +61,10 @@ def main() -> None:
     args = parser.parse_args()
     if SMOKE:
         args.articles, args.original_articles = 64, 16
-    from investment_risk.batching import article_text, encode, pad_batch
-    from investment_risk.models import _tiny_tokenizer
-    from investment_risk.score import length_batches
-    from investment_risk.synth import SynthConfig, generate
+    from investment_risk.modeling.tokens import article_text, encode, pad_batch
+    from investment_risk.modeling.tiny import tiny_tokenizer as _tiny_tokenizer
+    from investment_risk.modeling.tokens import length_batches
+    from investment_risk.datasets.synth import SynthConfig, generate
 
     import tempfile
 

@@ -1,6 +1,6 @@
 """GPU training benchmark: a Qwen2.5-1.5B-shaped model (random weights from the config, bf16), 512-token batches.
 
-Runs the real `investment_risk.train.train` recipe on synthetic articles long enough to fill 512 tokens, and a
+Runs the real `investment_risk.training.recipe.train` recipe on synthetic articles long enough to fill 512 tokens, and a
 bare step loop on random ids at a few batch sizes for the ceiling. Target (issue 3): >= 50k training tokens/s on
 an H100, i.e. 3 epochs x 4,118 articles in <= 2 min. Prints a table and writes JSON to --out.
 
@@ -35,7 +35,7 @@ def make_base_model(root: Path) -> Path:
     """config.json + random bf16 safetensors weights + a tokenizer: a local base-model directory."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from investment_risk.models import _tiny_tokenizer
+    from investment_risk.modeling.tiny import tiny_tokenizer as _tiny_tokenizer
 
     path = root / "qwen2.5-1.5b-shaped"
     path.mkdir(parents=True)
@@ -53,7 +53,8 @@ def make_base_model(root: Path) -> Path:
 
 def step_loop(base: Path, batch: int, length: int, steps: int = 12, compiled: bool = False) -> dict:
     """Forward + backward + AdamW on random ids: the ceiling of the training step, without data handling."""
-    from investment_risk.models import load_tokenizer, regression_model, resolve_base_model
+    from investment_risk.modeling.networks import regression_model
+    from investment_risk.modeling.presets import load_tokenizer, resolve_base_model
 
     resolved = resolve_base_model(str(base))
     model = regression_model(resolved, load_tokenizer(base), dtype=torch.float32 if SMOKE else torch.bfloat16).to(DEVICE)
@@ -95,10 +96,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--skip-step-loop", action="store_true")
     args = parser.parse_args()
-    from investment_risk.logs import configure_logging
-    from investment_risk.split import SplitConfig, run_split
-    from investment_risk.synth import SynthConfig, write_synthetic
-    from investment_risk.train import TrainConfig, train
+    from investment_risk.core.logs import configure_logging
+    from investment_risk.datasets.split import SplitConfig, run_split
+    from investment_risk.datasets.synth import SynthConfig, write_synthetic
+    from investment_risk.training.config import TrainConfig
+    from investment_risk.training.recipe import train
 
     configure_logging("json", "WARNING")
     results: dict = {"device": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(0), "torch": torch.__version__}

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from investment_risk.models import resolve_base_model
+from investment_risk.modeling.presets import resolve_base_model
 
 
 def build(out: Path) -> None:

@@ -43,7 +43,7 @@ POINTS = [
 
 def make_inputs(root: Path, seed: int = 5) -> tuple[Path, int]:
     """A multi-file input; returns its directory and its row count (bad JSONL lines count as rows)."""
-    from investment_risk.synth import SynthConfig, generate
+    from investment_risk.datasets.synth import SynthConfig, generate
 
     inputs = root / "in"
     inputs.mkdir(parents=True)
@@ -191,10 +191,11 @@ def run_chaos(model: Path, work: Path, cycles: int, seed: int, jobs: int = 1) ->
 
 def build_model(work: Path) -> Path:
     """A tiny distilled model, exported to ONNX (about half a minute on 2 cores)."""
-    from investment_risk.export import export_run
-    from investment_risk.split import SplitConfig, run_split
-    from investment_risk.synth import SynthConfig, generate
-    from investment_risk.train import TrainConfig, train
+    from investment_risk.export.onnx_export import export_run
+    from investment_risk.datasets.split import SplitConfig, run_split
+    from investment_risk.datasets.synth import SynthConfig, generate
+    from investment_risk.training.config import TrainConfig
+    from investment_risk.training.recipe import train
 
     pq.write_table(generate(SynthConfig(rows=120, seed=1)), work / "labelled.parquet")
     run_split([str(work / "labelled.parquet")], work / "split", SplitConfig(val=0.2, test=0.1, seed=1))
@@ -211,7 +212,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results/chaos.json"))
     parser.add_argument("--jobs", type=int, default=2, help="Cycles run at once.")
     args = parser.parse_args()
-    from investment_risk.logs import configure_logging
+    from investment_risk.core.logs import configure_logging
 
     configure_logging("json", "warning")
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:

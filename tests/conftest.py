@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 import json
 
-from investment_risk.spec import DIMENSIONS
-from investment_risk.synth import SynthConfig, generate
+from investment_risk.core.spec import DIMENSIONS
+from investment_risk.datasets.synth import SynthConfig, generate
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -61,7 +61,7 @@ def article_rows(n: int, labels: bool = True, start: int = 0) -> list[dict]:
 @pytest.fixture(scope="session")
 def split_dir(tmp_path_factory) -> Path:
     """A small train/val/test split of synthetic articles."""
-    from investment_risk.split import SplitConfig, run_split
+    from investment_risk.datasets.split import SplitConfig, run_split
 
     root = tmp_path_factory.mktemp("split")
     pq.write_table(generate(SynthConfig(rows=160, seed=4)), root / "all.parquet")
@@ -75,8 +75,9 @@ TINY_TRAIN_ARGS = ["--base-model", "tiny-qwen2", "--epochs", "2", "--batch-size"
 
 @pytest.fixture(scope="session")
 def exported(split_dir, tmp_path_factory):
-    from investment_risk.export import export_run
-    from investment_risk.train import TrainConfig, train
+    from investment_risk.export.onnx_export import export_run
+    from investment_risk.training.config import TrainConfig
+    from investment_risk.training.recipe import train
 
     root = tmp_path_factory.mktemp("exported")
     train(TrainConfig(mode="distillation", base_model="tiny-qwen2", data=str(split_dir), out=str(root / "run"), epochs=1,
@@ -107,3 +108,19 @@ def assert_same_history(whole: Path, resumed: Path, context: object = None) -> N
         for split in ("train", "val"):
             for key in x[split]:
                 assert x[split][key] == pytest.approx(y[split][key], rel=1e-5, abs=1e-6), (context, split, key)
+
+
+def assert_json_stdout(result) -> list[dict]:
+    """Every line the command wrote to its (piped) stdout is a JSON object; returns them."""
+    events = []
+    for line in result.stdout.splitlines():
+        event = json.loads(line)
+        assert isinstance(event, dict), line
+        events.append(event)
+    return events
+
+
+@pytest.fixture
+def terminal(monkeypatch):
+    """Commands behave as if stdout were a terminal: human summaries instead of JSON events."""
+    monkeypatch.setattr("investment_risk.cli.output.on_terminal", lambda: True)

@@ -45,6 +45,8 @@ class Case:
     rows_in: int = 0  # batch: every row read
     rejects: dict[str, int] = field(default_factory=dict)  # batch: reason fragment -> rows
     command: str = "score"
+    scored_ids: tuple[str, ...] = ()  # batch: ids that must be in the part files
+    blank_lines: int = 0  # batch: JSONL blank lines skipped (not rows)
 
 
 def _truncated(d: Path) -> list[str]:
@@ -83,8 +85,10 @@ def _nul(d: Path) -> list[str]:
 
 
 def _mixed_types(d: Path) -> list[str]:
+    # An integer id casts losslessly to "17"; a float id and a numeric title do not.
     lines = [json.dumps(r) for r in rows(2)] + [json.dumps({"id": 17, **GOOD}), json.dumps({"id": "m", "title": 5,
-                                                                                         "content": "x"})]
+                                                                                         "content": "x"}),
+                                             json.dumps({"id": 2.5, **GOOD})]
     return [str(jsonl(d / "mixed.jsonl", lines))]
 
 
@@ -163,7 +167,11 @@ def _missing_content_column(d: Path) -> list[str]:
 
 
 def _int_ids_parquet(d: Path) -> list[str]:
-    return [str(parquet(d / "int.parquet", [{"id": i, **GOOD} for i in range(3)]))]
+    return [str(parquet(d / "int.parquet", [{"id": i, **GOOD} for i in (0, 7, 2**40)]))]
+
+
+def _float_ids_parquet(d: Path) -> list[str]:
+    return [str(parquet(d / "float.parquet", [{"id": i + 0.5, **GOOD} for i in range(3)]))]
 
 
 def _broken_jsonl_lines(d: Path) -> list[str]:
@@ -173,7 +181,7 @@ def _broken_jsonl_lines(d: Path) -> list[str]:
 
 def _labels(value) -> Callable[[Path], list[str]]:
     def build(d: Path) -> list[str]:
-        from investment_risk.spec import DIMENSIONS
+        from investment_risk.core.spec import DIMENSIONS
         record = {**rows(1)[0], **{dim: 5.0 for dim in DIMENSIONS}}
         record["macro_risk_severity"] = value
         return [str(jsonl(d / "labels.jsonl", [json.dumps(record)]))]
@@ -193,7 +201,7 @@ CASES = [
     Case("huge string", _huge, rows_in=3, rejects={"over the 1000000-byte limit": 1}),
     Case("invalid UTF-8 in JSONL", _bad_utf8, rows_in=3, rejects={"invalid UTF-8": 1}),
     Case("NUL bytes", _nul, rows_in=3),
-    Case("mixed types in JSONL", _mixed_types, rows_in=4, rejects={"expected a string": 2}),
+    Case("mixed types in JSONL", _mixed_types, rows_in=5, rejects={"expected a string": 2}, scored_ids=("17",)),
     Case("null and blank ids", _null_ids, rows_in=4, rejects={"id is null or empty": 2}),
     Case("duplicate ids", _duplicate_ids, rows_in=5, rejects={"duplicate id": 2}),
     Case("empty strings", _empty_strings, rows_in=3, rejects={"both null or empty": 1}),
@@ -209,8 +217,9 @@ CASES = [
     Case("missing path", _missing_path, 2, "does-not-exist.parquet"),
     Case("CSV file", _csv, 2, "a.csv"),
     Case("missing content column", _missing_content_column, 2, "content"),
-    Case("integer ids in Parquet", _int_ids_parquet, 2, "int.parquet"),
-    Case("broken JSONL lines, a blank one too", _broken_jsonl_lines, rows_in=6, rejects={"": 4}),
+    Case("integer ids in Parquet", _int_ids_parquet, rows_in=3, scored_ids=("0", "7", str(2**40))),
+    Case("float ids in Parquet", _float_ids_parquet, 2, "float.parquet: column 'id' has type double"),
+    Case("broken JSONL lines, a blank one too", _broken_jsonl_lines, rows_in=5, rejects={"": 3}, blank_lines=1),
     Case("label out of range", _labels(12.5), 2, "outside [0, 10]", command="evaluate"),
     Case("label NaN", _labels(float("nan")), 2, "null or NaN", command="evaluate"),
     Case("label as a string", _labels("high"), 2, "macro_risk_severity", command="evaluate"),
@@ -250,6 +259,8 @@ def test_bad_input(case: Case, exported, tmp_path, runner):
     for fragment, count in case.rejects.items():
         assert sum(fragment in r for r in reasons) == count, reasons
     assert rejects.num_rows == sum(case.rejects.values()), reasons
+    assert set(case.scored_ids) <= set(scored_ids), scored_ids
+    assert metrics["blank_lines"] == case.blank_lines
 
 
 def test_corpus_is_broad():

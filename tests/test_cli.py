@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from investment_risk.cli import main
-from investment_risk.errors import InputError, RetryableError
+from investment_risk.core.errors import InputError, RetryableError
 
 
 def json_events(output: str) -> list[dict]:

@@ -3,8 +3,11 @@ import json
 import pytest
 
 from investment_risk.cli import main
-from investment_risk.spec import DIMENSIONS
-from investment_risk.train import TrainConfig, train
+from investment_risk.core.spec import DIMENSIONS
+from investment_risk.training.config import TrainConfig
+from investment_risk.training.recipe import train
+
+from .conftest import assert_json_stdout
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,8 @@ def test_compare_writes_tables_and_plots(two_runs, tmp_path, runner):
     mae = {name: json.loads((run / "training_metadata.json").read_text())["best_val_mae"]
            for name, run in (("A", a), ("B", b))}
     expected = "A" if mae["A"] < mae["B"] else "B"
-    assert f"winner by val MAE: {expected}" in result.output
+    [event] = [e for e in assert_json_stdout(result) if e["event"] == "comparison_written"]
+    assert event["winner"] == expected
 
 
 def test_compare_needs_finished_runs(two_runs, tmp_path, runner):

@@ -6,10 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from investment_risk.dataio import (atomic_path, expand_inputs, iter_file_batches, read_articles, write_json_atomic,
-                                    write_parquet_atomic)
-from investment_risk.errors import InputError
-from investment_risk.spec import DIMENSIONS
+from investment_risk.core.atomic import atomic_path, write_json_atomic, write_parquet_atomic
+from investment_risk.datasets.readers import expand_inputs, iter_file_batches, read_articles
+from investment_risk.core.errors import InputError
+from investment_risk.core.spec import DIMENSIONS
 
 from .conftest import article_rows
 

@@ -2,6 +2,8 @@ import json
 
 from investment_risk.cli import main
 
+from .conftest import assert_json_stdout
+
 
 def test_demo_runs_the_whole_loop(runner, tmp_path):
     out = tmp_path / "demo"
@@ -13,7 +15,8 @@ def test_demo_runs_the_whole_loop(runner, tmp_path):
         assert (out / name).exists(), name
     metrics = json.loads((out / "scored" / "metrics.json").read_text())
     assert metrics["rows_in"] == 150 and metrics["invariant_holds"]
-    lines = result.output.splitlines()
+    [event] = [e for e in assert_json_stdout(result) if e["event"] == "demo_summary"]
+    lines = event["lines"]
     assert any(line.startswith("val MAE") and "predict-the-mean" in line for line in lines)
     assert any("rows/s" in line and "tiers:" in line for line in lines)
     assert any(line.startswith("scored ") and str(out / "scored") in line for line in lines)

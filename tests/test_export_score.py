@@ -8,10 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from investment_risk.cli import main
-from investment_risk.export import export_run, verify_model_dir
-from investment_risk.score import ScoreConfig, list_units, score, shard_units
-from investment_risk.spec import DIMENSIONS, default_spec
-from investment_risk.train import TrainConfig, train
+from investment_risk.export.onnx_export import export_run
+from investment_risk.modeling.description import read_model_json as verify_model_dir
+from investment_risk.scoring.pipeline import ScoreConfig, score
+from investment_risk.scoring.units import list_units, shard_units
+from investment_risk.core.spec import DIMENSIONS, default_spec
+from investment_risk.training.config import TrainConfig
+from investment_risk.training.recipe import train
 
 
 def read_out(out: Path) -> tuple[pa.Table, pa.Table]:
@@ -41,7 +44,7 @@ def test_onnx_has_dynamic_batch_and_sequence_axes(exported):
 
 
 def test_export_fails_on_parity(exported, tmp_path, monkeypatch, runner):
-    from investment_risk import export
+    from investment_risk.export import onnx_export as export
     run, _, _ = exported
     monkeypatch.setattr(export, "FP32_PARITY_LIMIT", -1.0)
     result = runner.invoke(main, ["export", "--run", str(run), "--out", str(tmp_path / "bad")])
@@ -253,7 +256,7 @@ def test_metrics_and_merge_command(exported, articles, tmp_path, runner):
 def test_merge_waits_for_the_missing_shards(exported, articles, tmp_path):
     import threading
 
-    from investment_risk.metrics_io import merge_until_complete
+    from investment_risk.scoring.shard_metrics import merge_until_complete
     _, model, _ = exported
     out = tmp_path / "w"
     late = threading.Timer(0.5, lambda: score(ScoreConfig(model=model, inputs=(str(articles / "a.parquet"),), out=out)))

@@ -3,15 +3,15 @@ import math
 
 import pytest
 
-from investment_risk.instruct import INSTRUCTION, PromptTooLong, build_prompt, format_target, parse_generation
-from investment_risk.spec import DIMENSIONS
+from investment_risk.modeling.prompts import INSTRUCTION, PromptTooLong, build_prompt, format_target, parse_generation
+from investment_risk.core.spec import DIMENSIONS
 
 SCORES = dict(zip(DIMENSIONS, [7.2, 5.0, 3.3, 8.0, 1.0, 6.6, 9.1, 4.4]))
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from investment_risk.models import load_tokenizer, resolve_base_model
+    from investment_risk.modeling.presets import load_tokenizer, resolve_base_model
     return load_tokenizer(resolve_base_model("tiny-qwen2").path)
 
 
@@ -76,7 +76,7 @@ def test_parser_never_crashes_and_says_what_was_wrong(text, complete, problem):
 
 
 def test_answer_grammar_accepts_the_trained_layout_and_its_prefixes():
-    from investment_risk.instruct import answer_grammar
+    from investment_risk.modeling.prompts import answer_grammar
     grammar = answer_grammar()
     target = format_target("Credit is tight.", SCORES)
     assert grammar.fullmatch(target)

@@ -15,11 +15,12 @@ import pytest
 import yaml
 
 from investment_risk.cli import main
-from investment_risk.jobs import default_base, to_yaml
-from investment_risk.score import ScoreConfig, score
-from investment_risk.spec import DIMENSIONS
-from investment_risk.synth import SynthConfig, generate
+from investment_risk.k8s.manifests import default_base, to_yaml
+from investment_risk.scoring.pipeline import ScoreConfig, score
+from investment_risk.core.spec import DIMENSIONS
+from investment_risk.datasets.synth import SynthConfig, generate
 
+from .conftest import assert_json_stdout
 from .k8s_fake import WAITING, FakeCluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,7 +225,7 @@ LOG = "\n".join([
     "a plain line"]) + "\n"
 
 
-def test_submit_status_logs_cancel(fake, tmp_path, runner):
+def test_submit_status_logs_cancel(fake, tmp_path, runner, monkeypatch):
     result = jobs_cli(runner, fake, tmp_path, "submit", "score", "--name", "nightly-1", "--shards", "3", "--profile", "cpu")
     assert result.exit_code == 0, result.output
     created = fake.requests("post", "batch/v1/jobs")[0].data
@@ -233,16 +234,26 @@ def test_submit_status_logs_cancel(fake, tmp_path, runner):
                                        "conditions": []})
     fake.seed_pod(NS, "nightly-1", "nightly-1-1-abc", "Running", LOG, index=1)
     fake.seed_pod(NS, "other", "other-0-x", "Running", "not ours\n")
-    result = jobs_cli(runner, fake, tmp_path, "status", "nightly-1", "--json")
+    result = jobs_cli(runner, fake, tmp_path, "status", "nightly-1")  # piped: one JSON object, --json or not
     assert result.exit_code == 0, result.output
-    status = json.loads(result.output)
+    [status] = assert_json_stdout(result)
     assert status["state"] == "Running" and status["succeeded"] == 2 and status["completed_indexes"] == "0,2"
     assert [p["name"] for p in status["pods"]] == ["nightly-1-1-abc"]
     result = jobs_cli(runner, fake, tmp_path, "logs", "nightly-1")
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    events = assert_json_stdout(result)
+    assert [(e["pod"], e["event"]) for e in events] == [("nightly-1-1-abc", "shard_start"),
+                                                        ("nightly-1-1-abc", "shard_done"),
+                                                        ("nightly-1-1-abc", "pod_output")]
+    assert events[1]["rows_in"] == 10 and events[2]["line"] == "a plain line" and "not ours" not in result.output
+    monkeypatch.setattr("investment_risk.cli.output.on_terminal", lambda: True)
+    result = jobs_cli(runner, fake, tmp_path, "logs", "nightly-1")
+    lines = result.stdout.splitlines()
     assert lines[0] == "nightly-1-1-abc: 2026-11-26 01:00:00 INFO    stage=score shard=1 shard_start rows=10"
-    assert lines[2] == "nightly-1-1-abc: a plain line" and "not ours" not in result.output
+    assert lines[2] == "nightly-1-1-abc: a plain line"
+    result = jobs_cli(runner, fake, tmp_path, "status", "nightly-1")
+    assert result.stdout.startswith("nightly-1: Running  completions 2/3")
+    monkeypatch.undo()
     result = jobs_cli(runner, fake, tmp_path, "cancel", "nightly-1")
     assert result.exit_code == 0, result.output
     assert fake.requests("delete", "batch/v1/jobs")[0].data["propagationPolicy"] == "Background"
@@ -278,8 +289,10 @@ def test_submit_wait_follows_the_logs_and_exits_with_the_outcome(fake, tmp_path,
                       "--timeout", "30")
     thread.join()
     assert result.exit_code == exit_code, result.output
-    assert "train-1-0-x: 2026-11-26 01:00:05 INFO    stage=score shard=1 shard_done rows_in=10" in result.output
-    assert result.output.count("shard_done") == 2  # each pod's lines once, however many polls
+    events = assert_json_stdout(result)  # the pods' lines, each with its pod; the outcome goes to stderr
+    done = [e for e in events if e["event"] == "shard_done"]
+    assert sorted(e["pod"] for e in done) == ["train-1-0-x", "train-1-1-x"]  # each pod's lines once, however many polls
+    assert "job train-1:" in result.stderr
 
 
 def test_cluster_errors_are_clear(fake, tmp_path, runner):
@@ -349,8 +362,8 @@ def test_run_local_exit_2_fails_the_job_and_unmapped_pvcs_are_refused(tmp_path, 
 
 
 def test_run_local_maps_each_path_once_and_option_values_too(tmp_path):
-    from investment_risk.runlocal import pod_environment
-    docs = docs_of(__import__("investment_risk.jobs", fromlist=["to_yaml"]).to_yaml(
+    from investment_risk.k8s.runlocal import pod_environment
+    docs = docs_of(__import__("investment_risk.k8s.manifests", fromlist=["to_yaml"]).to_yaml(
         default_base()["shared.yaml"] + default_base()["score-job.yaml"]))
     job = next(d for d in docs if d["kind"] == "Job")
     job["spec"]["template"]["spec"]["containers"][0]["args"] += ["--cache=$(INVESTMENT_RISK_CACHE)", "--x=/data/y"]

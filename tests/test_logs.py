@@ -3,8 +3,8 @@ import json
 import pytest
 from structlog.testing import capture_logs
 
-from investment_risk import logs
-from investment_risk.logs import Progress, bind, configure_logging, get_logger, redact_secrets
+from investment_risk.core import logs
+from investment_risk.core.logs import Progress, bind, configure_logging, get_logger, redact_secrets
 
 
 def test_json_lines_with_iso_utc_timestamp_and_bound_context(capsys):

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from investment_risk.errors import ConfigError
-from investment_risk.spec import DIMENSIONS, default_spec, load_spec, parse_spec
+from investment_risk.core.errors import ConfigError
+from investment_risk.core.spec import DIMENSIONS, default_spec, load_spec, parse_spec
 
 SPEC = default_spec()
 M, C, S, V, P, Y, E, A = range(8)
@@ -116,7 +116,7 @@ def test_prefilter_passes_ordinary_news(title, content):
 
 def _raw() -> dict:
     from importlib import resources
-    return json.loads(resources.files("investment_risk").joinpath("data/filter_spec.json").read_text())
+    return json.loads(resources.files("investment_risk.core").joinpath("filter_spec.json").read_text())
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -128,6 +128,8 @@ def _raw() -> dict:
     (lambda r: r["prefilter"]["clickbait"]["patterns"].append("(unclosed"), "bad prefilter pattern"),
     (lambda r: r.pop("tiers"), "missing key"),
     (lambda r: r["prefilter"]["clickbait"]["patterns"].append("Shocking News"), "lowercase"),
+    (lambda r: r["dimensions"].reverse(), "contract's eight"),
+    (lambda r: r.update(score_range=[10, 0]), "low < high"),
 ])
 def test_spec_validation(mutate, message):
     raw = _raw()
@@ -146,3 +148,23 @@ def test_spec_is_frozen_and_loadable_from_a_file(tmp_path):
         spec.version = "2"  # type: ignore[misc]
     with pytest.raises(ConfigError, match="cannot read"):
         load_spec(tmp_path / "missing.json")
+
+
+def test_scores_are_clipped_to_the_specs_range():
+    raw = _raw()
+    raw["score_range"] = [1.0, 9.0]
+    spec = parse_spec(raw)
+    clipped = spec.clip(np.array([[-3.0, 0.5, 5.0, 9.5, 12.0, 1.0, 9.0, 4.0]]))
+    assert clipped.tolist() == [[1.0, 1.0, 5.0, 9.0, 9.0, 1.0, 9.0, 4.0]]
+    assert spec.in_range(1.0) and spec.in_range(9.0) and not spec.in_range(9.5)
+
+
+def test_importing_the_package_parses_no_spec():
+    """The spec is read and its patterns compiled on first use, not as a side effect of any import."""
+    import subprocess
+    import sys
+    code = ("import investment_risk.cli, investment_risk.scoring.pipeline, investment_risk.datasets.readers\n"
+            "from investment_risk.core.spec import default_spec\n"
+            "print(default_spec.cache_info().currsize)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"

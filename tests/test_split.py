@@ -4,9 +4,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from investment_risk.errors import ConfigError, InputError
-from investment_risk.spec import DIMENSIONS
-from investment_risk.split import SplitConfig, content_key, deduplicate, run_split
+from investment_risk.core.errors import ConfigError, InputError
+from investment_risk.core.spec import DIMENSIONS
+from investment_risk.datasets.split import SplitConfig, content_key, deduplicate, run_split
 
 from .conftest import article_rows
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from investment_risk.spec import DIMENSIONS, default_spec
-from investment_risk.synth import PHRASES, UPPER_HALF, UPPER_HALF_QUALITY, SynthConfig, generate
+from investment_risk.core.spec import DIMENSIONS, default_spec
+from investment_risk.datasets.synth import PHRASES, UPPER_HALF, UPPER_HALF_QUALITY, SynthConfig, generate
 
 
 def labels(table) -> np.ndarray:

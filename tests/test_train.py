@@ -11,11 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 from structlog.testing import capture_logs
 
-from investment_risk.batching import length_grouped_batches, pad_batch
+from investment_risk.modeling.tokens import length_grouped_batches, pad_batch
 from investment_risk.cli import main
-from investment_risk.errors import InputError
-from investment_risk.spec import DIMENSIONS
-from investment_risk.train import TrainConfig, dry_run, train
+from investment_risk.core.errors import InputError
+from investment_risk.core.spec import DIMENSIONS
+from investment_risk.training.config import TrainConfig
+from investment_risk.training.dry_run import dry_run
+from investment_risk.training.recipe import train
 
 from .conftest import TINY_TRAIN_ARGS, assert_same_history
 
@@ -96,7 +98,8 @@ def test_warmup_cap_applies_on_small_data(split_dir, tmp_path):
 
 
 def test_lora_on_every_projection_and_head_trained_in_full():
-    from investment_risk.models import load_tokenizer, regression_model, resolve_base_model
+    from investment_risk.modeling.networks import regression_model
+    from investment_risk.modeling.presets import load_tokenizer, resolve_base_model
 
     base = resolve_base_model("tiny-qwen2")
     model = regression_model(base, load_tokenizer(base.path))
@@ -112,7 +115,8 @@ def test_lora_on_every_projection_and_head_trained_in_full():
 
 
 def test_minilm_targets_and_head():
-    from investment_risk.models import load_tokenizer, regression_model, resolve_base_model
+    from investment_risk.modeling.networks import regression_model
+    from investment_risk.modeling.presets import load_tokenizer, resolve_base_model
 
     base = resolve_base_model("minilm")
     model = regression_model(base, load_tokenizer(base.path), meta=True)
@@ -147,8 +151,8 @@ def test_batches_are_length_grouped_and_dynamically_padded():
 
 
 def test_tokens_are_cached_once_per_run(tiny_run, monkeypatch):
-    from investment_risk import batching
-    from investment_risk.models import load_tokenizer
+    from investment_risk.modeling import tokens as batching
+    from investment_risk.modeling.presets import load_tokenizer
 
     out, _, _ = tiny_run
     cache = out / "cache" / "tokens-train.safetensors"
@@ -184,7 +188,7 @@ def test_dry_run_counts_like_peft_and_writes_nothing(split_dir, tmp_path, tiny_r
     _, metadata, _ = tiny_run
     config_only = tmp_path / "config-only"
     config_only.mkdir()
-    from investment_risk.models import resolve_base_model
+    from investment_risk.modeling.presets import resolve_base_model
     shutil.copy(resolve_base_model("tiny-qwen2").path / "config.json", config_only / "config.json")
     report = dry_run(tiny_config(split_dir, tmp_path / "never", base_model=str(config_only)))
     assert report["num_parameters"] == metadata["num_parameters"]
@@ -204,7 +208,7 @@ def test_dry_run_cli(runner, split_dir, tmp_path):
     assert "num_trainable_parameters" in result.output and not (tmp_path / "x").exists()
 
 
-def test_evaluate_reports_mae_and_baseline(tiny_run, split_dir, tmp_path, runner):
+def test_evaluate_reports_mae_and_baseline(tiny_run, split_dir, tmp_path, runner, terminal):
     out, metadata, _ = tiny_run
     result = runner.invoke(main, ["evaluate", "--model", str(out), "--data", str(split_dir / "test.parquet"),
                                   "--out", str(tmp_path / "eval.json"), "--device", "cpu"])

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .dataio import write_text_atomic
-from .logs import bind, get_logger
+from .core.atomic import write_text_atomic
+from .core.logs import bind, get_logger
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,13 @@ class DemoConfig:
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
-    from .evaluate import evaluate_run
-    from .export import export_run
-    from .score import ScoreConfig, score
-    from .split import SplitConfig, run_split
-    from .synth import SynthConfig, write_synthetic
-    from .train import TrainConfig, train
+    from .datasets.split import SplitConfig, run_split
+    from .datasets.synth import SynthConfig, write_synthetic
+    from .evaluation.evaluate import evaluate_run
+    from .export.onnx_export import export_run
+    from .scoring.pipeline import ScoreConfig, score
+    from .training.config import TrainConfig
+    from .training.recipe import train
 
     log = get_logger()
     out = config.out

@@ -1,0 +1,63 @@
+"""The `investment-risk` command line: thin Click commands that parse, call one library function, and report.
+
+Domain exceptions become a one-line `Error: ...` with the exit code the contract gives them, in one place
+(`App.invoke`): 2 for bad usage, config or data; 1 for what a retry may fix; 130 when interrupted. Each command
+group lives in its own module; this one only assembles them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+from .. import __version__
+from ..core.errors import InvestmentRiskError
+from ..core.logs import bind, configure_logging, get_logger, new_run_id, redact_text
+from . import data, demo, evaluate, export, jobs, report, score, train
+from .options import ENV_PREFIX, option
+
+
+class App(click.Group):
+    """The root group: maps the package's exceptions to exit codes for every subcommand below it."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except InvestmentRiskError as exc:
+            get_logger().error("command_failed", error=str(exc), exit_code=exc.exit_code)
+            error = click.ClickException(redact_text(str(exc)))  # messages echo paths and options
+            error.exit_code = exc.exit_code
+            raise error from None
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            text = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc) or exc.__class__.__name__
+            error = click.ClickException(redact_text(text))
+            error.exit_code = 2
+            raise error from None
+        except OSError as exc:
+            get_logger().error("command_failed", error=str(exc), exit_code=1)
+            error = click.ClickException(redact_text(f"I/O error: {exc}"))
+            error.exit_code = 1
+            raise error from None
+        except KeyboardInterrupt:
+            get_logger().warning("interrupted")
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=App, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto",
+        help="Log lines as JSON (default when stdout is not a terminal) or readable console lines.")
+@option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False), default="INFO",
+        help="The least severe level that is logged.")
+@click.version_option(__version__, prog_name="investment-risk")
+def main(log_format: str, log_level: str) -> None:
+    """Eight calibrated capital-preservation risk scores per financial news article."""
+    configure_logging(log_format, log_level)
+    bind(run_id=os.environ.get(ENV_PREFIX + "RUN_ID") or new_run_id())
+
+
+for command in (data.data, train.train_command, evaluate.evaluate_command, export.export_command,
+                score.score_command, score.score_merge_command, report.report, demo.demo_command, jobs.jobs_group):
+    main.add_command(command)

@@ -1,0 +1,33 @@
+"""`evaluate`: a run or an exported model on labelled data, beside the mean baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..core.logs import bind
+from . import output
+from .options import option
+
+
+@click.command("evaluate")
+@option("--model", "model", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+        help="A training run directory, or an exported model directory (scored with ONNX Runtime).")
+@option("--data", type=click.Path(dir_okay=False, path_type=Path), required=True, help="A labelled Parquet/JSONL file.")
+@option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the metrics as JSON here.")
+@option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@option("--explain", is_flag=True, help="Instruction runs: also generate reasoning + JSON; report parse rate and its MAE.")
+@option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="With --explain.")
+@option("--free-generation", is_flag=True,
+        help="With --explain: plain greedy decoding, without the answer grammar (measures the learned format alone).")
+def evaluate_command(model: Path, data: Path, out: Path | None, batch_size: int, device: str, explain: bool,
+                     max_new_tokens: int, free_generation: bool) -> None:
+    """MAE/RMSE overall and per dimension, beside the predict-the-train-mean baseline."""
+    from ..evaluation.evaluate import evaluate_run, format_table
+
+    bind(stage="evaluate")
+    result = evaluate_run(model, data, out, batch_size, device, explain, max_new_tokens, not free_generation)
+    if output.on_terminal():  # the `evaluated` event carries the figures on a piped stdout
+        click.echo(format_table(result))

@@ -1,0 +1,29 @@
+"""`export`: a distillation run as an ONNX model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..core.logs import bind
+from . import output
+from .options import option
+
+
+@click.command("export")
+@option("--run", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+        help="A training run directory.")
+@option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model directory to write.")
+@option("--dtype", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+        help="fp16 (for GPUs) keeps norms, softmax and other overflow-prone ops in fp32; int8 (for CPUs) quantises "
+             "the MatMuls dynamically. Both record their own parity.")
+@option("--force", is_flag=True, help="Replace an existing --out.")
+def export_command(run: Path, out: Path, dtype: str, force: bool) -> None:
+    """Merge the adapter and export to ONNX with a measured PyTorch parity (fp32 must be within 1e-3)."""
+    from ..export.onnx_export import export_run
+
+    bind(stage="export")
+    info = export_run(run, out, dtype, force)
+    if output.on_terminal():  # the `exported` event carries the same on a piped stdout
+        click.echo(f"{out}: model_version {info['model_version']}, fp32 parity {info['parity']['fp32_max_abs_diff']:.2e}")

@@ -1,0 +1,211 @@
+"""`investment-risk jobs ...`: thin commands over k8s/manifests.py, k8s/cluster.py and k8s/runlocal.py.
+
+On a piped stdout every line is JSON: status is one object, and pod log lines are the pods' own JSON objects with
+the pod's name added. `jobs render` is the one command whose stdout is a document (YAML manifests), not a log.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..core.errors import ConfigError
+from ..core.logs import bind
+from ..k8s import cluster as kube
+from . import output
+from .options import option, stacked
+
+
+# Where and how the pods run.
+settings_options = stacked(
+    option("--image", default="ghcr.io/investment-risk/investment-risk:0.1.0", show_default=True,
+           help="Container image (pin a digest in production)."),
+    option("--namespace", default="investment-risk", show_default=True),
+    option("--profile", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+           help="gpu: 1 GPU per pod, tolerations, --device cuda. cpu: small CPU pods."),
+    option("--queue", default=None, help="Kueue LocalQueue name (adds the kueue.x-k8s.io/queue-name label)."),
+)
+
+# What the Job does; paths are as the pod sees them (/data and /models are the PVCs).
+job_options = stacked(
+    option("--name", default=None, help="Job name (default: investment-risk-<kind>-<UTC time>)."),
+    option("--mode", type=click.Choice(["distillation", "instruction"]), default="distillation", show_default=True,
+           help="train: the training mode."),
+    option("--data", default="/data/splits/latest", show_default=True, help="train: the split directory."),
+    option("--base-model", default="qwen2.5-1.5b", show_default=True, help="train: preset or path."),
+    option("--model", default="/models/current", show_default=True, help="score: the exported model directory."),
+    option("--input", "inputs", multiple=True, default=("/data/incoming",), show_default=True,
+           help="score: input files, directories or globs; repeat for more."),
+    option("--out", default=None, help="Output: the run directory (train) or scoring directory (score, merge)."),
+    option("--shards", type=click.IntRange(min=1), default=4, show_default=True, help="score: completions."),
+    option("--parallelism", type=click.IntRange(min=1), default=None, help="score: pods at once (default: all)."),
+    option("--backend", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True),
+    option("--schedule", default="30 2 * * *", show_default=True, help="nightly: cron schedule."),
+    option("--time-zone", default="Etc/UTC", show_default=True, help="nightly: IANA time zone of the schedule."),
+    option("--extra-arg", "extra_args", multiple=True, help="Passed through to the pod's command; repeatable."),
+)
+
+# How to reach the cluster (submit takes --namespace from settings_options).
+connection_options = stacked(
+    option("--kubeconfig", type=click.Path(dir_okay=False, path_type=Path), default=None,
+       help="Kubeconfig file (default: in-cluster config in a pod, else $KUBECONFIG or ~/.kube/config)."),
+    option("--context", default=None, help="Kubeconfig context."),
+)
+cluster_options = stacked(connection_options, option("--namespace", default="investment-risk", show_default=True))
+
+
+def _settings(image: str, namespace: str, profile: str, queue: str | None) -> Any:
+    from ..k8s.manifests import JobSettings
+
+    return JobSettings(image=image, namespace=namespace, profile=profile, queue=queue)
+
+
+def _build(kind: str, settings: Any, params: dict[str, Any]) -> dict[str, Any]:
+    from ..k8s.manifests import build
+
+    params["inputs"] = tuple(params["inputs"])
+    params["extra_args"] = tuple(params["extra_args"])
+    return build(kind, settings, **params)
+
+
+@click.group("jobs")
+def jobs_group() -> None:
+    """Kubernetes Jobs: render manifests, submit and follow them, or run their pods here."""
+    bind(stage="jobs")
+
+
+@jobs_group.command("render")
+@click.argument("kind", type=click.Choice(["all", "shared", "train", "score", "merge", "nightly"]))
+@settings_options
+@job_options
+@option("--with-shared", is_flag=True, help="Also print the namespace, PVCs, ConfigMap and RBAC the Job needs.")
+def render_command(kind: str, image: str, namespace: str, profile: str, queue: str | None, with_shared: bool,
+                   **params: Any) -> None:
+    """Print manifests as YAML (apply with kubectl, or run with `jobs run-local`)."""
+    from ..k8s.manifests import default_base, shared_resources, to_yaml
+
+    settings = _settings(image, namespace, profile, queue)
+    if kind == "all":
+        docs = [d for file_docs in default_base(settings).values() for d in file_docs]
+    elif kind == "shared":
+        docs = shared_resources(settings)
+    else:
+        docs = [*(shared_resources(settings) if with_shared else []), _build(kind, settings, params)]
+    click.echo(to_yaml(docs), nl=False)
+
+
+@jobs_group.command("submit")
+@click.argument("kind", type=click.Choice(["train", "score", "merge"]))
+@settings_options
+@job_options
+@connection_options
+@option("--wait", is_flag=True, help="Follow the pods' logs until the Job finishes; exit with what it meant.")
+@option("--timeout", type=click.FloatRange(min=1), default=None, help="With --wait: give up after this many seconds.")
+@option("--poll-seconds", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+def submit_command(kind: str, image: str, namespace: str, profile: str, queue: str | None, kubeconfig: Path | None,
+                   context: str | None, wait: bool, timeout: float | None, poll_seconds: float, **params: Any) -> None:
+    """Create a training, scoring or merge Job."""
+    manifest = _build(kind, _settings(image, namespace, profile, queue), params)
+    cluster = kube.connect(namespace, kubeconfig, context)
+    name = kube.submit(cluster, manifest)
+    click.echo(f"job {name} created in namespace {namespace}", err=True)
+    if wait:
+        _follow(cluster, name, timeout, poll_seconds)
+
+
+def _follow(cluster: Any, name: str, timeout: float | None, poll_seconds: float) -> None:
+    def show(pod: str, line: str) -> None:
+        _echo_log_line(pod, line, raw=False)
+
+    status = kube.wait(cluster, name, show, poll_seconds, timeout)
+    code = kube.exit_code_for(status)
+    click.echo(f"job {name}: {status['state']} (succeeded {status['succeeded']}, failed {status['failed']})", err=True)
+    if code:
+        raise click.exceptions.Exit(code)
+
+
+@jobs_group.command("status")
+@click.argument("name")
+@cluster_options
+@option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status_command(name: str, kubeconfig: Path | None, context: str | None, namespace: str, as_json: bool) -> None:
+    """A Job's state, counts, conditions and pods."""
+    status = kube.job_status(kube.connect(namespace, kubeconfig, context), name)
+    if as_json or not output.on_terminal():
+        click.echo(json.dumps(status, indent=2 if output.on_terminal() else None))
+        return
+    click.echo(f"{name}: {status['state']}  completions {status['succeeded']}/{status['completions']}  "
+               f"active {status['active']}  failed {status['failed']}")
+    if status["failed_indexes"]:
+        click.echo(f"failed indexes: {status['failed_indexes']}")
+    for c in status["conditions"]:
+        click.echo(f"condition {c['type']}: {c['reason'] or ''} {c['message'] or ''}".rstrip())
+    for pod in status["pods"]:
+        click.echo(f"pod {pod['name']}: {pod['phase']}"
+                   + (f" exit {pod['exit_code']}" if pod["exit_code"] is not None else ""))
+
+
+@jobs_group.command("logs")
+@click.argument("name")
+@cluster_options
+@option("--tail", type=click.IntRange(min=1), default=None, help="Last N lines of each pod.")
+@option("--raw", is_flag=True, help="Print the JSON lines as they are.")
+def logs_command(name: str, kubeconfig: Path | None, context: str | None, namespace: str, tail: int | None,
+                 raw: bool) -> None:
+    """Every pod's log, the structlog JSON pretty-printed."""
+    for pod, text in kube.pod_logs(kube.connect(namespace, kubeconfig, context), name, tail):
+        for line in text.splitlines():
+            _echo_log_line(pod, line, raw)
+
+
+def _echo_log_line(pod: str, line: str, raw: bool) -> None:
+    """A pod's log line: readable (or raw) on a terminal; on a pipe, its JSON object with the pod's name."""
+    if output.on_terminal():
+        click.echo(f"{pod}: {line if raw else kube.pretty_log_line(line)}")
+        return
+    try:
+        event = json.loads(line)
+    except ValueError:
+        event = None
+    if not isinstance(event, dict):
+        event = {"event": "pod_output", "line": line}
+    click.echo(json.dumps({"pod": pod, **event}))
+
+
+@jobs_group.command("cancel")
+@click.argument("name")
+@cluster_options
+def cancel_command(name: str, kubeconfig: Path | None, context: str | None, namespace: str) -> None:
+    """Delete a Job and its pods (background propagation)."""
+    kube.cancel(kube.connect(namespace, kubeconfig, context), name)
+    click.echo(f"job {name} cancelled", err=True)
+
+
+def _mount(value: str) -> tuple[str, Path]:
+    path, sep, local = value.partition("=")
+    if not sep or not path.startswith("/") or not local:
+        raise ConfigError(f"--mount {value!r} must be POD_PATH=LOCAL_DIR, e.g. /data=./data")
+    return path.rstrip("/") or "/", Path(local)
+
+
+@jobs_group.command("run-local")
+@option("--manifest", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True,
+        help="A rendered manifest file (`jobs render KIND --with-shared`).")
+@option("--job", "job_name", default=None, help="The Job to run when the file holds several.")
+@option("--mount", "mounts", multiple=True, required=True, help="POD_PATH=LOCAL_DIR for each PVC mount; repeatable.")
+@option("--parallelism", type=click.IntRange(min=1), default=None, help="Override the Job's parallelism.")
+def run_local_command(manifest: Path, job_name: str | None, mounts: tuple[str, ...], parallelism: int | None) -> None:
+    """Run a Job's pods here, one process per completion index, with the env and paths a pod would get."""
+    from ..k8s.runlocal import run_local
+
+    mapped = dict(_mount(m) for m in mounts)
+    result = run_local(manifest, mapped, job_name, parallelism)
+    click.echo(f"job {result.job}: {len(result.succeeded)}/{result.completions} indexes succeeded"
+               + (f", failed {result.failed}" if result.failed else "")
+               + (f" ({result.fail_reason})" if result.fail_reason else ""), err=not sys.stdout.isatty())
+    if not result.ok:
+        raise click.exceptions.Exit(2 if result.fail_reason == "PodFailurePolicy" else 1)

@@ -1,0 +1,60 @@
+"""`score` (one shard) and `score-merge` (the shards' metrics into one)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..core.logs import bind, get_logger
+from . import output
+from .options import ENV_PREFIX, option
+
+
+@click.command("score")
+@option("--model", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+        help="An exported model directory (or, with --backend torch, a training run).")
+@option("--input", "inputs", multiple=True, required=True, envvar=ENV_PREFIX + "INPUT",
+        help="Parquet/JSONL files, directories or quoted globs; repeat for more.")
+@option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output directory.")
+@option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
+        envvar=[ENV_PREFIX + "SHARD_INDEX", "JOB_COMPLETION_INDEX"],
+        help="This shard (defaults to JOB_COMPLETION_INDEX in an Indexed Job).")
+@option("--shard-count", type=click.IntRange(min=1), default=1, show_default=True)
+@option("--backend", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True)
+@option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@option("--keep-columns", default="", help="Comma-separated input columns to pass through (as strings).")
+@option("--token-budget", type=click.IntRange(min=64), default=16384, show_default=True,
+        help="Padded tokens per model call.")
+@option("--force", is_flag=True, help="Redo a shard that is already done.")
+def score_command(model: Path, inputs: tuple[str, ...], out: Path, shard_index: int, shard_count: int, backend: str,
+                  device: str, keep_columns: str, token_budget: int, force: bool) -> None:
+    """Score articles into OUT/part-<shard>.parquet with rejects, metrics and a _done marker."""
+    from ..scoring.pipeline import ScoreConfig, score
+
+    keep = tuple(c.strip() for c in keep_columns.split(",") if c.strip())
+    merged = score(ScoreConfig(model=model, inputs=inputs, out=out, shard_index=shard_index, shard_count=shard_count,
+                               backend=backend, device=device, force=force, keep_columns=keep, token_budget=token_budget))
+    output.summary(f"{out}: {merged['rows_in']} rows in, {merged['rows_scored']} scored, {merged['rows_rejected']} rejected "
+            f"({merged['shards']}/{merged['shard_count']} shards done)", "score_summary", out=str(out),
+            **{k: merged.get(k) for k in ("rows_in", "rows_scored", "rows_rejected", "shards", "shard_count")})
+
+
+@click.command("score-merge")
+@option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+        help="A scoring output directory.")
+@option("--expect-shards", type=click.IntRange(min=1), default=None,
+        help="Fail (exit 1) unless this many shards are done (and every shard of the count they were scored with).")
+@option("--wait-seconds", type=click.FloatRange(min=0), default=0.0, show_default=True,
+        help="Wait up to this long for the missing shards, checking every 30 s (what the merge Job does).")
+def score_merge_command(out: Path, expect_shards: int | None, wait_seconds: float) -> None:
+    """Merge the finished shards' metrics into OUT/metrics.json and OUT/metrics.prom (the Jobs' last step)."""
+    from ..scoring.shard_metrics import merge_until_complete
+
+    bind(stage="merge")
+    merged = merge_until_complete(out, expect_shards, wait_seconds)
+    fields = {k: merged[k] for k in ("shards", "rows_in", "rows_scored", "rows_rejected", "tier_counts")}
+    get_logger().info("metrics_merged", invariant_holds=merged["invariant_holds"], **fields)
+    if output.on_terminal():
+        click.echo(json.dumps(fields))

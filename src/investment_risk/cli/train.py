@@ -1,0 +1,67 @@
+"""`train`: distillation or instruction training, or its dry run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..core.logs import bind, get_logger
+from . import output
+from .options import option
+
+
+@click.command("train")
+@option("--mode", type=click.Choice(["distillation", "instruction"]), default="distillation", show_default=True,
+        help="distillation: article -> regression head. instruction: prompt + article -> reasoning and JSON scores "
+             "(a causal LM), with a score head beside it.")
+@option("--base-model", required=True,
+        help="Preset (qwen2.5-1.5b, minilm, tiny-qwen2), a local model directory, or a hub id in the local cache.")
+@option("--data", type=click.Path(file_okay=False, path_type=Path), required=True,
+        help="Directory with train.parquet and val.parquet (from 'data split').")
+@option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory to create.")
+@option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
+@option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per micro-batch.")
+@option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+        help="Micro-batches per optimizer step (effective batch = batch size x this).")
+@option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=2e-5, show_default=True)
+@option("--head-lr-multiplier", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+        help="The regression head's learning rate as a multiple of --learning-rate.")
+@option("--max-length", type=click.IntRange(min=8), default=None,
+        help="Tokens per example (default 512 for distillation, 1024 for instruction: prompt + article + target).")
+@option("--score-loss-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
+        help="Instruction mode: lambda in token loss + lambda x score MSE.")
+@option("--warmup-steps", type=click.IntRange(min=0), default=500, show_default=True,
+        help="Linear warm-up steps, capped at 10% of all optimizer steps.")
+@option("--seed", type=int, default=42, show_default=True)
+@option("--checkpoint-steps", type=click.IntRange(min=1), default=500, show_default=True,
+        help="Also checkpoint every N optimizer steps (always at each epoch end).")
+@option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@option("--compile", "compile", is_flag=True, help="torch.compile the training forward (worth it on GPUs).")
+@option("--train-embeddings", is_flag=True,
+        help="Instruction mode: also train the token embeddings (tied to the LM head). Needed by a base that was never "
+             "pretrained, like tiny-qwen2; costs vocab x hidden extra parameters.")
+@option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@option("--resume-if-present", is_flag=True,
+        help="Continue --out if it already holds this run, else start it (what a retried Kubernetes pod needs).")
+@option("--dry-run", is_flag=True, help="Validate and count parameters on the meta device; load no weights, write nothing.")
+def train_command(resume: bool, resume_if_present: bool, dry_run: bool, **options: Any) -> None:
+    """Train a LoRA adapter and regression head on labelled articles."""
+    from ..training.config import TrainConfig
+    from ..training.dry_run import dry_run as plan
+    from ..training.recipe import train
+
+    bind(stage="train")
+    options["max_length"] = options["max_length"] or 0
+    config = TrainConfig(**{k: str(v) if isinstance(v, Path) else v for k, v in options.items()})
+    if dry_run:
+        report = plan(config)
+        get_logger().info("dry_run", **report)
+        if output.on_terminal():
+            click.echo("\n".join(f"{key:<26} {value}" for key, value in report.items()))
+        return
+    resume = resume or (resume_if_present and (Path(config.out) / "training_config.json").exists())
+    metadata = train(config, resume=resume)
+    if output.on_terminal():  # training_done, already logged, carries the same figures
+        click.echo(f"best val MAE {metadata['best_val_mae']:.4f} (epoch {metadata['best_epoch']}) -> {config.out}")

@@ -1,0 +1,1 @@
+"""Data in: readers and validation, the synthetic corpus, the de-duplicated split."""

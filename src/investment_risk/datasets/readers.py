@@ -1,0 +1,340 @@
+"""Reading articles in bounded batches (Parquet files, directories, globs; JSONL) and validating them.
+
+Readers stream: a Parquet file is read a record batch at a time, JSONL a bounded number of lines at a time, so
+memory stays flat however large the input. Problems are reported with the file and row (0-based row index for
+Parquet, 1-based line number for JSONL). Integer ids are read as their decimal strings; blank JSONL lines are
+skipped and counted, as other JSON Lines readers do.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..core.errors import InputError
+from ..core.spec import DIMENSIONS, default_spec
+
+REQUIRED_COLUMNS = ("id", "title", "content")
+OPTIONAL_STRING_COLUMNS = ("source", "url", "published_at", "language", "reasoning")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+DEFAULT_BATCH_ROWS = 1024
+
+
+@dataclass
+class Batch:
+    """A bounded slice of one input file. `problems` maps a row offset within the batch to why it is unusable."""
+
+    path: Path
+    start_row: int
+    table: pa.Table
+    problems: dict[int, str] = field(default_factory=dict)
+    unreadable_rows: int = 0  # JSONL lines that could not be parsed at all (lenient reading)
+    line_numbers: list[int] | None = None  # JSONL: each row's 1-based line (blank lines are not rows)
+    blank_lines: int = 0  # JSONL: blank or whitespace-only lines skipped in this batch's span
+
+    def row_number(self, offset: int) -> int:
+        """0-based: the Parquet row, or the JSONL line index (line number - 1)."""
+        if self.line_numbers is not None:
+            return self.line_numbers[offset] - 1
+        return self.start_row + offset
+
+    def where(self, offset: int) -> str:
+        if self.line_numbers is not None:
+            return f"{self.path} line {self.line_numbers[offset]}"
+        return f"{self.path} row {self.start_row + offset}"
+
+
+def is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() in JSONL_SUFFIXES
+
+
+def _has_glob(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _supported(path: Path) -> bool:
+    return path.suffix.lower() in PARQUET_SUFFIXES + JSONL_SUFFIXES
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files, directories (their Parquet/JSONL files, recursively) and globs -> a sorted, de-duplicated file list."""
+    found: list[Path] = []
+    for raw in inputs:
+        text = str(raw)
+        if _has_glob(text):
+            matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            matches = [p for p in matches if _supported(p)]
+            if not matches:
+                raise InputError(f"{text}: no Parquet or JSONL file matches this pattern")
+            found.extend(matches)
+        elif Path(text).is_dir():
+            matches = sorted(p for p in Path(text).rglob("*") if p.is_file() and _supported(p)
+                             and not any(part.startswith(("_", ".")) for part in p.relative_to(text).parts))
+            if not matches:
+                raise InputError(f"{text}: directory holds no .parquet or .jsonl file")
+            found.extend(matches)
+        elif Path(text).is_file():
+            if not _supported(Path(text)):
+                raise InputError(f"{text}: unsupported file type (expected .parquet or .jsonl)")
+            found.append(Path(text))
+        else:
+            raise InputError(f"{text}: no such file or directory")
+    return sorted(dict.fromkeys(found))
+
+
+def _string_type(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _numeric_type(t: pa.DataType) -> bool:
+    return pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_decimal(t)
+
+
+def check_schema(path: Path, schema: pa.Schema, labels: Sequence[str] = ()) -> None:
+    """Whole-file problems: a required column missing or of the wrong type (integer ids are fine: they cast)."""
+    names = set(schema.names)
+    missing = [c for c in (*REQUIRED_COLUMNS, *labels) if c not in names]
+    if missing:
+        raise InputError(f"{path}: missing required column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
+    for name in REQUIRED_COLUMNS + OPTIONAL_STRING_COLUMNS:
+        t = schema.field(name).type if name in names else None
+        if t is None or _string_type(t) or pa.types.is_null(t) or (name == "id" and pa.types.is_integer(t)):
+            continue
+        expected = "string or integer" if name == "id" else "string"
+        raise InputError(f"{path}: column '{name}' has type {t}, expected {expected}")
+    for name in labels:
+        t = schema.field(name).type
+        if not _numeric_type(t) and not pa.types.is_null(t):
+            raise InputError(f"{path}: label column '{name}' has type {t}, expected a number")
+
+
+def ids_as_strings(table: pa.Table) -> pa.Table:
+    """An integer `id` column as its decimal strings (lossless), so every later step sees string ids."""
+    if "id" in table.column_names and pa.types.is_integer(table.schema.field("id").type):
+        table = table.set_column(table.column_names.index("id"), "id", table.column("id").cast(pa.string()))
+    return table
+
+
+def row_problems(table: pa.Table, labels: Sequence[str] = ()) -> dict[int, str]:
+    """Per-row problems: null/empty id, missing title and content, labels null, NaN or outside the score range."""
+    spec = default_spec()
+    problems: dict[int, str] = {}
+    ids = table.column("id").to_pylist()
+    titles = table.column("title").to_pylist()
+    contents = table.column("content").to_pylist()
+    for i, (id_, title, content) in enumerate(zip(ids, titles, contents)):
+        if id_ is None or not str(id_).strip():
+            problems[i] = "id is null or empty"
+        elif not (title or "").strip() and not (content or "").strip():
+            problems[i] = "title and content are both null or empty"
+    for name in labels:
+        for i, value in enumerate(table.column(name).to_pylist()):
+            if i in problems:
+                continue
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                problems[i] = f"label '{name}' is null or NaN"
+            elif not spec.in_range(float(value)):
+                low, high = spec.score_range
+                problems[i] = f"label '{name}' = {value} is outside [{low:g}, {high:g}]"
+    return problems
+
+
+def _iter_parquet(path: Path, batch_rows: int, columns: Sequence[str] | None,
+                  row_groups: Sequence[int] | None = None) -> Iterator[Batch]:
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (0 bytes), not a Parquet file")
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+    start = 0
+    if row_groups:
+        start = sum(parquet.metadata.row_group(i).num_rows for i in range(min(row_groups)))
+    try:
+        for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=columns, row_groups=row_groups):
+            yield Batch(path, start, ids_as_strings(pa.Table.from_batches([record_batch])))
+            start += record_batch.num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: corrupt Parquet data after row {start} ({exc})") from None
+
+
+def parquet_schema(path: Path) -> pa.Schema:
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (0 bytes), not a Parquet file")
+    try:
+        return pq.read_schema(path)
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+_JSON_KINDS = {str: "string", bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}
+
+
+def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Sequence[str]) -> Batch:
+    """Rows -> a typed table. A value of the wrong type becomes null and a row problem (JSONL has no schema)."""
+    problems: dict[int, str] = {}
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    string_cols = set(REQUIRED_COLUMNS + OPTIONAL_STRING_COLUMNS)
+    columns: dict[str, pa.Array] = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        if name in string_cols or name in labels:
+            want_number = name in labels
+            clean = []
+            for i, value in enumerate(values):
+                if name == "id" and isinstance(value, int) and not isinstance(value, bool):
+                    value = str(value)  # integer ids cast losslessly, as in Parquet
+                ok = value is None or (
+                    isinstance(value, (int, float)) and not isinstance(value, bool) if want_number else isinstance(value, str)
+                )
+                if not ok:
+                    kind = _JSON_KINDS.get(type(value), type(value).__name__)
+                    problems.setdefault(i, f"column '{name}' is a {kind}, expected {'a number' if want_number else 'a string'}")
+                    value = None
+                clean.append(float(value) if want_number and value is not None else value)
+            columns[name] = pa.array(clean, type=pa.float64() if want_number else pa.string())
+        else:
+            try:
+                columns[name] = pa.array(values)
+            except (pa.ArrowException, TypeError):
+                # Mixed types in a pass-through column: keep them as JSON text rather than drop them.
+                columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], type=pa.string())
+    if not columns:  # every line unreadable: keep the rows, so they are counted and rejected
+        columns["id"] = pa.nulls(len(rows), pa.string())
+    return Batch(path, start, pa.table(columns), problems)
+
+
+def _iter_jsonl(path: Path, batch_rows: int, labels: Sequence[str], lenient: bool = False) -> Iterator[Batch]:
+    """JSON lines in bounded batches. A bad line is an error, or with `lenient` an empty row with its reason.
+
+    Blank lines are not rows: they are skipped and counted in `Batch.blank_lines` (a final batch with no rows
+    still carries the count)."""
+    rows: list[dict[str, Any]] = []
+    lines: list[int] = []
+    bad: dict[int, str] = {}
+    blank = 0
+    start = 0
+
+    def flush() -> Batch:
+        batch = _jsonl_table(path, start, rows, labels)
+        batch.problems.update(bad)
+        batch.unreadable_rows = len(bad)
+        batch.line_numbers, batch.blank_lines = lines, blank
+        return batch
+
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                blank += 1
+                continue
+            obj, reason = _parse_line(raw)
+            if reason is not None:
+                if not lenient:
+                    raise InputError(f"{path} line {line_no}: {reason}")
+                bad[len(rows)] = reason
+                obj = {}
+            rows.append(obj)
+            lines.append(line_no)
+            if len(rows) == batch_rows:
+                yield flush()
+                start += len(rows)
+                rows, lines, bad, blank = [], [], {}, 0
+    if rows or blank:
+        yield flush()
+
+
+def _parse_line(raw: bytes) -> tuple[dict[str, Any], str | None]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return {}, f"invalid UTF-8 ({exc.reason} at byte {exc.start})"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return {}, f"invalid JSON ({exc.msg} at column {exc.colno})"
+    if not isinstance(obj, dict):
+        return {}, f"expected a JSON object, got {_JSON_KINDS.get(type(obj), 'value')}"
+    return obj, None
+
+
+def iter_file_batches(path: Path, batch_rows: int = DEFAULT_BATCH_ROWS, labels: Sequence[str] = (),
+                      columns: Sequence[str] | None = None, lenient: bool = False,
+                      row_groups: Sequence[int] | None = None) -> Iterator[Batch]:
+    """Bounded batches of one file, schema-checked; row problems are attached, not raised.
+
+    `lenient` (scoring): an unparseable JSONL line becomes a row problem instead of an error.
+    `row_groups`: read only these Parquet row groups (a shard's share of the file).
+    """
+    try:
+        if is_jsonl(path):
+            batches = _iter_jsonl(path, batch_rows, labels, lenient)
+        else:
+            check_schema(path, parquet_schema(path), labels)
+            batches = _iter_parquet(path, batch_rows, columns, row_groups)
+        for batch in batches:
+            if is_jsonl(path):
+                _complete_jsonl_columns(batch, labels)
+            if batch.table.num_rows:
+                for offset, reason in row_problems(batch.table, labels).items():
+                    batch.problems.setdefault(offset, reason)
+            yield batch
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+
+
+def _complete_jsonl_columns(batch: Batch, labels: Sequence[str]) -> None:
+    """A JSONL batch must name the required columns in its readable rows; unreadable-only batches get null ones."""
+    if batch.table.num_rows > batch.unreadable_rows:
+        check_schema(batch.path, batch.table.schema, labels)
+    for name in (*REQUIRED_COLUMNS, *labels):
+        if name not in batch.table.column_names:
+            kind = pa.float64() if name in labels else pa.string()
+            batch.table = batch.table.append_column(name, pa.nulls(batch.table.num_rows, kind))
+
+
+def read_articles(inputs: Sequence[str | Path], labels: Sequence[str] = (), batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.Table:
+    """Read small labelled inputs (training data) strictly: the first problem row is an error naming file and row."""
+    tables = []
+    for path in expand_inputs(inputs):
+        for batch in iter_file_batches(path, batch_rows, labels):
+            if batch.problems:
+                offset = min(batch.problems)
+                raise InputError(f"{batch.where(offset)}: {batch.problems[offset]}")
+            if batch.table.num_rows:
+                tables.append(normalise_types(batch.table, labels))
+    if not tables:
+        raise InputError(f"{', '.join(map(str, inputs))}: no rows")
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowException as exc:
+        raise InputError(f"{', '.join(map(str, inputs))}: files disagree on their schema ({exc})") from None
+
+
+def normalise_types(table: pa.Table, labels: Sequence[str] = ()) -> pa.Table:
+    """Known string columns as string, labels as float32, so files written by different tools concatenate."""
+    for i, name in enumerate(table.column_names):
+        if name in REQUIRED_COLUMNS + OPTIONAL_STRING_COLUMNS:
+            table = table.set_column(i, name, table.column(i).cast(pa.string()))
+        elif name in labels or name in DIMENSIONS:
+            if _numeric_type(table.schema.field(i).type) or pa.types.is_null(table.schema.field(i).type):
+                table = table.set_column(i, name, table.column(i).cast(pa.float32()))
+    return table
+
+
+def label_matrix(table: pa.Table) -> np.ndarray:
+    """The eight label columns as an (n, 8) float32 matrix, in dimension order."""
+    return np.stack([table.column(d).to_numpy(zero_copy_only=False) for d in DIMENSIONS], axis=1).astype(np.float32)

@@ -1,0 +1,1 @@
+"""Evaluation: a model against labelled data beside the mean baseline, and two runs compared."""

@@ -1,0 +1,1 @@
+"""Export: a distillation run merged and written as ONNX, with its parity measured."""

@@ -1,0 +1,212 @@
+"""Export a trained run to ONNX: merge the adapter, export with dynamic batch and sequence axes, prove parity.
+
+    run -> base + adapter + head -> merged PyTorch model -> torch.onnx (dynamo) -> [fp16 conversion] ->
+    ONNX Runtime vs PyTorch on real tokenised batches with padding -> MODEL/ with model.json
+
+An fp32 export whose scores differ from PyTorch by more than 1e-3 fails (exit 1): a broken graph never ships.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..core.atomic import write_dir_atomic, write_json_atomic
+from ..core.errors import ConfigError, InputError, RetryableError
+from ..core.logs import get_logger
+from ..core.spec import DIMENSIONS, default_spec
+from ..modeling.description import describe_model, model_digest, model_version, onnx_files
+from ..modeling.onnx_runtime import OnnxRunner, cpu_session
+from ..modeling.loading import scoring_module
+from ..modeling.predict import TorchRunner, padded_batches, predict
+from ..modeling.tokens import article_texts, encode
+
+OPSET = 18
+FP32_PARITY_LIMIT = 1e-3
+# Above this many bytes of weights the graph keeps them in model.onnx.data (protobuf stops at 2 GB).
+EXTERNAL_DATA_BYTES = 1 << 30
+# Kept in fp32 in a reduced-precision graph: reductions and exponentials that overflow in fp16.
+FP32_OPS = ["SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
+            "SkipLayerNormalization", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Softmax", "Exp", "Div",
+            "RotaryEmbedding", "Cos", "Sin"]
+
+
+class ParityError(RetryableError):
+    """The exported graph does not reproduce PyTorch's scores."""
+
+
+PARITY_ROWS = 24
+
+
+def parity_rows(tokenizer: Any, metadata: dict[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Token rows and the batches to score them in: real articles from the run's data, short beside long so every
+    batch has padding, one single-row batch and one of full length; seeded random token rows top them up when the
+    data is not here."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    max_length = int(metadata["max_length"])
+    data = Path(metadata.get("config", {}).get("data", ""))
+    tables = [pq.read_table(data / f"{name}.parquet", columns=["title", "content"])
+              for name in ("val", "train") if (data / f"{name}.parquet").exists()]
+    texts = article_texts(pa.concat_tables(tables))[:PARITY_ROWS] if tables else []
+    texts = [t[: 40 + 37 * i] if i % 2 else t for i, t in enumerate(texts)]
+    rows = encode(tokenizer, texts, max_length)
+    rng = np.random.default_rng(5)
+    special = set(tokenizer.all_special_ids)
+    vocab = np.array([i for i in range(len(tokenizer)) if i not in special], dtype=np.int32)
+    while len(rows) < PARITY_ROWS:
+        length = max_length if len(rows) % 3 == 0 else int(rng.integers(4, max_length))
+        rows.append(rng.choice(vocab, size=length))
+    batches = [np.arange(0, 1), np.arange(1, 4), np.arange(4, 12), np.arange(12, PARITY_ROWS)]
+    return rows, batches
+
+
+def _to_fp16(path: Path, external: bool) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(path))
+    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS)
+    for stale in onnx_files(path.parent):
+        stale.unlink()
+    onnx.save_model(converted, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location="model.onnx.data" if external else None)
+
+
+# ONNX Runtime's transformer optimizer for the architectures it knows (fuses LayerNorm + residual, bias + GELU).
+ORT_OPTIMIZER_TYPES = {"bert": "bert", "roberta": "bert"}
+
+
+def _optimize(path: Path, config: Any, external: bool) -> dict[str, int] | None:
+    """Fuse with ONNX Runtime's transformer optimizer where it supports the architecture; None where it does not."""
+    model_type = ORT_OPTIMIZER_TYPES.get(getattr(config, "model_type", ""))
+    if model_type is None:
+        return None
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(str(path), model_type=model_type, num_heads=config.num_attention_heads,
+                               hidden_size=config.hidden_size)
+    fused = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
+    for stale in onnx_files(path.parent):
+        stale.unlink()
+    optimized.save_model_to_file(str(path), use_external_data_format=external)
+    return fused
+
+
+def _to_int8(path: Path, external: bool) -> None:
+    """Dynamic int8 quantisation of the MatMuls (ONNX Runtime's quantiser): for CPU scoring."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source = path.with_name("fp32.onnx")
+    for stale in onnx_files(path.parent):
+        stale.rename(stale.with_name(stale.name.replace("model.onnx", "fp32.onnx")))
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser advises pre-processing on the root logger at every call
+    try:
+        quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                         use_external_data_format=external,
+                         # fused ops (SkipLayerNormalization) defeat shape inference; their outputs are fp32
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        root.setLevel(level)
+    for stale in path.parent.glob("fp32.onnx*"):
+        stale.unlink()
+
+
+def _export(module: Any, example: tuple[Any, ...], path: Path, external: bool) -> None:
+    import torch
+
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    torch.onnx.export(
+        module, example, str(path), input_names=["input_ids", "attention_mask"], output_names=["scores"],
+        opset_version=OPSET, dynamo=True, external_data=external, verbose=False,
+        dynamic_shapes={"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}},
+    )
+
+
+def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = False) -> dict[str, Any]:
+    import torch
+
+    log = get_logger()
+    if dtype not in ("fp32", "fp16", "int8"):
+        raise ConfigError(f"--dtype {dtype}: supported are fp32, fp16 and int8 (bf16 has no ONNX Runtime CPU kernels "
+                          "to prove parity with)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise InputError(f"--out {out_dir} already exists and is not empty (pass --force to replace it)")
+    if describe_model(run_dir).is_instruction:
+        raise ConfigError(f"{run_dir}: export takes distillation runs; score an instruction run with --backend torch")
+    module, tokenizer, metadata = scoring_module(run_dir)
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    external = weight_bytes > EXTERNAL_DATA_BYTES
+    rows, batches = parity_rows(tokenizer, metadata)
+    pad_id = tokenizer.pad_token_id
+    # PyTorch's scores on the parity rows, through the same inference path as every graph checked against them.
+    reference = predict(TorchRunner(module, torch.device("cpu")), rows, pad_id, batches=batches)
+    info: dict[str, Any] = {}
+
+    def parity_of(path: Path) -> float:
+        got = predict(OnnxRunner.from_session(cpu_session(path)), rows, pad_id, batches=batches)
+        return float(np.abs(reference - got).max())
+
+    def build(work: Path) -> None:
+        example = next(padded_batches(rows, pad_id, batches[1:2]))
+        example = (torch.from_numpy(example.input_ids), torch.from_numpy(example.attention_mask))
+        log.info("onnx_export_start", run=str(run_dir), parameters=sum(p.numel() for p in module.parameters()),
+                 external_data=external)
+        # The exporter prints progress on stdout, which carries our JSON log lines: send it to stderr.
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _export(module, example, work / "model.onnx", external)
+        parity: dict[str, Any] = {"fp32_max_abs_diff": parity_of(work / "model.onnx"),
+                                  "batches": [[len(b), int(max(len(rows[i]) for i in b))] for b in batches], "provider": "CPUExecutionProvider"}
+        log.info("onnx_parity", dtype="fp32", max_abs_diff=parity["fp32_max_abs_diff"])
+        if parity["fp32_max_abs_diff"] > FP32_PARITY_LIMIT:
+            raise ParityError(f"ONNX export of {run_dir} differs from PyTorch by {parity['fp32_max_abs_diff']:.2e} "
+                              f"(limit {FP32_PARITY_LIMIT:g}); nothing was written to {out_dir}")
+        fused = _optimize(work / "model.onnx", module.inner.config, external)
+        if fused is not None:
+            parity["fp32_optimized_max_abs_diff"] = parity_of(work / "model.onnx")
+            log.info("onnx_optimized", fused=fused, max_abs_diff=parity["fp32_optimized_max_abs_diff"])
+            if parity["fp32_optimized_max_abs_diff"] > FP32_PARITY_LIMIT:
+                raise ParityError(f"the optimized ONNX graph of {run_dir} differs from PyTorch by "
+                                  f"{parity['fp32_optimized_max_abs_diff']:.2e} (limit {FP32_PARITY_LIMIT:g})")
+        if dtype == "fp16":
+            _to_fp16(work / "model.onnx", external)
+            parity["fp16_max_abs_diff"] = parity_of(work / "model.onnx")
+            parity["fp32_ops"] = FP32_OPS
+            log.info("onnx_parity", dtype="fp16", max_abs_diff=parity["fp16_max_abs_diff"])
+        if dtype == "int8":
+            _to_int8(work / "model.onnx", external)
+            parity["int8_max_abs_diff"] = parity_of(work / "model.onnx")
+            log.info("onnx_parity", dtype="int8", max_abs_diff=parity["int8_max_abs_diff"])
+        tokenizer.save_pretrained(work)
+        digests = model_digest(work)
+        spec = default_spec()
+        written = {
+            "format": "onnx", "input_format": "article", "dimensions": list(DIMENSIONS), "max_length": int(metadata["max_length"]), "dtype": dtype,
+            "opset": OPSET, "inputs": ["input_ids", "attention_mask"], "outputs": ["scores"],
+            "pad_token_id": tokenizer.pad_token_id, "source_run": str(run_dir.resolve()),
+            "base_model": metadata["model_name"], "training_mode": metadata["training_mode"],
+            "best_val_mae": metadata.get("best_val_mae"), "filter_name": spec.name, "filter_version": spec.version,
+            "model_version": model_version(digests), "sha256": digests, "external_data": external,
+            "parity": parity, "ort_fused_operators": fused, "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "exporter": {"investment-risk": __version__, "torch": torch.__version__},
+        }
+        write_json_atomic(written, work / "model.json")
+        info.update(written)
+
+    write_dir_atomic(out_dir, build)
+    log.info("exported", out=str(out_dir), model_version=info["model_version"], dtype=dtype)
+    return info

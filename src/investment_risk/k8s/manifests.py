@@ -1,0 +1,374 @@
+"""Kubernetes manifests for training, sharded scoring, the metrics merge and the nightly CronJob.
+
+Pure functions from validated settings to plain dicts: `jobs render` prints them, `jobs submit` sends them,
+`jobs run-local` runs their pods' commands here, and k8s/base is their output for the default settings (a test keeps
+it in step). Every pod runs the restricted Pod Security profile with a read-only root filesystem.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..core.errors import ConfigError
+
+APP = "investment-risk"
+UID = 10001  # the image's numeric non-root user
+DATA_MOUNT, MODELS_MOUNT, CACHE_MOUNT = "/data", "/models", "/cache"
+HF_TOKEN_DIR = "/var/run/secrets/huggingface"
+SETTINGS_CONFIGMAP = f"{APP}-settings"
+HF_TOKEN_SECRET = f"{APP}-hf-token"
+RUNNER_SA, SUBMITTER_SA = f"{APP}-runner", f"{APP}-submitter"
+DATA_PVC, MODELS_PVC = f"{APP}-data", f"{APP}-models"
+KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+DAY = 86400
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where pods run: resources, accelerator and the device the CLI should use."""
+
+    name: str
+    gpus: int
+    cpu: str
+    memory: str
+    device: str
+
+
+PROFILES = {
+    "gpu": Profile("gpu", gpus=1, cpu="8", memory="64Gi", device="cuda"),
+    "cpu": Profile("cpu", gpus=0, cpu="2", memory="8Gi", device="cpu"),
+}
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    image: str = "ghcr.io/investment-risk/investment-risk:0.1.0"
+    namespace: str = APP
+    profile: str = "gpu"
+    queue: str | None = None  # a Kueue LocalQueue; None leaves admission to the default scheduler
+    deadline_s: int = DAY  # activeDeadlineSeconds
+    ttl_s: int = 7 * DAY  # ttlSecondsAfterFinished
+    data_size: str = "200Gi"
+    models_size: str = "100Gi"
+    storage_class: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ConfigError(f"--profile must be one of {', '.join(PROFILES)}")
+        if not _NAME.match(self.namespace) or len(self.namespace) > 63:
+            raise ConfigError(f"--namespace {self.namespace!r} is not a valid Kubernetes name")
+        if not self.image or any(c.isspace() for c in self.image):
+            raise ConfigError(f"--image {self.image!r} is not an image reference")
+        if self.queue is not None and not _NAME.match(self.queue):
+            raise ConfigError(f"--queue {self.queue!r} is not a valid Kueue queue name")
+
+    @property
+    def hardware(self) -> Profile:
+        return PROFILES[self.profile]
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    name: str
+    model: str
+    inputs: tuple[str, ...]
+    out: str
+    shards: int = 4
+    parallelism: int | None = None  # default: all shards at once
+    backend: str = "onnx"
+    max_failed_shards: int = 0
+    retries_per_shard: int = 2
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    name: str
+    mode: str
+    data: str
+    out: str
+    base_model: str = "qwen2.5-1.5b"
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+def check_name(name: str, what: str = "--name") -> str:
+    # Indexed Job pods are named <job>-<index>-<random>: keep room under the 63-character label limit.
+    if not _NAME.match(name) or len(name) > 52:
+        raise ConfigError(f"{what} {name!r} must be a DNS label of at most 52 characters (a-z, 0-9, '-')")
+    return name
+
+
+def _labels(component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": APP, "app.kubernetes.io/component": component}
+
+
+# checkov reads skips from annotations; each says why the check does not apply.
+IMAGE_DIGEST_SKIP = {"checkov.io/skip1": "CKV_K8S_43=The image is built per release; pin it by digest at deploy time "
+                                         "with `kustomize edit set image` or `jobs submit --image REPO@sha256:...`"}
+
+
+def _meta(name: str, settings: JobSettings, component: str, queue: bool = False) -> dict[str, Any]:
+    labels = _labels(component)
+    if queue and settings.queue:
+        labels[KUEUE_LABEL] = settings.queue
+    annotations = {} if "@sha256:" in settings.image else dict(IMAGE_DIGEST_SKIP)
+    return {"name": name, "namespace": settings.namespace, "labels": labels,
+            **({"annotations": annotations} if annotations else {})}
+
+
+def _resources(settings: JobSettings, gpu: bool) -> dict[str, Any]:
+    hw = settings.hardware
+    limits = {"cpu": hw.cpu, "memory": hw.memory, "ephemeral-storage": "20Gi"}
+    if gpu and hw.gpus:
+        limits["nvidia.com/gpu"] = str(hw.gpus)
+    return {"requests": dict(limits), "limits": limits}
+
+
+def _container(name: str, args: list[str], settings: JobSettings, gpu: bool) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": settings.image,
+        "imagePullPolicy": "Always",
+        "args": args,
+        "envFrom": [{"configMapRef": {"name": SETTINGS_CONFIGMAP}}],
+        "env": [
+            {"name": "INVESTMENT_RISK_DEVICE", "value": settings.hardware.device},
+            # The Job's name, so a CronJob's runs write to their own folders: args expand $(JOB_NAME).
+            {"name": "JOB_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}},
+        ],
+        "resources": _resources(settings, gpu),
+        "securityContext": {
+            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+            "runAsUser": UID, "runAsGroup": UID, "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "data", "mountPath": DATA_MOUNT},
+            {"name": "models", "mountPath": MODELS_MOUNT},
+            {"name": "cache", "mountPath": CACHE_MOUNT},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "hf-token", "mountPath": HF_TOKEN_DIR, "readOnly": True},
+        ],
+    }
+
+
+def _pod_spec(container: dict[str, Any], settings: JobSettings, gpu: bool) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": RUNNER_SA,
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": [
+            {"name": "data", "persistentVolumeClaim": {"claimName": DATA_PVC}},
+            {"name": "models", "persistentVolumeClaim": {"claimName": MODELS_PVC}},
+            # The root filesystem is read-only: the model caches and /tmp are size-limited scratch space.
+            {"name": "cache", "emptyDir": {"sizeLimit": "20Gi"}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}},
+            {"name": "hf-token", "secret": {"secretName": HF_TOKEN_SECRET, "optional": True, "defaultMode": 0o440}},
+        ],
+    }
+    if gpu and settings.hardware.gpus:
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    return spec
+
+
+def _failure_policy(container: str) -> dict[str, Any]:
+    return {"rules": [
+        # Exit 2 is bad input or usage: retrying cannot help, so the whole Job fails at once.
+        {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": [2]}},
+        # A pod evicted or preempted (node drain, spot reclaim) did nothing wrong: retry without counting it.
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
+
+
+def train_job(spec: TrainSpec, settings: JobSettings) -> dict[str, Any]:
+    check_name(spec.name)
+    if spec.mode not in ("distillation", "instruction"):
+        raise ConfigError("--mode must be distillation or instruction")
+    args = ["train", "--mode", spec.mode, "--base-model", spec.base_model, "--data", spec.data, "--out", spec.out,
+            "--resume-if-present", *spec.extra_args]
+    container = _container("train", args, settings, gpu=True)
+    return {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(spec.name, settings, "train", queue=True),
+        "spec": {
+            "backoffLimit": 3, "activeDeadlineSeconds": settings.deadline_s, "ttlSecondsAfterFinished": settings.ttl_s,
+            "podFailurePolicy": _failure_policy("train"),
+            "template": {"metadata": {"labels": _labels("train")}, "spec": _pod_spec(container, settings, gpu=True)},
+        },
+    }
+
+
+def _score_job_spec(spec: ScoreSpec, settings: JobSettings) -> dict[str, Any]:
+    if spec.shards < 1 or (spec.parallelism is not None and spec.parallelism < 1):
+        raise ConfigError("--shards and --parallelism must be at least 1")
+    if not spec.inputs:
+        raise ConfigError("--input is required")
+    args = ["score", "--model", spec.model, *[a for path in spec.inputs for a in ("--input", path)], "--out", spec.out,
+            "--shard-count", str(spec.shards), "--backend", spec.backend, *spec.extra_args]
+    container = _container("score", args, settings, gpu=True)
+    return {
+        "completionMode": "Indexed", "completions": spec.shards, "parallelism": spec.parallelism or spec.shards,
+        # Each shard retries on its own; one bad shard does not stop the others unless more than allowed fail.
+        "backoffLimitPerIndex": spec.retries_per_shard, "maxFailedIndexes": spec.max_failed_shards,
+        "activeDeadlineSeconds": settings.deadline_s, "ttlSecondsAfterFinished": settings.ttl_s,
+        "podFailurePolicy": _failure_policy("score"),
+        "template": {"metadata": {"labels": _labels("score")}, "spec": _pod_spec(container, settings, gpu=True)},
+    }
+
+
+def score_job(spec: ScoreSpec, settings: JobSettings) -> dict[str, Any]:
+    """An Indexed Job: pod i scores shard i (JOB_COMPLETION_INDEX) and merges whatever shards are done."""
+    check_name(spec.name)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(spec.name, settings, "score", queue=True),
+            "spec": _score_job_spec(spec, settings)}
+
+
+def merge_job(name: str, out: str, shards: int, settings: JobSettings) -> dict[str, Any]:
+    """The last step: merge the shards' metrics; exits 1 (and is retried) until all shards are done."""
+    check_name(name)
+    small = replace(settings, profile="cpu")  # merging reads JSON: no accelerator
+    # The pod waits for the shards itself (the Job's backoff would give up after minutes, scoring takes hours).
+    wait = str(max(settings.deadline_s - 600, 60))
+    container = _container("merge", ["score-merge", "--out", out, "--expect-shards", str(shards), "--wait-seconds", wait],
+                           small, gpu=False)
+    return {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(name, settings, "merge", queue=True),
+        "spec": {"backoffLimit": 6, "activeDeadlineSeconds": settings.deadline_s, "ttlSecondsAfterFinished": settings.ttl_s,
+                 "podFailurePolicy": _failure_policy("merge"),
+                 "template": {"metadata": {"labels": _labels("merge")}, "spec": _pod_spec(container, settings, gpu=False)}},
+    }
+
+
+def nightly_cronjob(spec: ScoreSpec, settings: JobSettings, schedule: str = "30 2 * * *",
+                    time_zone: str = "Etc/UTC") -> dict[str, Any]:
+    """The nightly batch: an Indexed scoring Job whose every run writes under its own Job name."""
+    check_name(spec.name)
+    job_spec = _score_job_spec(spec, settings)
+    job_meta = {"labels": _meta(spec.name, settings, "nightly", queue=True)["labels"]}
+    return {
+        "apiVersion": "batch/v1", "kind": "CronJob", "metadata": _meta(spec.name, settings, "nightly"),
+        "spec": {"schedule": schedule, "timeZone": time_zone, "concurrencyPolicy": "Forbid",
+                 "startingDeadlineSeconds": 3600, "successfulJobsHistoryLimit": 3, "failedJobsHistoryLimit": 5,
+                 "jobTemplate": {"metadata": job_meta, "spec": job_spec}},
+    }
+
+
+def shared_resources(settings: JobSettings) -> list[dict[str, Any]]:
+    """Namespace, storage, settings and RBAC that every Job relies on."""
+    ns = settings.namespace
+
+    def pvc(name: str, size: str) -> dict[str, Any]:
+        spec: dict[str, Any] = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": size}}}
+        if settings.storage_class:
+            spec["storageClassName"] = settings.storage_class
+        return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": name, "namespace": ns, "labels": _labels("storage")}, "spec": spec}
+
+    def account(name: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "ServiceAccount", "automountServiceAccountToken": False,
+                "metadata": {"name": name, "namespace": ns, "labels": _labels("rbac")}}
+
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {
+            **_labels("namespace"), **{f"pod-security.kubernetes.io/{mode}": "restricted"
+                                       for mode in ("enforce", "audit", "warn")}}}},
+        pvc(DATA_PVC, settings.data_size),
+        pvc(MODELS_PVC, settings.models_size),
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": SETTINGS_CONFIGMAP, "namespace": ns,
+                                                               "labels": _labels("settings")},
+         "data": {
+             "INVESTMENT_RISK_LOG_FORMAT": "json", "INVESTMENT_RISK_LOG_LEVEL": "info",
+             # The Hugging Face cache lives on the models PVC: stage the base model there once (see the README).
+             "HF_HOME": f"{MODELS_MOUNT}/huggingface", "INVESTMENT_RISK_CACHE": f"{CACHE_MOUNT}/investment-risk",
+             "HF_HUB_OFFLINE": "1", "HF_TOKEN_PATH": f"{HF_TOKEN_DIR}/token", "TOKENIZERS_PARALLELISM": "false",
+             "MPLCONFIGDIR": "/tmp/matplotlib",
+         }},
+        account(RUNNER_SA),
+        account(SUBMITTER_SA),
+        # The pods read and write mounted volumes only: no ingress at all, egress only to DNS and HTTPS
+        # (the Hugging Face hub, when a run is allowed online with the token).
+        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+         "metadata": {"name": APP, "namespace": ns, "labels": _labels("network")},
+         "spec": {"podSelector": {"matchLabels": {"app.kubernetes.io/name": APP}}, "policyTypes": ["Ingress", "Egress"],
+                  "egress": [{"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53},
+                                        {"protocol": "TCP", "port": 443}]}]}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": SUBMITTER_SA, "namespace": ns, "labels": _labels("rbac")},
+         "rules": [
+             {"apiGroups": ["batch"], "resources": ["jobs"],
+              "verbs": ["create", "get", "list", "watch", "delete"]},
+             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+             {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+         ]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": SUBMITTER_SA, "namespace": ns, "labels": _labels("rbac")},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": SUBMITTER_SA},
+         "subjects": [{"kind": "ServiceAccount", "name": SUBMITTER_SA, "namespace": ns}]},
+    ]
+
+
+def _suspended(job: dict[str, Any]) -> dict[str, Any]:
+    job["spec"]["suspend"] = True
+    return job
+
+
+def default_base(settings: JobSettings | None = None) -> dict[str, list[dict[str, Any]]]:
+    """What k8s/base holds: file name -> documents, for the default settings.
+
+    The three Jobs are suspended templates: `kubectl apply -k` starts nothing but the nightly CronJob. Launch runs
+    with `jobs submit` (fresh names), or unsuspend a template once its inputs exist."""
+    settings = settings or JobSettings()
+    nightly = ScoreSpec(name=f"{APP}-nightly", model=f"{MODELS_MOUNT}/current", inputs=(f"{DATA_MOUNT}/incoming",),
+                        out=f"{DATA_MOUNT}/scored/$(JOB_NAME)", shards=4)
+    batch = replace(nightly, name=f"{APP}-score", out=f"{DATA_MOUNT}/scored/{APP}-score")
+    return {
+        "shared.yaml": shared_resources(settings),
+        "train-job.yaml": [_suspended(train_job(TrainSpec(
+            name=f"{APP}-train", mode="distillation", data=f"{DATA_MOUNT}/splits/latest",
+            out=f"{MODELS_MOUNT}/runs/{APP}-train"), settings))],
+        "score-job.yaml": [_suspended(score_job(batch, settings))],
+        "merge-job.yaml": [_suspended(merge_job(f"{APP}-merge", batch.out, batch.shards, settings))],
+        "nightly-cronjob.yaml": [nightly_cronjob(nightly, settings)],
+    }
+
+
+KINDS = ("train", "score", "merge", "nightly")
+
+
+def default_name(kind: str) -> str:
+    import datetime as dt
+
+    return f"{APP}-{kind}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
+
+
+def build(kind: str, settings: JobSettings, *, name: str | None = None, mode: str = "distillation",
+          data: str = f"{DATA_MOUNT}/splits/latest", base_model: str = "qwen2.5-1.5b", model: str = f"{MODELS_MOUNT}/current",
+          inputs: tuple[str, ...] = (f"{DATA_MOUNT}/incoming",), out: str | None = None, shards: int = 4,
+          parallelism: int | None = None, backend: str = "onnx", schedule: str = "30 2 * * *",
+          time_zone: str = "Etc/UTC", extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One manifest of `kind` from command-line parameters (paths are as the pod sees them)."""
+    if kind not in KINDS:
+        raise ConfigError(f"kind must be one of {', '.join(KINDS)}")
+    name = name or (f"{APP}-nightly" if kind == "nightly" else default_name(kind))
+    if kind == "train":
+        return train_job(TrainSpec(name, mode, data, out or f"{MODELS_MOUNT}/runs/{name}", base_model, extra_args), settings)
+    score_out = out or (f"{DATA_MOUNT}/scored/$(JOB_NAME)" if kind == "nightly" else f"{DATA_MOUNT}/scored/{name}")
+    spec = ScoreSpec(name, model, inputs, score_out, shards, parallelism, backend, extra_args=extra_args)
+    if kind == "score":
+        return score_job(spec, settings)
+    if kind == "merge":
+        if out is None:
+            raise ConfigError("merge needs --out: the scoring output directory to merge")
+        return merge_job(name, out, shards, settings)
+    return nightly_cronjob(spec, settings, schedule, time_zone)
+
+
+def to_yaml(docs: list[dict[str, Any]]) -> str:
+    import yaml
+
+    return yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False)

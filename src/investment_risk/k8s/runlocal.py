@@ -1,0 +1,187 @@
+"""Run a rendered Job's pods on this machine: the pod contract end to end, without a cluster.
+
+One process per completion index, at most `parallelism` at once, each with the environment its pod would get
+(the ConfigMap, the container's env, JOB_COMPLETION_INDEX, JOB_NAME) and every mount path mapped to a local
+directory: PVCs to the directories given with --mount, emptyDirs and secrets to fresh temporary ones. Failed
+indexes are retried up to backoffLimitPerIndex; exit code 2 fails the whole Job, as its podFailurePolicy says.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import ConfigError
+from ..core.logs import get_logger
+
+_VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+@dataclass
+class LocalResult:
+    job: str
+    completions: int
+    succeeded: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    exit_codes: dict[int, list[int]] = field(default_factory=dict)
+    failed_job: bool = False  # the Job failed as a whole: see fail_reason
+    fail_reason: str | None = None  # PodFailurePolicy (an exit code with a FailJob rule) or FailedIndexes
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_job and len(self.succeeded) == self.completions
+
+
+def load_manifests(path: Path) -> list[dict[str, Any]]:
+    import yaml
+
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    if not all(isinstance(d, dict) and "kind" in d for d in docs):
+        raise ConfigError(f"{path}: every document must be a Kubernetes object with a kind")
+    return docs
+
+
+def pick_job(docs: list[dict[str, Any]], name: str | None, source: Path) -> dict[str, Any]:
+    all_jobs = [d for d in docs if d["kind"] == "Job"]
+    jobs = [d for d in all_jobs if name is None or d["metadata"]["name"] == name]
+    if len(jobs) != 1:
+        found = ", ".join(d["metadata"]["name"] for d in all_jobs) or "none"
+        problem = (f"no Job named {name!r}" if name else "no Job" if not all_jobs else "more than one Job")
+        raise ConfigError(f"{source}: {problem} (Jobs in the file: {found}); render one with `jobs render KIND`"
+                          + (" and pass --job NAME" if len(all_jobs) > 1 else ""))
+    return jobs[0]
+
+
+def _map_path(value: str, mounts: dict[str, Path]) -> str:
+    """Rewrite a pod path under a mount to the local directory standing in for it; refuse one that climbs out."""
+    for mount in sorted(mounts, key=len, reverse=True):
+        if value == mount or value.startswith(mount.rstrip("/") + "/"):
+            inside = posixpath.normpath(value)
+            if inside != mount and not inside.startswith(mount.rstrip("/") + "/"):
+                raise ConfigError(f"path {value!r} climbs out of the mount {mount}: refused")
+            return str(mounts[mount]) + inside[len(mount.rstrip("/")):]
+    return value
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    return _VAR.sub(lambda m: env.get(m.group(1), m.group(0)), value)
+
+
+def pod_environment(job: dict[str, Any], docs: list[dict[str, Any]], mounts: dict[str, Path],
+                    index: int | None) -> tuple[list[str], dict[str, str]]:
+    """The container's args and environment as the kubelet would set them, with paths mapped to local ones."""
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        ref = source.get("configMapRef", {}).get("name")
+        if ref is not None:
+            if ref not in configmaps and not source["configMapRef"].get("optional"):
+                raise ConfigError(f"ConfigMap {ref!r} is not in the manifest file; render with the shared resources")
+            env.update(configmaps.get(ref, {}))
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = _expand(str(item["value"]), env)
+        elif "job-name" in item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath", ""):
+            env[item["name"]] = job["metadata"]["name"]
+    if index is not None:
+        env["JOB_COMPLETION_INDEX"] = str(index)
+    # Expand $(VAR) with the pod's values first, then map paths once (mapping twice would nest the local dirs).
+    args = [_map_arg(_expand(a, env), mounts) for a in [*container.get("command", []), *container.get("args", [])]]
+    return args, {k: _map_path(v, mounts) for k, v in env.items()}
+
+
+def _map_arg(arg: str, mounts: dict[str, Path]) -> str:
+    """A path argument, or the value of `--option=/path`, mapped to its local directory."""
+    if arg.startswith("-") and "=" in arg:
+        option, value = arg.split("=", 1)
+        return f"{option}={_map_path(value, mounts)}"
+    return _map_path(arg, mounts)
+
+
+def _mounts(job: dict[str, Any], given: dict[str, Path], scratch: Path) -> dict[str, Path]:
+    """Every volume mount mapped: given directories for PVCs, fresh scratch for emptyDirs and secrets."""
+    pod = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mapped: dict[str, Path] = {}
+    for mount in pod["containers"][0].get("volumeMounts", []):
+        path, volume = mount["mountPath"], volumes.get(mount["name"], {})
+        if path in given:
+            mapped[path] = given[path]
+        elif "persistentVolumeClaim" in volume:
+            raise ConfigError(f"mount {path} (PVC {volume['persistentVolumeClaim']['claimName']}) has no local "
+                              f"directory: pass --mount {path}=DIR")
+        else:
+            local = scratch / mount["name"]
+            local.mkdir(parents=True, exist_ok=True)
+            mapped[path] = local
+    return mapped
+
+
+def run_local(manifest: Path, mounts: dict[str, Path], job_name: str | None = None,
+              parallelism: int | None = None) -> LocalResult:
+    log = get_logger()
+    docs = load_manifests(manifest)
+    job = pick_job(docs, job_name, manifest)
+    spec = job["spec"]
+    indexed = spec.get("completionMode") == "Indexed"
+    completions = int(spec.get("completions") or 1)
+    width = max(1, int(parallelism or spec.get("parallelism") or 1))
+    per_index = "backoffLimitPerIndex" in spec
+    retries = int(spec["backoffLimitPerIndex"] if per_index else spec.get("backoffLimit", 6))  # 6: the API default
+    max_failed = int(spec["maxFailedIndexes"]) if per_index and "maxFailedIndexes" in spec else None
+    fail_job_codes = {code for rule in spec.get("podFailurePolicy", {}).get("rules", [])
+                      if rule.get("action") == "FailJob" for code in rule.get("onExitCodes", {}).get("values", [])}
+    result = LocalResult(job["metadata"]["name"], completions)
+    with tempfile.TemporaryDirectory(prefix="run-local-") as scratch:
+        mapped = _mounts(job, mounts, Path(scratch))
+        pending = list(range(completions))
+        running: dict[int, subprocess.Popen] = {}
+        attempts: dict[int, int] = {}
+        while (pending or running) and not result.failed_job:
+            while pending and len(running) < width:
+                index = pending.pop(0)
+                args, env = pod_environment(job, docs, mapped, index if indexed else None)
+                attempts[index] = attempts.get(index, 0) + 1
+                log.info("local_pod_start", job=result.job, index=index, attempt=attempts[index])
+                # The image's entrypoint is `investment-risk`: the same CLI, from this Python.
+                running[index] = subprocess.Popen([sys.executable, "-m", "investment_risk", *args],
+                                                  env={**os.environ, **env, "TMPDIR": str(mapped.get("/tmp", scratch))})
+            time.sleep(0.05)
+            for index, proc in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del running[index]
+                result.exit_codes.setdefault(index, []).append(code)
+                log.info("local_pod_done", job=result.job, index=index, exit_code=code)
+                if code == 0:
+                    result.succeeded.append(index)
+                elif code in fail_job_codes:
+                    result.failed_job, result.fail_reason = True, "PodFailurePolicy"
+                    result.failed.append(index)
+                elif attempts[index] <= retries:
+                    pending.append(index)
+                else:
+                    result.failed.append(index)
+                    # Past maxFailedIndexes (or, without per-index limits, any index out of retries) the controller
+                    # fails the Job and stops its other pods.
+                    if max_failed is None or len(result.failed) > max_failed:
+                        result.failed_job, result.fail_reason = True, "FailedIndexes"
+        for proc in running.values():  # FailJob: the remaining pods are terminated, as the Job controller does
+            proc.terminate()
+            proc.wait()
+    result.succeeded.sort()
+    result.failed.sort()
+    return result

@@ -1,0 +1,1 @@
+"""Models: presets and offline resolution, networks, tokens and prompts, loading, and the one inference path."""

@@ -1,0 +1,131 @@
+"""One typed description of a scoring model, read from an exported model's model.json or a training run.
+
+It answers everything scoring and evaluation ask of a model: what it reads (an article, or an instruction
+prompt), how many tokens, the pad id, its version and source run, and the training means for a baseline.
+An exported directory is checked against the sha256 in its model.json before anything trusts it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.errors import InputError
+from ..core.spec import DIMENSIONS
+
+INPUT_FORMATS = ("article", "instruction")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def onnx_files(model_dir: Path) -> list[Path]:
+    return sorted(p for p in model_dir.iterdir() if p.name.startswith("model.onnx"))
+
+
+def model_digest(model_dir: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in onnx_files(model_dir)}
+
+
+def model_version(digests: dict[str, str]) -> str:
+    joined = "".join(f"{name}:{digest}\n" for name, digest in sorted(digests.items()))
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable ({exc})") from None
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    path: Path
+    exported: bool  # an ONNX model directory (model.json), else a training run
+    input_format: str  # "article" (title + content) or "instruction" (the instruction prompt + article)
+    max_length: int  # tokens one input may take (an instruction run's prompt budget)
+    pad_token_id: int | None  # None: the tokenizer's
+    model_version: str
+    source_run: Path  # the training run (the run itself when not exported)
+    training_mode: str
+    tokenizer_dir: Path
+    train_label_mean: tuple[float, ...] | None  # the predict-the-mean baseline, when the run is here
+
+    @property
+    def is_instruction(self) -> bool:
+        return self.input_format == "instruction"
+
+    def token_rows(self, tokenizer: Any, titles: list[str | None], contents: list[str | None]) -> list[np.ndarray]:
+        """What the model reads for each article: the article, or the instruction prompt around it."""
+        if self.is_instruction:
+            from .prompts import prompt_tokens
+
+            return prompt_tokens(tokenizer, titles, contents, self.max_length)
+        from .tokens import article_text, encode
+
+        return encode(tokenizer, [article_text(t, c) for t, c in zip(titles, contents)], self.max_length)
+
+
+def describe_model(path: Path) -> ModelDescription:
+    """The description of an exported model directory or a training run; anything else is an error (exit 2)."""
+    if (path / "model.json").exists():
+        return _exported(path)
+    if (path / "training_metadata.json").exists():
+        return _run(path, _read_json(path / "training_metadata.json"))
+    raise InputError(f"{path}: neither an exported model (model.json) nor a training run (training_metadata.json)")
+
+
+def _input_format(metadata: dict[str, Any]) -> str:
+    return "instruction" if metadata.get("training_mode") == "instruction" else "article"
+
+
+def _label_mean(run_meta: dict[str, Any] | None) -> tuple[float, ...] | None:
+    mean = (run_meta or {}).get("train_label_mean")
+    return tuple(float(x) for x in mean) if mean else None
+
+
+def _run(path: Path, metadata: dict[str, Any]) -> ModelDescription:
+    if not (path / "model" / "adapter_model.safetensors").exists():
+        raise InputError(f"{path}: not a finished training run (needs model/adapter_model.safetensors; pickle files "
+                         "are never loaded)")
+    return ModelDescription(
+        path=path, exported=False, input_format=_input_format(metadata),
+        max_length=int(metadata.get("prompt_max_length") or metadata["max_length"]), pad_token_id=None,
+        model_version=f"run:{path.name}", source_run=path, training_mode=metadata.get("training_mode", "distillation"),
+        tokenizer_dir=path / "model", train_label_mean=_label_mean(metadata))
+
+
+def _exported(path: Path) -> ModelDescription:
+    info = read_model_json(path)
+    source = Path(info["source_run"])
+    run_meta = _read_json(source / "training_metadata.json") if (source / "training_metadata.json").exists() else None
+    return ModelDescription(
+        path=path, exported=True, input_format=info.get("input_format", "article"), max_length=int(info["max_length"]),
+        pad_token_id=info.get("pad_token_id"), model_version=str(info["model_version"]), source_run=source,
+        training_mode=info.get("training_mode", "distillation"), tokenizer_dir=path, train_label_mean=_label_mean(run_meta))
+
+
+def read_model_json(model_dir: Path) -> dict[str, Any]:
+    """model.json, checked against the ONNX files it describes: a mismatch is an error (exit 2)."""
+    meta_path = model_dir / "model.json"
+    if not meta_path.exists():
+        raise InputError(f"{model_dir}: not an exported model (no model.json)")
+    info = _read_json(meta_path)
+    actual = model_digest(model_dir)
+    if actual != info.get("sha256"):
+        raise InputError(f"{model_dir}: ONNX files do not match the sha256 in model.json (expected "
+                         f"{info.get('sha256')}, found {actual}); re-export the model")
+    if list(info.get("dimensions", [])) != list(DIMENSIONS):
+        raise InputError(f"{model_dir}: model.json dimensions {info.get('dimensions')} are not {list(DIMENSIONS)}")
+    return info

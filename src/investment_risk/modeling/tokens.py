@@ -1,0 +1,134 @@
+"""Tokenising once, batching by length and dynamic padding.
+
+Training batches are grouped by length inside windows of shuffled examples, so padding is small without giving
+up the randomness of the order; inference batches are sorted by length, cut by rows or by a token budget. Each
+batch is padded to its own longest sequence, never to max length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CHARS_PER_TOKEN_BOUND = 16  # cut text before tokenising; re-tokenise in full when the cut might have mattered
+
+
+def article_text(title: str | None, content: str | None) -> str:
+    """The model input: title, a blank line, then the content."""
+    return f"{title or ''}\n\n{content or ''}"
+
+
+def article_texts(table: Any) -> list[str]:
+    """`article_text` for every row of a table with title and content columns."""
+    return [article_text(t, c) for t, c in zip(table.column("title").to_pylist(), table.column("content").to_pylist())]
+
+
+def encode(tokenizer: Any, texts: Sequence[str], max_length: int, chunk: int = 512) -> list[np.ndarray]:
+    """Token ids per text, truncated to max_length, with the tokenizer's special tokens."""
+    out: list[np.ndarray] = []
+    limit = max_length * CHARS_PER_TOKEN_BOUND
+    for start in range(0, len(texts), chunk):
+        part = list(texts[start:start + chunk])
+        cut = [t[:limit] for t in part]
+        ids = tokenizer(cut, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        for text, row in zip(part, ids):
+            if len(row) < max_length and len(text) > limit:  # the cut text ran short: do it exactly
+                row = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+            out.append(np.asarray(row, dtype=np.int32))
+    return out
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    h = hashlib.sha256()
+    for name, idx in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        h.update(f"{idx}:{name}\n".encode("utf-8", "surrogatepass"))
+    h.update(repr(tokenizer.all_special_tokens).encode())
+    return h.hexdigest()[:16]
+
+
+def encode_cached(tokenizer: Any, texts: Sequence[str], max_length: int, cache_file: Path) -> list[np.ndarray]:
+    """`encode`, stored once per run as safetensors and reused (resume, evaluation) while the inputs match."""
+    from safetensors.numpy import load_file, save_file
+
+    from ..core.atomic import atomic_path
+
+    h = hashlib.sha256(f"{tokenizer_fingerprint(tokenizer)}|{max_length}|{len(texts)}".encode())
+    for text in texts:
+        h.update(text.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    key = h.hexdigest()
+    if cache_file.exists():
+        from safetensors import safe_open
+
+        with safe_open(cache_file, "np") as handle:
+            if handle.metadata().get("key") == key:
+                arrays = load_file(cache_file)
+                ids, offsets = arrays["ids"], arrays["offsets"]
+                return [ids[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+    rows = encode(tokenizer, texts, max_length)
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(r) for r in rows])
+    ids = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int32)
+    with atomic_path(cache_file) as tmp:
+        save_file({"ids": ids, "offsets": offsets}, str(tmp), metadata={"key": key})
+    return rows
+
+
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, window: int = 50) -> list[np.ndarray]:
+    """Shuffle, then inside each window of `window` batches sort by length and cut; shuffle the batches.
+
+    Deterministic in (seed, epoch): a resumed run sees the same batches in the same order.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    span = batch_size * window
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), span):
+        chunk = order[start:start + span]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    permutation = rng.permutation(len(batches))
+    return [batches[i] for i in permutation]
+
+
+def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Batches for inference: longest first, in order, no shuffling."""
+    order = np.argsort(-lengths, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def length_batches(lengths: np.ndarray, token_budget: int, max_rows: int) -> list[np.ndarray]:
+    """Batches for inference under a token budget: rows sorted by length, cut so rows x longest stays within it."""
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        width = max(int(lengths[order[start]]), 1)  # the longest row of this batch comes first
+        rows = max(1, min(max_rows, token_budget // width))
+        batches.append(order[start:start + rows])
+        start += rows
+    return batches
+
+
+def pad_batch(rows: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and attention_mask padded on the right to the longest row."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def to_device(array: np.ndarray, device: Any) -> Any:
+    """numpy -> tensor on `device`; pinned first on CUDA so the copy is truly asynchronous (no host sync)."""
+    import torch
+
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)

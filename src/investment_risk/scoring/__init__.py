@@ -1,0 +1,1 @@
+"""Scoring: input units and shards, the pipeline, the shard writer, shard metrics and their merge."""

@@ -1,0 +1,295 @@
+"""Bulk scoring of article batches, one shard at a time (a datatrove-style pipeline).
+
+    sorted files x row groups -> units[shard::count] -> read (bounded batches) -> validate (rejects) ->
+    prefilter (NOISE, no model call) -> tokenise (background thread) -> predict (batches under a token budget) ->
+    clip to the score range -> tiers + signal strength -> part file, rejects, metrics -> _done marker last
+
+Every input row ends in exactly one of the part file (scored or prefiltered) and the rejects file. Outputs are
+written to temporary names and renamed; the `_done` marker is written last, so a rerun skips a finished shard and
+redoes an unfinished one whole.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..core.atomic import atomic_path, write_json_atomic
+from ..core.errors import ConfigError
+from ..core.faults import fault_point
+from ..core.logs import Progress, bind, get_logger
+from ..core.spec import DIMENSIONS, NUM_DIMENSIONS, default_spec
+from ..datasets.readers import REQUIRED_COLUMNS, Batch, expand_inputs, is_jsonl, iter_file_batches, parquet_schema
+from ..modeling.description import ModelDescription, describe_model
+from ..modeling.predict import predict
+from .shard_metrics import ShardMetrics, merge_metrics, write_prometheus
+from .units import Unit, done_marker, list_units, parquet_rows, part_name, shard_units
+from .writer import OUTPUT_COLUMNS, REJECT_SCHEMA, ShardWriter, kept_columns, part_schema
+
+MAX_ARTICLE_BYTES = 1_000_000
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    model: Path
+    inputs: tuple[str, ...]
+    out: Path
+    shard_index: int = 0
+    shard_count: int = 1
+    backend: str = "onnx"
+    device: str = "auto"
+    force: bool = False
+    keep_columns: tuple[str, ...] = ()
+    read_rows: int = 2048  # rows per read batch: the window inside which rows are sorted by length
+    token_budget: int = 16384  # padded tokens per model call
+    max_batch_rows: int = 256
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.shard_count < 1:
+            raise ConfigError(f"--shard-count must be >= 1, got {self.shard_count}")
+        if not 0 <= self.shard_index < self.shard_count:
+            raise ConfigError(f"--shard-index {self.shard_index} must be in [0, --shard-count {self.shard_count})")
+        if not self.inputs:
+            raise ConfigError("--input: give at least one file, directory or glob")
+        bad = [c for c in self.keep_columns if c in OUTPUT_COLUMNS or c in ("source_file", "row_number")]
+        if bad:
+            raise ConfigError(f"--keep-columns: {', '.join(bad)} would collide with an output column")
+
+
+@dataclass
+class Prepared:
+    """One read batch after validation, prefilter and tokenisation (made on the reader thread)."""
+
+    batch: Batch
+    reject_reasons: dict[int, str]
+    prefilter_reasons: dict[int, str]
+    model_rows: list[int]
+    tokens: list[np.ndarray]
+    labels: np.ndarray | None
+
+
+def _reject_reasons(batch: Batch) -> dict[int, str]:
+    """The reader's row problems, and articles over the size limit (empty ones are already a row problem)."""
+    reasons = dict(batch.problems)
+    titles, contents = batch.table.column("title").to_pylist(), batch.table.column("content").to_pylist()
+    for i, (title, content) in enumerate(zip(titles, contents)):
+        if i in reasons:
+            continue
+        size = len((content or "").encode("utf-8", "surrogatepass")) + len((title or "").encode("utf-8", "surrogatepass"))
+        if size > MAX_ARTICLE_BYTES:
+            reasons[i] = f"article is {size} bytes, over the {MAX_ARTICLE_BYTES}-byte limit"
+    return reasons
+
+
+def prepare(batch: Batch, tokenizer: Any, model: ModelDescription, has_labels: bool) -> Prepared:
+    spec = default_spec()
+    rejects = _reject_reasons(batch)
+    titles, contents = batch.table.column("title").to_pylist(), batch.table.column("content").to_pylist()
+    prefiltered: dict[int, str] = {}
+    model_rows: list[int] = []
+    for i in range(batch.table.num_rows):
+        if i in rejects:
+            continue
+        reason = spec.prefilter_reason(titles[i], contents[i])
+        if reason:
+            prefiltered[i] = reason
+        else:
+            model_rows.append(i)
+    tokens = model.token_rows(tokenizer, [titles[i] for i in model_rows], [contents[i] for i in model_rows])
+    labels = None
+    if has_labels:
+        labels = np.stack([np.asarray(batch.table.column(d).to_pylist(), dtype=np.float64) for d in DIMENSIONS], axis=1)
+    return Prepared(batch, rejects, prefiltered, model_rows, tokens, labels)
+
+
+class ShardScorer:
+    """Scores one shard's units into the output directory."""
+
+    def __init__(self, config: ScoreConfig, runner: Any, tokenizer: Any, model: ModelDescription) -> None:
+        self.config = config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.model = model
+        self.pad_id = tokenizer.pad_token_id if model.pad_token_id is None else int(model.pad_token_id)
+        self.spec = default_spec()
+
+    def _read(self, units: Sequence[Unit]) -> Iterator[Batch]:
+        for unit in units:
+            columns = None
+            if not is_jsonl(unit.path):
+                names = parquet_schema(unit.path).names
+                columns = [c for c in names if c in (*REQUIRED_COLUMNS, *DIMENSIONS, *self.config.keep_columns)]
+            groups = None if unit.row_group is None else [unit.row_group]
+            yield from iter_file_batches(unit.path, self.config.read_rows, columns=columns, lenient=True,
+                                         row_groups=groups)
+
+    def _producer(self, units: Sequence[Unit], out: queue.Queue, stop: threading.Event) -> None:
+        """Reads, validates and tokenises ahead of the model, on its own thread (fast tokenizers drop the GIL)."""
+        try:
+            for batch in self._read(units):
+                has_labels = all(d in batch.table.column_names for d in DIMENSIONS)
+                item = prepare(batch, self.tokenizer, self.model, has_labels)
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            out.put(exc)
+
+    def run(self, units: Sequence[Unit], total_rows: int | None) -> ShardMetrics:
+        metrics = ShardMetrics(shard=self.config.shard_index, shard_count=self.config.shard_count,
+                               model_version=self.model.model_version, backend=self.config.backend,
+                               provider=getattr(self.runner, "provider", "?"))
+        # Rows in, from the input side: Parquet footers now, JSONL rows as they are read.
+        metrics.rows_in = sum(unit.rows or 0 for unit in units)
+        name = part_name(self.config.shard_index)
+        part = self.config.out / f"{name}.parquet"
+        rejects = self.config.out / "rejects" / f"{name}.parquet"
+        items: queue.Queue = queue.Queue(maxsize=4)
+        stop = threading.Event()
+        producer = threading.Thread(target=self._producer, args=(units, items, stop), daemon=True, name="tokenise")
+        producer.start()
+        seen_ids: dict[str, str] = {}  # id -> where it was first scored
+        try:
+            # Both files are renamed into place only if the whole shard succeeds; a failure leaves neither.
+            with atomic_path(part) as part_tmp, atomic_path(rejects) as rejects_tmp:
+                writer = ShardWriter(part_tmp, rejects_tmp)
+                try:
+                    with Progress(total=total_rows, what="score", unit="rows") as progress:
+                        while (item := items.get()) is not None:
+                            if isinstance(item, BaseException):
+                                raise item
+                            self._score_batch(item, writer, metrics, seen_ids)
+                            progress.update(item.batch.table.num_rows)
+                except BaseException:
+                    stop.set()
+                    writer.close()
+                    raise
+                writer.close(part_schema(self.config.keep_columns))
+        finally:
+            stop.set()
+            producer.join(timeout=5)
+        # Rows out, from what is on disk now that both files are in place.
+        metrics.count_outputs(parquet_rows(part), parquet_rows(rejects))
+        metrics.finish()
+        return metrics
+
+    @staticmethod
+    def _reject_duplicates(item: Prepared, ids_col: list[Any], seen_ids: dict[str, str], metrics: ShardMetrics) -> None:
+        """A second row with an id already scored in this shard is rejected, never scored twice."""
+        batch = item.batch
+        duplicates = set()
+        for i, id_ in enumerate(ids_col):
+            if i in item.reject_reasons:
+                continue
+            if id_ in seen_ids:
+                # The id goes after the colon, so metrics group all duplicates under one reason.
+                item.reject_reasons[i] = f"duplicate id (first seen at {seen_ids[id_]}): {id_!r}"
+                duplicates.add(i)
+            else:
+                seen_ids[id_] = f"{batch.path.name} row {batch.row_number(i)}"
+        if duplicates:
+            metrics.duplicate_ids += len(duplicates)
+            pairs = [(r, t) for r, t in zip(item.model_rows, item.tokens) if r not in duplicates]
+            item.model_rows, item.tokens = [r for r, _ in pairs], [t for _, t in pairs]
+
+    def _score_batch(self, item: Prepared, writer: ShardWriter, metrics: ShardMetrics, seen_ids: dict[str, str]) -> None:
+        batch = item.batch
+        n = batch.table.num_rows
+        if is_jsonl(batch.path):
+            metrics.rows_in += n
+        metrics.blank_lines += batch.blank_lines
+        ids_col = batch.table.column("id").to_pylist()
+        self._reject_duplicates(item, ids_col, seen_ids, metrics)
+        scores = np.zeros((n, NUM_DIMENSIONS), dtype=np.float32)
+        if item.model_rows:
+            raw = predict(self.runner, item.tokens, self.pad_id, token_budget=self.config.token_budget,
+                          max_rows=self.config.max_batch_rows,
+                          on_batch=lambda b, seconds: metrics.record_batch(seconds, b.real_tokens, b.input_ids.size))
+            scores[item.model_rows] = self.spec.clip(raw)
+        keep = [i for i in range(n) if i not in item.reject_reasons]
+        prefiltered = np.array([i in item.prefilter_reasons for i in keep], dtype=bool)
+        tiers, strength = self.spec.assign_tiers(scores[keep], prefiltered)
+        # Prefiltered rows were never scored: their scores and strength are null, their tier is NOISE.
+        score_mask = np.repeat(prefiltered[:, None], NUM_DIMENSIONS, axis=1)
+        columns: dict[str, Any] = {"id": pa.array([ids_col[i] for i in keep], type=pa.string())}
+        for d, dim in enumerate(DIMENSIONS):
+            columns[dim] = pa.array(scores[keep, d], type=pa.float32(), mask=score_mask[:, d])
+        columns["signal_tier"] = pa.array(list(tiers), type=pa.string())
+        columns["signal_strength"] = pa.array(strength, type=pa.float32(), mask=prefiltered)
+        columns["model_version"] = pa.array([self.model.model_version] * len(keep), type=pa.string())
+        columns["prefilter_reason"] = pa.array([item.prefilter_reasons.get(i) for i in keep], type=pa.string())
+        columns.update(kept_columns(batch, keep, self.config.keep_columns))
+        writer.write_part(pa.table(columns))
+        if item.reject_reasons:
+            rows = sorted(item.reject_reasons)
+            writer.write_rejects(pa.table({
+                "id": pa.array([ids_col[i] for i in rows], type=pa.string()),
+                "source_file": pa.array([str(batch.path)] * len(rows), type=pa.string()),
+                "row_number": pa.array([batch.row_number(i) for i in rows], type=pa.int64()),
+                "reason": pa.array([item.reject_reasons[i] for i in rows], type=pa.string()),
+            }, schema=REJECT_SCHEMA))
+            metrics.count_rejects(item.reject_reasons.values())
+        metrics.rows_prefiltered += int(prefiltered.sum())
+        metrics.rows_model += len(item.model_rows)
+        model_scores = scores[item.model_rows]
+        metrics.add_scores(model_scores, tiers)
+        if item.labels is not None and item.model_rows:
+            metrics.add_labels(model_scores, item.labels[item.model_rows])
+
+
+def score(config: ScoreConfig) -> dict[str, Any]:
+    """Score this shard (unless already done) and merge every finished shard's metrics into OUT/metrics.json."""
+    from ..modeling.loading import load_runner
+    from ..modeling.presets import load_tokenizer
+
+    log = get_logger()
+    bind(stage="score", shard=config.shard_index)
+    out = config.out
+    marker = done_marker(out, config.shard_index)
+    if marker.exists() and not config.force:
+        log.info("shard_skipped", reason="already done (pass --force to redo)", marker=str(marker))
+        return merge_metrics(out)
+    files = expand_inputs(config.inputs)
+    units = shard_units(list_units(files), config.shard_index, config.shard_count)
+    model = describe_model(config.model)
+    tokenizer = load_tokenizer(model.tokenizer_dir)
+    runner = load_runner(model, config.backend, config.device, config.threads)
+    total = _count_rows(units)
+    log.info("shard_start", files=len(files), units=len(units), rows=total, backend=config.backend,
+             provider=runner.provider, model_version=model.model_version)
+    if marker.exists():
+        marker.unlink()  # --force: the shard is redone, so it is not done until the new marker lands
+    metrics = ShardScorer(config, runner, tokenizer, model).run(units, total)
+    metrics_dir = out / "metrics"
+    as_dict = metrics.to_dict()
+    write_json_atomic(as_dict, metrics_dir / f"{part_name(config.shard_index)}.json")
+    write_prometheus(as_dict, metrics_dir / f"{part_name(config.shard_index)}.prom")
+    fault_point(f"before_done:{part_name(config.shard_index)}")
+    with atomic_path(marker) as tmp:
+        tmp.write_text(json.dumps({"rows_in": metrics.rows_in, "finished_at": as_dict["finished_at"]}) + "\n")
+    log.info("shard_done", rows_in=metrics.rows_in, scored=metrics.rows_scored, rejected=metrics.rows_rejected,
+             prefiltered=metrics.rows_prefiltered, blank_lines=metrics.blank_lines,
+             rows_per_second=as_dict["rows_per_second"], invariant_holds=as_dict["invariant_holds"])
+    return merge_metrics(out)
+
+
+def _count_rows(units: Sequence[Unit]) -> int | None:
+    """Rows in this shard, or None when a JSONL file makes it unknown without reading it."""
+    if any(unit.rows is None for unit in units):
+        return None
+    return sum(unit.rows for unit in units)

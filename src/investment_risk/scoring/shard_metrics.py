@@ -1,0 +1,244 @@
+"""Scoring metrics: what one shard measured, the merge of all shards, and Prometheus text for node-exporter.
+
+The row invariant is checked against what is on disk: rows in the input units (Parquet footers, JSONL rows read)
+against rows in the part and rejects files (their footers), per shard when it finishes and again at every merge.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.atomic import write_json_atomic, write_text_atomic
+from ..core.errors import RetryableError
+from ..core.spec import DIMENSIONS
+from .units import parquet_rows
+
+HISTOGRAM_EDGES = list(range(11))  # ten bins of width 1 over [0, 10]
+LATENCY_EDGES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+@dataclass
+class ShardMetrics:
+    shard: int
+    shard_count: int
+    model_version: str
+    backend: str
+    provider: str
+    rows_in: int = 0  # rows in the input units
+    rows_scored: int = 0  # rows in the part file on disk (scored and prefiltered)
+    rows_rejected: int = 0  # rows in the rejects file on disk
+    blank_lines: int = 0  # JSONL blank lines skipped: not rows
+    rows_prefiltered: int = 0
+    rows_model: int = 0
+    duplicate_ids: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    batches: int = 0
+    model_seconds: float = 0.0
+    reject_reasons: Counter = field(default_factory=Counter)
+    tier_counts: Counter = field(default_factory=Counter)
+    histograms: dict[str, list[int]] = field(default_factory=lambda: {d: [0] * 10 for d in DIMENSIONS})
+    latencies_ms: list[float] = field(default_factory=list)
+    label_sums: dict[str, list[float]] = field(default_factory=dict)  # dim -> [count, abs_sum, sq_sum]
+    started: float = field(default_factory=time.monotonic)
+    started_at: str = field(default_factory=_now)
+    seconds: float = 0.0
+
+    def record_batch(self, seconds: float, real: int, padded: int) -> None:
+        self.batches += 1
+        self.model_seconds += seconds
+        self.latencies_ms.append(seconds * 1000)
+        self.real_tokens += real
+        self.padded_tokens += padded
+
+    def count_outputs(self, part_rows: int, reject_rows: int) -> None:
+        self.rows_scored, self.rows_rejected = part_rows, reject_rows
+
+    def count_rejects(self, reasons: Iterable[str]) -> None:
+        # Group by the kind of problem, not the row-specific detail after the first colon or parenthesis.
+        self.reject_reasons.update(r.split(" (")[0].split(":")[0] for r in reasons)
+
+    def add_scores(self, scores: np.ndarray, tiers: Iterable[str]) -> None:
+        self.tier_counts.update(str(t) for t in tiers)
+        for d, dim in enumerate(DIMENSIONS):
+            counts, _ = np.histogram(scores[:, d], bins=HISTOGRAM_EDGES)
+            self.histograms[dim] = [a + int(b) for a, b in zip(self.histograms[dim], counts)]
+
+    def add_labels(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        for d, dim in enumerate(DIMENSIONS):
+            ok = ~np.isnan(labels[:, d])
+            err = scores[ok, d] - labels[ok, d]
+            count, abs_sum, sq_sum = self.label_sums.get(dim, [0, 0.0, 0.0])
+            self.label_sums[dim] = [count + int(ok.sum()), abs_sum + float(np.abs(err).sum()), sq_sum + float((err ** 2).sum())]
+
+    def finish(self) -> None:
+        self.seconds = time.monotonic() - self.started
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "shard": self.shard, "shard_count": self.shard_count, "model_version": self.model_version,
+            "backend": self.backend, "provider": self.provider,
+            "rows_in": self.rows_in, "rows_scored": self.rows_scored, "rows_rejected": self.rows_rejected,
+            "rows_prefiltered": self.rows_prefiltered, "rows_model": self.rows_model, "duplicate_ids": self.duplicate_ids,
+            "blank_lines": self.blank_lines,
+            "invariant_holds": self.rows_in == self.rows_scored + self.rows_rejected,
+            "seconds": round(self.seconds, 3),
+            "rows_per_second": round(self.rows_in / self.seconds, 2) if self.seconds else None,
+            "model_rows_per_second": round(self.rows_model / self.model_seconds, 2) if self.model_seconds else None,
+            "batches": self.batches,
+            "batch_latency_ms": {"p50": _percentile(self.latencies_ms, 50), "p95": _percentile(self.latencies_ms, 95),
+                                 "histogram_edges_ms": LATENCY_EDGES_MS,
+                                 "histogram": np.histogram(self.latencies_ms, bins=[0, *LATENCY_EDGES_MS, float("inf")])[0].tolist()},
+            "real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens,
+            "real_token_share": round(self.real_tokens / self.padded_tokens, 4) if self.padded_tokens else None,
+            "tier_counts": dict(sorted(self.tier_counts.items())), "reject_reasons": dict(sorted(self.reject_reasons.items())),
+            "score_histograms": {"edges": HISTOGRAM_EDGES, **self.histograms},
+            "started_at": self.started_at, "finished_at": _now(),
+        }
+        out.update(label_metrics(self.label_sums))
+        return out
+
+
+def label_metrics(sums: dict[str, list[float]]) -> dict[str, Any]:
+    """MAE/RMSE overall and per dimension from running sums; empty when no labels were present."""
+    if not sums or not any(v[0] for v in sums.values()):
+        return {}
+    total = sum(v[0] for v in sums.values())
+    out: dict[str, Any] = {
+        "label_sums": sums,
+        "mae": sum(v[1] for v in sums.values()) / total,
+        "rmse": float(np.sqrt(sum(v[2] for v in sums.values()) / total)),
+        "labelled_rows": int(max(v[0] for v in sums.values())),
+    }
+    for dim, (count, abs_sum, sq_sum) in sums.items():
+        if count:
+            out[f"{dim}_mae"] = abs_sum / count
+            out[f"{dim}_rmse"] = float(np.sqrt(sq_sum / count))
+    return out
+
+
+def _done_shards(out_dir: Path) -> set[str]:
+    return {p.name for p in (out_dir / "_done").glob("part-*")} if (out_dir / "_done").exists() else set()
+
+
+def merge_metrics(out_dir: Path) -> dict[str, Any]:
+    """Merge every finished shard's metrics into OUT/metrics.json (and metrics.prom); safe to run at any time.
+
+    Shards finish concurrently and each merges: a merge that a shard finished during is done again, so a writer
+    that saw fewer shards can never be the last word."""
+    for _ in range(10):
+        done = _done_shards(out_dir)
+        merged = _merge_once(out_dir, done)
+        if _done_shards(out_dir) == done:
+            break
+    return merged
+
+
+def rows_on_disk(out_dir: Path, name: str) -> tuple[int, int]:
+    """(rows in the part file, rows in the rejects file) of one shard; a missing file holds none."""
+    part, rejects = out_dir / f"{name}.parquet", out_dir / "rejects" / f"{name}.parquet"
+    return (parquet_rows(part) if part.exists() else 0, parquet_rows(rejects) if rejects.exists() else 0)
+
+
+def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
+    parts = sorted((out_dir / "metrics").glob("part-*.json"))
+    shards = [json.loads(p.read_text()) for p in parts if p.stem in done]
+    broken = []
+    for shard in shards:  # recount the outputs: the files may have changed since the shard wrote its metrics
+        name = f"part-{shard['shard']:05d}"
+        shard["rows_scored"], shard["rows_rejected"] = rows_on_disk(out_dir, name)
+        if shard["rows_in"] != shard["rows_scored"] + shard["rows_rejected"]:
+            broken.append(shard["shard"])
+    merged: dict[str, Any] = {"shards": len(shards), "shard_count": max((s["shard_count"] for s in shards), default=0),
+                              "shards_done": sorted(s["shard"] for s in shards)}
+    for key in ("rows_in", "rows_scored", "rows_rejected", "rows_prefiltered", "rows_model", "duplicate_ids",
+                "blank_lines", "real_tokens", "padded_tokens", "batches"):
+        merged[key] = sum(s.get(key, 0) for s in shards)
+    merged["complete"] = bool(shards) and merged["shards"] == merged["shard_count"]
+    merged["model_versions"] = sorted({s["model_version"] for s in shards})
+    merged["real_token_share"] = round(merged["real_tokens"] / merged["padded_tokens"], 4) if merged["padded_tokens"] else None
+    merged["rows_per_second_sum"] = round(sum(s["rows_per_second"] or 0 for s in shards), 2)
+    hist = np.sum([s["batch_latency_ms"]["histogram"] for s in shards], axis=0).tolist() if shards else []
+    merged["batch_latency_ms"] = {"p50_max": max((s["batch_latency_ms"]["p50"] or 0 for s in shards), default=None),
+                                  "p95_max": max((s["batch_latency_ms"]["p95"] or 0 for s in shards), default=None),
+                                  "histogram_edges_ms": LATENCY_EDGES_MS, "histogram": hist}
+    for key in ("tier_counts", "reject_reasons"):
+        total: Counter = Counter()
+        for s in shards:
+            total.update(s[key])
+        merged[key] = dict(sorted(total.items()))
+    merged["score_histograms"] = {"edges": HISTOGRAM_EDGES, **{
+        d: np.sum([s["score_histograms"][d] for s in shards], axis=0).astype(int).tolist() if shards else [0] * 10
+        for d in DIMENSIONS}}
+    sums: dict[str, list[float]] = {}
+    for s in shards:
+        for dim, values in s.get("label_sums", {}).items():
+            sums[dim] = [a + b for a, b in zip(sums.get(dim, [0, 0.0, 0.0]), values)]
+    merged.update(label_metrics(sums))
+    merged["invariant_holds"] = not broken
+    merged["invariant_broken_shards"] = sorted(broken)
+    merged["merged_at"] = _now()
+    if shards:
+        write_json_atomic(merged, out_dir / "metrics.json")
+        write_prometheus(merged, out_dir / "metrics.prom")
+    return merged
+
+
+def merge_until_complete(out_dir: Path, expect_shards: int | None, wait_seconds: float = 0.0,
+                         poll_seconds: float = 30.0) -> dict[str, Any]:
+    """Merge once every expected shard is done: at least `expect_shards`, and every shard of the count the done
+    shards were scored with. Waits up to `wait_seconds`; a directory not made yet counts as no shard done."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        merged = merge_metrics(out_dir) if out_dir.is_dir() else {"shards": 0, "shard_count": 0}
+        needed = max(expect_shards or 0, merged["shard_count"], 1)
+        if merged["shards"] >= needed:
+            return merged
+        if time.monotonic() >= deadline:
+            raise RetryableError(f"{out_dir}: {merged['shards']} of {needed} shards are done")
+        time.sleep(min(poll_seconds, max(deadline - time.monotonic(), 0.0)))
+
+
+def write_prometheus(metrics: dict[str, Any], dest: Path) -> None:
+    """The counts as Prometheus text exposition, for node-exporter's textfile collector."""
+    shard = metrics.get("shard", "all")
+    labels = f'shard="{shard}"'
+    lines = [
+        "# HELP investment_risk_rows Rows by outcome in the last scoring run.",
+        "# TYPE investment_risk_rows gauge",
+    ]
+    for outcome in ("in", "scored", "rejected", "prefiltered", "model"):
+        lines.append(f'investment_risk_rows{{{labels},outcome="{outcome}"}} {metrics[f"rows_{outcome}"]}')
+    lines += ["# HELP investment_risk_tier_rows Rows per signal tier.", "# TYPE investment_risk_tier_rows gauge"]
+    lines += [f'investment_risk_tier_rows{{{labels},tier="{t}"}} {n}' for t, n in metrics["tier_counts"].items()]
+    rate = metrics.get("rows_per_second", metrics.get("rows_per_second_sum"))
+    lines += ["# HELP investment_risk_rows_per_second Scoring throughput.", "# TYPE investment_risk_rows_per_second gauge",
+              f"investment_risk_rows_per_second{{{labels}}} {rate or 0}"]
+    share = metrics.get("real_token_share")
+    lines += ["# HELP investment_risk_real_token_share Share of real (non-pad) tokens in model batches.",
+              "# TYPE investment_risk_real_token_share gauge", f"investment_risk_real_token_share{{{labels}}} {share or 0}"]
+    p95 = metrics["batch_latency_ms"].get("p95", metrics["batch_latency_ms"].get("p95_max"))
+    lines += ["# HELP investment_risk_batch_latency_p95_seconds 95th percentile model batch latency.",
+              "# TYPE investment_risk_batch_latency_p95_seconds gauge",
+              f"investment_risk_batch_latency_p95_seconds{{{labels}}} {(p95 or 0) / 1000}"]
+    if "mae" in metrics:
+        lines += ["# HELP investment_risk_mae Mean absolute error against labels present in the input.",
+                  "# TYPE investment_risk_mae gauge", f"investment_risk_mae{{{labels}}} {metrics['mae']}"]
+    write_text_atomic("\n".join(lines) + "\n", dest)

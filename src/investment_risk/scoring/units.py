@@ -1,0 +1,54 @@
+"""Input units and shards: sorted files x row groups, and shard i's share `units[i::count]` (datatrove's rule)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..core.errors import InputError
+from ..datasets.readers import is_jsonl, parquet_schema
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A slice of the input that belongs to one shard: a Parquet row group, or a whole JSONL file."""
+
+    path: Path
+    row_group: int | None
+    rows: int | None = None  # known from Parquet metadata; None for JSONL until read
+
+
+def list_units(files: Sequence[Path]) -> list[Unit]:
+    units: list[Unit] = []
+    for path in files:
+        if is_jsonl(path):
+            units.append(Unit(path, None))
+            continue
+        parquet_schema(path)  # a corrupt file fails here, naming itself, in every shard alike
+        try:
+            metadata = pq.ParquetFile(path).metadata
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+        units.extend(Unit(path, g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups))
+    return units
+
+
+def shard_units(units: Sequence[Unit], index: int, count: int) -> list[Unit]:
+    return list(units[index::count])
+
+
+def part_name(shard: int) -> str:
+    return f"part-{shard:05d}"
+
+
+def done_marker(out: Path, shard: int) -> Path:
+    return out / "_done" / part_name(shard)
+
+
+def parquet_rows(path: Path) -> int:
+    """Rows in a Parquet file, from its footer: what is on disk, not what a writer meant to write."""
+    return pq.ParquetFile(path).metadata.num_rows

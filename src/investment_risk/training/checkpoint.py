@@ -1,0 +1,98 @@
+"""Training checkpoints as safetensors + JSON (never pickle): adapter and head, optimizer, scheduler, RNG, position.
+
+A checkpoint directory is written whole (the atomic directory writer), and only then named in `latest.json`, so
+a kill at any moment leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..core.atomic import write_dir_atomic, write_json_atomic
+from ..core.errors import InputError
+
+KEEP = 2
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    state: dict[str, Any], extra_tensors: dict[str, torch.Tensor]) -> Path:
+    def fill(work: Path) -> None:
+        save_file(trainable_state(model), str(work / "trainable.safetensors"))
+        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+        rng = {"rng.torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file({**opt_tensors, **rng, **{f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()}},
+                  str(work / "state.safetensors"))
+        (work / "state.json").write_text(json.dumps({
+            "step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "state": state,
+        }, default=float))
+
+    final = write_dir_atomic(root / f"step-{step:08d}", fill)
+    write_json_atomic({"checkpoint": final.name, "step": step}, root / "latest.json")
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    pointer = root / "latest.json"
+    if not pointer.exists():
+        return None
+    path = root / json.loads(pointer.read_text())["checkpoint"]
+    if not (path / "state.json").exists():
+        raise InputError(f"{pointer}: names {path.name}, which is missing or incomplete")
+    return path
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    device: torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore everything in place; returns the saved training state and the extra tensors."""
+    missing = [name for name in ("trainable.safetensors", "state.safetensors", "state.json") if not (path / name).exists()]
+    if missing:
+        raise InputError(f"checkpoint {path} is incomplete: missing {', '.join(missing)} (pickle files are never loaded)")
+    params = dict(model.named_parameters())
+    for name, value in load_file(str(path / "trainable.safetensors")).items():
+        if name not in params:
+            raise InputError(f"{path}: checkpoint holds {name}, which this model does not have")
+        params[name].data.copy_(value.to(params[name].device))
+    meta = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "state.safetensors"))
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for index, values in meta["optimizer"]["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    extra = {k[len("extra."):]: v.to(device) for k, v in tensors.items() if k.startswith("extra.")}
+    return meta["state"], extra

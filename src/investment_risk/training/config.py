@@ -1,0 +1,68 @@
+"""Training configuration: the resolved hyperparameters, validated once and saved beside every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.errors import ConfigError
+
+MODES = ("distillation", "instruction")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The resolved hyperparameters; saved beside every checkpoint and in the run's metadata."""
+
+    mode: str
+    base_model: str
+    data: str
+    out: str
+    epochs: int = 3
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 2e-5
+    head_lr_multiplier: float = 10.0
+    score_loss_weight: float = 1.0  # instruction mode: lambda in token loss + lambda * score MSE
+    max_length: int = 0  # 0: the mode's default, 512 for distillation, 1024 for instruction
+    warmup_steps: int = 500
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    checkpoint_steps: int = 500
+    log_every: int = 20
+    device: str = "auto"
+    compile: bool = False
+    train_embeddings: bool = False  # instruction mode: also train the (tied) token embeddings
+
+    def __post_init__(self) -> None:
+        if not self.max_length:
+            object.__setattr__(self, "max_length", 1024 if self.mode == "instruction" else 512)
+        checks = [
+            (self.mode in MODES, f"--mode must be one of {', '.join(MODES)}"),
+            (self.epochs >= 1, "--epochs must be >= 1"),
+            (self.batch_size >= 1, "--batch-size must be >= 1"),
+            (self.grad_accum >= 1, "--grad-accum must be >= 1"),
+            (self.learning_rate > 0 and math.isfinite(self.learning_rate), "--learning-rate must be positive"),
+            (8 <= self.max_length <= 32768, "--max-length must be in [8, 32768]"),
+            (self.head_lr_multiplier > 0, "--head-lr-multiplier must be positive"),
+            (self.score_loss_weight >= 0, "--score-loss-weight must be >= 0"),
+            (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+            (self.checkpoint_steps >= 1, "--checkpoint-steps must be >= 1"),
+            (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
+            (self.mode == "instruction" or not self.train_embeddings, "--train-embeddings needs --mode instruction"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def warmup_for(config: TrainConfig, total_steps: int) -> int:
+    """The configured warm-up, capped at 10 % of all optimizer steps (small data would otherwise never leave it)."""
+    cap = max(1, int(0.1 * total_steps))
+    return min(config.warmup_steps, cap)

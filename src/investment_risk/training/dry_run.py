@@ -1,0 +1,51 @@
+"""`train --dry-run`: validate data and options and count parameters on the meta device; no weights, no writes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.errors import InputError
+from ..core.spec import NUM_DIMENSIONS
+from ..modeling.tokens import article_texts, encode
+from .config import TrainConfig, warmup_for
+from .data import check_batch_fits, read_split
+
+
+def dry_run(config: TrainConfig) -> dict[str, Any]:
+    """Validate data and options and count parameters on the meta device; loads no weights, writes nothing."""
+    from ..modeling.networks import causal_lm, parameter_counts, regression_model
+    from ..modeling.presets import load_tokenizer, resolve_base_model
+
+    out = Path(config.out)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"--out {out} already exists and is not empty; pass --resume to continue it or choose another")
+    base = resolve_base_model(config.base_model, need_weights=False)
+    tokenizer = load_tokenizer(base.path) if base.has_tokenizer else None
+    train_table, val_table = read_split(Path(config.data), "train"), read_split(Path(config.data), "val")
+    check_batch_fits(Path(config.data), train_table.num_rows, config.batch_size)
+    if config.mode == "instruction":
+        lm, lm_config = causal_lm(base, meta=True, train_embeddings=config.train_embeddings)
+        trainable, total = lm.get_nb_trainable_parameters()
+        head = lm_config.hidden_size * NUM_DIMENSIONS + NUM_DIMENSIONS  # the score head, trained in full
+        total, trainable = total + head, trainable + head
+    else:
+        total, trainable = parameter_counts(regression_model(base, tokenizer, meta=True))
+    batches = math.ceil(train_table.num_rows / config.batch_size)
+    steps_per_epoch = math.ceil(batches / config.grad_accum)
+    report: dict[str, Any] = {
+        "base_model": config.base_model, "base_model_path": str(base.path), "mode": config.mode,
+        "num_parameters": total, "num_trainable_parameters": trainable, "train_examples": train_table.num_rows,
+        "val_examples": val_table.num_rows, "steps_per_epoch": steps_per_epoch, "total_steps": steps_per_epoch * config.epochs,
+        "warmup_steps": warmup_for(config, steps_per_epoch * config.epochs),
+    }
+    if tokenizer is not None:
+        for name, table in (("train", train_table), ("val", val_table)):
+            lengths = np.array([len(t) for t in encode(tokenizer, article_texts(table), config.max_length)])
+            report[f"{name}_tokens"] = int(lengths.sum())
+            report[f"{name}_mean_tokens"] = round(float(lengths.mean()), 1)
+            report[f"{name}_truncated_share"] = round(float((lengths >= config.max_length).mean()), 4)
+    return report

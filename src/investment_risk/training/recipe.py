@@ -1,0 +1,314 @@
+"""The training recipe, top to bottom: set up, then epochs of length-grouped micro-batches, then the run package.
+
+    config -> data (validated, tokenised once) -> model (base + LoRA + head) -> for each epoch: run_epoch (forward,
+    backward, step, log, checkpoint) and end_of_epoch (validate, keep the best model, history, checkpoint) ->
+    finish (metadata and reports)
+
+Everything the loop carries between steps is in a typed `TrainState` (plus the on-device `Sums`), saved in every
+checkpoint, so `--resume` ends with the same history as an unbroken run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.atomic import write_json_atomic
+from ..core.errors import InputError
+from ..core.logs import Progress, get_logger
+from ..core.metrics import regression_metrics
+from ..core.spec import NUM_DIMENSIONS
+from ..modeling.predict import pick_device
+from ..modeling.tokens import length_grouped_batches, to_device
+from .config import TrainConfig, warmup_for
+from .data import SplitData
+
+
+@dataclass
+class TrainState:
+    """Where training is and what it has seen; a checkpoint holds exactly this (and the Sums)."""
+
+    epoch: int = 1  # the epoch in progress
+    batch: int = 0  # its next micro-batch
+    step: int = 0  # optimizer steps taken
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val_mae: float | None = None
+    best_epoch: int | None = None
+    step_losses: list[list[float]] = field(default_factory=list)  # [step, mean loss] every log_every steps
+    tokens: int = 0
+    train_seconds: float = 0.0  # time in the loop, across resumes
+    since_log: int = 0  # micro-batches since the last train_step line
+    epoch_seconds: list[float] = field(default_factory=list)
+    epoch_tokens: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> "TrainState":
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+
+
+@dataclass
+class Sums:
+    """Per-epoch sums kept on the device (no host sync per step), saved with the state."""
+
+    epoch_preds: Any  # (train rows, 8): each row's prediction this epoch, for the train metrics
+    running: Any  # loss summed since the last log line
+    token_loss: Any  # instruction mode: the epoch's token loss sum and count
+
+    def tensors(self) -> dict[str, Any]:
+        return {"epoch_preds": self.epoch_preds, "running": self.running, "token_loss": self.token_loss}
+
+
+@dataclass
+class Session:
+    """What setup builds once: the data, the model and its optimizer, and the step arithmetic."""
+
+    config: TrainConfig
+    out: Path
+    base: Any
+    device: Any
+    autocast_dtype: Any
+    task: Any
+    train_data: SplitData
+    val_data: SplitData
+    model: Any
+    forward: Any  # the model, or torch.compile of it
+    optimizer: Any
+    scheduler: Any
+    trainable: list[Any]
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    started: float = field(default_factory=time.monotonic)
+    segment_start: float = field(default_factory=time.monotonic)  # train_seconds counts from here
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    def bank_time(self, state: TrainState) -> None:
+        state.train_seconds += time.monotonic() - self.segment_start
+        self.segment_start = time.monotonic()
+
+
+def make_task(config: TrainConfig, tokenizer: Any) -> Any:
+    if config.mode == "instruction":
+        from .instruction import InstructionTask
+
+        return InstructionTask(config, tokenizer)
+    from .distillation import DistillationTask
+
+    return DistillationTask(config, tokenizer)
+
+
+def check_out_dir(config: TrainConfig, resume: bool) -> Path:
+    out = Path(config.out)
+    if resume:
+        saved = out / "training_config.json"
+        if not saved.exists():
+            raise InputError(f"--resume: {out} holds no training run (no training_config.json)")
+        previous = json.loads(saved.read_text())
+        for key in ("mode", "base_model"):
+            if previous.get(key) != getattr(config, key):
+                raise InputError(f"--resume: {out} was trained with --{key.replace('_', '-')} {previous.get(key)}, "
+                                 f"not {getattr(config, key)}")
+    elif out.exists() and any(out.iterdir()):
+        raise InputError(f"--out {out} already exists and is not empty; pass --resume to continue it or choose another")
+    return out
+
+
+def setup(config: TrainConfig, resume: bool) -> Session:
+    """Data, model, optimizer (the head at a larger rate) and the linear warm-up/decay schedule."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from ..modeling.presets import load_tokenizer, resolve_base_model
+
+    out = check_out_dir(config, resume)
+    device = pick_device(config.device)
+    base = resolve_base_model(config.base_model)
+    tokenizer = load_tokenizer(base.path)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(config.to_json(), out / "training_config.json")
+    task = make_task(config, tokenizer)
+    train_data, val_data = task.prepare(out / "cache")
+
+    torch.manual_seed(config.seed)
+    on_cuda = device.type == "cuda"
+    # bf16 on CUDA: the frozen base in bf16 under autocast, adapter and head in fp32. fp32 on CPU.
+    model = task.build_model(base, torch.bfloat16 if on_cuda else torch.float32, train_data.labels.mean(axis=0))
+    model = model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # The head is trained in full and starts from scratch: it gets a larger step than the adapter.
+    head = [p for n, p in model.named_parameters() if p.requires_grad and task.is_head(n)]
+    adapter = [p for n, p in model.named_parameters() if p.requires_grad and not task.is_head(n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": adapter, "lr": config.learning_rate},
+         {"params": head, "lr": config.learning_rate * config.head_lr_multiplier}],
+        weight_decay=config.weight_decay, fused=on_cuda or None)
+    batches_per_epoch = math.ceil(train_data.table.num_rows / config.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = warmup_for(config, total_steps)
+    if warmup < config.warmup_steps:
+        get_logger().info("warmup_capped", requested=config.warmup_steps, used=warmup, total_steps=total_steps,
+                          reason="warm-up is capped at 10% of all optimizer steps")
+    # torch.compile fuses the many small ops of LoRA layers and norms (1.7x training tokens/s on an H200).
+    return Session(
+        config=config, out=out, base=base, device=device, autocast_dtype=torch.bfloat16 if on_cuda else None,
+        task=task, train_data=train_data, val_data=val_data, model=model,
+        forward=torch.compile(model) if config.compile else model, optimizer=optimizer,
+        scheduler=get_linear_schedule_with_warmup(optimizer, warmup, total_steps), trainable=trainable,
+        batches_per_epoch=batches_per_epoch, steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup=warmup)
+
+
+def start_or_resume(session: Session, resume: bool) -> tuple[TrainState, Sums]:
+    import torch
+
+    from .checkpoint import latest_checkpoint, load_checkpoint
+
+    device = session.device
+    state = TrainState()
+    sums = Sums(epoch_preds=torch.zeros((session.train_data.table.num_rows, NUM_DIMENSIONS), device=device),
+                running=torch.zeros((), device=device), token_loss=torch.zeros(2, device=device))
+    if resume and (latest := latest_checkpoint(session.checkpoints)) is not None:
+        saved, extra = load_checkpoint(latest, session.model, session.optimizer, session.scheduler, device)
+        state, sums = TrainState.from_json(saved), Sums(**extra)
+        get_logger().info("resumed", checkpoint=latest.name, epoch=state.epoch, batch=state.batch, step=state.step)
+    return state, sums
+
+
+def checkpoint(session: Session, state: TrainState, sums: Sums) -> None:
+    from .checkpoint import save_checkpoint
+
+    save_checkpoint(session.checkpoints, state.step, session.model, session.optimizer, session.scheduler,
+                    state.to_json(), sums.tensors())
+
+
+def _kill_point() -> int | None:
+    """Test hook: SIGKILL this process after the given optimizer step, to prove --resume."""
+    value = os.environ.get("_INVESTMENT_RISK_KILL_AT_STEP")
+    return int(value) if value else None
+
+
+def run_epoch(session: Session, state: TrainState, sums: Sums, bar: Progress) -> None:
+    """The epoch's remaining micro-batches: forward, backward, and an optimizer step every grad_accum of them."""
+    import torch
+
+    config, device, task = session.config, session.device, session.task
+    data = session.train_data
+    lengths = data.lengths
+    labels = torch.from_numpy(data.labels).to(device)
+    kill_at = _kill_point()
+    batches = length_grouped_batches(lengths, config.batch_size, config.seed, state.epoch)
+    session.model.train()
+    for b in range(state.batch, len(batches)):
+        idx = batches[b]
+        idx_t = to_device(idx, device)
+        loss, preds, token_loss = task.loss_and_preds(session.forward, data, idx, labels[idx_t], device,
+                                                      session.autocast_dtype)
+        if token_loss is not None:
+            sums.token_loss += torch.stack([token_loss.detach(), torch.ones((), device=device)])
+        group_start = (b // config.grad_accum) * config.grad_accum
+        group_size = min(config.grad_accum, len(batches) - group_start)
+        (loss / group_size).backward()
+        sums.epoch_preds[idx_t] = preds.detach()
+        sums.running += loss.detach()
+        state.since_log += 1
+        state.tokens += int(lengths[idx].sum())
+        bar.update(1)
+        if b + 1 - group_start < group_size:
+            continue  # accumulate more micro-batches before stepping
+        torch.nn.utils.clip_grad_norm_(session.trainable, config.max_grad_norm)
+        session.optimizer.step()
+        session.scheduler.step()
+        session.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.batch = b + 1
+        if state.step % config.log_every == 0:
+            log_step(session, state, sums)
+        if kill_at is not None and state.step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if state.step % config.checkpoint_steps == 0 and state.batch < len(batches):
+            session.bank_time(state)
+            checkpoint(session, state, sums)
+
+
+def log_step(session: Session, state: TrainState, sums: Sums) -> None:
+    mean_loss = float(sums.running.item()) / state.since_log
+    sums.running.zero_()
+    state.since_log = 0
+    state.step_losses.append([state.step, mean_loss])
+    seconds = time.monotonic() - session.segment_start + state.train_seconds
+    get_logger().info("train_step", epoch=state.epoch, step=state.step, total_steps=session.total_steps,
+                      loss=round(mean_loss, 5), lr=session.scheduler.get_last_lr()[0],
+                      tokens_per_second=round(state.tokens / max(seconds, 1e-9), 1))
+
+
+def end_of_epoch(session: Session, state: TrainState, sums: Sums, epoch_started: float, tokens_before: int) -> None:
+    """Train metrics from the epoch's own predictions, a validation pass, the best model kept, a checkpoint."""
+    data, val = session.train_data, session.val_data
+    state.epoch_seconds.append(round(time.monotonic() - epoch_started, 3))
+    state.epoch_tokens.append(state.tokens - tokens_before)
+    train_metrics = regression_metrics(sums.epoch_preds.cpu().numpy(), data.labels)
+    if float(sums.token_loss[1]) > 0:
+        train_metrics["token_loss"] = float(sums.token_loss[0] / sums.token_loss[1])
+    val_pred, val_extra = session.task.validate(session.model, val, session.device, session.autocast_dtype)
+    val_metrics = {**regression_metrics(val_pred, val.labels), **val_extra}
+    state.history.append({"epoch": state.epoch, "train": train_metrics, "val": val_metrics})
+    get_logger().info("epoch_done", epoch=state.epoch, train_mae=round(train_metrics["mae"], 4),
+                      val_mae=round(val_metrics["mae"], 4), val_rmse=round(val_metrics["rmse"], 4))
+    if state.best_val_mae is None or val_metrics["mae"] < state.best_val_mae:
+        state.best_val_mae, state.best_epoch = val_metrics["mae"], state.epoch
+        session.task.save(session.model, session.out / "model")
+    write_json_atomic(state.history, session.out / "training_history.json")
+    state.epoch, state.batch = state.epoch + 1, 0
+    sums.epoch_preds.zero_()
+    sums.token_loss.zero_()
+    session.bank_time(state)
+    checkpoint(session, state, sums)
+
+
+def finish(session: Session, state: TrainState) -> dict[str, Any]:
+    from .metadata import build_metadata
+    from .reports import write_training_reports
+
+    metadata = build_metadata(session, state)
+    write_json_atomic(metadata, session.out / "training_metadata.json")
+    write_training_reports(session.out, state.history, metadata, state.step_losses)
+    get_logger().info("training_done", out=str(session.out), best_val_mae=metadata["best_val_mae"],
+                      best_epoch=state.best_epoch, wall_time_s=metadata["wall_time_s"],
+                      tokens_per_second=metadata["tokens_per_second"])
+    return metadata
+
+
+def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train, checkpoint and write the run package. Returns the training metadata."""
+    from ..modeling.networks import parameter_counts
+
+    session = setup(config, resume)
+    state, sums = start_or_resume(session, resume)
+    total_params, trainable_params = parameter_counts(session.model)
+    get_logger().info("training_start", mode=config.mode, base_model=config.base_model, device=str(session.device),
+                      train_examples=session.train_data.table.num_rows, val_examples=session.val_data.table.num_rows,
+                      parameters=total_params, trainable_parameters=trainable_params,
+                      steps_per_epoch=session.steps_per_epoch, total_steps=session.total_steps,
+                      warmup_steps=session.warmup)
+    session.segment_start = time.monotonic()
+    with Progress(total=session.batches_per_epoch * config.epochs, what="train", unit="batches") as bar:
+        bar.done = (state.epoch - 1) * session.batches_per_epoch + state.batch
+        while state.epoch <= config.epochs:
+            epoch_started, tokens_before = time.monotonic(), state.tokens
+            run_epoch(session, state, sums, bar)
+            end_of_epoch(session, state, sums, epoch_started, tokens_before)
+    return finish(session, state)
