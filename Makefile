@@ -42,6 +42,7 @@ demo: install
 	$(BIN)/investment-risk demo --out demo-output
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: install

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,6 +14,16 @@ import json
 
 from investment_risk.core.spec import DIMENSIONS
 from investment_risk.datasets.synth import SynthConfig, generate
+
+
+def pytest_configure(config):
+    # One random seed for the whole run, from SystemRandom unless replayed; xdist workers inherit it.
+    os.environ.setdefault("RELIABILITY_SEED", str(random.SystemRandom().randrange(10**6)))
+
+
+def pytest_report_header(config):
+    seed = os.environ["RELIABILITY_SEED"]
+    return f"random seed {seed} (replay: RELIABILITY_SEED={seed} make test)"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -148,3 +148,38 @@ def test_atomic_writer_leaves_nothing_on_failure(tmp_path):
     write_json_atomic({"k": 1}, tmp_path / "m.json")
     assert json.loads((tmp_path / "m.json").read_text()) == {"k": 1}
     assert oct((tmp_path / "m.json").stat().st_mode & 0o777) != oct(0o600)
+
+
+def test_atomic_writers_set_modes_and_sync_the_directory(tmp_path, monkeypatch):
+    """A rename is durable only once its directory is synced: every writer does it after its rename."""
+    from investment_risk.core import atomic
+
+    synced: list[Path] = []
+    real = atomic.fsync_dir
+    monkeypatch.setattr(atomic, "fsync_dir", lambda path: (synced.append(Path(path)), real(path)))
+    write_json_atomic({"k": 1}, tmp_path / "f" / "m.json")
+    atomic.write_dir_atomic(tmp_path / "d" / "model", lambda work: (work / "a.txt").write_text("a"))
+    assert synced == [tmp_path / "f", tmp_path / "d"]
+    assert (tmp_path / "f" / "m.json").stat().st_mode & 0o777 == atomic.FILE_MODE
+    assert (tmp_path / "d" / "model").stat().st_mode & 0o777 == atomic.DIR_MODE
+
+
+def test_jsonl_blank_lines_are_skipped_counted_and_rows_keep_their_line_numbers(tmp_path):
+    path = tmp_path / "b.jsonl"
+    records = [json.dumps(r) for r in article_rows(3, labels=False)]
+    path.write_text(records[0] + "\n\n   \n" + records[1] + "\n{broken\n" + records[2] + "\n\t\n")
+    [batch] = list(iter_file_batches(path, lenient=True))
+    assert batch.table.num_rows == 4 and batch.blank_lines == 3
+    assert [batch.row_number(i) for i in range(4)] == [0, 3, 4, 5]  # 0-based line index
+    assert batch.where(2) == f"{path} line 5" and "invalid JSON" in batch.problems[2]
+    with pytest.raises(InputError, match="line 5: invalid JSON"):  # strict reading names the same line
+        list(iter_file_batches(path))
+
+
+def test_integer_ids_are_read_as_decimal_strings(tmp_path):
+    write_parquet(tmp_path / "i.parquet", [{**r, "id": n} for n, r in enumerate(article_rows(3), start=41)])
+    table = read_articles([tmp_path / "i.parquet"], labels=DIMENSIONS)
+    assert table.column("id").to_pylist() == ["41", "42", "43"] and table.schema.field("id").type == pa.string()
+    write_parquet(tmp_path / "f.parquet", [{**r, "id": 1.5} for r in article_rows(3)])
+    with pytest.raises(InputError, match="column 'id' has type double, expected string or integer"):
+        read_articles([tmp_path / "f.parquet"], labels=DIMENSIONS)

@@ -68,6 +68,24 @@ def test_int8_export_records_its_parity_and_scores(exported, tmp_path, articles)
     assert merged["rows_in"] == 100 and merged["invariant_holds"]
 
 
+def test_row_invariant_is_checked_against_the_files_on_disk(exported, articles, tmp_path, runner):
+    _, model, _ = exported
+    out = tmp_path / "s"
+    for shard in (0, 1):
+        score(ScoreConfig(model=model, inputs=(str(articles),), out=out, shard_index=shard, shard_count=2))
+    shard_rows = [json.loads((out / "metrics" / f"part-0000{i}.json").read_text()) for i in (0, 1)]
+    assert all(m["invariant_holds"] for m in shard_rows) and sum(m["rows_in"] for m in shard_rows) == 240
+    # A shard whose part file lost a row (a torn copy, a bad edit) no longer adds up.
+    part = out / "part-00001.parquet"
+    table = pq.read_table(part)
+    pq.write_table(table.slice(0, table.num_rows - 1), part)
+    result = runner.invoke(main, ["score-merge", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    merged = json.loads((out / "metrics.json").read_text())
+    assert merged["invariant_holds"] is False and merged["invariant_broken_shards"] == [1]
+    assert merged["rows_in"] == 240 == merged["rows_scored"] + merged["rows_rejected"] + 1
+
+
 def test_export_refuses_non_empty_out(exported, runner):
     run, model, _ = exported
     result = runner.invoke(main, ["export", "--run", str(run), "--out", str(model)])
@@ -109,7 +127,11 @@ def test_tiers_and_prefilter(exported, articles, tmp_path):
     assert all(parts.column(DIMENSIONS[0]).is_null().to_pylist()[i] for i, n in enumerate(noise) if n)
     scored = ~np.array(noise)
     matrix = np.stack([parts.column(d).to_numpy(zero_copy_only=False) for d in DIMENSIONS], axis=1)[scored]
-    assert matrix.min() >= 0 and matrix.max() <= 10
+    # Tier and strength are the spec's function of the written scores, row by row.
+    expected_tiers, expected_strength = spec.assign_tiers(matrix)
+    assert np.array(tiers, dtype=object)[scored].tolist() == expected_tiers.tolist()
+    strength = parts.column("signal_strength").to_numpy(zero_copy_only=False)[scored]
+    assert np.allclose(strength, expected_strength, atol=1e-5)
     expected_tiers, strength = spec.assign_tiers(matrix)
     assert list(np.array(tiers)[scored]) == list(expected_tiers)
     assert np.allclose(parts.column("signal_strength").to_numpy(zero_copy_only=False)[scored], strength, atol=1e-5)

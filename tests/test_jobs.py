@@ -255,7 +255,7 @@ def test_submit_status_logs_cancel(fake, tmp_path, runner, monkeypatch):
     assert result.stdout.startswith("nightly-1: Running  completions 2/3")
     monkeypatch.undo()
     result = jobs_cli(runner, fake, tmp_path, "cancel", "nightly-1")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0 and not result.stdout and "cancelled" in result.stderr, result.output
     assert fake.requests("delete", "batch/v1/jobs")[0].data["propagationPolicy"] == "Background"
     result = jobs_cli(runner, fake, tmp_path, "status", "nightly-1")
     assert result.exit_code == 2 and "not found" in result.output
@@ -329,6 +329,7 @@ def test_run_local_three_shards_match_a_single_score_run(exported, tmp_path, run
     result = runner.invoke(main, ["jobs", "run-local", "--manifest", str(tmp_path / "job.yaml"),
                                   "--mount", f"/data={data}", "--mount", f"/models={models}"])
     assert result.exit_code == 0, result.output
+    assert_json_stdout(result)  # its summary goes to stderr on a pipe
     out = data / "scored" / "rl"  # $(JOB_NAME) expanded from the downward API, as the kubelet does
     assert sorted(p.name for p in (out / "_done").iterdir()) == ["part-00000", "part-00001", "part-00002"]
     merged = json.loads((out / "metrics.json").read_text())

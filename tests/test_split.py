@@ -73,4 +73,3 @@ def test_unlabelled_input_is_refused(tmp_path):
     with pytest.raises(InputError, match="missing required column"):
         run_split([str(tmp_path / "x.parquet")], tmp_path / "o", SplitConfig())
     assert not (tmp_path / "o").exists()
-    assert DIMENSIONS

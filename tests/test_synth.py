@@ -19,7 +19,10 @@ def test_schema_and_label_range(synth_table):
     for column in ("id", "title", "content", "source", "url", "published_at", "language", "reasoning", *DIMENSIONS):
         assert column in synth_table.column_names
     y = labels(synth_table)
-    assert y.min() >= 0 and y.max() <= 10 and not np.isnan(y).any()
+    assert not np.isnan(y).any()
+    # Labels spread over the scale (a model has something to learn), one decimal as the oracle writes them.
+    assert (y.min(axis=0) < 2.5).all() and (y.max(axis=0) > 7.5).all() and (y.std(axis=0) > 1.0).all()
+    assert np.allclose(y, y.round(1))
     assert len(set(synth_table.column("id").to_pylist())) == synth_table.num_rows
 
 

@@ -220,6 +220,21 @@ def test_evaluate_reports_mae_and_baseline(tiny_run, split_dir, tmp_path, runner
     assert report["baseline_mae"] == pytest.approx(expected_baseline, rel=1e-5)
     assert report["rows"] == test.num_rows and set(report["per_dimension"]) == set(DIMENSIONS)
     assert "overall" in result.output and "base MAE" in result.output
+    # The model's MAE is that of the run's own predictions (the torch scorer, read back), not the mean's.
+    scored = tmp_path / "scored"
+    assert runner.invoke(main, ["score", "--model", str(out), "--input", str(split_dir / "test.parquet"),
+                                "--out", str(scored), "--backend", "torch", "--device", "cpu"]).exit_code == 0
+    parts = pq.read_table(scored / "part-00000.parquet")
+    predicted = dict(zip(parts.column("id").to_pylist(),
+                         np.stack([parts.column(d).to_numpy(zero_copy_only=False) for d in DIMENSIONS], axis=1)))
+    rows = [i for i, id_ in enumerate(test.column("id").to_pylist()) if not np.isnan(predicted[id_]).any()]
+    ids = test.column("id").to_pylist()
+    per_dim = np.abs(np.stack([predicted[ids[i]] for i in rows]) - labels[rows]).mean(axis=0)
+    for d, dim in enumerate(DIMENSIONS):
+        if len(rows) == test.num_rows:  # no article was prefiltered: every row is comparable
+            assert report["per_dimension"][dim]["mae"] == pytest.approx(per_dim[d], abs=1e-4)
+    assert len(rows) == test.num_rows, "the split's test rows carry no noise article"
+    assert report["mae"] != pytest.approx(report["baseline_mae"], abs=1e-6)
 
 
 def write_split(root: Path, table: pa.Table) -> Path:

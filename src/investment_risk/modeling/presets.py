@@ -71,6 +71,7 @@ def resolve_base_model(name: str, need_weights: bool = True) -> BaseModel:
     if name == "tiny-qwen2":
         from .tiny import TINY_QWEN2_BUILD, build_tiny_qwen2
 
+        quiet_libraries()
         path = build_tiny_qwen2(cache_dir() / TINY_QWEN2_BUILD)
         return BaseModel(name, path, _config_revision(path))
     repo = PRESETS["qwen2.5-1.5b"] if name == "qwen2.5-1.5b" else name

@@ -44,9 +44,6 @@ def build_tiny_qwen2(target: Path) -> Path:
     """Build (once) a 2-layer Qwen2 with seeded random weights and its tokenizer under `target`."""
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    from .presets import quiet_libraries
-
-    quiet_libraries()
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
