@@ -18,8 +18,7 @@ from gpu_train import SMOKE, make_base_model, step_loop
 
 
 def scoring(rows: list[np.ndarray], pad: int, budget: int, compiled: bool) -> float:
-    from investment_risk.modeling.tokens import pad_batch
-    from investment_risk.modeling.tokens import length_batches
+    from investment_risk.modeling.tokens import length_batches, pad_batch
 
     lengths = np.array([len(r) for r in rows])
     batches = [pad_batch([rows[i] for i in b], pad) for b in length_batches(lengths, budget, 1024)]
@@ -39,13 +38,13 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results/gpu-compile.json")
     args = parser.parse_args()
     from investment_risk.modeling.tokens import article_text, encode
-    from investment_risk.modeling.tiny import tiny_tokenizer as _tiny_tokenizer
+    from investment_risk.modeling.tiny import tiny_tokenizer
     from investment_risk.datasets.synth import SynthConfig, generate
 
     results: dict = {"device": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(0)}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        tokenizer = _tiny_tokenizer(root / "tok")
+        tokenizer = tiny_tokenizer(root / "tok")
         table = generate(SynthConfig(rows=48 if SMOKE else 3000, seed=5, long_tail_share=0.0))
         texts = [article_text(t, c) * 6 for t, c in zip(table.column("title").to_pylist(), table.column("content").to_pylist())]
         rows = encode(tokenizer, texts, 512)

@@ -62,14 +62,14 @@ def main() -> None:
     if SMOKE:
         args.articles, args.original_articles = 64, 16
     from investment_risk.modeling.tokens import article_text, encode, pad_batch
-    from investment_risk.modeling.tiny import tiny_tokenizer as _tiny_tokenizer
+    from investment_risk.modeling.tiny import tiny_tokenizer
     from investment_risk.modeling.tokens import length_batches
     from investment_risk.datasets.synth import SynthConfig, generate
 
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = _tiny_tokenizer(Path(tmp))
+        tokenizer = tiny_tokenizer(Path(tmp))
     table = generate(SynthConfig(rows=args.articles, seed=5, long_tail_share=0.0))
     # 512-token articles: each text repeated so that even short ones fill the window before truncation.
     texts = [article_text(t, c) * 6 for t, c in zip(table.column("title").to_pylist(), table.column("content").to_pylist())]

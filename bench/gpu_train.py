@@ -35,11 +35,11 @@ def make_base_model(root: Path) -> Path:
     """config.json + random bf16 safetensors weights + a tokenizer: a local base-model directory."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from investment_risk.modeling.tiny import tiny_tokenizer as _tiny_tokenizer
+    from investment_risk.modeling.tiny import tiny_tokenizer
 
     path = root / "qwen2.5-1.5b-shaped"
     path.mkdir(parents=True)
-    tokenizer = _tiny_tokenizer(path)  # ids < 2048 < vocab; the model's maths does not care which ids
+    tokenizer = tiny_tokenizer(path)  # ids < 2048 < vocab; the model's maths does not care which ids
     config = Qwen2Config(**(TINY if SMOKE else QWEN25_15B), pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     with torch.device(DEVICE):

@@ -1,4 +1,4 @@
-"""Write k8s/base/*.yaml from the manifest builders (jobs.py) for the default settings: `make k8s`.
+"""Write k8s/base/*.yaml from the manifest builders (k8s/manifests.py) for the default settings: `make k8s`.
 
 The builders are the one source; tests/test_jobs.py fails when the committed files drift from them.
 """

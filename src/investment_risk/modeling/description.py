@@ -108,6 +108,9 @@ def _run(path: Path, metadata: dict[str, Any]) -> ModelDescription:
 
 def _exported(path: Path) -> ModelDescription:
     info = read_model_json(path)
+    if info.get("input_format", "article") not in INPUT_FORMATS:
+        raise InputError(f"{path / 'model.json'}: input_format {info['input_format']!r} is not one of "
+                         f"{', '.join(INPUT_FORMATS)}")
     source = Path(info["source_run"])
     run_meta = _read_json(source / "training_metadata.json") if (source / "training_metadata.json").exists() else None
     return ModelDescription(
