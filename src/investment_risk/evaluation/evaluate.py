@@ -69,7 +69,7 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
                           for d in DIMENSIONS},
         "baseline": ("predict the training-set mean of each dimension" if trained_mean is not None
                      else "predict the evaluated labels' own mean (the training run was not found)"),
-        "backend": "onnx" if model.exported else "torch",
+        "backend": "onnx" if model.exported else "torch", "provider": runner.provider,
     }
     if extra:
         generated = extra.pop("generated")

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -83,24 +84,28 @@ def _to_fp16(path: Path, external: bool) -> None:
                     location="model.onnx.data" if external else None)
 
 
-# ONNX Runtime's transformer optimizer for the architectures it knows (fuses LayerNorm + residual, bias + GELU).
-ORT_OPTIMIZER_TYPES = {"bert": "bert", "roberta": "bert"}
+ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 
 
-def _optimize(path: Path, config: Any, external: bool) -> dict[str, int] | None:
-    """Fuse with ONNX Runtime's transformer optimizer where it supports the architecture; None where it does not."""
-    model_type = ORT_OPTIMIZER_TYPES.get(getattr(config, "model_type", ""))
-    if model_type is None:
-        return None
-    from onnxruntime.transformers.optimizer import optimize_model
+def fused_operator_counts(path: Path) -> dict[str, int]:
+    """Nodes of ONNX Runtime's contrib (com.microsoft) operators in the graph: what fusion left behind."""
+    import onnx
 
-    optimized = optimize_model(str(path), model_type=model_type, num_heads=config.num_attention_heads,
-                               hidden_size=config.hidden_size)
-    fused = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return dict(sorted(Counter(n.op_type for n in graph.node if n.domain == "com.microsoft").items()))
+
+
+def _fuse(path: Path, external: bool) -> dict[str, int]:
+    """onnxscript's ORT fusions on the dynamo graph: SDPA -> MultiHeadAttention, (Skip)LayerNorm/RMSNorm, rotary,
+    GELU. Returns how many of each fusion applied."""
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model, counts = optimize_for_ort(ir.load(str(path)))
     for stale in onnx_files(path.parent):
         stale.unlink()
-    optimized.save_model_to_file(str(path), use_external_data_format=external)
-    return fused
+    ir.save(model, str(path), external_data="model.onnx.data" if external else None)
+    return {name: int(n) for name, n in counts.items() if n}
 
 
 def _to_int8(path: Path, external: bool) -> None:
@@ -136,7 +141,39 @@ def _export(module: Any, example: tuple[Any, ...], path: Path, external: bool) -
     )
 
 
-def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = False) -> dict[str, Any]:
+MEASURE_ROWS = 256  # validation rows each CPU engine scores when export picks the default
+
+
+def measurement_rows(tokenizer: Any, metadata: dict[str, Any]) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """The run's validation articles (tokenised as the scorer will) and their labels; None when the split is gone."""
+    from ..core.spec import DIMENSIONS
+    from ..datasets.readers import label_matrix, read_articles
+
+    val = Path(metadata.get("config", {}).get("data", "")) / "val.parquet"
+    if not val.exists():
+        return [], None
+    table = read_articles([val], labels=DIMENSIONS)
+    table = table.slice(0, MEASURE_ROWS)
+    return encode(tokenizer, article_texts(table), int(metadata["max_length"])), label_matrix(table)
+
+
+def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], requested: str) -> dict[str, Any]:
+    """Every CPU engine on the validation rows (or the parity rows), the default chosen by measurement."""
+    from .cpu_engine import choose_cpu_engine, measure_cpu_engines
+
+    rows, labels = measurement_rows(tokenizer, metadata)
+    if not rows:
+        rows, _ = parity_rows(tokenizer, metadata)
+    pad_id = tokenizer.pad_token_id
+    reference = predict(OnnxRunner.from_session(cpu_session(path)), rows, pad_id, batch_size=64)
+    measured = measure_cpu_engines(path, rows, labels, reference, pad_id)
+    engine, why = choose_cpu_engine(measured, requested)
+    get_logger().info("cpu_engine_chosen", engine=engine, why=why)
+    return {"engine": engine, "why": why, "rows": len(rows), "measured": measured}
+
+
+def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = False,
+               cpu_engine: str = "auto") -> dict[str, Any]:
     import torch
 
     log = get_logger()
@@ -175,13 +212,16 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         if parity["fp32_max_abs_diff"] > FP32_PARITY_LIMIT:
             raise ParityError(f"ONNX export of {run_dir} differs from PyTorch by {parity['fp32_max_abs_diff']:.2e} "
                               f"(limit {FP32_PARITY_LIMIT:g}); nothing was written to {out_dir}")
-        fused = _optimize(work / "model.onnx", module.inner.config, external)
-        if fused is not None:
-            parity["fp32_optimized_max_abs_diff"] = parity_of(work / "model.onnx")
-            log.info("onnx_optimized", fused=fused, max_abs_diff=parity["fp32_optimized_max_abs_diff"])
-            if parity["fp32_optimized_max_abs_diff"] > FP32_PARITY_LIMIT:
-                raise ParityError(f"the optimized ONNX graph of {run_dir} differs from PyTorch by "
-                                  f"{parity['fp32_optimized_max_abs_diff']:.2e} (limit {FP32_PARITY_LIMIT:g})")
+        fusions = _fuse(work / "model.onnx", external)
+        fused = fused_operator_counts(work / "model.onnx")
+        parity["fp32_fused_max_abs_diff"] = parity_of(work / "model.onnx")
+        log.info("onnx_fused", fusions=fusions, operators=fused, max_abs_diff=parity["fp32_fused_max_abs_diff"])
+        if parity["fp32_fused_max_abs_diff"] > FP32_PARITY_LIMIT:
+            raise ParityError(f"the fused ONNX graph of {run_dir} differs from PyTorch by "
+                              f"{parity['fp32_fused_max_abs_diff']:.2e} (limit {FP32_PARITY_LIMIT:g})")
+        engines: dict[str, Any] = {"engine": "onnxruntime", "why": f"--dtype {dtype} runs on ONNX Runtime"}
+        if dtype == "fp32":
+            engines = _pick_cpu_engine(work / "model.onnx", tokenizer, metadata, cpu_engine)
         if dtype == "fp16":
             _to_fp16(work / "model.onnx", external)
             parity["fp16_max_abs_diff"] = parity_of(work / "model.onnx")
@@ -201,12 +241,13 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
             "base_model": metadata["model_name"], "training_mode": metadata["training_mode"],
             "best_val_mae": metadata.get("best_val_mae"), "filter_name": spec.name, "filter_version": spec.version,
             "model_version": model_version(digests), "sha256": digests, "external_data": external,
-            "parity": parity, "ort_fused_operators": fused, "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "parity": parity, "fusions": fusions, "fused_operators": fused, "cpu_engine": engines, "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "exporter": {"investment-risk": __version__, "torch": torch.__version__},
         }
         write_json_atomic(written, work / "model.json")
         info.update(written)
 
     write_dir_atomic(out_dir, build)
-    log.info("exported", out=str(out_dir), model_version=info["model_version"], dtype=dtype)
+    log.info("exported", out=str(out_dir), model_version=info["model_version"], dtype=dtype,
+             cpu_engine=info["cpu_engine"]["engine"])
     return info

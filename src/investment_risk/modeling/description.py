@@ -61,6 +61,7 @@ class ModelDescription:
     training_mode: str
     tokenizer_dir: Path
     train_label_mean: tuple[float, ...] | None  # the predict-the-mean baseline, when the run is here
+    cpu_engine: str = "onnxruntime"  # what scores the exported file on CPUs (chosen by measurement at export)
 
     @property
     def is_instruction(self) -> bool:
@@ -116,7 +117,8 @@ def _exported(path: Path) -> ModelDescription:
     return ModelDescription(
         path=path, exported=True, input_format=info.get("input_format", "article"), max_length=int(info["max_length"]),
         pad_token_id=info.get("pad_token_id"), model_version=str(info["model_version"]), source_run=source,
-        training_mode=info.get("training_mode", "distillation"), tokenizer_dir=path, train_label_mean=_label_mean(run_meta))
+        training_mode=info.get("training_mode", "distillation"), tokenizer_dir=path, train_label_mean=_label_mean(run_meta),
+        cpu_engine=(info.get("cpu_engine") or {}).get("engine", "onnxruntime"))
 
 
 def read_model_json(model_dir: Path) -> dict[str, Any]:

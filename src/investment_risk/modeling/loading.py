@@ -96,15 +96,61 @@ def scoring_module(run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
     return ScoringModule().eval(), tokenizer, metadata
 
 
-def load_runner(model: ModelDescription, backend: str, device: str = "auto", threads: int | None = None) -> Any:
-    """The runner that scores `model`: ONNX Runtime on its model.onnx, or PyTorch on its (source) run."""
+CPU_ENGINES = ("onnxruntime", "openvino-bf16", "openvino-f32")
+
+
+def cpu_engine_usable(engine: str) -> tuple[bool, str]:
+    """Whether `engine` can run on this machine, and if not, why."""
+    if engine == "onnxruntime":
+        return True, ""
+    if engine not in CPU_ENGINES:
+        return False, f"unknown CPU engine {engine!r}; known: {', '.join(CPU_ENGINES)}"
+    from .openvino_runtime import cpu_supports, openvino_available
+
+    if not openvino_available():
+        return False, "openvino is not installed"
+    precision = engine.split("-", 1)[1]
+    if not cpu_supports(precision):
+        return False, f"this CPU has no native {precision} units"
+    return True, ""
+
+
+def cpu_runner(model_path: Path, engine: str, threads: int | None = None) -> Any:
+    """A runner for an ONNX file on the CPU with the named engine."""
+    if engine == "onnxruntime":
+        from .onnx_runtime import OnnxRunner, cpu_session
+
+        return OnnxRunner.from_session(cpu_session(model_path, threads))
+    from .openvino_runtime import OpenVinoRunner
+
+    return OpenVinoRunner(model_path, engine.split("-", 1)[1], threads)
+
+
+def load_runner(model: ModelDescription, backend: str, device: str = "auto", threads: int | None = None,
+                cpu_engine: str = "auto") -> Any:
+    """The runner that scores `model`: its model.onnx (ONNX Runtime CUDA on a GPU; on CPUs the engine export chose,
+    or `cpu_engine`), or PyTorch on its (source) run."""
     if backend == "onnx":
         if not model.exported:
             raise ConfigError(f"{model.path}: --backend onnx needs an exported model (run 'export'), "
                               "or pass --backend torch for a training run")
         from .onnx_runtime import OnnxRunner
 
-        return OnnxRunner(model.path, device, threads)
+        runner = OnnxRunner(model.path, device, threads)
+        if runner.on_cuda:
+            return runner
+        engine = model.cpu_engine if cpu_engine == "auto" else cpu_engine
+        if engine == "onnxruntime":
+            return runner
+        usable, why = cpu_engine_usable(engine)
+        if not usable:
+            if cpu_engine != "auto":
+                raise ConfigError(f"--cpu-engine {engine}: cannot run here ({why})")
+            from ..core.logs import get_logger
+
+            get_logger().warning("cpu_engine_fallback", wanted=engine, used="onnxruntime", reason=why)
+            return runner
+        return cpu_runner(model.path / "model.onnx", engine, threads)
     if backend != "torch":
         raise ConfigError(f"--backend must be onnx or torch, not {backend!r}")
     import torch

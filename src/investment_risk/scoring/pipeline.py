@@ -52,6 +52,7 @@ class ScoreConfig:
     token_budget: int = 16384  # padded tokens per model call
     max_batch_rows: int = 256
     threads: int | None = None
+    cpu_engine: str = "auto"  # on CPUs: the engine export chose, or a named one
 
     def __post_init__(self) -> None:
         if self.shard_count < 1:
@@ -268,7 +269,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     units = shard_units(list_units(files), config.shard_index, config.shard_count)
     model = describe_model(config.model)
     tokenizer = load_tokenizer(model.tokenizer_dir)
-    runner = load_runner(model, config.backend, config.device, config.threads)
+    runner = load_runner(model, config.backend, config.device, config.threads, config.cpu_engine)
     total = _count_rows(units)
     log.info("shard_start", files=len(files), units=len(units), rows=total, backend=config.backend,
              provider=runner.provider, model_version=model.model_version)

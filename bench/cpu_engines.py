@@ -1,0 +1,141 @@
+"""Every CPU engine side by side (issue 12): same model, same rows, same batches, same threads.
+
+minilm trained briefly here, exported once (fused); at 128 and at 512 tokens, on the same validation rows:
+PyTorch fp32 eager, PyTorch bf16 autocast, ONNX Runtime fp32 on the unfused dynamo graph and on the fused one,
+ONNX Runtime int8 (dynamic, after fusion), OpenVINO f32 and bf16, and the product's default CPU path (the engine
+export chose, as `score` runs it without flags). rows/s, ratios, and each engine's val MAE beside fp32's.
+
+    python bench/cpu_engines.py [--rows 512] [--out bench-results/cpu-engines.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def trained_run(root: Path, max_length: int, rows: int) -> Path:
+    from investment_risk.datasets.split import SplitConfig, run_split
+    from investment_risk.datasets.synth import SynthConfig, write_synthetic
+    from investment_risk.training.config import TrainConfig
+    from investment_risk.training.recipe import train
+
+    write_synthetic(SynthConfig(rows=rows, seed=12), root / "articles.parquet")
+    run_split([str(root / "articles.parquet")], root / "data", SplitConfig(val=0.5, test=0.05))
+    out = root / f"run-{max_length}"
+    train(TrainConfig(mode="distillation", base_model="minilm", data=str(root / "data"), out=str(out), epochs=1,
+                      batch_size=16, learning_rate=3e-4, max_length=max_length, device="cpu"))
+    return out
+
+
+def timed(run, rows, pad_id, passes: int = 3) -> tuple[float, np.ndarray]:
+    from investment_risk.modeling.predict import predict
+
+    predict(run, rows[:16], pad_id, token_budget=16384)
+    best, scores = float("inf"), None
+    for _ in range(passes):
+        started = time.perf_counter()
+        scores = predict(run, rows, pad_id, token_budget=16384)
+        best = min(best, time.perf_counter() - started)
+    return len(rows) / best, np.clip(scores, 0, 10)
+
+
+def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
+    import torch
+
+    from investment_risk.core.spec import DIMENSIONS
+    from investment_risk.datasets.readers import label_matrix, read_articles
+    from investment_risk.export.onnx_export import _export, export_run
+    from investment_risk.modeling.description import describe_model
+    from investment_risk.modeling.loading import cpu_engine_usable, cpu_runner, load_runner, scoring_module
+    from investment_risk.modeling.predict import TorchRunner, padded_batches
+    from investment_risk.modeling.tokens import article_texts, encode
+
+    run = trained_run(root, max_length, rows_n * 2 + 64)
+    module, tokenizer, meta = scoring_module(run)
+    val = read_articles([root / "data" / "val.parquet"], labels=DIMENSIONS).slice(0, rows_n)
+    rows, labels = encode(tokenizer, article_texts(val), max_length), label_matrix(val)
+    pad = tokenizer.pad_token_id
+    model_dir = root / f"model-{max_length}"
+    info = export_run(run, model_dir)
+    export_run(run, root / f"model-{max_length}-int8", dtype="int8")
+    example = next(padded_batches(rows, pad, [np.arange(4)]))
+    _export(module, (torch.from_numpy(example.input_ids), torch.from_numpy(example.attention_mask)),
+            root / f"unfused-{max_length}.onnx", False)
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    cpu = torch.device("cpu")
+    candidates = {
+        "torch_fp32": TorchRunner(module, cpu),
+        "torch_bf16_autocast": TorchRunner(module, cpu, torch.bfloat16),
+        "onnx_fp32_unfused": cpu_runner(root / f"unfused-{max_length}.onnx", "onnxruntime", threads),
+        "onnx_fp32_fused": cpu_runner(model_dir / "model.onnx", "onnxruntime", threads),
+        "onnx_int8_fused": cpu_runner(root / f"model-{max_length}-int8" / "model.onnx", "onnxruntime", threads),
+    }
+    for engine in ("openvino-f32", "openvino-bf16"):
+        if cpu_engine_usable(engine)[0]:
+            candidates[engine.replace("-", "_")] = cpu_runner(model_dir / "model.onnx", engine, threads)
+    candidates["default_cpu"] = load_runner(describe_model(model_dir), "onnx", "cpu", threads)
+    out: dict = {"rows": len(rows), "threads": threads, "mean_tokens": round(float(np.mean([len(r) for r in rows])), 1),
+                 "default_engine": info["cpu_engine"]["engine"], "fused_operators": info["fused_operators"]}
+    fp32 = None
+    for name, runner in candidates.items():
+        rate, scores = timed(runner, rows, pad)
+        mae = float(np.abs(scores - labels).mean())
+        fp32 = mae if name == "torch_fp32" else fp32
+        out[name] = {"rows_per_second": round(rate, 1), "val_mae": round(mae, 4), "val_mae_delta": round(mae - fp32, 4)}
+        print(f"{max_length:4d} tok  {name:22s} {rate:8.1f} rows/s  val MAE {mae:.4f} ({mae - fp32:+.4f})", flush=True)
+    ratio = lambda a, b: round(out[a]["rows_per_second"] / out[b]["rows_per_second"], 2)  # noqa: E731
+    out.update({"default_cpu_vs_torch_fp32": ratio("default_cpu", "torch_fp32"),
+                "default_cpu_vs_torch_bf16": ratio("default_cpu", "torch_bf16_autocast"),
+                "default_cpu_mae_delta": out["default_cpu"]["val_mae_delta"],
+                "onnx_fp32_fused_vs_torch_fp32": ratio("onnx_fp32_fused", "torch_fp32"),
+                "onnx_fp32_fused_vs_unfused": ratio("onnx_fp32_fused", "onnx_fp32_unfused")})
+    return out
+
+
+def end_to_end(root: Path, max_length: int) -> dict:
+    """`score` with default flags vs `score --backend torch` on the same batch (whole process, reading included)."""
+    from investment_risk.datasets.synth import SynthConfig, write_synthetic
+    from investment_risk.scoring.pipeline import ScoreConfig, score
+
+    write_synthetic(SynthConfig(rows=600, seed=31), root / "batch" / "a.parquet")
+    out = {}
+    for backend, model in (("default", root / f"model-{max_length}"), ("torch", root / f"run-{max_length}")):
+        started = time.perf_counter()
+        score(ScoreConfig(model=model, inputs=(str(root / "batch"),), out=root / f"e2e-{backend}-{max_length}",
+                          backend="onnx" if backend == "default" else "torch"))
+        out[f"{backend}_seconds"] = round(time.perf_counter() - started, 2)
+    out["score_default_vs_torch"] = round(out["torch_seconds"] / out["default_seconds"], 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--lengths", default="128,512")
+    parser.add_argument("--out", default="bench-results/cpu-engines.json")
+    args = parser.parse_args()
+    from investment_risk.core.logs import configure_logging
+
+    configure_logging("json", "WARNING")
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for length in (int(x) for x in args.lengths.split(",")):
+            root = Path(tmp) / str(length)
+            root.mkdir()
+            results[f"tokens_{length}"] = engines_at(root, length, args.rows)
+            results[f"tokens_{length}"].update(end_to_end(root, length))
+    Path(args.out).parent.mkdir(exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The CPU engine: chosen by measurement at export, run by the scorer without flags, with a logged fallback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from structlog.testing import capture_logs
+
+from investment_risk.core.errors import ConfigError
+from investment_risk.export.cpu_engine import MAE_TOLERANCE, choose_cpu_engine
+from investment_risk.modeling import loading
+from investment_risk.modeling.description import describe_model
+
+FP32 = {"engine": "onnxruntime", "rows_per_second": 50.0, "val_mae": 1.0}
+
+
+def test_the_fastest_accurate_engine_wins():
+    fast_but_off = {"engine": "openvino-bf16", "rows_per_second": 200.0, "val_mae": 1.0 + MAE_TOLERANCE * 2}
+    steady = {"engine": "openvino-f32", "rows_per_second": 60.0, "val_mae": 1.0}
+    assert choose_cpu_engine([FP32, fast_but_off, steady])[0] == "openvino-f32"
+    close = {**fast_but_off, "val_mae": 1.0 + MAE_TOLERANCE / 2}
+    engine, why = choose_cpu_engine([FP32, close, steady])
+    assert engine == "openvino-bf16" and "within 0.02" in why
+
+
+def test_without_labels_only_fp32_engines_may_win():
+    unlabelled = [{k: v for k, v in m.items() if k != "val_mae"}
+                  for m in (FP32, {"engine": "openvino-bf16", "rows_per_second": 500.0})]
+    assert choose_cpu_engine(unlabelled)[0] == "onnxruntime"
+
+
+def test_a_named_engine_must_have_run():
+    measured = [FP32, {"engine": "openvino-bf16", "skipped": "this CPU has no native bf16 units"}]
+    assert choose_cpu_engine(measured, "onnxruntime") == ("onnxruntime", "named by --cpu-engine")
+    with pytest.raises(ConfigError, match="no native bf16 units"):
+        choose_cpu_engine(measured, "openvino-bf16")
+
+
+def test_export_records_every_engine_and_the_scorer_runs_the_choice(exported, monkeypatch):
+    _, model, info = exported
+    recorded = info["cpu_engine"]
+    assert {m["engine"] for m in recorded["measured"]} == set(loading.CPU_ENGINES)
+    assert recorded["engine"] in loading.CPU_ENGINES and recorded["rows"] > 0
+    description = describe_model(model)
+    assert description.cpu_engine == recorded["engine"]
+    runner = loading.load_runner(description, "onnx", "cpu")
+    expected = "CPUExecutionProvider" if recorded["engine"] == "onnxruntime" else \
+        f"openvino-cpu-{recorded['engine'].split('-')[1]}"
+    assert runner.provider == expected
+
+
+def test_an_engine_that_cannot_run_here_falls_back_with_a_warning(exported, tmp_path, monkeypatch):
+    import shutil
+    _, model, _ = exported
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    meta = json.loads((copy / "model.json").read_text())
+    meta["cpu_engine"]["engine"] = "openvino-bf16"
+    (copy / "model.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(loading, "cpu_engine_usable", lambda engine: (engine == "onnxruntime", "no bf16 units here"))
+    with capture_logs() as logs:
+        runner = loading.load_runner(describe_model(copy), "onnx", "cpu")
+    assert runner.provider == "CPUExecutionProvider"
+    assert [e for e in logs if e["event"] == "cpu_engine_fallback"][0]["reason"] == "no bf16 units here"
+    with pytest.raises(ConfigError, match="--cpu-engine openvino-bf16: cannot run here"):
+        loading.load_runner(describe_model(copy), "onnx", "cpu", cpu_engine="openvino-bf16")
