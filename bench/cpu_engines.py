@@ -51,7 +51,7 @@ def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
 
     from investment_risk.core.spec import DIMENSIONS
     from investment_risk.datasets.readers import label_matrix, read_articles
-    from investment_risk.export.onnx_export import _export, export_run
+    from investment_risk.export.onnx_export import export_graph, export_run
     from investment_risk.modeling.description import describe_model
     from investment_risk.modeling.loading import cpu_engine_usable, cpu_runner, load_runner, scoring_module
     from investment_risk.modeling.predict import TorchRunner, padded_batches
@@ -66,7 +66,7 @@ def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
     info = export_run(run, model_dir)
     export_run(run, root / f"model-{max_length}-int8", dtype="int8")
     example = next(padded_batches(rows, pad, [np.arange(4)]))
-    _export(module, (torch.from_numpy(example.input_ids), torch.from_numpy(example.attention_mask)),
+    export_graph(module, (torch.from_numpy(example.input_ids), torch.from_numpy(example.attention_mask)),
             root / f"unfused-{max_length}.onnx", False)
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -97,6 +97,52 @@ def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
                 "default_cpu_mae_delta": out["default_cpu"]["val_mae_delta"],
                 "onnx_fp32_fused_vs_torch_fp32": ratio("onnx_fp32_fused", "torch_fp32"),
                 "onnx_fp32_fused_vs_unfused": ratio("onnx_fp32_fused", "onnx_fp32_unfused")})
+    out["settings"] = settings(model_dir, info["cpu_engine"]["engine"], rows, pad)
+    return out
+
+
+def _worker(args: tuple) -> float:
+    """One scoring process on its share of the rows, one thread: seconds for its share, timed from a start shared by
+    every worker (after loading), so they compete for the cores as shard pods would."""
+    model_path, engine, rows, pad_id, budget, start_at = args
+    from investment_risk.modeling.loading import cpu_runner
+    from investment_risk.modeling.predict import predict
+
+    runner = cpu_runner(Path(model_path), engine, threads=1)
+    predict(runner, rows[:8], pad_id, token_budget=budget)
+    time.sleep(max(0.0, start_at - time.time()))
+    started = time.perf_counter()
+    predict(runner, rows, pad_id, token_budget=budget)
+    return time.perf_counter() - started
+
+
+def settings(model_dir: Path, engine: str, rows: list, pad_id: int) -> dict:
+    """Execution settings for the default engine: token budget per call, and one process using every core vs one
+    single-threaded process per core (each on its share of the rows, all at once)."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    from investment_risk.modeling.loading import cpu_runner
+    from investment_risk.modeling.predict import predict
+
+    threads = len(os.sched_getaffinity(0))
+    out: dict = {"engine": engine, "token_budget_rows_per_second": {}}
+    runner = cpu_runner(model_dir / "model.onnx", engine, threads)
+    for budget in (4096, 8192, 16384, 32768):
+        predict(runner, rows[:8], pad_id, token_budget=budget)
+        started = time.perf_counter()
+        predict(runner, rows, pad_id, token_budget=budget)
+        out["token_budget_rows_per_second"][str(budget)] = round(len(rows) / (time.perf_counter() - started), 1)
+    shares = [rows[i::threads] for i in range(threads)]
+    start_at = time.time() + 60  # every worker loaded and warm by then
+    with ProcessPoolExecutor(threads, mp_context=multiprocessing.get_context("spawn")) as pool:
+        seconds = list(pool.map(_worker, [(str(model_dir / "model.onnx"), engine, share, pad_id, 16384, start_at)
+                                          for share in shares]))
+    out["one_process_per_core_rows_per_second"] = round(len(rows) / max(seconds), 1)
+    started = time.perf_counter()
+    predict(runner, rows, pad_id, token_budget=16384)
+    out["one_process_all_cores_rows_per_second"] = round(len(rows) / (time.perf_counter() - started), 1)
+    print(f"settings ({engine}): {out}", flush=True)
     return out
 
 

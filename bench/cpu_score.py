@@ -1,9 +1,11 @@
-"""CPU scoring benchmark (issue 4): ONNX Runtime vs PyTorch eager, length bucketing, memory, tokenizer speed.
+"""CPU scoring benchmark: every engine side by side, length bucketing, memory, tokenizer speed.
 
 (a) ONNX Runtime vs PyTorch eager on the same minilm model, same rows, same batching: rows/s and their ratio.
 (b) Real-token share of length-bucketed batches vs padding every row to max length (512), on the synthetic spread.
 (c) Peak RSS scoring 10k vs 200k rows with a tiny-qwen2 model (each in its own process): their ratio.
 (d) Tokenizer throughput (articles/s, tokens/s) at 512 tokens: our cut-then-tokenise vs tokenising whole articles.
+(e) Every CPU engine at 128 and 512 tokens (bench/cpu_engines.py): PyTorch fp32 and bf16 autocast, ONNX Runtime fp32
+    unfused and fused, int8, OpenVINO f32 and bf16, the default CPU path; `score` default vs `--backend torch`.
 
 Prints a table and writes bench-results/cpu.json. Targets: ratio >= 2, bucketed share >= 0.9, RSS growth <= 1.1.
 """
@@ -146,9 +148,26 @@ def main() -> None:
         results["tokenizer_512"] = tokenizer_speed(articles)
         tiny = make_model(root, "tiny-qwen2")
         results["rss"] = rss_growth(root, tiny)
+        # Every CPU engine side by side at 128 and 512 tokens (bench/cpu_engines.py), same rows, batches, threads.
+        from cpu_engines import end_to_end, engines_at
+
+        for length in (128, 512):
+            engine_root = root / f"engines-{length}"
+            engine_root.mkdir()
+            measured = engines_at(engine_root, length, 256)
+            measured.update(end_to_end(engine_root, length))
+            results[f"engines_{length}_tokens"] = measured
+    for key in ("default_cpu_vs_torch_fp32", "default_cpu_vs_torch_bf16", "default_cpu_mae_delta",
+                "onnx_fp32_fused_vs_torch_fp32", "score_default_vs_torch"):
+        results[key] = {str(n): results[f"engines_{n}_tokens"][key] for n in (128, 512)}
     results["ort_vs_torch_ratio"] = results["backends_minilm_128_tokens"]["ort_vs_torch_ratio"]
     results["rss_growth_ratio"] = results["rss"]["rss_growth_ratio"]
-    results["targets"] = {"ort_vs_torch_ratio >= 2": results["ort_vs_torch_ratio"] >= 2,
+    results["targets"] = {**{f"{key} >= {goal} at {n}": results[key][str(n)] >= goal for n in (128, 512)
+                             for key, goal in (("default_cpu_vs_torch_fp32", 2.5), ("default_cpu_vs_torch_bf16", 1.3),
+                                               ("onnx_fp32_fused_vs_torch_fp32", 1.3), ("score_default_vs_torch", 2.5))},
+                          **{f"|default_cpu_mae_delta| <= 0.02 at {n}": abs(results["default_cpu_mae_delta"][str(n)]) <= 0.02
+                             for n in (128, 512)},
+                          "ort_vs_torch_ratio >= 2": results["ort_vs_torch_ratio"] >= 2,
                           "real_token_share_bucketed >= 0.9": results["real_token_share_bucketed"] >= 0.9,
                           "rss_growth_ratio <= 1.1": results["rss_growth_ratio"] <= 1.1}
     out = Path("bench-results/cpu.json")

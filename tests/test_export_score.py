@@ -61,6 +61,19 @@ def test_fp16_export_records_its_parity(exported, tmp_path):
     info = export_run(run, tmp_path / "fp16", dtype="fp16")
     assert info["dtype"] == "fp16" and info["parity"]["fp16_max_abs_diff"] < 0.05
     assert "SimplifiedLayerNormalization" in info["parity"]["fp32_ops"]
+    # The CUDA path's code, run through the CPU provider here: the reduced graph beside the reference it stands
+    # for, and its validation MAE beside the fp32 graph's.
+    check = info["parity"]["fp16"]
+    assert check["provider"] == "CPUExecutionProvider" and check["reference"] == "torch-fp32-cpu"
+    assert abs(check["val_mae_delta"]) < 0.02 and check["val_mae"] == pytest.approx(
+        check["val_mae_fp32"] + check["val_mae_delta"])
+
+
+def test_cuda_export_needs_a_gpu(exported, tmp_path, runner):
+    run, _, _ = exported
+    result = runner.invoke(main, ["export", "--run", str(run), "--out", str(tmp_path / "m"), "--dtype", "fp16",
+                                  "--device", "cuda"])
+    assert result.exit_code == 2 and "--device cuda: needs a CUDA device and onnxruntime-gpu" in result.output
 
 
 def test_int8_export_records_its_parity_and_scores(exported, tmp_path, articles):
@@ -321,4 +334,5 @@ def test_minilm_export_is_fused_and_quantized(split_dir, tmp_path):
     assert sum(info["fused_operators"].get(op, 0) for op in ATTENTION_OPS) > 0, info["fused_operators"]
     assert info["fused_operators"].get("SkipLayerNormalization", 0) > 0
     assert info["parity"]["fp32_max_abs_diff"] <= 1e-3 and info["parity"]["fp32_fused_max_abs_diff"] <= 1e-3
-    assert info["parity"]["int8_max_abs_diff"] < 0.5
+    assert info["parity"]["int8_max_abs_diff"] < 0.5 and info["parity"]["int8"]["reference"] == "torch-fp32-cpu"
+    assert "val_mae_delta" in info["parity"]["int8"]

@@ -72,7 +72,7 @@ def parity_rows(tokenizer: Any, metadata: dict[str, Any]) -> tuple[list[np.ndarr
     return rows, batches
 
 
-def _to_fp16(path: Path, external: bool) -> None:
+def to_fp16(path: Path, external: bool) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -95,7 +95,7 @@ def fused_operator_counts(path: Path) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in graph.node if n.domain == "com.microsoft").items()))
 
 
-def _fuse(path: Path, external: bool) -> dict[str, int]:
+def fuse_graph(path: Path, external: bool) -> dict[str, int]:
     """onnxscript's ORT fusions on the dynamo graph: SDPA -> MultiHeadAttention, (Skip)LayerNorm/RMSNorm, rotary,
     GELU. Returns how many of each fusion applied."""
     import onnx_ir as ir
@@ -108,7 +108,7 @@ def _fuse(path: Path, external: bool) -> dict[str, int]:
     return {name: int(n) for name, n in counts.items() if n}
 
 
-def _to_int8(path: Path, external: bool) -> None:
+def to_int8(path: Path, external: bool) -> None:
     """Dynamic int8 quantisation of the MatMuls (ONNX Runtime's quantiser): for CPU scoring."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -130,7 +130,7 @@ def _to_int8(path: Path, external: bool) -> None:
         stale.unlink()
 
 
-def _export(module: Any, example: tuple[Any, ...], path: Path, external: bool) -> None:
+def export_graph(module: Any, example: tuple[Any, ...], path: Path, external: bool) -> None:
     import torch
 
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
@@ -172,14 +172,50 @@ def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], reque
     return {"engine": engine, "why": why, "rows": len(rows), "measured": measured}
 
 
+def graph_runner(path: Path, device: str) -> Any:
+    """ONNX Runtime on a graph file: the CUDA provider with I/O binding on a GPU, else the CPU provider."""
+    if device == "cuda":
+        return OnnxRunner(path.parent, "cuda")
+    return OnnxRunner.from_session(cpu_session(path))
+
+
+def reduced_precision_check(path: Path, module: Any, rows: list[np.ndarray], batches: list[np.ndarray], pad_id: int,
+                            device: str, val: tuple[list[np.ndarray], np.ndarray | None], val_fp32: np.ndarray | None
+                            ) -> dict[str, Any]:
+    """A reduced-precision graph against PyTorch in the precision it stands for (bf16 on CUDA, fp32 on the CPU) on the
+    mixed-length parity batches, and its validation MAE beside the fp32 graph's."""
+    import torch
+
+    torch_device = torch.device(device)
+    reference_module = module.to(torch_device, dtype=torch.bfloat16) if device == "cuda" else module
+    reference = predict(TorchRunner(reference_module, torch_device), rows, pad_id, batches=batches)
+    runner = graph_runner(path, device)
+    out: dict[str, Any] = {
+        "max_abs_diff": float(np.abs(reference - predict(runner, rows, pad_id, batches=batches)).max()),
+        "provider": runner.provider, "reference": f"torch-{'bf16' if device == 'cuda' else 'fp32'}-{device}"}
+    val_rows, labels = val
+    if labels is not None and val_fp32 is not None:
+        scores = np.clip(predict(runner, val_rows, pad_id, token_budget=16384), 0.0, 10.0)
+        out["val_mae"] = float(np.abs(scores - labels).mean())
+        out["val_mae_fp32"] = float(np.abs(val_fp32 - labels).mean())
+        out["val_mae_delta"] = out["val_mae"] - out["val_mae_fp32"]
+    return out
+
+
 def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = False,
-               cpu_engine: str = "auto") -> dict[str, Any]:
+               cpu_engine: str = "auto", device: str = "cpu") -> dict[str, Any]:
     import torch
 
     log = get_logger()
     if dtype not in ("fp32", "fp16", "int8"):
-        raise ConfigError(f"--dtype {dtype}: supported are fp32, fp16 and int8 (bf16 has no ONNX Runtime CPU kernels "
-                          "to prove parity with)")
+        raise ConfigError(f"--dtype {dtype}: supported are fp32, fp16 and int8 (a bf16 file cannot be proved here: "
+                          "ONNX Runtime has no bf16 CPU kernels; the CPU engines run the fp32 file in bf16 instead)")
+    if device == "cuda":
+        import onnxruntime as ort
+
+        if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ConfigError("--device cuda: needs a CUDA device and onnxruntime-gpu (providers here: "
+                              f"{', '.join(ort.get_available_providers())})")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise InputError(f"--out {out_dir} already exists and is not empty (pass --force to replace it)")
     if describe_model(run_dir).is_instruction:
@@ -205,14 +241,14 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         # The exporter prints progress on stdout, which carries our JSON log lines: send it to stderr.
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _export(module, example, work / "model.onnx", external)
+            export_graph(module, example, work / "model.onnx", external)
         parity: dict[str, Any] = {"fp32_max_abs_diff": parity_of(work / "model.onnx"),
                                   "batches": [[len(b), int(max(len(rows[i]) for i in b))] for b in batches], "provider": "CPUExecutionProvider"}
         log.info("onnx_parity", dtype="fp32", max_abs_diff=parity["fp32_max_abs_diff"])
         if parity["fp32_max_abs_diff"] > FP32_PARITY_LIMIT:
             raise ParityError(f"ONNX export of {run_dir} differs from PyTorch by {parity['fp32_max_abs_diff']:.2e} "
                               f"(limit {FP32_PARITY_LIMIT:g}); nothing was written to {out_dir}")
-        fusions = _fuse(work / "model.onnx", external)
+        fusions = fuse_graph(work / "model.onnx", external)
         fused = fused_operator_counts(work / "model.onnx")
         parity["fp32_fused_max_abs_diff"] = parity_of(work / "model.onnx")
         log.info("onnx_fused", fusions=fusions, operators=fused, max_abs_diff=parity["fp32_fused_max_abs_diff"])
@@ -222,15 +258,20 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         engines: dict[str, Any] = {"engine": "onnxruntime", "why": f"--dtype {dtype} runs on ONNX Runtime"}
         if dtype == "fp32":
             engines = _pick_cpu_engine(work / "model.onnx", tokenizer, metadata, cpu_engine)
-        if dtype == "fp16":
-            _to_fp16(work / "model.onnx", external)
-            parity["fp16_max_abs_diff"] = parity_of(work / "model.onnx")
-            parity["fp32_ops"] = FP32_OPS
-            log.info("onnx_parity", dtype="fp16", max_abs_diff=parity["fp16_max_abs_diff"])
-        if dtype == "int8":
-            _to_int8(work / "model.onnx", external)
-            parity["int8_max_abs_diff"] = parity_of(work / "model.onnx")
-            log.info("onnx_parity", dtype="int8", max_abs_diff=parity["int8_max_abs_diff"])
+        if dtype in ("fp16", "int8"):
+            val = measurement_rows(tokenizer, metadata)
+            val_fp32 = None
+            if val[1] is not None:
+                val_fp32 = np.clip(predict(graph_runner(work / "model.onnx", device), val[0], pad_id,
+                                           token_budget=16384), 0.0, 10.0)
+            (to_fp16 if dtype == "fp16" else to_int8)(work / "model.onnx", external)
+            check = reduced_precision_check(work / "model.onnx", module, rows, batches, pad_id,
+                                            device if dtype == "fp16" else "cpu", val, val_fp32)
+            parity[f"{dtype}_max_abs_diff"] = check.pop("max_abs_diff")
+            parity[dtype] = check
+            if dtype == "fp16":
+                parity["fp32_ops"] = FP32_OPS
+            log.info("onnx_parity", dtype=dtype, max_abs_diff=parity[f"{dtype}_max_abs_diff"], **check)
         tokenizer.save_pretrained(work)
         digests = model_digest(work)
         spec = default_spec()

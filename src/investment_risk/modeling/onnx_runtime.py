@@ -62,9 +62,12 @@ class OnnxRunner:
         ids, mask = batch.input_ids, batch.attention_mask
         if not self.on_cuda:
             return self.session.run(["scores"], {"input_ids": ids, "attention_mask": mask})[0].astype(np.float32)
+        from onnxruntime import OrtValue
+
+        # I/O binding: inputs copied to the device once, the output left there until the one copy back.
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_ortvalue_input("input_ids", OrtValue.ortvalue_from_numpy(ids, "cuda", 0))
+        binding.bind_ortvalue_input("attention_mask", OrtValue.ortvalue_from_numpy(mask, "cuda", 0))
         binding.bind_output("scores", "cuda")
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0].astype(np.float32)
