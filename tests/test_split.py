@@ -5,7 +5,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from investment_risk.core.errors import ConfigError, InputError
-from investment_risk.core.spec import DIMENSIONS
 from investment_risk.datasets.split import SplitConfig, content_key, deduplicate, run_split
 
 from .conftest import article_rows

@@ -13,11 +13,9 @@ PRECISIONS = ("bf16", "f32")
 
 
 def openvino_available() -> bool:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from importlib.util import find_spec
+
+    return find_spec("openvino") is not None
 
 
 def cpu_supports(precision: str) -> bool:

@@ -35,6 +35,11 @@ from .units import Unit, done_marker, list_units, parquet_rows, part_name, shard
 from .writer import OUTPUT_COLUMNS, REJECT_SCHEMA, ShardWriter, kept_columns, part_schema
 
 MAX_ARTICLE_BYTES = 1_000_000
+# Padded tokens per model call when --token-budget is not given, by measurement (bench/cpu_engines.py, minilm on 2
+# cores, OpenVINO bf16): at 128 tokens 115/112/103/83 rows/s for budgets 4k/8k/16k/32k, at 512 tokens 27/28/27/24.
+# 8k is best or within 3 % at both; a GPU wants large batches.
+CPU_TOKEN_BUDGET = 8192
+GPU_TOKEN_BUDGET = 16384
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ class ScoreConfig:
     force: bool = False
     keep_columns: tuple[str, ...] = ()
     read_rows: int = 2048  # rows per read batch: the window inside which rows are sorted by length
-    token_budget: int = 16384  # padded tokens per model call
+    token_budget: int | None = None  # padded tokens per model call; None: by device (CPU_/GPU_TOKEN_BUDGET)
     max_batch_rows: int = 256
     threads: int | None = None
     cpu_engine: str = "auto"  # on CPUs: the engine export chose, or a named one
@@ -122,6 +127,8 @@ class ShardScorer:
         self.model = model
         self.pad_id = tokenizer.pad_token_id if model.pad_token_id is None else int(model.pad_token_id)
         self.spec = default_spec()
+        on_gpu = "CUDA" in str(getattr(runner, "provider", "")) or str(getattr(runner, "provider", "")) == "torch-cuda"
+        self.token_budget = config.token_budget or (GPU_TOKEN_BUDGET if on_gpu else CPU_TOKEN_BUDGET)
 
     def _read(self, units: Sequence[Unit]) -> Iterator[Batch]:
         for unit in units:
@@ -218,7 +225,7 @@ class ShardScorer:
         self._reject_duplicates(item, ids_col, seen_ids, metrics)
         scores = np.zeros((n, NUM_DIMENSIONS), dtype=np.float32)
         if item.model_rows:
-            raw = predict(self.runner, item.tokens, self.pad_id, token_budget=self.config.token_budget,
+            raw = predict(self.runner, item.tokens, self.pad_id, token_budget=self.token_budget,
                           max_rows=self.config.max_batch_rows,
                           on_batch=lambda b, seconds: metrics.record_batch(seconds, b.real_tokens, b.input_ids.size))
             scores[item.model_rows] = self.spec.clip(raw)
