@@ -62,7 +62,7 @@ k8s: install
 lock: install
 	$(BIN)/python -m pip install --quiet uv
 	$(BIN)/uv pip compile pyproject.toml --extra gpu --python-version 3.12 --python-platform x86_64-manylinux_2_28 \
-		--generate-hashes --no-header --index-url https://pypi.org/simple -o docker/requirements.lock
+		--generate-hashes --no-header -o docker/requirements.lock
 
 image:
 	docker build -t $(IMAGE) .
