@@ -163,9 +163,7 @@ def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], reque
     rows, labels = measurement_rows(tokenizer, metadata)
     if not rows:
         rows, _ = parity_rows(tokenizer, metadata)
-    pad_id = tokenizer.pad_token_id
-    reference = predict(OnnxRunner.from_session(cpu_session(path)), rows, pad_id, batch_size=64)
-    measured = measure_cpu_engines(path, rows, labels, reference, pad_id)
+    measured = measure_cpu_engines(path, rows, labels, tokenizer.pad_token_id)
     engine, why = choose_cpu_engine(measured, requested)
     get_logger().info("cpu_engine_chosen", engine=engine, why=why)
     return {"engine": engine, "why": why, "rows": len(rows), "measured": measured}

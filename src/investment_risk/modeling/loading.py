@@ -134,14 +134,13 @@ def load_runner(model: ModelDescription, backend: str, device: str = "auto", thr
         if not model.exported:
             raise ConfigError(f"{model.path}: --backend onnx needs an exported model (run 'export'), "
                               "or pass --backend torch for a training run")
+        import onnxruntime as ort
+
         from .onnx_runtime import OnnxRunner
 
-        runner = OnnxRunner(model.path, device, threads)
-        if runner.on_cuda:
-            return runner
+        if device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in ort.get_available_providers()):
+            return OnnxRunner(model.path, device, threads)  # CUDA with I/O binding (exit 2 if asked for and absent)
         engine = model.cpu_engine if cpu_engine == "auto" else cpu_engine
-        if engine == "onnxruntime":
-            return runner
         usable, why = cpu_engine_usable(engine)
         if not usable:
             if cpu_engine != "auto":
@@ -149,7 +148,9 @@ def load_runner(model: ModelDescription, backend: str, device: str = "auto", thr
             from ..core.logs import get_logger
 
             get_logger().warning("cpu_engine_fallback", wanted=engine, used="onnxruntime", reason=why)
-            return runner
+            engine = "onnxruntime"
+        if engine == "onnxruntime":
+            return OnnxRunner(model.path, "cpu", threads)
         return cpu_runner(model.path / "model.onnx", engine, threads)
     if backend != "torch":
         raise ConfigError(f"--backend must be onnx or torch, not {backend!r}")
