@@ -58,7 +58,6 @@ class ModelDescription:
     pad_token_id: int | None  # None: the tokenizer's
     model_version: str
     source_run: Path  # the training run (the run itself when not exported)
-    training_mode: str
     tokenizer_dir: Path
     train_label_mean: tuple[float, ...] | None  # the predict-the-mean baseline, when the run is here
     cpu_engine: str = "onnxruntime"  # what scores the exported file on CPUs (chosen by measurement at export)
@@ -103,8 +102,8 @@ def _run(path: Path, metadata: dict[str, Any]) -> ModelDescription:
     return ModelDescription(
         path=path, exported=False, input_format=_input_format(metadata),
         max_length=int(metadata.get("prompt_max_length") or metadata["max_length"]), pad_token_id=None,
-        model_version=f"run:{path.name}", source_run=path, training_mode=metadata.get("training_mode", "distillation"),
-        tokenizer_dir=path / "model", train_label_mean=_label_mean(metadata))
+        model_version=f"run:{path.name}", source_run=path, tokenizer_dir=path / "model",
+        train_label_mean=_label_mean(metadata))
 
 
 def _exported(path: Path) -> ModelDescription:
@@ -117,7 +116,7 @@ def _exported(path: Path) -> ModelDescription:
     return ModelDescription(
         path=path, exported=True, input_format=info.get("input_format", "article"), max_length=int(info["max_length"]),
         pad_token_id=info.get("pad_token_id"), model_version=str(info["model_version"]), source_run=source,
-        training_mode=info.get("training_mode", "distillation"), tokenizer_dir=path, train_label_mean=_label_mean(run_meta),
+        tokenizer_dir=path, train_label_mean=_label_mean(run_meta),
         cpu_engine=(info.get("cpu_engine") or {}).get("engine", "onnxruntime"))
 
 
