@@ -227,7 +227,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
     info: dict[str, Any] = {}
 
     def parity_of(path: Path) -> float:
-        got = predict(OnnxRunner.from_session(cpu_session(path)), rows, pad_id, batches=batches)
+        got = predict(graph_runner(path, "cpu"), rows, pad_id, batches=batches)
         return float(np.abs(reference - got).max())
 
     def build(work: Path) -> None:

@@ -127,7 +127,7 @@ class ShardScorer:
         self.model = model
         self.pad_id = tokenizer.pad_token_id if model.pad_token_id is None else int(model.pad_token_id)
         self.spec = default_spec()
-        on_gpu = "CUDA" in str(getattr(runner, "provider", "")) or str(getattr(runner, "provider", "")) == "torch-cuda"
+        on_gpu = "cuda" in str(getattr(runner, "provider", "")).lower()  # CUDAExecutionProvider, torch-cuda
         self.token_budget = config.token_budget or (GPU_TOKEN_BUDGET if on_gpu else CPU_TOKEN_BUDGET)
 
     def _read(self, units: Sequence[Unit]) -> Iterator[Batch]:
