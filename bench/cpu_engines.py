@@ -2,7 +2,7 @@
 
 minilm trained briefly here, exported once (fused); at 128 and at 512 tokens, on the same validation rows:
 PyTorch fp32 eager, PyTorch bf16 autocast, ONNX Runtime fp32 on the unfused dynamo graph and on the fused one,
-ONNX Runtime int8 (dynamic, after fusion), OpenVINO f32 and bf16, and the product's default CPU path (the engine
+ONNX Runtime int8 (dynamic, after fusion), OpenVINO f32 and bf16, OpenVINO on the static int8 (NNCF) graph, and the product's default CPU path (the engine
 export chose, as `score` runs it without flags). rows/s, ratios, and each engine's val MAE beside fp32's.
 
     python bench/cpu_engines.py [--rows 512] [--out bench-results/cpu-engines.json]
@@ -65,6 +65,9 @@ def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
     model_dir = root / f"model-{max_length}"
     info = export_run(run, model_dir)
     export_run(run, root / f"model-{max_length}-int8", dtype="int8")
+    static_int8 = root / f"model-{max_length}-static-int8"  # kept even where export's rule would not choose it
+    if cpu_engine_usable("openvino-int8")[0]:
+        export_run(run, static_int8, cpu_engine="openvino-int8")
     example = next(padded_batches(rows, pad, [np.arange(4)]))
     export_graph(module, (torch.from_numpy(example.input_ids), torch.from_numpy(example.attention_mask)),
             root / f"unfused-{max_length}.onnx", False)
@@ -81,6 +84,8 @@ def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
     for engine in ("openvino-f32", "openvino-bf16"):
         if cpu_engine_usable(engine)[0]:
             candidates[engine.replace("-", "_")] = cpu_runner(model_dir / "model.onnx", engine, threads)
+    if (static_int8 / "model.json").exists():
+        candidates["openvino_int8_static"] = cpu_runner(static_int8 / "model.onnx", "openvino-int8", threads)
     candidates["default_cpu"] = load_runner(describe_model(model_dir), "onnx", "cpu", threads)
     out: dict = {"rows": len(rows), "threads": threads, "mean_tokens": round(float(np.mean([len(r) for r in rows])), 1),
                  "default_engine": info["cpu_engine"]["engine"], "fused_operators": info["fused_operators"]}

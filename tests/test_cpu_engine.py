@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from investment_risk.core.errors import ConfigError
-from investment_risk.export.cpu_engine import MAE_TOLERANCE, choose_cpu_engine
+from investment_risk.core.errors import ConfigError, InputError
+from investment_risk.export.cpu_engine import FP32_ENGINES, MAE_TOLERANCE, choose_cpu_engine
 from investment_risk.modeling import loading
-from investment_risk.modeling.description import describe_model
+from investment_risk.modeling.description import INT8_FILE, describe_model
 
 FP32 = {"engine": "onnxruntime", "rows_per_second": 50.0, "val_mae": 1.0}
 
@@ -45,9 +46,51 @@ def test_export_records_every_engine_and_the_scorer_runs_the_choice(exported, mo
     description = describe_model(model)
     assert description.cpu_engine == recorded["engine"]
     runner = loading.load_runner(description, "onnx", "cpu")
-    expected = "CPUExecutionProvider" if recorded["engine"] == "onnxruntime" else \
-        f"openvino-cpu-{recorded['engine'].split('-')[1]}"
-    assert runner.provider == expected
+    if recorded["engine"] == "onnxruntime":
+        assert runner.provider == "CPUExecutionProvider"
+    else:
+        assert runner.provider.startswith(f"openvino-cpu-{recorded['engine'].split('-')[1]}")
+    # The static int8 twin ships only where it is the engine the scorer runs.
+    assert ((model / INT8_FILE).exists() and INT8_FILE in info["sha256"]) == (recorded["engine"] == "openvino-int8")
+
+
+def test_a_named_int8_engine_ships_its_graph_and_scores_close_to_fp32(exported, tmp_path):
+    from investment_risk.export.onnx_export import export_run
+    from investment_risk.modeling.predict import predict
+
+    run, fp32_model, _ = exported
+    info = export_run(run, tmp_path / "model", cpu_engine="openvino-int8")
+    model = tmp_path / "model"
+    assert info["cpu_engine"]["engine"] == "openvino-int8" and INT8_FILE in info["sha256"]
+    int8 = loading.load_runner(describe_model(model), "onnx", "cpu")
+    assert int8.provider.startswith("openvino-cpu-int8")
+    fp32 = loading.load_runner(describe_model(fp32_model), "onnx", "cpu", cpu_engine="onnxruntime")
+    rows, _ = parity_rows_of(model)
+    pad = describe_model(model).pad_token_id
+    got, want = predict(int8, rows, pad, batch_size=8), predict(fp32, rows, pad, batch_size=8)
+    assert np.abs(got - want).mean() < 0.5 and not np.allclose(got, want)  # quantised, and still the same model
+    (model / INT8_FILE).write_bytes((model / INT8_FILE).read_bytes() + b"\0")
+    with pytest.raises(InputError, match="do not match the sha256"):
+        describe_model(model)
+
+
+def test_without_labels_no_int8_candidate_is_made(exported, tmp_path, monkeypatch):
+    from investment_risk.export import onnx_export
+
+    run, _, _ = exported
+    monkeypatch.setattr(onnx_export, "measurement_rows", lambda tokenizer, metadata: ([], None))
+    info = onnx_export.export_run(run, tmp_path / "model")
+    skipped = {m["engine"]: m.get("skipped") for m in info["cpu_engine"]["measured"]}
+    assert skipped["openvino-int8"] == "no validation labels to bound its error"
+    assert info["cpu_engine"]["engine"] in FP32_ENGINES and not list((tmp_path / "model").glob(f"{INT8_FILE}*"))
+
+
+def parity_rows_of(model):
+    from investment_risk.export.onnx_export import parity_rows
+    from investment_risk.modeling.presets import load_tokenizer
+
+    meta = json.loads((describe_model(model).source_run / "training_metadata.json").read_text())
+    return parity_rows(load_tokenizer(model), meta)
 
 
 def test_an_engine_that_cannot_run_here_falls_back_with_a_warning(exported, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..core.logs import bind
+from ..modeling.description import CPU_ENGINES
 from . import output
 from .options import option
 
@@ -18,7 +19,7 @@ from .options import option
 @option("--dtype", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
         help="fp16 (for GPUs) keeps norms, softmax and other overflow-prone ops in fp32; int8 (for CPUs) quantises "
              "the MatMuls dynamically. Both record their own parity.")
-@option("--cpu-engine", type=click.Choice(["auto", "onnxruntime", "openvino-bf16", "openvino-f32"]), default="auto",
+@option("--cpu-engine", type=click.Choice(["auto", *CPU_ENGINES]), default="auto",
         show_default=True, help="fp32: what scores the model on CPUs. auto measures each on the validation split and "
                                 "keeps the fastest whose val MAE is within 0.02 of fp32's.")
 @option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,

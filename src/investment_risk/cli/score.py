@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..core.logs import bind, get_logger
+from ..modeling.description import CPU_ENGINES
 from . import output
 from .options import ENV_PREFIX, option
 
@@ -27,7 +28,7 @@ from .options import ENV_PREFIX, option
 @option("--keep-columns", default="", help="Comma-separated input columns to pass through (as strings).")
 @option("--token-budget", type=click.IntRange(min=64), default=None,
         help="Padded tokens per model call (default: 8192 on CPUs, 16384 on GPUs, by measurement).")
-@option("--cpu-engine", type=click.Choice(["auto", "onnxruntime", "openvino-bf16", "openvino-f32"]), default="auto",
+@option("--cpu-engine", type=click.Choice(["auto", *CPU_ENGINES]), default="auto",
         show_default=True, help="On CPUs: auto runs the engine export chose (model.json); or name one.")
 @option("--force", is_flag=True, help="Redo a shard that is already done.")
 def score_command(model: Path, inputs: tuple[str, ...], out: Path, shard_index: int, shard_count: int, backend: str,

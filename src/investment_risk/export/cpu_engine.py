@@ -1,8 +1,8 @@
 """Which engine scores an exported model on CPUs, chosen by measurement when it is exported.
 
-Every candidate reads the same model.onnx and scores the same validation rows: ONNX Runtime (fp32, the fused
-graph), OpenVINO with bf16 inference precision (where the CPU has bf16 units: AMX or AVX-512 BF16) and OpenVINO
-fp32. The fastest whose validation MAE is within MAE_TOLERANCE of the fp32 reference wins; without labels only the
+Every candidate scores the same validation rows: ONNX Runtime (fp32, the fused graph), OpenVINO on that graph with
+bf16 inference precision (where the CPU has bf16 units: AMX or AVX-512 BF16) and in fp32, and OpenVINO on the static
+int8 twin of the graph (static_int8.py). The fastest whose validation MAE is within MAE_TOLERANCE of the fp32 reference wins; without labels only the
 fp32 engines may win. The scorer reads the choice from model.json and falls back to ONNX Runtime where the
 chosen engine cannot run (not installed, no bf16 units), saying so in its logs.
 """
@@ -17,10 +17,12 @@ import numpy as np
 
 from ..core.errors import ConfigError
 from ..core.logs import get_logger
-from ..modeling.loading import CPU_ENGINES, cpu_engine_usable, cpu_runner
+from ..modeling.description import CPU_ENGINES, INT8_FILE
+from ..modeling.loading import cpu_engine_usable, cpu_runner
 from ..modeling.predict import predict
 
 MAE_TOLERANCE = 0.02
+FP32_ENGINES = ("onnxruntime", "openvino-f32")  # the rest trade precision for speed and need labels to be chosen
 MEASURE_PASSES = 2
 
 
@@ -43,6 +45,8 @@ def measure_cpu_engines(model_path: Path, rows: list[np.ndarray], labels: np.nda
     reference = None
     for engine in engines:
         usable, why = cpu_engine_usable(engine)
+        if usable and engine == "openvino-int8" and not model_path.with_name(INT8_FILE).exists():
+            usable, why = False, f"no {INT8_FILE} beside {model_path.name}"
         if not usable:
             out.append({"engine": engine, "skipped": why})
             continue
@@ -71,7 +75,7 @@ def choose_cpu_engine(measured: list[dict[str, Any]], requested: str = "auto") -
         accurate = [m for m in ran if m["val_mae"] - fp32["val_mae"] <= MAE_TOLERANCE]
         rule = f"the fastest whose val MAE is within {MAE_TOLERANCE} of fp32's ({fp32['val_mae']:.4f})"
     else:
-        accurate = [m for m in ran if not m["engine"].endswith("bf16")]
+        accurate = [m for m in ran if m["engine"] in FP32_ENGINES]
         rule = "the fastest fp32 engine (no labels to bound a reduced precision's error)"
     best = max(accurate, key=lambda m: m["rows_per_second"])
     return best["engine"], f"{rule}: {best['rows_per_second']} rows/s"

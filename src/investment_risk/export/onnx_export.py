@@ -24,7 +24,7 @@ from ..core.atomic import write_dir_atomic, write_json_atomic
 from ..core.errors import ConfigError, InputError, RetryableError
 from ..core.logs import get_logger
 from ..core.spec import DIMENSIONS, default_spec
-from ..modeling.description import describe_model, model_digest, model_version, onnx_files
+from ..modeling.description import CPU_ENGINES, INT8_FILE, describe_model, model_digest, model_version, onnx_files
 from ..modeling.onnx_runtime import OnnxRunner, cpu_session
 from ..modeling.loading import scoring_module
 from ..modeling.predict import TorchRunner, padded_batches, predict
@@ -156,15 +156,29 @@ def measurement_rows(tokenizer: Any, metadata: dict[str, Any]) -> tuple[list[np.
     return encode(tokenizer, article_texts(table), int(metadata["max_length"])), label_matrix(table)
 
 
-def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], requested: str) -> dict[str, Any]:
-    """Every CPU engine on the validation rows (or the parity rows), the default chosen by measurement."""
+def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], requested: str,
+                     external: bool) -> dict[str, Any]:
+    """Every CPU engine on the validation rows (or the parity rows), the default chosen by measurement. The static
+    int8 candidate is made only where it could be chosen (labels to bound its error, or named) and kept only if chosen."""
     from .cpu_engine import choose_cpu_engine, measure_cpu_engines
+    from .static_int8 import calibration_rows, int8_unavailable_reason, quantize_int8
 
     rows, labels = measurement_rows(tokenizer, metadata)
     if not rows:
         rows, _ = parity_rows(tokenizer, metadata)
-    measured = measure_cpu_engines(path, rows, labels, tokenizer.pad_token_id)
+    engines, skipped = list(CPU_ENGINES), []
+    why_not_int8 = int8_unavailable_reason() or (
+        "" if labels is not None or requested == "openvino-int8" else "no validation labels to bound its error")
+    if why_not_int8:
+        engines.remove("openvino-int8")
+        skipped.append({"engine": "openvino-int8", "skipped": why_not_int8})
+    else:
+        quantize_int8(path, calibration_rows(tokenizer, metadata) or rows, tokenizer.pad_token_id, external)
+    measured = measure_cpu_engines(path, rows, labels, tokenizer.pad_token_id, tuple(engines)) + skipped
     engine, why = choose_cpu_engine(measured, requested)
+    if engine != "openvino-int8":
+        for unused in path.parent.glob(f"{INT8_FILE}*"):
+            unused.unlink()
     get_logger().info("cpu_engine_chosen", engine=engine, why=why)
     return {"engine": engine, "why": why, "rows": len(rows), "measured": measured}
 
@@ -254,7 +268,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
                               f"{parity['fp32_fused_max_abs_diff']:.2e} (limit {FP32_PARITY_LIMIT:g})")
         engines: dict[str, Any] = {"engine": "onnxruntime", "why": f"--dtype {dtype} runs on ONNX Runtime"}
         if dtype == "fp32":
-            engines = _pick_cpu_engine(work / "model.onnx", tokenizer, metadata, cpu_engine)
+            engines = _pick_cpu_engine(work / "model.onnx", tokenizer, metadata, cpu_engine, external)
         if dtype in ("fp16", "int8"):
             val = measurement_rows(tokenizer, metadata)
             val_fp32 = None

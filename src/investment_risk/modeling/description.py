@@ -19,6 +19,10 @@ from ..core.errors import InputError
 from ..core.spec import DIMENSIONS
 
 INPUT_FORMATS = ("article", "instruction")
+INT8_FILE = "model.int8.onnx"  # the static int8 graph beside model.onnx, where export chose it as the CPU engine
+# The engines that can score an exported model on CPUs (loading.cpu_runner); openvino-int8 runs INT8_FILE in bf16
+# where the CPU has bf16 units, else in f32.
+CPU_ENGINES = ("onnxruntime", "openvino-int8", "openvino-bf16", "openvino-f32")
 
 
 def sha256_file(path: Path) -> str:
@@ -30,7 +34,7 @@ def sha256_file(path: Path) -> str:
 
 
 def onnx_files(model_dir: Path) -> list[Path]:
-    return sorted(p for p in model_dir.iterdir() if p.name.startswith("model.onnx"))
+    return sorted(p for p in model_dir.iterdir() if p.name.startswith(("model.onnx", INT8_FILE)))
 
 
 def model_digest(model_dir: Path) -> dict[str, str]:

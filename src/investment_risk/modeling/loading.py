@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError, InputError
-from .description import ModelDescription
+from .description import CPU_ENGINES, INT8_FILE, ModelDescription
 from .networks import InstructionModel
 from .presets import load_config, load_tokenizer, quiet_libraries, resolve_base_model
 
@@ -96,9 +96,6 @@ def scoring_module(run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
     return ScoringModule().eval(), tokenizer, metadata
 
 
-CPU_ENGINES = ("onnxruntime", "openvino-bf16", "openvino-f32")
-
-
 def cpu_engine_usable(engine: str) -> tuple[bool, str]:
     """Whether `engine` can run on this machine, and if not, why."""
     if engine == "onnxruntime":
@@ -110,7 +107,7 @@ def cpu_engine_usable(engine: str) -> tuple[bool, str]:
     if not openvino_available():
         return False, "openvino is not installed"
     precision = engine.split("-", 1)[1]
-    if not cpu_supports(precision):
+    if precision != "int8" and not cpu_supports(precision):
         return False, f"this CPU has no native {precision} units"
     return True, ""
 
@@ -121,9 +118,15 @@ def cpu_runner(model_path: Path, engine: str, threads: int | None = None) -> Any
         from .onnx_runtime import OnnxRunner, cpu_session
 
         return OnnxRunner.from_session(cpu_session(model_path, threads))
-    from .openvino_runtime import OpenVinoRunner
+    from .openvino_runtime import OpenVinoRunner, cpu_supports
 
-    return OpenVinoRunner(model_path, engine.split("-", 1)[1], threads)
+    precision = engine.split("-", 1)[1]
+    if precision == "int8":
+        int8_path = model_path.with_name(INT8_FILE)
+        if not int8_path.exists():
+            raise InputError(f"{model_path.parent}: no {INT8_FILE} for the openvino-int8 engine (re-export the model)")
+        return OpenVinoRunner(int8_path, "bf16" if cpu_supports("bf16") else "f32", threads, label="int8")
+    return OpenVinoRunner(model_path, precision, threads)
 
 
 def load_runner(model: ModelDescription, backend: str, device: str = "auto", threads: int | None = None,

@@ -1,4 +1,4 @@
-"""OpenVINO reading the same model.onnx on CPUs: bf16 on AMX / AVX-512 BF16 cores, else fp32."""
+"""OpenVINO reading the same model.onnx on CPUs (bf16 on AMX / AVX-512 BF16 cores, else fp32), or its static int8 twin."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def cpu_supports(precision: str) -> bool:
 class OpenVinoRunner:
     """A runner (see predict.py) compiling model.onnx for the CPU at the given inference precision."""
 
-    def __init__(self, model_path: Path, precision: str = "bf16", threads: int | None = None) -> None:
+    def __init__(self, model_path: Path, precision: str = "bf16", threads: int | None = None, label: str = "") -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         if not openvino_available():
@@ -43,7 +43,7 @@ class OpenVinoRunner:
                   "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": ""}
         self.compiled = core.compile_model(str(model_path), "CPU", config)
         self.request = self.compiled.create_infer_request()
-        self.provider = f"openvino-cpu-{precision}"
+        self.provider = f"openvino-cpu-{label + '-' if label else ''}{precision}"
 
     def __call__(self, batch: PaddedBatch) -> np.ndarray:
         result = self.request.infer({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})

@@ -1,0 +1,62 @@
+"""Static int8 for the CPU engines: NNCF quantises the fused fp32 graph's MatMuls (weights per channel, activations
+calibrated on training articles, SmoothQuant first) into a QDQ file beside model.onnx. OpenVINO runs it on the
+CPU's int8 dot-product units (VNNI, AMX) and keeps the rest in bf16 where the CPU has bf16.
+
+It is one more candidate for the CPU default, measured like the others on the validation split: it wins only
+where it is the fastest and its val MAE stays within the tolerance of fp32's (short inputs, here), and it is
+deleted when it does not win, so an export ships only the files it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.logs import get_logger
+from ..modeling.description import INT8_FILE
+from ..modeling.predict import padded_batches
+from ..modeling.tokens import article_texts, encode, sorted_batches
+
+CALIBRATION_ROWS = 128  # training articles; 16 batches of 8, as NNCF's transformer recipe suggests
+CALIBRATION_BATCH = 8
+
+
+def int8_unavailable_reason() -> str:
+    """Why no static int8 candidate can be made here ("" when it can)."""
+    missing = [name for name in ("nncf", "openvino") if find_spec(name) is None]
+    return f"{' and '.join(missing)} not installed (the project's `cpu` extra)" if missing else ""
+
+
+def calibration_rows(tokenizer: Any, metadata: dict[str, Any]) -> list[np.ndarray]:
+    """Training articles tokenised as the scorer will: calibration never sees the validation rows it is judged on."""
+    from ..datasets.readers import read_articles
+
+    train = Path(metadata.get("config", {}).get("data", "")) / "train.parquet"
+    if not train.exists():
+        return []
+    table = read_articles([train]).slice(0, CALIBRATION_ROWS)
+    return encode(tokenizer, article_texts(table), int(metadata["max_length"]))
+
+
+def quantize_int8(model_path: Path, rows: list[np.ndarray], pad_id: int, external: bool) -> Path:
+    """Write INT8_FILE beside `model_path` (the fused fp32 graph), calibrated on `rows`."""
+    import nncf
+    import onnx
+
+    order = sorted_batches(np.array([len(r) for r in rows]), CALIBRATION_BATCH)
+    samples = [{"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+               for b in padded_batches(rows, pad_id, order)]
+    # NNCF draws progress bars on stdout, which carries our JSON log lines.
+    with contextlib.redirect_stdout(sys.stderr):
+        quantized = nncf.quantize(onnx.load(str(model_path)), nncf.Dataset(samples),
+                                  model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples))
+    out = model_path.with_name(INT8_FILE)
+    onnx.save(quantized, str(out), save_as_external_data=external, location=f"{INT8_FILE}.data")
+    get_logger().info("int8_quantized", file=out.name, calibration_rows=len(rows), batches=len(samples))
+    return out
+
