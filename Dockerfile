@@ -1,37 +1,63 @@
-# syntax=docker/dockerfile:1
 # investment-risk: one CUDA image for training, export and scoring.
-# CUDA comes from PyPI wheels only: torch 2.15 and onnxruntime-gpu 1.31 both target CUDA 13 and share the one set
-# of nvidia-* libraries in docker/requirements.lock. The NVIDIA driver comes from the node (container toolkit).
+# CUDA comes from PyPI wheels only: torch and onnxruntime-gpu both target CUDA 13 and share the one set of nvidia-*
+# libraries in docker/requirements.lock. The NVIDIA driver comes from the node (container toolkit).
+# The base is Debian's slim image; where no registry can be reached, docker/base-image.sh builds the same name from
+# Debian's packages (debootstrap), so this file builds unchanged on both. Python is Debian's (3.13 in trixie).
+# Behind a TLS-intercepting proxy pass its CA bundle as a BuildKit secret (`make image` does, from IMAGE_CA_BUNDLE):
+#   DOCKER_BUILDKIT=1 docker build --secret id=ca,src=/path/to/ca.crt .
+# It is mounted only for the RUN steps that download; no layer keeps it.
 # checkov:skip=CKV_DOCKER_2: a batch Job image has no long-running service to probe; Kubernetes tracks the Job's exit code
-
-FROM python:3.12.11-slim-bookworm AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+FROM debian:trixie-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 DEBIAN_FRONTEND=noninteractive
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# hadolint ignore=DL3008
+RUN --mount=type=secret,id=ca,required=false \
+    if [ -s /run/secrets/ca ]; then printf 'Acquire::https::CAInfo "/run/secrets/ca";\n' > /etc/apt/apt.conf.d/99ca; fi \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* /etc/apt/apt.conf.d/99ca
 WORKDIR /src
 # Dependencies first (hash-checked, from the committed lock), so code edits do not rebuild this layer.
 COPY docker/requirements.lock ./
-RUN python -m venv /opt/venv \
+RUN --mount=type=secret,id=ca,required=false \
+    python3 -m venv /opt/venv \
+    && if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
     && /opt/venv/bin/pip install --require-hashes --no-deps -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN /opt/venv/bin/pip install --no-deps . \
-    && /opt/venv/bin/investment-risk --help > /dev/null
+# The project itself builds with the lock's setuptools: no second download, nothing unpinned.
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation . \
+    && /opt/venv/bin/investment-risk --help > /dev/null \
+    && /opt/venv/bin/pip uninstall -y pip \
+    && find /opt/venv -path '*/site-packages/*/tests' -prune -exec rm -rf {} +
 
-FROM python:3.12.11-slim-bookworm
+FROM debian:trixie-slim
 LABEL org.opencontainers.image.title="investment-risk" \
       org.opencontainers.image.description="Financial news to eight calibrated risk scores"
+# Every writable path points under /tmp (a tmpfs) or /cache (a volume): the root filesystem stays read-only.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
     HF_HOME=/cache/huggingface \
     INVESTMENT_RISK_CACHE=/cache/investment-risk \
     MPLCONFIGDIR=/tmp/matplotlib \
+    TRITON_CACHE_DIR=/cache/triton \
+    TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
+    CUDA_CACHE_PATH=/cache/nv \
     INVESTMENT_RISK_LOG_FORMAT=json
-RUN groupadd --gid 10001 app \
+# Only the interpreter at run time (and the OpenMP runtime torch's CPU kernels link): no pip, compilers or apt lists.
+# hadolint ignore=DL3008
+RUN --mount=type=secret,id=ca,required=false \
+    if [ -s /run/secrets/ca ]; then printf 'Acquire::https::CAInfo "/run/secrets/ca";\n' > /etc/apt/apt.conf.d/99ca; fi \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends python3 libgomp1 \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log /etc/apt/apt.conf.d/99ca \
+    && groupadd --gid 10001 app \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin app \
     && mkdir -p /cache /work \
     && chown 10001:10001 /cache /work
 COPY --from=build /opt/venv /opt/venv
-# Writable caches live on a mount (/cache: an emptyDir or PVC); the root filesystem can stay read-only.
 VOLUME ["/cache"]
 WORKDIR /work
 USER 10001:10001

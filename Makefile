@@ -20,7 +20,7 @@ PROFILE ?= gpu
 NAMESPACE ?= investment-risk
 JOB_ARGS ?= --wait
 
-.PHONY: install demo test bench bench-learning bench-instruction chaos clean k8s lock image train-job score-job
+.PHONY: install demo test bench bench-learning bench-instruction chaos clean k8s lock image image-test engine-stop train-job score-job
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,14 +58,26 @@ bench-instruction: install
 k8s: install
 	$(BIN)/python tools/render_k8s_base.py
 
-# The image's hash-checked lock: torch and onnxruntime-gpu on one CUDA stack, for Python 3.12 on x86_64 Linux.
+# The image's hash-checked lock: torch and onnxruntime-gpu on one CUDA stack, for Debian trixie's Python 3.13 on x86_64 Linux.
 lock: install
 	$(BIN)/python -m pip install --quiet uv
-	$(BIN)/uv pip compile pyproject.toml --extra gpu --python-version 3.12 --python-platform x86_64-manylinux_2_28 \
+	$(BIN)/uv pip compile pyproject.toml --extra gpu --python-version 3.13 --python-platform x86_64-manylinux_2_28 \
 		--generate-hashes --no-header -o docker/requirements.lock
 
+# The image: built here (no registry: the base is made from Debian's packages) or anywhere. Behind a TLS proxy the
+# extra CA bundle goes to the build as a BuildKit secret; by default the one pip here is told to trust, if any.
+IMAGE_CA_BUNDLE ?= $(or $(PIP_CERT),$(SSL_CERT_FILE))
 image:
-	docker build -t $(IMAGE) .
+	IMAGE=$(IMAGE) IMAGE_CA_BUNDLE=$(IMAGE_CA_BUNDLE) sh docker/build-image.sh
+
+# The image run as the pods run it (read-only root, user 10001, no capabilities, no network), from the host.
+image-test: install
+	sh docker/engine.sh
+	IMAGE=$(IMAGE) $(BIN)/python -m pytest -m image -v $(PYTEST_ARGS)
+
+# Stop a dockerd that `make image` started.
+engine-stop:
+	-kill $$(cat /tmp/investment-risk-dockerd.pid) && rm -f /tmp/investment-risk-dockerd.pid
 
 train-job: install
 	$(BIN)/investment-risk jobs submit train --image $(IMAGE) --namespace $(NAMESPACE) --profile $(PROFILE) \

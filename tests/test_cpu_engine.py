@@ -108,3 +108,16 @@ def test_an_engine_that_cannot_run_here_falls_back_with_a_warning(exported, tmp_
     assert [e for e in logs if e["event"] == "cpu_engine_fallback"][0]["reason"] == "no bf16 units here"
     with pytest.raises(ConfigError, match="--cpu-engine openvino-bf16: cannot run here"):
         loading.load_runner(describe_model(copy), "onnx", "cpu", cpu_engine="openvino-bf16")
+
+
+def test_a_cuda_provider_without_a_gpu_scores_on_the_cpu_and_says_so(exported, monkeypatch):
+    import onnxruntime as ort
+
+    _, model, _ = exported
+    available = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *available])
+    monkeypatch.setattr(loading, "gpu_visible", lambda: False)
+    with capture_logs() as logs:
+        runner = loading.load_runner(describe_model(model), "onnx", "auto", cpu_engine="onnxruntime")
+    assert runner.provider == "CPUExecutionProvider"
+    assert [e["used"] for e in logs if e["event"] == "cuda_unavailable"] == ["CPU"]

@@ -373,3 +373,74 @@ def test_run_local_maps_each_path_once_and_option_values_too(tmp_path):
     assert f"--cache={tmp_path}/scratch/cache/investment-risk" in args and f"--x={tmp_path}/data/y" in args
     assert env["INVESTMENT_RISK_CACHE"] == f"{tmp_path}/scratch/cache/investment-risk"
     assert env["JOB_COMPLETION_INDEX"] == "2" and env["JOB_NAME"] == job["metadata"]["name"]
+
+
+# --- run-local --runtime docker: the pod spec as `docker run` arguments (a recording stand-in for the client) -------
+
+FAKE_DOCKER = """#!/bin/sh
+# Records each call (one argument a line, then the env it was asked to pass) and behaves as FAKE_DOCKER_MODE says.
+{ for a in "$@"; do echo "$a"; done; echo "JOB_COMPLETION_INDEX=$JOB_COMPLETION_INDEX"; echo ---; } >> "$FAKE_DOCKER_LOG"
+case "$1" in kill) exit 0 ;; esac
+[ "$FAKE_DOCKER_MODE" = sleep ] && exec sleep 120
+exit 0
+"""
+
+
+@pytest.fixture
+def fake_docker(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(FAKE_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_DOCKER_LOG", str(tmp_path / "docker.log"))
+    return tmp_path / "docker.log"
+
+
+def docker_calls(log: Path) -> list[list[str]]:
+    return [call.strip("\n").split("\n") for call in log.read_text().split("---\n") if call.strip()]
+
+
+def test_run_local_docker_gives_each_container_the_pods_contract(fake_docker, tmp_path, runner):
+    result = runner.invoke(main, ["jobs", "render", "score", "--with-shared", "--profile", "cpu", "--name", "rd",
+                                  "--shards", "2", "--image", "example/ir:1"])
+    (tmp_path / "job.yaml").write_text(result.output)
+    for d in ("data", "models"):
+        (tmp_path / d).mkdir()
+    result = runner.invoke(main, ["jobs", "run-local", "--runtime", "docker", "--manifest", str(tmp_path / "job.yaml"),
+                                  "--mount", f"/data={tmp_path / 'data'}", "--mount", f"/models={tmp_path / 'models'}"])
+    assert result.exit_code == 0, result.output
+    calls = docker_calls(fake_docker)
+    assert sorted(c[-1] for c in calls) == ["JOB_COMPLETION_INDEX=0", "JOB_COMPLETION_INDEX=1"]
+    args = calls[0]
+    joined = " ".join(args)
+    assert args[:2] == ["run", "--rm"] and "example/ir:1" in args
+    for flag in ("--read-only", "--user 10001:10001", "--group-add 10001", "--cap-drop ALL",
+                 "--security-opt no-new-privileges", "--network none", "--cpus 2", f"--memory {8 * 2**30}",
+                 f"--tmpfs /tmp:mode=1777,size={4 * 2**30}", f"--tmpfs /cache:mode=1777,size={20 * 2**30}",
+                 f"type=bind,source={tmp_path / 'data'},target=/data", "target=/var/run/secrets/huggingface,readonly"):
+        assert flag in joined, flag
+    # Env goes by name (values stay out of the process list): the ConfigMap, the container's env and the index.
+    names = {args[i + 1] for i, a in enumerate(args) if a == "--env"}
+    assert {"JOB_COMPLETION_INDEX", "JOB_NAME", "INVESTMENT_RISK_DEVICE", "HF_HOME"} <= names
+    image_at = args.index("example/ir:1")
+    assert args[image_at + 1] == "score" and "/data/scored/rd" in args[image_at + 1:]  # pod paths, not mapped
+    # fsGroup: the kubelet makes a PVC group-owned and group-writable for the pod.
+    assert (tmp_path / "data").stat().st_gid == 10001 and (tmp_path / "data").stat().st_mode & 0o2070 == 0o2070
+
+
+def test_run_local_stops_pods_at_the_active_deadline(fake_docker, tmp_path, runner, monkeypatch):
+    monkeypatch.setenv("FAKE_DOCKER_MODE", "sleep")
+    result = runner.invoke(main, ["jobs", "render", "score", "--with-shared", "--profile", "cpu", "--name", "late",
+                                  "--shards", "2"])
+    docs = [d for d in yaml.safe_load_all(result.output) if d]
+    next(d for d in docs if d["kind"] == "Job")["spec"]["activeDeadlineSeconds"] = 1
+    (tmp_path / "job.yaml").write_text(to_yaml(docs))
+    for d in ("data", "models"):
+        (tmp_path / d).mkdir()
+    started = time.monotonic()
+    result = runner.invoke(main, ["jobs", "run-local", "--runtime", "docker", "--manifest", str(tmp_path / "job.yaml"),
+                                  "--mount", f"/data={tmp_path / 'data'}", "--mount", f"/models={tmp_path / 'models'}"])
+    assert result.exit_code == 1 and "DeadlineExceeded" in result.output, result.output
+    assert time.monotonic() - started < 60  # the pods (sleeping 120 s) were stopped, not waited for
+    assert sum(1 for c in docker_calls(fake_docker) if c[0] == "kill") == 2

@@ -198,12 +198,17 @@ def _mount(value: str) -> tuple[str, Path]:
 @option("--job", "job_name", default=None, help="The Job to run when the file holds several.")
 @option("--mount", "mounts", multiple=True, required=True, help="POD_PATH=LOCAL_DIR for each PVC mount; repeatable.")
 @option("--parallelism", type=click.IntRange(min=1), default=None, help="Override the Job's parallelism.")
-def run_local_command(manifest: Path, job_name: str | None, mounts: tuple[str, ...], parallelism: int | None) -> None:
-    """Run a Job's pods here, one process per completion index, with the env and paths a pod would get."""
+@option("--runtime", type=click.Choice(["process", "docker"]), default="process", show_default=True,
+        help="process: each pod as a process of this Python. docker: each pod as a container of the Job's image, with "
+             "its securityContext, volumes and limits.")
+@option("--image", default=None, help="With --runtime docker: run this image instead of the manifest's.")
+def run_local_command(manifest: Path, job_name: str | None, mounts: tuple[str, ...], parallelism: int | None,
+                      runtime: str, image: str | None) -> None:
+    """Run a Job's pods here, one per completion index, with the env and paths a pod would get."""
     from ..k8s.runlocal import run_local
 
     mapped = dict(_mount(m) for m in mounts)
-    result = run_local(manifest, mapped, job_name, parallelism)
+    result = run_local(manifest, mapped, job_name, parallelism, runtime, image)
     click.echo(f"job {result.job}: {len(result.succeeded)}/{result.completions} indexes succeeded"
                + (f", failed {result.failed}" if result.failed else "")
                + (f" ({result.fail_reason})" if result.fail_reason else ""), err=not sys.stdout.isatty())

@@ -1,9 +1,11 @@
 """Run a rendered Job's pods on this machine: the pod contract end to end, without a cluster.
 
-One process per completion index, at most `parallelism` at once, each with the environment its pod would get
-(the ConfigMap, the container's env, JOB_COMPLETION_INDEX, JOB_NAME) and every mount path mapped to a local
-directory: PVCs to the directories given with --mount, emptyDirs and secrets to fresh temporary ones. Failed
-indexes are retried up to backoffLimitPerIndex; exit code 2 fails the whole Job, as its podFailurePolicy says.
+One pod per completion index, at most `parallelism` at once, each with the environment its pod would get (the
+ConfigMap, the container's env, JOB_COMPLETION_INDEX, JOB_NAME). The process runtime (the default) runs each pod
+as a process of this Python with every mount path mapped to a local directory: PVCs to the directories given with
+--mount, emptyDirs and secrets to fresh temporary ones. The docker runtime (containers.py) runs each as a container
+of the Job's image, as the kubelet would. Failed indexes are retried up to backoffLimitPerIndex, within
+maxFailedIndexes; an exit code with a FailJob rule fails the whole Job, and so does activeDeadlineSeconds.
 """
 
 from __future__ import annotations
@@ -78,9 +80,8 @@ def _expand(value: str, env: dict[str, str]) -> str:
     return _VAR.sub(lambda m: env.get(m.group(1), m.group(0)), value)
 
 
-def pod_environment(job: dict[str, Any], docs: list[dict[str, Any]], mounts: dict[str, Path],
-                    index: int | None) -> tuple[list[str], dict[str, str]]:
-    """The container's args and environment as the kubelet would set them, with paths mapped to local ones."""
+def pod_spec(job: dict[str, Any], docs: list[dict[str, Any]], index: int | None) -> tuple[list[str], dict[str, str]]:
+    """The container's command + args and environment as the kubelet would set them, in the pod's own paths."""
     container = job["spec"]["template"]["spec"]["containers"][0]
     configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
     env: dict[str, str] = {}
@@ -97,9 +98,18 @@ def pod_environment(job: dict[str, Any], docs: list[dict[str, Any]], mounts: dic
             env[item["name"]] = job["metadata"]["name"]
     if index is not None:
         env["JOB_COMPLETION_INDEX"] = str(index)
-    # Expand $(VAR) with the pod's values first, then map paths once (mapping twice would nest the local dirs).
-    args = [_map_arg(_expand(a, env), mounts) for a in [*container.get("command", []), *container.get("args", [])]]
-    return args, {k: _map_path(v, mounts) for k, v in env.items()}
+    return [_expand(a, env) for a in [*container.get("command", []), *container.get("args", [])]], env
+
+
+def pod_environment(job: dict[str, Any], docs: list[dict[str, Any]], mounts: dict[str, Path],
+                    index: int | None) -> tuple[list[str], dict[str, str]]:
+    """pod_spec with every path under a mount mapped to the local directory standing in for it (the process runtime).
+    $(VAR) is expanded with the pod's values first, then paths are mapped once (twice would nest the local dirs)."""
+    return map_to_local(*pod_spec(job, docs, index), mounts)
+
+
+def map_to_local(args: list[str], env: dict[str, str], mounts: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
+    return [_map_arg(a, mounts) for a in args], {k: _map_path(v, mounts) for k, v in env.items()}
 
 
 def _map_arg(arg: str, mounts: dict[str, Path]) -> str:
@@ -129,8 +139,28 @@ def _mounts(job: dict[str, Any], given: dict[str, Path], scratch: Path) -> dict[
     return mapped
 
 
+class ProcessRuntime:
+    """Each pod as a process of this Python (the image's entrypoint is the same CLI), paths mapped to local dirs."""
+
+    def __init__(self, job: dict[str, Any], mounts: dict[str, Path], scratch: Path) -> None:
+        self.mapped = _mounts(job, mounts, scratch)
+        self.tmp = str(self.mapped.get("/tmp", scratch))
+
+    def start(self, index: int | None, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        args, env = map_to_local(args, env, self.mapped)
+        return subprocess.Popen([sys.executable, "-m", "investment_risk", *args],
+                                env={**os.environ, **env, "TMPDIR": self.tmp})
+
+    def stop(self, index: int | None, process: subprocess.Popen) -> None:
+        process.terminate()
+        process.wait()
+
+
+RUNTIMES = ("process", "docker")
+
+
 def run_local(manifest: Path, mounts: dict[str, Path], job_name: str | None = None,
-              parallelism: int | None = None) -> LocalResult:
+              parallelism: int | None = None, runtime: str = "process", image: str | None = None) -> LocalResult:
     log = get_logger()
     docs = load_manifests(manifest)
     job = pick_job(docs, job_name, manifest)
@@ -141,24 +171,36 @@ def run_local(manifest: Path, mounts: dict[str, Path], job_name: str | None = No
     per_index = "backoffLimitPerIndex" in spec
     retries = int(spec["backoffLimitPerIndex"] if per_index else spec.get("backoffLimit", 6))  # 6: the API default
     max_failed = int(spec["maxFailedIndexes"]) if per_index and "maxFailedIndexes" in spec else None
+    deadline = spec.get("activeDeadlineSeconds")
     fail_job_codes = {code for rule in spec.get("podFailurePolicy", {}).get("rules", [])
                       if rule.get("action") == "FailJob" for code in rule.get("onExitCodes", {}).get("values", [])}
     result = LocalResult(job["metadata"]["name"], completions)
     with tempfile.TemporaryDirectory(prefix="run-local-") as scratch:
-        mapped = _mounts(job, mounts, Path(scratch))
+        if runtime == "docker":
+            from .containers import DockerRuntime
+
+            pods: Any = DockerRuntime(job, docs, mounts, Path(scratch), image)
+        elif runtime == "process":
+            pods = ProcessRuntime(job, mounts, Path(scratch))
+        else:
+            raise ConfigError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+        started_at = time.monotonic()
         pending = list(range(completions))
         running: dict[int, subprocess.Popen] = {}
         attempts: dict[int, int] = {}
         while (pending or running) and not result.failed_job:
             while pending and len(running) < width:
                 index = pending.pop(0)
-                args, env = pod_environment(job, docs, mapped, index if indexed else None)
+                args, env = pod_spec(job, docs, index if indexed else None)
                 attempts[index] = attempts.get(index, 0) + 1
-                log.info("local_pod_start", job=result.job, index=index, attempt=attempts[index])
-                # The image's entrypoint is `investment-risk`: the same CLI, from this Python.
-                running[index] = subprocess.Popen([sys.executable, "-m", "investment_risk", *args],
-                                                  env={**os.environ, **env, "TMPDIR": str(mapped.get("/tmp", scratch))})
+                log.info("local_pod_start", job=result.job, index=index, attempt=attempts[index], runtime=runtime)
+                running[index] = pods.start(index, args, env)
             time.sleep(0.05)
+            if deadline is not None and time.monotonic() - started_at > float(deadline):
+                # activeDeadlineSeconds: the controller stops every pod and fails the Job.
+                result.failed_job, result.fail_reason = True, "DeadlineExceeded"
+                result.failed.extend(running)
+                break
             for index, proc in list(running.items()):
                 code = proc.poll()
                 if code is None:
@@ -179,9 +221,8 @@ def run_local(manifest: Path, mounts: dict[str, Path], job_name: str | None = No
                     # fails the Job and stops its other pods.
                     if max_failed is None or len(result.failed) > max_failed:
                         result.failed_job, result.fail_reason = True, "FailedIndexes"
-        for proc in running.values():  # FailJob: the remaining pods are terminated, as the Job controller does
-            proc.terminate()
-            proc.wait()
+        for index, proc in running.items():  # a failed Job: the remaining pods are stopped, as the controller does
+            pods.stop(index, proc)
     result.succeeded.sort()
     result.failed.sort()
     return result

@@ -129,6 +129,13 @@ def cpu_runner(model_path: Path, engine: str, threads: int | None = None) -> Any
     return OpenVinoRunner(model_path, precision, threads)
 
 
+def gpu_visible() -> bool:
+    """Whether a CUDA device can be used here (the driver and a GPU, not only CUDA libraries)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def load_runner(model: ModelDescription, backend: str, device: str = "auto", threads: int | None = None,
                 cpu_engine: str = "auto") -> Any:
     """The runner that scores `model`: its model.onnx (ONNX Runtime CUDA on a GPU; on CPUs the engine export chose,
@@ -141,8 +148,15 @@ def load_runner(model: ModelDescription, backend: str, device: str = "auto", thr
 
         from .onnx_runtime import OnnxRunner
 
-        if device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in ort.get_available_providers()):
+        has_cuda_provider = "CUDAExecutionProvider" in ort.get_available_providers()
+        if device == "cuda" or (device == "auto" and has_cuda_provider and gpu_visible()):
             return OnnxRunner(model.path, device, threads)  # CUDA with I/O binding (exit 2 if asked for and absent)
+        if device == "auto" and has_cuda_provider:
+            from ..core.logs import get_logger
+
+            # onnxruntime-gpu on a node without a GPU (or its driver): the CPU engines score instead.
+            get_logger().warning("cuda_unavailable", provider="CUDAExecutionProvider", used="CPU",
+                                 reason="ONNX Runtime has its CUDA provider but no GPU is visible")
         engine = model.cpu_engine if cpu_engine == "auto" else cpu_engine
         usable, why = cpu_engine_usable(engine)
         if not usable:
