@@ -7,6 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from investment_risk.export.cpu_engine import FP32_ENGINES, MAE_TOLERANCE
+
 from investment_risk.cli import main
 from investment_risk.export.onnx_export import ATTENTION_OPS, export_run, fused_operator_counts
 from investment_risk.modeling.description import read_model_json as verify_model_dir
@@ -318,11 +320,11 @@ def test_evaluate_an_exported_model_matches_the_run(exported, split_dir, runner,
         assert result.exit_code == 0, result.output
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("run", "model"))
     assert b["backend"] == "onnx" and a["backend"] == "torch"
-    # The exported model is evaluated with the CPU engine export chose; fp32 engines match PyTorch to 1e-4, a bf16
-    # one is held to the tolerance it was chosen under.
+    # The exported model is evaluated with the CPU engine export chose; fp32 engines match PyTorch to 1e-4, a reduced
+    # precision one (bf16, int8) was chosen within MAE_TOLERANCE on val: on another split, twice that.
     engine = json.loads((model / "model.json").read_text())["cpu_engine"]["engine"]
     assert b["provider"].startswith("CPUExecutionProvider" if engine == "onnxruntime" else f"openvino-cpu-{engine.split('-')[1]}")
-    tolerance = 0.02 if engine.endswith("bf16") else 1e-4
+    tolerance = 1e-4 if engine in FP32_ENGINES else 2 * MAE_TOLERANCE
     assert b["mae"] == pytest.approx(a["mae"], abs=tolerance) and b["baseline_mae"] == pytest.approx(a["baseline_mae"])
 
 
