@@ -73,7 +73,9 @@ def test_run_package_is_complete(tiny_run):
                    for line in summary.splitlines())
     from docx import Document
     doc = Document(str(reports / "training_report.docx"))
-    assert len(doc.tables) == 3 and len(doc.inline_shapes) == 3
+    # Three tables (no calibration table: 24 val rows are too few to fit one); five plots, two of them the training
+    # labels' dimension redundancy.
+    assert len(doc.tables) == 3 and len(doc.inline_shapes) == 5
 
 
 def test_learning_happens(tiny_run):

@@ -59,5 +59,6 @@ def main(log_format: str, log_level: str) -> None:
 
 
 for command in (data.data, train.train_command, evaluate.evaluate_command, export.export_command,
-                score.score_command, score.score_merge_command, report.report, demo.demo_command, jobs.jobs_group):
+                score.score_command, score.score_merge_command, evaluate.calibrate_command, report.report, demo.demo_command,
+                jobs.jobs_group):
     main.add_command(command)

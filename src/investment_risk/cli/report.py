@@ -1,4 +1,4 @@
-"""`report compare`: two runs side by side."""
+"""`report compare` (two runs side by side) and `report dimensions` (how redundant the eight labels are)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,26 @@ def report_compare(run_a: Path, run_b: Path, out: Path) -> None:
     get_logger().info("comparison_written", out=str(out), winner=result["winner"])
     if output.on_terminal():
         click.echo(f"winner by val MAE: {result['winner']} -> {out / 'comparison_report.md'}")
+
+
+@report.command("dimensions")
+@option("--data", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True,
+        help="A labelled Parquet/JSONL file.")
+@option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for the report.")
+def report_dimensions(data: Path, out: Path) -> None:
+    """How redundant the eight dimensions are: label correlation heatmap, principal components' explained variance and
+    the pairs above |r| 0.7, as dimensions.md, dimensions.json and two PNGs."""
+    from ..core.atomic import write_json_atomic
+    from ..core.spec import DIMENSIONS
+    from ..datasets.dimensions import write_dimension_report
+    from ..datasets.readers import label_matrix, read_articles
+
+    bind(stage="report")
+    analysis = write_dimension_report(label_matrix(read_articles([data], labels=DIMENSIONS)), out)
+    write_json_atomic(analysis, out / "dimensions.json")
+    explained = analysis["explained_variance"]
+    get_logger().info("dimensions_written", out=str(out), rows=analysis["rows"],
+                      first_component=explained[0] if explained else None, strong_pairs=len(analysis["strong_pairs"]))
+    if output.on_terminal():
+        click.echo(f"{out / 'dimensions.md'}: first component {explained[0]:.0%} of the variance, "
+                   f"{len(analysis['strong_pairs'])} pairs above |r| 0.7" if explained else f"{out / 'dimensions.md'}")

@@ -30,16 +30,18 @@ from .options import ENV_PREFIX, option
         help="Padded tokens per model call (default: 8192 on CPUs, 16384 on GPUs, by measurement).")
 @option("--cpu-engine", type=click.Choice(["auto", *CPU_ENGINES]), default="auto",
         show_default=True, help="On CPUs: auto runs the engine export chose (model.json); or name one.")
+@option("--no-calibration", is_flag=True, help="Write the raw model scores (the model's calibration is applied by default).")
 @option("--force", is_flag=True, help="Redo a shard that is already done.")
 def score_command(model: Path, inputs: tuple[str, ...], out: Path, shard_index: int, shard_count: int, backend: str,
-                  device: str, keep_columns: str, token_budget: int | None, cpu_engine: str, force: bool) -> None:
+                  device: str, keep_columns: str, token_budget: int | None, cpu_engine: str, no_calibration: bool,
+                  force: bool) -> None:
     """Score articles into OUT/part-<shard>.parquet with rejects, metrics and a _done marker."""
     from ..scoring.pipeline import ScoreConfig, score
 
     keep = tuple(c.strip() for c in keep_columns.split(",") if c.strip())
     merged = score(ScoreConfig(model=model, inputs=inputs, out=out, shard_index=shard_index, shard_count=shard_count,
                                backend=backend, device=device, force=force, keep_columns=keep, token_budget=token_budget,
-                               cpu_engine=cpu_engine))
+                               cpu_engine=cpu_engine, calibration=not no_calibration))
     output.summary(f"{out}: {merged['rows_in']} rows in, {merged['rows_scored']} scored, {merged['rows_rejected']} rejected "
             f"({merged['shards']}/{merged['shard_count']} shards done)", "score_summary", out=str(out),
             **{k: merged.get(k) for k in ("rows_in", "rows_scored", "rows_rejected", "shards", "shard_count")})

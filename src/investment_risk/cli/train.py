@@ -42,6 +42,9 @@ from .options import option
 @option("--train-embeddings", is_flag=True,
         help="Instruction mode: also train the token embeddings (tied to the LM head). Needed by a base that was never "
              "pretrained, like tiny-qwen2; costs vocab x hidden extra parameters.")
+@option("--truncation", type=click.Choice(["head", "head-tail"]), default="head", show_default=True,
+        help="Articles over --max-length keep their first tokens (head) or their first quarter and last three quarters "
+             "of the budget (head-tail); recorded in the run and model.json, so scoring cuts as training did.")
 @option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @option("--resume-if-present", is_flag=True,
         help="Continue --out if it already holds this run, else start it (what a retried Kubernetes pod needs).")

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 
 from ..core.atomic import write_json_atomic
+from ..core.decisions import decision_metrics, format_decisions
+from ..core.errors import ConfigError
 from ..core.logs import get_logger
 from ..core.metrics import regression_metrics
 from ..core.spec import DIMENSIONS, default_spec
@@ -35,13 +37,36 @@ def explain(instruction_model: Any, tokenizer: Any, rows: list[np.ndarray], devi
     }
 
 
+def plot_confusion(decisions: dict[str, Any], dest: Path) -> None:
+    """The tier confusion matrix as a heatmap (rows: labels, columns: predictions)."""
+    from ..core.plots import pyplot, save_figure
+
+    plt = pyplot()
+    names, matrix = decisions["tiers"], np.asarray(decisions["confusion"])
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center",
+                color="white" if value > matrix.max() / 2 else "black")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted tier")
+    ax.set_ylabel("label tier")
+    ax.set_title("Tier confusion")
+    save_figure(fig, dest)
+
+
 def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size: int = 32,
                  device_name: str = "auto", explain_generation: bool = False, max_new_tokens: int = 512,
-                 constrained: bool = True) -> dict[str, Any]:
+                 constrained: bool = True, calibration: bool = True, top_k: int = 50) -> dict[str, Any]:
     """Evaluate a training run (PyTorch) or an exported model directory (ONNX Runtime) on a labelled file.
 
     An instruction run is scored by its head; `explain_generation` also generates reasoning + JSON and reports the
-    parse rate and the MAE of the generated scores (grammar-constrained decoding unless `constrained` is False)."""
+    parse rate and the MAE of the generated scores (grammar-constrained decoding unless `constrained` is False).
+    Scores are calibrated where the model has a calibration (unless `calibration` is False); the raw scores' metrics
+    stand beside them. Decision metrics: tiers, rank correlation, Recall@k / NDCG@k of signal strength."""
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {top_k}")
     table = read_articles([data], labels=DIMENSIONS)
     model = describe_model(run_dir)
     runner = load_runner(model, "onnx" if model.exported else "torch", device_name)
@@ -52,12 +77,15 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
     extra: dict[str, Any] = {}
     if explain_generation and model.is_instruction:
         extra = explain(runner.forward.inner, tokenizer, rows, runner.device, max_new_tokens, constrained)
-    pred = default_spec().clip(raw)
+    spec = default_spec()
+    raw = spec.clip(raw)
+    pred = model.calibrated(raw, calibration)
     labels = label_matrix(table)
     # The baseline predicts the training mean; without the training run, the mean of these labels stands in.
     trained_mean = model.train_label_mean
     mean = np.asarray(trained_mean if trained_mean is not None else labels.mean(axis=0), dtype=np.float32)
     model_metrics = regression_metrics(pred, labels)
+    decisions = decision_metrics(pred, labels, spec, top_k)
     baseline = regression_metrics(np.broadcast_to(mean, labels.shape), labels)
     result: dict[str, Any] = {
         "run": str(run_dir), "data": str(data), "rows": table.num_rows,
@@ -70,7 +98,19 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
         "baseline": ("predict the training-set mean of each dimension" if trained_mean is not None
                      else "predict the evaluated labels' own mean (the training run was not found)"),
         "backend": "onnx" if model.exported else "torch", "provider": runner.provider,
+        "calibration": ("applied" if calibration and model.calibration is not None
+                        else "off (--no-calibration)" if model.calibration is not None else "none fitted"),
+        "truncation": model.truncation, "decisions": decisions,
     }
+    if result["calibration"] != "none fitted":
+        # The other side of the comparison: without calibration when it was applied, with it when turned off.
+        other = model.calibrated(raw, not calibration)
+        other_metrics, other_decisions = regression_metrics(other, labels), decision_metrics(other, labels, spec, top_k)
+        result["raw" if calibration else "if_calibrated"] = {
+            "mae": other_metrics["mae"], "rmse": other_metrics["rmse"],
+            "per_dimension_mae": {d: other_metrics[f"{d}_mae"] for d in DIMENSIONS},
+            "red_recall": other_decisions.get("red_recall"), "tier_accuracy": other_decisions["tier_accuracy"],
+            "ranking": other_decisions["ranking"]}
     if extra:
         generated = extra.pop("generated")
         ok = ~np.isnan(generated).any(axis=1)
@@ -80,9 +120,14 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
         result["head_mae"] = result["mae"]
     if out is not None:
         write_json_atomic(result, out)
+        plot_confusion(decisions, confusion_plot_path(out))
     get_logger().info("evaluated", rows=table.num_rows, mae=round(result["mae"], 4), parse_rate=result.get("parse_rate"),
                       baseline_mae=round(result["baseline_mae"], 4), out=str(out) if out else None)
     return result
+
+
+def confusion_plot_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}-tiers.png")
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -91,7 +136,14 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{dim:<28} {m['mae']:>7.3f} {m['rmse']:>7.3f} {m['baseline_mae']:>9.3f} {m['baseline_rmse']:>10.3f}")
     lines.append(f"{'overall':<28} {result['mae']:>7.3f} {result['rmse']:>7.3f} {result['baseline_mae']:>9.3f} "
                  f"{result['baseline_rmse']:>10.3f}")
-    lines.append(f"rows={result['rows']}  MAE / baseline MAE = {result['mae_vs_baseline']:.3f}")
+    lines.append(f"rows={result['rows']}  MAE / baseline MAE = {result['mae_vs_baseline']:.3f}  "
+                 f"calibration: {result['calibration']}")
+    for key, label in (("raw", "raw (uncalibrated)"), ("if_calibrated", "with calibration")):
+        if key in result:
+            other = result[key]
+            red = "n/a" if other["red_recall"] is None else f"{other['red_recall']:.3f}"
+            lines.append(f"{label}: MAE {other['mae']:.3f}, RMSE {other['rmse']:.3f}, RED recall {red}")
+    lines.append(format_decisions(result["decisions"]))
     if "parse_rate" in result:
         generated = result["generated_mae"]
         lines.append(f"generated JSON: parse rate {result['parse_rate']:.3f}, MAE "

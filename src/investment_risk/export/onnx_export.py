@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import shutil
 import sys
 import warnings
 from collections import Counter
@@ -24,6 +25,7 @@ from ..core.atomic import write_dir_atomic, write_json_atomic
 from ..core.errors import ConfigError, InputError, RetryableError
 from ..core.logs import get_logger
 from ..core.spec import DIMENSIONS, default_spec
+from ..modeling.calibration import CALIBRATION_FILE
 from ..modeling.description import CPU_ENGINES, INT8_FILE, describe_model, model_digest, model_version, onnx_files
 from ..modeling.onnx_runtime import OnnxRunner, cpu_session
 from ..modeling.loading import scoring_module
@@ -60,7 +62,7 @@ def parity_rows(tokenizer: Any, metadata: dict[str, Any]) -> tuple[list[np.ndarr
               for name in ("val", "train") if (data / f"{name}.parquet").exists()]
     texts = article_texts(pa.concat_tables(tables))[:PARITY_ROWS] if tables else []
     texts = [t[: 40 + 37 * i] if i % 2 else t for i, t in enumerate(texts)]
-    rows = encode(tokenizer, texts, max_length)
+    rows = encode(tokenizer, texts, max_length, truncation=metadata.get("truncation", "head"))
     rng = np.random.default_rng(5)
     special = set(tokenizer.all_special_ids)
     vocab = np.array([i for i in range(len(tokenizer)) if i not in special], dtype=np.int32)
@@ -153,7 +155,8 @@ def measurement_rows(tokenizer: Any, metadata: dict[str, Any]) -> tuple[list[np.
         return [], None
     table = read_articles([val], labels=DIMENSIONS)
     table = table.slice(0, MEASURE_ROWS)
-    return encode(tokenizer, article_texts(table), int(metadata["max_length"])), label_matrix(table)
+    return (encode(tokenizer, article_texts(table), int(metadata["max_length"]),
+                   truncation=metadata.get("truncation", "head")), label_matrix(table))
 
 
 def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], requested: str,
@@ -284,6 +287,9 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
                 parity["fp32_ops"] = FP32_OPS
             log.info("onnx_parity", dtype=dtype, max_abs_diff=parity[f"{dtype}_max_abs_diff"], **check)
         tokenizer.save_pretrained(work)
+        calibration = run_dir / "model" / CALIBRATION_FILE
+        if calibration.exists():  # scores from the file are calibrated as the run's are: it is part of the model
+            shutil.copyfile(calibration, work / CALIBRATION_FILE)
         digests = model_digest(work)
         spec = default_spec()
         written = {
@@ -291,6 +297,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
             "opset": OPSET, "inputs": ["input_ids", "attention_mask"], "outputs": ["scores"],
             "pad_token_id": tokenizer.pad_token_id, "source_run": str(run_dir.resolve()),
             "base_model": metadata["model_name"], "training_mode": metadata["training_mode"],
+            "truncation": metadata.get("truncation", "head"), "calibrated": calibration.exists(),
             "best_val_mae": metadata.get("best_val_mae"), "filter_name": spec.name, "filter_version": spec.version,
             "model_version": model_version(digests), "sha256": digests, "external_data": external,
             "parity": parity, "fusions": fusions, "fused_operators": fused, "cpu_engine": engines, "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -40,7 +40,8 @@ def calibration_rows(tokenizer: Any, metadata: dict[str, Any]) -> list[np.ndarra
     if not train.exists():
         return []
     table = read_articles([train]).slice(0, CALIBRATION_ROWS)
-    return encode(tokenizer, article_texts(table), int(metadata["max_length"]))
+    return encode(tokenizer, article_texts(table), int(metadata["max_length"]),
+                  truncation=metadata.get("truncation", "head"))
 
 
 def quantize_int8(model_path: Path, rows: list[np.ndarray], pad_id: int, external: bool) -> Path:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..core.errors import InputError
 from ..core.spec import DIMENSIONS
+from .calibration import CALIBRATION_FILE, Calibration, load_calibration
 
 INPUT_FORMATS = ("article", "instruction")
 INT8_FILE = "model.int8.onnx"  # the static int8 graph beside model.onnx, where export chose it as the CPU engine
@@ -38,7 +39,9 @@ def onnx_files(model_dir: Path) -> list[Path]:
 
 
 def model_digest(model_dir: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in onnx_files(model_dir)}
+    """sha256 of everything that decides an exported model's scores: its ONNX files and its calibration."""
+    files = onnx_files(model_dir) + [p for p in [model_dir / CALIBRATION_FILE] if p.exists()]
+    return {p.name: sha256_file(p) for p in files}
 
 
 def model_version(digests: dict[str, str]) -> str:
@@ -65,6 +68,8 @@ class ModelDescription:
     tokenizer_dir: Path
     train_label_mean: tuple[float, ...] | None  # the predict-the-mean baseline, when the run is here
     cpu_engine: str = "onnxruntime"  # what scores the exported file on CPUs (chosen by measurement at export)
+    truncation: str = "head"  # how a long article is cut to max_length, as in training
+    calibration: Calibration | None = None  # the per-dimension map from raw to calibrated scores, when fitted
 
     @property
     def is_instruction(self) -> bool:
@@ -78,7 +83,12 @@ class ModelDescription:
             return prompt_tokens(tokenizer, titles, contents, self.max_length)
         from .tokens import article_text, encode
 
-        return encode(tokenizer, [article_text(t, c) for t, c in zip(titles, contents)], self.max_length)
+        return encode(tokenizer, [article_text(t, c) for t, c in zip(titles, contents)], self.max_length,
+                      truncation=self.truncation)
+
+    def calibrated(self, raw: np.ndarray, use: bool = True) -> np.ndarray:
+        """The model's final scores from its raw (clipped) ones: calibrated where it has a calibration and `use`."""
+        return self.calibration.apply(raw) if use and self.calibration is not None else raw
 
 
 def describe_model(path: Path) -> ModelDescription:
@@ -107,7 +117,8 @@ def _run(path: Path, metadata: dict[str, Any]) -> ModelDescription:
         path=path, exported=False, input_format=_input_format(metadata),
         max_length=int(metadata.get("prompt_max_length") or metadata["max_length"]), pad_token_id=None,
         model_version=f"run:{path.name}", source_run=path, tokenizer_dir=path / "model",
-        train_label_mean=_label_mean(metadata))
+        train_label_mean=_label_mean(metadata), truncation=str(metadata.get("truncation", "head")),
+        calibration=load_calibration(path / "model"))
 
 
 def _exported(path: Path) -> ModelDescription:
@@ -121,7 +132,8 @@ def _exported(path: Path) -> ModelDescription:
         path=path, exported=True, input_format=info.get("input_format", "article"), max_length=int(info["max_length"]),
         pad_token_id=info.get("pad_token_id"), model_version=str(info["model_version"]), source_run=source,
         tokenizer_dir=path, train_label_mean=_label_mean(run_meta),
-        cpu_engine=(info.get("cpu_engine") or {}).get("engine", "onnxruntime"))
+        cpu_engine=(info.get("cpu_engine") or {}).get("engine", "onnxruntime"),
+        truncation=str(info.get("truncation", "head")), calibration=load_calibration(path))
 
 
 def read_model_json(model_dir: Path) -> dict[str, Any]:
@@ -132,7 +144,7 @@ def read_model_json(model_dir: Path) -> dict[str, Any]:
     info = _read_json(meta_path)
     actual = model_digest(model_dir)
     if actual != info.get("sha256"):
-        raise InputError(f"{model_dir}: ONNX files do not match the sha256 in model.json (expected "
+        raise InputError(f"{model_dir}: model files do not match the sha256 in model.json (expected "
                          f"{info.get('sha256')}, found {actual}); re-export the model")
     if list(info.get("dimensions", [])) != list(DIMENSIONS):
         raise InputError(f"{model_dir}: model.json dimensions {info.get('dimensions')} are not {list(DIMENSIONS)}")

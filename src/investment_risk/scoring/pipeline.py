@@ -32,7 +32,7 @@ from ..modeling.description import ModelDescription, describe_model
 from ..modeling.predict import predict
 from .shard_metrics import ShardMetrics, merge_metrics, write_prometheus
 from .units import Unit, done_marker, list_units, parquet_rows, part_name, shard_units
-from .writer import OUTPUT_COLUMNS, REJECT_SCHEMA, ShardWriter, kept_columns, part_schema
+from .writer import OUTPUT_COLUMNS, REJECT_SCHEMA, ShardWriter, kept_columns, part_schema, provenance
 
 MAX_ARTICLE_BYTES = 1_000_000
 # Padded tokens per model call when --token-budget is not given, by measurement (bench/cpu_engines.py, minilm on 2
@@ -58,6 +58,7 @@ class ScoreConfig:
     max_batch_rows: int = 256
     threads: int | None = None
     cpu_engine: str = "auto"  # on CPUs: the engine export chose, or a named one
+    calibration: bool = True  # apply the model's calibration (where it has one)
 
     def __post_init__(self) -> None:
         if self.shard_count < 1:
@@ -175,7 +176,9 @@ class ShardScorer:
         try:
             # Both files are renamed into place only if the whole shard succeeds; a failure leaves neither.
             with atomic_path(part) as part_tmp, atomic_path(rejects) as rejects_tmp:
-                writer = ShardWriter(part_tmp, rejects_tmp)
+                calibrated = self.config.calibration and self.model.calibration is not None
+                writer = ShardWriter(part_tmp, rejects_tmp, provenance(
+                    self.model, calibrated, self.config.shard_index, self.config.shard_count))
                 try:
                     with Progress(total=total_rows, what="score", unit="rows") as progress:
                         while (item := items.get()) is not None:
@@ -228,7 +231,7 @@ class ShardScorer:
             raw = predict(self.runner, item.tokens, self.pad_id, token_budget=self.token_budget,
                           max_rows=self.config.max_batch_rows,
                           on_batch=lambda b, seconds: metrics.record_batch(seconds, b.real_tokens, b.input_ids.size))
-            scores[item.model_rows] = self.spec.clip(raw)
+            scores[item.model_rows] = self.model.calibrated(self.spec.clip(raw), self.config.calibration)
         keep = [i for i in range(n) if i not in item.reject_reasons]
         prefiltered = np.array([i in item.prefilter_reasons for i in keep], dtype=bool)
         tiers, strength = self.spec.assign_tiers(scores[keep], prefiltered)

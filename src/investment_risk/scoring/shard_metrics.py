@@ -19,7 +19,8 @@ import numpy as np
 
 from ..core.atomic import write_json_atomic, write_text_atomic
 from ..core.errors import RetryableError
-from ..core.spec import DIMENSIONS
+from ..core.decisions import tier_report
+from ..core.spec import DIMENSIONS, default_spec
 from .units import parquet_rows
 
 HISTOGRAM_EDGES = list(range(11))  # ten bins of width 1 over [0, 10]
@@ -57,6 +58,7 @@ class ShardMetrics:
     histograms: dict[str, list[int]] = field(default_factory=lambda: {d: [0] * 10 for d in DIMENSIONS})
     latencies_ms: list[float] = field(default_factory=list)
     label_sums: dict[str, list[float]] = field(default_factory=dict)  # dim -> [count, abs_sum, sq_sum]
+    tier_pairs: Counter = field(default_factory=Counter)  # "label tier>predicted tier" -> rows with all 8 labels
     started: float = field(default_factory=time.monotonic)
     started_at: str = field(default_factory=_now)
     seconds: float = 0.0
@@ -87,6 +89,12 @@ class ShardMetrics:
             err = scores[ok, d] - labels[ok, d]
             count, abs_sum, sq_sum = self.label_sums.get(dim, [0, 0.0, 0.0])
             self.label_sums[dim] = [count + int(ok.sum()), abs_sum + float(np.abs(err).sum()), sq_sum + float((err ** 2).sum())]
+        complete = ~np.isnan(labels).any(axis=1)
+        if complete.any():  # tiers need every dimension: rows missing a label count in the MAE only
+            spec = default_spec()
+            true_tiers, _ = spec.assign_tiers(labels[complete])
+            pred_tiers, _ = spec.assign_tiers(scores[complete])
+            self.tier_pairs.update(f"{t}>{p}" for t, p in zip(true_tiers, pred_tiers))
 
     def finish(self) -> None:
         self.seconds = time.monotonic() - self.started
@@ -113,6 +121,7 @@ class ShardMetrics:
             "started_at": self.started_at, "finished_at": _now(),
         }
         out.update(label_metrics(self.label_sums))
+        out.update(tier_metrics(self.tier_pairs))
         return out
 
 
@@ -132,6 +141,21 @@ def label_metrics(sums: dict[str, list[float]]) -> dict[str, Any]:
             out[f"{dim}_mae"] = abs_sum / count
             out[f"{dim}_rmse"] = float(np.sqrt(sq_sum / count))
     return out
+
+
+def tier_metrics(pairs: Counter | dict[str, int]) -> dict[str, Any]:
+    """The decision metrics that sum across shards: the tier confusion (labels vs predictions), per-tier precision,
+    recall and F1, RED recall. Empty when no row had every label."""
+    if not pairs:
+        return {}
+    spec = default_spec()
+    names = tuple(dict.fromkeys(spec.tier_names))  # a rule may also yield the prefilter's tier
+    index = {n: i for i, n in enumerate(names)}
+    matrix = [[0] * len(names) for _ in names]
+    for key, count in pairs.items():
+        true, pred = key.split(">")
+        matrix[index[true]][index[pred]] += int(count)
+    return {"tier_pairs": dict(sorted(pairs.items())), "decisions": tier_report(matrix, names)}
 
 
 def _done_shards(out_dir: Path) -> set[str]:
@@ -192,6 +216,10 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
         for dim, values in s.get("label_sums", {}).items():
             sums[dim] = [a + b for a, b in zip(sums.get(dim, [0, 0.0, 0.0]), values)]
     merged.update(label_metrics(sums))
+    pairs: Counter = Counter()
+    for s in shards:
+        pairs.update(s.get("tier_pairs", {}))
+    merged.update(tier_metrics(pairs))
     merged["invariant_holds"] = not broken
     merged["invariant_broken_shards"] = sorted(broken)
     merged["merged_at"] = _now()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,29 +26,47 @@ def part_schema(keep_columns: Sequence[str]) -> pa.Schema:
     return pa.schema(fields + [pa.field(c, pa.string()) for c in keep_columns])
 
 
-class ShardWriter:
-    """The part and rejects files of a shard, streamed into temporary paths (atomic_path renames them)."""
+PROVENANCE_PREFIX = "investment_risk."
 
-    def __init__(self, part_tmp: Path, rejects_tmp: Path) -> None:
+
+def provenance(model: Any, calibrated: bool, shard: int, shard_count: int) -> dict[str, str]:
+    """Key-value metadata for every file a shard writes: what made these scores, and when."""
+    from .. import __version__
+    from ..core.spec import default_spec
+
+    spec = default_spec()
+    values = {"model_version": model.model_version, "filter_name": spec.name, "filter_version": spec.version,
+              "calibrated": "true" if calibrated else "false", "truncation": model.truncation,
+              "package_version": __version__, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "shard": f"{shard}/{shard_count}"}
+    return {PROVENANCE_PREFIX + key: value for key, value in values.items()}
+
+
+class ShardWriter:
+    """The part and rejects files of a shard, streamed into temporary paths (atomic_path renames them), each file
+    carrying the shard's provenance in its Parquet key-value metadata."""
+
+    def __init__(self, part_tmp: Path, rejects_tmp: Path, metadata: dict[str, str] | None = None) -> None:
         self.part_tmp, self.rejects_tmp = part_tmp, rejects_tmp
+        self.metadata = metadata or {}
         self._part: Any = None
         self._rejects: Any = None
 
     def write_part(self, table: pa.Table) -> None:
         if self._part is None:
-            self._part = pq.ParquetWriter(self.part_tmp, table.schema)
+            self._part = pq.ParquetWriter(self.part_tmp, table.schema.with_metadata(self.metadata))
         self._part.write_table(table)
 
     def write_rejects(self, table: pa.Table) -> None:
         if self._rejects is None:
-            self._rejects = pq.ParquetWriter(self.rejects_tmp, REJECT_SCHEMA)
+            self._rejects = pq.ParquetWriter(self.rejects_tmp, REJECT_SCHEMA.with_metadata(self.metadata))
         self._rejects.write_table(table)
 
     def close(self, empty_part: pa.Schema | None = None) -> None:
         """Close both files; with `empty_part`, first create whichever was never written (an empty shard)."""
         if empty_part is not None:
-            self._part = self._part or pq.ParquetWriter(self.part_tmp, empty_part)
-            self._rejects = self._rejects or pq.ParquetWriter(self.rejects_tmp, REJECT_SCHEMA)
+            self._part = self._part or pq.ParquetWriter(self.part_tmp, empty_part.with_metadata(self.metadata))
+            self._rejects = self._rejects or pq.ParquetWriter(self.rejects_tmp, REJECT_SCHEMA.with_metadata(self.metadata))
         for writer in (self._part, self._rejects):
             if writer is not None:
                 writer.close()

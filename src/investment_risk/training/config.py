@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import ConfigError
+from ..modeling.tokens import TRUNCATIONS
 
 MODES = ("distillation", "instruction")
 
@@ -36,6 +37,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     train_embeddings: bool = False  # instruction mode: also train the (tied) token embeddings
+    truncation: str = "head"  # distillation: a long article keeps its start ("head") or its start and end ("head-tail")
 
     def __post_init__(self) -> None:
         if not self.max_length:
@@ -53,6 +55,9 @@ class TrainConfig:
             (self.checkpoint_steps >= 1, "--checkpoint-steps must be >= 1"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
             (self.mode == "instruction" or not self.train_embeddings, "--train-embeddings needs --mode instruction"),
+            (self.truncation in TRUNCATIONS, f"--truncation must be one of {', '.join(TRUNCATIONS)}"),
+            (self.mode == "distillation" or self.truncation == "head",
+             "--truncation head-tail needs --mode distillation (the instruction prompt keeps the article's start)"),
         ]
         for ok, message in checks:
             if not ok:

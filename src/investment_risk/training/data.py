@@ -42,9 +42,10 @@ def load_article_splits(config: TrainConfig, tokenizer: Any, cache: Path | None)
         table = read_split(data_dir, name)
         texts = article_texts(table)
         if cache is not None:
-            tokens = encode_cached(tokenizer, texts, config.max_length, cache / f"tokens-{name}.safetensors")
+            tokens = encode_cached(tokenizer, texts, config.max_length, cache / f"tokens-{name}.safetensors",
+                                   config.truncation)
         else:
-            tokens = encode(tokenizer, texts, config.max_length)
+            tokens = encode(tokenizer, texts, config.max_length, truncation=config.truncation)
         splits.append(SplitData(table, label_matrix(table), tokens))
     check_batch_fits(data_dir, splits[0].table.num_rows, config.batch_size)
     return splits[0], splits[1]

@@ -44,7 +44,7 @@ def dry_run(config: TrainConfig) -> dict[str, Any]:
     }
     if tokenizer is not None:
         for name, table in (("train", train_table), ("val", val_table)):
-            lengths = np.array([len(t) for t in encode(tokenizer, article_texts(table), config.max_length)])
+            lengths = np.array([len(t) for t in encode(tokenizer, article_texts(table), config.max_length, truncation=config.truncation)])
             report[f"{name}_tokens"] = int(lengths.sum())
             report[f"{name}_mean_tokens"] = round(float(lengths.mean()), 1)
             report[f"{name}_truncated_share"] = round(float((lengths >= config.max_length).mean()), 4)

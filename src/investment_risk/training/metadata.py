@@ -37,7 +37,7 @@ def build_metadata(session: Any, state: Any) -> dict[str, Any]:
         "learning_rate": config.learning_rate, "max_length": config.max_length, "warmup_steps": session.warmup,
         "train_examples": train_data.table.num_rows, "val_examples": session.val_data.table.num_rows,
         "best_val_mae": state.best_val_mae, "include_prompt": config.mode == "instruction",
-        "training_mode": config.mode,
+        "training_mode": config.mode, "truncation": config.truncation,
         **({"prompt_max_length": train_data.prompt_max_length} if train_data.prompt_max_length else {}),
         # beyond the contract's list
         "best_epoch": state.best_epoch, "steps_per_epoch": session.steps_per_epoch,

@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..core.atomic import write_json_atomic
 from ..core.errors import InputError
 from ..core.logs import Progress, get_logger
 from ..core.metrics import regression_metrics
-from ..core.spec import NUM_DIMENSIONS
+from ..core.spec import DIMENSIONS, NUM_DIMENSIONS
 from ..modeling.predict import pick_device
 from ..modeling.tokens import length_grouped_batches, to_device
 from .config import TrainConfig, warmup_for
@@ -47,6 +49,7 @@ class TrainState:
     since_log: int = 0  # micro-batches since the last train_step line
     epoch_seconds: list[float] = field(default_factory=list)
     epoch_tokens: list[int] = field(default_factory=list)
+    best_val_predictions: list[list[float]] | None = None  # the best epoch's, to fit the calibration on
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -270,6 +273,7 @@ def end_of_epoch(session: Session, state: TrainState, sums: Sums, epoch_started:
                       val_mae=round(val_metrics["mae"], 4), val_rmse=round(val_metrics["rmse"], 4))
     if state.best_val_mae is None or val_metrics["mae"] < state.best_val_mae:
         state.best_val_mae, state.best_epoch = val_metrics["mae"], state.epoch
+        state.best_val_predictions = np.asarray(val_pred, dtype=np.float32).round(5).tolist()
         session.task.save(session.model, session.out / "model")
     write_json_atomic(state.history, session.out / "training_history.json")
     state.epoch, state.batch = state.epoch + 1, 0
@@ -284,12 +288,33 @@ def finish(session: Session, state: TrainState) -> dict[str, Any]:
     from .reports import write_training_reports
 
     metadata = build_metadata(session, state)
+    metadata["calibration"] = fit_run_calibration(session, state)
     write_json_atomic(metadata, session.out / "training_metadata.json")
-    write_training_reports(session.out, state.history, metadata, state.step_losses)
+    write_training_reports(session.out, state.history, metadata, state.step_losses, session.train_data.labels)
     get_logger().info("training_done", out=str(session.out), best_val_mae=metadata["best_val_mae"],
                       best_epoch=state.best_epoch, wall_time_s=metadata["wall_time_s"],
                       tokens_per_second=metadata["tokens_per_second"])
     return metadata
+
+
+def fit_run_calibration(session: Session, state: TrainState) -> dict[str, Any]:
+    """Fit the per-dimension isotonic map on the best epoch's validation predictions and store it beside the weights;
+    the val metrics raw and calibrated (in-sample on val: the test split says how it generalises)."""
+    from ..modeling.calibration import CALIBRATION_FILE, fit_calibration
+
+    raw = np.clip(np.asarray(state.best_val_predictions, dtype=np.float32), 0.0, 10.0)
+    labels = session.val_data.labels
+    try:
+        calibration = fit_calibration(raw, labels, {"split": "val", "epoch": state.best_epoch})
+    except InputError as exc:  # too few validation rows: the model is still usable, uncalibrated
+        get_logger().warning("calibration_skipped", reason=str(exc))
+        return {"fitted": False, "reason": str(exc)}
+    write_json_atomic(calibration.to_json(), session.out / "model" / CALIBRATION_FILE)
+    before, after = regression_metrics(raw, labels), regression_metrics(calibration.apply(raw), labels)
+    get_logger().info("calibration_fitted", val_mae_raw=round(before["mae"], 4), val_mae_calibrated=round(after["mae"], 4))
+    return {"fitted": True, "file": f"model/{CALIBRATION_FILE}", "val_mae_raw": before["mae"],
+            "val_mae_calibrated": after["mae"], "per_dimension": {
+                d: {"raw": before[f"{d}_mae"], "calibrated": after[f"{d}_mae"]} for d in DIMENSIONS}}
 
 
 def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:

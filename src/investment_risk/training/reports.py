@@ -1,9 +1,12 @@
-"""The run's training reports: three plots, a plain-text summary and a Word report."""
+"""The run's training reports: plots, a plain-text summary (with the calibration), a Word report, and the training
+labels' dimension redundancy (dimensions.md and its two plots)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..core.atomic import atomic_path, write_text_atomic
 from ..core.plots import pyplot, save_figure
@@ -75,6 +78,14 @@ def summary_text(history: list[dict[str, Any]], metadata: dict[str, Any]) -> str
     lines += ["", f"Examples: train={metadata['train_examples']} val={metadata['val_examples']}",
               f"Parameters: {metadata['num_parameters']:,} total, {metadata['num_trainable_parameters']:,} trainable",
               f"Wall time: {metadata['wall_time_s']} s, {metadata['tokens_per_second']} training tokens/s"]
+    calibration = metadata.get("calibration") or {}
+    if calibration.get("fitted"):
+        lines += ["", "Calibration (isotonic per dimension, fitted on the best epoch's val predictions; in-sample):",
+                  f"  Val MAE raw={calibration['val_mae_raw']:.4f} calibrated={calibration['val_mae_calibrated']:.4f}"]
+        lines += [f"  {dim:<28} raw={m['raw']:.4f} calibrated={m['calibrated']:.4f}"
+                  for dim, m in calibration["per_dimension"].items()]
+    elif calibration:
+        lines += ["", f"Calibration: not fitted ({calibration.get('reason')})"]
     return "\n".join(lines) + "\n"
 
 
@@ -113,8 +124,23 @@ def word_report(history: list[dict[str, Any]], metadata: dict[str, Any], reports
         train, val = best["train"][f"{dim}_mae"], best["val"][f"{dim}_mae"]
         for cell, text in zip(table.add_row().cells, (dim, f"{train:.4f}", f"{val:.4f}", f"{val - train:+.4f}")):
             cell.text = text
+    calibration = metadata.get("calibration") or {}
+    if calibration.get("fitted"):
+        doc.add_heading("Calibration (val, best epoch, in-sample)", 1)
+        table = doc.add_table(rows=1, cols=3)
+        table.style = "Light Grid Accent 1"
+        for cell, text in zip(table.rows[0].cells, ("dimension", "raw MAE", "calibrated MAE")):
+            cell.text = text
+        rows = [*calibration["per_dimension"].items(), ("overall", {"raw": calibration["val_mae_raw"],
+                                                                    "calibrated": calibration["val_mae_calibrated"]})]
+        for dim, m in rows:
+            for cell, text in zip(table.add_row().cells, (dim, f"{m['raw']:.4f}", f"{m['calibrated']:.4f}")):
+                cell.text = text
     for name, title in (("overall_metrics.png", "Overall metrics"), ("per_dimension_mae.png", "MAE per dimension"),
-                        ("loss_curves.png", "Loss curves")):
+                        ("loss_curves.png", "Loss curves"), ("dimension_correlations.png", "Training labels: correlations"),
+                        ("dimension_variance.png", "Training labels: principal components")):
+        if not (reports / name).exists():
+            continue
         doc.add_heading(title, 1)
         doc.add_picture(str(reports / name), width=Inches(6.3))
     with atomic_path(dest) as tmp:
@@ -122,9 +148,13 @@ def word_report(history: list[dict[str, Any]], metadata: dict[str, Any], reports
 
 
 def write_training_reports(run_dir: Path, history: list[dict[str, Any]], metadata: dict[str, Any],
-                           step_losses: list[list[float]]) -> Path:
+                           step_losses: list[list[float]], train_labels: np.ndarray | None = None) -> Path:
     reports = run_dir / "training_reports"
     reports.mkdir(parents=True, exist_ok=True)
+    if train_labels is not None:  # the redundancy of the eight labels this run learned from
+        from ..datasets.dimensions import write_dimension_report
+
+        write_dimension_report(train_labels, reports, heading="##")
     plot_overall(history, reports / "overall_metrics.png")
     plot_per_dimension(history, reports / "per_dimension_mae.png")
     plot_losses(history, step_losses, metadata["steps_per_epoch"], reports / "loss_curves.png")

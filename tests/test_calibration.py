@@ -1,0 +1,259 @@
+"""Calibration, head+tail truncation, decision metrics, dimension redundancy and the scored files' provenance."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from investment_risk.cli import main
+from investment_risk.core.decisions import decision_metrics, ranking_quality, tier_report
+from investment_risk.core.errors import InputError
+from investment_risk.core.spec import DIMENSIONS, default_spec
+from investment_risk.datasets.synth import SynthConfig, generate
+from investment_risk.modeling.calibration import (CALIBRATION_FILE, MIN_ROWS, fit_calibration, load_calibration,
+                                                  parse_calibration)
+from investment_risk.modeling.description import describe_model
+
+from .conftest import assert_json_stdout
+
+
+def shrunk(labels: np.ndarray) -> np.ndarray:
+    """What an MSE regressor does: predictions pulled towards the middle."""
+    return 5.0 + 0.35 * (labels - 5.0)
+
+
+# --- the map itself --------------------------------------------------------------------------------------------
+
+def test_isotonic_calibration_stretches_shrunk_scores_back_and_stays_monotone(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.uniform(0, 10, size=(400, 8)).astype(np.float32)
+    raw = shrunk(labels) + rng.normal(0, 0.2, size=labels.shape)
+    calibration = fit_calibration(raw, labels, {"split": "test"})
+    calibrated = calibration.apply(raw)
+    assert np.abs(calibrated - labels).mean() < 0.5 * np.abs(raw - labels).mean()
+    grid = np.repeat(np.linspace(0, 10, 101)[:, None], 8, axis=1)
+    mapped = calibration.apply(grid)
+    assert (np.diff(mapped, axis=0) >= 0).all() and mapped.min() >= 0 and mapped.max() <= 10
+    # The JSON round-trips through the validator unchanged.
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps(calibration.to_json()))
+    assert np.array_equal(load_calibration(tmp_path).apply(raw), calibrated)
+
+
+@pytest.mark.parametrize("break_it, why", [
+    (lambda d: d["dimensions"]["valuation_risk"]["y"].reverse(), "not monotone"),
+    (lambda d: d["dimensions"]["systemic_risk"]["x"].__setitem__(1, float("nan")), "NaN"),
+    (lambda d: d["dimensions"]["actionability"]["x"].__setitem__(-1, 9.0), "not the score range"),
+    (lambda d: d["dimensions"].pop("credit_market_stress"), "exactly the dimensions"),
+])
+def test_a_bad_calibration_file_is_refused_naming_it(tmp_path, break_it, why):
+    raw = {"dimensions": {d: {"x": [0.0, 4.0, 10.0], "y": [1.0, 3.0, 9.0]} for d in DIMENSIONS}}
+    parse_calibration(raw, tmp_path / CALIBRATION_FILE)  # the unbroken one is fine
+    break_it(raw)
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps(raw).replace("NaN", "NaN"))
+    with pytest.raises(InputError, match=f"{CALIBRATION_FILE}.*{why}"):
+        load_calibration(tmp_path)
+
+
+def test_too_few_rows_cannot_be_calibrated():
+    labels = np.full((MIN_ROWS - 1, 8), 5.0, dtype=np.float32)
+    with pytest.raises(InputError, match=f"at least {MIN_ROWS}"):
+        fit_calibration(labels, labels, {})
+
+
+# --- decision metrics ------------------------------------------------------------------------------------------
+
+def test_tier_report_counts_precision_recall_and_red_misses():
+    names = ("RED", "YELLOW", "GREEN")
+    # 4 true REDs: 3 called RED, 1 called YELLOW; 1 YELLOW called RED; 5 GREENs right.
+    report = tier_report([[3, 1, 0], [1, 0, 0], [0, 0, 5]], names)
+    red = report["per_tier"]["RED"]
+    assert red["precision"] == pytest.approx(3 / 4) and red["recall"] == pytest.approx(3 / 4)
+    assert report["red_recall"] == pytest.approx(0.75) and report["red_false_negative_rate"] == pytest.approx(0.25)
+    assert report["per_tier"]["YELLOW"]["recall"] == 0.0 and report["per_tier"]["YELLOW"]["precision"] == 0.0
+    assert report["tier_accuracy"] == pytest.approx(8 / 10)
+
+
+def test_ranking_quality_is_perfect_for_the_true_order_and_drops_for_a_reversed_one():
+    truth = np.arange(20, dtype=np.float64)
+    perfect = ranking_quality(truth, truth, 5)
+    assert perfect["recall_at_k"] == 1.0 and perfect["ndcg_at_k"] == pytest.approx(1.0)
+    reversed_ = ranking_quality(-truth, truth, 5)
+    assert reversed_["recall_at_k"] == 0.0 and reversed_["ndcg_at_k"] < 0.5
+
+
+def test_decision_metrics_on_labels_themselves_are_perfect():
+    labels = np.stack([c.to_numpy(zero_copy_only=False) for c in
+                       generate(SynthConfig(rows=200, seed=3)).select(list(DIMENSIONS)).columns], axis=1)
+    metrics = decision_metrics(labels, labels, default_spec(), k=20)
+    assert metrics["tier_accuracy"] == 1.0 and metrics["ranking"]["ndcg_at_k"] == pytest.approx(1.0)
+    assert all(v is None or v == pytest.approx(1.0) for v in metrics["spearman"].values())
+
+
+# --- a calibrated run, end to end ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """A tiny-qwen2 run trained with head+tail truncation on a split whose val has enough rows to calibrate, and its
+    export."""
+    from investment_risk.datasets.split import SplitConfig, run_split
+    from investment_risk.export.onnx_export import export_run
+    from investment_risk.training.config import TrainConfig
+    from investment_risk.training.recipe import train
+
+    root = tmp_path_factory.mktemp("calibrated")
+    pq.write_table(generate(SynthConfig(rows=320, seed=11)), root / "all.parquet")
+    run_split([str(root / "all.parquet")], root / "data", SplitConfig(val=0.2, test=0.2, seed=2))
+    metadata = train(TrainConfig(mode="distillation", base_model="tiny-qwen2", data=str(root / "data"),
+                                 out=str(root / "run"), epochs=1, batch_size=8, learning_rate=2e-3, max_length=48,
+                                 warmup_steps=2, device="cpu", truncation="head-tail"))
+    info = export_run(root / "run", root / "model", cpu_engine="onnxruntime")
+    return root, metadata, info
+
+
+def test_training_fits_the_calibration_and_reports_it(calibrated):
+    root, metadata, _ = calibrated
+    assert metadata["calibration"]["fitted"] and metadata["truncation"] == "head-tail"
+    assert (root / "run" / "model" / CALIBRATION_FILE).exists()
+    summary = (root / "run" / "training_reports" / "training_summary.txt").read_text()
+    assert "Calibration" in summary and "calibrated=" in summary
+    reports = root / "run" / "training_reports"
+    assert (reports / "dimension_correlations.png").stat().st_size > 0
+    assert "Dimension redundancy" in (reports / "dimensions.md").read_text()
+
+
+def test_export_carries_calibration_and_truncation_into_the_model(calibrated):
+    root, _, info = calibrated
+    assert info["calibrated"] and info["truncation"] == "head-tail" and CALIBRATION_FILE in info["sha256"]
+    model = describe_model(root / "model")
+    assert model.calibration is not None and model.truncation == "head-tail"
+    long_article = " ".join(f"word{i}" for i in range(400))
+    from investment_risk.modeling.presets import load_tokenizer
+
+    tokenizer = load_tokenizer(model.tokenizer_dir)
+    row = model.token_rows(tokenizer, ["T"], [long_article + " THE-END"])[0]
+    assert len(row) == 48 and "END" in tokenizer.decode(row[-6:])  # the tail survived the cut
+
+
+def test_score_applies_the_calibration_and_records_provenance(calibrated, runner, tmp_path):
+    import duckdb
+
+    root, _, _ = calibrated
+    inputs = str(root / "data" / "test.parquet")
+    outs = {}
+    for name, extra in (("cal", []), ("raw", ["--no-calibration"])):
+        result = runner.invoke(main, ["score", "--model", str(root / "model"), "--input", inputs,
+                                      "--out", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+        outs[name] = pq.read_table(tmp_path / name / "part-00000.parquet").sort_by("id")
+    raw = np.stack([outs["raw"].column(d).to_numpy() for d in DIMENSIONS], axis=1)
+    cal = np.stack([outs["cal"].column(d).to_numpy() for d in DIMENSIONS], axis=1)
+    expected = describe_model(root / "model").calibration.apply(raw)
+    np.testing.assert_allclose(cal, expected, atol=1e-5)
+    assert not np.allclose(cal, raw)
+    meta = pq.read_schema(tmp_path / "cal" / "part-00000.parquet").metadata
+    assert meta[b"investment_risk.calibrated"] == b"true" and meta[b"investment_risk.truncation"] == b"head-tail"
+    assert meta[b"investment_risk.model_version"] == describe_model(root / "model").model_version.encode()
+    assert pq.read_schema(tmp_path / "raw" / "part-00000.parquet").metadata[b"investment_risk.calibrated"] == b"false"
+    rows = duckdb.sql(f"select key::varchar, value::varchar from parquet_kv_metadata('{tmp_path / 'cal'}/part-00000.parquet')"
+                      ).fetchall()
+    found = dict(rows)
+    assert found["investment_risk.filter_name"] == default_spec().name and found["investment_risk.shard"] == "0/1"
+    for key in ("package_version", "created_at", "filter_version"):
+        assert found[f"investment_risk.{key}"]
+    # Labelled input: the scorer's metrics carry the tier confusion and RED recall.
+    merged = json.loads((tmp_path / "cal" / "metrics.json").read_text())
+    assert sum(map(sum, merged["decisions"]["confusion"])) == merged["labelled_rows"]
+
+
+def test_evaluate_reports_raw_and_calibrated_with_decision_metrics(calibrated, runner, tmp_path):
+    root, _, _ = calibrated
+    out = tmp_path / "eval.json"
+    result = runner.invoke(main, ["evaluate", "--model", str(root / "model"), "--data",
+                                  str(root / "data" / "test.parquet"), "--out", str(out), "--top-k", "10"])
+    assert result.exit_code == 0, result.output
+    assert_json_stdout(result)
+    report = json.loads(out.read_text())
+    assert report["calibration"] == "applied" and report["raw"]["mae"] != report["mae"]
+    decisions = report["decisions"]
+    assert decisions["ranking"]["k"] == 10 and set(decisions["spearman"]) == set(DIMENSIONS)
+    assert sum(map(sum, decisions["confusion"])) == report["rows"] and "per_tier" in decisions
+    assert (tmp_path / "eval-tiers.png").stat().st_size > 0
+    result = runner.invoke(main, ["evaluate", "--model", str(root / "model"), "--data",
+                                  str(root / "data" / "test.parquet"), "--top-k", "0"])
+    assert result.exit_code == 2 and "--top-k" in result.output
+
+
+def test_calibrate_refits_an_exported_model_with_a_new_version(calibrated, runner, tmp_path):
+    root, _, _ = calibrated
+    model = tmp_path / "model"
+    shutil.copytree(root / "model", model)
+    before = describe_model(model).model_version
+    result = runner.invoke(main, ["calibrate", "--model", str(model), "--data", str(root / "data" / "test.parquet")])
+    assert result.exit_code == 0, result.output
+    assert [e["event"] for e in assert_json_stdout(result)][-1] == "calibrated"
+    after = describe_model(model)  # model.json's sha256 matches the new file
+    assert after.model_version != before and after.calibration is not None
+    assert json.loads((model / CALIBRATION_FILE).read_text())["fitted_on"]["split"] == "refit"
+    assert not list(model.glob(".*tmp"))
+
+
+def test_calibrate_refuses_unlabelled_or_too_small_data(calibrated, runner, tmp_path):
+    root, _, _ = calibrated
+    table = pq.read_table(root / "data" / "test.parquet")
+    pq.write_table(table.select(["id", "title", "content"]), tmp_path / "nolabels.parquet")
+    pq.write_table(table.slice(0, MIN_ROWS - 1), tmp_path / "few.parquet")
+    for name, message in (("nolabels.parquet", "missing required column"), ("few.parquet", f"at least {MIN_ROWS}")):
+        result = runner.invoke(main, ["calibrate", "--model", str(root / "run"), "--data", str(tmp_path / name)])
+        assert result.exit_code == 2 and message in result.output and name in result.output, result.output
+
+
+def test_a_broken_calibration_in_a_run_stops_scoring_with_exit_2(calibrated, runner, tmp_path):
+    root, _, _ = calibrated
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    data = json.loads((run / "model" / CALIBRATION_FILE).read_text())
+    data["dimensions"]["macro_risk_severity"]["y"] = list(reversed(data["dimensions"]["macro_risk_severity"]["y"]))
+    (run / "model" / CALIBRATION_FILE).write_text(json.dumps(data))
+    result = runner.invoke(main, ["score", "--model", str(run), "--backend", "torch", "--input",
+                                  str(root / "data" / "test.parquet"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and CALIBRATION_FILE in result.output and "monotone" in result.output
+
+
+# --- dimension redundancy --------------------------------------------------------------------------------------
+
+def test_report_dimensions_finds_a_redundant_pair(runner, tmp_path):
+    table = generate(SynthConfig(rows=200, seed=5))
+    twin = table.column("macro_risk_severity")
+    table = table.set_column(table.column_names.index("systemic_risk"), "systemic_risk", twin)
+    pq.write_table(table, tmp_path / "labelled.parquet")
+    result = runner.invoke(main, ["report", "dimensions", "--data", str(tmp_path / "labelled.parquet"),
+                                  "--out", str(tmp_path / "dims")])
+    assert result.exit_code == 0, result.output
+    assert [e["event"] for e in assert_json_stdout(result)] == ["dimensions_written"]
+    analysis = json.loads((tmp_path / "dims" / "dimensions.json").read_text())
+    pairs = {(p["a"], p["b"]) for p in analysis["strong_pairs"]}
+    assert ("macro_risk_severity", "systemic_risk") in pairs
+    assert sum(analysis["explained_variance"]) == pytest.approx(1.0, abs=1e-3)
+    for name in ("dimensions.md", "dimension_correlations.png", "dimension_variance.png"):
+        assert (tmp_path / "dims" / name).stat().st_size > 0
+
+
+def test_head_tail_truncation_keeps_both_ends(tmp_path):
+    from investment_risk.modeling.tiny import tiny_tokenizer
+    from investment_risk.modeling.tokens import encode
+
+    tokenizer = tiny_tokenizer(tmp_path)
+    text = "start " + " ".join(f"w{i}" for i in range(300)) + " finish"
+    head = encode(tokenizer, [text], 40)[0]
+    both = encode(tokenizer, [text], 40, truncation="head-tail")[0]
+    assert len(head) == len(both) == 40
+    assert "start" in tokenizer.decode(both[:5]) and "finish" in tokenizer.decode(both[-5:])
+    assert "finish" not in tokenizer.decode(head)
+    short = encode(tokenizer, ["a short one"], 40, truncation="head-tail")[0]
+    assert list(short) == list(encode(tokenizer, ["a short one"], 40)[0])  # nothing to cut: same as head
