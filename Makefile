@@ -42,6 +42,7 @@ demo: install
 	$(BIN)/investment-risk demo --out demo-output
 
 test: install
+	sh tools/test-deps.sh
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 

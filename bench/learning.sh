@@ -34,3 +34,4 @@ json.dump(result, open("bench-results/learning.json", "w"), indent=2)
 print(json.dumps(result, indent=2))
 PY
 "${PY:-.venv/bin/python}" bench/calibration.py "$work/run" "$work/data/test.parquet" bench-results/calibration.json
+"${PY:-.venv/bin/python}" bench/drift.py bench-results/calibration-model bench-results/drift.json

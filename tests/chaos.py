@@ -35,7 +35,7 @@ POINTS = [
     "after_rename:rejects/part-0000{shard}.parquet",  # rejects committed, part not yet
     "after_rename:out/part-0000{shard}.parquet",  # part committed, no metrics, no _done
     "before_rename:metrics/part-0000{shard}.json",  # while writing metrics
-    "after_rename:metrics/part-0000{shard}.prom",  # metrics written, _done not yet
+    "after_rename:metrics/part-0000{shard}.json",  # metrics written, _done not yet
     "before_done:part-0000{shard}",
     "after_rename:_done/part-0000{shard}",  # done, merge not yet
 ]

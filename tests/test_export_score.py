@@ -285,7 +285,8 @@ def test_metrics_and_merge_command(exported, articles, tmp_path, runner):
     assert shard["batch_latency_ms"]["p50"] <= shard["batch_latency_ms"]["p95"]
     assert sum(shard["score_histograms"]["macro_risk_severity"]) == shard["rows_model"]
     prom = (out / "metrics" / "part-00001.prom").read_text()
-    assert 'investment_risk_rows{shard="1",outcome="in"}' in prom and "# TYPE investment_risk_rows gauge" in prom
+    assert f'investment_risk_rows_total{{outcome="in"}} {float(shard["rows_in"])}' in prom
+    assert "# TYPE investment_risk_rows_total counter" in prom
     result = runner.invoke(main, ["score-merge", "--out", str(out), "--expect-shards", "2"])
     assert result.exit_code == 1 and "1 of 2 shards are done" in result.output
     result = runner.invoke(main, ["score-merge", "--out", str(out)])  # the shard says there are 2

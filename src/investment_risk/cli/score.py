@@ -31,17 +31,27 @@ from .options import ENV_PREFIX, option
 @option("--cpu-engine", type=click.Choice(["auto", *CPU_ENGINES]), default="auto",
         show_default=True, help="On CPUs: auto runs the engine export chose (model.json); or name one.")
 @option("--no-calibration", is_flag=True, help="Write the raw model scores (the model's calibration is applied by default).")
+@option("--ledger", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        help="Incremental: score only the input units this ledger does not list (a nightly batch scores what is new); "
+             "the merge adds them once every shard is done. Keep it under the scored root, one per input.")
+@option("--psi-threshold", type=float, default=0.2, show_default=True,
+        help="The merge logs a drift_detected warning for each dimension whose PSI against the model's reference is "
+             "above this; in (0, 10].")
+@option("--pushgateway", default="", show_default=False,
+        help="Prometheus Pushgateway URL: the shard pushes its metrics when it finishes, and the batch's after the "
+             "merge (a failed push is logged, never fatal). Empty: no push.")
 @option("--force", is_flag=True, help="Redo a shard that is already done.")
 def score_command(model: Path, inputs: tuple[str, ...], out: Path, shard_index: int, shard_count: int, backend: str,
                   device: str, keep_columns: str, token_budget: int | None, cpu_engine: str, no_calibration: bool,
-                  force: bool) -> None:
+                  ledger: Path | None, psi_threshold: float, pushgateway: str, force: bool) -> None:
     """Score articles into OUT/part-<shard>.parquet with rejects, metrics and a _done marker."""
     from ..scoring.pipeline import ScoreConfig, score
 
     keep = tuple(c.strip() for c in keep_columns.split(",") if c.strip())
     merged = score(ScoreConfig(model=model, inputs=inputs, out=out, shard_index=shard_index, shard_count=shard_count,
                                backend=backend, device=device, force=force, keep_columns=keep, token_budget=token_budget,
-                               cpu_engine=cpu_engine, calibration=not no_calibration))
+                               cpu_engine=cpu_engine, calibration=not no_calibration, ledger=ledger,
+                               psi_threshold=psi_threshold, pushgateway=pushgateway or None))
     output.summary(f"{out}: {merged['rows_in']} rows in, {merged['rows_scored']} scored, {merged['rows_rejected']} rejected "
             f"({merged['shards']}/{merged['shard_count']} shards done)", "score_summary", out=str(out),
             **{k: merged.get(k) for k in ("rows_in", "rows_scored", "rows_rejected", "shards", "shard_count")})
@@ -54,12 +64,15 @@ def score_command(model: Path, inputs: tuple[str, ...], out: Path, shard_index: 
         help="Fail (exit 1) unless this many shards are done (and every shard of the count they were scored with).")
 @option("--wait-seconds", type=click.FloatRange(min=0), default=0.0, show_default=True,
         help="Wait up to this long for the missing shards, checking every 30 s (what the merge Job does).")
-def score_merge_command(out: Path, expect_shards: int | None, wait_seconds: float) -> None:
+@option("--pushgateway", default="", help="Prometheus Pushgateway URL: push the batch's metrics there. Empty: no push.")
+def score_merge_command(out: Path, expect_shards: int | None, wait_seconds: float, pushgateway: str) -> None:
     """Merge the finished shards' metrics into OUT/metrics.json and OUT/metrics.prom (the Jobs' last step)."""
+    from ..scoring.prometheus import push
     from ..scoring.shard_metrics import merge_until_complete
 
     bind(stage="merge")
     merged = merge_until_complete(out, expect_shards, wait_seconds)
+    push(merged, "batch", pushgateway or None)
     fields = {k: merged[k] for k in ("shards", "rows_in", "rows_scored", "rows_rejected", "tier_counts")}
     get_logger().info("metrics_merged", invariant_holds=merged["invariant_holds"], **fields)
     if output.on_terminal():

@@ -25,7 +25,8 @@ from ..core.atomic import write_dir_atomic, write_json_atomic
 from ..core.errors import ConfigError, InputError, RetryableError
 from ..core.logs import get_logger
 from ..core.spec import DIMENSIONS, default_spec
-from ..modeling.calibration import CALIBRATION_FILE
+from ..core.drift import REFERENCE_FILE, make_reference
+from ..modeling.calibration import CALIBRATION_FILE, Calibration, load_calibration
 from ..modeling.description import CPU_ENGINES, INT8_FILE, describe_model, model_digest, model_version, onnx_files
 from ..modeling.onnx_runtime import OnnxRunner, cpu_session
 from ..modeling.loading import scoring_module
@@ -186,6 +187,35 @@ def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], reque
     return {"engine": engine, "why": why, "rows": len(rows), "measured": measured}
 
 
+def write_reference(work: Path, tokenizer: Any, metadata: dict[str, Any], calibration: Calibration | None
+                    ) -> dict[str, Any] | None:
+    """The score distribution batches are compared with for drift: the validation split's predictions from the
+    exported graph, calibrated as scoring will, as histograms and tier shares (None without a validation split).
+    Articles the prefilter calls noise are left out, as a batch's model-scored rows leave them out."""
+    from ..datasets.readers import read_articles
+
+    val = Path(metadata.get("config", {}).get("data", "")) / "val.parquet"
+    if not val.exists():
+        get_logger().warning("reference_skipped", reason="the run's validation split is gone: no drift reference")
+        return None
+    spec = default_spec()
+    table = read_articles([val])
+    titles, contents = table.column("title").to_pylist(), table.column("content").to_pylist()
+    keep = [i for i, (t, c) in enumerate(zip(titles, contents)) if spec.prefilter_reason(t, c) is None]
+    rows = encode(tokenizer, [article_texts(table)[i] for i in keep], int(metadata["max_length"]),
+                  truncation=metadata.get("truncation", "head"))
+    if not rows:
+        get_logger().warning("reference_skipped", reason="every validation article is prefiltered noise")
+        return None
+    raw = spec.clip(predict(graph_runner(work / "model.onnx", "cpu"), rows, tokenizer.pad_token_id, token_budget=16384))
+    scores = calibration.apply(raw) if calibration is not None else raw
+    tiers, _ = spec.assign_tiers(scores)
+    reference = make_reference(scores, [str(t) for t in tiers], "validation split, calibrated" if calibration else
+                               "validation split")
+    write_json_atomic(reference, work / REFERENCE_FILE)
+    return {"file": REFERENCE_FILE, "rows": reference["rows"], "source": reference["source"]}
+
+
 def graph_runner(path: Path, device: str) -> Any:
     """ONNX Runtime on a graph file: the CUDA provider with I/O binding on a GPU, else the CPU provider."""
     if device == "cuda":
@@ -290,6 +320,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         calibration = run_dir / "model" / CALIBRATION_FILE
         if calibration.exists():  # scores from the file are calibrated as the run's are: it is part of the model
             shutil.copyfile(calibration, work / CALIBRATION_FILE)
+        reference = write_reference(work, tokenizer, metadata, load_calibration(run_dir / "model"))
         digests = model_digest(work)
         spec = default_spec()
         written = {
@@ -298,6 +329,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
             "pad_token_id": tokenizer.pad_token_id, "source_run": str(run_dir.resolve()),
             "base_model": metadata["model_name"], "training_mode": metadata["training_mode"],
             "truncation": metadata.get("truncation", "head"), "calibrated": calibration.exists(),
+            "reference": reference,
             "best_val_mae": metadata.get("best_val_mae"), "filter_name": spec.name, "filter_version": spec.version,
             "model_version": model_version(digests), "sha256": digests, "external_data": external,
             "parity": parity, "fusions": fusions, "fused_operators": fused, "cpu_engine": engines, "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -244,10 +244,16 @@ def merge_job(name: str, out: str, shards: int, settings: JobSettings) -> dict[s
     }
 
 
+NIGHTLY_LEDGER = f"{DATA_MOUNT}/scored/ledger.json"
+
+
 def nightly_cronjob(spec: ScoreSpec, settings: JobSettings, schedule: str = "30 2 * * *",
                     time_zone: str = "Etc/UTC") -> dict[str, Any]:
-    """The nightly batch: an Indexed scoring Job whose every run writes under its own Job name."""
+    """The nightly batch: an Indexed scoring Job whose every run writes under its own Job name and scores only the
+    input units that no earlier night scored (the ledger under the scored root)."""
     check_name(spec.name)
+    if "--ledger" not in spec.extra_args:
+        spec = replace(spec, extra_args=(*spec.extra_args, "--ledger", NIGHTLY_LEDGER))
     job_spec = _score_job_spec(spec, settings)
     job_meta = {"labels": _meta(spec.name, settings, "nightly", queue=True)["labels"]}
     return {
@@ -287,16 +293,18 @@ def shared_resources(settings: JobSettings) -> list[dict[str, Any]]:
              "HF_HOME": f"{MODELS_MOUNT}/huggingface", "INVESTMENT_RISK_CACHE": f"{CACHE_MOUNT}/investment-risk",
              "HF_HUB_OFFLINE": "1", "HF_TOKEN_PATH": f"{HF_TOKEN_DIR}/token", "TOKENIZERS_PARALLELISM": "false",
              "MPLCONFIGDIR": "/tmp/matplotlib",
+             # The Prometheus Pushgateway the scoring Jobs push to, e.g. http://pushgateway.monitoring:9091 (empty: none).
+             "INVESTMENT_RISK_PUSHGATEWAY": "",
          }},
         account(RUNNER_SA),
         account(SUBMITTER_SA),
-        # The pods read and write mounted volumes only: no ingress at all, egress only to DNS and HTTPS
-        # (the Hugging Face hub, when a run is allowed online with the token).
+        # The pods read and write mounted volumes only: no ingress at all, egress only to DNS, HTTPS (the Hugging
+        # Face hub, when a run is allowed online with the token) and the Pushgateway's port (9091).
         {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
          "metadata": {"name": APP, "namespace": ns, "labels": _labels("network")},
          "spec": {"podSelector": {"matchLabels": {"app.kubernetes.io/name": APP}}, "policyTypes": ["Ingress", "Egress"],
                   "egress": [{"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53},
-                                        {"protocol": "TCP", "port": 443}]}]}},
+                                        {"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 9091}]}]}},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
          "metadata": {"name": SUBMITTER_SA, "namespace": ns, "labels": _labels("rbac")},
          "rules": [

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import InputError
+from ..core.drift import REFERENCE_FILE, check_reference
 from ..core.spec import DIMENSIONS
 from .calibration import CALIBRATION_FILE, Calibration, load_calibration
 
@@ -39,8 +40,9 @@ def onnx_files(model_dir: Path) -> list[Path]:
 
 
 def model_digest(model_dir: Path) -> dict[str, str]:
-    """sha256 of everything that decides an exported model's scores: its ONNX files and its calibration."""
-    files = onnx_files(model_dir) + [p for p in [model_dir / CALIBRATION_FILE] if p.exists()]
+    """sha256 of everything that decides an exported model's scores (its ONNX files and its calibration) and of the
+    score reference its batches are compared with."""
+    files = onnx_files(model_dir) + [p for p in (model_dir / CALIBRATION_FILE, model_dir / REFERENCE_FILE) if p.exists()]
     return {p.name: sha256_file(p) for p in files}
 
 
@@ -70,6 +72,7 @@ class ModelDescription:
     cpu_engine: str = "onnxruntime"  # what scores the exported file on CPUs (chosen by measurement at export)
     truncation: str = "head"  # how a long article is cut to max_length, as in training
     calibration: Calibration | None = None  # the per-dimension map from raw to calibrated scores, when fitted
+    reference: dict[str, Any] | None = None  # exported models: the validation scores' distribution, for drift
 
     @property
     def is_instruction(self) -> bool:
@@ -133,7 +136,19 @@ def _exported(path: Path) -> ModelDescription:
         pad_token_id=info.get("pad_token_id"), model_version=str(info["model_version"]), source_run=source,
         tokenizer_dir=path, train_label_mean=_label_mean(run_meta),
         cpu_engine=(info.get("cpu_engine") or {}).get("engine", "onnxruntime"),
-        truncation=str(info.get("truncation", "head")), calibration=load_calibration(path))
+        truncation=str(info.get("truncation", "head")), calibration=load_calibration(path),
+        reference=load_reference(path))
+
+
+def load_reference(model_dir: Path) -> dict[str, Any] | None:
+    """The exported model's score reference (None when it has none: exported without a validation split)."""
+    path = model_dir / REFERENCE_FILE
+    if not path.exists():
+        return None
+    try:
+        return check_reference(_read_json(path), str(path))
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def read_model_json(model_dir: Path) -> dict[str, Any]:

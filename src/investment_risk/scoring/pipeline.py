@@ -30,8 +30,11 @@ from ..core.spec import DIMENSIONS, NUM_DIMENSIONS, default_spec
 from ..datasets.readers import REQUIRED_COLUMNS, Batch, expand_inputs, is_jsonl, iter_file_batches, parquet_schema
 from ..modeling.description import ModelDescription, describe_model
 from ..modeling.predict import predict
-from .shard_metrics import ShardMetrics, merge_metrics, write_prometheus
+from .prometheus import push, write_textfile
+from .shard_metrics import ShardMetrics, merge_metrics
 from .units import Unit, done_marker, list_units, parquet_rows, part_name, shard_units
+from ..core.drift import DEFAULT_PSI_THRESHOLD, check_threshold
+from .ledger import input_root, read_ledger
 from .writer import OUTPUT_COLUMNS, REJECT_SCHEMA, ShardWriter, kept_columns, part_schema, provenance
 
 MAX_ARTICLE_BYTES = 1_000_000
@@ -59,6 +62,9 @@ class ScoreConfig:
     threads: int | None = None
     cpu_engine: str = "auto"  # on CPUs: the engine export chose, or a named one
     calibration: bool = True  # apply the model's calibration (where it has one)
+    ledger: Path | None = None  # incremental: score only units this ledger does not list; the merge adds them
+    psi_threshold: float = DEFAULT_PSI_THRESHOLD  # the merge warns about each dimension whose PSI is above it
+    pushgateway: str | None = None  # Prometheus Pushgateway URL: the shard's and the batch's metrics go there
 
     def __post_init__(self) -> None:
         if self.shard_count < 1:
@@ -67,6 +73,10 @@ class ScoreConfig:
             raise ConfigError(f"--shard-index {self.shard_index} must be in [0, --shard-count {self.shard_count})")
         if not self.inputs:
             raise ConfigError("--input: give at least one file, directory or glob")
+        try:
+            check_threshold(self.psi_threshold)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         bad = [c for c in self.keep_columns if c in OUTPUT_COLUMNS or c in ("source_file", "row_number")]
         if bad:
             raise ConfigError(f"--keep-columns: {', '.join(bad)} would collide with an output column")
@@ -162,7 +172,8 @@ class ShardScorer:
     def run(self, units: Sequence[Unit], total_rows: int | None) -> ShardMetrics:
         metrics = ShardMetrics(shard=self.config.shard_index, shard_count=self.config.shard_count,
                                model_version=self.model.model_version, backend=self.config.backend,
-                               provider=getattr(self.runner, "provider", "?"))
+                               provider=getattr(self.runner, "provider", "?"), reference=self.model.reference,
+                               psi_threshold=self.config.psi_threshold)
         # Rows in, from the input side: Parquet footers now, JSONL rows as they are read.
         metrics.rows_in = sum(unit.rows or 0 for unit in units)
         name = part_name(self.config.shard_index)
@@ -276,7 +287,13 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         log.info("shard_skipped", reason="already done (pass --force to redo)", marker=str(marker))
         return merge_metrics(out)
     files = expand_inputs(config.inputs)
-    units = shard_units(list_units(files), config.shard_index, config.shard_count)
+    listed = list_units(files)
+    entries: list[dict[str, Any]] | None = None
+    if config.ledger is not None:
+        ledger = read_ledger(config.ledger, input_root(config.inputs))
+        listed, entries = ledger.new_units(listed)
+        log.info("ledger_read", ledger=str(config.ledger), known_units=len(ledger.entries), new_units=len(listed))
+    units = shard_units(listed, config.shard_index, config.shard_count)
     model = describe_model(config.model)
     tokenizer = load_tokenizer(model.tokenizer_dir)
     runner = load_runner(model, config.backend, config.device, config.threads, config.cpu_engine)
@@ -286,17 +303,24 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     if marker.exists():
         marker.unlink()  # --force: the shard is redone, so it is not done until the new marker lands
     metrics = ShardScorer(config, runner, tokenizer, model).run(units, total)
+    if entries is not None:  # what this shard scored, for the merge to add to the ledger once every shard is done
+        metrics.ledger = {"path": str(config.ledger), "input_root": input_root(config.inputs),
+                          "units": shard_units(entries, config.shard_index, config.shard_count)}
     metrics_dir = out / "metrics"
     as_dict = metrics.to_dict()
     write_json_atomic(as_dict, metrics_dir / f"{part_name(config.shard_index)}.json")
-    write_prometheus(as_dict, metrics_dir / f"{part_name(config.shard_index)}.prom")
+    write_textfile(as_dict, part_name(config.shard_index).removeprefix("part-"),
+                   metrics_dir / f"{part_name(config.shard_index)}.prom")
     fault_point(f"before_done:{part_name(config.shard_index)}")
     with atomic_path(marker) as tmp:
         tmp.write_text(json.dumps({"rows_in": metrics.rows_in, "finished_at": as_dict["finished_at"]}) + "\n")
     log.info("shard_done", rows_in=metrics.rows_in, scored=metrics.rows_scored, rejected=metrics.rows_rejected,
              prefiltered=metrics.rows_prefiltered, blank_lines=metrics.blank_lines,
              rows_per_second=as_dict["rows_per_second"], invariant_holds=as_dict["invariant_holds"])
-    return merge_metrics(out)
+    push(as_dict, part_name(config.shard_index).removeprefix("part-"), config.pushgateway)
+    merged = merge_metrics(out)
+    push(merged, "batch", config.pushgateway)
+    return merged
 
 
 def _count_rows(units: Sequence[Unit]) -> int | None:

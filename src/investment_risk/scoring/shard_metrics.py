@@ -19,11 +19,14 @@ import numpy as np
 
 from ..core.atomic import write_json_atomic, write_text_atomic
 from ..core.errors import RetryableError
+from ..core.logs import get_logger
 from ..core.decisions import tier_report
+from ..core.drift import SCORE_EDGES, drift
 from ..core.spec import DIMENSIONS, default_spec
+from .prometheus import write_textfile
 from .units import parquet_rows
 
-HISTOGRAM_EDGES = list(range(11))  # ten bins of width 1 over [0, 10]
+HISTOGRAM_EDGES = SCORE_EDGES  # ten bins of width 1 over [0, 10], as the model's drift reference
 LATENCY_EDGES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
 
 
@@ -59,6 +62,9 @@ class ShardMetrics:
     latencies_ms: list[float] = field(default_factory=list)
     label_sums: dict[str, list[float]] = field(default_factory=dict)  # dim -> [count, abs_sum, sq_sum]
     tier_pairs: Counter = field(default_factory=Counter)  # "label tier>predicted tier" -> rows with all 8 labels
+    ledger: dict[str, Any] | None = None  # incremental batches: the ledger and this shard's units
+    reference: dict[str, Any] | None = None  # the model's score reference, for the merge's drift
+    psi_threshold: float | None = None
     started: float = field(default_factory=time.monotonic)
     started_at: str = field(default_factory=_now)
     seconds: float = 0.0
@@ -122,6 +128,10 @@ class ShardMetrics:
         }
         out.update(label_metrics(self.label_sums))
         out.update(tier_metrics(self.tier_pairs))
+        if self.ledger is not None:
+            out["ledger"] = self.ledger
+        if self.reference is not None:
+            out["reference"], out["psi_threshold"] = self.reference, self.psi_threshold
         return out
 
 
@@ -156,6 +166,24 @@ def tier_metrics(pairs: Counter | dict[str, int]) -> dict[str, Any]:
         true, pred = key.split(">")
         matrix[index[true]][index[pred]] += int(count)
     return {"tier_pairs": dict(sorted(pairs.items())), "decisions": tier_report(matrix, names)}
+
+
+def batch_drift(shards: list[dict[str, Any]], merged: dict[str, Any]) -> dict[str, Any]:
+    """The batch against its model's score reference (carried by every shard): PSI per dimension, tier-share shift;
+    a warning names each dimension over the threshold. Only over the model-scored rows (prefiltered NOISE is not a
+    prediction). Empty when the model has no reference or the shards used different models."""
+    references = [s["reference"] for s in shards if "reference" in s]
+    if not references or len(merged["model_versions"]) != 1 or not merged["rows_model"]:
+        return {}
+    tiers = dict(merged["tier_counts"])
+    spec = default_spec()
+    tiers[spec.prefilter_tier] = tiers.get(spec.prefilter_tier, 0) - merged["rows_prefiltered"]
+    histograms = {d: merged["score_histograms"][d] for d in DIMENSIONS}
+    threshold = max(s.get("psi_threshold") or 0.2 for s in shards)
+    result = drift(references[0], histograms, {t: n for t, n in tiers.items() if n > 0}, threshold)
+    for dim in result["drifted_dimensions"]:
+        get_logger().warning("drift_detected", dimension=dim, psi=round(result["psi"][dim], 4), threshold=threshold)
+    return {"drift": result}
 
 
 def _done_shards(out_dir: Path) -> set[str]:
@@ -220,12 +248,24 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
     for s in shards:
         pairs.update(s.get("tier_pairs", {}))
     merged.update(tier_metrics(pairs))
+    merged["prefilter_rate"] = merged["rows_prefiltered"] / merged["rows_in"] if merged["rows_in"] else None
+    merged["reject_rate"] = merged["rows_rejected"] / merged["rows_in"] if merged["rows_in"] else None
+    merged.update(batch_drift(shards, merged))
+    ledgers = {(s["ledger"]["path"], s["ledger"]["input_root"]) for s in shards if "ledger" in s}
+    if merged["complete"] and ledgers:  # every shard done: the batch's units join the ledger (never before)
+        from .ledger import record_units
+
+        for path, root in sorted(ledgers):
+            units = [u for s in shards if s.get("ledger", {}).get("path") == path for u in s["ledger"]["units"]]
+            added = record_units(Path(path), root, units)
+            merged["ledger"] = {"path": path, "units": len(units), "added": added}
+            get_logger().info("ledger_updated", ledger=path, units=len(units), added=added)
     merged["invariant_holds"] = not broken
     merged["invariant_broken_shards"] = sorted(broken)
     merged["merged_at"] = _now()
     if shards:
         write_json_atomic(merged, out_dir / "metrics.json")
-        write_prometheus(merged, out_dir / "metrics.prom")
+        write_textfile(merged, "batch", out_dir / "metrics.prom")
     return merged
 
 
@@ -242,31 +282,3 @@ def merge_until_complete(out_dir: Path, expect_shards: int | None, wait_seconds:
         if time.monotonic() >= deadline:
             raise RetryableError(f"{out_dir}: {merged['shards']} of {needed} shards are done")
         time.sleep(min(poll_seconds, max(deadline - time.monotonic(), 0.0)))
-
-
-def write_prometheus(metrics: dict[str, Any], dest: Path) -> None:
-    """The counts as Prometheus text exposition, for node-exporter's textfile collector."""
-    shard = metrics.get("shard", "all")
-    labels = f'shard="{shard}"'
-    lines = [
-        "# HELP investment_risk_rows Rows by outcome in the last scoring run.",
-        "# TYPE investment_risk_rows gauge",
-    ]
-    for outcome in ("in", "scored", "rejected", "prefiltered", "model"):
-        lines.append(f'investment_risk_rows{{{labels},outcome="{outcome}"}} {metrics[f"rows_{outcome}"]}')
-    lines += ["# HELP investment_risk_tier_rows Rows per signal tier.", "# TYPE investment_risk_tier_rows gauge"]
-    lines += [f'investment_risk_tier_rows{{{labels},tier="{t}"}} {n}' for t, n in metrics["tier_counts"].items()]
-    rate = metrics.get("rows_per_second", metrics.get("rows_per_second_sum"))
-    lines += ["# HELP investment_risk_rows_per_second Scoring throughput.", "# TYPE investment_risk_rows_per_second gauge",
-              f"investment_risk_rows_per_second{{{labels}}} {rate or 0}"]
-    share = metrics.get("real_token_share")
-    lines += ["# HELP investment_risk_real_token_share Share of real (non-pad) tokens in model batches.",
-              "# TYPE investment_risk_real_token_share gauge", f"investment_risk_real_token_share{{{labels}}} {share or 0}"]
-    p95 = metrics["batch_latency_ms"].get("p95", metrics["batch_latency_ms"].get("p95_max"))
-    lines += ["# HELP investment_risk_batch_latency_p95_seconds 95th percentile model batch latency.",
-              "# TYPE investment_risk_batch_latency_p95_seconds gauge",
-              f"investment_risk_batch_latency_p95_seconds{{{labels}}} {(p95 or 0) / 1000}"]
-    if "mae" in metrics:
-        lines += ["# HELP investment_risk_mae Mean absolute error against labels present in the input.",
-                  "# TYPE investment_risk_mae gauge", f"investment_risk_mae{{{labels}}} {metrics['mae']}"]
-    write_text_atomic("\n".join(lines) + "\n", dest)

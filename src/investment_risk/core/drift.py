@@ -1,0 +1,84 @@
+"""Does tonight's batch look like what the model was trained on? Score distributions against a reference.
+
+The reference is made at export from the validation split's (calibrated) predictions: per-dimension histograms on
+fixed bins over [0, 10] and the tier shares. A batch is compared with the population stability index per
+dimension, PSI = sum over bins of (current - reference) * ln(current / reference), on bin shares with a small
+floor so an empty bin does not make it infinite. The usual reading: < 0.1 stable, 0.1-0.25 moderate, > 0.25 a shift.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .spec import DIMENSIONS
+
+SCORE_EDGES = list(range(11))  # ten bins of width 1 over [0, 10]: shard histograms and references alike
+PSI_FLOOR = 1e-4  # the share an empty bin counts as
+DEFAULT_PSI_THRESHOLD = 0.2
+REFERENCE_FILE = "reference.json"
+
+
+def score_histograms(scores: np.ndarray) -> dict[str, list[int]]:
+    """Counts per dimension on SCORE_EDGES (rows x 8 scores; NaN rows left out)."""
+    out = {}
+    for d, dim in enumerate(DIMENSIONS):
+        column = scores[:, d]
+        counts, _ = np.histogram(column[~np.isnan(column)], bins=SCORE_EDGES)
+        out[dim] = [int(c) for c in counts]
+    return out
+
+
+def psi(reference: list[int] | np.ndarray, current: list[int] | np.ndarray) -> float | None:
+    """Population stability index of `current` counts against `reference` counts (None when either is empty)."""
+    ref, cur = np.asarray(reference, dtype=np.float64), np.asarray(current, dtype=np.float64)
+    if ref.sum() == 0 or cur.sum() == 0:
+        return None
+    p, q = np.maximum(ref / ref.sum(), PSI_FLOOR), np.maximum(cur / cur.sum(), PSI_FLOOR)
+    return float(((q - p) * np.log(q / p)).sum())
+
+
+def shares(counts: dict[str, int]) -> dict[str, float]:
+    total = sum(counts.values())
+    return {k: v / total for k, v in sorted(counts.items())} if total else {}
+
+
+def make_reference(scores: np.ndarray, tiers: list[str], source: str) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for tier in tiers:
+        counts[tier] = counts.get(tier, 0) + 1
+    return {"source": source, "rows": int(len(scores)), "edges": SCORE_EDGES,
+            "histograms": score_histograms(scores), "tier_shares": shares(counts)}
+
+
+def check_reference(raw: Any, where: str) -> dict[str, Any]:
+    """A reference as stored, or ValueError saying what is wrong with it (the caller names the file)."""
+    if not isinstance(raw, dict) or raw.get("edges") != SCORE_EDGES:
+        raise ValueError(f"{where}: not a score reference (needs edges {SCORE_EDGES})")
+    histograms = raw.get("histograms")
+    if not isinstance(histograms, dict) or set(histograms) != set(DIMENSIONS) or not all(
+            isinstance(h, list) and len(h) == len(SCORE_EDGES) - 1 and all(isinstance(c, int) and c >= 0 for c in h)
+            for h in histograms.values()):
+        raise ValueError(f"{where}: histograms must hold {len(SCORE_EDGES) - 1} counts for each of the eight dimensions")
+    return raw
+
+
+def check_threshold(threshold: float) -> float:
+    if not (0 < threshold <= 10) or math.isnan(threshold):
+        raise ValueError(f"--psi-threshold must be in (0, 10], got {threshold}")
+    return threshold
+
+
+def drift(reference: dict[str, Any], histograms: dict[str, list[int]], tier_counts: dict[str, int],
+          threshold: float = DEFAULT_PSI_THRESHOLD) -> dict[str, Any]:
+    """PSI per dimension against the reference, the dimensions over `threshold`, and the tier-share shift."""
+    per_dim = {dim: psi(reference["histograms"][dim], histograms[dim]) for dim in DIMENSIONS}
+    current = shares(tier_counts)
+    tiers = sorted(set(current) | set(reference.get("tier_shares", {})))
+    shift = {t: current.get(t, 0.0) - reference.get("tier_shares", {}).get(t, 0.0) for t in tiers}
+    return {"psi": per_dim, "psi_threshold": threshold,
+            "drifted_dimensions": [d for d, v in per_dim.items() if v is not None and v > threshold],
+            "tier_shares": current, "reference_tier_shares": reference.get("tier_shares", {}), "tier_share_shift": shift,
+            "reference_rows": reference.get("rows"), "reference_source": reference.get("source")}

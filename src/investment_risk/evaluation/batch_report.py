@@ -1,0 +1,147 @@
+"""`report batch`: one self-contained HTML page for a scored batch, what an analyst opens in the morning.
+
+Row accounting, throughput, tier shares, score histograms against the model's reference, the drift table, the
+top articles by signal strength and the reject reasons. Images are embedded (base64 PNG): the page is one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..core.atomic import write_text_atomic
+from ..core.drift import SCORE_EDGES
+from ..core.errors import ConfigError, InputError
+from ..core.spec import DIMENSIONS
+
+REPORT_FILE = "batch_report.html"
+
+
+def _png(fig: Any) -> str:
+    from ..core.plots import pyplot
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, bbox_inches="tight", format="png")
+    pyplot().close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _histogram_figure(merged: dict[str, Any], reference: dict[str, Any] | None) -> str:
+    from ..core.plots import pyplot
+
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 4, figsize=(15, 6), sharex=True)
+    centres = np.arange(len(SCORE_EDGES) - 1) + 0.5
+    for ax, dim in zip(axes.flat, DIMENSIONS):
+        counts = np.asarray(merged["score_histograms"][dim], dtype=np.float64)
+        ax.bar(centres, counts / max(counts.sum(), 1), width=0.9, color="tab:blue", alpha=0.7, label="tonight")
+        if reference is not None:
+            ref = np.asarray(reference["histograms"][dim], dtype=np.float64)
+            ax.step(SCORE_EDGES, [*(ref / max(ref.sum(), 1)), 0], where="post", color="black", label="reference")
+        ax.set_title(dim.replace("_", " "), fontsize=9)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Score distributions (share of model-scored articles per bin)")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _tier_figure(tiers: dict[str, int]) -> str:
+    from ..core.plots import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    names = list(tiers)
+    total = max(sum(tiers.values()), 1)
+    colours = {"RED": "tab:red", "YELLOW": "gold", "GREEN": "tab:green", "BLUE": "tab:blue", "NOISE": "grey"}
+    ax.barh(names, [tiers[n] / total for n in names], color=[colours.get(n, "tab:purple") for n in names])
+    ax.set_xlabel("share of scored rows")
+    ax.invert_yaxis()
+    return _png(fig)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def top_articles(scored: Path, k: int) -> pa.Table:
+    """The k rows with the highest signal strength across the part files."""
+    parts = sorted(scored.glob("part-*.parquet"))
+    columns = ["id", "signal_tier", "signal_strength", *DIMENSIONS]
+    tables = [pq.read_table(p, columns=columns) for p in parts]
+    table = pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
+    table = table.filter(pc.is_valid(table.column("signal_strength")))
+    return table.sort_by([("signal_strength", "descending"), ("id", "ascending")]).slice(0, k)
+
+
+def _read_metrics(scored: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    path = scored / "metrics.json"
+    if not path.exists():
+        raise InputError(f"--scored {scored}: not a scoring output directory (no metrics.json; run score or score-merge)")
+    try:
+        merged = json.loads(path.read_text())
+        if not isinstance(merged["rows_in"], int) or len(merged["score_histograms"][DIMENSIONS[0]]) != 10:
+            raise ValueError("rows_in or score_histograms malformed")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a merged metrics file ({exc.__class__.__name__}: {exc})") from None
+    reference = None
+    for shard in sorted((scored / "metrics").glob("part-*.json")):
+        reference = json.loads(shard.read_text()).get("reference") or reference
+    return merged, reference
+
+
+def write_batch_report(scored: Path, out: Path, top_k: int = 20) -> dict[str, Any]:
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {top_k}")
+    merged, reference = _read_metrics(scored)
+    top = top_articles(scored, top_k)
+    fmt = lambda v, spec="": "n/a" if v is None else format(v, spec)  # noqa: E731
+    accounting = [["rows in", merged["rows_in"]], ["scored", merged["rows_scored"]],
+                  ["rejected", merged["rows_rejected"]], ["prefiltered (NOISE, no model call)", merged["rows_prefiltered"]],
+                  ["JSONL blank lines skipped", merged.get("blank_lines", 0)],
+                  ["rows in = scored + rejected", "yes" if merged["invariant_holds"] else
+                   f"NO (shards {merged['invariant_broken_shards']})"],
+                  ["shards done", f"{merged['shards']} of {merged['shard_count']}"]]
+    throughput = [["rows per second (sum over shards)", merged.get("rows_per_second_sum")],
+                  ["model call p95 (ms, worst shard)", fmt(merged["batch_latency_ms"].get("p95_max"), ".1f")],
+                  ["real-token share", fmt(merged.get("real_token_share"), ".3f")],
+                  ["model versions", ", ".join(merged.get("model_versions", []))]]
+    tiers = merged.get("tier_counts", {})
+    total = max(sum(tiers.values()), 1)
+    tier_rows = [[t, n, f"{n / total:.1%}"] for t, n in tiers.items()]
+    drift = merged.get("drift")
+    drift_html = "<p>No reference in this model: drift not measured.</p>"
+    if drift:
+        drift_rows = [[d, fmt(v, ".4f"), "DRIFT" if d in drift["drifted_dimensions"] else ""] for d, v in drift["psi"].items()]
+        drift_html = (f"<p>PSI threshold {drift['psi_threshold']}; reference: {html.escape(str(drift['reference_source']))}"
+                      f" ({drift['reference_rows']} rows).</p>" + _table(["dimension", "PSI", ""], drift_rows))
+    top_rows = [[r["id"], r["signal_tier"], f"{r['signal_strength']:.2f}",
+                 *(f"{r[d]:.1f}" for d in DIMENSIONS)] for r in top.to_pylist()]
+    rejects = [[reason, n] for reason, n in merged.get("reject_reasons", {}).items()]
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>investment-risk batch {html.escape(scored.name)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;margin:0.5em 0 1.5em}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}} th{{background:#eee}} img{{max-width:100%}}</style></head>
+<body><h1>Batch {html.escape(scored.name)}</h1>
+<h2>Rows</h2>{_table(["", "count"], accounting)}
+<h2>Throughput</h2>{_table(["", "value"], throughput)}
+<h2>Tiers</h2>{_table(["tier", "rows", "share"], tier_rows)}<img alt="tier shares" src="{_tier_figure(tiers)}">
+<h2>Scores against the reference</h2><img alt="score histograms" src="{_histogram_figure(merged, reference)}">
+<h2>Drift</h2>{drift_html}
+<h2>Top {len(top_rows)} by signal strength</h2>{_table(["id", "tier", "strength", *DIMENSIONS], top_rows)}
+<h2>Rejects</h2>{_table(["reason", "rows"], rejects) if rejects else "<p>None.</p>"}
+</body></html>
+"""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(page, out / REPORT_FILE)
+    return {"report": str(out / REPORT_FILE), "rows_in": merged["rows_in"], "top": len(top_rows)}

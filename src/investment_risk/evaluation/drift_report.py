@@ -1,0 +1,100 @@
+"""`report drift`: a scored batch against a model's reference or another batch, as markdown and histograms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.atomic import write_json_atomic, write_text_atomic
+from ..core.drift import DEFAULT_PSI_THRESHOLD, SCORE_EDGES, check_threshold, drift
+from ..core.errors import ConfigError, InputError
+from ..core.spec import DIMENSIONS, default_spec
+from ..modeling.description import describe_model
+
+
+def batch_distribution(scored: Path) -> dict[str, Any]:
+    """A finished scoring directory's merged score histograms and tier counts (model-scored rows), reference-shaped."""
+    path = scored / "metrics.json"
+    if not path.exists():
+        raise InputError(f"{scored}: not a scoring output directory (no metrics.json; run score or score-merge)")
+    try:
+        merged = json.loads(path.read_text())
+        histograms = {d: [int(c) for c in merged["score_histograms"][d]] for d in DIMENSIONS}
+        tiers = dict(merged["tier_counts"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a merged metrics file ({exc.__class__.__name__}: {exc})") from None
+    prefilter = default_spec().prefilter_tier
+    tiers[prefilter] = tiers.get(prefilter, 0) - int(merged.get("rows_prefiltered", 0))
+    counts = {t: n for t, n in tiers.items() if n > 0}
+    total = sum(counts.values())
+    return {"source": f"batch {scored}", "rows": int(merged.get("rows_model", total)), "edges": SCORE_EDGES,
+            "histograms": histograms, "tier_shares": {t: n / total for t, n in sorted(counts.items())} if total else {},
+            "tier_counts": counts, "metrics": merged}
+
+
+def load_reference_of(path: Path) -> dict[str, Any]:
+    """An exported model's reference, or a scored batch as one."""
+    if (path / "model.json").exists():
+        reference = describe_model(path).reference
+        if reference is None:
+            raise InputError(f"{path}: this model has no score reference (exported without a validation split)")
+        return reference
+    if (path / "metrics.json").exists():
+        return batch_distribution(path)
+    raise InputError(f"--reference {path}: neither an exported model (model.json) nor a scoring output (metrics.json)")
+
+
+def plot_histograms(reference: dict[str, Any], current: dict[str, Any], psi: dict[str, float | None], dest: Path) -> None:
+    from ..core.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 4, figsize=(15, 6.5), sharex=True)
+    centres = np.arange(len(SCORE_EDGES) - 1) + 0.5
+    for ax, dim in zip(axes.flat, DIMENSIONS):
+        for data, label, style in ((reference, "reference", {"color": "grey", "alpha": 0.5}),
+                                   (current, "current", {"color": "tab:blue", "alpha": 0.6})):
+            counts = np.asarray(data["histograms"][dim], dtype=np.float64)
+            ax.bar(centres, counts / max(counts.sum(), 1), width=0.9, label=label, **style)
+        value = psi[dim]
+        ax.set_title(f"{dim.replace('_', ' ')}\nPSI {'n/a' if value is None else f'{value:.3f}'}", fontsize=9)
+    axes.flat[0].legend(fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("score")
+    fig.suptitle("Score distributions: share of articles per score bin")
+    fig.tight_layout()
+    save_figure(fig, dest)
+
+
+def drift_markdown(result: dict[str, Any], reference_name: str, current_name: str) -> str:
+    lines = ["# Score drift", "", f"Reference: {reference_name} ({result['reference_rows']} rows, "
+             f"{result['reference_source']}). Current: {current_name}.", "",
+             f"PSI above {result['psi_threshold']} flags a dimension (< 0.1 stable, 0.1-0.25 moderate, > 0.25 shifted).",
+             "", "| dimension | PSI | flag |", "|---|---|---|"]
+    for dim, value in result["psi"].items():
+        flag = "**drift**" if dim in result["drifted_dimensions"] else ""
+        lines.append(f"| {dim} | {'n/a' if value is None else f'{value:.4f}'} | {flag} |")
+    lines += ["", "| tier | reference share | current share | shift |", "|---|---|---|---|"]
+    for tier, shift in result["tier_share_shift"].items():
+        lines.append(f"| {tier} | {result['reference_tier_shares'].get(tier, 0):.3f} | "
+                     f"{result['tier_shares'].get(tier, 0):.3f} | {shift:+.3f} |")
+    lines += ["", "![score distributions](drift_histograms.png)", ""]
+    return "\n".join(lines)
+
+
+def write_drift_report(reference_path: Path, current_path: Path, out: Path,
+                       threshold: float = DEFAULT_PSI_THRESHOLD) -> dict[str, Any]:
+    try:
+        check_threshold(threshold)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    reference = load_reference_of(reference_path)
+    current = batch_distribution(current_path)
+    result = drift(reference, current["histograms"], current["tier_counts"], threshold)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_histograms(reference, current, result["psi"], out / "drift_histograms.png")
+    write_text_atomic(drift_markdown(result, str(reference_path), str(current_path)), out / "drift.md")
+    write_json_atomic(result, out / "drift.json")
+    return result

@@ -1,0 +1,111 @@
+"""Scoring metrics for Prometheus, the way batch Jobs report: pushed to a Pushgateway when a shard or a merge
+finishes, and written as a text file beside the output (prometheus_client's registry, push and textfile writer).
+
+A push that fails is logged and retried a few times, and never fails the shard: the Parquet output is the product,
+the metrics are its shadow.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from ..core.logs import get_logger
+
+PUSH_JOB = "investment-risk-score"
+PUSH_ATTEMPTS = 3
+PUSH_TIMEOUT_S = 5.0
+OUTCOMES = ("in", "scored", "rejected", "prefiltered", "model")
+
+
+def registry_for(metrics: dict[str, Any], scope: str) -> Any:
+    """A registry holding one shard's metrics (scope "00003") or the merged batch's (scope "batch")."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge
+
+    registry = CollectorRegistry()
+
+    def gauge(name: str, text: str, value: Any, **labels: str) -> None:
+        if value is None:
+            return
+        metric = Gauge(name, text, list(labels), registry=registry) if name not in gauges else gauges[name]
+        gauges[name] = metric
+        (metric.labels(**labels) if labels else metric).set(float(value))
+
+    def counter(name: str, text: str, value: Any, **labels: str) -> None:
+        metric = Counter(name, text, list(labels), registry=registry) if name not in counters else counters[name]
+        counters[name] = metric
+        (metric.labels(**labels) if labels else metric).inc(float(value or 0))
+
+    gauges: dict[str, Any] = {}
+    counters: dict[str, Any] = {}
+    for outcome in OUTCOMES:
+        counter("investment_risk_rows", "Rows by outcome: in (read), scored, rejected, prefiltered, model (scored "
+                "by the model).", metrics.get(f"rows_{outcome}"), outcome=outcome)
+    counter("investment_risk_blank_lines", "JSONL blank lines skipped (not rows).", metrics.get("blank_lines"))
+    counter("investment_risk_duplicate_ids", "Rows rejected because their id was already scored.",
+            metrics.get("duplicate_ids"))
+    counters["investment_risk_reject_rows"] = Counter("investment_risk_reject_rows", "Rejected rows by reason.",
+                                                      ["reason"], registry=registry)  # declared on a night without any
+    for reason, count in metrics.get("reject_reasons", {}).items():
+        counter("investment_risk_reject_rows", "Rejected rows by reason.", count, reason=reason)
+    tiers = metrics.get("tier_counts", {})
+    total = sum(tiers.values())
+    for tier, count in tiers.items():
+        counter("investment_risk_tier_rows", "Scored rows by tier.", count, tier=tier)
+        gauge("investment_risk_tier_share", "Share of the scored rows in each tier.", count / total if total else 0,
+              tier=tier)
+    seconds = metrics.get("seconds") if scope != "batch" else None
+    gauge("investment_risk_scoring_seconds", "Wall time of the shard.", seconds)
+    rate = metrics.get("rows_per_second") if scope != "batch" else metrics.get("rows_per_second_sum")
+    gauge("investment_risk_rows_per_second", "Rows read per second (a batch: summed over its shards).", rate)
+    latency = metrics.get("batch_latency_ms", {})
+    p95 = latency.get("p95") if scope != "batch" else latency.get("p95_max")
+    gauge("investment_risk_batch_latency_p95_seconds", "95th percentile of one model call.",
+          None if p95 is None else p95 / 1000)
+    gauge("investment_risk_real_token_share", "Real tokens over padded tokens in the model calls.",
+          metrics.get("real_token_share"))
+    gauge("investment_risk_invariant_holds", "1 when rows in = rows scored + rows rejected.",
+          int(bool(metrics.get("invariant_holds"))))
+    gauge("investment_risk_mae", "Mean absolute error against labels present in the input.", metrics.get("mae"))
+    gauge("investment_risk_red_recall", "Share of true REDs called RED (labelled input).",
+          metrics.get("decisions", {}).get("red_recall"))
+    if scope == "batch":
+        gauge("investment_risk_batch_complete", "1 when every shard of the batch is done.", int(bool(metrics.get("complete"))))
+        gauge("investment_risk_prefilter_rate", "Prefiltered rows over rows in.", metrics.get("prefilter_rate"))
+        gauge("investment_risk_reject_rate", "Rejected rows over rows in.", metrics.get("reject_rate"))
+        for dim, value in metrics.get("drift", {}).get("psi", {}).items():
+            gauge("investment_risk_score_psi", "Population stability index of the batch's scores against the model's "
+                  "reference.", value, dimension=dim)
+    gauge("investment_risk_last_success_timestamp_seconds", "When these metrics were written.", time.time())
+    return registry
+
+
+def write_textfile(metrics: dict[str, Any], scope: str, dest: Path) -> None:
+    """The Prometheus text beside the output (written whole, then renamed, by prometheus_client)."""
+    from prometheus_client import write_to_textfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(str(dest), registry_for(metrics, scope))
+
+
+def push(metrics: dict[str, Any], scope: str, gateway: str | None) -> bool:
+    """Push to the Pushgateway, grouped by job and shard; retried, logged, never raised. True when it got there."""
+    if not gateway:
+        return False
+    from prometheus_client import push_to_gateway
+
+    log = get_logger()
+    registry = registry_for(metrics, scope)
+    grouping = {"shard": scope}
+    for attempt in range(1, PUSH_ATTEMPTS + 1):
+        try:
+            push_to_gateway(gateway, job=PUSH_JOB, registry=registry, grouping_key=grouping, timeout=PUSH_TIMEOUT_S)
+            log.info("metrics_pushed", gateway=gateway, group=scope, attempt=attempt)
+            return True
+        except Exception as exc:  # noqa: BLE001 - any failure to push is logged, never fatal
+            log.warning("metrics_push_failed", gateway=gateway, group=scope, attempt=attempt,
+                        error=f"{exc.__class__.__name__}: {exc}"[:300])
+            if attempt < PUSH_ATTEMPTS:
+                time.sleep(0.5 * 2 ** (attempt - 1))
+    return False

@@ -1,0 +1,54 @@
+"""`report batch`: one self-contained HTML page, rendered in a real headless browser (Debian's chromium)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from investment_risk.cli import main
+from investment_risk.scoring.pipeline import ScoreConfig, score
+
+from .conftest import assert_json_stdout
+
+
+def render_dom(page) -> str:
+    browser = shutil.which("chromium")
+    if browser is None:
+        pytest.fail("chromium is not installed: `make test` installs Debian's package (as root)")
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_the_batch_page_shows_the_numbers_of_metrics_json(exported, split_dir, tmp_path, runner):
+    _, model, _ = exported
+    score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"), str(split_dir / "val.parquet")),
+                      out=tmp_path / "batch"))
+    result = runner.invoke(main, ["report", "batch", "--scored", str(tmp_path / "batch"), "--out",
+                                  str(tmp_path / "report"), "--top-k", "5"])
+    assert result.exit_code == 0, result.output
+    assert [e["event"] for e in assert_json_stdout(result)] == ["batch_report_written"]
+    page = tmp_path / "report" / "batch_report.html"
+    source = page.read_text()
+    assert "http://" not in source and "https://" not in source  # self-contained: nothing to fetch
+    assert len(re.findall(r'src="data:image/png;base64,', source)) == 2
+    dom = render_dom(page)
+    merged = json.loads((tmp_path / "batch" / "metrics.json").read_text())
+    cells = re.findall(r"<td>([^<]*)</td>", dom)
+    for key in ("rows_in", "rows_scored", "rows_rejected", "rows_prefiltered"):
+        assert str(merged[key]) in cells, key
+    for tier, count in merged["tier_counts"].items():
+        assert tier in cells and str(count) in cells
+    for dim, value in merged["drift"]["psi"].items():
+        assert dim in cells and (value is None or f"{value:.4f}" in cells)
+    assert dom.count("<tr>") >= 5 + 1 and "Top 5 by signal strength" in dom
+
+
+def test_report_batch_refuses_what_is_not_a_scored_directory(split_dir, tmp_path, runner):
+    result = runner.invoke(main, ["report", "batch", "--scored", str(split_dir), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "not a scoring output directory" in result.output

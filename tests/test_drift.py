@@ -1,0 +1,81 @@
+"""Drift: a reference with every exported model, PSI in every merged batch, `report drift`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from structlog.testing import capture_logs
+
+from investment_risk.cli import main
+from investment_risk.core.drift import REFERENCE_FILE, SCORE_EDGES, psi, score_histograms
+from investment_risk.core.spec import DIMENSIONS
+from investment_risk.modeling.description import describe_model
+from investment_risk.scoring.pipeline import ScoreConfig, score
+
+from .conftest import assert_json_stdout
+
+
+def test_psi_is_near_zero_for_the_same_distribution_and_large_for_a_shift():
+    rng = np.random.default_rng(0)
+    base = rng.normal(4, 1.5, size=(5000, 8)).clip(0, 10)
+    fresh = rng.normal(4, 1.5, size=(5000, 8)).clip(0, 10)
+    shifted = fresh.copy()
+    shifted[:, 0] = (shifted[:, 0] + 2).clip(0, 10)  # macro risk two points higher
+    a, b, c = score_histograms(base), score_histograms(fresh), score_histograms(shifted)
+    assert all(psi(a[d], b[d]) < 0.02 for d in DIMENSIONS)
+    assert psi(a[DIMENSIONS[0]], c[DIMENSIONS[0]]) > 0.25 and psi(a[DIMENSIONS[1]], c[DIMENSIONS[1]]) < 0.02
+    assert psi([0] * 10, b[DIMENSIONS[0]]) is None
+
+
+def test_export_stores_the_reference_and_the_merge_measures_drift(exported, split_dir, tmp_path):
+    _, model, info = exported
+    assert info["reference"]["rows"] > 0 and REFERENCE_FILE in info["sha256"]
+    reference = json.loads((model / REFERENCE_FILE).read_text())
+    assert reference["edges"] == SCORE_EDGES and set(reference["histograms"]) == set(DIMENSIONS)
+    assert describe_model(model).reference == reference
+    with capture_logs() as logs:
+        merged = score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"),), out=tmp_path / "out",
+                                   psi_threshold=1e-6))
+    result = merged["drift"]
+    assert set(result["psi"]) == set(DIMENSIONS) and result["psi_threshold"] == 1e-6
+    drifted = [e["dimension"] for e in logs if e["event"] == "drift_detected"]
+    assert drifted and drifted == result["drifted_dimensions"]  # every flagged dimension is named in a warning
+    assert all(e["log_level"] == "warning" for e in logs if e["event"] == "drift_detected")
+    assert merged["prefilter_rate"] is not None and merged["reject_rate"] == 0
+
+
+def test_report_drift_against_the_model_and_bad_inputs(exported, split_dir, tmp_path, runner):
+    _, model, _ = exported
+    score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"),), out=tmp_path / "batch"))
+    result = runner.invoke(main, ["report", "drift", "--reference", str(model), "--current", str(tmp_path / "batch"),
+                                  "--out", str(tmp_path / "drift")])
+    assert result.exit_code == 0, result.output
+    assert [e["event"] for e in assert_json_stdout(result)] == ["drift_written"]
+    report = json.loads((tmp_path / "drift" / "drift.json").read_text())
+    assert set(report["psi"]) == set(DIMENSIONS)
+    assert "| dimension | PSI |" in (tmp_path / "drift" / "drift.md").read_text()
+    assert (tmp_path / "drift" / "drift_histograms.png").stat().st_size > 0
+    # A batch as the reference: the same batch does not drift from itself.
+    result = runner.invoke(main, ["report", "drift", "--reference", str(tmp_path / "batch"), "--current",
+                                  str(tmp_path / "batch"), "--out", str(tmp_path / "self")])
+    assert result.exit_code == 0, result.output
+    assert all(v == pytest.approx(0, abs=1e-12) for v in json.loads((tmp_path / "self" / "drift.json").read_text())["psi"].values() if v is not None)
+    for args, message in ((["--reference", str(split_dir)], "neither an exported model"),
+                          (["--reference", str(model), "--psi-threshold", "0"], "(0, 10]"),
+                          (["--reference", str(model), "--psi-threshold", "11"], "(0, 10]")):
+        result = runner.invoke(main, ["report", "drift", "--current", str(tmp_path / "batch"), "--out",
+                                      str(tmp_path / "x"), *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+    result = runner.invoke(main, ["report", "drift", "--reference", str(model), "--current", str(split_dir),
+                                  "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "not a scoring output directory" in result.output
+
+
+def test_a_psi_threshold_outside_the_range_is_refused(exported, split_dir, tmp_path, runner):
+    _, model, _ = exported
+    for bad in ("0", "-1", "10.5"):
+        result = runner.invoke(main, ["score", "--model", str(model), "--input", str(split_dir / "test.parquet"),
+                                      "--out", str(tmp_path / "out"), "--psi-threshold", bad])
+        assert result.exit_code == 2 and "--psi-threshold" in result.output, result.output

@@ -1,0 +1,93 @@
+"""Scoring metrics reach Prometheus through a real Pushgateway (Debian's prometheus-pushgateway on a loopback
+port), and a Pushgateway that is down never fails a shard."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+
+from investment_risk.cli import main
+from investment_risk.scoring import prometheus
+from investment_risk.scoring.pipeline import ScoreConfig, score
+
+PUSHGATEWAY = shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pushgateway():
+    if not shutil.which(PUSHGATEWAY):
+        pytest.fail("prometheus-pushgateway is not installed: `make test` installs Debian's package (as root)")
+    port = free_port()
+    proc = subprocess.Popen([PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{url}/-/ready", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "instance"))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name.startswith("investment_risk_")}
+
+
+def test_each_shard_and_the_batch_push_their_metrics(exported, split_dir, tmp_path, pushgateway):
+    _, model, _ = exported
+    for shard in (0, 1):
+        merged = score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"),), out=tmp_path / "out",
+                                   shard_index=shard, shard_count=2, pushgateway=pushgateway))
+    got = scrape(pushgateway)
+    job = ("job", prometheus.PUSH_JOB)
+    shard_rows = sum(got[("investment_risk_rows_total", tuple(sorted([job, ("outcome", "in"), ("shard", s)])))]
+                     for s in ("00000", "00001"))
+    assert shard_rows == merged["rows_in"] > 0
+    batch = tuple(sorted([job, ("shard", "batch")]))
+    assert got[("investment_risk_batch_complete", batch)] == 1
+    assert got[("investment_risk_rows_total", tuple(sorted([*batch, ("outcome", "scored")])))] == merged["rows_scored"]
+    psi = {dict(labels)["dimension"]: value for (name, labels), value in got.items() if name == "investment_risk_score_psi"}
+    assert psi.keys() == merged["drift"]["psi"].keys()
+    tiers = {dict(labels)["tier"] for (name, labels), value in got.items()
+             if name == "investment_risk_tier_share" and dict(labels)["shard"] == "batch"}
+    assert tiers == set(merged["tier_counts"])
+
+
+def test_a_pushgateway_that_is_down_is_logged_and_scoring_succeeds(exported, split_dir, tmp_path, runner):
+    _, model, _ = exported
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = runner.invoke(main, ["score", "--model", str(model), "--input", str(split_dir / "test.parquet"),
+                                  "--out", str(tmp_path / "cli"), "--pushgateway", dead])
+    assert result.exit_code == 0 and "metrics_push_failed" in result.output, result.output
+    with capture_logs() as logs:
+        score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"),), out=tmp_path / "out", pushgateway=dead))
+    failures = [e for e in logs if e["event"] == "metrics_push_failed"]
+    assert len(failures) == 2 * prometheus.PUSH_ATTEMPTS  # the shard's and the batch's, each retried
+    assert (tmp_path / "out" / "_done" / "part-00000").exists()
+
+
+def test_the_textfile_beside_the_output_is_valid_exposition(exported, split_dir, tmp_path):
+    _, model, _ = exported
+    merged = score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"),), out=tmp_path / "out"))
+    families = {f.name: f for f in text_string_to_metric_families((tmp_path / "out" / "metrics.prom").read_text())}
+    assert families["investment_risk_rows"].type == "counter" and families["investment_risk_rows"].documentation
+    assert {s.labels["dimension"] for s in families["investment_risk_score_psi"].samples} == set(merged["drift"]["psi"])
