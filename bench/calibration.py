@@ -1,6 +1,7 @@
-"""What calibration costs at scoring time (issue 14): `score` with and without calibration on the same file, same
+"""What calibration costs at scoring time (issue 14): `score` with and without calibration on the same input, same
 model (the run exported to ONNX, default CPU engine), alternating, best of three; and the map alone timed on as many
-rows. Run by bench/learning.sh after training.
+rows. The input is the test split ten times over (fresh ids), so model loading does not swamp the comparison.
+Run by bench/learning.sh after training.
 
     python bench/calibration.py RUN DATA_FILE OUT_JSON
 """
@@ -20,8 +21,17 @@ def main(run: Path, data: Path, out: Path) -> dict:
     from investment_risk.modeling.description import describe_model
     from investment_risk.scoring.pipeline import ScoreConfig, score
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     model_dir = out.parent / "calibration-model"
     export_run(run, model_dir, force=True)
+    table = pq.read_table(data)
+    copies = [table.set_column(table.column_names.index("id"), "id",
+                               pa.array([f"{i}-copy{c}" for i in table.column("id").to_pylist()], type=pa.string()))
+              for c in range(10)]
+    data = out.parent / "calibration-input.parquet"
+    pq.write_table(pa.concat_tables(copies), data)
     seconds: dict[str, list[float]] = {"calibrated": [], "raw": []}
     for attempt in range(3):
         for name in ("raw", "calibrated"):

@@ -166,6 +166,10 @@ def test_score_applies_the_calibration_and_records_provenance(calibrated, runner
     assert found["investment_risk.filter_name"] == default_spec().name and found["investment_risk.shard"] == "0/1"
     for key in ("package_version", "created_at", "filter_version"):
         assert found[f"investment_risk.{key}"]
+    # Drift compares like with like: the calibrated reference against calibrated scores only.
+    assert "psi" in json.loads((tmp_path / "cal" / "metrics.json").read_text())["drift"]
+    assert "drift" not in json.loads((tmp_path / "raw" / "metrics.json").read_text())
+    assert "calibration" in json.loads((tmp_path / "raw" / "metrics.json").read_text())["drift_skipped"]
     # Labelled input: the scorer's metrics carry the tier confusion and RED recall.
     merged = json.loads((tmp_path / "cal" / "metrics.json").read_text())
     assert sum(map(sum, merged["decisions"]["confusion"])) == merged["labelled_rows"]

@@ -45,11 +45,11 @@ def shares(counts: dict[str, int]) -> dict[str, float]:
     return {k: v / total for k, v in sorted(counts.items())} if total else {}
 
 
-def make_reference(scores: np.ndarray, tiers: list[str], source: str) -> dict[str, Any]:
+def make_reference(scores: np.ndarray, tiers: list[str], source: str, calibrated: bool) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for tier in tiers:
         counts[tier] = counts.get(tier, 0) + 1
-    return {"source": source, "rows": int(len(scores)), "edges": SCORE_EDGES,
+    return {"source": source, "calibrated": calibrated, "rows": int(len(scores)), "edges": SCORE_EDGES,
             "histograms": score_histograms(scores), "tier_shares": shares(counts)}
 
 

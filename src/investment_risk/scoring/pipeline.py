@@ -173,7 +173,8 @@ class ShardScorer:
         metrics = ShardMetrics(shard=self.config.shard_index, shard_count=self.config.shard_count,
                                model_version=self.model.model_version, backend=self.config.backend,
                                provider=getattr(self.runner, "provider", "?"), reference=self.model.reference,
-                               psi_threshold=self.config.psi_threshold)
+                               psi_threshold=self.config.psi_threshold,
+                               calibrated=self.config.calibration and self.model.calibration is not None)
         # Rows in, from the input side: Parquet footers now, JSONL rows as they are read.
         metrics.rows_in = sum(unit.rows or 0 for unit in units)
         name = part_name(self.config.shard_index)

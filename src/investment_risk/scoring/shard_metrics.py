@@ -65,6 +65,7 @@ class ShardMetrics:
     ledger: dict[str, Any] | None = None  # incremental batches: the ledger and this shard's units
     reference: dict[str, Any] | None = None  # the model's score reference, for the merge's drift
     psi_threshold: float | None = None
+    calibrated: bool = False  # the scores went through the model's calibration
     started: float = field(default_factory=time.monotonic)
     started_at: str = field(default_factory=_now)
     seconds: float = 0.0
@@ -132,6 +133,7 @@ class ShardMetrics:
             out["ledger"] = self.ledger
         if self.reference is not None:
             out["reference"], out["psi_threshold"] = self.reference, self.psi_threshold
+        out["calibrated"] = self.calibrated
         return out
 
 
@@ -175,6 +177,11 @@ def batch_drift(shards: list[dict[str, Any]], merged: dict[str, Any]) -> dict[st
     references = [s["reference"] for s in shards if "reference" in s]
     if not references or len(merged["model_versions"]) != 1 or not merged["rows_model"]:
         return {}
+    if any(s.get("calibrated", False) != references[0].get("calibrated", False) for s in shards):
+        # Raw scores against a calibrated reference (score --no-calibration) would report the calibration as drift.
+        reason = "the batch's scores and the reference differ in calibration"
+        get_logger().info("drift_skipped", reason=reason)
+        return {"drift_skipped": reason}
     tiers = dict(merged["tier_counts"])
     spec = default_spec()
     tiers[spec.prefilter_tier] = tiers.get(spec.prefilter_tier, 0) - merged["rows_prefiltered"]
