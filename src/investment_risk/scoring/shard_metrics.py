@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.atomic import write_json_atomic, write_text_atomic
+from ..core.atomic import write_json_atomic
 from ..core.errors import RetryableError
 from ..core.logs import get_logger
 from ..core.decisions import tier_report
