@@ -202,7 +202,8 @@ def write_reference(work: Path, tokenizer: Any, metadata: dict[str, Any], calibr
     table = read_articles([val])
     titles, contents = table.column("title").to_pylist(), table.column("content").to_pylist()
     keep = [i for i, (t, c) in enumerate(zip(titles, contents)) if spec.prefilter_reason(t, c) is None]
-    rows = encode(tokenizer, [article_texts(table)[i] for i in keep], int(metadata["max_length"]),
+    texts = article_texts(table)
+    rows = encode(tokenizer, [texts[i] for i in keep], int(metadata["max_length"]),
                   truncation=metadata.get("truncation", "head"))
     if not rows:
         get_logger().warning("reference_skipped", reason="every validation article is prefiltered noise")

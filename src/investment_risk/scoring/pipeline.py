@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..core.atomic import atomic_path, write_json_atomic
+from ..core.drift import DEFAULT_PSI_THRESHOLD, check_threshold
 from ..core.errors import ConfigError
 from ..core.faults import fault_point
 from ..core.logs import Progress, bind, get_logger
@@ -30,11 +31,10 @@ from ..core.spec import DIMENSIONS, NUM_DIMENSIONS, default_spec
 from ..datasets.readers import REQUIRED_COLUMNS, Batch, expand_inputs, is_jsonl, iter_file_batches, parquet_schema
 from ..modeling.description import ModelDescription, describe_model
 from ..modeling.predict import predict
+from .ledger import input_root, read_ledger
 from .prometheus import push, write_textfile
 from .shard_metrics import ShardMetrics, merge_metrics
 from .units import Unit, done_marker, list_units, parquet_rows, part_name, shard_units
-from ..core.drift import DEFAULT_PSI_THRESHOLD, check_threshold
-from .ledger import input_root, read_ledger
 from .writer import OUTPUT_COLUMNS, REJECT_SCHEMA, ShardWriter, kept_columns, part_schema, provenance
 
 MAX_ARTICLE_BYTES = 1_000_000
@@ -170,11 +170,11 @@ class ShardScorer:
             out.put(exc)
 
     def run(self, units: Sequence[Unit], total_rows: int | None) -> ShardMetrics:
+        calibrated = self.config.calibration and self.model.calibration is not None
         metrics = ShardMetrics(shard=self.config.shard_index, shard_count=self.config.shard_count,
                                model_version=self.model.model_version, backend=self.config.backend,
                                provider=getattr(self.runner, "provider", "?"), reference=self.model.reference,
-                               psi_threshold=self.config.psi_threshold,
-                               calibrated=self.config.calibration and self.model.calibration is not None)
+                               psi_threshold=self.config.psi_threshold, calibrated=calibrated)
         # Rows in, from the input side: Parquet footers now, JSONL rows as they are read.
         metrics.rows_in = sum(unit.rows or 0 for unit in units)
         name = part_name(self.config.shard_index)
@@ -188,7 +188,6 @@ class ShardScorer:
         try:
             # Both files are renamed into place only if the whole shard succeeds; a failure leaves neither.
             with atomic_path(part) as part_tmp, atomic_path(rejects) as rejects_tmp:
-                calibrated = self.config.calibration and self.model.calibration is not None
                 writer = ShardWriter(part_tmp, rejects_tmp, provenance(
                     self.model, calibrated, self.config.shard_index, self.config.shard_count))
                 try:
@@ -310,15 +309,15 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     metrics_dir = out / "metrics"
     as_dict = metrics.to_dict()
     write_json_atomic(as_dict, metrics_dir / f"{part_name(config.shard_index)}.json")
-    write_textfile(as_dict, part_name(config.shard_index).removeprefix("part-"),
-                   metrics_dir / f"{part_name(config.shard_index)}.prom")
+    group = f"{config.shard_index:05d}"  # the shard's Prometheus group, as in its file names
+    write_textfile(as_dict, group, metrics_dir / f"{part_name(config.shard_index)}.prom")
     fault_point(f"before_done:{part_name(config.shard_index)}")
     with atomic_path(marker) as tmp:
         tmp.write_text(json.dumps({"rows_in": metrics.rows_in, "finished_at": as_dict["finished_at"]}) + "\n")
     log.info("shard_done", rows_in=metrics.rows_in, scored=metrics.rows_scored, rejected=metrics.rows_rejected,
              prefiltered=metrics.rows_prefiltered, blank_lines=metrics.blank_lines,
              rows_per_second=as_dict["rows_per_second"], invariant_holds=as_dict["invariant_holds"])
-    push(as_dict, part_name(config.shard_index).removeprefix("part-"), config.pushgateway)
+    push(as_dict, group, config.pushgateway)
     merged = merge_metrics(out)
     push(merged, "batch", config.pushgateway)
     return merged
