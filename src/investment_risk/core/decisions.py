@@ -75,7 +75,7 @@ def ranking_quality(pred_strength: np.ndarray, true_strength: np.ndarray, k: int
 
 def decision_metrics(pred: np.ndarray, labels: np.ndarray, spec: FilterSpec, k: int) -> dict[str, Any]:
     """Tiers, per-dimension rank correlation and ranking quality of `pred` against `labels` (rows x 8)."""
-    names = tuple(dict.fromkeys(spec.tier_names))  # a rule may also yield the prefilter's tier
+    names = spec.tier_names
     true_tiers, true_strength = spec.assign_tiers(labels)
     pred_tiers, pred_strength = spec.assign_tiers(pred)
     report = tier_report(confusion_counts(true_tiers, pred_tiers, names), names)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .spec import DIMENSIONS
+from .spec import DIMENSIONS, default_spec
 
 SCORE_EDGES = list(range(11))  # ten bins of width 1 over [0, 10]: shard histograms and references alike
 PSI_FLOOR = 1e-4  # the share an empty bin counts as
@@ -43,6 +43,15 @@ def psi(reference: list[int] | np.ndarray, current: list[int] | np.ndarray) -> f
 def shares(counts: dict[str, int]) -> dict[str, float]:
     total = sum(counts.values())
     return {k: v / total for k, v in sorted(counts.items())} if total else {}
+
+
+def model_tier_counts(tier_counts: dict[str, int], rows_prefiltered: int) -> dict[str, int]:
+    """A batch's tier counts over the model-scored rows: prefiltered rows (the prefilter's tier, no model call) are
+    not predictions, so they leave the comparison with a reference."""
+    prefilter = default_spec().prefilter_tier
+    counts = dict(tier_counts)
+    counts[prefilter] = counts.get(prefilter, 0) - int(rows_prefiltered)
+    return {tier: n for tier, n in counts.items() if n > 0}
 
 
 def make_reference(scores: np.ndarray, tiers: list[str], source: str, calibrated: bool) -> dict[str, Any]:

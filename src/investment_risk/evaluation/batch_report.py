@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from ..core.atomic import write_text_atomic
 from ..core.drift import SCORE_EDGES
-from ..core.errors import ConfigError, InputError
+from ..core.errors import ConfigError
+from .drift_report import read_merged_metrics
 from ..core.spec import DIMENSIONS
 
 REPORT_FILE = "batch_report.html"
@@ -85,15 +86,8 @@ def top_articles(scored: Path, k: int) -> pa.Table:
 
 
 def _read_metrics(scored: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    path = scored / "metrics.json"
-    if not path.exists():
-        raise InputError(f"--scored {scored}: not a scoring output directory (no metrics.json; run score or score-merge)")
-    try:
-        merged = json.loads(path.read_text())
-        if not isinstance(merged["rows_in"], int) or len(merged["score_histograms"][DIMENSIONS[0]]) != 10:
-            raise ValueError("rows_in or score_histograms malformed")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{path}: not a merged metrics file ({exc.__class__.__name__}: {exc})") from None
+    """The merged metrics, and the model's reference as the shards carried it."""
+    merged = read_merged_metrics(scored)
     reference = None
     for shard in sorted((scored / "metrics").glob("part-*.json")):
         reference = json.loads(shard.read_text()).get("reference") or reference

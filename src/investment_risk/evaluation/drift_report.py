@@ -9,26 +9,32 @@ from typing import Any
 import numpy as np
 
 from ..core.atomic import write_json_atomic, write_text_atomic
-from ..core.drift import DEFAULT_PSI_THRESHOLD, SCORE_EDGES, check_threshold, drift
+from ..core.drift import DEFAULT_PSI_THRESHOLD, SCORE_EDGES, check_threshold, drift, model_tier_counts
 from ..core.errors import ConfigError, InputError
-from ..core.spec import DIMENSIONS, default_spec
+from ..core.spec import DIMENSIONS
 from ..modeling.description import describe_model
 
 
-def batch_distribution(scored: Path) -> dict[str, Any]:
-    """A finished scoring directory's merged score histograms and tier counts (model-scored rows), reference-shaped."""
+def read_merged_metrics(scored: Path) -> dict[str, Any]:
+    """A scoring output directory's merged metrics.json, checked for what the reports read (exit 2 otherwise)."""
     path = scored / "metrics.json"
     if not path.exists():
         raise InputError(f"{scored}: not a scoring output directory (no metrics.json; run score or score-merge)")
     try:
         merged = json.loads(path.read_text())
-        histograms = {d: [int(c) for c in merged["score_histograms"][d]] for d in DIMENSIONS}
-        tiers = dict(merged["tier_counts"])
+        if not isinstance(merged["rows_in"], int) or not isinstance(merged["tier_counts"], dict) or any(
+                len(merged["score_histograms"][d]) != len(SCORE_EDGES) - 1 for d in DIMENSIONS):
+            raise ValueError("rows_in, tier_counts or score_histograms malformed")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a merged metrics file ({exc.__class__.__name__}: {exc})") from None
-    prefilter = default_spec().prefilter_tier
-    tiers[prefilter] = tiers.get(prefilter, 0) - int(merged.get("rows_prefiltered", 0))
-    counts = {t: n for t, n in tiers.items() if n > 0}
+    return merged
+
+
+def batch_distribution(scored: Path) -> dict[str, Any]:
+    """A finished scoring directory's merged score histograms and tier counts (model-scored rows), reference-shaped."""
+    merged = read_merged_metrics(scored)
+    histograms = {d: [int(c) for c in merged["score_histograms"][d]] for d in DIMENSIONS}
+    counts = model_tier_counts(merged["tier_counts"], merged.get("rows_prefiltered", 0))
     total = sum(counts.values())
     return {"source": f"batch {scored}", "rows": int(merged.get("rows_model", total)), "edges": SCORE_EDGES,
             "histograms": histograms, "tier_shares": {t: n / total for t, n in sorted(counts.items())} if total else {},

@@ -21,12 +21,11 @@ from ..core.atomic import write_json_atomic
 from ..core.errors import RetryableError
 from ..core.logs import get_logger
 from ..core.decisions import tier_report
-from ..core.drift import SCORE_EDGES, drift
+from ..core.drift import DEFAULT_PSI_THRESHOLD, SCORE_EDGES, drift, model_tier_counts
 from ..core.spec import DIMENSIONS, default_spec
 from .prometheus import write_textfile
 from .units import parquet_rows
 
-HISTOGRAM_EDGES = SCORE_EDGES  # ten bins of width 1 over [0, 10], as the model's drift reference
 LATENCY_EDGES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
 
 
@@ -87,7 +86,7 @@ class ShardMetrics:
     def add_scores(self, scores: np.ndarray, tiers: Iterable[str]) -> None:
         self.tier_counts.update(str(t) for t in tiers)
         for d, dim in enumerate(DIMENSIONS):
-            counts, _ = np.histogram(scores[:, d], bins=HISTOGRAM_EDGES)
+            counts, _ = np.histogram(scores[:, d], bins=SCORE_EDGES)
             self.histograms[dim] = [a + int(b) for a, b in zip(self.histograms[dim], counts)]
 
     def add_labels(self, scores: np.ndarray, labels: np.ndarray) -> None:
@@ -124,7 +123,7 @@ class ShardMetrics:
             "real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens,
             "real_token_share": round(self.real_tokens / self.padded_tokens, 4) if self.padded_tokens else None,
             "tier_counts": dict(sorted(self.tier_counts.items())), "reject_reasons": dict(sorted(self.reject_reasons.items())),
-            "score_histograms": {"edges": HISTOGRAM_EDGES, **self.histograms},
+            "score_histograms": {"edges": SCORE_EDGES, **self.histograms},
             "started_at": self.started_at, "finished_at": _now(),
         }
         out.update(label_metrics(self.label_sums))
@@ -161,7 +160,7 @@ def tier_metrics(pairs: Counter | dict[str, int]) -> dict[str, Any]:
     if not pairs:
         return {}
     spec = default_spec()
-    names = tuple(dict.fromkeys(spec.tier_names))  # a rule may also yield the prefilter's tier
+    names = spec.tier_names
     index = {n: i for i, n in enumerate(names)}
     matrix = [[0] * len(names) for _ in names]
     for key, count in pairs.items():
@@ -182,12 +181,10 @@ def batch_drift(shards: list[dict[str, Any]], merged: dict[str, Any]) -> dict[st
         reason = "the batch's scores and the reference differ in calibration"
         get_logger().info("drift_skipped", reason=reason)
         return {"drift_skipped": reason}
-    tiers = dict(merged["tier_counts"])
-    spec = default_spec()
-    tiers[spec.prefilter_tier] = tiers.get(spec.prefilter_tier, 0) - merged["rows_prefiltered"]
     histograms = {d: merged["score_histograms"][d] for d in DIMENSIONS}
-    threshold = max(s.get("psi_threshold") or 0.2 for s in shards)
-    result = drift(references[0], histograms, {t: n for t, n in tiers.items() if n > 0}, threshold)
+    threshold = max(s.get("psi_threshold") or DEFAULT_PSI_THRESHOLD for s in shards)
+    tiers = model_tier_counts(merged["tier_counts"], merged["rows_prefiltered"])
+    result = drift(references[0], histograms, tiers, threshold)
     for dim in result["drifted_dimensions"]:
         get_logger().warning("drift_detected", dimension=dim, psi=round(result["psi"][dim], 4), threshold=threshold)
     return {"drift": result}
@@ -243,7 +240,7 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
         for s in shards:
             total.update(s[key])
         merged[key] = dict(sorted(total.items()))
-    merged["score_histograms"] = {"edges": HISTOGRAM_EDGES, **{
+    merged["score_histograms"] = {"edges": SCORE_EDGES, **{
         d: np.sum([s["score_histograms"][d] for s in shards], axis=0).astype(int).tolist() if shards else [0] * 10
         for d in DIMENSIONS}}
     sums: dict[str, list[float]] = {}
