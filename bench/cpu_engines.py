@@ -147,23 +147,37 @@ def settings(model_dir: Path, engine: str, rows: list, pad_id: int) -> dict:
     started = time.perf_counter()
     predict(runner, rows, pad_id, token_budget=16384)
     out["one_process_all_cores_rows_per_second"] = round(len(rows) / (time.perf_counter() - started), 1)
+    if engine.startswith("openvino"):  # OpenVINO's throughput streams (the default) vs one latency stream
+        out["openvino_streams"] = runner.streams
+        latency = cpu_runner(model_dir / "model.onnx", engine, threads, streams=1)
+        predict(latency, rows[:8], pad_id, token_budget=16384)
+        started = time.perf_counter()
+        predict(latency, rows, pad_id, token_budget=16384)
+        out["one_latency_stream_rows_per_second"] = round(len(rows) / (time.perf_counter() - started), 1)
     print(f"settings ({engine}): {out}", flush=True)
     return out
 
 
 def end_to_end(root: Path, max_length: int) -> dict:
-    """`score` with default flags vs `score --backend torch` on the same batch (whole process, reading included)."""
+    """`score` with default flags vs `score --backend torch` on the same batch: each a whole process, as a pod runs
+    it (imports, model load and compile, reading, tokenising, writing)."""
+    import subprocess
+    import sys
+
     from investment_risk.datasets.synth import SynthConfig, write_synthetic
-    from investment_risk.scoring.pipeline import ScoreConfig, score
 
     write_synthetic(SynthConfig(rows=600, seed=31), root / "batch" / "a.parquet")
     out = {}
     for backend, model in (("default", root / f"model-{max_length}"), ("torch", root / f"run-{max_length}")):
+        flags = [] if backend == "default" else ["--backend", "torch"]
         started = time.perf_counter()
-        score(ScoreConfig(model=model, inputs=(str(root / "batch"),), out=root / f"e2e-{backend}-{max_length}",
-                          backend="onnx" if backend == "default" else "torch"))
+        subprocess.run([sys.executable, "-m", "investment_risk", "score", "--model", str(model), "--input",
+                        str(root / "batch"), "--out", str(root / f"e2e-{backend}-{max_length}"), *flags],
+                       check=True, stdout=subprocess.DEVNULL)
         out[f"{backend}_seconds"] = round(time.perf_counter() - started, 2)
     out["score_default_vs_torch"] = round(out["torch_seconds"] / out["default_seconds"], 2)
+    print(f"{max_length:4d} tok  score default {out['default_seconds']} s, --backend torch {out['torch_seconds']} s: "
+          f"{out['score_default_vs_torch']}x", flush=True)
     return out
 
 

@@ -121,3 +121,19 @@ def test_a_cuda_provider_without_a_gpu_scores_on_the_cpu_and_says_so(exported, m
         runner = loading.load_runner(describe_model(model), "onnx", "auto", cpu_engine="onnxruntime")
     assert runner.provider == "CPUExecutionProvider"
     assert [e["used"] for e in logs if e["event"] == "cuda_unavailable"] == ["CPU"]
+
+
+@pytest.mark.skipif(not loading.cpu_engine_usable("openvino-f32")[0], reason="openvino is not installed")
+def test_openvino_spreads_each_batch_over_its_streams_in_row_order(exported):
+    from investment_risk.modeling.onnx_runtime import usable_cpus
+    from investment_risk.modeling.predict import predict
+
+    _, model, _ = exported
+    streamed = loading.cpu_runner(model / "model.onnx", "openvino-f32")
+    latency = loading.cpu_runner(model / "model.onnx", "openvino-f32", streams=1)
+    assert latency.streams == 1 and (streamed.streams > 1 or usable_cpus() == 1)
+    rows, _ = parity_rows_of(model)
+    pad = describe_model(model).pad_token_id
+    for batch_size in (1, 3, 8):  # fewer rows than streams, uneven slices, even ones
+        np.testing.assert_allclose(predict(streamed, rows, pad, batch_size=batch_size),
+                                   predict(latency, rows, pad, batch_size=batch_size), atol=1e-5)

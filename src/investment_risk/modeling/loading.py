@@ -9,7 +9,6 @@ from typing import Any
 
 from ..core.errors import ConfigError, InputError
 from .description import CPU_ENGINES, INT8_FILE, ModelDescription
-from .networks import InstructionModel
 from .presets import load_config, load_tokenizer, quiet_libraries, resolve_base_model
 
 HEAD_FILE = "regression_head.safetensors"  # instruction runs: the score head beside the adapter
@@ -51,6 +50,8 @@ def load_instruction_run(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, di
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .networks import InstructionModel  # torch at import: not on the ONNX scoring path
 
     metadata = _run_metadata(run_dir)
     quiet_libraries()
@@ -112,8 +113,8 @@ def cpu_engine_usable(engine: str) -> tuple[bool, str]:
     return True, ""
 
 
-def cpu_runner(model_path: Path, engine: str, threads: int | None = None) -> Any:
-    """A runner for an ONNX file on the CPU with the named engine."""
+def cpu_runner(model_path: Path, engine: str, threads: int | None = None, streams: int | None = None) -> Any:
+    """A runner for an ONNX file on the CPU with the named engine (OpenVINO: `streams`, None for its own choice)."""
     if engine == "onnxruntime":
         from .onnx_runtime import OnnxRunner, cpu_session
 
@@ -125,8 +126,8 @@ def cpu_runner(model_path: Path, engine: str, threads: int | None = None) -> Any
         int8_path = model_path.with_name(INT8_FILE)
         if not int8_path.exists():
             raise InputError(f"{model_path.parent}: no {INT8_FILE} for the openvino-int8 engine (re-export the model)")
-        return OpenVinoRunner(int8_path, "bf16" if cpu_supports("bf16") else "f32", threads, label="int8")
-    return OpenVinoRunner(model_path, precision, threads)
+        return OpenVinoRunner(int8_path, "bf16" if cpu_supports("bf16") else "f32", threads, "int8", streams)
+    return OpenVinoRunner(model_path, precision, threads, streams=streams)
 
 
 def gpu_visible() -> bool:

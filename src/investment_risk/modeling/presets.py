@@ -123,10 +123,18 @@ def load_config(base: BaseModel, pad_token_id: int | None = None) -> Any:
 
 
 def load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
+    """The tokenizer saved at `path`, as AutoTokenizer loads it. Beside no config.json (an exported model),
+    AutoTokenizer takes the class tokenizer_config.json names; importing that class alone spares the ONNX scorer
+    AutoTokenizer's import of torch (a second of every start)."""
+    import transformers
 
     quiet_libraries()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    config = Path(path) / "tokenizer_config.json"
+    named = json.loads(config.read_text()).get("tokenizer_class", "") if config.exists() else ""
+    if named and not (Path(path) / "config.json").exists() and hasattr(transformers, named):
+        tokenizer = getattr(transformers, named).from_pretrained(path)
+    else:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"

@@ -1,0 +1,49 @@
+"""The tokenizer as the scorer loads it: the ids AutoTokenizer gives, without importing torch."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from investment_risk.modeling.presets import load_tokenizer, resolve_base_model
+from investment_risk.modeling.tokens import encode, tokenizer_fingerprint
+
+TEXTS = ["Fed raises rates by 50bp; credit spreads widen.", "  ÉCB: «liquidité» €3.2tn — 中文 🙂\n\ttabs 2024-11-27",
+         "word " * 700, ""]
+
+
+def assert_same_as_autotokenizer(path):
+    from transformers import AutoTokenizer
+
+    ours, auto = load_tokenizer(path), AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if auto.pad_token is None:
+        auto.pad_token = auto.eos_token
+    assert type(ours) is type(auto) and ours.pad_token_id == auto.pad_token_id
+    assert tokenizer_fingerprint(ours) == tokenizer_fingerprint(auto)
+    for truncation in ("head", "head-tail"):
+        for a, b in zip(encode(ours, TEXTS, 64, truncation=truncation), encode(auto, TEXTS, 64, truncation=truncation)):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("base_name", ["tiny-qwen2", "minilm"])
+def test_base_and_exported_tokenizers_load_as_autotokenizer_does(base_name, tmp_path):
+    base = resolve_base_model(base_name).path
+    assert_same_as_autotokenizer(base)
+    load_tokenizer(base).save_pretrained(tmp_path)  # as export saves it: no config.json beside it
+    assert_same_as_autotokenizer(tmp_path)
+
+
+def test_onnx_scoring_path_does_not_import_torch(exported):
+    """torch costs the ONNX scorer a second of start for nothing: its tokenizer and runner stay clear of it."""
+    _, model_dir, _ = exported
+    code = ("import sys; from pathlib import Path\n"
+            "from investment_risk.modeling.description import describe_model\n"
+            "from investment_risk.modeling.loading import load_runner\n"
+            "from investment_risk.modeling.presets import load_tokenizer\n"
+            "from investment_risk.scoring.pipeline import score\n"
+            f"model = describe_model(Path({str(model_dir)!r}))\n"
+            "load_runner(model, 'onnx', 'cpu'); load_tokenizer(model.tokenizer_dir)\n"
+            "print(sorted(m for m in ('torch', 'peft') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
