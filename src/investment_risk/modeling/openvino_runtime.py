@@ -31,8 +31,9 @@ class OpenVinoRunner:
     """A runner (see predict.py) compiling model.onnx for the CPU at the given inference precision.
 
     Compiled for throughput: OpenVINO splits the cores into streams, and each batch is cut into one slice per
-    stream, scored side by side. On 2 cores (minilm, static int8) that gave 166.0 rows/s at 128 tokens and 37.6 at
-    512, against 144.1 and 33.6 for one latency stream over both cores; bf16 gains little (bench/cpu_engines.py
+    stream, scored side by side. On 2 cores (minilm, static int8, 8192-token batches, medians of 5 alternating
+    passes) that gave 163.0 rows/s at 128 tokens and 36.6 at 512, against 158.0 and 34.9 for one latency stream
+    over both cores: a small gain, kept because it held at both lengths (bench/cpu_engines.py
     reports both modes under `settings`). `streams=1` is the latency mode."""
 
     def __init__(self, model_path: Path, precision: str = "bf16", threads: int | None = None, label: str = "",
