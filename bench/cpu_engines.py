@@ -1,9 +1,10 @@
 """Every CPU engine side by side (issue 12): same model, same rows, same batches, same threads.
 
 minilm trained briefly here, exported once (fused); at 128 and at 512 tokens, on the same validation rows:
-PyTorch fp32 eager, PyTorch bf16 autocast, ONNX Runtime fp32 on the unfused dynamo graph and on the fused one,
-ONNX Runtime int8 (dynamic, after fusion), OpenVINO f32 and bf16, OpenVINO on the static int8 (NNCF) graph, and the product's default CPU path (the engine
-export chose, as `score` runs it without flags). rows/s, ratios, and each engine's val MAE beside fp32's.
+PyTorch fp32 eager, PyTorch bf16 autocast, ONNX Runtime fp32 on the unfused dynamo graph, on the fused one and on
+the older TorchScript + ONNX Runtime optimizer graph, ONNX Runtime int8 (dynamic, after fusion), OpenVINO f32 and
+bf16, OpenVINO on the static int8 (NNCF) graph, and the product's default CPU path (the engine export chose, as
+`score` runs it without flags), timed in interleaved rounds. rows/s, ratios, and each engine's val MAE beside fp32's.
 
     python bench/cpu_engines.py [--rows 512] [--out bench-results/cpu-engines.json]
 """
@@ -34,16 +35,39 @@ def trained_run(root: Path, max_length: int, rows: int) -> Path:
     return out
 
 
-def timed(run, rows, pad_id, passes: int = 3) -> tuple[float, np.ndarray]:
+def interleaved(runners: dict, rows, pad_id, rounds: int = 3) -> dict[str, tuple[float, np.ndarray]]:
+    """rows/s of each runner (median over `rounds`) and its scores. Each round runs every runner once, in turn,
+    so a slower or faster spell of a shared machine falls on all of them alike."""
     from investment_risk.modeling.predict import predict
+    from investment_risk.scoring.pipeline import CPU_TOKEN_BUDGET
 
-    predict(run, rows[:16], pad_id, token_budget=16384)
-    best, scores = float("inf"), None
-    for _ in range(passes):
-        started = time.perf_counter()
-        scores = predict(run, rows, pad_id, token_budget=16384)
-        best = min(best, time.perf_counter() - started)
-    return len(rows) / best, np.clip(scores, 0, 10)
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    scores: dict[str, np.ndarray] = {}
+    for run in runners.values():
+        predict(run, rows[:16], pad_id, token_budget=CPU_TOKEN_BUDGET)  # warm-up: allocations, compilation
+    for _ in range(rounds):
+        for name, run in runners.items():
+            started = time.perf_counter()
+            scores[name] = np.clip(predict(run, rows, pad_id, token_budget=CPU_TOKEN_BUDGET), 0, 10)
+            rates[name].append(len(rows) / (time.perf_counter() - started))
+    return {name: (float(np.median(rates[name])), scores[name]) for name in runners}
+
+
+def torchscript_route(module, example: tuple, path: Path) -> Path:
+    """The older route the issue asked to measure beside ours: the TorchScript exporter, then ONNX Runtime's
+    transformer optimizer (BERT fusions)."""
+    import torch
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    traced = path.with_name("torchscript-raw.onnx")
+    torch.onnx.export(module, example, str(traced), input_names=["input_ids", "attention_mask"],
+                      output_names=["scores"], opset_version=17, dynamo=False,
+                      dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}})
+    config = module.inner.config
+    optimized = optimize_model(str(traced), model_type="bert", num_heads=config.num_attention_heads,
+                               hidden_size=config.hidden_size)
+    optimized.save_model_to_file(str(path))
+    return path
 
 
 def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
@@ -51,7 +75,7 @@ def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
 
     from investment_risk.core.spec import DIMENSIONS
     from investment_risk.datasets.readers import label_matrix, read_articles
-    from investment_risk.export.onnx_export import export_graph, export_run
+    from investment_risk.export.onnx_export import export_graph, export_run, fused_operator_counts
     from investment_risk.modeling.description import describe_model
     from investment_risk.modeling.loading import cpu_engine_usable, cpu_runner, load_runner, scoring_module
     from investment_risk.modeling.predict import TorchRunner, padded_batches
@@ -79,6 +103,9 @@ def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
         "torch_bf16_autocast": TorchRunner(module, cpu, torch.bfloat16),
         "onnx_fp32_unfused": cpu_runner(root / f"unfused-{max_length}.onnx", "onnxruntime", threads),
         "onnx_fp32_fused": cpu_runner(model_dir / "model.onnx", "onnxruntime", threads),
+        "onnx_fp32_torchscript_ort_optimizer": cpu_runner(
+            torchscript_route(module, (torch.from_numpy(example.input_ids), torch.from_numpy(example.attention_mask)),
+                              root / f"torchscript-{max_length}.onnx"), "onnxruntime", threads),
         "onnx_int8_fused": cpu_runner(root / f"model-{max_length}-int8" / "model.onnx", "onnxruntime", threads),
     }
     for engine in ("openvino-f32", "openvino-bf16"):
@@ -88,14 +115,15 @@ def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
         candidates["openvino_int8_static"] = cpu_runner(static_int8 / "model.onnx", "openvino-int8", threads)
     candidates["default_cpu"] = load_runner(describe_model(model_dir), "onnx", "cpu", threads)
     out: dict = {"rows": len(rows), "threads": threads, "mean_tokens": round(float(np.mean([len(r) for r in rows])), 1),
-                 "default_engine": info["cpu_engine"]["engine"], "fused_operators": info["fused_operators"]}
+                 "default_engine": info["cpu_engine"]["engine"], "fused_operators": info["fused_operators"],
+                 "torchscript_route_fused_operators": fused_operator_counts(root / f"torchscript-{max_length}.onnx")}
+    measured = interleaved(candidates, rows, pad)
     fp32 = None
-    for name, runner in candidates.items():
-        rate, scores = timed(runner, rows, pad)
+    for name, (rate, scores) in measured.items():
         mae = float(np.abs(scores - labels).mean())
         fp32 = mae if name == "torch_fp32" else fp32
         out[name] = {"rows_per_second": round(rate, 1), "val_mae": round(mae, 4), "val_mae_delta": round(mae - fp32, 4)}
-        print(f"{max_length:4d} tok  {name:22s} {rate:8.1f} rows/s  val MAE {mae:.4f} ({mae - fp32:+.4f})", flush=True)
+        print(f"{max_length:4d} tok  {name:36s} {rate:8.1f} rows/s  val MAE {mae:.4f} ({mae - fp32:+.4f})", flush=True)
     ratio = lambda a, b: round(out[a]["rows_per_second"] / out[b]["rows_per_second"], 2)  # noqa: E731
     out.update({"default_cpu_vs_torch_fp32": ratio("default_cpu", "torch_fp32"),
                 "default_cpu_vs_torch_bf16": ratio("default_cpu", "torch_bf16_autocast"),

@@ -31,10 +31,9 @@ class OpenVinoRunner:
     """A runner (see predict.py) compiling model.onnx for the CPU at the given inference precision.
 
     Compiled for throughput: OpenVINO splits the cores into streams, and each batch is cut into one slice per
-    stream, scored side by side. On 2 cores (minilm, static int8, 8192-token batches, medians of 5 alternating
-    passes) that gave 163.0 rows/s at 128 tokens and 36.6 at 512, against 158.0 and 34.9 for one latency stream
-    over both cores: a small gain, kept because it held at both lengths (bench/cpu_engines.py
-    reports both modes under `settings`). `streams=1` is the latency mode."""
+    stream, scored side by side. On 2 cores (minilm, static int8) that was 2-17 % faster than one latency stream
+    over both cores in 7 of 9 comparisons and 1-7 % slower in 2 (bench/cpu_engines.py reports both under
+    `settings`: 37.9 against 32.5 rows/s at 512 tokens, 165.5 against 167.8 at 128). `streams=1` is the latency mode."""
 
     def __init__(self, model_path: Path, precision: str = "bf16", threads: int | None = None, label: str = "",
                  streams: int | None = None) -> None:
