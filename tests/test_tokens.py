@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from investment_risk.core.errors import InputError
 from investment_risk.modeling.presets import load_tokenizer, resolve_base_model
 from investment_risk.modeling.tokens import encode, tokenizer_fingerprint
 
@@ -47,3 +48,20 @@ def test_onnx_scoring_path_does_not_import_torch(exported):
             "print(sorted(m for m in ('torch', 'peft') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_tokenizer_config_naming_a_model_class_is_not_followed(tmp_path, monkeypatch):
+    """The file names a class, and AutoTokenizer would call any class's from_pretrained: a model loader is refused."""
+    import json
+
+    import transformers
+
+    path = resolve_base_model("tiny-qwen2").path
+    load_tokenizer(path).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "AutoModel"}))
+    called = []
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", lambda *a, **k: called.append(a))
+    with pytest.raises(InputError, match="tokenizer_class 'AutoModel' is not a tokenizer class"):
+        load_tokenizer(tmp_path)
+    assert called == []

@@ -131,10 +131,16 @@ def load_tokenizer(path: Path) -> Any:
     quiet_libraries()
     config = Path(path) / "tokenizer_config.json"
     named = json.loads(config.read_text()).get("tokenizer_class", "") if config.exists() else ""
-    if named and not (Path(path) / "config.json").exists() and hasattr(transformers, named):
-        tokenizer = getattr(transformers, named).from_pretrained(path)
+    named_class = getattr(transformers, named, None) if named else None
+    is_tokenizer = isinstance(named_class, type) and issubclass(named_class, transformers.PreTrainedTokenizerBase)
+    if named_class is not None and not is_tokenizer:  # AutoTokenizer would call its from_pretrained: a model loader
+        raise InputError(f"{config}: tokenizer_class {named!r} is not a tokenizer class")
+    if is_tokenizer and not (Path(path) / "config.json").exists():
+        tokenizer = named_class.from_pretrained(path)
     else:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if tokenizer is None:
+        raise InputError(f"{path}: no tokenizer found")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
