@@ -136,8 +136,10 @@ def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
 
 def _worker(args: tuple) -> float:
     """One scoring process on its share of the rows, one thread: seconds for its share, timed from a start shared by
-    every worker (after loading), so they compete for the cores as shard pods would."""
-    model_path, engine, rows, pad_id, budget, start_at = args
+    every worker (after loading). Each is held to its own core, as a one-CPU pod would be: left free, the engines'
+    own thread pinning (OpenVINO's) put every worker on the same core."""
+    model_path, engine, rows, pad_id, budget, start_at, core = args
+    os.sched_setaffinity(0, {core})
     from investment_risk.modeling.loading import cpu_runner
     from investment_risk.modeling.predict import predict
 
@@ -169,8 +171,8 @@ def settings(model_dir: Path, engine: str, rows: list, pad_id: int) -> dict:
     shares = [rows[i::threads] for i in range(threads)]
     start_at = time.time() + 60  # every worker loaded and warm by then
     with ProcessPoolExecutor(threads, mp_context=multiprocessing.get_context("spawn")) as pool:
-        seconds = list(pool.map(_worker, [(str(model_dir / "model.onnx"), engine, share, pad_id, 16384, start_at)
-                                          for share in shares]))
+        seconds = list(pool.map(_worker, [(str(model_dir / "model.onnx"), engine, share, pad_id, 16384, start_at, core)
+                                          for core, share in zip(sorted(os.sched_getaffinity(0)), shares)]))
     out["one_process_per_core_rows_per_second"] = round(len(rows) / max(seconds), 1)
     started = time.perf_counter()
     predict(runner, rows, pad_id, token_budget=16384)
