@@ -137,3 +137,25 @@ def test_openvino_spreads_each_batch_over_its_streams_in_row_order(exported):
     for batch_size in (1, 3, 8):  # fewer rows than streams, uneven slices, even ones
         np.testing.assert_allclose(predict(streamed, rows, pad, batch_size=batch_size),
                                    predict(latency, rows, pad, batch_size=batch_size), atol=1e-5)
+
+
+@pytest.mark.parametrize("files, quota_cpus", [
+    ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2: 1.5 CPUs -> 2 threads
+    ({"cpu.max": "50000 100000\n"}, 1),
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu.max": "garbage"}, None),
+    ({}, None),
+])
+def test_threads_follow_the_cgroup_cpu_quota(tmp_path, files, quota_cpus):
+    """A pod with a CPU limit and no cpuset sees every node core; its engines get threads for its quota only."""
+    import os
+
+    from investment_risk.modeling.onnx_runtime import usable_cpus
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path) == (affinity if quota_cpus is None else min(affinity, quota_cpus))

@@ -182,4 +182,8 @@ def load_runner(model: ModelDescription, backend: str, device: str = "auto", thr
     on_cuda = torch_device.type == "cuda"
     module, _, _ = scoring_module(model.source_run)
     module = module.to(torch_device, dtype=torch.bfloat16 if on_cuda else torch.float32).eval()
+    if not on_cuda:
+        from .onnx_runtime import usable_cpus
+
+        torch.set_num_threads(threads or usable_cpus())
     return TorchRunner(module, torch_device, synchronous=True)
