@@ -33,7 +33,8 @@ class OpenVinoRunner:
     Compiled for throughput: OpenVINO splits the cores into streams, and each batch is cut into one slice per
     stream, scored side by side. On 2 cores (minilm, static int8) that was 2-17 % faster than one latency stream
     over both cores in 7 of 9 comparisons and 1-7 % slower in 2 (bench/cpu_engines.py reports both under
-    `settings`: 37.9 against 32.5 rows/s at 512 tokens, 165.5 against 167.8 at 128). `streams=1` is the latency mode."""
+    `settings`: 37.9 against 32.5 rows/s at 512 tokens, 165.5 against 167.8 at 128). `streams=1` is the latency
+    mode."""
 
     def __init__(self, model_path: Path, precision: str = "bf16", threads: int | None = None, label: str = "",
                  streams: int | None = None) -> None:
@@ -45,9 +46,9 @@ class OpenVinoRunner:
         import openvino as ov
 
         config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads or usable_cpus(),
-                  "PERFORMANCE_HINT": "THROUGHPUT" if streams is None else "LATENCY", "CACHE_DIR": ""}
+                  "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT", "CACHE_DIR": ""}
         if streams is not None and streams > 1:
-            config.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams})
+            config["NUM_STREAMS"] = streams
         self.compiled = ov.Core().compile_model(str(model_path), "CPU", config)
         self.streams = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self.requests = [self.compiled.create_infer_request() for _ in range(self.streams)]
