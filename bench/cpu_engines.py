@@ -5,6 +5,8 @@ PyTorch fp32 eager, PyTorch bf16 autocast, ONNX Runtime fp32 on the unfused dyna
 the older TorchScript + ONNX Runtime optimizer graph, ONNX Runtime int8 (dynamic, after fusion), OpenVINO f32 and
 bf16, OpenVINO on the static int8 (NNCF) graph, and the product's default CPU path (the engine export chose, as
 `score` runs it without flags), timed in interleaved rounds. rows/s, ratios, and each engine's val MAE beside fp32's.
+Beside them the fp32 roofline: the machine's fp32 matrix-multiply peak, the model's arithmetic per row, and so the
+most any fp32 engine could gain over PyTorch fp32 eager here.
 
     python bench/cpu_engines.py [--rows 512] [--out bench-results/cpu-engines.json]
 """
@@ -70,6 +72,66 @@ def torchscript_route(module, example: tuple, path: Path) -> Path:
     return path
 
 
+def fp32_matmul_peak(hidden: int, intermediate: int, threads: int, tokens: int = 8192) -> float:
+    """This machine's fp32 matrix-multiply rate in GFLOP/s: the better of ONNX Runtime (MLAS) and PyTorch on the
+    model's own feed-forward shapes, a batch of `tokens` rows. No fp32 engine's linear layers run faster."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    best = 0.0
+    for k, n in ((hidden, intermediate), (intermediate, hidden)):
+        x, w = np.random.randn(tokens, k).astype(np.float32), np.random.randn(k, n).astype(np.float32)
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [tokens, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, n])],
+                                  [numpy_helper.from_array(w, "w")])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+                                       .SerializeToString(), options, providers=["CPUExecutionProvider"])
+        xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+        for multiply in (lambda: session.run(None, {"x": x}), lambda: xt @ wt):
+            multiply()
+            for _ in range(10):  # the best of many: a shared machine's speed drifts
+                started = time.perf_counter()
+                multiply()
+                best = max(best, 2 * tokens * k * n / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def gflop_per_row(config, lengths: np.ndarray) -> float:
+    """Matrix-multiply work per row in the batches the scorer forms (padded widths included): per layer and token,
+    the Q, K, V, output and two feed-forward projections, plus scores and their weighted sum over the row's batch
+    width. Embeddings, norms, softmax and the head are left out (little arithmetic). For minilm at 128 tokens the
+    linear part is what torch's FlopCounterMode counts for the same batches (2.718 GFLOP/row)."""
+    from investment_risk.modeling.tokens import length_batches
+    from investment_risk.scoring.pipeline import CPU_TOKEN_BUDGET
+
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    flops = 0
+    for batch in length_batches(lengths, CPU_TOKEN_BUDGET, 256):
+        width = int(lengths[batch].max())
+        flops += len(batch) * layers * 2 * (width * (4 * h * h + 2 * h * i) + 2 * width * width * h)
+    return flops / len(lengths) / 1e9
+
+
+def fp32_roofline(config, rows: list, threads: int, measured: dict) -> dict:
+    """How close each fp32 engine runs to this machine's fp32 matrix-multiply peak, and the most any fp32 engine
+    could gain over PyTorch fp32 eager here (its ceiling)."""
+    peak = fp32_matmul_peak(config.hidden_size, config.intermediate_size, threads)
+    work = gflop_per_row(config, np.array([len(r) for r in rows]))
+    out = {"fp32_matmul_peak_gflops": round(peak, 1), "gflop_per_row": round(work, 3),
+           "fp32_ceiling_rows_per_second": round(peak / work, 1),
+           "fp32_ceiling_vs_torch_fp32": round(peak / work / measured["torch_fp32"][0], 2)}
+    for name in ("torch_fp32", "onnx_fp32_fused", "onnx_fp32_unfused", "openvino_f32"):
+        if name in measured:
+            out[f"{name}_share_of_peak"] = round(measured[name][0] * work / peak, 3)
+    print(f"fp32 roofline: {out}", flush=True)
+    return out
+
+
 def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
     import torch
 
@@ -130,6 +192,7 @@ def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
                 "default_cpu_mae_delta": out["default_cpu"]["val_mae_delta"],
                 "onnx_fp32_fused_vs_torch_fp32": ratio("onnx_fp32_fused", "torch_fp32"),
                 "onnx_fp32_fused_vs_unfused": ratio("onnx_fp32_fused", "onnx_fp32_unfused")})
+    out["fp32_roofline"] = fp32_roofline(module.inner.config, rows, threads, measured)
     out["settings"] = settings(model_dir, info["cpu_engine"]["engine"], rows, pad)
     return out
 

@@ -1,25 +1,47 @@
 #!/usr/bin/env bash
-# One prepared GPU run (H100/H200), about 12 minutes: scoring (ORT CUDA on our export, PyTorch bf16 SDPA, the
-# original's way), torch.compile, and the training recipe with --compile for 3 epochs of 4,118 articles.
-# Results in $OUT (or bench-results/). Needs torch, transformers, peft, pyarrow on the machine; the rest comes from
-# bench/device_wheels.sh (.whl/ and .whl-parts/, carried as bench/README.md says).
+# The prepared GPU runs (H100/H200), one device call each, in order of importance (bench/README.md):
+#   bash bench/gpu.sh score    ~7 min: ORT CUDA on our export (with its parity), PyTorch bf16 SDPA, the original's way
+#   bash bench/gpu.sh train    ~5 min: the training recipe with --compile, 3 epochs of 4,118 articles
+#   bash bench/gpu.sh compile  ~5 min: what torch.compile and bigger batches add (optional)
+# Each step runs under its own time limit and writes its JSON as it goes, so a step cut short still returns what
+# it measured. Results and logs in $OUT (or bench-results/). Needs torch, transformers, peft, pyarrow on the
+# machine; the rest comes from bench/device_wheels.sh (.whl/ and .whl-parts/, carried as bench/README.md says).
 set -uo pipefail
+step=${1:-score}
 out=${OUT:-bench-results}
+limit=${STEP_LIMIT_S:-540}
 mkdir -p "$out"
+site=$PWD/.whl-site  # ignored (with .whl/): a warm machine keeps it for the next call
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
 fi
-if ls .whl-parts/p*/*.part-* >/dev/null 2>&1; then  # onnxruntime-gpu, joined from the parts the earlier calls left
+if ls .whl-parts/p*/*.part-* >/dev/null 2>&1 && ! ls "$site"/onnxruntime_gpu-*.dist-info >/dev/null 2>&1; then
   first=$(ls .whl-parts/p00/*.part-00)
   wheel=/tmp/$(basename "$first" .part-00)
   cat .whl-parts/p*/*.part-* > "$wheel"
-  echo "$(cat .whl-parts/sha256)  $wheel" | sha256sum -c - || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel"
-  export PYTHONPATH=/tmp/site
+  if echo "$(cat .whl-parts/sha256)  $wheel" | sha256sum -c -; then  # parts missing: the rest still measures
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheel"
+  fi
 fi
-export PYTHONPATH="$PWD/src:$PWD/bench:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 INVESTMENT_RISK_CACHE=/tmp/ir-cache
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu-info.txt"
-python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" | tee -a "$out/gpu-info.txt"
-python3 bench/gpu_score.py --out "$out/gpu-score.json" 2>&1 | tail -60
-python3 bench/gpu_compile.py --out "$out/gpu-compile.json" 2>&1 | tail -20
-python3 bench/gpu_train.py --out "$out/gpu-train.json" --epochs 3 --compile --skip-step-loop 2>&1 | tail -40
+export PYTHONPATH="$PWD/src:$PWD/bench:$site" PYTHONUNBUFFERED=1 INVESTMENT_RISK_CACHE=/tmp/ir-cache HF_HUB_OFFLINE=1
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  # A real session: with libraries missing, ONNX Runtime lists its CUDA provider yet runs on the CPU.
+  python3 - <<'EOF'
+import torch  # loads CUDA's libraries first, as the scorer does
+import onnx, onnxruntime as ort
+from onnx import TensorProto, helper
+graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+print("torch", torch.__version__, "onnxruntime", ort.__version__, "session providers", session.get_providers())
+EOF
+} 2>&1 | tee "$out/gpu-info-$step.txt"
+case $step in
+  score) args=(bench/gpu_score.py --out "$out/gpu-score.json") ;;
+  train) args=(bench/gpu_train.py --out "$out/gpu-train.json" --epochs 3 --compile --skip-step-loop) ;;
+  compile) args=(bench/gpu_compile.py --out "$out/gpu-compile.json") ;;
+  *) echo "bench/gpu.sh: step must be score, train or compile, not '$step'" >&2; exit 2 ;;
+esac
+timeout --signal=INT --kill-after=20 "$limit" python3 "${args[@]}" 2>&1 | tee "$out/$step.log" | tail -60

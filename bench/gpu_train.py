@@ -102,13 +102,15 @@ def main() -> None:
     from investment_risk.training.config import TrainConfig
     from investment_risk.training.recipe import train
 
-    configure_logging("json", "WARNING")
+    configure_logging("json", "INFO")  # train_step lines (tokens/s) in the log even if the step is cut short
     results: dict = {"device": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(0), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         started = time.perf_counter()
         base = make_base_model(root)
         results["base_model_build_s"] = round(time.perf_counter() - started, 1)
+        if not SMOKE:
+            torch.cuda.reset_peak_memory_stats()  # the recipe's peak, not building the random base model's
         if not args.skip_step_loop:
             results["step_loop"] = [step_loop(base, b, 512, 2 if SMOKE else 12) for b in (8, 16, 32)]
         # ~4,118 training rows after de-duplication and the 80/10/10 split.

@@ -78,12 +78,44 @@ def test_cuda_export_needs_a_gpu(exported, tmp_path, runner):
     assert result.exit_code == 2 and "--device cuda: needs a CUDA device and onnxruntime-gpu" in result.output
 
 
+def test_a_cuda_provider_that_cannot_start_is_an_error_not_a_cpu_run(exported, monkeypatch):
+    # onnxruntime-gpu lists its CUDA provider even when CUDA's libraries fail to load, then runs on the CPU.
+    import onnxruntime as ort
+
+    from investment_risk.core.errors import ConfigError
+    from investment_risk.modeling.onnx_runtime import OnnxRunner
+
+    _, model, _ = exported
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(ConfigError, match="could not start its CUDA provider"):
+        OnnxRunner(model, "cuda")
+
+
 def test_int8_export_records_its_parity_and_scores(exported, tmp_path, articles):
     run, _, _ = exported
     info = export_run(run, tmp_path / "int8", dtype="int8")
     assert info["dtype"] == "int8" and 0 < info["parity"]["int8_max_abs_diff"] < 0.5
     assert [p.name for p in (tmp_path / "int8").glob("*.onnx*")] == ["model.onnx"]
     merged = score(ScoreConfig(model=tmp_path / "int8", inputs=(str(articles / "a.parquet"),), out=tmp_path / "s"))
+    assert merged["rows_in"] == 100 and merged["invariant_holds"]
+
+
+@pytest.mark.parametrize("dtype, engine", [("fp32", "openvino-int8"), ("fp16", "auto"), ("int8", "auto")])
+def test_weights_kept_beside_the_graph_export_and_score(exported, tmp_path, monkeypatch, articles, dtype, engine):
+    # Over EXTERNAL_DATA_BYTES (any Qwen2.5-1.5B) the weights live in model.onnx.data: fusion, the static int8
+    # twin and the fp16 and int8 conversions read them from there and write them back whole.
+    from investment_risk.export import onnx_export
+
+    run, _, _ = exported
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    info = export_run(run, tmp_path / "m", dtype=dtype, cpu_engine=engine)
+    files = {p.name for p in (tmp_path / "m").iterdir() if ".onnx" in p.name}
+    assert info["external_data"] and set(info["sha256"]) >= files >= {"model.onnx", "model.onnx.data"}
+    assert sum(info["fused_operators"].get(op, 0) for op in ATTENTION_OPS) == 2
+    assert info["parity"]["fp32_fused_max_abs_diff"] <= 1e-3
+    if engine == "openvino-int8":
+        assert info["cpu_engine"]["engine"] == engine and "model.int8.onnx.data" in files
+    merged = score(ScoreConfig(model=tmp_path / "m", inputs=(str(articles / "a.parquet"),), out=tmp_path / "s"))
     assert merged["rows_in"] == 100 and merged["invariant_holds"]
 
 

@@ -78,8 +78,8 @@ def to_fp16(path: Path, external: bool) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(path))
-    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS)
+    # Given the path, the converter infers shapes file to file: a ModelProto over 2 GB cannot be serialised for it.
+    converted = convert_float_to_float16(str(path), keep_io_types=True, op_block_list=FP32_OPS)
     for stale in onnx_files(path.parent):
         stale.unlink()
     onnx.save_model(converted, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
@@ -104,6 +104,8 @@ def fuse_graph(path: Path, external: bool) -> dict[str, int]:
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     model, counts = optimize_for_ort(ir.load(str(path)))
+    if external:  # weights are read lazily from the files about to be replaced: bring them into memory first
+        ir.external_data.load_to_model(model)
     for stale in onnx_files(path.parent):
         stale.unlink()
     ir.save(model, str(path), external_data="model.onnx.data" if external else None)
@@ -115,9 +117,12 @@ def to_int8(path: Path, external: bool) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    source = path.with_name("fp32.onnx")
+    # The fp32 graph moves aside under its own names: its weights file is found by the name the graph records.
+    aside = path.parent / "fp32"
+    aside.mkdir()
     for stale in onnx_files(path.parent):
-        stale.rename(stale.with_name(stale.name.replace("model.onnx", "fp32.onnx")))
+        stale.rename(aside / stale.name)
+    source = aside / path.name
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantiser advises pre-processing on the root logger at every call
@@ -128,8 +133,7 @@ def to_int8(path: Path, external: bool) -> None:
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
         root.setLevel(level)
-    for stale in path.parent.glob("fp32.onnx*"):
-        stale.unlink()
+    shutil.rmtree(aside)
 
 
 def export_graph(module: Any, example: tuple[Any, ...], path: Path, external: bool) -> None:

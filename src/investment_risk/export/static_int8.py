@@ -53,9 +53,18 @@ def quantize_int8(model_path: Path, rows: list[np.ndarray], pad_id: int, externa
     samples = [{"input_ids": b.input_ids, "attention_mask": b.attention_mask}
                for b in padded_batches(rows, pad_id, order)]
     # NNCF draws progress bars on stdout, which carries our JSON log lines.
+    # A graph over 2 GB cannot be one protobuf: NNCF then reads its weights from the folder itself.
+    advanced = None
+    if external:
+        from nncf.onnx.quantization.backend_parameters import BackendParameters
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+
+        advanced = AdvancedQuantizationParameters(
+            backend_params={BackendParameters.EXTERNAL_DATA_DIR: str(model_path.parent.resolve())})
     with contextlib.redirect_stdout(sys.stderr):
-        quantized = nncf.quantize(onnx.load(str(model_path)), nncf.Dataset(samples),
-                                  model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples))
+        quantized = nncf.quantize(onnx.load(str(model_path), load_external_data=not external), nncf.Dataset(samples),
+                                  model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples),
+                                  advanced_parameters=advanced)
     out = model_path.with_name(INT8_FILE)
     onnx.save(quantized, str(out), save_as_external_data=external, location=f"{INT8_FILE}.data")
     get_logger().info("int8_quantized", file=out.name, calibration_rows=len(rows), batches=len(samples))

@@ -70,6 +70,9 @@ class OnnxRunner:
         self.session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=providers)
         self.provider = self.session.get_providers()[0]
         self.on_cuda = self.provider == "CUDAExecutionProvider"
+        if want_cuda and not self.on_cuda:  # ONNX Runtime falls back to the CPU with only a log line of its own
+            raise ConfigError("ONNX Runtime could not start its CUDA provider (its CUDA or cuDNN libraries did not "
+                              "load: see its error above); pass --device cpu to score on the CPU")
 
     @classmethod
     def from_session(cls, session: Any) -> "OnnxRunner":

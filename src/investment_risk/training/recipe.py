@@ -261,6 +261,10 @@ def log_step(session: Session, state: TrainState, sums: Sums) -> None:
 def end_of_epoch(session: Session, state: TrainState, sums: Sums, epoch_started: float, tokens_before: int) -> None:
     """Train metrics from the epoch's own predictions, a validation pass, the best model kept, a checkpoint."""
     data, val = session.train_data, session.val_data
+    if session.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()  # the epoch's last steps may still be queued on the GPU
     state.epoch_seconds.append(round(time.monotonic() - epoch_started, 3))
     state.epoch_tokens.append(state.tokens - tokens_before)
     train_metrics = regression_metrics(sums.epoch_preds.cpu().numpy(), data.labels)
