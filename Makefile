@@ -72,7 +72,7 @@ image:
 	IMAGE=$(IMAGE) IMAGE_CA_BUNDLE=$(IMAGE_CA_BUNDLE) sh docker/build-image.sh
 
 # The image run as the pods run it (read-only root, user 10001, no capabilities, no network), from the host.
-# Graphs over protobuf's 2 GB limit (a Qwen2.5-1.5B export's path): minutes and about 6 GB of disk.
+# Graphs over protobuf's 2 GB limit (a Qwen2.5-1.5B export's path): about 3 minutes and 3 GB of disk.
 test-large: install
 	$(BIN)/python -m pytest -m large -v $(PYTEST_ARGS)
 
