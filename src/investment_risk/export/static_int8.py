@@ -52,7 +52,6 @@ def quantize_int8(model_path: Path, rows: list[np.ndarray], pad_id: int, externa
     order = sorted_batches(np.array([len(r) for r in rows]), CALIBRATION_BATCH)
     samples = [{"input_ids": b.input_ids, "attention_mask": b.attention_mask}
                for b in padded_batches(rows, pad_id, order)]
-    # NNCF draws progress bars on stdout, which carries our JSON log lines.
     # A graph over 2 GB cannot be one protobuf: NNCF then reads its weights from the folder itself.
     advanced = None
     if external:
@@ -61,6 +60,7 @@ def quantize_int8(model_path: Path, rows: list[np.ndarray], pad_id: int, externa
 
         advanced = AdvancedQuantizationParameters(
             backend_params={BackendParameters.EXTERNAL_DATA_DIR: str(model_path.parent.resolve())})
+    # NNCF draws progress bars on stdout, which carries our JSON log lines.
     with contextlib.redirect_stdout(sys.stderr):
         quantized = nncf.quantize(onnx.load(str(model_path), load_external_data=not external), nncf.Dataset(samples),
                                   model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples),
