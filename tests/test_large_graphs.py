@@ -21,20 +21,29 @@ def work(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+def external_tensor(name: str, array: np.ndarray, data: Path):
+    """An fp32 initializer whose bytes are written to `data` and only referenced from the graph."""
+    from onnx import TensorProto
+
+    data.write_bytes(array.tobytes())
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(array.shape),
+                         data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", data.name), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
 def write_large_graph(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """x @ w with w kept in model.onnx.data, written straight to disk (no ModelProto over 2 GB is ever built)."""
     import onnx
     from onnx import TensorProto, helper
 
     weights = np.random.default_rng(0).standard_normal((ROWS, COLUMNS), dtype=np.float32) * 0.01
-    (path.parent / "model.onnx.data").write_bytes(weights.tobytes())
-    tensor = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[ROWS, COLUMNS], data_location=TensorProto.EXTERNAL)
-    for key, value in (("location", "model.onnx.data"), ("offset", "0"), ("length", str(weights.nbytes))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "large",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ROWS])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, COLUMNS])], [tensor])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, COLUMNS])],
+                              [external_tensor("w", weights, path.parent / "model.onnx.data")])
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     x = np.random.default_rng(1).standard_normal((1, ROWS), dtype=np.float32)
     return x, x @ weights
@@ -63,12 +72,7 @@ def write_large_scorer(path: Path) -> None:
 
     rng = np.random.default_rng(0)
     table = rng.standard_normal((COLUMNS, ROWS), dtype=np.float32) * 0.01  # vocabulary x hidden
-    (path.parent / "model.onnx.data").write_bytes(table.tobytes())
-    embedding = TensorProto(name="embedding", data_type=TensorProto.FLOAT, dims=list(table.shape),
-                            data_location=TensorProto.EXTERNAL)
-    for key, value in (("location", "model.onnx.data"), ("offset", "0"), ("length", str(table.nbytes))):
-        entry = embedding.external_data.add()
-        entry.key, entry.value = key, value
+    embedding = external_tensor("embedding", table, path.parent / "model.onnx.data")
     head = numpy_helper.from_array(rng.standard_normal((ROWS, 8), dtype=np.float32), "head")
     nodes = [helper.make_node("Gather", ["embedding", "input_ids"], ["hidden"]),
              helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),
