@@ -75,7 +75,6 @@ def torchscript_route(module, example: tuple, path: Path) -> Path:
 def fp32_matmul_peak(hidden: int, intermediate: int, threads: int, tokens: int = 8192) -> float:
     """This machine's fp32 matrix-multiply rate in GFLOP/s: the better of ONNX Runtime (MLAS) and PyTorch on the
     model's own feed-forward shapes, a batch of `tokens` rows. No fp32 engine's linear layers run faster."""
-    import onnx
     import onnxruntime as ort
     import torch
     from onnx import TensorProto, helper, numpy_helper
@@ -89,7 +88,7 @@ def fp32_matmul_peak(hidden: int, intermediate: int, threads: int, tokens: int =
                                   [numpy_helper.from_array(w, "w")])
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        session = ort.InferenceSession(helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+        session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
                                        .SerializeToString(), options, providers=["CPUExecutionProvider"])
         xt, wt = torch.from_numpy(x), torch.from_numpy(w)
         for multiply in (lambda: session.run(None, {"x": x}), lambda: xt @ wt):
@@ -240,20 +239,12 @@ def settings(model_dir: Path, engine: str, rows: list, pad_id: int) -> dict:
     started = time.perf_counter()
     predict(runner, rows, pad_id, token_budget=16384)
     out["one_process_all_cores_rows_per_second"] = round(len(rows) / (time.perf_counter() - started), 1)
-    if engine.startswith("openvino"):  # throughput streams (the default) vs one latency stream: alternating passes
-        from investment_risk.scoring.pipeline import CPU_TOKEN_BUDGET
-
-        modes = {"streams": runner, "latency": cpu_runner(model_dir / "model.onnx", engine, threads, streams=1)}
-        rates: dict[str, list[float]] = {mode: [] for mode in modes}
-        predict(modes["latency"], rows[:8], pad_id, token_budget=CPU_TOKEN_BUDGET)
-        for _ in range(3):
-            for mode, candidate in modes.items():
-                started = time.perf_counter()
-                predict(candidate, rows, pad_id, token_budget=CPU_TOKEN_BUDGET)
-                rates[mode].append(len(rows) / (time.perf_counter() - started))
+    if engine.startswith("openvino"):  # throughput streams (the default) vs one latency stream
+        modes = interleaved({"streams": runner, "latency": cpu_runner(model_dir / "model.onnx", engine, threads,
+                                                                       streams=1)}, rows, pad_id)
         out["openvino_streams"] = runner.streams
-        out["openvino_streams_rows_per_second"] = round(float(np.median(rates["streams"])), 1)
-        out["openvino_one_latency_stream_rows_per_second"] = round(float(np.median(rates["latency"])), 1)
+        out["openvino_streams_rows_per_second"] = round(modes["streams"][0], 1)
+        out["openvino_one_latency_stream_rows_per_second"] = round(modes["latency"][0], 1)
     print(f"settings ({engine}): {out}", flush=True)
     return out
 
