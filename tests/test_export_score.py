@@ -91,6 +91,35 @@ def test_a_cuda_provider_that_cannot_start_is_an_error_not_a_cpu_run(exported, m
         OnnxRunner(model, "cuda")
 
 
+def test_a_cuda_export_measures_on_the_gpu_once_fp32_parity_is_proved(exported, tmp_path, monkeypatch):
+    # A GPU is faked; every graph still runs on the CPU, and each call records the device the export asked for.
+    import inspect
+
+    from investment_risk.export import onnx_export
+
+    run, _, _ = exported
+    asked: list[tuple[str, str]] = []
+    real_runner, real_check = onnx_export.graph_runner, onnx_export.reduced_precision_check
+
+    def graph_runner(path, device):
+        asked.append((inspect.stack()[1].function, device))
+        return real_runner(path, "cpu")
+
+    def reduced_precision_check(path, module, rows, batches, pad_id, device, val, val_fp32):
+        asked.append(("reduced_precision_check", device))
+        return real_check(path, module, rows, batches, pad_id, "cpu", val, val_fp32)
+
+    monkeypatch.setattr(onnx_export, "cuda_missing", lambda: "")
+    monkeypatch.setattr(onnx_export, "graph_runner", graph_runner)
+    monkeypatch.setattr(onnx_export, "reduced_precision_check", reduced_precision_check)
+    info = export_run(run, tmp_path / "fp16", dtype="fp16", device="cuda")
+    assert info["reference"]["rows"] > 0
+    # fp32 parity against PyTorch fp32 stays on the CPU; the fp32 validation scores, the fp16 check and the drift
+    # reference (the whole validation split) run where the model will score.
+    assert asked == [("parity_of", "cpu"), ("parity_of", "cpu"), ("build", "cuda"), ("reduced_precision_check", "cuda"),
+                     ("reduced_precision_check", "cpu"), ("write_reference", "cuda")], asked
+
+
 def test_int8_export_records_its_parity_and_scores(exported, tmp_path, articles):
     run, _, _ = exported
     info = export_run(run, tmp_path / "int8", dtype="int8")

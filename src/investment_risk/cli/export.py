@@ -24,7 +24,7 @@ from .options import option
                                 "keeps the fastest whose val MAE is within 0.02 of fp32's.")
 @option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
         help="Where reduced precision is proved: cuda runs the fp16 graph on ONNX Runtime's CUDA provider against "
-             "PyTorch bf16 on the GPU.")
+             "PyTorch bf16 on the GPU, and scores the drift reference there.")
 @option("--force", is_flag=True, help="Replace an existing --out.")
 def export_command(run: Path, out: Path, dtype: str, cpu_engine: str, device: str, force: bool) -> None:
     """Merge the adapter and export to ONNX with a measured PyTorch parity (fp32 must be within 1e-3)."""

@@ -191,11 +191,11 @@ def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], reque
     return {"engine": engine, "why": why, "rows": len(rows), "measured": measured}
 
 
-def write_reference(work: Path, tokenizer: Any, metadata: dict[str, Any], calibration: Calibration | None
-                    ) -> dict[str, Any] | None:
+def write_reference(work: Path, tokenizer: Any, metadata: dict[str, Any], calibration: Calibration | None,
+                    device: str) -> dict[str, Any] | None:
     """The score distribution batches are compared with for drift: the validation split's predictions from the
-    exported graph, calibrated as scoring will, as histograms and tier shares (None without a validation split).
-    Articles the prefilter calls noise are left out, as a batch's model-scored rows leave them out."""
+    exported graph on `device`, calibrated as scoring will, as histograms and tier shares (None without a validation
+    split). Articles the prefilter calls noise are left out, as a batch's model-scored rows leave them out."""
     from ..datasets.readers import read_articles
 
     val = Path(metadata.get("config", {}).get("data", "")) / "val.parquet"
@@ -212,7 +212,7 @@ def write_reference(work: Path, tokenizer: Any, metadata: dict[str, Any], calibr
     if not rows:
         get_logger().warning("reference_skipped", reason="every validation article is prefiltered noise")
         return None
-    raw = spec.clip(predict(graph_runner(work / "model.onnx", "cpu"), rows, tokenizer.pad_token_id, token_budget=16384))
+    raw = spec.clip(predict(graph_runner(work / "model.onnx", device), rows, tokenizer.pad_token_id, token_budget=16384))
     scores = calibration.apply(raw) if calibration is not None else raw
     tiers, _ = spec.assign_tiers(scores)
     reference = make_reference(scores, [str(t) for t in tiers], "validation split, calibrated" if calibration else
@@ -251,6 +251,18 @@ def reduced_precision_check(path: Path, module: Any, rows: list[np.ndarray], bat
     return out
 
 
+def cuda_missing() -> str:
+    """Why this machine cannot export for CUDA ('' when it can)."""
+    import onnxruntime as ort
+    import torch
+
+    if not torch.cuda.is_available():
+        return "PyTorch sees no CUDA device"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"ONNX Runtime's providers here: {', '.join(ort.get_available_providers())}"
+    return ""
+
+
 def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = False,
                cpu_engine: str = "auto", device: str = "cpu") -> dict[str, Any]:
     import torch
@@ -259,12 +271,8 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
     if dtype not in ("fp32", "fp16", "int8"):
         raise ConfigError(f"--dtype {dtype}: supported are fp32, fp16 and int8 (a bf16 file cannot be proved here: "
                           "ONNX Runtime has no bf16 CPU kernels; the CPU engines run the fp32 file in bf16 instead)")
-    if device == "cuda":
-        import onnxruntime as ort
-
-        if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ConfigError("--device cuda: needs a CUDA device and onnxruntime-gpu (providers here: "
-                              f"{', '.join(ort.get_available_providers())})")
+    if device == "cuda" and (missing := cuda_missing()):
+        raise ConfigError(f"--device cuda: needs a CUDA device and onnxruntime-gpu ({missing})")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise InputError(f"--out {out_dir} already exists and is not empty (pass --force to replace it)")
     if describe_model(run_dir).is_instruction:
@@ -325,7 +333,9 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         calibration = run_dir / "model" / CALIBRATION_FILE
         if calibration.exists():  # scores from the file are calibrated as the run's are: it is part of the model
             shutil.copyfile(calibration, work / CALIBRATION_FILE)
-        reference = write_reference(work, tokenizer, metadata, load_calibration(run_dir / "model"))
+        # On the export's device: through the CPU provider a 1.5B graph makes this the export's longest step.
+        reference = write_reference(work, tokenizer, metadata, load_calibration(run_dir / "model"),
+                                    "cpu" if dtype == "int8" else device)
         digests = model_digest(work)
         spec = default_spec()
         written = {
