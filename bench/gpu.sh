@@ -2,6 +2,8 @@
 # The prepared GPU runs (H100/H200), one device call each, in order of importance (bench/README.md):
 #   bash bench/gpu.sh score    ~7 min: ORT CUDA on our export (with its parity), PyTorch bf16 SDPA, the original's way
 #   bash bench/gpu.sh train    ~5 min: the training recipe with --compile, 3 epochs of 4,118 articles
+#   bash bench/gpu.sh export   ~7 min: the CLI's `export --dtype fp16 --device cuda` and `score --device cuda` on a
+#                                     1.5B-shaped run (the product's path, where `score` measures the pieces)
 #   bash bench/gpu.sh compile  ~5 min: what torch.compile and bigger batches add (optional)
 # Each step runs under its own time limit and writes its JSON as it goes, so a step cut short still returns what
 # it measured. Results and logs in $OUT (or bench-results/). Needs torch, transformers, peft, pyarrow on the
@@ -41,7 +43,8 @@ EOF
 case $step in
   score) args=(bench/gpu_score.py --out "$out/gpu-score.json") ;;
   train) args=(bench/gpu_train.py --out "$out/gpu-train.json" --epochs 3 --compile --skip-step-loop) ;;
+  export) args=(bench/gpu_export.py --out "$out/gpu-export.json") ;;
   compile) args=(bench/gpu_compile.py --out "$out/gpu-compile.json") ;;
-  *) echo "bench/gpu.sh: step must be score, train or compile, not '$step'" >&2; exit 2 ;;
+  *) echo "bench/gpu.sh: step must be score, train, export or compile, not '$step'" >&2; exit 2 ;;
 esac
 timeout --signal=INT --kill-after=20 "$limit" python3 "${args[@]}" 2>&1 | tee "$out/$step.log" | tail -60

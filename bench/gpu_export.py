@@ -1,0 +1,97 @@
+"""The product's GPU path end to end, through the CLI (issue 12, item 4): a Qwen2.5-1.5B-shaped run (random base
+weights, one short epoch of the real recipe so that it has an adapter, a head and a validation split), then
+
+    investment-risk export --run RUN --out MODEL --dtype fp16 --device cuda
+    investment-risk score --model MODEL --input articles.parquet --out SCORED --device cuda
+
+each as its own process, timed whole. Reports what model.json recorded (fused operators, the fp16 graph's parity
+against PyTorch bf16 on mixed-length padded batches, on which provider, its validation MAE beside fp32's) and what
+the scorer's metrics.json says (rows, provider, rows/s).
+
+    python bench/gpu_export.py --out bench-results/gpu-export.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gpu_train import DEVICE, SMOKE, make_base_model  # noqa: E402  (same directory)
+
+
+def cli(*args: str) -> float:
+    """One `investment-risk` process; its seconds. Its output goes to this step's log."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "investment_risk", *args], check=True)
+    return round(time.perf_counter() - started, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench-results/gpu-export.json")
+    parser.add_argument("--train-articles", type=int, default=400)
+    parser.add_argument("--score-articles", type=int, default=4000)
+    args = parser.parse_args()
+    if SMOKE:
+        args.train_articles, args.score_articles = 40, 64
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from investment_risk.datasets.split import SplitConfig, run_split
+    from investment_risk.datasets.synth import SynthConfig, generate
+    from investment_risk.training.config import TrainConfig
+    from investment_risk.training.recipe import train
+
+    results: dict = {"device": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(0), "torch": torch.__version__}
+
+    def save() -> None:  # after every section: a step cut short still returns what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+    def articles(rows: int, seed: int, path: Path) -> None:
+        table = generate(SynthConfig(rows=rows, seed=seed, long_tail_share=0.0))
+        # 512-token articles: each content repeated so that it fills the window before truncation.
+        longer = pa.array([(c + "\n\n") * 3 for c in table.column("content").to_pylist()], type=pa.string())
+        pq.write_table(table.set_column(table.column_names.index("content"), "content", longer), path)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        started = time.perf_counter()
+        base = make_base_model(root)
+        articles(args.train_articles, 11, root / "labelled.parquet")
+        run_split([str(root / "labelled.parquet")], root / "data", SplitConfig())
+        train(TrainConfig(mode="distillation", base_model=str(base), data=str(root / "data"), out=str(root / "run"),
+                          epochs=1, batch_size=8, learning_rate=2e-5, max_length=512, checkpoint_steps=10_000,
+                          device=DEVICE))
+        results["run_seconds"] = round(time.perf_counter() - started, 1)
+        if not SMOKE:
+            torch.cuda.empty_cache()
+        save()
+
+        results["export_seconds"] = cli("export", "--run", str(root / "run"), "--out", str(root / "model"),
+                                         "--dtype", "fp16", "--device", DEVICE)
+        model = json.loads((root / "model" / "model.json").read_text())
+        results["model_json"] = {key: model[key] for key in ("dtype", "external_data", "fused_operators", "parity")}
+        save()
+
+        articles(args.score_articles, 5, root / "batch.parquet")
+        results["score_seconds"] = cli("score", "--model", str(root / "model"), "--input", str(root / "batch.parquet"),
+                                       "--out", str(root / "scored"), "--device", DEVICE)
+        shard = json.loads((root / "scored" / "metrics" / "part-00000.json").read_text())
+        results["score"] = {key: shard.get(key) for key in ("provider", "rows_in", "rows_scored", "rows_model",
+                                                             "rows_rejected", "invariant_holds", "real_token_share",
+                                                             "model_rows_per_second", "rows_per_second", "batches")}
+        results["score"]["articles_per_second_whole_process"] = round(shard["rows_in"] / results["score_seconds"], 1)
+    save()
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
