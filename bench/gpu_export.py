@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_train import DEVICE, SMOKE, make_base_model  # noqa: E402  (same directory)
+from gpu_train import DEVICE, SMOKE, make_base_model, write_long_articles  # noqa: E402  (same directory)
 
 
 def cli(*args: str) -> float:
@@ -41,11 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     if SMOKE:
         args.train_articles, args.score_articles = 40, 64
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from investment_risk.datasets.split import SplitConfig, run_split
-    from investment_risk.datasets.synth import SynthConfig, generate
     from investment_risk.training.config import TrainConfig
     from investment_risk.training.recipe import train
 
@@ -55,17 +51,11 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
 
-    def articles(rows: int, seed: int, path: Path) -> None:
-        table = generate(SynthConfig(rows=rows, seed=seed, long_tail_share=0.0))
-        # 512-token articles: each content repeated so that it fills the window before truncation.
-        longer = pa.array([(c + "\n\n") * 3 for c in table.column("content").to_pylist()], type=pa.string())
-        pq.write_table(table.set_column(table.column_names.index("content"), "content", longer), path)
-
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         started = time.perf_counter()
         base = make_base_model(root)
-        articles(args.train_articles, 11, root / "labelled.parquet")
+        write_long_articles(args.train_articles, 11, root / "labelled.parquet")
         run_split([str(root / "labelled.parquet")], root / "data", SplitConfig())
         train(TrainConfig(mode="distillation", base_model=str(base), data=str(root / "data"), out=str(root / "run"),
                           epochs=1, batch_size=8, learning_rate=2e-5, max_length=512, checkpoint_steps=10_000,
@@ -81,7 +71,7 @@ def main() -> None:
         results["model_json"] = {key: model[key] for key in ("dtype", "external_data", "fused_operators", "parity")}
         save()
 
-        articles(args.score_articles, 5, root / "batch.parquet")
+        write_long_articles(args.score_articles, 5, root / "batch.parquet")
         results["score_seconds"] = cli("score", "--model", str(root / "model"), "--input", str(root / "batch.parquet"),
                                        "--out", str(root / "scored"), "--device", DEVICE)
         shard = json.loads((root / "scored" / "metrics" / "part-00000.json").read_text())

@@ -51,6 +51,18 @@ def make_base_model(root: Path) -> Path:
     return path
 
 
+def write_long_articles(rows: int, seed: int, path: Path) -> None:
+    """Synthetic labelled articles whose content is repeated so that each fills a 512-token window."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from investment_risk.datasets.synth import SynthConfig, generate
+
+    table = generate(SynthConfig(rows=rows, seed=seed, long_tail_share=0.0))
+    longer = pa.array([(c + "\n\n") * 3 for c in table.column("content").to_pylist()], type=pa.string())
+    pq.write_table(table.set_column(table.column_names.index("content"), "content", longer), path)
+
+
 def step_loop(base: Path, batch: int, length: int, steps: int = 12, compiled: bool = False) -> dict:
     """Forward + backward + AdamW on random ids: the ceiling of the training step, without data handling."""
     from investment_risk.modeling.networks import regression_model
@@ -98,7 +110,6 @@ def main() -> None:
     args = parser.parse_args()
     from investment_risk.core.logs import configure_logging
     from investment_risk.datasets.split import SplitConfig, run_split
-    from investment_risk.datasets.synth import SynthConfig, write_synthetic
     from investment_risk.training.config import TrainConfig
     from investment_risk.training.recipe import train
 
@@ -115,14 +126,7 @@ def main() -> None:
             results["step_loop"] = [step_loop(base, b, 512, 2 if SMOKE else 12) for b in (8, 16, 32)]
         # ~4,118 training rows after de-duplication and the 80/10/10 split.
         rows = int((40 if SMOKE else args.articles) / 0.8 / 0.98) + 1
-        write_synthetic(SynthConfig(rows=rows, seed=11, long_tail_share=0.0), root / "articles.parquet")
-        # 512-token batches: repeat each article's text so it fills the window before truncation.
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(root / "articles.parquet")
-        longer = pa.array([(c + "\n\n") * 3 for c in table.column("content").to_pylist()], type=pa.string())
-        pq.write_table(table.set_column(table.column_names.index("content"), "content", longer), root / "articles.parquet")
+        write_long_articles(rows, 11, root / "articles.parquet")
         run_split([str(root / "articles.parquet")], root / "data", SplitConfig())
         config = TrainConfig(mode="distillation", base_model=str(base), data=str(root / "data"), out=str(root / "run"),
                              epochs=args.epochs, batch_size=args.batch_size, learning_rate=2e-5, max_length=512,
