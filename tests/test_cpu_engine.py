@@ -84,6 +84,23 @@ def test_without_labels_no_int8_candidate_is_made(exported, tmp_path, monkeypatc
     assert skipped["openvino-int8"] == "no validation labels to bound its error"
     assert info["cpu_engine"]["engine"] in FP32_ENGINES and not list((tmp_path / "model").glob(f"{INT8_FILE}*"))
 
+def test_a_named_engine_is_measured_alone_beside_the_fp32_reference(exported, tmp_path, monkeypatch):
+    from investment_risk.export import onnx_export, static_int8
+
+    run, _, _ = exported
+
+    def no_int8(*args, **kwargs):
+        raise AssertionError("the static int8 twin was made for an export that named another engine")
+
+    monkeypatch.setattr(static_int8, "quantize_int8", no_int8)
+    info = onnx_export.export_run(run, tmp_path / "model", cpu_engine="openvino-f32")
+    measured = {m["engine"]: m for m in info["cpu_engine"]["measured"]}
+    assert info["cpu_engine"]["engine"] == "openvino-f32"
+    assert {e for e, m in measured.items() if "rows_per_second" in m} == {"onnxruntime", "openvino-f32"}
+    assert measured["openvino-f32"]["max_abs_diff"] < 1e-3 and "val_mae" in measured["openvino-f32"]
+    assert [measured[e]["skipped"] for e in ("openvino-int8", "openvino-bf16")] == [
+        "not measured: --cpu-engine named openvino-f32"] * 2
+
 
 def parity_rows_of(model):
     from investment_risk.export.onnx_export import parity_rows

@@ -21,7 +21,8 @@ from .options import option
              "the MatMuls dynamically. Both record their own parity.")
 @option("--cpu-engine", type=click.Choice(["auto", *CPU_ENGINES]), default="auto",
         show_default=True, help="fp32: what scores the model on CPUs. auto measures each on the validation split and "
-                                "keeps the fastest whose val MAE is within 0.02 of fp32's.")
+                                "keeps the fastest whose val MAE is within 0.02 of fp32's; a named one is "
+                                "measured alone beside ONNX Runtime fp32.")
 @option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
         help="Where reduced precision is proved: cuda runs the fp16 graph on ONNX Runtime's CUDA provider against "
              "PyTorch bf16 on the GPU, and scores the drift reference there.")
