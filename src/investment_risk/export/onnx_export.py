@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import gc
 import logging
 import shutil
 import sys
@@ -109,6 +110,12 @@ def fuse_graph(path: Path, external: bool) -> dict[str, int]:
     for stale in onnx_files(path.parent):
         stale.unlink()
     ir.save(model, str(path), external_data="model.onnx.data" if external else None)
+    # Free the weights now: onnxscript's module-level rewrite rules keep the last graph they matched (this one),
+    # and the graph's reference cycles wait for the next cyclic GC.
+    for value in model.graph.initializers.values():
+        value.const_value = None
+    del model
+    gc.collect()
     return {name: int(n) for name, n in counts.items() if n}
 
 
@@ -235,20 +242,36 @@ def graph_runner(path: Path, device: str) -> Any:
     return OnnxRunner.from_session(cpu_session(path))
 
 
-def reduced_precision_check(path: Path, module: Any, rows: list[np.ndarray], batches: list[np.ndarray], pad_id: int,
-                            device: str, val: tuple[list[np.ndarray], np.ndarray | None], val_fp32: np.ndarray | None
-                            ) -> dict[str, Any]:
-    """A reduced-precision graph against PyTorch in the precision it stands for (bf16 on CUDA, fp32 on the CPU) on the
-    mixed-length parity batches, and its validation MAE beside the fp32 graph's."""
+def release_weights(module: Any) -> None:
+    """Free the model's weights in place. Dropping the module is not enough: onnxscript's module-level rewrite
+    rules keep the last graph they matched, the exported program's, whose initializers hold the Parameters."""
     import torch
 
-    torch_device = torch.device(device)
-    reference_module = module.to(torch_device, dtype=torch.bfloat16) if device == "cuda" else module
-    reference = predict(TorchRunner(reference_module, torch_device), rows, pad_id, batches=batches)
+    for parameter in module.parameters():
+        parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+
+
+def torch_bf16_on_gpu(module: Any, rows: list[np.ndarray], batches: list[np.ndarray], pad_id: int
+                      ) -> tuple[np.ndarray, str]:
+    """PyTorch bf16's scores on the GPU, what an fp16 graph on CUDA stands for, and their name."""
+    import torch
+
+    cuda = torch.device("cuda")
+    module = module.to(cuda, dtype=torch.bfloat16)
+    return predict(TorchRunner(module, cuda), rows, pad_id, batches=batches), "torch-bf16-cuda"
+
+
+def reduced_precision_check(path: Path, reference: tuple[np.ndarray, str], rows: list[np.ndarray],
+                            batches: list[np.ndarray], pad_id: int, device: str,
+                            val: tuple[list[np.ndarray], np.ndarray | None], val_fp32: np.ndarray | None
+                            ) -> dict[str, Any]:
+    """A reduced-precision graph against PyTorch's scores (`reference`, named) on the mixed-length parity batches,
+    and its validation MAE beside the fp32 graph's."""
     runner = graph_runner(path, device)
+    want, name = reference
     out: dict[str, Any] = {
-        "max_abs_diff": float(np.abs(reference - predict(runner, rows, pad_id, batches=batches)).max()),
-        "provider": runner.provider, "reference": f"torch-{'bf16' if device == 'cuda' else 'fp32'}-{device}"}
+        "max_abs_diff": float(np.abs(want - predict(runner, rows, pad_id, batches=batches)).max()),
+        "provider": runner.provider, "reference": name}
     val_rows, labels = val
     if labels is not None and val_fp32 is not None:
         scores = np.clip(predict(runner, val_rows, pad_id, token_budget=16384), 0.0, 10.0)
@@ -290,12 +313,12 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
     rows, batches = parity_rows(tokenizer, metadata)
     pad_id = tokenizer.pad_token_id
     # PyTorch's scores on the parity rows, through the same inference path as every graph checked against them.
-    reference = predict(TorchRunner(module, torch.device("cpu")), rows, pad_id, batches=batches)
+    torch_fp32 = predict(TorchRunner(module, torch.device("cpu")), rows, pad_id, batches=batches)
     info: dict[str, Any] = {}
 
     def parity_of(path: Path) -> float:
         got = predict(graph_runner(path, "cpu"), rows, pad_id, batches=batches)
-        return float(np.abs(reference - got).max())
+        return float(np.abs(torch_fp32 - got).max())
 
     def build(work: Path) -> None:
         example = next(padded_batches(rows, pad_id, batches[1:2]))
@@ -319,6 +342,12 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         if parity["fp32_fused_max_abs_diff"] > FP32_PARITY_LIMIT:
             raise ParityError(f"the fused ONNX graph of {run_dir} differs from PyTorch by "
                               f"{parity['fp32_fused_max_abs_diff']:.2e} (limit {FP32_PARITY_LIMIT:g})")
+        check_device = device if dtype == "fp16" else "cpu"  # int8 graphs are for CPUs
+        # What a reduced graph is checked against: PyTorch in the precision it stands for (on the CPU, the fp32
+        # scores above).
+        torch_scores = (torch_bf16_on_gpu(module, rows, batches, pad_id) if check_device == "cuda"
+                        else (torch_fp32, "torch-fp32-cpu"))
+        release_weights(module)  # PyTorch is done: 6 GB for a 1.5B model, wanted by the conversions and NNCF
         engines: dict[str, Any] = {"engine": "onnxruntime", "why": f"--dtype {dtype} runs on ONNX Runtime"}
         if dtype == "fp32":
             engines = _pick_cpu_engine(work / "model.onnx", tokenizer, metadata, cpu_engine, external)
@@ -329,8 +358,8 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
                 val_fp32 = np.clip(predict(graph_runner(work / "model.onnx", device), val[0], pad_id,
                                            token_budget=16384), 0.0, 10.0)
             (to_fp16 if dtype == "fp16" else to_int8)(work / "model.onnx", external)
-            check = reduced_precision_check(work / "model.onnx", module, rows, batches, pad_id,
-                                            device if dtype == "fp16" else "cpu", val, val_fp32)
+            check = reduced_precision_check(work / "model.onnx", torch_scores, rows, batches, pad_id, check_device,
+                                            val, val_fp32)
             parity[f"{dtype}_max_abs_diff"] = check.pop("max_abs_diff")
             parity[dtype] = check
             if dtype == "fp16":
