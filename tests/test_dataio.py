@@ -164,6 +164,25 @@ def test_atomic_writers_set_modes_and_sync_the_directory(tmp_path, monkeypatch):
     assert (tmp_path / "d" / "model").stat().st_mode & 0o777 == atomic.DIR_MODE
 
 
+def test_a_directory_half_built_by_a_killed_attempt_is_removed_by_the_next_write(tmp_path):
+    from investment_risk.core import atomic
+
+    def killed(work):
+        (work / "model.onnx.data").write_bytes(b"\0" * 1024)
+        raise KeyboardInterrupt
+
+    dest = tmp_path / "model"
+    with pytest.raises(KeyboardInterrupt), pytest.MonkeyPatch.context() as patch:
+        # SIGKILL runs no `finally`: the half-built directory stays
+        patch.setattr(atomic.shutil, "rmtree", lambda *args, **kwargs: None)
+        atomic.write_dir_atomic(dest, killed)
+    other = tmp_path / ".model-fp16.partial-x"  # another destination's, whose name shares the prefix
+    other.mkdir()
+    assert [p.name.split("-")[0] for p in tmp_path.glob(".model.partial-*")] == [".model.partial"]
+    atomic.write_dir_atomic(dest, lambda work: (work / "model.onnx").write_text("graph"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model-fp16.partial-x", "model"]
+
+
 def test_jsonl_blank_lines_are_skipped_counted_and_rows_keep_their_line_numbers(tmp_path):
     path = tmp_path / "b.jsonl"
     records = [json.dumps(r) for r in article_rows(3, labels=False)]

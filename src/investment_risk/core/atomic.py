@@ -4,6 +4,7 @@ directory (a rename is durable only once its directory is synced)."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -49,10 +50,15 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
 
 
 def write_dir_atomic(dest: str | Path, fill: Callable[[Path], Any]) -> Path:
-    """Build a directory with `fill(path)` beside `dest`, then swap it in; a failure leaves `dest` as it was."""
+    """Build a directory with `fill(path)` beside `dest`, then swap it in; a failure leaves `dest` as it was.
+    What an attempt killed outright (SIGKILL, out of memory) left half-built is removed by the next write of the
+    same `dest`: each destination has one writer, and a 1.5B model's export leaves gigabytes."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    prefix = f".{dest.name}.partial-"
+    for leftover in dest.parent.glob(f"{glob.escape(prefix)}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
     try:
         fill(work)
         work.chmod(DIR_MODE)
