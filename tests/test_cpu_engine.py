@@ -176,3 +176,37 @@ def test_threads_follow_the_cgroup_cpu_quota(tmp_path, files, quota_cpus):
         (tmp_path / name).write_text(text)
     affinity = len(os.sched_getaffinity(0))
     assert usable_cpus(tmp_path) == (affinity if quota_cpus is None else min(affinity, quota_cpus))
+
+
+def test_available_memory_is_the_tighter_of_the_machine_and_the_cgroup(tmp_path):
+    from investment_risk.export.static_int8 import available_memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n")
+    v2, v1, unlimited, none = (tmp_path / name for name in ("v2", "v1", "unlimited", "none"))
+    (v1 / "memory").mkdir(parents=True)
+    (unlimited / "memory").mkdir(parents=True)
+    v2.mkdir()
+    (v2 / "memory.max").write_text("8589934592\n")
+    (v2 / "memory.current").write_text("1073741824\n")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("4294967296\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("294967296\n")
+    (unlimited / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (unlimited / "memory" / "memory.usage_in_bytes").write_text("1\n")
+    assert available_memory(v2, meminfo) == 7 * 2**30
+    assert available_memory(v1, meminfo) == 4 * 10**9
+    assert available_memory(unlimited, meminfo) == available_memory(none, meminfo) == 20000000 * 1024
+    assert available_memory(none, tmp_path / "missing") is None
+
+
+def test_no_int8_twin_is_attempted_without_the_memory_nncf_needs(exported, tmp_path, monkeypatch):
+    # A Qwen2.5-1.5B-shaped export was killed for memory inside NNCF on a 24 GiB machine.
+    from investment_risk.export import onnx_export, static_int8
+
+    run, _, _ = exported
+    monkeypatch.setattr(static_int8, "available_memory", lambda: 2**20)
+    info = onnx_export.export_run(run, tmp_path / "model")
+    skipped = {m["engine"]: m.get("skipped", "") for m in info["cpu_engine"]["measured"]}
+    assert skipped["openvino-int8"].startswith("NNCF would need about") and "0.0 GiB are available" in skipped[
+        "openvino-int8"], skipped
+    assert not list((tmp_path / "model").glob(f"{INT8_FILE}*"))

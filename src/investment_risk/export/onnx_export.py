@@ -189,7 +189,8 @@ def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], reque
         skipped = [{"engine": e, "skipped": f"not measured: --cpu-engine named {requested}"}
                    for e in CPU_ENGINES if e not in engines]
     if "openvino-int8" in engines:
-        why_not_int8 = int8_unavailable_reason() or (
+        weight_bytes = sum(f.stat().st_size for f in onnx_files(path.parent))
+        why_not_int8 = int8_unavailable_reason(weight_bytes) or (
             "" if labels is not None or requested == "openvino-int8" else "no validation labels to bound its error")
         if why_not_int8:
             engines.remove("openvino-int8")
