@@ -210,3 +210,5 @@ def test_no_int8_twin_is_attempted_without_the_memory_nncf_needs(exported, tmp_p
     assert skipped["openvino-int8"].startswith("NNCF would need about") and "0.0 GiB are available" in skipped[
         "openvino-int8"], skipped
     assert not list((tmp_path / "model").glob(f"{INT8_FILE}*"))
+    with pytest.raises(ConfigError, match="--cpu-engine openvino-int8: cannot run here \\(NNCF would need"):
+        onnx_export.export_run(run, tmp_path / "named", cpu_engine="openvino-int8")
