@@ -88,7 +88,7 @@ def fp32_matmul_peak(hidden: int, intermediate: int, threads: int, tokens: int =
                                   [numpy_helper.from_array(w, "w")])
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
                                        .SerializeToString(), options, providers=["CPUExecutionProvider"])
         xt, wt = torch.from_numpy(x), torch.from_numpy(w)
         for multiply in (lambda: session.run(None, {"x": x}), lambda: xt @ wt):

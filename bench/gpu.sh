@@ -35,7 +35,7 @@ import onnx, onnxruntime as ort
 from onnx import TensorProto, helper
 graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)  # ORT 1.31 reads IR <= 13
 session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 print("torch", torch.__version__, "onnxruntime", ort.__version__, "session providers", session.get_providers())
 EOF

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -320,12 +321,32 @@ def test_compile_trains_to_the_same_result(split_dir, tmp_path, monkeypatch):
     """--compile changes the speed, not the model: the result matches eager training up to dropout draws (inductor
     generates dropout masks with its own RNG, so the two runs see different masks)."""
     import torch
+    from torch._dynamo import guards
+
+    from investment_risk.training import distillation
+
+    MAX = 512  # long enough that the batches differ in length, not only in rows
     calls = []
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(model) or real_compile(model, **kw))
-    eager = train(tiny_config(split_dir, tmp_path / "eager", epochs=1))
+    eager = train(tiny_config(split_dir, tmp_path / "eager", epochs=1, max_length=MAX))
     assert not calls
-    compiled = train(tiny_config(split_dir, tmp_path / "compiled", epochs=1, compile=True))
-    assert len(calls) == 1
+    shapes = set()
+    real_pad = distillation.pad_batch
+    monkeypatch.setattr(distillation, "pad_batch", lambda *a: shapes.add((ids := real_pad(*a))[0].shape) or ids)
+    recompiles: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: recompiles.append(record.getMessage())
+    torch._logging.set_logs(recompiles=True)
+    guards.recompiles_log.addHandler(handler)
+    try:
+        compiled = train(tiny_config(split_dir, tmp_path / "compiled", epochs=1, compile=True, max_length=MAX))
+    finally:
+        guards.recompiles_log.removeHandler(handler)
+        torch._logging.set_logs()
+    assert len(calls) == 2  # tiny-qwen2's two decoder blocks, each compiled in place
+    # Recompiled for grad mode, a missing mask or a frozen input, never for a batch shape: a whole-model compile
+    # recompiled at each new length (minutes each for a 1.5B model on a GPU).
+    assert len(shapes) > 3 and recompiles and not [r for r in recompiles if "size mismatch" in r]
     assert compiled["config"]["compile"] is True
     assert compiled["best_val_mae"] == pytest.approx(eager["best_val_mae"], rel=2e-2)

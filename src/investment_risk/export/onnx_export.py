@@ -81,10 +81,37 @@ def to_fp16(path: Path, external: bool) -> None:
 
     # Given the path, the converter infers shapes file to file: a ModelProto over 2 GB cannot be serialised for it.
     converted = convert_float_to_float16(str(path), keep_io_types=True, op_block_list=FP32_OPS)
+    merge_duplicate_casts(converted)
     for stale in onnx_files(path.parent):
         stale.unlink()
     onnx.save_model(converted, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location="model.onnx.data" if external else None)
+
+
+def merge_duplicate_casts(model: Any) -> int:
+    """Keep one of each set of identical nodes that write the same output; returns how many were dropped.
+
+    onnxruntime(-gpu) 1.31's fp16 converter, the image's, inserts one fp16 -> fp32 Cast per consumer of a value kept
+    in fp32, each with the same name and output, and ONNX Runtime refuses the graph ("two nodes with same node
+    name"); 1.32 shares one Cast. Seen on an H100 with a Qwen2.5-1.5B-shaped export."""
+    from onnx import NodeProto, ValueInfoProto
+
+    seen: dict[tuple[str, ...], bytes] = {}
+    kept: list[NodeProto] = []
+    for node in model.graph.node:
+        key, body = tuple(node.output), node.SerializeToString()
+        if seen.get(key) != body:
+            seen.setdefault(key, body)
+            kept.append(NodeProto.FromString(body))
+    dropped = len(model.graph.node) - len(kept)
+    if dropped:
+        infos: dict[str, bytes] = {}
+        for info in model.graph.value_info:
+            infos.setdefault(info.name, info.SerializeToString())
+        del model.graph.node[:], model.graph.value_info[:]
+        model.graph.node.extend(kept)
+        model.graph.value_info.extend(ValueInfoProto.FromString(body) for body in infos.values())
+    return dropped
 
 
 ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")

@@ -84,7 +84,6 @@ class Session:
     train_data: SplitData
     val_data: SplitData
     model: Any
-    forward: Any  # the model, or torch.compile of it
     optimizer: Any
     scheduler: Any
     trainable: list[Any]
@@ -166,13 +165,28 @@ def setup(config: TrainConfig, resume: bool) -> Session:
     if warmup < config.warmup_steps:
         get_logger().info("warmup_capped", requested=config.warmup_steps, used=warmup, total_steps=total_steps,
                           reason="warm-up is capped at 10% of all optimizer steps")
-    # torch.compile fuses the many small ops of LoRA layers and norms (1.7x training tokens/s on an H200).
+    if config.compile:
+        compile_blocks(model)
     return Session(
         config=config, out=out, base=base, device=device, autocast_dtype=torch.bfloat16 if on_cuda else None,
-        task=task, train_data=train_data, val_data=val_data, model=model,
-        forward=torch.compile(model) if config.compile else model, optimizer=optimizer,
+        task=task, train_data=train_data, val_data=val_data, model=model, optimizer=optimizer,
         scheduler=get_linear_schedule_with_warmup(optimizer, warmup, total_steps), trainable=trainable,
         batches_per_epoch=batches_per_epoch, steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup=warmup)
+
+
+def compile_blocks(model: Any) -> int:
+    """torch.compile each transformer block in place (the classes transformers keeps whole, `_no_split_modules`),
+    with dynamic shapes; returns how many. It fuses the many small ops of LoRA layers and norms (1.7x training
+    tokens/s on an H200). Compiling the whole model instead cost 143 s on an H100 for a 1.5B model's first batch,
+    and 210 s more at the second batch length: every new shape recompiled it. Identical blocks share their kernels,
+    any batch shape reuses them, and parameter names stay as they are for checkpoints and the adapter."""
+    from transformers import PreTrainedModel
+
+    names = {name for m in model.modules() if isinstance(m, PreTrainedModel) for name in m._no_split_modules or ()}
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
 
 
 def start_or_resume(session: Session, resume: bool) -> tuple[TrainState, Sums]:
@@ -218,7 +232,7 @@ def run_epoch(session: Session, state: TrainState, sums: Sums, bar: Progress) ->
     for b in range(state.batch, len(batches)):
         idx = batches[b]
         idx_t = to_device(idx, device)
-        loss, preds, token_loss = task.loss_and_preds(session.forward, data, idx, labels[idx_t], device,
+        loss, preds, token_loss = task.loss_and_preds(session.model, data, idx, labels[idx_t], device,
                                                       session.autocast_dtype)
         if token_loss is not None:
             sums.token_loss += torch.stack([token_loss.detach(), torch.ones((), device=device)])
