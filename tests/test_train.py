@@ -93,6 +93,29 @@ def test_warmup_cap_is_logged(tiny_run):
     assert not [e for e in logs if e["event"] == "warmup_capped"]
 
 
+def test_train_step_lines_give_the_rate_since_the_last_line(split_dir, tmp_path, monkeypatch):
+    """A slow first batch (compilation, on a GPU) weighs on the rate since the start, not on the recent one."""
+    import time
+
+    from investment_risk.training.distillation import DistillationTask
+
+    real, calls = DistillationTask.loss_and_preds, []
+
+    def slow_first(self, *args):
+        if not calls:
+            time.sleep(3)
+        calls.append(args)
+        return real(self, *args)
+
+    monkeypatch.setattr(DistillationTask, "loss_and_preds", slow_first)
+    with capture_logs() as logs:
+        train(tiny_config(split_dir, tmp_path / "r", epochs=1, log_every=2))
+    lines = [e for e in logs if e["event"] == "train_step"]
+    assert len(lines) >= 3
+    assert all(e["recent_tokens_per_second"] > 2 * e["tokens_per_second"] for e in lines[1:])
+    assert lines[0]["recent_tokens_per_second"] == pytest.approx(lines[0]["tokens_per_second"], rel=0.05)
+
+
 def test_warmup_cap_applies_on_small_data(split_dir, tmp_path):
     with capture_logs() as logs:
         metadata = train(tiny_config(split_dir, tmp_path / "r", epochs=1, warmup_steps=500))

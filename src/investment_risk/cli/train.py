@@ -38,7 +38,7 @@ from .options import option
 @option("--checkpoint-steps", type=click.IntRange(min=1), default=500, show_default=True,
         help="Also checkpoint every N optimizer steps (always at each epoch end).")
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@option("--compile", "compile", is_flag=True, help="torch.compile the training forward (worth it on GPUs).")
+@option("--compile", "compile", is_flag=True, help="torch.compile each transformer block (worth it on GPUs).")
 @option("--train-embeddings", is_flag=True,
         help="Instruction mode: also train the token embeddings (tied to the LM head). Needed by a base that was never "
              "pretrained, like tiny-qwen2; costs vocab x hidden extra parameters.")

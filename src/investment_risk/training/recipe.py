@@ -93,6 +93,7 @@ class Session:
     warmup: int
     started: float = field(default_factory=time.monotonic)
     segment_start: float = field(default_factory=time.monotonic)  # train_seconds counts from here
+    last_log: tuple[float, int] = (0.0, 0)  # (monotonic time, state.tokens) at the last train_step line
 
     @property
     def checkpoints(self) -> Path:
@@ -229,6 +230,7 @@ def run_epoch(session: Session, state: TrainState, sums: Sums, bar: Progress) ->
     kill_at = _kill_point()
     batches = length_grouped_batches(lengths, config.batch_size, config.seed, state.epoch)
     session.model.train()
+    session.last_log = (time.monotonic(), state.tokens)
     for b in range(state.batch, len(batches)):
         idx = batches[b]
         idx_t = to_device(idx, device)
@@ -266,10 +268,14 @@ def log_step(session: Session, state: TrainState, sums: Sums) -> None:
     sums.running.zero_()
     state.since_log = 0
     state.step_losses.append([state.step, mean_loss])
-    seconds = time.monotonic() - session.segment_start + state.train_seconds
+    now = time.monotonic()
+    seconds = now - session.segment_start + state.train_seconds
+    (then, tokens_then), session.last_log = session.last_log, (now, state.tokens)
+    # Since the start (compilation and all) and since the last line (the rate the run is going at now).
     get_logger().info("train_step", epoch=state.epoch, step=state.step, total_steps=session.total_steps,
                       loss=round(mean_loss, 5), lr=session.scheduler.get_last_lr()[0],
-                      tokens_per_second=round(state.tokens / max(seconds, 1e-9), 1))
+                      tokens_per_second=round(state.tokens / max(seconds, 1e-9), 1),
+                      recent_tokens_per_second=round((state.tokens - tokens_then) / max(now - then, 1e-9), 1))
 
 
 def end_of_epoch(session: Session, state: TrainState, sums: Sums, epoch_started: float, tokens_before: int) -> None:
