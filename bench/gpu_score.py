@@ -72,6 +72,8 @@ def onnx_cuda(rows: list[np.ndarray], batches: list[tuple[np.ndarray, np.ndarray
     from investment_risk.export.onnx_export import export_graph, fuse_graph, fused_operator_counts, to_fp16
     from investment_risk.modeling.onnx_runtime import OnnxRunner
     from investment_risk.modeling.predict import PaddedBatch
+    from investment_risk.modeling.tokens import length_batches, pad_batch
+    from investment_risk.scoring.pipeline import GPU_TOKEN_BUDGET
 
     if not SMOKE and "CUDAExecutionProvider" not in ort.get_available_providers():
         return {"not measured": f"onnxruntime-gpu is not installed (providers: {ort.get_available_providers()})"}
@@ -104,6 +106,18 @@ def onnx_cuda(rows: list[np.ndarray], batches: list[tuple[np.ndarray, np.ndarray
             runner(PaddedBatch(np.arange(len(ids)), ids, mask))
         out["articles_per_second"] = round(len(rows) / (time.perf_counter() - started), 1)
         out["provider"] = runner.provider
+        # The scorer's own default budget on GPUs (not yet measured on one) beside others, on a quarter of the
+        # articles: which budget to ship.
+        some = rows[: max(len(rows) // 4, 1)]
+        lengths = np.array([len(r) for r in some])
+        out["articles_per_second_by_token_budget"] = {}
+        for budget in sorted({GPU_TOKEN_BUDGET, 32768, 65536, 131072}):
+            chosen = [pad_batch([some[i] for i in b], pad) for b in length_batches(lengths, budget, 1024)]
+            runner(PaddedBatch(np.arange(len(chosen[0][0])), *chosen[0]))
+            started = time.perf_counter()
+            for ids, mask in chosen:
+                runner(PaddedBatch(np.arange(len(ids)), ids, mask))
+            out["articles_per_second_by_token_budget"][budget] = round(len(some) / (time.perf_counter() - started), 1)
     return out
 
 
