@@ -28,6 +28,10 @@ def test_each_gpu_step_runs_through_on_the_cpu(step, tmp_path):
     results = json.loads((tmp_path / name).read_text())
     assert all(section in results for section in sections), results
     assert "error" not in results.get("onnxruntime_cuda", {}), results["onnxruntime_cuda"]
-    assert (tmp_path / f"{step}.log").exists() and (tmp_path / f"gpu-info-{step}.txt").exists()
+    assert (tmp_path / f"{step}.log").exists() and "Traceback" not in (tmp_path / f"gpu-info-{step}.txt").read_text()
+    if step == "score":
+        measured = results["onnxruntime_cuda"]
+        assert measured["articles_per_second"] > 0 and len(measured["articles_per_second_by_token_budget"]) == 4
+        assert measured["fused_ops_in_fp16"]["articles_per_second"] > 0
     if step == "export":
         assert results["model_json"]["dtype"] == "fp16" and results["score"]["invariant_holds"]

@@ -17,7 +17,7 @@ import sys
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -75,12 +75,12 @@ def parity_rows(tokenizer: Any, metadata: dict[str, Any]) -> tuple[list[np.ndarr
     return rows, batches
 
 
-def to_fp16(path: Path, external: bool) -> None:
+def to_fp16(path: Path, external: bool, keep_fp32: Sequence[str] = tuple(FP32_OPS)) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     # Given the path, the converter infers shapes file to file: a ModelProto over 2 GB cannot be serialised for it.
-    converted = convert_float_to_float16(str(path), keep_io_types=True, op_block_list=FP32_OPS)
+    converted = convert_float_to_float16(str(path), keep_io_types=True, op_block_list=list(keep_fp32))
     merge_duplicate_casts(converted)
     for stale in onnx_files(path.parent):
         stale.unlink()
