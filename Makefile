@@ -26,9 +26,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# Tests run the image's ONNX Runtime version (its onnxruntime-gpu has the same Python tools and CPU provider):
+# converters and quantisers differ between releases, and the image is what ships.
+IMAGE_ORT := $(shell sed -n 's/^onnxruntime-gpu==\([0-9.]*\).*/\1/p' docker/requirements.lock)
+
+$(VENV)/.installed: pyproject.toml docker/requirements.lock | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH_CPU)"
-	$(BIN)/python -m pip install --quiet -e ".[test,cpu]"
+	$(BIN)/python -m pip install --quiet -e ".[test,cpu]" "onnxruntime==$(IMAGE_ORT)"
 	touch $@
 
 $(CHECKOV_VENV)/.installed:

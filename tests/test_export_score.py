@@ -173,7 +173,7 @@ def test_fusion_keeps_no_copy_of_the_weights(tmp_path):
                               [helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(weights, "table")])
     path = tmp_path / "model.onnx"
-    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path),
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path),
                     save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data")
     del weights, graph
     importlib.import_module("onnxscript.rewriter.ort_fusions")  # before tracing: only what fusion keeps counts

@@ -44,7 +44,7 @@ def write_large_graph(path: Path) -> tuple[np.ndarray, np.ndarray]:
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ROWS])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, COLUMNS])],
                               [external_tensor("w", weights, path.parent / "model.onnx.data")])
-    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
     x = np.random.default_rng(1).standard_normal((1, ROWS), dtype=np.float32)
     return x, x @ weights
 
@@ -86,7 +86,7 @@ def write_large_scorer(path: Path) -> None:
                               [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 8])],
                               [embedding, head, numpy_helper.from_array(np.array([2]), "last"),
                                numpy_helper.from_array(np.array([1]), "sequence")])
-    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
 
 
 def test_the_static_int8_twin_of_a_graph_over_2_gb(work):

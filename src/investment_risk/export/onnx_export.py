@@ -147,7 +147,7 @@ def fuse_graph(path: Path, external: bool) -> dict[str, int]:
 
 
 def to_int8(path: Path, external: bool) -> None:
-    """Dynamic int8 quantisation of the MatMuls (ONNX Runtime's quantiser): for CPU scoring."""
+    """Dynamic int8 quantisation of the MatMuls and Gemms (ONNX Runtime's quantiser): for CPU scoring."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -157,6 +157,7 @@ def to_int8(path: Path, external: bool) -> None:
     for stale in onnx_files(path.parent):
         stale.rename(aside / stale.name)
     source = aside / path.name
+    drop_initializer_shapes(source)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantiser advises pre-processing on the root logger at every call
@@ -168,6 +169,22 @@ def to_int8(path: Path, external: bool) -> None:
     finally:
         root.setLevel(level)
     shutil.rmtree(aside)
+
+
+def drop_initializer_shapes(path: Path) -> None:
+    """Remove the value_info entries of initializers (their tensors carry their shapes). onnxruntime 1.31's
+    quantiser, the image's, turns each Gemm into a MatMul by transposing its weights in place; the old entry then
+    contradicts the new shape and its shape inference fails ("Inferred shape and existing shape differ")."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = {tensor.name for tensor in model.graph.initializer}
+    kept = [onnx.ValueInfoProto.FromString(info.SerializeToString())
+            for info in model.graph.value_info if info.name not in names]
+    if len(kept) < len(model.graph.value_info):
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
+        onnx.save_model(model, str(path))  # the graph only: the weights stay where its references say
 
 
 def export_graph(module: Any, example: tuple[Any, ...], path: Path, external: bool) -> None:
