@@ -175,9 +175,9 @@ def setup(config: TrainConfig, resume: bool) -> Session:
         batches_per_epoch=batches_per_epoch, steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup=warmup)
 
 
-def compile_blocks(model: Any) -> int:
+def compile_blocks(model: Any) -> None:
     """torch.compile each transformer block in place (the classes transformers keeps whole, `_no_split_modules`),
-    with dynamic shapes; returns how many. Compiling fuses the many small ops of LoRA layers and norms (the whole
+    with dynamic shapes. Compiling fuses the many small ops of LoRA layers and norms (the whole
     model compiled took a step from 35k to 60k tokens/s on an H200), but compiling the whole model cost a 1.5B model
     143 s on an H100 at its first batch and 210 s more at the second batch length: every new shape recompiled it.
     Identical blocks share their kernels, any batch shape reuses them, and parameter names stay as they are for
@@ -185,10 +185,8 @@ def compile_blocks(model: Any) -> int:
     from transformers import PreTrainedModel
 
     names = {name for m in model.modules() if isinstance(m, PreTrainedModel) for name in m._no_split_modules or ()}
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    for block in blocks:
+    for block in [m for m in model.modules() if type(m).__name__ in names]:
         block.compile(dynamic=True)
-    return len(blocks)
 
 
 def start_or_resume(session: Session, resume: bool) -> tuple[TrainState, Sums]:
