@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare, here, what the GPU device machine lacks for bench/gpu.sh: onnxruntime-gpu (about 256 MB, more than the
-# 64 MiB one device call carries) split into parts of 56 MiB (with the working tree, under the 64 MiB a call carries), one folder a call, and the small wheels in .whl/.
+# 64 MiB one device call carries) split into parts of 56 MiB (with the working tree, under the 64 MiB a call carries), one folder a call, and the smaller wheels
+# in .whl/ (onnxruntime-genai-cuda, whose model builder writes the decoder's fp16 graph, is the largest: about 17 MB).
 # Versions come from the image's lock. See bench/README.md for the calls that carry and join them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ fetch() {  # DIR SPEC...
 }
 rm -rf .whl .whl-parts && mkdir -p .whl .whl-parts
 fetch .whl "onnxscript==$(pin onnxscript)" "onnx-ir==$(pin onnx-ir)" "structlog==$(pin structlog)" \
-  "python-docx==$(pin python-docx)" "ml-dtypes==$(pin ml-dtypes)"
+  "python-docx==$(pin python-docx)" "ml-dtypes==$(pin ml-dtypes)" "onnxruntime-genai-cuda==$(pin onnxruntime-genai-cuda)"
 tmp=$(mktemp -d)
 fetch "$tmp" "onnxruntime-gpu==$(pin onnxruntime-gpu)"
 wheel=$(ls "$tmp"/onnxruntime_gpu-*.whl)

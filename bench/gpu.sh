@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU runs (H100/H200), one device call each, in order of importance (bench/README.md):
-#   bash bench/gpu.sh score    ~7 min: ORT CUDA on our export (with its parity), PyTorch bf16 SDPA, the original's way
+#   bash bench/gpu.sh score    ~7 min: ORT CUDA on both fp16 graphs (builder, dynamo; with parity), PyTorch bf16 SDPA,
+#                                     the original's way
 #   bash bench/gpu.sh train    ~5 min: the training recipe with --compile, 3 epochs of 4,118 articles
 #   bash bench/gpu.sh export   ~7 min: the CLI's `export --dtype fp16 --device cuda` and `score --device cuda` on a
 #                                     1.5B-shaped run (the product's path, where `score` measures the pieces)
@@ -38,6 +39,8 @@ graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [helper
 model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)  # ORT 1.31 reads IR <= 13
 session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 print("torch", torch.__version__, "onnxruntime", ort.__version__, "session providers", session.get_providers())
+import importlib.util  # the model builder writes the decoder's fp16 graph (score, export)
+print("onnxruntime-genai", "found" if importlib.util.find_spec("onnxruntime_genai") else "MISSING")
 EOF
 } 2>&1 | tee "$out/gpu-info-$step.txt"
 case $step in

@@ -68,7 +68,7 @@ def main() -> None:
         results["export_seconds"] = cli("export", "--run", str(root / "run"), "--out", str(root / "model"),
                                          "--dtype", "fp16", "--device", DEVICE)
         model = json.loads((root / "model" / "model.json").read_text())
-        results["model_json"] = {key: model[key] for key in ("dtype", "external_data", "fused_operators", "parity")}
+        results["model_json"] = {key: model[key] for key in ("dtype", "external_data", "graph", "fused_operators", "parity")}
         save()
 
         write_long_articles(args.score_articles, 5, root / "batch.parquet")

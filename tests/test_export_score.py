@@ -58,17 +58,65 @@ def test_export_fails_on_parity(exported, tmp_path, monkeypatch, runner):
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
 
 
-def test_fp16_export_records_its_parity(exported, tmp_path):
+def test_a_decoders_fp16_graph_comes_from_the_model_builder(exported, tmp_path, articles):
+    import onnxruntime as ort
+
     run, _, _ = exported
     info = export_run(run, tmp_path / "fp16", dtype="fp16")
-    assert info["dtype"] == "fp16" and info["parity"]["fp16_max_abs_diff"] < 0.05
-    assert "SimplifiedLayerNormalization" in info["parity"]["fp32_ops"]
-    # The CUDA path's code, run through the CPU provider here: the reduced graph beside the reference it stands
-    # for, and its validation MAE beside the fp32 graph's.
+    assert info["dtype"] == "fp16" and info["graph"]["route"].startswith("onnxruntime-genai model builder")
+    # One GroupQueryAttention per layer (rotary inside, packed QKV), and the scorer's interface: no KV cache.
+    assert info["fused_operators"].get("GroupQueryAttention") == 2, info["fused_operators"]
+    assert info["fused_operators"] == fused_operator_counts(tmp_path / "fp16" / "model.onnx")
+    session = ort.InferenceSession(str(tmp_path / "fp16" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    assert [o.name for o in session.get_outputs()] == ["scores"] and info["opset"] >= 17
+    # The CUDA path's graph, run through the CPU provider here, against PyTorch on the mixed-length padded batches
+    # (pooling at the wrong token would miss by whole points), and its validation MAE beside PyTorch fp32's.
     check = info["parity"]["fp16"]
+    assert info["parity"]["fp16_max_abs_diff"] < 0.05 and len(info["parity"]["batches"]) >= 3
     assert check["provider"] == "CPUExecutionProvider" and check["reference"] == "torch-fp32-cpu"
     assert abs(check["val_mae_delta"]) < 0.02 and check["val_mae"] == pytest.approx(
         check["val_mae_fp32"] + check["val_mae_delta"])
+    assert not list((tmp_path / "fp16").glob(".decoder-build*")) and not list((tmp_path / "fp16").glob("*.json.*"))
+    merged = score(ScoreConfig(model=tmp_path / "fp16", inputs=(str(articles / "a.parquet"),), out=tmp_path / "s"))
+    assert merged["rows_in"] == 100 and merged["invariant_holds"]
+
+
+def test_a_decoder_fp16_export_without_the_model_builder_is_refused(exported, tmp_path, runner, monkeypatch):
+    from investment_risk.export import onnx_export
+
+    run, _, _ = exported
+    monkeypatch.setattr(onnx_export, "builder_missing", lambda: "onnxruntime-genai is not installed")
+    result = runner.invoke(main, ["export", "--run", str(run), "--out", str(tmp_path / "m"), "--dtype", "fp16"])
+    assert result.exit_code == 2 and "--dtype fp16: onnxruntime-genai is not installed" in result.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_model_builder_failure_is_named_and_writes_nothing(exported, tmp_path, runner, monkeypatch):
+    from investment_risk.export import decoder_graph
+
+    run, _, _ = exported
+    monkeypatch.setattr(decoder_graph, "BUILDER_MODULE", "investment_risk.no_such_builder")
+    result = runner.invoke(main, ["export", "--run", str(run), "--out", str(tmp_path / "m"), "--dtype", "fp16"])
+    assert result.exit_code == 1 and "model builder failed" in result.output and "no_such_builder" in result.output
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m*"))
+
+
+@pytest.mark.parametrize("fault, message", [("mae", "worse (MAE) than fp32 (limit -1.0)"),
+                                            ("overflow", "non-finite scores (an overflow in fp16)")])
+def test_an_fp16_graph_below_the_accuracy_bar_is_refused(exported, tmp_path, runner, monkeypatch, fault, message):
+    from investment_risk.export import onnx_export
+
+    run, _, _ = exported
+    if fault == "mae":
+        monkeypatch.setattr(onnx_export, "MAE_TOLERANCE", -1.0)
+    else:
+        real_check = onnx_export.reduced_precision_check
+        monkeypatch.setattr(onnx_export, "reduced_precision_check",
+                            lambda *args: {**real_check(*args), "max_abs_diff": float("nan")})
+    result = runner.invoke(main, ["export", "--run", str(run), "--out", str(tmp_path / "m"), "--dtype", "fp16"])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert not (tmp_path / "m").exists()
 
 
 def test_cuda_export_needs_a_gpu(exported, tmp_path, runner):
@@ -91,7 +139,17 @@ def test_a_cuda_provider_that_cannot_start_is_an_error_not_a_cpu_run(exported, m
         OnnxRunner(model, "cuda")
 
 
-def test_a_cuda_export_measures_on_the_gpu_once_fp32_parity_is_proved(exported, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model, expected", [
+    # A decoder: PyTorch fp32 gives the validation MAE to match, PyTorch bf16 the parity reference, then the
+    # builder's graph is checked (parity batches, then the validation split) and scores the drift reference.
+    ("exported", [("torch_fp32_scores", "cuda"), ("torch_bf16_on_gpu", "cuda"), ("reduced_precision_check", "cuda"),
+                  ("write_reference", "cuda")]),
+    # An encoder: fp32 parity against PyTorch fp32 stays on the CPU; the reference, the fp32 validation scores, the
+    # fp16 check and the drift reference run on the GPU.
+    ("minilm_run", [("parity_of", "cpu"), ("parity_of", "cpu"), ("torch_bf16_on_gpu", "cuda"),
+                    ("dynamo_graph", "cuda"), ("reduced_precision_check", "cuda"), ("write_reference", "cuda")]),
+])
+def test_a_cuda_export_measures_on_the_gpu(model, expected, request, tmp_path, monkeypatch):
     # A GPU is faked; every graph and PyTorch still run on the CPU, and each call records the device asked for.
     import inspect
 
@@ -100,13 +158,20 @@ def test_a_cuda_export_measures_on_the_gpu_once_fp32_parity_is_proved(exported, 
     from investment_risk.export import onnx_export
     from investment_risk.modeling.predict import TorchRunner, predict
 
-    run, _, _ = exported
+    run = request.getfixturevalue(model)[0]
     asked: list[tuple[str, str]] = []
     real_runner, real_check = onnx_export.graph_runner, onnx_export.reduced_precision_check
+    real_fp32 = onnx_export.torch_fp32_scores
 
     def graph_runner(path, device):
-        asked.append((inspect.stack()[1].function, device))
+        caller = inspect.stack()[1].function
+        if caller != "reduced_precision_check":  # its own call is recorded below
+            asked.append((caller, device))
         return real_runner(path, "cpu")
+
+    def torch_fp32_scores(module, device, rows, pad_id):
+        asked.append(("torch_fp32_scores", device))
+        return real_fp32(module, "cpu", rows, pad_id)
 
     def torch_bf16_on_gpu(module, rows, batches, pad_id):
         asked.append(("torch_bf16_on_gpu", "cuda"))
@@ -118,18 +183,15 @@ def test_a_cuda_export_measures_on_the_gpu_once_fp32_parity_is_proved(exported, 
 
     monkeypatch.setattr(onnx_export, "cuda_missing", lambda: "")
     monkeypatch.setattr(onnx_export, "graph_runner", graph_runner)
+    monkeypatch.setattr(onnx_export, "torch_fp32_scores", torch_fp32_scores)
     monkeypatch.setattr(onnx_export, "torch_bf16_on_gpu", torch_bf16_on_gpu)
     monkeypatch.setattr(onnx_export, "reduced_precision_check", reduced_precision_check)
     info = export_run(run, tmp_path / "fp16", dtype="fp16", device="cuda")
     assert info["reference"]["rows"] > 0 and info["parity"]["fp16"]["reference"] == "torch-bf16-cuda"
-    # fp32 parity against PyTorch fp32 stays on the CPU; the fp16 graph's reference (PyTorch bf16), the fp32
-    # validation scores, the fp16 check and the drift reference (the whole validation split) run on the GPU.
-    assert asked == [("parity_of", "cpu"), ("parity_of", "cpu"), ("torch_bf16_on_gpu", "cuda"), ("build", "cuda"),
-                     ("reduced_precision_check", "cuda"), ("reduced_precision_check", "cpu"),
-                     ("write_reference", "cuda")], asked
+    assert asked == expected, asked
 
 
-@pytest.mark.parametrize("dtype, then", [("fp16", "to_fp16"), ("fp32", "_pick_cpu_engine")])
+@pytest.mark.parametrize("dtype, then", [("fp16", "build_decoder_graph"), ("fp32", "_pick_cpu_engine")])
 def test_pytorch_weights_are_freed_before_the_graph_work_that_needs_the_room(exported, tmp_path, monkeypatch, dtype,
                                                                              then):
     # The Parameters outlive the export (the exporter's graph keeps them), so their storage is what must go: a
@@ -152,7 +214,8 @@ def test_pytorch_weights_are_freed_before_the_graph_work_that_needs_the_room(exp
     monkeypatch.setattr(onnx_export, "scoring_module", scoring_module)
     monkeypatch.setattr(onnx_export, then, step)
     info = export_run(run, tmp_path / "m", dtype=dtype, cpu_engine="onnxruntime")
-    assert held and sizes == [0] and info["parity"]["fp32_fused_max_abs_diff"] <= 1e-3
+    assert held and sizes == [0] and info["parity"][f"{dtype}_max_abs_diff" if dtype == "fp16" else
+                                                     "fp32_fused_max_abs_diff"] <= 1e-3
 
 
 def test_fusion_keeps_no_copy_of_the_weights(tmp_path):
@@ -206,7 +269,7 @@ def test_weights_kept_beside_the_graph_export_and_score(exported, tmp_path, monk
     files = {p.name for p in (tmp_path / "m").iterdir() if ".onnx" in p.name}
     assert info["external_data"] and set(info["sha256"]) >= files >= {"model.onnx", "model.onnx.data"}
     assert sum(info["fused_operators"].get(op, 0) for op in ATTENTION_OPS) == 2
-    assert info["parity"]["fp32_fused_max_abs_diff"] <= 1e-3
+    assert info["parity"]["fp16_max_abs_diff" if dtype == "fp16" else "fp32_fused_max_abs_diff"] <= 1e-3
     if engine == "openvino-int8":
         assert info["cpu_engine"]["engine"] == engine and "model.int8.onnx.data" in files
     merged = score(ScoreConfig(model=tmp_path / "m", inputs=(str(articles / "a.parquet"),), out=tmp_path / "s"))
@@ -455,13 +518,30 @@ def test_evaluate_an_exported_model_matches_the_run(exported, split_dir, runner,
     assert b["mae"] == pytest.approx(a["mae"], abs=tolerance) and b["baseline_mae"] == pytest.approx(a["baseline_mae"])
 
 
-def test_minilm_export_is_fused_and_quantized(split_dir, tmp_path):
-    """The BERT path: attention and layer norms fused for ONNX Runtime, then int8 quantisation, each with its parity."""
-    train(TrainConfig(mode="distillation", base_model="minilm", data=str(split_dir), out=str(tmp_path / "run"), epochs=1,
+@pytest.fixture(scope="module")
+def minilm_run(split_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("minilm") / "run"
+    train(TrainConfig(mode="distillation", base_model="minilm", data=str(split_dir), out=str(run), epochs=1,
                       batch_size=16, learning_rate=3e-4, max_length=32, device="cpu"))
-    info = export_run(tmp_path / "run", tmp_path / "model", dtype="int8")
+    return run, None, None
+
+
+def test_minilm_export_is_fused_and_quantized(minilm_run, tmp_path):
+    """The BERT path: attention and layer norms fused for ONNX Runtime, then int8 quantisation, each with its parity."""
+    info = export_run(minilm_run[0], tmp_path / "model", dtype="int8")
     assert sum(info["fused_operators"].get(op, 0) for op in ATTENTION_OPS) > 0, info["fused_operators"]
     assert info["fused_operators"].get("SkipLayerNormalization", 0) > 0
     assert info["parity"]["fp32_max_abs_diff"] <= 1e-3 and info["parity"]["fp32_fused_max_abs_diff"] <= 1e-3
     assert info["parity"]["int8_max_abs_diff"] < 0.5 and info["parity"]["int8"]["reference"] == "torch-fp32-cpu"
     assert "val_mae_delta" in info["parity"]["int8"]
+
+
+def test_an_encoders_fp16_graph_is_the_fused_dynamo_graph_converted(minilm_run, tmp_path):
+    # The model builder writes decoders only: BERT's fp16 graph is the fused fp32 graph with overflow-prone ops
+    # (norms, softmax, reductions) kept in fp32, proved in fp32 first.
+    info = export_run(minilm_run[0], tmp_path / "fp16", dtype="fp16")
+    assert info["graph"]["route"].startswith("torch.onnx dynamo") and "LayerNormalization" in info["parity"]["fp32_ops"]
+    assert info["parity"]["fp32_fused_max_abs_diff"] <= 1e-3 and info["parity"]["fp16_max_abs_diff"] < 0.05
+    assert sum(info["fused_operators"].get(op, 0) for op in ATTENTION_OPS) > 0
+    check = info["parity"]["fp16"]
+    assert check["provider"] == "CPUExecutionProvider" and abs(check["val_mae_delta"]) < 0.02

@@ -30,8 +30,10 @@ def test_each_gpu_step_runs_through_on_the_cpu(step, tmp_path):
     assert "error" not in results.get("onnxruntime_cuda", {}), results["onnxruntime_cuda"]
     assert (tmp_path / f"{step}.log").exists() and "Traceback" not in (tmp_path / f"gpu-info-{step}.txt").read_text()
     if step == "score":
-        measured = results["onnxruntime_cuda"]
-        assert measured["articles_per_second"] > 0 and len(measured["articles_per_second_by_token_budget"]) == 4
-        assert measured["fused_ops_in_fp16"]["articles_per_second"] > 0
+        builder, dynamo = results["onnxruntime_cuda"]["builder"], results["onnxruntime_cuda"]["dynamo"]
+        assert builder["articles_per_second"] > 0 and len(builder["articles_per_second_by_token_budget"]) == 4
+        assert builder["fused_operators"]["GroupQueryAttention"] == 2 and dynamo["articles_per_second"] > 0
+        assert dynamo["fused_operators"]["MultiHeadAttention"] == 2
+        assert builder["max_abs_diff_relative_to_largest_score"] < 0.05 > dynamo["max_abs_diff_relative_to_largest_score"]
     if step == "export":
         assert results["model_json"]["dtype"] == "fp16" and results["score"]["invariant_holds"]

@@ -85,6 +85,9 @@ def pipeline(volumes):
         steps[f"train_{base}"] = ["train", "--base-model", base, "--data", "/data/splits", "--out", f"/models/runs/{base}",
                                   "--epochs", "1", "--batch-size", "8", "--max-length", "64", "--device", "cpu"]
         steps[f"export_{base}"] = ["export", "--run", f"/models/runs/{base}", "--out", f"/models/{base}"]
+    # The GPU path's graph (onnxruntime-genai-cuda's model builder, in a subprocess of the pod), proved on the CPU.
+    steps["export_fp16"] = ["export", "--run", "/models/runs/tiny-qwen2", "--out", "/models/tiny-qwen2-fp16",
+                            "--dtype", "fp16"]
     steps["score"] = ["score", "--model", "/models/tiny-qwen2", "--input", "/data/incoming", "--out", "/data/scored/one"]
     steps["merge"] = ["score-merge", "--out", "/data/scored/one"]
     steps["evaluate"] = ["evaluate", "--model", "/models/tiny-qwen2", "--data", "/data/splits/test.parquet",
@@ -128,6 +131,9 @@ def test_outputs_are_whole_and_the_row_invariant_holds(pipeline, volumes):
     for base in ("tiny-qwen2", "minilm"):
         model = describe_model(models / base)  # checks every ONNX file against the sha256 in model.json
         assert model.exported and (models / "runs" / base / "training_metadata.json").exists()
+    fp16 = json.loads((models / "tiny-qwen2-fp16" / "model.json").read_text())
+    assert fp16["fused_operators"]["GroupQueryAttention"] == 2 and fp16["exporter"]["model_builder"].startswith(
+        "onnxruntime-genai-cuda")
     metrics = json.loads((data / "scored" / "one" / "metrics.json").read_text())
     assert metrics["complete"] and metrics["rows_in"] == 90
     scored = pa.concat_tables([pq.read_table(p) for p in (data / "scored" / "one").glob("part-*.parquet")])

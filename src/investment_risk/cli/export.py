@@ -17,8 +17,9 @@ from .options import option
         help="A training run directory.")
 @option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model directory to write.")
 @option("--dtype", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
-        help="fp16 (for GPUs) keeps norms, softmax and other overflow-prone ops in fp32; int8 (for CPUs) quantises "
-             "the MatMuls dynamically. Both record their own parity.")
+        help="fp16 (for GPUs): a decoder's graph comes from onnxruntime-genai's model builder (grouped-query "
+             "attention); other models keep norms, softmax and other overflow-prone ops in fp32. int8 (for CPUs) "
+             "quantises the MatMuls dynamically. Both record their own parity.")
 @option("--cpu-engine", type=click.Choice(["auto", *CPU_ENGINES]), default="auto",
         show_default=True, help="fp32: what scores the model on CPUs. auto measures each on the validation split and "
                                 "keeps the fastest whose val MAE is within 0.02 of fp32's; a named one is "
@@ -34,5 +35,7 @@ def export_command(run: Path, out: Path, dtype: str, cpu_engine: str, device: st
     bind(stage="export")
     info = export_run(run, out, dtype, force, cpu_engine, device)
     if output.on_terminal():  # the `exported` event carries the same on a piped stdout
-        click.echo(f"{out}: model_version {info['model_version']}, fp32 parity {info['parity']['fp32_max_abs_diff']:.2e}, "
-                   f"CPU engine {info['cpu_engine']['engine']}")
+        parity, dtype = info["parity"], info["dtype"]
+        proved = (f"fp32 parity {parity['fp32_max_abs_diff']:.2e}" if "fp32_max_abs_diff" in parity  # the dynamo graph
+                  else f"{dtype} parity {parity[f'{dtype}_max_abs_diff']:.2e} vs {parity[dtype]['reference']}")
+        click.echo(f"{out}: model_version {info['model_version']}, {proved}, CPU engine {info['cpu_engine']['engine']}")

@@ -1,8 +1,9 @@
 """Export a trained run to ONNX: merge the adapter, export with dynamic batch and sequence axes, prove parity.
 
-    run -> base + adapter + head -> merged PyTorch model -> torch.onnx (dynamo) -> [fp16 conversion] ->
-    ONNX Runtime vs PyTorch on real tokenised batches with padding -> MODEL/ with model.json
+    run -> base + adapter + head -> merged PyTorch model -> torch.onnx (dynamo) -> onnxscript fusions ->
+    [fp16 / int8 conversion] -> ONNX Runtime vs PyTorch on real tokenised batches with padding -> MODEL/ + model.json
 
+A decoder's fp16 graph (for GPUs) is written by onnxruntime-genai's model builder instead (decoder_graph.py).
 An fp32 export whose scores differ from PyTorch by more than 1e-3 fails (exit 1): a broken graph never ships.
 """
 
@@ -33,6 +34,8 @@ from ..modeling.onnx_runtime import OnnxRunner, cpu_session
 from ..modeling.loading import scoring_module
 from ..modeling.predict import TorchRunner, padded_batches, predict
 from ..modeling.tokens import article_texts, encode
+from .cpu_engine import MAE_TOLERANCE
+from .decoder_graph import build_decoder_graph, builder_missing, builds_decoder_graph, decoder_checkpoint
 
 OPSET = 18
 FP32_PARITY_LIMIT = 1e-3
@@ -338,6 +341,21 @@ def cuda_missing() -> str:
     return ""
 
 
+def torch_fp32_scores(module: Any, device: str, rows: list[np.ndarray], pad_id: int) -> np.ndarray:
+    """PyTorch fp32's scores on `device`, batched as the scorer batches."""
+    import torch
+
+    target = torch.device(device)
+    return predict(TorchRunner(module.to(target), target), rows, pad_id, token_budget=16384)
+
+
+def graph_opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = False,
                cpu_engine: str = "auto", device: str = "cpu") -> dict[str, Any]:
     import torch
@@ -353,29 +371,67 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
     if describe_model(run_dir).is_instruction:
         raise ConfigError(f"{run_dir}: export takes distillation runs; score an instruction run with --backend torch")
     module, tokenizer, metadata = scoring_module(run_dir)
+    decoder = builds_decoder_graph(getattr(module.inner.config, "model_type", ""), dtype)
+    if decoder and (missing := builder_missing()):
+        raise ConfigError(f"--dtype fp16: {missing}")
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     rows, batches = parity_rows(tokenizer, metadata)
     pad_id = tokenizer.pad_token_id
     # PyTorch's scores on the parity rows, through the same inference path as every graph checked against them.
     torch_fp32 = predict(TorchRunner(module, torch.device("cpu")), rows, pad_id, batches=batches)
+    batch_shapes = [[len(b), int(max(len(rows[i]) for i in b))] for b in batches]
     info: dict[str, Any] = {}
 
     def parity_of(path: Path) -> float:
         got = predict(graph_runner(path, "cpu"), rows, pad_id, batches=batches)
         return float(np.abs(torch_fp32 - got).max())
 
-    def build(work: Path) -> None:
+    def reduced_check(work: Path, torch_scores: tuple[np.ndarray, str], val: Any, val_fp32: Any,
+                      parity: dict[str, Any]) -> None:
+        check = reduced_precision_check(work / "model.onnx", torch_scores, rows, batches, pad_id,
+                                        device if dtype == "fp16" else "cpu", val, val_fp32)
+        parity[f"{dtype}_max_abs_diff"] = check.pop("max_abs_diff")
+        parity[dtype] = check
+        log.info("onnx_parity", dtype=dtype, max_abs_diff=parity[f"{dtype}_max_abs_diff"], **check)
+        if not np.isfinite(parity[f"{dtype}_max_abs_diff"]):
+            raise ParityError(f"the {dtype} graph of {run_dir} gives non-finite scores (an overflow in {dtype}); "
+                              f"nothing was written to {out_dir}")
+        # fp16 is asked for speed: it must keep the accuracy bar every reduced-precision CPU engine is held to.
+        if dtype == "fp16" and check.get("val_mae_delta", 0.0) > MAE_TOLERANCE:
+            raise ParityError(f"the fp16 graph of {run_dir} scores the validation split {check['val_mae_delta']:.4f} "
+                              f"worse (MAE) than fp32 (limit {MAE_TOLERANCE}); nothing was written to {out_dir}")
+
+    def decoder_graph(work: Path) -> dict[str, Any]:
+        """fp16 for a decoder: the model builder writes the graph itself, so the proof is the fp16 graph against
+        PyTorch in the precision it stands for, and its validation MAE beside PyTorch fp32's."""
+        val = measurement_rows(tokenizer, metadata)
+        val_fp32 = None
+        if val[1] is not None:
+            val_fp32 = np.clip(torch_fp32_scores(module, device, val[0], pad_id), 0.0, 10.0)
+        log.info("onnx_export_start", run=str(run_dir), route="onnxruntime-genai model builder",
+                 parameters=sum(p.numel() for p in module.parameters()), external_data=external)
+        with decoder_checkpoint(module.inner, tokenizer, work) as checkpoint:  # fp32 weights, before bf16 below
+            torch_scores = (torch_bf16_on_gpu(module, rows, batches, pad_id) if device == "cuda"
+                            else (torch_fp32, "torch-fp32-cpu"))
+            release_weights(module)  # on disk now: the builder loads its own copy
+            graph = build_decoder_graph(checkpoint, work, external)
+        parity: dict[str, Any] = {"batches": batch_shapes}
+        reduced_check(work, torch_scores, val, val_fp32, parity)
+        return {"graph": graph, "parity": parity, "fusions": {}, "fused_operators": fused_operator_counts(
+            work / "model.onnx"), "cpu_engine": {"engine": "onnxruntime", "why": "--dtype fp16 runs on ONNX Runtime"}}
+
+    def dynamo_graph(work: Path) -> dict[str, Any]:
         example = next(padded_batches(rows, pad_id, batches[1:2]))
         example = (torch.from_numpy(example.input_ids), torch.from_numpy(example.attention_mask))
-        log.info("onnx_export_start", run=str(run_dir), parameters=sum(p.numel() for p in module.parameters()),
-                 external_data=external)
+        log.info("onnx_export_start", run=str(run_dir), route="torch.onnx dynamo + onnxscript fusions",
+                 parameters=sum(p.numel() for p in module.parameters()), external_data=external)
         # The exporter prints progress on stdout, which carries our JSON log lines: send it to stderr.
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             export_graph(module, example, work / "model.onnx", external)
-        parity: dict[str, Any] = {"fp32_max_abs_diff": parity_of(work / "model.onnx"),
-                                  "batches": [[len(b), int(max(len(rows[i]) for i in b))] for b in batches], "provider": "CPUExecutionProvider"}
+        parity: dict[str, Any] = {"fp32_max_abs_diff": parity_of(work / "model.onnx"), "batches": batch_shapes,
+                                  "provider": "CPUExecutionProvider"}
         log.info("onnx_parity", dtype="fp32", max_abs_diff=parity["fp32_max_abs_diff"])
         if parity["fp32_max_abs_diff"] > FP32_PARITY_LIMIT:
             raise ParityError(f"ONNX export of {run_dir} differs from PyTorch by {parity['fp32_max_abs_diff']:.2e} "
@@ -387,10 +443,9 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         if parity["fp32_fused_max_abs_diff"] > FP32_PARITY_LIMIT:
             raise ParityError(f"the fused ONNX graph of {run_dir} differs from PyTorch by "
                               f"{parity['fp32_fused_max_abs_diff']:.2e} (limit {FP32_PARITY_LIMIT:g})")
-        check_device = device if dtype == "fp16" else "cpu"  # int8 graphs are for CPUs
         # What a reduced graph is checked against: PyTorch in the precision it stands for (on the CPU, the fp32
         # scores above).
-        torch_scores = (torch_bf16_on_gpu(module, rows, batches, pad_id) if check_device == "cuda"
+        torch_scores = (torch_bf16_on_gpu(module, rows, batches, pad_id) if dtype == "fp16" and device == "cuda"
                         else (torch_fp32, "torch-fp32-cpu"))
         release_weights(module)  # PyTorch is done: 6 GB for a 1.5B model, wanted by the conversions and NNCF
         engines: dict[str, Any] = {"engine": "onnxruntime", "why": f"--dtype {dtype} runs on ONNX Runtime"}
@@ -403,13 +458,14 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
                 val_fp32 = np.clip(predict(graph_runner(work / "model.onnx", device), val[0], pad_id,
                                            token_budget=16384), 0.0, 10.0)
             (to_fp16 if dtype == "fp16" else to_int8)(work / "model.onnx", external)
-            check = reduced_precision_check(work / "model.onnx", torch_scores, rows, batches, pad_id, check_device,
-                                            val, val_fp32)
-            parity[f"{dtype}_max_abs_diff"] = check.pop("max_abs_diff")
-            parity[dtype] = check
+            reduced_check(work, torch_scores, val, val_fp32, parity)
             if dtype == "fp16":
                 parity["fp32_ops"] = FP32_OPS
-            log.info("onnx_parity", dtype=dtype, max_abs_diff=parity[f"{dtype}_max_abs_diff"], **check)
+        return {"graph": {"route": "torch.onnx dynamo + onnxscript ONNX Runtime fusions"}, "parity": parity,
+                "fusions": fusions, "fused_operators": fused, "cpu_engine": engines}
+
+    def build(work: Path) -> None:
+        made = decoder_graph(work) if decoder else dynamo_graph(work)
         tokenizer.save_pretrained(work)
         calibration = run_dir / "model" / CALIBRATION_FILE
         if calibration.exists():  # scores from the file are calibrated as the run's are: it is part of the model
@@ -419,17 +475,21 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
                                     "cpu" if dtype == "int8" else device)
         digests = model_digest(work)
         spec = default_spec()
+        exporter = {"investment-risk": __version__, "torch": torch.__version__}
+        if decoder:
+            exporter["model_builder"] = made["graph"]["builder"]
         written = {
             "format": "onnx", "input_format": "article", "dimensions": list(DIMENSIONS), "max_length": int(metadata["max_length"]), "dtype": dtype,
-            "opset": OPSET, "inputs": ["input_ids", "attention_mask"], "outputs": ["scores"],
+            "opset": graph_opset(work / "model.onnx"), "inputs": ["input_ids", "attention_mask"], "outputs": ["scores"],
             "pad_token_id": tokenizer.pad_token_id, "source_run": str(run_dir.resolve()),
             "base_model": metadata["model_name"], "training_mode": metadata["training_mode"],
             "truncation": metadata.get("truncation", "head"), "calibrated": calibration.exists(),
             "reference": reference,
             "best_val_mae": metadata.get("best_val_mae"), "filter_name": spec.name, "filter_version": spec.version,
             "model_version": model_version(digests), "sha256": digests, "external_data": external,
-            "parity": parity, "fusions": fusions, "fused_operators": fused, "cpu_engine": engines, "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "exporter": {"investment-risk": __version__, "torch": torch.__version__},
+            "graph": made["graph"], "parity": made["parity"], "fusions": made["fusions"],
+            "fused_operators": made["fused_operators"], "cpu_engine": made["cpu_engine"],
+            "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "exporter": exporter,
         }
         write_json_atomic(written, work / "model.json")
         info.update(written)
