@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU runs (H100/H200), one device call each, in order of importance (bench/README.md):
-#   bash bench/gpu.sh score    ~7 min: ORT CUDA on both fp16 graphs (builder, dynamo; with parity), PyTorch bf16 SDPA,
-#                                     the original's way
+#   bash bench/gpu.sh score    ~8 min: ORT CUDA on the builder's fp16 and bf16 graphs and the dynamo fp16 graph (with
+#                                     parity), PyTorch bf16 SDPA, the original's way
 #   bash bench/gpu.sh train    ~5 min: the training recipe with --compile, 3 epochs of 4,118 articles
 #   bash bench/gpu.sh export   ~7 min: the CLI's `export --dtype fp16 --device cuda` and `score --device cuda` on a
 #                                     1.5B-shaped run (the product's path, where `score` measures the pieces)

@@ -6,7 +6,8 @@ Measures articles/s for
   - ONNX Runtime with the CUDA execution provider and I/O binding, when onnxruntime-gpu is installed (else
     reported as missing), on the fp16 graph `export` ships for a decoder (onnxruntime-genai's model builder:
     GroupQueryAttention, packed QKV, the score head appended), with its parity against PyTorch bf16 and its rate at
-    several token budgets; and on the route before it (dynamo export, onnxscript fusions, fp16 with fp32 norms),
+    several token budgets; on the route before it (dynamo export, onnxscript fusions, fp16 with fp32 norms); and
+    on the builder's bf16 graph,
 all in the same process on the same articles. Targets: >= 340 articles/s on an H100, >= 10x the original's way.
 
     python bench/gpu_score.py --out bench-results/gpu-score.json
@@ -109,7 +110,8 @@ def onnx_cuda(rows: list[np.ndarray], batches: list[tuple[np.ndarray, np.ndarray
     model, each with its parity against PyTorch bf16 on the first (mixed-length) batches:
       - `builder`: what `export --dtype fp16` ships for a decoder (onnxruntime-genai's model builder, its
         GroupQueryAttention graph with the score head appended), then its rate at the scorer's token budgets;
-      - `dynamo`: torch.onnx (dynamo) + onnxscript's fusions + fp16 with fp32 norms, the route before it.
+      - `dynamo`: torch.onnx (dynamo) + onnxscript's fusions + fp16 with fp32 norms, the route before it;
+      - `builder_bf16`: the builder's graph in bf16 (`export --dtype bf16 --device cuda`).
     Fills `out` as it goes and calls `save` after each part."""
     import copy
     import tempfile
@@ -161,8 +163,20 @@ def onnx_cuda(rows: list[np.ndarray], batches: list[tuple[np.ndarray, np.ndarray
         part["fusions"] = fuse_graph(dynamo / "model.onnx", external)
         to_fp16(dynamo / "model.onnx", external)
         part["export_seconds"] = round(time.perf_counter() - started, 1)
-        del module
         measure(dynamo, rows, batches, wants, part)
+        save()
+
+        # bf16 has fp32's range (no fp16 overflow with real weights' outliers): what it costs, if anything.
+        out["builder_bf16"] = part = {}
+        bf16 = Path(tmp) / "builder-bf16"
+        bf16.mkdir()
+        with decoder_checkpoint(module.inner, tokenizer, bf16) as checkpoint:
+            part["graph"] = build_decoder_graph(checkpoint, bf16, external, precision="bf16")
+        del module
+        if SMOKE:  # ONNX Runtime has no bf16 CPU kernels
+            part["not measured"] = "bf16 runs on the CUDA provider only"
+        else:
+            measure(bf16, rows, batches, wants, part)
         save()
 
 

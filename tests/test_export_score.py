@@ -119,6 +119,49 @@ def test_an_fp16_graph_below_the_accuracy_bar_is_refused(exported, tmp_path, run
     assert not (tmp_path / "m").exists()
 
 
+def test_the_model_builder_writes_a_bf16_graph_for_the_gpu(exported, tmp_path):
+    # bf16 (fp32's range: no overflow where fp16 could) cannot run on ONNX Runtime's CPU provider, so here only
+    # the file is checked; `export --dtype bf16 --device cuda` proves its scores on the GPU (bench/gpu.sh).
+    import onnx
+
+    from investment_risk.export.decoder_graph import build_decoder_graph, decoder_checkpoint
+    from investment_risk.modeling.loading import scoring_module
+
+    module, tokenizer, _ = scoring_module(exported[0])
+    with decoder_checkpoint(module.inner, tokenizer, tmp_path) as checkpoint:
+        made = build_decoder_graph(checkpoint, tmp_path, external=False, precision="bf16")
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    weights = {t.data_type for t in graph.initializer if t.name.endswith("MatMul.weight")}
+    assert made["precision"] == "bf16" and weights == {onnx.TensorProto.BFLOAT16}
+    assert sum(n.op_type == "GroupQueryAttention" for n in graph.node) == 2
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+    assert [(o.name, o.type.tensor_type.elem_type) for o in graph.output] == [("scores", onnx.TensorProto.FLOAT)]
+
+
+@pytest.mark.parametrize("model, args, message", [
+    ("exported", [], "--dtype bf16 needs --device cuda: ONNX Runtime has no bf16 CPU kernels"),
+    ("minilm_run", ["--device", "cuda"], "--dtype bf16: only a decoder's graph"),
+])
+def test_bf16_is_refused_where_it_cannot_be_proved(model, args, message, request, tmp_path, runner, monkeypatch):
+    from investment_risk.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "cuda_missing", lambda: "")  # a GPU, as far as the checks go
+    run = request.getfixturevalue(model)[0]
+    result = runner.invoke(main, ["export", "--run", str(run), "--out", str(tmp_path / "m"), "--dtype", "bf16", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_bf16_model_is_not_scored_on_the_cpu(exported, tmp_path, articles, runner):
+    run, _, _ = exported
+    export_run(run, tmp_path / "m", dtype="fp16")
+    described = json.loads((tmp_path / "m" / "model.json").read_text())
+    (tmp_path / "m" / "model.json").write_text(json.dumps({**described, "dtype": "bf16"}))  # as a GPU export writes
+    result = runner.invoke(main, ["score", "--model", str(tmp_path / "m"), "--input", str(articles / "a.parquet"),
+                                  "--out", str(tmp_path / "s"), "--device", "cpu"])
+    assert result.exit_code == 2 and "a bf16 graph runs on ONNX Runtime's CUDA provider only" in result.output
+
+
 def test_cuda_export_needs_a_gpu(exported, tmp_path, runner):
     run, _, _ = exported
     result = runner.invoke(main, ["export", "--run", str(run), "--out", str(tmp_path / "m"), "--dtype", "fp16",

@@ -34,6 +34,7 @@ def test_each_gpu_step_runs_through_on_the_cpu(step, tmp_path):
         assert builder["articles_per_second"] > 0 and len(builder["articles_per_second_by_token_budget"]) == 4
         assert builder["fused_operators"]["GroupQueryAttention"] == 2 and dynamo["articles_per_second"] > 0
         assert dynamo["fused_operators"]["MultiHeadAttention"] == 2
+        assert results["onnxruntime_cuda"]["builder_bf16"]["graph"]["precision"] == "bf16"
         assert builder["max_abs_diff_relative_to_largest_score"] < 0.05 > dynamo["max_abs_diff_relative_to_largest_score"]
     if step == "export":
         assert results["model_json"]["dtype"] == "fp16" and results["score"]["invariant_holds"]

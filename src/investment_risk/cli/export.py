@@ -16,10 +16,11 @@ from .options import option
 @option("--run", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
         help="A training run directory.")
 @option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model directory to write.")
-@option("--dtype", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+@option("--dtype", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True,
         help="fp16 (for GPUs): a decoder's graph comes from onnxruntime-genai's model builder (grouped-query "
-             "attention); other models keep norms, softmax and other overflow-prone ops in fp32. int8 (for CPUs) "
-             "quantises the MatMuls dynamically. Both record their own parity.")
+             "attention); other models keep norms, softmax and other overflow-prone ops in fp32. bf16: a decoder's "
+             "builder graph in bf16 (fp32's range), with --device cuda only. int8 (for CPUs) quantises the MatMuls "
+             "dynamically. Each records its own parity.")
 @option("--cpu-engine", type=click.Choice(["auto", *CPU_ENGINES]), default="auto",
         show_default=True, help="fp32: what scores the model on CPUs. auto measures each on the validation split and "
                                 "keeps the fastest whose val MAE is within 0.02 of fp32's; a named one is "

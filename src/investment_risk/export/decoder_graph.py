@@ -1,7 +1,7 @@
-"""The fp16 graph of a decoder (Qwen2, Llama, Mistral) for ONNX Runtime's CUDA provider, written by
+"""The fp16 or bf16 graph of a decoder (Qwen2, Llama, Mistral) for ONNX Runtime's CUDA provider, written by
 onnxruntime-genai's model builder, with the run's score head appended.
 
-    merged PyTorch model -> causal-LM checkpoint (safetensors) -> builder (fp16, cuda, no LM head) ->
+    merged PyTorch model -> causal-LM checkpoint (safetensors) -> builder (fp16|bf16, cuda, no LM head) ->
     graph surgery: no KV cache, the head on each row's last real token -> model.onnx (input_ids, attention_mask -> scores)
 
 Why the builder and not the dynamo export for this: its graph has one packed QKV MatMul and a GroupQueryAttention
@@ -41,13 +41,13 @@ class BuilderError(RetryableError):
 
 def builds_decoder_graph(model_type: str, dtype: str) -> bool:
     """Whether an export of this architecture in this dtype goes through the model builder."""
-    return dtype == "fp16" and model_type in CAUSAL_LM_CLASSES
+    return dtype in ("fp16", "bf16") and model_type in CAUSAL_LM_CLASSES
 
 
 def builder_missing() -> str:
     """Why the model builder cannot run here ('' when it can)."""
     if importlib.util.find_spec("onnxruntime_genai") is None:
-        return ("the fp16 graph of a decoder is written by onnxruntime-genai's model builder, which is not installed "
+        return ("the GPU graph of a decoder is written by onnxruntime-genai's model builder, which is not installed "
                 "(the `cpu` extra has onnxruntime-genai; the image has onnxruntime-genai-cuda)")
     return ""
 
@@ -78,9 +78,9 @@ def save_causal_checkpoint(classifier: Any, tokenizer: Any, target: Path) -> Non
     tokenizer.save_pretrained(target)
 
 
-def run_builder(checkpoint: Path, out: Path, cache: Path) -> None:
+def run_builder(checkpoint: Path, out: Path, cache: Path, precision: str) -> None:
     """The builder in a process of its own: its memory (a second copy of the weights) goes back when it ends."""
-    command = [sys.executable, "-m", BUILDER_MODULE, "-i", str(checkpoint), "-o", str(out), "-p", "fp16", "-e", "cuda",
+    command = [sys.executable, "-m", BUILDER_MODULE, "-i", str(checkpoint), "-o", str(out), "-p", precision, "-e", "cuda",
                "-c", str(cache), "--extra_options", "exclude_lm_head=true", "hf_token=false"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -170,15 +170,17 @@ def decoder_checkpoint(classifier: Any, tokenizer: Any, work: Path) -> Iterator[
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def build_decoder_graph(checkpoint: DecoderCheckpoint, work: Path, external: bool) -> dict[str, Any]:
-    """model.onnx (and model.onnx.data when `external`) in `work`, from the checkpoint; returns how it was made."""
+def build_decoder_graph(checkpoint: DecoderCheckpoint, work: Path, external: bool, precision: str = "fp16"
+                        ) -> dict[str, Any]:
+    """model.onnx (and model.onnx.data when `external`) in `work`, from the checkpoint, in `precision` (fp16 or
+    bf16: weights and activations; the head runs in fp32); returns how it was made."""
     if missing := builder_missing():
         raise ConfigError(missing)
     started = time.perf_counter()
     built = checkpoint.path.parent / "onnx"
-    run_builder(checkpoint.path, built, checkpoint.path.parent / "cache")
+    run_builder(checkpoint.path, built, checkpoint.path.parent / "cache", precision)
     attach_score_head(built, work, checkpoint.score_weight, checkpoint.pad_id, external)
     shutil.rmtree(built)
     return {"route": "onnxruntime-genai model builder (GroupQueryAttention, packed QKV) + score head",
-            "builder": builder_version(), "precision": "fp16", "execution_provider": "cuda",
+            "builder": builder_version(), "precision": precision, "execution_provider": "cuda",
             "seconds": round(time.perf_counter() - started, 1)}

@@ -73,6 +73,7 @@ class ModelDescription:
     truncation: str = "head"  # how a long article is cut to max_length, as in training
     calibration: Calibration | None = None  # the per-dimension map from raw to calibrated scores, when fitted
     reference: dict[str, Any] | None = None  # exported models: the validation scores' distribution, for drift
+    dtype: str = "fp32"  # exported models: the graph's precision (a bf16 graph runs on CUDA only)
 
     @property
     def is_instruction(self) -> bool:
@@ -137,7 +138,7 @@ def _exported(path: Path) -> ModelDescription:
         tokenizer_dir=path, train_label_mean=_label_mean(run_meta),
         cpu_engine=(info.get("cpu_engine") or {}).get("engine", "onnxruntime"),
         truncation=str(info.get("truncation", "head")), calibration=load_calibration(path),
-        reference=load_reference(path))
+        reference=load_reference(path), dtype=str(info.get("dtype", "fp32")))
 
 
 def load_reference(model_dir: Path) -> dict[str, Any] | None:

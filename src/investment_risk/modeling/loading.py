@@ -152,6 +152,9 @@ def load_runner(model: ModelDescription, backend: str, device: str = "auto", thr
         has_cuda_provider = "CUDAExecutionProvider" in ort.get_available_providers()
         if device == "cuda" or (device == "auto" and has_cuda_provider and gpu_visible()):
             return OnnxRunner(model.path, device, threads)  # CUDA with I/O binding (exit 2 if asked for and absent)
+        if model.dtype == "bf16":
+            raise ConfigError(f"{model.path}: a bf16 graph runs on ONNX Runtime's CUDA provider only (ONNX Runtime has "
+                              "no bf16 CPU kernels); score it on a GPU, or export the run with --dtype fp32 for CPUs")
         if device == "auto" and has_cuda_provider:
             from ..core.logs import get_logger
 
