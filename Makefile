@@ -29,10 +29,12 @@ $(BIN)/python:
 # Tests run the image's ONNX Runtime version (its onnxruntime-gpu has the same Python tools and CPU provider):
 # converters and quantisers differ between releases, and the image is what ships.
 IMAGE_ORT := $(shell sed -n 's/^onnxruntime-gpu==\([0-9.]*\).*/\1/p' docker/requirements.lock)
+# Likewise the model builder that writes a decoder's GPU graph: the image's onnxruntime-genai-cuda version.
+IMAGE_GENAI := $(shell sed -n 's/^onnxruntime-genai-cuda==\([0-9.]*\).*/\1/p' docker/requirements.lock)
 
 $(VENV)/.installed: pyproject.toml docker/requirements.lock | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH_CPU)"
-	$(BIN)/python -m pip install --quiet -e ".[test,cpu]" "onnxruntime==$(IMAGE_ORT)"
+	$(BIN)/python -m pip install --quiet -e ".[test,cpu]" "onnxruntime==$(IMAGE_ORT)" "onnxruntime-genai==$(IMAGE_GENAI)"
 	touch $@
 
 $(CHECKOV_VENV)/.installed:

@@ -103,17 +103,18 @@ def test_a_model_builder_failure_is_named_and_writes_nothing(exported, tmp_path,
 
 
 @pytest.mark.parametrize("fault, message", [("mae", "worse (MAE) than fp32 (limit -1.0)"),
-                                            ("overflow", "non-finite scores (an overflow in fp16)")])
+                                            ("max_abs_diff", "non-finite scores (an overflow in fp16)"),
+                                            ("val_mae", "non-finite scores (an overflow in fp16)")])
 def test_an_fp16_graph_below_the_accuracy_bar_is_refused(exported, tmp_path, runner, monkeypatch, fault, message):
     from investment_risk.export import onnx_export
 
     run, _, _ = exported
     if fault == "mae":
         monkeypatch.setattr(onnx_export, "MAE_TOLERANCE", -1.0)
-    else:
+    else:  # the parity rows overflow, or only some validation articles do
         real_check = onnx_export.reduced_precision_check
         monkeypatch.setattr(onnx_export, "reduced_precision_check",
-                            lambda *args: {**real_check(*args), "max_abs_diff": float("nan")})
+                            lambda *args: {**real_check(*args), fault: float("nan")})
     result = runner.invoke(main, ["export", "--run", str(run), "--out", str(tmp_path / "m"), "--dtype", "fp16"])
     assert result.exit_code == 1 and message in result.output, result.output
     assert not (tmp_path / "m").exists()
@@ -198,11 +199,13 @@ def test_a_cuda_export_measures_on_the_gpu(model, expected, request, tmp_path, m
 
     import torch
 
-    from investment_risk.export import onnx_export
+    from investment_risk.export import decoder_graph, onnx_export
     from investment_risk.modeling.predict import TorchRunner, predict
 
     run = request.getfixturevalue(model)[0]
     asked: list[tuple[str, str]] = []
+    saved: set = set()
+    real_save = decoder_graph.save_causal_checkpoint
     real_runner, real_check = onnx_export.graph_runner, onnx_export.reduced_precision_check
     real_fp32 = onnx_export.torch_fp32_scores
 
@@ -218,7 +221,12 @@ def test_a_cuda_export_measures_on_the_gpu(model, expected, request, tmp_path, m
 
     def torch_bf16_on_gpu(module, rows, batches, pad_id):
         asked.append(("torch_bf16_on_gpu", "cuda"))
+        module.to(torch.bfloat16)  # in place, as the real one does on the GPU
         return predict(TorchRunner(module, torch.device("cpu")), rows, pad_id, batches=batches), "torch-bf16-cuda"
+
+    def save_causal_checkpoint(classifier, tokenizer, target):
+        saved.update(p.dtype for p in classifier.parameters())
+        return real_save(classifier, tokenizer, target)
 
     def reduced_precision_check(path, reference, rows, batches, pad_id, device, val, val_fp32):
         asked.append(("reduced_precision_check", device))
@@ -229,9 +237,12 @@ def test_a_cuda_export_measures_on_the_gpu(model, expected, request, tmp_path, m
     monkeypatch.setattr(onnx_export, "torch_fp32_scores", torch_fp32_scores)
     monkeypatch.setattr(onnx_export, "torch_bf16_on_gpu", torch_bf16_on_gpu)
     monkeypatch.setattr(onnx_export, "reduced_precision_check", reduced_precision_check)
+    monkeypatch.setattr(decoder_graph, "save_causal_checkpoint", save_causal_checkpoint)
     info = export_run(run, tmp_path / "fp16", dtype="fp16", device="cuda")
     assert info["reference"]["rows"] > 0 and info["parity"]["fp16"]["reference"] == "torch-bf16-cuda"
     assert asked == expected, asked
+    # The builder gets the fp32 weights, saved before PyTorch's copy became the bf16 reference.
+    assert saved == ({torch.float32} if model == "exported" else set()), saved
 
 
 @pytest.mark.parametrize("dtype, then", [("fp16", "build_decoder_graph"), ("fp32", "_pick_cpu_engine")])
@@ -257,8 +268,9 @@ def test_pytorch_weights_are_freed_before_the_graph_work_that_needs_the_room(exp
     monkeypatch.setattr(onnx_export, "scoring_module", scoring_module)
     monkeypatch.setattr(onnx_export, then, step)
     info = export_run(run, tmp_path / "m", dtype=dtype, cpu_engine="onnxruntime")
-    assert held and sizes == [0] and info["parity"][f"{dtype}_max_abs_diff" if dtype == "fp16" else
-                                                     "fp32_fused_max_abs_diff"] <= 1e-3
+    assert held and sizes == [0]
+    assert info["parity"]["fp16_max_abs_diff"] < 0.05 if dtype == "fp16" else \
+        info["parity"]["fp32_fused_max_abs_diff"] <= 1e-3
 
 
 def test_fusion_keeps_no_copy_of_the_weights(tmp_path):
@@ -312,7 +324,8 @@ def test_weights_kept_beside_the_graph_export_and_score(exported, tmp_path, monk
     files = {p.name for p in (tmp_path / "m").iterdir() if ".onnx" in p.name}
     assert info["external_data"] and set(info["sha256"]) >= files >= {"model.onnx", "model.onnx.data"}
     assert sum(info["fused_operators"].get(op, 0) for op in ATTENTION_OPS) == 2
-    assert info["parity"]["fp16_max_abs_diff" if dtype == "fp16" else "fp32_fused_max_abs_diff"] <= 1e-3
+    assert info["parity"]["fp16_max_abs_diff"] < 0.05 if dtype == "fp16" else \
+        info["parity"]["fp32_fused_max_abs_diff"] <= 1e-3
     if engine == "openvino-int8":
         assert info["cpu_engine"]["engine"] == engine and "model.int8.onnx.data" in files
     merged = score(ScoreConfig(model=tmp_path / "m", inputs=(str(articles / "a.parquet"),), out=tmp_path / "s"))

@@ -33,6 +33,7 @@ from ..core.errors import ConfigError, RetryableError
 # The builder writes a graph for the CausalLM class of these architectures.
 CAUSAL_LM_CLASSES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 BUILDER_MODULE = "onnxruntime_genai.models.builder"
+BUILDER_TIMEOUT_S = 3600
 
 
 class BuilderError(RetryableError):
@@ -49,6 +50,16 @@ def builder_missing() -> str:
     if importlib.util.find_spec("onnxruntime_genai") is None:
         return ("the GPU graph of a decoder is written by onnxruntime-genai's model builder, which is not installed "
                 "(the `cpu` extra has onnxruntime-genai; the image has onnxruntime-genai-cuda)")
+    return ""
+
+
+def decoder_head_problem(classifier: Any, tokenizer: Any) -> str:
+    """Why the classifier's head cannot be appended to the builder's graph ('' when it can): checked before the
+    minutes of work that precede the builder."""
+    if getattr(classifier.score, "bias", None) is not None:
+        return "the score head has a bias; the graph surgery appends a bias-free head"
+    if tokenizer.pad_token_id is None:
+        return "the tokenizer has no pad token: the head pools at each row's last non-pad token"
     return ""
 
 
@@ -83,7 +94,11 @@ def run_builder(checkpoint: Path, out: Path, cache: Path, precision: str) -> Non
     command = [sys.executable, "-m", BUILDER_MODULE, "-i", str(checkpoint), "-o", str(out), "-p", precision, "-e", "cuda",
                "-c", str(cache), "--extra_options", "exclude_lm_head=true", "hf_token=false"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:  # 17 s for 1.5B parameters on 2 cores: an hour means it hangs
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=BUILDER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise BuilderError(f"onnxruntime-genai's model builder did not finish in {BUILDER_TIMEOUT_S} s") from None
     if done.returncode != 0 or not (out / "model.onnx").exists():
         tail = "\n".join(done.stdout.strip().splitlines()[-5:])
         raise BuilderError(f"onnxruntime-genai's model builder failed (exit {done.returncode}):\n{tail}")
@@ -102,7 +117,7 @@ def attach_score_head(built: Path, target: Path, score_weight: np.ndarray, pad_i
     past = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
     if {i.name for i in graph.input} - past != {"input_ids", "attention_mask"} or \
             [o.name for o in graph.output if not o.name.startswith("present.")] != ["hidden_states"]:
-        raise BuilderError(f"the model builder's graph has inputs {[i.name for i in graph.input]} and outputs "
+        raise ConfigError(f"the model builder's graph has inputs {[i.name for i in graph.input]} and outputs "
                            f"{[o.name for o in graph.output]}; expected input_ids, attention_mask, the KV cache and "
                            "hidden_states")
     for node in graph.node:
@@ -138,7 +153,7 @@ def attach_score_head(built: Path, target: Path, score_weight: np.ndarray, pad_i
         locations = {entry.value for tensor in graph.initializer for entry in tensor.external_data
                      if entry.key == "location"}
         if locations != {"model.onnx.data"}:
-            raise BuilderError(f"the model builder wrote its weights to {sorted(locations)}, not model.onnx.data")
+            raise ConfigError(f"the model builder wrote its weights to {sorted(locations)}, not model.onnx.data")
         onnx.save_model(model, str(target / "model.onnx"))
         shutil.move(str(built / "model.onnx.data"), str(target / "model.onnx.data"))
     else:
@@ -159,8 +174,8 @@ class DecoderCheckpoint:
 def decoder_checkpoint(classifier: Any, tokenizer: Any, work: Path) -> Iterator[DecoderCheckpoint]:
     """The classifier's weights on disk (fp32, as they are) for the builder, under `work` until the block ends: once
     it is written, PyTorch's copy may go before the builder loads its own."""
-    if getattr(classifier.score, "bias", None) is not None:
-        raise BuilderError("the score head has a bias; the graph surgery appends a bias-free head")
+    if problem := decoder_head_problem(classifier, tokenizer):
+        raise ConfigError(problem)
     scratch = work / ".decoder-build"
     try:
         save_causal_checkpoint(classifier, tokenizer, scratch / "checkpoint")
