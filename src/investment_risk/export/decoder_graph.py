@@ -2,7 +2,8 @@
 onnxruntime-genai's model builder, with the run's score head appended.
 
     merged PyTorch model -> causal-LM checkpoint (safetensors) -> builder (fp16|bf16, cuda, no LM head) ->
-    graph surgery: no KV cache, the head on each row's last real token -> model.onnx (input_ids, attention_mask -> scores)
+    graph surgery: no KV cache, the head on each row's last real token ->
+    model.onnx (input_ids, attention_mask -> scores)
 
 Why the builder and not the dynamo export for this: its graph has one packed QKV MatMul and a GroupQueryAttention
 per layer (rotary inside, flash attention on the GPU, no repeated K/V, no (batch, 1, S, S) mask), where the dynamo
@@ -84,15 +85,16 @@ def save_causal_checkpoint(classifier: Any, tokenizer: Any, target: Path) -> Non
         config.pop(key, None)
     target.mkdir(parents=True)
     (target / "config.json").write_text(json.dumps(config))
-    weights = {f"model.{name}": tensor.detach().cpu().contiguous() for name, tensor in classifier.model.state_dict().items()}
+    weights = {f"model.{name}": tensor.detach().cpu().contiguous()
+               for name, tensor in classifier.model.state_dict().items()}
     save_file(weights, str(target / "model.safetensors"))
     tokenizer.save_pretrained(target)
 
 
 def run_builder(checkpoint: Path, out: Path, cache: Path, precision: str) -> None:
     """The builder in a process of its own: its memory (a second copy of the weights) goes back when it ends."""
-    command = [sys.executable, "-m", BUILDER_MODULE, "-i", str(checkpoint), "-o", str(out), "-p", precision, "-e", "cuda",
-               "-c", str(cache), "--extra_options", "exclude_lm_head=true", "hf_token=false"]
+    command = [sys.executable, "-m", BUILDER_MODULE, "-i", str(checkpoint), "-o", str(out), "-p", precision,
+               "-e", "cuda", "-c", str(cache), "--extra_options", "exclude_lm_head=true", "hf_token=false"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     try:  # 17 s for 1.5B parameters on 2 cores: an hour means it hangs
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -118,8 +120,8 @@ def attach_score_head(built: Path, target: Path, score_weight: np.ndarray, pad_i
     if {i.name for i in graph.input} - past != {"input_ids", "attention_mask"} or \
             [o.name for o in graph.output if not o.name.startswith("present.")] != ["hidden_states"]:
         raise ConfigError(f"the model builder's graph has inputs {[i.name for i in graph.input]} and outputs "
-                           f"{[o.name for o in graph.output]}; expected input_ids, attention_mask, the KV cache and "
-                           "hidden_states")
+                          f"{[o.name for o in graph.output]}; expected input_ids, attention_mask, the KV cache and "
+                          "hidden_states")
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in past:

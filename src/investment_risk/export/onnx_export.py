@@ -410,8 +410,9 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
                               f"nothing was written to {out_dir}")
         # A GPU graph is asked for speed: it must keep the accuracy bar every reduced-precision CPU engine is held to.
         if dtype in ("fp16", "bf16") and check.get("val_mae_delta", 0.0) > MAE_TOLERANCE:
-            raise ParityError(f"the {dtype} graph of {run_dir} scores the validation split {check['val_mae_delta']:.4f} "
-                              f"worse (MAE) than fp32 (limit {MAE_TOLERANCE}); nothing was written to {out_dir}")
+            raise ParityError(f"the {dtype} graph of {run_dir} scores the validation split "
+                              f"{check['val_mae_delta']:.4f} worse (MAE) than fp32 (limit {MAE_TOLERANCE}); "
+                              f"nothing was written to {out_dir}")
 
     def decoder_graph(work: Path) -> dict[str, Any]:
         """fp16 or bf16 for a decoder: the model builder writes the graph itself, so the proof is that graph
@@ -429,8 +430,9 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
             graph = build_decoder_graph(checkpoint, work, external, dtype)
         parity: dict[str, Any] = {"batches": batch_shapes}
         reduced_check(work, torch_scores, val, val_fp32, parity)
-        return {"graph": graph, "parity": parity, "fusions": {}, "fused_operators": fused_operator_counts(
-            work / "model.onnx"), "cpu_engine": {"engine": "onnxruntime", "why": f"--dtype {dtype} runs on ONNX Runtime"}}
+        return {"graph": graph, "parity": parity, "fusions": {},
+                "fused_operators": fused_operator_counts(work / "model.onnx"),
+                "cpu_engine": {"engine": "onnxruntime", "why": f"--dtype {dtype} runs on ONNX Runtime"}}
 
     def dynamo_graph(work: Path) -> dict[str, Any]:
         example = next(padded_batches(rows, pad_id, batches[1:2]))
