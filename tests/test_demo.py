@@ -22,3 +22,13 @@ def test_demo_runs_the_whole_loop(runner, tmp_path):
     assert any(line.startswith("scored ") and str(out / "scored") in line for line in lines)
     report = (out / "demo_report.md").read_text()
     assert "| test MAE" in report and str(out / "model") in report
+
+    first = json.loads((out / "run" / "training_metadata.json").read_text())
+    # Again with more rows: the run in its folder was trained on other data, so it starts again, not resumes.
+    again = runner.invoke(main, ["--log-format", "json", "demo", "--out", str(out), "--base-model", "tiny-qwen2",
+                                 "--rows", "160", "--batch-rows", "150", "--epochs", "1"])
+    assert again.exit_code == 0, again.output
+    [restarted] = [e for e in assert_json_stdout(again) if e["event"] == "demo_run_restarted"]
+    assert "was trained on other data" in restarted["reason"]
+    second = json.loads((out / "run" / "training_metadata.json").read_text())
+    assert second["train_examples"] > first["train_examples"]

@@ -42,7 +42,8 @@ def test_pickle_checkpoints_and_adapters_are_never_loaded(exported, split_dir, t
     checkpoint = run / "checkpoints" / latest
     (checkpoint / "trainable.safetensors").unlink()
     trap(checkpoint / "trainable.pt", marker)
-    result = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(run), "--resume"])
+    same_run = [*TINY_TRAIN_ARGS, "--epochs", "1"]  # the fixture's run (the last --epochs counts)
+    result = runner.invoke(main, ["train", *same_run, "--data", str(split_dir), "--out", str(run), "--resume"])
     assert result.exit_code == 2 and "trainable.safetensors" in result.output, result.output
     (run / "model" / "adapter_model.safetensors").unlink()
     trap(run / "model" / "adapter_model.bin", marker)

@@ -317,6 +317,73 @@ def test_resume_with_another_base_model(runner, tiny_run, split_dir):
     assert result.exit_code == 2 and "was trained with --base-model tiny-qwen2" in result.output
 
 
+def test_resume_with_other_settings_is_refused(runner, tiny_run, split_dir):
+    out, _, _ = tiny_run
+    args = [a if a != "2e-3" else "1e-3" for a in TINY_TRAIN_ARGS]
+    before = (out / "training_config.json").read_text()
+    result = runner.invoke(main, ["train", *args, "--data", str(split_dir), "--out", str(out), "--resume"])
+    assert result.exit_code == 2
+    assert "was trained with --learning-rate 0.002 (not 0.001)" in result.output
+    assert (out / "training_config.json").read_text() == before
+
+
+def test_dry_run_checks_what_resume_would_continue(runner, tiny_run, split_dir, tmp_path):
+    """The data may move but not change; where and how the run reports may change, what it learns may not."""
+    out, _, _ = tiny_run
+    moved = tmp_path / "moved"
+    shutil.copytree(split_dir, moved)
+    args = [a if a != "5" else "50" for a in TINY_TRAIN_ARGS]  # --checkpoint-steps: free to change
+    base = ["train", *args, "--out", str(out), "--resume", "--dry-run"]
+    same = runner.invoke(main, [*base, "--data", str(moved)])
+    assert same.exit_code == 0, same.output
+    val = pq.read_table(moved / "val.parquet")
+    pq.write_table(val.slice(1), moved / "val.parquet")
+    changed = runner.invoke(main, [*base, "--data", str(moved)])
+    assert changed.exit_code == 2
+    assert "was trained on other data: val.parquet" in changed.output
+    other = runner.invoke(main, [*base, "--data", str(split_dir), "--batch-size", "4"])
+    assert other.exit_code == 2 and "--batch-size 8 (not 4)" in other.output
+
+
+def test_resume_of_a_corrupt_run_config_is_one_line(runner, tmp_path, split_dir):
+    out = tmp_path / "corrupt"
+    out.mkdir()
+    (out / "training_config.json").write_text('{"mode": "distillation",')
+    result = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(out), "--resume"])
+    assert result.exit_code == 2
+    assert f"{out / 'training_config.json'}: unreadable" in result.output and "Traceback" not in result.output
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_does_not_block_the_next(runner, tmp_path, split_dir):
+    bad = tmp_path / "bad"
+    shutil.copytree(split_dir, bad)
+    table = pq.read_table(bad / "train.parquet")
+    labels = table.column("macro_risk_severity").to_pylist()
+    labels[3] = float("nan")
+    pq.write_table(table.set_column(table.schema.get_field_index("macro_risk_severity"), "macro_risk_severity",
+                                    pa.array(labels, pa.float64())), bad / "train.parquet")
+    out = tmp_path / "run"
+    failed = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, "--data", str(bad), "--out", str(out)])
+    assert failed.exit_code == 2 and "is null or NaN" in failed.output
+    assert (out / "training_config.json").exists()
+    for args in ([], ["--resume-if-present"]):  # a new start, and a retried pod's
+        again = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(out),
+                                     "--dry-run", *args])
+        assert again.exit_code == 0, again.output
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "latest.json").write_text("{}")  # once a checkpoint exists, it is a run
+    blocked = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(out), "--dry-run"])
+    assert blocked.exit_code == 2 and "already exists and is not empty" in blocked.output
+
+
+@pytest.mark.parametrize("command", [["train", *TINY_TRAIN_ARGS, "--data", "d", "--out", "o"],
+                                     ["data", "synth", "--rows", "10", "--out", "x.parquet"],
+                                     ["data", "split", "--input", "x.parquet", "--out", "d"]])
+def test_a_negative_seed_is_bad_usage(runner, command):
+    result = runner.invoke(main, [*command, "--seed", "-1"])
+    assert result.exit_code == 2 and "--seed" in result.output and "Traceback" not in result.output
+
+
 def test_resume_without_a_run(runner, tmp_path, split_dir):
     result = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(tmp_path / "none"),
                                   "--resume"])

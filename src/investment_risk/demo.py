@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     from .scoring.pipeline import ScoreConfig, score
     from .training.config import TrainConfig
     from .training.recipe import train
+    from .training.run_dir import resume_refusal
 
     log = get_logger()
     out = config.out
@@ -49,10 +51,16 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     run_split([str(out / "articles.parquet")], out / "data", SplitConfig(seed=config.seed))
     step("train")
     run = out / "run"
-    resume = (run / "training_config.json").exists()
-    metadata = train(TrainConfig(mode="distillation", base_model=config.base_model, data=str(out / "data"), out=str(run),
-                                 epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
-                                 max_length=config.max_length, seed=config.seed), resume=resume)
+    train_config = TrainConfig(mode="distillation", base_model=config.base_model, data=str(out / "data"), out=str(run),
+                               epochs=config.epochs, batch_size=config.batch_size,
+                               learning_rate=config.learning_rate, max_length=config.max_length, seed=config.seed)
+    # An interrupted demo continues its run; a run of other settings or data in its folder is the demo's own
+    # leftover, and starts again.
+    resume = run.exists() and not (refusal := resume_refusal(train_config))
+    if run.exists() and not resume:
+        log.info("demo_run_restarted", run=str(run), reason=refusal)
+        shutil.rmtree(run)
+    metadata = train(train_config, resume=resume)
     step("evaluate")
     evaluation = evaluate_run(run, out / "data" / "test.parquet", out / "evaluation.json")
     step("export")

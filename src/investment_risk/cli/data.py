@@ -19,7 +19,8 @@ def data() -> None:
 
 @data.command("synth")
 @option("--rows", type=click.IntRange(min=1), required=True, help="How many articles to generate (>= 1).")
-@option("--seed", type=int, default=0, show_default=True, help="Random seed; the same seed gives the same file.")
+@option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+        help="Random seed; the same seed gives the same file.")
 @option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
         help="Output file: .parquet, or .jsonl for JSON lines.")
 def data_synth(rows: int, seed: int, out: Path) -> None:
@@ -39,7 +40,7 @@ def data_synth(rows: int, seed: int, out: Path) -> None:
         help="Output directory for train.parquet, val.parquet, test.parquet and split_summary.json.")
 @option("--val", type=float, default=0.1, show_default=True, help="Share of unique rows for validation.")
 @option("--test", type=float, default=0.1, show_default=True, help="Share of unique rows for testing.")
-@option("--seed", type=int, default=42, show_default=True, help="Random seed of the shuffle.")
+@option("--seed", type=click.IntRange(min=0), default=42, show_default=True, help="Random seed of the shuffle.")
 def data_split(input_: str, out: Path, val: float, test: float, seed: int) -> None:
     """De-duplicate (by id and normalised content) and split into train/val/test."""
     from ..datasets.split import SplitConfig, run_split

@@ -34,7 +34,7 @@ from .options import option
         help="Instruction mode: lambda in token loss + lambda x score MSE.")
 @option("--warmup-steps", type=click.IntRange(min=0), default=500, show_default=True,
         help="Linear warm-up steps, capped at 10% of all optimizer steps.")
-@option("--seed", type=int, default=42, show_default=True)
+@option("--seed", type=click.IntRange(min=0), default=42, show_default=True)
 @option("--checkpoint-steps", type=click.IntRange(min=1), default=500, show_default=True,
         help="Also checkpoint every N optimizer steps (always at each epoch end).")
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -47,24 +47,26 @@ from .options import option
              "of the budget (head-tail); recorded in the run and model.json, so scoring cuts as training did.")
 @option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @option("--resume-if-present", is_flag=True,
-        help="Continue --out if it already holds this run, else start it (what a retried Kubernetes pod needs).")
+        help="Continue --out if it holds a run that has a checkpoint, else start it (what a retried Kubernetes pod "
+             "needs).")
 @option("--dry-run", is_flag=True, help="Validate and count parameters on the meta device; load no weights, write nothing.")
 def train_command(resume: bool, resume_if_present: bool, dry_run: bool, **options: Any) -> None:
     """Train a LoRA adapter and regression head on labelled articles."""
     from ..training.config import TrainConfig
     from ..training.dry_run import dry_run as plan
     from ..training.recipe import train
+    from ..training.run_dir import has_checkpoint
 
     bind(stage="train")
     options["max_length"] = options["max_length"] or 0
     config = TrainConfig(**{k: str(v) if isinstance(v, Path) else v for k, v in options.items()})
+    resume = resume or (resume_if_present and has_checkpoint(Path(config.out)))
     if dry_run:
-        report = plan(config)
+        report = plan(config, resume)
         get_logger().info("dry_run", **report)
         if output.on_terminal():
             click.echo("\n".join(f"{key:<26} {value}" for key, value in report.items()))
         return
-    resume = resume or (resume_if_present and (Path(config.out) / "training_config.json").exists())
     metadata = train(config, resume=resume)
     if output.on_terminal():  # training_done, already logged, carries the same figures
         click.echo(f"best val MAE {metadata['best_val_mae']:.4f} (epoch {metadata['best_epoch']}) -> {config.out}")

@@ -1,5 +1,5 @@
 """Files and directories that appear whole or not at all: write beside the destination, fsync, rename, fsync the
-directory (a rename is durable only once its directory is synced)."""
+directory (a rename is durable only once its directory is synced). And the one way JSON files are read back."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
 from .faults import fault_point
 
 FILE_MODE = 0o644  # mkstemp makes 0600; a finished file reads like any other
@@ -82,6 +83,14 @@ def write_text_atomic(text: str, dest: str | Path) -> Path:
 
 def write_json_atomic(obj: Any, dest: str | Path) -> Path:
     return write_text_atomic(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", dest)
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file this package (or its user) wrote; an unreadable or malformed one is an InputError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable ({exc})") from None
 
 
 def write_parquet_atomic(table: Any, dest: str | Path, **kwargs: Any) -> Path:

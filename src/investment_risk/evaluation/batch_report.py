@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..core.atomic import write_text_atomic
+from ..core.atomic import read_json, write_text_atomic
 from ..core.drift import SCORE_EDGES
 from ..core.errors import ConfigError
 from .drift_report import read_merged_metrics
@@ -90,7 +89,7 @@ def _read_metrics(scored: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     merged = read_merged_metrics(scored)
     reference = None
     for shard in sorted((scored / "metrics").glob("part-*.json")):
-        reference = json.loads(shard.read_text()).get("reference") or reference
+        reference = read_json(shard).get("reference") or reference
     return merged, reference
 
 

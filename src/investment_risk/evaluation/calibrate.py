@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.atomic import atomic_path
+from ..core.atomic import atomic_path, read_json
 from ..core.errors import InputError
 from ..core.logs import get_logger
 from ..core.metrics import regression_metrics
@@ -60,7 +60,7 @@ def _replace_exported(model_dir: Path, text: str) -> str:
     """Write the calibration and the model.json that hashes it, both complete in temporary files first, then two
     renames: a reader sees the old pair or the new pair, but for the instant between the renames (when the sha256
     check refuses the model rather than trust a mismatched pair)."""
-    info = json.loads((model_dir / "model.json").read_text())
+    info = read_json(model_dir / "model.json")
     with atomic_path(model_dir / CALIBRATION_FILE) as calibration_tmp, atomic_path(model_dir / "model.json") as meta_tmp:
         calibration_tmp.write_text(text)
         digests = {name: digest for name, digest in info["sha256"].items() if name != CALIBRATION_FILE}

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from ..core.atomic import write_text_atomic
+from ..core.atomic import read_json, write_text_atomic
 from ..core.errors import InputError
 from ..core.plots import pyplot, save_figure
 from ..core.spec import DIMENSIONS
@@ -17,8 +16,7 @@ def load_run_summary(run: Path) -> dict[str, Any]:
     meta_path, history_path = run / "training_metadata.json", run / "training_history.json"
     if not meta_path.exists() or not history_path.exists():
         raise InputError(f"{run}: not a finished training run (needs training_metadata.json and training_history.json)")
-    metadata = json.loads(meta_path.read_text())
-    history = json.loads(history_path.read_text())
+    metadata, history = read_json(meta_path), read_json(history_path)
     best_epoch = metadata.get("best_epoch") or min(history, key=lambda h: h["val"]["mae"])["epoch"]
     best = next(h for h in history if h["epoch"] == best_epoch)
     label = f"{metadata.get('training_mode', '?')} ({run.name})"

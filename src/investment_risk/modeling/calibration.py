@@ -9,7 +9,6 @@ beyond numpy. Fitting uses scikit-learn's IsotonicRegression.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.atomic import read_json
 from ..core.errors import InputError
 from ..core.spec import DIMENSIONS
 
@@ -103,8 +103,4 @@ def load_calibration(directory: Path) -> Calibration | None:
     path = directory / CALIBRATION_FILE
     if not path.exists():
         return None
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable ({exc})") from None
-    return parse_calibration(raw, path)
+    return parse_calibration(read_json(path), path)

@@ -8,13 +8,13 @@ An exported directory is checked against the sha256 in its model.json before any
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..core.atomic import read_json
 from ..core.errors import InputError
 from ..core.drift import REFERENCE_FILE, check_reference
 from ..core.spec import DIMENSIONS
@@ -49,13 +49,6 @@ def model_digest(model_dir: Path) -> dict[str, str]:
 def model_version(digests: dict[str, str]) -> str:
     joined = "".join(f"{name}:{digest}\n" for name, digest in sorted(digests.items()))
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -100,7 +93,7 @@ def describe_model(path: Path) -> ModelDescription:
     if (path / "model.json").exists():
         return _exported(path)
     if (path / "training_metadata.json").exists():
-        return _run(path, _read_json(path / "training_metadata.json"))
+        return _run(path, read_json(path / "training_metadata.json"))
     raise InputError(f"{path}: neither an exported model (model.json) nor a training run (training_metadata.json)")
 
 
@@ -131,7 +124,7 @@ def _exported(path: Path) -> ModelDescription:
         raise InputError(f"{path / 'model.json'}: input_format {info['input_format']!r} is not one of "
                          f"{', '.join(INPUT_FORMATS)}")
     source = Path(info["source_run"])
-    run_meta = _read_json(source / "training_metadata.json") if (source / "training_metadata.json").exists() else None
+    run_meta = read_json(source / "training_metadata.json") if (source / "training_metadata.json").exists() else None
     return ModelDescription(
         path=path, exported=True, input_format=info.get("input_format", "article"), max_length=int(info["max_length"]),
         pad_token_id=info.get("pad_token_id"), model_version=str(info["model_version"]), source_run=source,
@@ -147,7 +140,7 @@ def load_reference(model_dir: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return check_reference(_read_json(path), str(path))
+        return check_reference(read_json(path), str(path))
     except ValueError as exc:
         raise InputError(str(exc)) from None
 
@@ -157,7 +150,7 @@ def read_model_json(model_dir: Path) -> dict[str, Any]:
     meta_path = model_dir / "model.json"
     if not meta_path.exists():
         raise InputError(f"{model_dir}: not an exported model (no model.json)")
-    info = _read_json(meta_path)
+    info = read_json(meta_path)
     actual = model_digest(model_dir)
     if actual != info.get("sha256"):
         raise InputError(f"{model_dir}: model files do not match the sha256 in model.json (expected "

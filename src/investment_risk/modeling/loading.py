@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from ..core.atomic import read_json
 from ..core.errors import ConfigError, InputError
 from .description import CPU_ENGINES, INT8_FILE, ModelDescription
 from .presets import load_config, load_tokenizer, quiet_libraries, resolve_base_model
@@ -20,7 +20,7 @@ def _run_metadata(run_dir: Path) -> dict[str, Any]:
     if not meta_path.exists() or not (run_dir / "model" / "adapter_model.safetensors").exists():
         raise InputError(f"{run_dir}: not a training run (needs training_metadata.json and "
                          "model/adapter_model.safetensors; pickle files are never loaded)")
-    return json.loads(meta_path.read_text())
+    return read_json(meta_path)
 
 
 def load_run_model(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, dict[str, Any]]:

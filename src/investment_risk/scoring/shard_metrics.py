@@ -7,7 +7,6 @@ against rows in the part and rejects files (their footers), per shard when it fi
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.atomic import write_json_atomic
+from ..core.atomic import read_json, write_json_atomic
 from ..core.errors import RetryableError
 from ..core.logs import get_logger
 from ..core.decisions import tier_report
@@ -215,7 +214,7 @@ def rows_on_disk(out_dir: Path, name: str) -> tuple[int, int]:
 
 def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
     parts = sorted((out_dir / "metrics").glob("part-*.json"))
-    shards = [json.loads(p.read_text()) for p in parts if p.stem in done]
+    shards = [read_json(p) for p in parts if p.stem in done]
     broken = []
     for shard in shards:  # recount the outputs: the files may have changed since the shard wrote its metrics
         name = f"part-{shard['shard']:05d}"

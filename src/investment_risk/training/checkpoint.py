@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..core.atomic import write_dir_atomic, write_json_atomic
+from ..core.atomic import read_json, write_dir_atomic, write_json_atomic
 from ..core.errors import InputError
 
 KEEP = 2
@@ -62,7 +62,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     pointer = root / "latest.json"
     if not pointer.exists():
         return None
-    path = root / json.loads(pointer.read_text())["checkpoint"]
+    path = root / read_json(pointer)["checkpoint"]
     if not (path / "state.json").exists():
         raise InputError(f"{pointer}: names {path.name}, which is missing or incomplete")
     return path
@@ -79,7 +79,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         if name not in params:
             raise InputError(f"{path}: checkpoint holds {name}, which this model does not have")
         params[name].data.copy_(value.to(params[name].device))
-    meta = json.loads((path / "state.json").read_text())
+    meta = read_json(path / "state.json")
     tensors = load_file(str(path / "state.safetensors"))
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():

@@ -11,6 +11,9 @@ from ..core.errors import ConfigError
 from ..modeling.tokens import TRUNCATIONS
 
 MODES = ("distillation", "instruction")
+# What a resumed run may change: where it runs and how it reports, not what or how it learns. The data may move
+# (its path is free) but not change: its files' sha256 are compared.
+RESUMABLE = frozenset({"out", "data", "device", "compile", "log_every", "checkpoint_steps"})
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class TrainConfig:
             (self.head_lr_multiplier > 0, "--head-lr-multiplier must be positive"),
             (self.score_loss_weight >= 0, "--score-loss-weight must be >= 0"),
             (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+            (self.seed >= 0, "--seed must be >= 0"),
             (self.checkpoint_steps >= 1, "--checkpoint-steps must be >= 1"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
             (self.mode == "instruction" or not self.train_embeddings, "--train-embeddings needs --mode instruction"),
@@ -71,3 +75,35 @@ def warmup_for(config: TrainConfig, total_steps: int) -> int:
     """The configured warm-up, capped at 10 % of all optimizer steps (small data would otherwise never leave it)."""
     cap = max(1, int(0.1 * total_steps))
     return min(config.warmup_steps, cap)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How many batches and optimizer steps a run takes, and its warm-up."""
+
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+
+
+def plan_steps(config: TrainConfig, train_rows: int) -> StepPlan:
+    batches_per_epoch = math.ceil(train_rows / config.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    return StepPlan(batches_per_epoch, steps_per_epoch, total_steps, warmup_for(config, total_steps))
+
+
+def resume_problem(config: TrainConfig, saved: dict[str, Any], data_sha256: dict[str, str]) -> str:
+    """Why a run saved with `saved` (its training_config.json) cannot be continued under `config` on data whose
+    files hash to `data_sha256` ('' when it can): resuming with other settings or data would mix two trainings."""
+    changed = [f"--{name.replace('_', '-')} {saved[name]} (not {getattr(config, name)})"
+               for name in (f.name for f in dataclasses.fields(config))
+               if name not in RESUMABLE and name in saved and saved[name] != getattr(config, name)]
+    if changed:
+        return f"was trained with {', '.join(changed)}"
+    moved = sorted(name for name, digest in saved.get("data_sha256", {}).items() if data_sha256.get(name) != digest)
+    if moved:
+        return (f"was trained on other data: {', '.join(f'{name}.parquet' for name in moved)} in --data "
+                f"{config.data} differ from the files it was trained on")
+    return ""

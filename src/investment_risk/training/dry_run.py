@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..core.errors import InputError
 from ..core.spec import NUM_DIMENSIONS
 from ..modeling.tokens import article_texts, encode
-from .config import TrainConfig, warmup_for
+from .config import TrainConfig, plan_steps
 from .data import check_batch_fits, read_split
+from .run_dir import check_out_dir
 
 
-def dry_run(config: TrainConfig) -> dict[str, Any]:
-    """Validate data and options and count parameters on the meta device; loads no weights, writes nothing."""
+def dry_run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Validate data and options (and, with `resume`, that --out can be continued) and count parameters on the meta
+    device; loads no weights, writes nothing."""
     from ..modeling.networks import causal_lm, parameter_counts, regression_model
     from ..modeling.presets import load_tokenizer, resolve_base_model
 
-    out = Path(config.out)
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"--out {out} already exists and is not empty; pass --resume to continue it or choose another")
+    check_out_dir(config, resume)
     base = resolve_base_model(config.base_model, need_weights=False)
     tokenizer = load_tokenizer(base.path) if base.has_tokenizer else None
     train_table, val_table = read_split(Path(config.data), "train"), read_split(Path(config.data), "val")
@@ -34,13 +32,12 @@ def dry_run(config: TrainConfig) -> dict[str, Any]:
         total, trainable = total + head, trainable + head
     else:
         total, trainable = parameter_counts(regression_model(base, tokenizer, meta=True))
-    batches = math.ceil(train_table.num_rows / config.batch_size)
-    steps_per_epoch = math.ceil(batches / config.grad_accum)
+    plan = plan_steps(config, train_table.num_rows)
     report: dict[str, Any] = {
         "base_model": config.base_model, "base_model_path": str(base.path), "mode": config.mode,
         "num_parameters": total, "num_trainable_parameters": trainable, "train_examples": train_table.num_rows,
-        "val_examples": val_table.num_rows, "steps_per_epoch": steps_per_epoch, "total_steps": steps_per_epoch * config.epochs,
-        "warmup_steps": warmup_for(config, steps_per_epoch * config.epochs),
+        "val_examples": val_table.num_rows, "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps,
+        "warmup_steps": plan.warmup,
     }
     if tokenizer is not None:
         for name, table in (("train", train_table), ("val", val_table)):

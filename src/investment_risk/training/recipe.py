@@ -11,8 +11,6 @@ checkpoint, so `--resume` ends with the same history as an unbroken run.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import signal
 import time
@@ -29,8 +27,9 @@ from ..core.metrics import regression_metrics
 from ..core.spec import DIMENSIONS, NUM_DIMENSIONS
 from ..modeling.predict import pick_device
 from ..modeling.tokens import length_grouped_batches, to_device
-from .config import TrainConfig, warmup_for
+from .config import TrainConfig, plan_steps
 from .data import SplitData
+from .run_dir import check_out_dir, save_run_config
 
 
 @dataclass
@@ -114,20 +113,6 @@ def make_task(config: TrainConfig, tokenizer: Any) -> Any:
     return DistillationTask(config, tokenizer)
 
 
-def check_out_dir(config: TrainConfig, resume: bool) -> Path:
-    out = Path(config.out)
-    if resume:
-        saved = out / "training_config.json"
-        if not saved.exists():
-            raise InputError(f"--resume: {out} holds no training run (no training_config.json)")
-        previous = json.loads(saved.read_text())
-        for key in ("mode", "base_model"):
-            if previous.get(key) != getattr(config, key):
-                raise InputError(f"--resume: {out} was trained with --{key.replace('_', '-')} {previous.get(key)}, "
-                                 f"not {getattr(config, key)}")
-    elif out.exists() and any(out.iterdir()):
-        raise InputError(f"--out {out} already exists and is not empty; pass --resume to continue it or choose another")
-    return out
 
 
 def setup(config: TrainConfig, resume: bool) -> Session:
@@ -141,8 +126,8 @@ def setup(config: TrainConfig, resume: bool) -> Session:
     device = pick_device(config.device)
     base = resolve_base_model(config.base_model)
     tokenizer = load_tokenizer(base.path)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(config.to_json(), out / "training_config.json")
+    if not resume:
+        save_run_config(config)
     task = make_task(config, tokenizer)
     train_data, val_data = task.prepare(out / "cache")
 
@@ -159,20 +144,18 @@ def setup(config: TrainConfig, resume: bool) -> Session:
         [{"params": adapter, "lr": config.learning_rate},
          {"params": head, "lr": config.learning_rate * config.head_lr_multiplier}],
         weight_decay=config.weight_decay, fused=on_cuda or None)
-    batches_per_epoch = math.ceil(train_data.table.num_rows / config.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = warmup_for(config, total_steps)
-    if warmup < config.warmup_steps:
-        get_logger().info("warmup_capped", requested=config.warmup_steps, used=warmup, total_steps=total_steps,
-                          reason="warm-up is capped at 10% of all optimizer steps")
+    plan = plan_steps(config, train_data.table.num_rows)
+    if plan.warmup < config.warmup_steps:
+        get_logger().info("warmup_capped", requested=config.warmup_steps, used=plan.warmup,
+                          total_steps=plan.total_steps, reason="warm-up is capped at 10% of all optimizer steps")
     if config.compile:
         compile_blocks(model)
     return Session(
         config=config, out=out, base=base, device=device, autocast_dtype=torch.bfloat16 if on_cuda else None,
         task=task, train_data=train_data, val_data=val_data, model=model, optimizer=optimizer,
-        scheduler=get_linear_schedule_with_warmup(optimizer, warmup, total_steps), trainable=trainable,
-        batches_per_epoch=batches_per_epoch, steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup=warmup)
+        scheduler=get_linear_schedule_with_warmup(optimizer, plan.warmup, plan.total_steps), trainable=trainable,
+        batches_per_epoch=plan.batches_per_epoch, steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps,
+        warmup=plan.warmup)
 
 
 def compile_blocks(model: Any) -> None:
