@@ -107,9 +107,9 @@ def test_every_option_has_an_env_var():
     for command in walk(main):
         for param in command.params:
             if isinstance(param, click.Option) and param.name not in ("help", "version"):
-                names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or [])
-                wanted = "INVESTMENT_RISK_" + param.name.upper().removesuffix("_")
-                assert wanted in names or "INVESTMENT_RISK_INPUT" in names, (command.name, param.name, names)
+                flag = max((opt for opt in param.opts if opt.startswith("--")), key=len)
+                names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar)
+                assert names[0] == "INVESTMENT_RISK_" + flag[2:].replace("-", "_").upper(), (command.name, flag)
 
 
 def test_console_script_logs_json_when_piped(tmp_path):

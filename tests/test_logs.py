@@ -49,6 +49,7 @@ def test_secret_keys_are_redacted(key, value):
 @pytest.mark.parametrize("value", [
     "hf_abcdefghijklmnopqrstuvwxyz123456", "Bearer abcdefghijklmnop", "ghp_abcdefghijklmnopqrstuvwxyz",
     "https://host/path?token=s3cr3tvalue&x=1", "eyJhbGciOiJSUzI1NiIs.eyJpc3MiOiJrdWJlcm5ldGVz.c2lnbmF0dXJlc2ln",
+    "http://alice:s3cr3tvalue@pushgateway:9091/",  # a URL's user:password (score --pushgateway)
 ])
 def test_token_shaped_values_are_redacted_anywhere(value, capsys):
     configure_logging("json", "INFO")
@@ -59,7 +60,7 @@ def test_token_shaped_values_are_redacted_anywhere(value, capsys):
 
 def test_ordinary_values_survive():
     event = {"event": "token_count", "tokens": 10, "tokens_per_second": 5.0, "path": "/data/x.parquet",
-             "token_path": "/var/run/secrets-free/path"}
+             "token_path": "/var/run/secrets-free/path", "gateway": "http://pushgateway:9091/a:b@c"}
     assert redact_secrets(None, "info", dict(event)) == event
 
 

@@ -16,8 +16,9 @@ class EnvOption(click.Option):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("show_envvar", True)
         super().__init__(*args, **kwargs)
-        if self.envvar is None and self.name:
-            self.envvar = ENV_PREFIX + self.name.upper()
+        flags = [opt for opt in self.opts if opt.startswith("--")]
+        if self.envvar is None and flags:  # named after the flag the user types, not the Python parameter
+            self.envvar = ENV_PREFIX + max(flags, key=len)[2:].replace("-", "_").upper()
 
 
 option = functools.partial(click.option, cls=EnvOption)

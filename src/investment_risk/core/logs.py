@@ -31,7 +31,8 @@ _SECRET_VALUE = re.compile(
     r"|AKIA[0-9A-Z]{16}"  # AWS access key ids
     r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWTs (Kubernetes service-account tokens)
     r"|(?<=Bearer )[A-Za-z0-9._~+/=-]{8,}"
-    r"|(?<=[?&]token=)[^&\s]+|(?<=[?&]key=)[^&\s]+)"
+    r"|(?<=[?&]token=)[^&\s]+|(?<=[?&]key=)[^&\s]+"
+    r"|(?<=://)[^/\s@:]+:[^/\s@]+(?=@))"  # a URL's user:password
 )
 
 
