@@ -84,6 +84,7 @@ def failing_command():
 @pytest.mark.parametrize("exc, code", [
     (InputError("x.parquet row 3: bad"), 2), (RetryableError("device lost"), 1), (KeyboardInterrupt(), 130),
     (OSError(28, "No space left on device"), 1), (FileNotFoundError(2, "No such file or directory", "f.txt"), 2),
+    (FileExistsError(17, "File exists", "/etc/hostname/x.json"), 2), (PermissionError(13, "Permission denied", "o"), 2),
 ])
 def test_exceptions_map_to_exit_codes(runner, failing_command, exc, code):
     failing_command(exc)

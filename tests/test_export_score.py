@@ -454,20 +454,82 @@ def test_bad_rows_become_rejects_with_reasons(exported, tmp_path):
         json.dumps({**good, "id": "huge", "content": "x" * 1_100_000}),
         json.dumps(good),  # a duplicate id: rejected, counted
         json.dumps({**good, "id": "other-lang", "content": "Die Kreditmärkte sind ruhig. 信用市场平静。"}),
+        '{"id": "lone", "title": "t", "content": "a \\ud800 b"}',  # a lone surrogate escape
+        '{"id": "deep", "title": "t", "content": "c", "extra": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        json.dumps({**good, "id": "bigint", "extra": 10 ** 40}),  # passes through as JSON text
+        json.dumps({**good, "id": "emoji", "content": "\ud83d\ude00 spreads"}),  # an escaped pair is fine
     ]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     merged = score(ScoreConfig(model=model, inputs=(str(path),), out=out))
     parts, rejects = read_out(out)
-    assert merged["rows_in"] == 8 and parts.num_rows == 2 and rejects.num_rows == 6
+    assert merged["rows_in"] == 12 and parts.num_rows == 4 and rejects.num_rows == 8
     reasons = dict(zip(rejects.column("row_number").to_pylist(), rejects.column("reason").to_pylist()))
+    assert reasons[8] == "invalid JSON (a lone UTF-16 surrogate escape)" and reasons[9] == "invalid JSON (nested too deep)"
+    assert set(parts.column("id").to_pylist()) == {"ok-1", "other-lang", "bigint", "emoji"}
     assert "id is null" in reasons[1] and "both null or empty" in reasons[2]
     assert "expected a string" in reasons[3] and "invalid JSON" in reasons[4] and "1000000-byte limit" in reasons[5]
     assert reasons[6] == "duplicate id (first seen at mixed.jsonl row 0): 'ok-1'"
     assert merged["reject_reasons"]["duplicate id"] == 1
+    assert merged["reject_reasons"]["article over the 1000000-byte limit"] == 1  # one key, whatever the size
     assert set(rejects.column("source_file").to_pylist()) == {str(path)}
     assert merged["duplicate_ids"] == 1
+
+
+def test_unusable_labels_are_left_out_of_the_metrics_and_counted(exported, articles, tmp_path):
+    _, model, _ = exported
+    table = pq.read_table(articles / "a.parquet").slice(0, 30)
+    clean = score(ScoreConfig(model=model, inputs=(str(articles / "a.parquet"),), out=tmp_path / "clean"))
+    macro = table.column("macro_risk_severity").to_pylist()
+    systemic = [str(v) for v in table.column("systemic_risk").to_pylist()]  # a column of strings
+    macro[0], macro[1] = 42.0, -3.0
+    bad = table.set_column(table.schema.get_field_index("macro_risk_severity"), "macro_risk_severity",
+                           pa.array(macro, pa.float64()))
+    bad = bad.set_column(bad.schema.get_field_index("systemic_risk"), "systemic_risk", pa.array(systemic))
+    (tmp_path / "in").mkdir()
+    pq.write_table(bad, tmp_path / "in" / "labels.parquet")
+    merged = score(ScoreConfig(model=model, inputs=(str(tmp_path / "in"),), out=tmp_path / "bad"))
+    assert merged["rows_in"] == 30 == merged["rows_scored"] and merged["rows_rejected"] == 0  # scored all the same
+    scored, _ = read_out(tmp_path / "bad")
+    by_model = [reason is None for reason in scored.column("prefilter_reason").to_pylist()]
+    # every model row's systemic label (a string), and the two out-of-range macro labels where the model scored
+    assert merged["labels_unusable"] == sum(by_model) + by_model[0] + by_model[1] > 0
+    assert "systemic_risk_mae" not in merged and merged["macro_risk_severity_mae"] < 10
+    assert clean["labels_unusable"] == 0
+
+
+def test_keep_columns_cannot_replace_an_output_column(exported, articles, tmp_path, runner):
+    _, model, _ = exported
+    for column in ("prefilter_reason", "signal_tier", "row_number"):
+        result = runner.invoke(main, ["score", "--model", str(model), "--input", str(articles / "a.parquet"),
+                                      "--out", str(tmp_path / "o"), "--keep-columns", column])
+        assert result.exit_code == 2 and f"--keep-columns: {column} would collide" in result.output
+
+
+def test_shards_of_another_count_are_refused_and_never_merge_complete(exported, articles, tmp_path, runner):
+    _, model, _ = exported
+    out = tmp_path / "mixed"
+    for index in (0, 1):
+        score(ScoreConfig(model=model, inputs=(str(articles),), out=out, shard_index=index, shard_count=2))
+    args = ["score", "--model", str(model), "--input", str(articles), "--out", str(out), "--shard-index", "2",
+            "--shard-count", "3"]
+    refused = runner.invoke(main, args)
+    assert refused.exit_code == 2 and "holds shards scored with --shard-count 2, not 3" in refused.output
+    assert runner.invoke(main, [*args, "--force"]).exit_code == 0
+    merged = json.loads((out / "metrics.json").read_text())
+    assert merged["shard_counts"] == [2, 3] and not merged["complete"]
+
+
+def test_an_unreadable_part_breaks_its_shard_not_the_merge(exported, articles, tmp_path, runner):
+    _, model, _ = exported
+    out = tmp_path / "torn"
+    score(ScoreConfig(model=model, inputs=(str(articles / "a.parquet"),), out=out))
+    (out / "part-00000.parquet").write_bytes(b"garbage")
+    result = runner.invoke(main, ["score-merge", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    merged = json.loads((out / "metrics.json").read_text())
+    assert merged["invariant_broken_shards"] == [0] and not merged["invariant_holds"]
 
 
 @pytest.mark.parametrize("case", ["corrupt", "missing column", "sha mismatch", "shard index", "no input"])

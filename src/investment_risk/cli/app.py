@@ -30,8 +30,10 @@ class App(click.Group):
             error = click.ClickException(redact_text(str(exc)))  # messages echo paths and options
             error.exit_code = exc.exit_code
             raise error from None
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+            # a path that cannot be what it is used as: a retry meets the same path
             text = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc) or exc.__class__.__name__
+            get_logger().error("command_failed", error=text, exit_code=2)
             error = click.ClickException(redact_text(text))
             error.exit_code = 2
             raise error from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +181,7 @@ def parquet_schema(path: Path) -> pa.Schema:
 
 
 _JSON_KINDS = {str: "string", bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Sequence[str]) -> Batch:
@@ -203,12 +205,18 @@ def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Seq
                     kind = _JSON_KINDS.get(type(value), type(value).__name__)
                     problems.setdefault(i, f"column '{name}' is a {kind}, expected {'a number' if want_number else 'a string'}")
                     value = None
-                clean.append(float(value) if want_number and value is not None else value)
+                if want_number and value is not None:
+                    try:
+                        value = float(value)
+                    except OverflowError:
+                        problems.setdefault(i, f"column '{name}' is a number too large for a float")
+                        value = None
+                clean.append(value)
             columns[name] = pa.array(clean, type=pa.float64() if want_number else pa.string())
         else:
             try:
                 columns[name] = pa.array(values)
-            except (pa.ArrowException, TypeError):
+            except (pa.ArrowException, TypeError, OverflowError):
                 # Mixed types in a pass-through column: keep them as JSON text rather than drop them.
                 columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], type=pa.string())
     if not columns:  # every line unreadable: keep the rows, so they are counted and rejected
@@ -262,8 +270,16 @@ def _parse_line(raw: bytes) -> tuple[dict[str, Any], str | None]:
         return {}, f"invalid UTF-8 ({exc.reason} at byte {exc.start})"
     try:
         obj = json.loads(text)
+        if _SURROGATE_ESCAPE.search(text):  # a lone one decodes but cannot be written as UTF-8
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
     except json.JSONDecodeError as exc:
         return {}, f"invalid JSON ({exc.msg} at column {exc.colno})"
+    except UnicodeEncodeError:
+        return {}, "invalid JSON (a lone UTF-16 surrogate escape)"
+    except ValueError as exc:  # an integer of over 4,300 digits
+        return {}, f"invalid JSON ({exc})"
+    except RecursionError:
+        return {}, "invalid JSON (nested too deep)"
     if not isinstance(obj, dict):
         return {}, f"expected a JSON object, got {_JSON_KINDS.get(type(obj), 'value')}"
     return obj, None

@@ -12,6 +12,7 @@ redoes an unfinished one whole.
 from __future__ import annotations
 
 import json
+import math
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -24,7 +25,7 @@ import pyarrow as pa
 
 from ..core.atomic import atomic_path, write_json_atomic
 from ..core.drift import DEFAULT_PSI_THRESHOLD, check_threshold
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, InputError
 from ..core.faults import fault_point
 from ..core.logs import Progress, bind, get_logger
 from ..core.spec import DIMENSIONS, NUM_DIMENSIONS, default_spec
@@ -33,9 +34,9 @@ from ..modeling.description import ModelDescription, describe_model
 from ..modeling.predict import predict
 from .ledger import input_root, read_ledger
 from .prometheus import push, write_textfile
-from .shard_metrics import ShardMetrics, merge_metrics
+from .shard_metrics import ShardMetrics, done_shard_counts, merge_metrics
 from .units import Unit, done_marker, list_units, parquet_rows, part_name, shard_units
-from .writer import OUTPUT_COLUMNS, REJECT_SCHEMA, ShardWriter, kept_columns, part_schema, provenance
+from .writer import REJECT_SCHEMA, ShardWriter, kept_columns, part_schema, provenance
 
 MAX_ARTICLE_BYTES = 1_000_000
 # Padded tokens per model call when --token-budget is not given, by measurement (bench/cpu_engines.py, minilm on 2
@@ -77,7 +78,8 @@ class ScoreConfig:
             check_threshold(self.psi_threshold)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        bad = [c for c in self.keep_columns if c in OUTPUT_COLUMNS or c in ("source_file", "row_number")]
+        taken = set(part_schema(()).names) | set(REJECT_SCHEMA.names)
+        bad = [c for c in self.keep_columns if c in taken]
         if bad:
             raise ConfigError(f"--keep-columns: {', '.join(bad)} would collide with an output column")
 
@@ -91,7 +93,8 @@ class Prepared:
     prefilter_reasons: dict[int, str]
     model_rows: list[int]
     tokens: list[np.ndarray]
-    labels: np.ndarray | None
+    labels: np.ndarray | None  # (rows, 8), NaN where a row has no usable label
+    labels_unusable: int = 0  # label values of the model's rows that are not a number in the score range
 
 
 def _reject_reasons(batch: Batch) -> dict[int, str]:
@@ -103,7 +106,7 @@ def _reject_reasons(batch: Batch) -> dict[int, str]:
             continue
         size = len((content or "").encode("utf-8", "surrogatepass")) + len((title or "").encode("utf-8", "surrogatepass"))
         if size > MAX_ARTICLE_BYTES:
-            reasons[i] = f"article is {size} bytes, over the {MAX_ARTICLE_BYTES}-byte limit"
+            reasons[i] = f"article over the {MAX_ARTICLE_BYTES}-byte limit ({size} bytes)"
     return reasons
 
 
@@ -122,10 +125,27 @@ def prepare(batch: Batch, tokenizer: Any, model: ModelDescription, has_labels: b
         else:
             model_rows.append(i)
     tokens = model.token_rows(tokenizer, [titles[i] for i in model_rows], [contents[i] for i in model_rows])
-    labels = None
-    if has_labels:
-        labels = np.stack([np.asarray(batch.table.column(d).to_pylist(), dtype=np.float64) for d in DIMENSIONS], axis=1)
-    return Prepared(batch, rejects, prefiltered, model_rows, tokens, labels)
+    if not has_labels:
+        return Prepared(batch, rejects, prefiltered, model_rows, tokens, None)
+    labels, unusable = usable_labels(batch.table, spec)
+    return Prepared(batch, rejects, prefiltered, model_rows, tokens, labels, int(unusable[model_rows].sum()))
+
+
+def usable_labels(table: Any, spec: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The eight labels as floats, NaN where missing, and where a value is not a number in the score range (a
+    string, 42): such a label is left out of the MAE and tiers and counted, and its row is scored all the same."""
+    columns = [table.column(d).to_pylist() for d in DIMENSIONS]
+    labels = np.full((table.num_rows, len(DIMENSIONS)), np.nan)
+    unusable = np.zeros((table.num_rows, len(DIMENSIONS)), dtype=bool)
+    for d, values in enumerate(columns):
+        for i, value in enumerate(values):
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and spec.in_range(float(value)):
+                labels[i, d] = value
+            else:
+                unusable[i, d] = True
+    return labels, unusable.sum(axis=1)
 
 
 class ShardScorer:
@@ -272,6 +292,7 @@ class ShardScorer:
         metrics.add_scores(model_scores, tiers)
         if item.labels is not None and item.model_rows:
             metrics.add_labels(model_scores, item.labels[item.model_rows])
+            metrics.labels_unusable += item.labels_unusable
 
 
 def score(config: ScoreConfig) -> dict[str, Any]:
@@ -286,6 +307,9 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     if marker.exists() and not config.force:
         log.info("shard_skipped", reason="already done (pass --force to redo)", marker=str(marker))
         return merge_metrics(out)
+    if not config.force and (counts := done_shard_counts(out) - {config.shard_count}):
+        raise InputError(f"--out {out} holds shards scored with --shard-count {', '.join(map(str, sorted(counts)))}, "
+                         f"not {config.shard_count}: score into another --out, or redo every shard with --force")
     files = expand_inputs(config.inputs)
     listed = list_units(files)
     entries: list[dict[str, Any]] | None = None

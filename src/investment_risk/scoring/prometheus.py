@@ -45,6 +45,8 @@ def registry_for(metrics: dict[str, Any], scope: str) -> Any:
     counter("investment_risk_blank_lines", "JSONL blank lines skipped (not rows).", metrics.get("blank_lines"))
     counter("investment_risk_duplicate_ids", "Rows rejected because their id was already scored.",
             metrics.get("duplicate_ids"))
+    counter("investment_risk_labels_unusable", "Label values left out of the label metrics: not a number in the "
+            "score range.", metrics.get("labels_unusable"))
     counters["investment_risk_reject_rows"] = Counter("investment_risk_reject_rows", "Rejected rows by reason.",
                                                       ["reason"], registry=registry)  # declared on a night without any
     for reason, count in metrics.get("reject_reasons", {}).items():

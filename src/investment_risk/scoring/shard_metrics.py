@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from ..core.atomic import read_json, write_json_atomic
 from ..core.errors import RetryableError
@@ -50,6 +51,7 @@ class ShardMetrics:
     rows_prefiltered: int = 0
     rows_model: int = 0
     duplicate_ids: int = 0
+    labels_unusable: int = 0  # label values that are not a number in the score range: left out of MAE and tiers
     real_tokens: int = 0
     padded_tokens: int = 0
     batches: int = 0
@@ -110,7 +112,7 @@ class ShardMetrics:
             "backend": self.backend, "provider": self.provider,
             "rows_in": self.rows_in, "rows_scored": self.rows_scored, "rows_rejected": self.rows_rejected,
             "rows_prefiltered": self.rows_prefiltered, "rows_model": self.rows_model, "duplicate_ids": self.duplicate_ids,
-            "blank_lines": self.blank_lines,
+            "blank_lines": self.blank_lines, "labels_unusable": self.labels_unusable,
             "invariant_holds": self.rows_in == self.rows_scored + self.rows_rejected,
             "seconds": round(self.seconds, 3),
             "rows_per_second": round(self.rows_in / self.seconds, 2) if self.seconds else None,
@@ -207,9 +209,21 @@ def merge_metrics(out_dir: Path) -> dict[str, Any]:
 
 
 def rows_on_disk(out_dir: Path, name: str) -> tuple[int, int]:
-    """(rows in the part file, rows in the rejects file) of one shard; a missing file holds none."""
-    part, rejects = out_dir / f"{name}.parquet", out_dir / "rejects" / f"{name}.parquet"
-    return (parquet_rows(part) if part.exists() else 0, parquet_rows(rejects) if rejects.exists() else 0)
+    """(rows in the part file, rows in the rejects file) of one shard; a missing or unreadable file holds none (so
+    its shard no longer adds up, and the merge says so)."""
+    def rows(path: Path) -> int:
+        try:
+            return parquet_rows(path) if path.exists() else 0
+        except (pa.ArrowException, OSError) as exc:
+            get_logger().warning("part_unreadable", path=str(path), error=str(exc))
+            return 0
+    return rows(out_dir / f"{name}.parquet"), rows(out_dir / "rejects" / f"{name}.parquet")
+
+
+def done_shard_counts(out_dir: Path) -> set[int]:
+    """The --shard-count values the finished shards in OUT were scored with."""
+    done = _done_shards(out_dir)
+    return {read_json(p)["shard_count"] for p in (out_dir / "metrics").glob("part-*.json") if p.stem in done}
 
 
 def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
@@ -224,9 +238,13 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
     merged: dict[str, Any] = {"shards": len(shards), "shard_count": max((s["shard_count"] for s in shards), default=0),
                               "shards_done": sorted(s["shard"] for s in shards)}
     for key in ("rows_in", "rows_scored", "rows_rejected", "rows_prefiltered", "rows_model", "duplicate_ids",
-                "blank_lines", "real_tokens", "padded_tokens", "batches"):
+                "blank_lines", "labels_unusable", "real_tokens", "padded_tokens", "batches"):
         merged[key] = sum(s.get(key, 0) for s in shards)
-    merged["complete"] = bool(shards) and merged["shards"] == merged["shard_count"]
+    counts = sorted({s["shard_count"] for s in shards})
+    merged["complete"] = bool(shards) and merged["shards"] == merged["shard_count"] and len(counts) == 1
+    if len(counts) > 1:  # shards of two different batchings: never one complete batch
+        merged["shard_counts"] = counts
+        get_logger().warning("shard_counts_mixed", out=str(out_dir), shard_counts=counts)
     merged["model_versions"] = sorted({s["model_version"] for s in shards})
     merged["real_token_share"] = round(merged["real_tokens"] / merged["padded_tokens"], 4) if merged["padded_tokens"] else None
     merged["rows_per_second_sum"] = round(sum(s["rows_per_second"] or 0 for s in shards), 2)

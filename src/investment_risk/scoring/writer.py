@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 from ..core.spec import DIMENSIONS
 from ..datasets.readers import Batch
 
-OUTPUT_COLUMNS = ("id", *DIMENSIONS, "signal_tier", "signal_strength", "model_version")
 REJECT_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("source_file", pa.string()),
                            pa.field("row_number", pa.int64()), pa.field("reason", pa.string())])
 
