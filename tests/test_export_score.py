@@ -532,7 +532,8 @@ def test_an_unreadable_part_breaks_its_shard_not_the_merge(exported, articles, t
     assert merged["invariant_broken_shards"] == [0] and not merged["invariant_holds"]
 
 
-@pytest.mark.parametrize("case", ["corrupt", "missing column", "sha mismatch", "shard index", "no input"])
+@pytest.mark.parametrize("case", ["corrupt", "missing column", "sha mismatch", "shard index", "no input",
+                                  "no tokenizer", "tokenizer edited"])
 def test_bad_invocations_exit_2(exported, articles, tmp_path, runner, case):
     _, model, _ = exported
     inputs = [str(articles / "a.parquet")]
@@ -550,6 +551,16 @@ def test_bad_invocations_exit_2(exported, articles, tmp_path, runner, case):
         with (copy / "model.onnx").open("ab") as handle:
             handle.write(b"\0")
         model, message = copy, "do not match the sha256"
+    elif case in ("no tokenizer", "tokenizer edited"):
+        copy = tmp_path / "model"
+        shutil.copytree(model, copy)
+        if case == "no tokenizer":
+            (copy / "tokenizer.json").unlink()
+            message = "tokenizer file tokenizer.json is missing"
+        else:
+            (copy / "tokenizer_config.json").write_text((copy / "tokenizer_config.json").read_text() + " ")
+            message = "tokenizer file tokenizer_config.json does not match its sha256"
+        model = copy
     elif case == "shard index":
         extra, message = ["--shard-index", "3", "--shard-count", "3"], "--shard-index 3 must be in [0, --shard-count 3)"
     elif case == "no input":

@@ -29,7 +29,8 @@ from ..core.logs import get_logger
 from ..core.spec import DIMENSIONS, default_spec
 from ..core.drift import REFERENCE_FILE, make_reference
 from ..modeling.calibration import CALIBRATION_FILE, Calibration, load_calibration
-from ..modeling.description import CPU_ENGINES, INT8_FILE, describe_model, model_digest, model_version, onnx_files
+from ..modeling.description import (CPU_ENGINES, INT8_FILE, describe_model, model_digest, model_version, onnx_files,
+                                    sha256_file)
 from ..modeling.onnx_runtime import OnnxRunner, cpu_session
 from ..modeling.loading import scoring_module
 from ..modeling.predict import TorchRunner, padded_batches, predict
@@ -479,7 +480,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
 
     def build(work: Path) -> None:
         made = decoder_graph(work) if decoder else dynamo_graph(work)
-        tokenizer.save_pretrained(work)
+        tokenizer_files = sorted({Path(f).name for f in tokenizer.save_pretrained(work) if Path(f).is_file()})
         calibration = run_dir / "model" / CALIBRATION_FILE
         if calibration.exists():  # scores from the file are calibrated as the run's are: it is part of the model
             shutil.copyfile(calibration, work / CALIBRATION_FILE)
@@ -500,6 +501,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
             "reference": reference,
             "best_val_mae": metadata.get("best_val_mae"), "filter_name": spec.name, "filter_version": spec.version,
             "model_version": model_version(digests), "sha256": digests, "external_data": external,
+            "tokenizer_sha256": {name: sha256_file(work / name) for name in tokenizer_files},
             "graph": made["graph"], "parity": made["parity"], "fusions": made["fusions"],
             "fused_operators": made["fused_operators"], "cpu_engine": made["cpu_engine"],
             "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "exporter": exporter,

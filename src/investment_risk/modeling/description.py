@@ -155,6 +155,12 @@ def read_model_json(model_dir: Path) -> dict[str, Any]:
     if actual != info.get("sha256"):
         raise InputError(f"{model_dir}: model files do not match the sha256 in model.json (expected "
                          f"{info.get('sha256')}, found {actual}); re-export the model")
+    # The tokenizer decides the scores too (exports before it was recorded are not checked).
+    for name, digest in info.get("tokenizer_sha256", {}).items():
+        if not (model_dir / name).is_file():
+            raise InputError(f"{model_dir}: tokenizer file {name} is missing; copy the whole model directory")
+        if sha256_file(model_dir / name) != digest:
+            raise InputError(f"{model_dir}: tokenizer file {name} does not match its sha256 in model.json")
     if list(info.get("dimensions", [])) != list(DIMENSIONS):
         raise InputError(f"{model_dir}: model.json dimensions {info.get('dimensions')} are not {list(DIMENSIONS)}")
     return info
