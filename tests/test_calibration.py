@@ -167,7 +167,14 @@ def test_score_applies_the_calibration_and_records_provenance(calibrated, runner
     # Drift compares like with like: the calibrated reference against calibrated scores only.
     assert "psi" in json.loads((tmp_path / "cal" / "metrics.json").read_text())["drift"]
     assert "drift" not in json.loads((tmp_path / "raw" / "metrics.json").read_text())
-    assert "calibration" in json.loads((tmp_path / "raw" / "metrics.json").read_text())["drift_skipped"]
+    skipped = json.loads((tmp_path / "raw" / "metrics.json").read_text())["drift_skipped"]
+    assert skipped == "the batch's scores are raw and the reference's are calibrated"
+    report = runner.invoke(main, ["report", "drift", "--reference", str(root / "model"), "--current",
+                                  str(tmp_path / "raw"), "--out", str(tmp_path / "drift")])
+    assert report.exit_code == 2 and skipped in report.output  # the same rule as the merge's
+    batch = runner.invoke(main, ["report", "batch", "--scored", str(tmp_path / "raw"), "--out", str(tmp_path / "b")])
+    assert batch.exit_code == 0, batch.output
+    assert f"Drift not measured: {skipped}".replace("'", "&#x27;") in (tmp_path / "b" / "batch_report.html").read_text()
     # Labelled input: the scorer's metrics carry the tier confusion and RED recall.
     merged = json.loads((tmp_path / "cal" / "metrics.json").read_text())
     assert sum(map(sum, merged["decisions"]["confusion"])) == merged["labelled_rows"]

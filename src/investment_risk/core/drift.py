@@ -80,6 +80,17 @@ def check_threshold(threshold: float) -> float:
     return threshold
 
 
+def calibration_mismatch(reference: dict[str, Any], calibrated: bool | None) -> str:
+    """Why a batch's scores cannot be held against the reference ('' when they can): raw scores against a
+    calibrated reference (or the other way) would report the calibration as drift. `None`: shards of both kinds."""
+    if calibrated is None:
+        return "the batch mixes calibrated and raw scores"
+    if "calibrated" in reference and bool(reference["calibrated"]) != calibrated:
+        kind = {True: "calibrated", False: "raw"}
+        return f"the batch's scores are {kind[calibrated]} and the reference's are {kind[bool(reference['calibrated'])]}"
+    return ""
+
+
 def drift(reference: dict[str, Any], histograms: dict[str, list[int]], tier_counts: dict[str, int],
           threshold: float = DEFAULT_PSI_THRESHOLD) -> dict[str, Any]:
     """PSI per dimension against the reference, the dimensions over `threshold`, and the tier-share shift."""

@@ -85,11 +85,13 @@ def top_articles(scored: Path, k: int) -> pa.Table:
 
 
 def _read_metrics(scored: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The merged metrics, and the model's reference as the shards carried it."""
+    """The merged metrics, and the model's reference as the shards carried it (none where the merge found the
+    batch's scores not comparable with it)."""
     merged = read_merged_metrics(scored)
     reference = None
-    for shard in sorted((scored / "metrics").glob("part-*.json")):
-        reference = read_json(shard).get("reference") or reference
+    if not merged.get("drift_skipped"):
+        for shard in sorted((scored / "metrics").glob("part-*.json")):
+            reference = read_json(shard).get("reference") or reference
     return merged, reference
 
 
@@ -113,7 +115,9 @@ def write_batch_report(scored: Path, out: Path, top_k: int = 20) -> dict[str, An
     total = max(sum(tiers.values()), 1)
     tier_rows = [[t, n, f"{n / total:.1%}"] for t, n in tiers.items()]
     drift = merged.get("drift")
-    drift_html = "<p>No reference in this model: drift not measured.</p>"
+    skipped = merged.get("drift_skipped")
+    drift_html = (f"<p>Drift not measured: {html.escape(skipped)}.</p>" if skipped else
+                  "<p>No reference in this model: drift not measured.</p>")
     if drift:
         drift_rows = [[d, fmt(v, ".4f"), "DRIFT" if d in drift["drifted_dimensions"] else ""] for d, v in drift["psi"].items()]
         drift_html = (f"<p>PSI threshold {drift['psi_threshold']}; reference: {html.escape(str(drift['reference_source']))}"

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from ..core.atomic import write_json_atomic, write_text_atomic
-from ..core.drift import DEFAULT_PSI_THRESHOLD, SCORE_EDGES, check_threshold, drift, model_tier_counts
+from ..core.drift import (DEFAULT_PSI_THRESHOLD, SCORE_EDGES, calibration_mismatch, check_threshold, drift,
+                          model_tier_counts)
 from ..core.errors import ConfigError, InputError
 from ..core.spec import DIMENSIONS
 from ..modeling.description import describe_model
@@ -36,7 +37,8 @@ def batch_distribution(scored: Path) -> dict[str, Any]:
     histograms = {d: [int(c) for c in merged["score_histograms"][d]] for d in DIMENSIONS}
     counts = model_tier_counts(merged["tier_counts"], merged.get("rows_prefiltered", 0))
     total = sum(counts.values())
-    return {"source": f"batch {scored}", "rows": int(merged.get("rows_model", total)), "edges": SCORE_EDGES,
+    return {"source": f"batch {scored}", "calibrated": merged.get("calibrated", False),
+            "rows": int(merged.get("rows_model", total)), "edges": SCORE_EDGES,
             "histograms": histograms, "tier_shares": {t: n / total for t, n in sorted(counts.items())} if total else {},
             "tier_counts": counts, "metrics": merged}
 
@@ -98,6 +100,8 @@ def write_drift_report(reference_path: Path, current_path: Path, out: Path,
         raise ConfigError(str(exc)) from None
     reference = load_reference_of(reference_path)
     current = batch_distribution(current_path)
+    if mismatch := calibration_mismatch(reference, current["calibrated"]):
+        raise InputError(f"{current_path} against {reference_path}: {mismatch}; compare batches scored alike")
     result = drift(reference, current["histograms"], current["tier_counts"], threshold)
     out.mkdir(parents=True, exist_ok=True)
     plot_histograms(reference, current, result["psi"], out / "drift_histograms.png")

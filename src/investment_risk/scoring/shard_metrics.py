@@ -21,7 +21,7 @@ from ..core.atomic import read_json, write_json_atomic
 from ..core.errors import RetryableError
 from ..core.logs import get_logger
 from ..core.decisions import tier_report
-from ..core.drift import DEFAULT_PSI_THRESHOLD, SCORE_EDGES, drift, model_tier_counts
+from ..core.drift import DEFAULT_PSI_THRESHOLD, SCORE_EDGES, calibration_mismatch, drift, model_tier_counts
 from ..core.spec import DIMENSIONS, default_spec
 from .prometheus import write_textfile
 from .units import parquet_rows
@@ -177,9 +177,7 @@ def batch_drift(shards: list[dict[str, Any]], merged: dict[str, Any]) -> dict[st
     references = [s["reference"] for s in shards if "reference" in s]
     if not references or len(merged["model_versions"]) != 1 or not merged["rows_model"]:
         return {}
-    if any(s.get("calibrated", False) != references[0].get("calibrated", False) for s in shards):
-        # Raw scores against a calibrated reference (score --no-calibration) would report the calibration as drift.
-        reason = "the batch's scores and the reference differ in calibration"
+    if reason := calibration_mismatch(references[0], merged["calibrated"]):
         get_logger().info("drift_skipped", reason=reason)
         return {"drift_skipped": reason}
     histograms = {d: merged["score_histograms"][d] for d in DIMENSIONS}
@@ -246,6 +244,8 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
         merged["shard_counts"] = counts
         get_logger().warning("shard_counts_mixed", out=str(out_dir), shard_counts=counts)
     merged["model_versions"] = sorted({s["model_version"] for s in shards})
+    calibrations = {bool(s.get("calibrated", False)) for s in shards}
+    merged["calibrated"] = calibrations.pop() if len(calibrations) == 1 else None  # None: shards of both kinds
     merged["real_token_share"] = round(merged["real_tokens"] / merged["padded_tokens"], 4) if merged["padded_tokens"] else None
     merged["rows_per_second_sum"] = round(sum(s["rows_per_second"] or 0 for s in shards), 2)
     hist = np.sum([s["batch_latency_ms"]["histogram"] for s in shards], axis=0).tolist() if shards else []
