@@ -41,7 +41,7 @@ def interleaved(runners: dict, rows, pad_id, rounds: int = 3) -> dict[str, tuple
     """rows/s of each runner (median over `rounds`) and its scores. Each round runs every runner once, in turn,
     so a slower or faster spell of a shared machine falls on all of them alike."""
     from investment_risk.modeling.predict import predict
-    from investment_risk.scoring.pipeline import CPU_TOKEN_BUDGET
+    from investment_risk.modeling.predict import CPU_TOKEN_BUDGET
 
     rates: dict[str, list[float]] = {name: [] for name in runners}
     scores: dict[str, np.ndarray] = {}
@@ -106,7 +106,7 @@ def gflop_per_row(config, lengths: np.ndarray) -> float:
     width. Embeddings, norms, softmax and the head are left out (little arithmetic). For minilm at 128 tokens the
     linear part is what torch's FlopCounterMode counts for the same batches (2.718 GFLOP/row)."""
     from investment_risk.modeling.tokens import length_batches
-    from investment_risk.scoring.pipeline import CPU_TOKEN_BUDGET
+    from investment_risk.modeling.predict import CPU_TOKEN_BUDGET
 
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     flops = 0

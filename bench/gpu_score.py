@@ -96,7 +96,7 @@ def measure(folder: Path, rows: list[np.ndarray], batches: list[tuple[np.ndarray
     from investment_risk.export.onnx_export import fused_operator_counts
     from investment_risk.modeling.onnx_runtime import OnnxRunner
 
-    runner = OnnxRunner(folder, "cpu" if SMOKE else "cuda")
+    runner = OnnxRunner(folder / "model.onnx", "cpu" if SMOKE else "cuda")
     out["fused_operators"] = fused_operator_counts(folder / "model.onnx")
     out.update(parity(runner, batches[:3], wants))
     out["articles_per_second"] = round(len(rows) / seconds_for(runner, batches), 1)
@@ -121,7 +121,7 @@ def onnx_cuda(rows: list[np.ndarray], batches: list[tuple[np.ndarray, np.ndarray
     from investment_risk.export.decoder_graph import build_decoder_graph, decoder_checkpoint
     from investment_risk.export.onnx_export import export_graph, fuse_graph, to_fp16
     from investment_risk.modeling.tokens import length_batches, pad_batch
-    from investment_risk.scoring.pipeline import GPU_TOKEN_BUDGET
+    from investment_risk.modeling.predict import GPU_TOKEN_BUDGET
 
     if not SMOKE and "CUDAExecutionProvider" not in ort.get_available_providers():
         out["not measured"] = f"onnxruntime-gpu is not installed (providers: {ort.get_available_providers()})"

@@ -212,3 +212,16 @@ def test_no_int8_twin_is_attempted_without_the_memory_nncf_needs(exported, tmp_p
     assert not list((tmp_path / "model").glob(f"{INT8_FILE}*"))
     with pytest.raises(ConfigError, match="--cpu-engine openvino-int8: cannot run here \\(NNCF would need"):
         onnx_export.export_run(run, tmp_path / "named", cpu_engine="openvino-int8")
+
+
+def test_the_export_measures_onnx_runtime_as_the_scorer_runs_it(exported, monkeypatch):
+    """One ONNX Runtime runner: the export's measurement gets the scorer's threads (the pod's CPU quota, not every
+    core of the node) and its sequential, single inter-op pool."""
+    from investment_risk.modeling import onnx_runtime
+
+    _, model, _ = exported
+    monkeypatch.setattr(onnx_runtime, "usable_cpus", lambda: 1)
+    measured = loading.cpu_runner(model / "model.onnx", "onnxruntime").session.get_session_options()
+    scoring = loading.load_runner(describe_model(model), "onnx", "cpu", None, "onnxruntime").session
+    for options in (measured, scoring.get_session_options()):
+        assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)

@@ -180,7 +180,7 @@ def test_a_cuda_provider_that_cannot_start_is_an_error_not_a_cpu_run(exported, m
     _, model, _ = exported
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(ConfigError, match="could not start its CUDA provider"):
-        OnnxRunner(model, "cuda")
+        OnnxRunner(model / "model.onnx", "cuda")
 
 
 @pytest.mark.parametrize("model, expected", [

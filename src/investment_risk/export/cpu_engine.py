@@ -19,7 +19,7 @@ from ..core.errors import ConfigError
 from ..core.logs import get_logger
 from ..modeling.description import CPU_ENGINES, INT8_FILE
 from ..modeling.loading import cpu_engine_usable, cpu_runner
-from ..modeling.predict import predict
+from ..modeling.predict import CPU_TOKEN_BUDGET, predict
 
 MAE_TOLERANCE = 0.02
 FP32_ENGINES = ("onnxruntime", "openvino-f32")  # the rest trade precision for speed and need labels to be chosen
@@ -38,8 +38,9 @@ def _rows_per_second(runner: Any, rows: list[np.ndarray], pad_id: int, token_bud
 
 def measure_cpu_engines(model_path: Path, rows: list[np.ndarray], labels: np.ndarray | None, pad_id: int,
                         engines: tuple[str, ...] = CPU_ENGINES, threads: int | None = None,
-                        token_budget: int = 16384) -> list[dict[str, Any]]:
-    """rows/s, max |score - fp32 ONNX Runtime's| and (with labels) val MAE of each engine that can run here.
+                        token_budget: int = CPU_TOKEN_BUDGET) -> list[dict[str, Any]]:
+    """rows/s, max |score - fp32 ONNX Runtime's| and (with labels) val MAE of each engine that can run here, run as
+    the scorer runs it (the same runner, threads and token budget).
     ONNX Runtime comes first: its scores (within 1e-3 of PyTorch, proved before) are the reference."""
     out = []
     reference = None

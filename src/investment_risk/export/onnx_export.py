@@ -31,9 +31,9 @@ from ..core.drift import REFERENCE_FILE, make_reference
 from ..modeling.calibration import CALIBRATION_FILE, Calibration, load_calibration
 from ..modeling.description import (CPU_ENGINES, INT8_FILE, describe_model, model_digest, model_version, onnx_files,
                                     sha256_file)
-from ..modeling.onnx_runtime import OnnxRunner, cpu_session
+from ..modeling.onnx_runtime import OnnxRunner
 from ..modeling.loading import scoring_module
-from ..modeling.predict import TorchRunner, padded_batches, predict
+from ..modeling.predict import TorchRunner, padded_batches, predict, token_budget_for
 from ..modeling.tokens import article_texts, encode
 from .cpu_engine import MAE_TOLERANCE
 from .decoder_graph import (build_decoder_graph, builder_missing, builds_decoder_graph, decoder_checkpoint,
@@ -276,7 +276,8 @@ def write_reference(work: Path, tokenizer: Any, metadata: dict[str, Any], calibr
     if not rows:
         get_logger().warning("reference_skipped", reason="every validation article is prefiltered noise")
         return None
-    raw = spec.clip(predict(graph_runner(work / "model.onnx", device), rows, tokenizer.pad_token_id, token_budget=16384))
+    raw = spec.clip(predict(graph_runner(work / "model.onnx", device), rows, tokenizer.pad_token_id,
+                            token_budget=token_budget_for(device)))
     scores = calibration.apply(raw) if calibration is not None else raw
     tiers, _ = spec.assign_tiers(scores)
     reference = make_reference(scores, [str(t) for t in tiers], "validation split, calibrated" if calibration else
@@ -287,9 +288,7 @@ def write_reference(work: Path, tokenizer: Any, metadata: dict[str, Any], calibr
 
 def graph_runner(path: Path, device: str) -> Any:
     """ONNX Runtime on a graph file: the CUDA provider with I/O binding on a GPU, else the CPU provider."""
-    if device == "cuda":
-        return OnnxRunner(path.parent, "cuda")
-    return OnnxRunner.from_session(cpu_session(path))
+    return OnnxRunner(path, "cuda" if device == "cuda" else "cpu")
 
 
 def release_weights(module: Any) -> None:
@@ -326,7 +325,7 @@ def reduced_precision_check(path: Path, reference: tuple[np.ndarray, str], rows:
         "provider": runner.provider, "reference": name}
     val_rows, labels = val
     if labels is not None and val_fp32 is not None:
-        scores = np.clip(predict(runner, val_rows, pad_id, token_budget=16384), 0.0, 10.0)
+        scores = np.clip(predict(runner, val_rows, pad_id, token_budget=token_budget_for(device)), 0.0, 10.0)
         out["val_mae"] = float(np.abs(scores - labels).mean())
         out["val_mae_fp32"] = float(np.abs(val_fp32 - labels).mean())
         out["val_mae_delta"] = out["val_mae"] - out["val_mae_fp32"]
@@ -350,7 +349,7 @@ def torch_fp32_scores(module: Any, device: str, rows: list[np.ndarray], pad_id: 
     import torch
 
     target = torch.device(device)
-    return predict(TorchRunner(module.to(target), target), rows, pad_id, token_budget=16384)
+    return predict(TorchRunner(module.to(target), target), rows, pad_id, token_budget=token_budget_for(device))
 
 
 def graph_opset(path: Path) -> int:
@@ -470,7 +469,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
             val_fp32 = None
             if val[1] is not None:
                 val_fp32 = np.clip(predict(graph_runner(work / "model.onnx", device), val[0], pad_id,
-                                           token_budget=16384), 0.0, 10.0)
+                                           token_budget=token_budget_for(device)), 0.0, 10.0)
             (to_fp16 if dtype == "fp16" else to_int8)(work / "model.onnx", external)
             reduced_check(work, torch_scores, val, val_fp32, parity)
             if dtype == "fp16":

@@ -116,9 +116,9 @@ def cpu_engine_usable(engine: str) -> tuple[bool, str]:
 def cpu_runner(model_path: Path, engine: str, threads: int | None = None, streams: int | None = None) -> Any:
     """A runner for an ONNX file on the CPU with the named engine (OpenVINO: `streams`, None for its own choice)."""
     if engine == "onnxruntime":
-        from .onnx_runtime import OnnxRunner, cpu_session
+        from .onnx_runtime import OnnxRunner
 
-        return OnnxRunner.from_session(cpu_session(model_path, threads))
+        return OnnxRunner(model_path, "cpu", threads)
     from .openvino_runtime import OpenVinoRunner, cpu_supports
 
     precision = engine.split("-", 1)[1]
@@ -151,7 +151,8 @@ def load_runner(model: ModelDescription, backend: str, device: str = "auto", thr
 
         has_cuda_provider = "CUDAExecutionProvider" in ort.get_available_providers()
         if device == "cuda" or (device == "auto" and has_cuda_provider and gpu_visible()):
-            return OnnxRunner(model.path, device, threads)  # CUDA with I/O binding (exit 2 if asked for and absent)
+            # CUDA with I/O binding (exit 2 if asked for and absent)
+            return OnnxRunner(model.path / "model.onnx", device, threads)
         if model.dtype == "bf16":
             raise ConfigError(f"{model.path}: a bf16 graph runs on ONNX Runtime's CUDA provider only (ONNX Runtime has "
                               "no bf16 CPU kernels); score it on a GPU, or export the run with --dtype fp32 for CPUs")
@@ -170,8 +171,6 @@ def load_runner(model: ModelDescription, backend: str, device: str = "auto", thr
 
             get_logger().warning("cpu_engine_fallback", wanted=engine, used="onnxruntime", reason=why)
             engine = "onnxruntime"
-        if engine == "onnxruntime":
-            return OnnxRunner(model.path, "cpu", threads)
         return cpu_runner(model.path / "model.onnx", engine, threads)
     if backend != "torch":
         raise ConfigError(f"--backend must be onnx or torch, not {backend!r}")

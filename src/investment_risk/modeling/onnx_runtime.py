@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -39,20 +38,11 @@ def _cgroup_quota(cgroup: Path) -> float | None:
         return None
 
 
-def cpu_session(path: Path, threads: int | None = None) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 class OnnxRunner:
-    """A runner (see predict.py) over model.onnx on the best provider for `device`."""
+    """A runner (see predict.py) over an ONNX file on the best provider for `device`: the one way ONNX Runtime runs
+    here, for the scorer and for the export's measurements alike."""
 
-    def __init__(self, model_dir: Path, device: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, graph: Path, device: str = "auto", threads: int | None = None) -> None:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -67,19 +57,12 @@ class OnnxRunner:
             options.intra_op_num_threads = threads or usable_cpus()
             options.inter_op_num_threads = 1
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=providers)
+        self.session = ort.InferenceSession(str(graph), options, providers=providers)
         self.provider = self.session.get_providers()[0]
         self.on_cuda = self.provider == "CUDAExecutionProvider"
         if want_cuda and not self.on_cuda:  # ONNX Runtime falls back to the CPU with only a log line of its own
             raise ConfigError("ONNX Runtime could not start its CUDA provider (its CUDA or cuDNN libraries did not "
                               "load: see its error above); pass --device cpu to score on the CPU")
-
-    @classmethod
-    def from_session(cls, session: Any) -> "OnnxRunner":
-        runner = cls.__new__(cls)
-        runner.session, runner.provider = session, session.get_providers()[0]
-        runner.on_cuda = runner.provider == "CUDAExecutionProvider"
-        return runner
 
     def __call__(self, batch: PaddedBatch) -> np.ndarray:
         ids, mask = batch.input_ids, batch.attention_mask

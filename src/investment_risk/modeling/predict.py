@@ -17,6 +17,17 @@ from ..core.errors import ConfigError
 from ..core.spec import NUM_DIMENSIONS
 from .tokens import length_batches, pad_batch, sorted_batches, to_device
 
+# Padded tokens per model call when --token-budget is not given, by measurement (bench/cpu_engines.py, minilm on 2
+# cores, OpenVINO bf16): at 128 tokens 115/112/103/83 rows/s for budgets 4k/8k/16k/32k, at 512 tokens 27/28/27/24.
+# 8k is best or within 3 % at both; a GPU wants large batches.
+CPU_TOKEN_BUDGET = 8192
+GPU_TOKEN_BUDGET = 16384
+
+
+def token_budget_for(device: str) -> int:
+    """The scorer's default budget on `device` ("cuda" or "cpu"): what the export measures with too."""
+    return GPU_TOKEN_BUDGET if device == "cuda" else CPU_TOKEN_BUDGET
+
 
 @dataclass(frozen=True)
 class PaddedBatch:

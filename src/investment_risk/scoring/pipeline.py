@@ -31,7 +31,7 @@ from ..core.logs import Progress, bind, get_logger
 from ..core.spec import DIMENSIONS, NUM_DIMENSIONS, default_spec
 from ..datasets.readers import REQUIRED_COLUMNS, Batch, expand_inputs, is_jsonl, iter_file_batches, parquet_schema
 from ..modeling.description import ModelDescription, describe_model
-from ..modeling.predict import predict
+from ..modeling.predict import predict, token_budget_for
 from .ledger import input_root, read_ledger
 from .prometheus import push, write_textfile
 from .shard_metrics import ShardMetrics, done_shard_counts, merge_metrics
@@ -39,11 +39,6 @@ from .units import Unit, done_marker, list_units, parquet_rows, part_name, shard
 from .writer import REJECT_SCHEMA, ShardWriter, kept_columns, part_schema, provenance
 
 MAX_ARTICLE_BYTES = 1_000_000
-# Padded tokens per model call when --token-budget is not given, by measurement (bench/cpu_engines.py, minilm on 2
-# cores, OpenVINO bf16): at 128 tokens 115/112/103/83 rows/s for budgets 4k/8k/16k/32k, at 512 tokens 27/28/27/24.
-# 8k is best or within 3 % at both; a GPU wants large batches.
-CPU_TOKEN_BUDGET = 8192
-GPU_TOKEN_BUDGET = 16384
 
 
 @dataclass(frozen=True)
@@ -58,7 +53,7 @@ class ScoreConfig:
     force: bool = False
     keep_columns: tuple[str, ...] = ()
     read_rows: int = 2048  # rows per read batch: the window inside which rows are sorted by length
-    token_budget: int | None = None  # padded tokens per model call; None: by device (CPU_/GPU_TOKEN_BUDGET)
+    token_budget: int | None = None  # padded tokens per model call; None: by device (predict.token_budget_for)
     max_batch_rows: int = 256
     threads: int | None = None
     cpu_engine: str = "auto"  # on CPUs: the engine export chose, or a named one
@@ -159,7 +154,7 @@ class ShardScorer:
         self.pad_id = tokenizer.pad_token_id if model.pad_token_id is None else int(model.pad_token_id)
         self.spec = default_spec()
         on_gpu = "cuda" in str(getattr(runner, "provider", "")).lower()  # CUDAExecutionProvider, torch-cuda
-        self.token_budget = config.token_budget or (GPU_TOKEN_BUDGET if on_gpu else CPU_TOKEN_BUDGET)
+        self.token_budget = config.token_budget or token_budget_for("cuda" if on_gpu else "cpu")
 
     def _read(self, units: Sequence[Unit]) -> Iterator[Batch]:
         for unit in units:
