@@ -68,3 +68,19 @@ def test_training_resumed_after_kills_at_random_steps_matches_an_unbroken_run(sp
     done = run_train([*args, *broken, "--resume-if-present"])
     assert done.returncode == 0, done.stderr
     assert_same_history(tmp_path / "whole", tmp_path / "broken", (SEED, first, second))
+
+
+def test_sigterm_removes_what_was_half_written_and_exits_1(exported, articles, tmp_path):
+    """A stopped pod gets SIGTERM: the shard's files under temporary names are removed, no marker is written, a
+    `terminated` event is logged, and the exit code (1) lets the Job retry it."""
+    _, model, _ = exported
+    out = tmp_path / "out"
+    done = subprocess.run([EXE, "--log-format", "json", "score", "--model", str(model), "--input", str(articles),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "_INVESTMENT_RISK_KILL_AT": "before_rename:*/part-00000.parquet",
+                               "_INVESTMENT_RISK_KILL_SIGNAL": "TERM"})
+    assert done.returncode == 1, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert events[-1]["event"] == "terminated" and events[-1]["signal"] == "SIGTERM"
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == [], left  # neither the part, nor its temporary file, nor a marker

@@ -1,5 +1,5 @@
 """`python -m investment_risk` is the `investment-risk` command (what `jobs run-local` starts for each pod)."""
 
-from .cli.app import main
+from .cli.app import run
 
-main()
+run()

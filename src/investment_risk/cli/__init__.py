@@ -1,5 +1,6 @@
-"""The command line, one module per command group; `main` is the `investment-risk` entry point."""
+"""The command line, one module per command group; `run` (main, with SIGTERM handled) is the `investment-risk`
+entry point."""
 
-from .app import main
+from .app import main, run
 
-__all__ = ["main"]
+__all__ = ["main", "run"]

@@ -8,12 +8,13 @@ group lives in its own module; this one only assembles them.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 import click
 
 from .. import __version__
-from ..core.errors import InvestmentRiskError
+from ..core.errors import InvestmentRiskError, Terminated
 from ..core.logs import bind, configure_logging, get_logger, new_run_id, redact_text
 from . import data, demo, evaluate, export, jobs, report, score, train
 from .options import ENV_PREFIX, option
@@ -42,6 +43,10 @@ class App(click.Group):
             error = click.ClickException(redact_text(f"I/O error: {exc}"))
             error.exit_code = 1
             raise error from None
+        except Terminated:
+            get_logger().warning("terminated", signal="SIGTERM", exit_code=1)
+            click.echo("Terminated.", err=True)
+            ctx.exit(1)
         except KeyboardInterrupt:
             get_logger().warning("interrupted")
             click.echo("Interrupted.", err=True)
@@ -64,3 +69,13 @@ for command in (data.data, train.train_command, evaluate.evaluate_command, expor
                 score.score_command, score.score_merge_command, evaluate.calibrate_command, report.report, demo.demo_command,
                 jobs.jobs_group):
     main.add_command(command)
+
+
+def _raise_terminated(_signum: int, _frame: Any) -> None:
+    raise Terminated()
+
+
+def run() -> None:
+    """The console entry point: `main`, with SIGTERM raised as Terminated (the Kubernetes way to stop a pod)."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    main()

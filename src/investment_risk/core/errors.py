@@ -1,4 +1,4 @@
-"""The package's own exceptions; the CLI maps them to exit codes in one place (cli.py)."""
+"""The package's own exceptions; the CLI maps them to exit codes in one place (cli/app.py)."""
 
 
 class InvestmentRiskError(Exception):
@@ -19,3 +19,8 @@ class RetryableError(InvestmentRiskError):
     """A failure a retry may fix: I/O, device, preemption (exit code 1)."""
 
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a pod stopped: eviction, preemption, a deadline), raised where the process is so that half-written
+    files are removed on the way out, as on Ctrl-C; exit code 1, a retry may finish the work."""

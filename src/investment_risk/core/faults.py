@@ -1,4 +1,5 @@
-"""Fault injection for the reliability tests: SIGKILL this process at a named point.
+"""Fault injection for the reliability tests: SIGKILL (or `_INVESTMENT_RISK_KILL_SIGNAL`, e.g. TERM) this process
+at a named point.
 
 `_INVESTMENT_RISK_KILL_AT` holds a glob over point names such as `after_rename:rejects/part-00000.parquet` or
 `before_done:part-00001`; unset (always, outside tests) this costs one environment lookup per point.
@@ -14,4 +15,5 @@ from fnmatch import fnmatchcase
 def fault_point(name: str) -> None:
     target = os.environ.get("_INVESTMENT_RISK_KILL_AT")
     if target and fnmatchcase(name, target):
-        os.kill(os.getpid(), signal.SIGKILL)
+        name = os.environ.get("_INVESTMENT_RISK_KILL_SIGNAL", "KILL")
+        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
