@@ -38,6 +38,23 @@ def test_expand_files_directories_and_globs(tmp_path):
     assert [p.name for p in both] == ["a.parquet", "b.parquet"]
 
 
+def test_a_subdirectory_that_cannot_be_listed_is_an_error_not_a_skip(tmp_path, monkeypatch):
+    write_parquet(tmp_path / "a.parquet", article_rows(2))
+    (tmp_path / "sub").mkdir()
+    write_parquet(tmp_path / "sub" / "b.parquet", article_rows(2))
+    (tmp_path / "loop").symlink_to(tmp_path)  # a symlink loop is walked once
+    assert [p.name for p in expand_inputs([tmp_path])] == ["a.parquet", "b.parquet"]
+    scandir = os.scandir
+
+    def denied(path):  # what a root-owned 0700 folder gives a pod's user (root itself reads anything)
+        if str(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(InputError, match=f"{tmp_path / 'sub'}: cannot list this directory"):
+        expand_inputs([tmp_path])
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda d: d / "missing.parquet", "no such file or directory"),
     (lambda d: str(d / "*.parquet"), "no Parquet or JSONL file matches"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -79,8 +80,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
                 raise InputError(f"{text}: no Parquet or JSONL file matches this pattern")
             found.extend(matches)
         elif Path(text).is_dir():
-            matches = sorted(p for p in Path(text).rglob("*") if p.is_file() and _supported(p)
-                             and not any(part.startswith(("_", ".")) for part in p.relative_to(text).parts))
+            matches = _directory_files(Path(text))
             if not matches:
                 raise InputError(f"{text}: directory holds no .parquet or .jsonl file")
             found.extend(matches)
@@ -91,6 +91,24 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         else:
             raise InputError(f"{text}: no such file or directory")
     return sorted(dict.fromkeys(found))
+
+
+def _directory_files(root: Path) -> list[Path]:
+    """The Parquet and JSONL files under `root`, recursively, skipping `_`/`.` names (markers, temporary files). A
+    subdirectory that cannot be listed is an error: skipping it would drop its rows without a word."""
+    def refuse(exc: OSError) -> None:
+        raise InputError(f"{exc.filename}: cannot list this directory ({exc.strerror})")
+
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, onerror=refuse, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink loop, or a folder reached twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
+        found += [Path(folder) / f for f in files if not f.startswith(("_", ".")) and _supported(Path(f))]
+    return sorted(p for p in found if p.is_file())
 
 
 def _string_type(t: pa.DataType) -> bool:
