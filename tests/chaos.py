@@ -36,6 +36,7 @@ POINTS = [
     "after_rename:out/part-0000{shard}.parquet",  # part committed, no metrics, no _done
     "before_rename:metrics/part-0000{shard}.json",  # while writing metrics
     "after_rename:metrics/part-0000{shard}.json",  # metrics written, _done not yet
+    "before_rename:metrics/part-0000{shard}.prom",  # the Prometheus textfile, through the same atomic writer
     "before_done:part-0000{shard}",
     "after_rename:_done/part-0000{shard}",  # done, merge not yet
 ]

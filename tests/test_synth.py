@@ -91,3 +91,20 @@ def test_labels_are_learnable_but_not_trivially():
 def test_rows_must_be_positive():
     with pytest.raises(ValueError):
         generate(SynthConfig(rows=0))
+
+
+@pytest.mark.parametrize("name", ["s.parquet", "s.jsonl", "s.json"])
+def test_what_synth_writes_the_readers_read_back(tmp_path, name):
+    from investment_risk.datasets.readers import read_articles
+    from investment_risk.datasets.synth import write_synthetic
+
+    write_synthetic(SynthConfig(rows=20), tmp_path / name)
+    assert read_articles([tmp_path / name]).num_rows == 20
+
+
+def test_synth_refuses_a_name_no_reader_takes(runner, tmp_path):
+    from investment_risk.cli import main
+
+    result = runner.invoke(main, ["data", "synth", "--rows", "5", "--out", str(tmp_path / "s.csv")])
+    assert result.exit_code == 2 and "s.csv: name a Parquet" in result.output
+    assert not (tmp_path / "s.csv").exists()

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from ..core.errors import ConfigError
 from ..core.spec import DIMENSIONS, default_spec
+from .readers import JSONL_SUFFIXES, PARQUET_SUFFIXES, is_jsonl
 
 LEVEL_WORDS = ("very low", "low", "moderate", "high", "very high")
 
@@ -269,12 +271,15 @@ def generate(config: SynthConfig) -> pa.Table:
 
 
 def write_synthetic(config: SynthConfig, out: str | Path) -> Path:
-    """Generate and write atomically: Parquet, or JSON lines for a .jsonl/.ndjson name."""
+    """Generate and write atomically, in the format the readers take from the name: Parquet, or JSON lines."""
     from ..core.atomic import atomic_path, write_parquet_atomic
 
     out = Path(out)
+    if out.suffix.lower() not in PARQUET_SUFFIXES + JSONL_SUFFIXES:
+        raise ConfigError(f"--out {out}: name a Parquet ({', '.join(PARQUET_SUFFIXES)}) or JSON lines "
+                          f"({', '.join(JSONL_SUFFIXES)}) file")
     table = generate(config)
-    if out.suffix.lower() in (".jsonl", ".ndjson"):
+    if is_jsonl(out):
         with atomic_path(out) as tmp, tmp.open("w") as handle:
             for row in table.to_pylist():
                 handle.write(json.dumps(row) + "\n")

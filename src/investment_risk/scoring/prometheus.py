@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core.atomic import write_text_atomic
 from ..core.logs import get_logger
 
 PUSH_JOB = "investment-risk-score"
@@ -84,11 +85,11 @@ def registry_for(metrics: dict[str, Any], scope: str) -> Any:
 
 
 def write_textfile(metrics: dict[str, Any], scope: str, dest: Path) -> None:
-    """The Prometheus text beside the output (written whole, then renamed, by prometheus_client)."""
-    from prometheus_client import write_to_textfile
+    """The Prometheus text beside the output, through the package's one atomic writer (fsynced; a hidden temporary
+    name that a failure removes), for the node exporter's textfile collector."""
+    from prometheus_client import generate_latest
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    write_to_textfile(str(dest), registry_for(metrics, scope))
+    write_text_atomic(generate_latest(registry_for(metrics, scope)).decode(), dest)
 
 
 def push(metrics: dict[str, Any], scope: str, gateway: str | None) -> bool:
