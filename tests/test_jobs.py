@@ -161,6 +161,34 @@ def test_bad_parameters_are_exit_2(runner):
         assert result.exit_code == 2 and message in result.output, result.output
     result = runner.invoke(main, ["jobs", "render", "merge"])
     assert result.exit_code == 2 and "merge needs --out" in result.output
+    for args, message in [(["--schedule", "notacron"], "expected five cron fields"),
+                          (["--schedule", "61 2 * * *"], "'61' is not valid in the minute field"),
+                          (["--schedule", "0 2 * * FUN"], "'FUN' is not valid in the day of week field"),
+                          (["--time-zone", "Mars/Base"], "not an IANA time zone")]:
+        result = runner.invoke(main, ["jobs", "render", "nightly", *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+    for schedule in ("*/15 6-22 * JAN-MAR MON-FRI", "@daily", "0 0 1,15 * ?"):
+        assert runner.invoke(main, ["jobs", "render", "nightly", "--schedule", schedule]).exit_code == 0, schedule
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda job: job.update(spec=5), "the Job's spec must be an object"),
+    (lambda job: job["spec"].update(completions="abc"), "spec.completions must be a non-negative integer"),
+    (lambda job: job["spec"]["template"]["spec"].update(containers=5), "containers must be a non-empty list"),
+    (lambda job: job["spec"]["template"]["spec"]["containers"][0].update(args="score"), "args must be a list of"),
+    (lambda job: job.pop("metadata"), "every object must have metadata.name"),
+])
+def test_run_local_refuses_a_malformed_job_in_one_line(tmp_path, runner, edit, message):
+    import yaml
+
+    docs = docs_of(__import__("investment_risk.k8s.manifests", fromlist=["to_yaml"]).to_yaml(
+        default_base()["shared.yaml"] + default_base()["score-job.yaml"]))
+    edit(next(d for d in docs if d["kind"] == "Job"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump_all(docs))
+    result = runner.invoke(main, ["jobs", "run-local", "--manifest", str(tmp_path / "job.yaml"),
+                                  "--mount", f"/data={tmp_path}"])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output
 
 
 # --- image -------------------------------------------------------------------------------------------------------
@@ -363,13 +391,13 @@ def test_run_local_exit_2_fails_the_job_and_unmapped_pvcs_are_refused(tmp_path, 
 
 
 def test_run_local_maps_each_path_once_and_option_values_too(tmp_path):
-    from investment_risk.k8s.runlocal import pod_environment
+    from investment_risk.k8s.runlocal import map_to_local, pod_spec
     docs = docs_of(__import__("investment_risk.k8s.manifests", fromlist=["to_yaml"]).to_yaml(
         default_base()["shared.yaml"] + default_base()["score-job.yaml"]))
     job = next(d for d in docs if d["kind"] == "Job")
     job["spec"]["template"]["spec"]["containers"][0]["args"] += ["--cache=$(INVESTMENT_RISK_CACHE)", "--x=/data/y"]
     mounts = {"/data": tmp_path / "data", "/cache": tmp_path / "scratch" / "cache", "/tmp": tmp_path / "scratch" / "tmp"}
-    args, env = pod_environment(job, docs, mounts, 2)
+    args, env = map_to_local(*pod_spec(job, docs, 2), mounts)  # as ProcessRuntime.start maps them
     assert f"--cache={tmp_path}/scratch/cache/investment-risk" in args and f"--x={tmp_path}/data/y" in args
     assert env["INVESTMENT_RISK_CACHE"] == f"{tmp_path}/scratch/cache/investment-risk"
     assert env["JOB_COMPLETION_INDEX"] == "2" and env["JOB_NAME"] == job["metadata"]["name"]

@@ -247,11 +247,51 @@ def merge_job(name: str, out: str, shards: int, settings: JobSettings) -> dict[s
 NIGHTLY_LEDGER = f"{DATA_MOUNT}/scored/ledger.json"
 
 
+# A CronJob's schedule: the five fields of cron (minute hour day-of-month month day-of-week), or a macro.
+CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
+               ("month", 1, 12, ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")),
+               ("day of week", 0, 7, ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")))
+_CRON_ITEM = re.compile(r"^(\*|\?|(\w+)(-(\w+))?)(/(\d+))?$")
+
+
+def check_schedule(schedule: str) -> None:
+    """Refuse what the API server would: a schedule that is not five cron fields (or a macro)."""
+    if schedule.strip() in CRON_MACROS:
+        return
+    fields = schedule.split()
+    if len(fields) != 5:
+        raise ConfigError(f"--schedule {schedule!r}: expected five cron fields (minute hour day-of-month month "
+                          f"day-of-week) or one of {', '.join(CRON_MACROS)}")
+    for text, (name, low, high, names) in zip(fields, CRON_FIELDS):
+        for item in text.split(","):
+            match = _CRON_ITEM.match(item)
+            values = [] if match is None else [v for v in (match.group(2), match.group(4)) if v]
+            numbers = [names.index(v.upper()) + low if v.upper() in names else int(v) if v.isdigit() else None
+                       for v in values]
+            step = match.group(6) if match else None
+            if match is None or None in numbers or not all(low <= n <= high for n in numbers) or step == "0":
+                raise ConfigError(f"--schedule {schedule!r}: {item!r} is not valid in the {name} field ({low}-{high})")
+
+
+def check_time_zone(time_zone: str) -> None:
+    import zoneinfo
+
+    if not zoneinfo.available_timezones():  # no time-zone database on this machine to check against
+        return
+    try:
+        zoneinfo.ZoneInfo(time_zone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"--time-zone {time_zone!r}: not an IANA time zone (like Etc/UTC or Europe/Berlin)") from None
+
+
 def nightly_cronjob(spec: ScoreSpec, settings: JobSettings, schedule: str = "30 2 * * *",
                     time_zone: str = "Etc/UTC") -> dict[str, Any]:
     """The nightly batch: an Indexed scoring Job whose every run writes under its own Job name and scores only the
     input units that no earlier night scored (the ledger under the scored root)."""
     check_name(spec.name)
+    check_schedule(schedule)
+    check_time_zone(time_zone)
     if "--ledger" not in spec.extra_args:
         spec = replace(spec, extra_args=(*spec.extra_args, "--ledger", NIGHTLY_LEDGER))
     job_spec = _score_job_spec(spec, settings)

@@ -54,7 +54,43 @@ def load_manifests(path: Path) -> list[dict[str, Any]]:
     return docs
 
 
+def check_job(job: dict[str, Any], source: Path) -> None:
+    """The fields run-local reads, checked for their Kubernetes types first: a malformed Job is one line (exit 2)."""
+    def need(ok: bool, where: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: the Job's {where} must be {what}")
+
+    def objects(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+
+    spec = job.get("spec")
+    need(isinstance(spec, dict), "spec", "an object")
+    for key in ("completions", "parallelism", "backoffLimit", "backoffLimitPerIndex", "maxFailedIndexes",
+                "activeDeadlineSeconds"):
+        value = spec.get(key)
+        need(value is None or (type(value) is int and value >= 0), f"spec.{key}", "a non-negative integer")
+    need(isinstance(spec.get("podFailurePolicy", {}), dict) and objects(spec.get("podFailurePolicy", {}).get(
+        "rules", [])), "spec.podFailurePolicy.rules", "a list of objects")
+    template = spec.get("template")
+    need(isinstance(template, dict) and isinstance(template.get("spec"), dict), "spec.template.spec", "an object")
+    pod = template["spec"]
+    need(objects(pod.get("containers")) and bool(pod["containers"]), "spec.template.spec.containers",
+         "a non-empty list of objects")
+    need(objects(pod.get("volumes", [])), "pod's volumes", "a list of objects")
+    container = pod["containers"][0]
+    for key in ("command", "args"):
+        value = container.get(key, [])
+        need(isinstance(value, list) and all(isinstance(v, str) for v in value), f"container's {key}",
+             "a list of strings")
+    for key in ("env", "envFrom", "volumeMounts"):
+        need(objects(container.get(key, [])), f"container's {key}", "a list of objects")
+    need(all(isinstance(m.get("mountPath"), str) and isinstance(m.get("name"), str)
+             for m in container.get("volumeMounts", [])), "container's volumeMounts", "named, with a mountPath")
+
+
 def pick_job(docs: list[dict[str, Any]], name: str | None, source: Path) -> dict[str, Any]:
+    if not all(isinstance(d.get("metadata"), dict) and isinstance(d["metadata"].get("name"), str) for d in docs):
+        raise ConfigError(f"{source}: every object must have metadata.name")
     all_jobs = [d for d in docs if d["kind"] == "Job"]
     jobs = [d for d in all_jobs if name is None or d["metadata"]["name"] == name]
     if len(jobs) != 1:
@@ -62,6 +98,7 @@ def pick_job(docs: list[dict[str, Any]], name: str | None, source: Path) -> dict
         problem = (f"no Job named {name!r}" if name else "no Job" if not all_jobs else "more than one Job")
         raise ConfigError(f"{source}: {problem} (Jobs in the file: {found}); render one with `jobs render KIND`"
                           + (" and pass --job NAME" if len(all_jobs) > 1 else ""))
+    check_job(jobs[0], source)
     return jobs[0]
 
 
@@ -101,14 +138,10 @@ def pod_spec(job: dict[str, Any], docs: list[dict[str, Any]], index: int | None)
     return [_expand(a, env) for a in [*container.get("command", []), *container.get("args", [])]], env
 
 
-def pod_environment(job: dict[str, Any], docs: list[dict[str, Any]], mounts: dict[str, Path],
-                    index: int | None) -> tuple[list[str], dict[str, str]]:
-    """pod_spec with every path under a mount mapped to the local directory standing in for it (the process runtime).
-    $(VAR) is expanded with the pod's values first, then paths are mapped once (twice would nest the local dirs)."""
-    return map_to_local(*pod_spec(job, docs, index), mounts)
-
-
 def map_to_local(args: list[str], env: dict[str, str], mounts: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
+    """pod_spec's args and env with every path under a mount mapped to the local directory standing in for it (the
+    process runtime). $(VAR) is expanded with the pod's values first, then paths are mapped once (twice would nest
+    the local dirs)."""
     return [_map_arg(a, mounts) for a in args], {k: _map_path(v, mounts) for k, v in env.items()}
 
 
