@@ -75,6 +75,15 @@ def test_progress_emits_events_with_rate_and_eta(monkeypatch):
     assert {"rate", "eta_s", "elapsed_s"} <= set(events[0])
 
 
+def test_a_resumed_loops_rate_counts_only_this_process(monkeypatch):
+    clock = iter(range(0, 1000, 10))  # each reading of the clock is 10 s later
+    monkeypatch.setattr(logs.time, "monotonic", lambda: next(clock))
+    progress = Progress(total=100, what="train", unit="batches", already_done=90)
+    progress.update(5)  # started at 0 s, the update reads 10 s, the snapshot 20 s
+    snapshot = progress.snapshot()  # 5 batches in 20 s, whatever the 90 before them took
+    assert snapshot["done"] == 95 and snapshot["rate"] == 0.25 and snapshot["eta_s"] == 20.0
+
+
 def test_progress_is_quiet_between_intervals():
     with capture_logs() as captured:
         with Progress(total=1000, what="rows", interval_s=3600) as progress:

@@ -209,6 +209,8 @@ def test_resume_after_kill_matches_an_unbroken_run(split_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert any(json.loads(line)["event"] == "resumed" for line in resumed.stdout.splitlines() if line.startswith("{"))
     assert_same_history(tmp_path / "whole", tmp_path / "broken", None)
+    metadata = json.loads((tmp_path / "broken" / "training_metadata.json").read_text())
+    assert metadata["wall_time_s"] >= metadata["train_seconds"]  # both count the killed process's banked time
 
 
 def test_dry_run_counts_like_peft_and_writes_nothing(split_dir, tmp_path, tiny_run):

@@ -108,14 +108,16 @@ class Progress:
     """Progress of a long loop: a bar on a terminal, a JSON `progress` event at least every `interval_s` otherwise.
 
     Used as a context manager; `update(n)` after each unit of work. The final event is always emitted.
+    `already_done`: units an earlier process finished (a resumed run): counted in `done`, not in the rate.
     """
 
-    def __init__(self, total: int | None, what: str, interval_s: float = 30.0, unit: str = "rows") -> None:
+    def __init__(self, total: int | None, what: str, interval_s: float = 30.0, unit: str = "rows",
+                 already_done: int = 0) -> None:
         self.total = total
         self.what = what
         self.unit = unit
         self.interval_s = interval_s
-        self.done = 0
+        self.done = self.already_done = already_done
         self._log = get_logger()
         self._bar = None
         self._start = self._last = time.monotonic()
@@ -124,7 +126,8 @@ class Progress:
         if sys.stdout.isatty() and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.total, desc=self.what, unit=self.unit, dynamic_ncols=True)
+            self._bar = tqdm(total=self.total, desc=self.what, unit=self.unit, dynamic_ncols=True,
+                             initial=self.already_done)
         return self
 
     def update(self, n: int = 1) -> None:
@@ -139,7 +142,7 @@ class Progress:
 
     def snapshot(self) -> dict[str, Any]:
         elapsed = max(time.monotonic() - self._start, 1e-9)
-        rate = self.done / elapsed
+        rate = (self.done - self.already_done) / elapsed
         eta = None
         if self.total is not None and rate > 0:
             eta = round(max(self.total - self.done, 0) / rate, 1)

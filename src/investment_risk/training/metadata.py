@@ -45,7 +45,7 @@ def build_metadata(session: Any, state: Any) -> dict[str, Any]:
         "gradient_accumulation_steps": config.grad_accum, "effective_batch_size": config.batch_size * config.grad_accum,
         "seed": config.seed, "base_model_path": str(session.base.path), "base_model_revision": session.base.revision,
         "device": str(session.device), "package_versions": _package_versions(),
-        "wall_time_s": round(time.monotonic() - session.started, 2),
+        "wall_time_s": round(state.wall_seconds + time.monotonic() - session.wall_mark, 2),
         "train_seconds": round(train_seconds, 2), "train_tokens": state.tokens,
         "tokens_per_second": round(state.tokens / train_seconds, 1),
         "epoch_seconds": state.epoch_seconds, "epoch_tokens": state.epoch_tokens,

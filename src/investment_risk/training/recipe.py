@@ -45,6 +45,7 @@ class TrainState:
     step_losses: list[list[float]] = field(default_factory=list)  # [step, mean loss] every log_every steps
     tokens: int = 0
     train_seconds: float = 0.0  # time in the loop, across resumes
+    wall_seconds: float = 0.0  # time since the run started (set-up, validation and checkpoints too), across resumes
     since_log: int = 0  # micro-batches since the last train_step line
     epoch_seconds: list[float] = field(default_factory=list)
     epoch_tokens: list[int] = field(default_factory=list)
@@ -90,7 +91,7 @@ class Session:
     steps_per_epoch: int
     total_steps: int
     warmup: int
-    started: float = field(default_factory=time.monotonic)
+    wall_mark: float = field(default_factory=time.monotonic)  # wall_seconds counts from here
     segment_start: float = field(default_factory=time.monotonic)  # train_seconds counts from here
     last_log: tuple[float, int] = (0.0, 0)  # (monotonic time, state.tokens) at the last train_step line
 
@@ -99,8 +100,11 @@ class Session:
         return self.out / "checkpoints"
 
     def bank_time(self, state: TrainState) -> None:
-        state.train_seconds += time.monotonic() - self.segment_start
-        self.segment_start = time.monotonic()
+        """Add the time since the last bank to the state (as a checkpoint is written: what a resume continues)."""
+        now = time.monotonic()
+        state.train_seconds += now - self.segment_start
+        state.wall_seconds += now - self.wall_mark
+        self.segment_start = self.wall_mark = now
 
 
 def make_task(config: TrainConfig, tokenizer: Any) -> Any:
@@ -336,8 +340,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
                       steps_per_epoch=session.steps_per_epoch, total_steps=session.total_steps,
                       warmup_steps=session.warmup)
     session.segment_start = time.monotonic()
-    with Progress(total=session.batches_per_epoch * config.epochs, what="train", unit="batches") as bar:
-        bar.done = (state.epoch - 1) * session.batches_per_epoch + state.batch
+    done_before = (state.epoch - 1) * session.batches_per_epoch + state.batch  # a resumed run's earlier batches
+    with Progress(total=session.batches_per_epoch * config.epochs, what="train", unit="batches",
+                  already_done=done_before) as bar:
         while state.epoch <= config.epochs:
             epoch_started, tokens_before = time.monotonic(), state.tokens
             run_epoch(session, state, sums, bar)
