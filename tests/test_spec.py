@@ -129,7 +129,7 @@ def _raw() -> dict:
     (lambda r: r.pop("tiers"), "missing key"),
     (lambda r: r["prefilter"]["clickbait"]["patterns"].append("Shocking News"), "lowercase"),
     (lambda r: r["dimensions"].reverse(), "contract's eight"),
-    (lambda r: r.update(score_range=[10, 0]), "low < high"),
+    (lambda r: r.update(score_range=[1, 9]), "contract's \\[0.0, 10.0\\]"),
 ])
 def test_spec_validation(mutate, message):
     raw = _raw()
@@ -150,13 +150,11 @@ def test_spec_is_frozen_and_loadable_from_a_file(tmp_path):
         load_spec(tmp_path / "missing.json")
 
 
-def test_scores_are_clipped_to_the_specs_range():
-    raw = _raw()
-    raw["score_range"] = [1.0, 9.0]
-    spec = parse_spec(raw)
-    clipped = spec.clip(np.array([[-3.0, 0.5, 5.0, 9.5, 12.0, 1.0, 9.0, 4.0]]))
-    assert clipped.tolist() == [[1.0, 1.0, 5.0, 9.0, 9.0, 1.0, 9.0, 4.0]]
-    assert spec.in_range(1.0) and spec.in_range(9.0) and not spec.in_range(9.5)
+def test_scores_are_clipped_to_the_score_range():
+    spec = parse_spec(_raw())
+    clipped = spec.clip(np.array([[-3.0, 0.5, 5.0, 9.5, 12.0, 0.0, 10.0, 4.0]]))
+    assert clipped.tolist() == [[0.0, 0.5, 5.0, 9.5, 10.0, 0.0, 10.0, 4.0]]
+    assert spec.in_range(0.0) and spec.in_range(10.0) and not spec.in_range(10.5)
 
 
 def test_importing_the_package_parses_no_spec():

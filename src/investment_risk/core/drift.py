@@ -13,9 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from .spec import DIMENSIONS, default_spec
+from .spec import DIMENSIONS, SCORE_RANGE, default_spec
 
-SCORE_EDGES = list(range(11))  # ten bins of width 1 over [0, 10]: shard histograms and references alike
+# Ten bins of equal width over the score range ([0, 10]): shard histograms and references alike.
+SCORE_EDGES = [float(x) for x in np.linspace(*SCORE_RANGE, 11)]
+SCORE_BINS = len(SCORE_EDGES) - 1
 PSI_FLOOR = 1e-4  # the share an empty bin counts as
 DEFAULT_PSI_THRESHOLD = 0.2
 REFERENCE_FILE = "reference.json"

@@ -25,6 +25,7 @@ DIMENSIONS: tuple[str, ...] = (
     "policy_regulatory_risk", "systemic_risk", "evidence_quality", "actionability",
 )
 NUM_DIMENSIONS = len(DIMENSIONS)
+SCORE_RANGE = (0.0, 10.0)  # the contract's: every score, label and histogram lives here
 
 _BOUNDS = {"gte": np.greater_equal, "gt": np.greater, "lte": np.less_equal, "lt": np.less}
 
@@ -187,8 +188,8 @@ def parse_spec(raw: dict[str, Any], source: str = "filter spec") -> FilterSpec:
         )
         everything = [p for body in raw["prefilter"].values() for p in body["patterns"]]
         low, high = (float(x) for x in raw["score_range"])
-        if not low < high:
-            raise ConfigError(f"{source}: score_range must be [low, high] with low < high")
+        if (low, high) != SCORE_RANGE:
+            raise ConfigError(f"{source}: score_range must be the contract's {list(SCORE_RANGE)}, not {[low, high]}")
         return FilterSpec(
             name=str(raw["name"]), version=str(raw["version"]), dimensions=dimensions, score_range=(low, high),
             weights=weights, rules=tuple(rules), prefilter_tier=str(raw["prefilter_tier"]),

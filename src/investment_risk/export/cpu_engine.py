@@ -17,6 +17,7 @@ import numpy as np
 
 from ..core.errors import ConfigError
 from ..core.logs import get_logger
+from ..core.spec import default_spec
 from ..modeling.description import CPU_ENGINES, INT8_FILE
 from ..modeling.loading import cpu_engine_usable, cpu_runner
 from ..modeling.predict import CPU_TOKEN_BUDGET, predict
@@ -52,7 +53,7 @@ def measure_cpu_engines(model_path: Path, rows: list[np.ndarray], labels: np.nda
             out.append({"engine": engine, "skipped": why})
             continue
         rate, scores = _rows_per_second(cpu_runner(model_path, engine, threads), rows, pad_id, token_budget)
-        scores = np.clip(scores, 0.0, 10.0)
+        scores = default_spec().clip(scores)
         reference = scores if reference is None else reference
         row = {"engine": engine, "rows_per_second": round(rate, 2),
                "max_abs_diff": float(np.abs(scores - reference).max())}

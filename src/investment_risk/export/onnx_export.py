@@ -325,7 +325,7 @@ def reduced_precision_check(path: Path, reference: tuple[np.ndarray, str], rows:
         "provider": runner.provider, "reference": name}
     val_rows, labels = val
     if labels is not None and val_fp32 is not None:
-        scores = np.clip(predict(runner, val_rows, pad_id, token_budget=token_budget_for(device)), 0.0, 10.0)
+        scores = default_spec().clip(predict(runner, val_rows, pad_id, token_budget=token_budget_for(device)))
         out["val_mae"] = float(np.abs(scores - labels).mean())
         out["val_mae_fp32"] = float(np.abs(val_fp32 - labels).mean())
         out["val_mae_delta"] = out["val_mae"] - out["val_mae_fp32"]
@@ -420,7 +420,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         val = measurement_rows(tokenizer, metadata)
         val_fp32 = None
         if val[1] is not None:
-            val_fp32 = np.clip(torch_fp32_scores(module, device, val[0], pad_id), 0.0, 10.0)
+            val_fp32 = default_spec().clip(torch_fp32_scores(module, device, val[0], pad_id))
         log.info("onnx_export_start", run=str(run_dir), route="onnxruntime-genai model builder",
                  parameters=sum(p.numel() for p in module.parameters()), external_data=external)
         with decoder_checkpoint(module.inner, tokenizer, work) as checkpoint:  # fp32 weights, before bf16 below
@@ -468,8 +468,8 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
             val = measurement_rows(tokenizer, metadata)
             val_fp32 = None
             if val[1] is not None:
-                val_fp32 = np.clip(predict(graph_runner(work / "model.onnx", device), val[0], pad_id,
-                                           token_budget=token_budget_for(device)), 0.0, 10.0)
+                val_fp32 = default_spec().clip(predict(graph_runner(work / "model.onnx", device), val[0], pad_id,
+                                                       token_budget=token_budget_for(device)))
             (to_fp16 if dtype == "fp16" else to_int8)(work / "model.onnx", external)
             reduced_check(work, torch_scores, val, val_fp32, parity)
             if dtype == "fp16":

@@ -18,10 +18,9 @@ import numpy as np
 
 from ..core.atomic import read_json
 from ..core.errors import InputError
-from ..core.spec import DIMENSIONS
+from ..core.spec import DIMENSIONS, SCORE_RANGE
 
 CALIBRATION_FILE = "calibration.json"
-SCORE_RANGE = (0.0, 10.0)
 MIN_ROWS = 30  # fewer labelled rows than this cannot support eight monotone fits
 
 

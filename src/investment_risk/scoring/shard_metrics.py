@@ -21,7 +21,7 @@ from ..core.atomic import read_json, write_json_atomic
 from ..core.errors import RetryableError
 from ..core.logs import get_logger
 from ..core.decisions import tier_report
-from ..core.drift import DEFAULT_PSI_THRESHOLD, SCORE_EDGES, calibration_mismatch, drift, model_tier_counts
+from ..core.drift import DEFAULT_PSI_THRESHOLD, SCORE_BINS, SCORE_EDGES, calibration_mismatch, drift, model_tier_counts
 from ..core.spec import DIMENSIONS, default_spec
 from .prometheus import write_textfile
 from .units import parquet_rows
@@ -58,7 +58,7 @@ class ShardMetrics:
     model_seconds: float = 0.0
     reject_reasons: Counter = field(default_factory=Counter)
     tier_counts: Counter = field(default_factory=Counter)
-    histograms: dict[str, list[int]] = field(default_factory=lambda: {d: [0] * 10 for d in DIMENSIONS})
+    histograms: dict[str, list[int]] = field(default_factory=lambda: {d: [0] * SCORE_BINS for d in DIMENSIONS})
     latencies_ms: list[float] = field(default_factory=list)
     label_sums: dict[str, list[float]] = field(default_factory=dict)  # dim -> [count, abs_sum, sq_sum]
     tier_pairs: Counter = field(default_factory=Counter)  # "label tier>predicted tier" -> rows with all 8 labels
@@ -258,7 +258,7 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
             total.update(s[key])
         merged[key] = dict(sorted(total.items()))
     merged["score_histograms"] = {"edges": SCORE_EDGES, **{
-        d: np.sum([s["score_histograms"][d] for s in shards], axis=0).astype(int).tolist() if shards else [0] * 10
+        d: np.sum([s["score_histograms"][d] for s in shards], axis=0).astype(int).tolist() if shards else [0] * SCORE_BINS
         for d in DIMENSIONS}}
     sums: dict[str, list[float]] = {}
     for s in shards:

@@ -24,7 +24,7 @@ from ..core.atomic import write_json_atomic
 from ..core.errors import InputError
 from ..core.logs import Progress, get_logger
 from ..core.metrics import regression_metrics
-from ..core.spec import DIMENSIONS, NUM_DIMENSIONS
+from ..core.spec import DIMENSIONS, NUM_DIMENSIONS, default_spec
 from ..modeling.predict import pick_device
 from ..modeling.tokens import length_grouped_batches, to_device
 from .config import TrainConfig, plan_steps
@@ -312,7 +312,7 @@ def fit_run_calibration(session: Session, state: TrainState) -> dict[str, Any]:
     the val metrics raw and calibrated (in-sample on val: the test split says how it generalises)."""
     from ..modeling.calibration import CALIBRATION_FILE, fit_calibration
 
-    raw = np.clip(np.asarray(state.best_val_predictions, dtype=np.float32), 0.0, 10.0)
+    raw = default_spec().clip(np.asarray(state.best_val_predictions, dtype=np.float32))
     labels = session.val_data.labels
     try:
         calibration = fit_calibration(raw, labels, {"split": "val", "epoch": state.best_epoch})
