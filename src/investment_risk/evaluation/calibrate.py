@@ -11,34 +11,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..core.atomic import atomic_path, read_json
 from ..core.errors import InputError
 from ..core.logs import get_logger
 from ..core.metrics import regression_metrics
-from ..core.spec import DIMENSIONS, default_spec
+from ..core.spec import DIMENSIONS
 from ..datasets.readers import label_matrix, read_articles
 from ..modeling.calibration import CALIBRATION_FILE, MIN_ROWS, fit_calibration
 from ..modeling.description import describe_model, model_version, sha256_file
-from ..modeling.loading import load_runner
-from ..modeling.predict import predict
-from ..modeling.presets import load_tokenizer
+from .evaluate import raw_scores
 
 
 def recalibrate(model_path: Path, data: Path, batch_size: int = 32, device: str = "auto") -> dict[str, Any]:
     model = describe_model(model_path)
-    table = read_articles([data], labels=DIMENSIONS)
+    table = read_articles([data], labels=DIMENSIONS)  # a row without all eight labels is an error naming it
+    if table.num_rows < MIN_ROWS:
+        raise InputError(f"{data}: {table.num_rows} labelled rows; calibrate needs at least {MIN_ROWS}")
     labels = label_matrix(table)
-    complete = ~np.isnan(labels).any(axis=1)
-    if complete.sum() < MIN_ROWS:
-        raise InputError(f"{data}: {int(complete.sum())} rows with all eight labels; calibrate needs at least {MIN_ROWS}")
-    table, labels = table.filter(complete), labels[complete]
-    tokenizer = load_tokenizer(model.tokenizer_dir)
-    pad_id = tokenizer.pad_token_id if model.pad_token_id is None else model.pad_token_id
-    runner = load_runner(model, "onnx" if model.exported else "torch", device)
-    rows = model.token_rows(tokenizer, table.column("title").to_pylist(), table.column("content").to_pylist())
-    raw = default_spec().clip(predict(runner, rows, pad_id, batch_size=batch_size))
+    raw, _, _, _ = raw_scores(model, table, device, batch_size)
     calibration = fit_calibration(raw, labels, {"data": str(data), "split": "refit"})
     target = model.path if model.exported else model.path / "model"
     text = json.dumps(calibration.to_json(), indent=2) + "\n"

@@ -15,7 +15,7 @@ from ..core.logs import get_logger
 from ..core.metrics import regression_metrics
 from ..core.spec import DIMENSIONS, default_spec
 from ..datasets.readers import label_matrix, read_articles
-from ..modeling.description import describe_model
+from ..modeling.description import ModelDescription, describe_model
 from ..modeling.loading import load_runner
 from ..modeling.predict import predict
 from ..modeling.presets import load_tokenizer
@@ -56,6 +56,17 @@ def plot_confusion(decisions: dict[str, Any], dest: Path) -> None:
     save_figure(fig, dest)
 
 
+def raw_scores(model: ModelDescription, table: Any, device: str, batch_size: int
+               ) -> tuple[np.ndarray, Any, Any, list[np.ndarray]]:
+    """A model's clipped, uncalibrated scores for the articles of `table` (with the runner, the tokenizer and the
+    token rows they came from): ONNX Runtime for an exported model, PyTorch for a run."""
+    runner = load_runner(model, "onnx" if model.exported else "torch", device)
+    tokenizer = load_tokenizer(model.tokenizer_dir)
+    rows = model.token_rows(tokenizer, table.column("title").to_pylist(), table.column("content").to_pylist())
+    raw = default_spec().clip(predict(runner, rows, model.pad_id(tokenizer), batch_size=batch_size))
+    return raw, runner, tokenizer, rows
+
+
 def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size: int = 32,
                  device_name: str = "auto", explain_generation: bool = False, max_new_tokens: int = 512,
                  constrained: bool = True, calibration: bool = True, top_k: int = 50) -> dict[str, Any]:
@@ -69,16 +80,11 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
         raise ConfigError(f"--top-k must be >= 1, got {top_k}")
     table = read_articles([data], labels=DIMENSIONS)
     model = describe_model(run_dir)
-    runner = load_runner(model, "onnx" if model.exported else "torch", device_name)
-    tokenizer = load_tokenizer(model.tokenizer_dir)
-    pad_id = tokenizer.pad_token_id if model.pad_token_id is None else model.pad_token_id
-    rows = model.token_rows(tokenizer, table.column("title").to_pylist(), table.column("content").to_pylist())
-    raw = predict(runner, rows, pad_id, batch_size=batch_size)
+    raw, runner, tokenizer, rows = raw_scores(model, table, device_name, batch_size)
     extra: dict[str, Any] = {}
     if explain_generation and model.is_instruction:
         extra = explain(runner.forward.inner, tokenizer, rows, runner.device, max_new_tokens, constrained)
     spec = default_spec()
-    raw = spec.clip(raw)
     pred = model.calibrated(raw, calibration)
     labels = label_matrix(table)
     # The baseline predicts the training mean; without the training run, the mean of these labels stands in.

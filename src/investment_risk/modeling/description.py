@@ -72,6 +72,10 @@ class ModelDescription:
     def is_instruction(self) -> bool:
         return self.input_format == "instruction"
 
+    def pad_id(self, tokenizer: Any) -> int:
+        """The pad token the graph was exported with (model.json), else the tokenizer's."""
+        return int(tokenizer.pad_token_id if self.pad_token_id is None else self.pad_token_id)
+
     def token_rows(self, tokenizer: Any, titles: list[str | None], contents: list[str | None]) -> list[np.ndarray]:
         """What the model reads for each article: the article, or the instruction prompt around it."""
         if self.is_instruction:

@@ -151,7 +151,7 @@ class ShardScorer:
         self.runner = runner
         self.tokenizer = tokenizer
         self.model = model
-        self.pad_id = tokenizer.pad_token_id if model.pad_token_id is None else int(model.pad_token_id)
+        self.pad_id = model.pad_id(tokenizer)
         self.spec = default_spec()
         on_gpu = "cuda" in str(getattr(runner, "provider", "")).lower()  # CUDAExecutionProvider, torch-cuda
         self.token_budget = config.token_budget or token_budget_for("cuda" if on_gpu else "cpu")
