@@ -357,7 +357,8 @@ def test_run_local_three_shards_match_a_single_score_run(exported, tmp_path, run
     result = runner.invoke(main, ["jobs", "run-local", "--manifest", str(tmp_path / "job.yaml"),
                                   "--mount", f"/data={data}", "--mount", f"/models={models}"])
     assert result.exit_code == 0, result.output
-    assert_json_stdout(result)  # its summary goes to stderr on a pipe
+    [done] = [e for e in assert_json_stdout(result) if e["event"] == "local_job_done"]  # a pipe gets JSON only
+    assert done["succeeded"] == [0, 1, 2] and done["failed"] == [] and done["fail_reason"] is None
     out = data / "scored" / "rl"  # $(JOB_NAME) expanded from the downward API, as the kubelet does
     assert sorted(p.name for p in (out / "_done").iterdir()) == ["part-00000", "part-00001", "part-00002"]
     merged = json.loads((out / "metrics.json").read_text())

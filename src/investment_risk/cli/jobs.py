@@ -7,7 +7,6 @@ the pod's name added. `jobs render` is the one command whose stdout is a documen
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -209,8 +208,10 @@ def run_local_command(manifest: Path, job_name: str | None, mounts: tuple[str, .
 
     mapped = dict(_mount(m) for m in mounts)
     result = run_local(manifest, mapped, job_name, parallelism, runtime, image)
-    click.echo(f"job {result.job}: {len(result.succeeded)}/{result.completions} indexes succeeded"
-               + (f", failed {result.failed}" if result.failed else "")
-               + (f" ({result.fail_reason})" if result.fail_reason else ""), err=not sys.stdout.isatty())
+    output.summary(f"job {result.job}: {len(result.succeeded)}/{result.completions} indexes succeeded"
+                   + (f", failed {result.failed}" if result.failed else "")
+                   + (f" ({result.fail_reason})" if result.fail_reason else ""),
+                   "local_job_done", job=result.job, completions=result.completions, succeeded=result.succeeded,
+                   failed=result.failed, fail_reason=result.fail_reason)
     if not result.ok:
         raise click.exceptions.Exit(2 if result.fail_reason == "PodFailurePolicy" else 1)

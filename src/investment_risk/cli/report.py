@@ -14,7 +14,7 @@ from .options import option
 
 @click.group()
 def report() -> None:
-    """Reports over training runs."""
+    """Reports: runs compared, the labels' dimensions, score drift, a scored batch."""
 
 
 @report.command("compare")
@@ -39,14 +39,10 @@ def report_compare(run_a: Path, run_b: Path, out: Path) -> None:
 def report_dimensions(data: Path, out: Path) -> None:
     """How redundant the eight dimensions are: label correlation heatmap, principal components' explained variance and
     the pairs above |r| 0.7, as dimensions.md, dimensions.json and two PNGs."""
-    from ..core.atomic import write_json_atomic
-    from ..core.spec import DIMENSIONS
-    from ..datasets.dimensions import write_dimension_report
-    from ..datasets.readers import label_matrix, read_articles
+    from ..datasets.dimensions import report_label_dimensions
 
     bind(stage="report")
-    analysis = write_dimension_report(label_matrix(read_articles([data], labels=DIMENSIONS)), out)
-    write_json_atomic(analysis, out / "dimensions.json")
+    analysis = report_label_dimensions(data, out)
     explained = analysis["explained_variance"]
     get_logger().info("dimensions_written", out=str(out), rows=analysis["rows"],
                       first_component=explained[0] if explained else None, strong_pairs=len(analysis["strong_pairs"]))

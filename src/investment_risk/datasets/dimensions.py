@@ -88,9 +88,19 @@ def dimensions_markdown(analysis: dict[str, Any], heading: str = "#") -> str:
 
 
 def write_dimension_report(labels: np.ndarray, out: Path, heading: str = "#") -> dict[str, Any]:
-    """dimensions.md, dimensions.json-ready dict, and the two PNGs in `out`."""
+    """dimensions.md and the two PNGs in `out`; returns the analysis."""
     analysis = dimension_analysis(labels)
     out.mkdir(parents=True, exist_ok=True)
     plot_dimensions(analysis, out / "dimension_correlations.png", out / "dimension_variance.png")
     write_text_atomic(dimensions_markdown(analysis, heading), out / "dimensions.md")
+    return analysis
+
+
+def report_label_dimensions(data: Path, out: Path) -> dict[str, Any]:
+    """`report dimensions`: the labels of a file analysed, as dimensions.md, dimensions.json and the two PNGs."""
+    from ..core.atomic import write_json_atomic
+    from .readers import label_matrix, read_articles
+
+    analysis = write_dimension_report(label_matrix(read_articles([data], labels=DIMENSIONS)), out)
+    write_json_atomic(analysis, out / "dimensions.json")
     return analysis

@@ -24,7 +24,7 @@ from ..core.decisions import tier_report
 from ..core.drift import DEFAULT_PSI_THRESHOLD, SCORE_BINS, SCORE_EDGES, calibration_mismatch, drift, model_tier_counts
 from ..core.spec import DIMENSIONS, default_spec
 from .prometheus import write_textfile
-from .units import parquet_rows
+from .units import parquet_rows, part_name
 
 LATENCY_EDGES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
 
@@ -229,7 +229,7 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
     shards = [read_json(p) for p in parts if p.stem in done]
     broken = []
     for shard in shards:  # recount the outputs: the files may have changed since the shard wrote its metrics
-        name = f"part-{shard['shard']:05d}"
+        name = part_name(shard["shard"])
         shard["rows_scored"], shard["rows_rejected"] = rows_on_disk(out_dir, name)
         if shard["rows_in"] != shard["rows_scored"] + shard["rows_rejected"]:
             broken.append(shard["shard"])
