@@ -219,3 +219,22 @@ def test_integer_ids_are_read_as_decimal_strings(tmp_path):
     write_parquet(tmp_path / "f.parquet", [{**r, "id": 1.5} for r in article_rows(3)])
     with pytest.raises(InputError, match="column 'id' has type double, expected string or integer"):
         read_articles([tmp_path / "f.parquet"], labels=DIMENSIONS)
+
+
+def test_text_stored_otherwise_is_read_as_text(tmp_path):
+    """A pandas category (dictionary-encoded) title, a timestamp published_at and a BOM before the first JSONL line
+    are ordinary inputs; an optional column with no text form is refused naming it."""
+    table = pa.Table.from_pylist(article_rows(3))
+    table = table.set_column(table.schema.get_field_index("title"), "title", table.column("title").dictionary_encode())
+    table = table.append_column("published_at", pa.array([1, 2, 3], pa.timestamp("s", tz="UTC")))
+    pq.write_table(table, tmp_path / "cat.parquet")
+    read = read_articles([tmp_path / "cat.parquet"], labels=DIMENSIONS)
+    assert read.schema.field("title").type == pa.string() and read.column("title").to_pylist()[0] == "Title 0"
+    assert read.column("published_at").to_pylist()[0].startswith("1970-01-01 00:00:01")
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in article_rows(2)).encode())
+    assert read_articles([bom], labels=DIMENSIONS).column("id").to_pylist() == ["a0", "a1"]
+    pq.write_table(pa.Table.from_pylist(article_rows(2)).append_column("source", pa.array([{"a": 1}, {"a": 2}])),
+                   tmp_path / "struct.parquet")
+    with pytest.raises(InputError, match="struct.parquet: column 'source' has type struct<a: int64>, which has no text"):
+        read_articles([tmp_path / "struct.parquet"], labels=DIMENSIONS)

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from structlog.testing import capture_logs
 
 from investment_risk.export.cpu_engine import FP32_ENGINES, MAE_TOLERANCE
 
@@ -359,8 +360,13 @@ def test_export_refuses_non_empty_out(exported, runner):
 def test_score_writes_the_contract_layout(exported, articles, tmp_path):
     _, model, info = exported
     out = tmp_path / "scored"
-    merged = score(ScoreConfig(model=model, inputs=(str(articles),), out=out, keep_columns=("source", "kind")))
+    with capture_logs() as logs:
+        merged = score(ScoreConfig(model=model, inputs=(str(articles),), out=out,
+                                   keep_columns=("source", "kind", "sauce")))
     assert (out / "part-00000.parquet").exists() and (out / "rejects" / "part-00000.parquet").exists()
+    # A kept column no input has (a misspelling) is named, not silently all null.
+    assert [e["columns"] for e in logs if e["event"] == "kept_columns_absent"] == [["sauce"]]
+    assert json.loads((out / "metrics" / "part-00000.json").read_text())["kept_columns_absent"] == ["sauce"]
     assert (out / "metrics" / "part-00000.json").exists() and (out / "metrics" / "part-00000.prom").exists()
     assert (out / "_done" / "part-00000").exists() and (out / "metrics.json").exists()
     parts, rejects = read_out(out)

@@ -112,7 +112,18 @@ def _directory_files(root: Path) -> list[Path]:
 
 
 def _string_type(t: pa.DataType) -> bool:
+    """Text, however stored: plain, large, a view, or dictionary-encoded (a pandas category)."""
+    if pa.types.is_dictionary(t):
+        return _string_type(t.value_type)
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _castable_to_string(t: pa.DataType) -> bool:
+    try:
+        pa.array([], type=t).cast(pa.string())
+        return True
+    except (pa.ArrowException, NotImplementedError):
+        return False
 
 
 def _numeric_type(t: pa.DataType) -> bool:
@@ -125,12 +136,15 @@ def check_schema(path: Path, schema: pa.Schema, labels: Sequence[str] = ()) -> N
     missing = [c for c in (*REQUIRED_COLUMNS, *labels) if c not in names]
     if missing:
         raise InputError(f"{path}: missing required column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
-    for name in REQUIRED_COLUMNS + OPTIONAL_STRING_COLUMNS:
-        t = schema.field(name).type if name in names else None
-        if t is None or _string_type(t) or pa.types.is_null(t) or (name == "id" and pa.types.is_integer(t)):
+    for name in REQUIRED_COLUMNS:
+        t = schema.field(name).type
+        if _string_type(t) or pa.types.is_null(t) or (name == "id" and pa.types.is_integer(t)):
             continue
         expected = "string or integer" if name == "id" else "string"
         raise InputError(f"{path}: column '{name}' has type {t}, expected {expected}")
+    for name in OPTIONAL_STRING_COLUMNS:  # read as text where used (a timestamp published_at is fine)
+        if name in names and not _castable_to_string(schema.field(name).type):
+            raise InputError(f"{path}: column '{name}' has type {schema.field(name).type}, which has no text form")
     for name in labels:
         t = schema.field(name).type
         if not _numeric_type(t) and not pa.types.is_null(t):
@@ -138,9 +152,13 @@ def check_schema(path: Path, schema: pa.Schema, labels: Sequence[str] = ()) -> N
 
 
 def ids_as_strings(table: pa.Table) -> pa.Table:
-    """An integer `id` column as its decimal strings (lossless), so every later step sees string ids."""
-    if "id" in table.column_names and pa.types.is_integer(table.schema.field("id").type):
-        table = table.set_column(table.column_names.index("id"), "id", table.column("id").cast(pa.string()))
+    """An integer `id` column as its decimal strings (lossless) and dictionary-encoded text as plain strings, so
+    every later step sees string id, title and content."""
+    for name in REQUIRED_COLUMNS:
+        if name in table.column_names:
+            t = table.schema.field(name).type
+            if (name == "id" and pa.types.is_integer(t)) or pa.types.is_dictionary(t):
+                table = table.set_column(table.column_names.index(name), name, table.column(name).cast(pa.string()))
     return table
 
 
@@ -262,6 +280,8 @@ def _iter_jsonl(path: Path, batch_rows: int, labels: Sequence[str], lenient: boo
 
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
+            if line_no == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark, as some Windows tools write
             if not raw.strip():
                 blank += 1
                 continue

@@ -152,6 +152,7 @@ class ShardScorer:
         self.tokenizer = tokenizer
         self.model = model
         self.pad_id = model.pad_id(tokenizer)
+        self.columns_seen: set[str] = set()  # to name a --keep-columns column that no input had
         self.spec = default_spec()
         on_gpu = "cuda" in str(getattr(runner, "provider", "")).lower()  # CUDAExecutionProvider, torch-cuda
         self.token_budget = config.token_budget or token_budget_for("cuda" if on_gpu else "cpu")
@@ -222,6 +223,10 @@ class ShardScorer:
             producer.join(timeout=5)
         # Rows out, from what is on disk now that both files are in place.
         metrics.count_outputs(parquet_rows(part), parquet_rows(rejects))
+        metrics.kept_columns_absent = [c for c in self.config.keep_columns if c not in self.columns_seen]
+        if metrics.kept_columns_absent:  # a misspelt name, most likely: its output column is all null
+            get_logger().warning("kept_columns_absent", columns=metrics.kept_columns_absent,
+                                 reason="no input of this shard has them; their output columns are null")
         metrics.finish()
         return metrics
 
@@ -250,6 +255,7 @@ class ShardScorer:
         if is_jsonl(batch.path):
             metrics.rows_in += n
         metrics.blank_lines += batch.blank_lines
+        self.columns_seen.update(batch.table.column_names)
         ids_col = batch.table.column("id").to_pylist()
         self._reject_duplicates(item, ids_col, seen_ids, metrics)
         scores = np.zeros((n, NUM_DIMENSIONS), dtype=np.float32)

@@ -52,6 +52,7 @@ class ShardMetrics:
     rows_model: int = 0
     duplicate_ids: int = 0
     labels_unusable: int = 0  # label values that are not a number in the score range: left out of MAE and tiers
+    kept_columns_absent: list[str] = field(default_factory=list)  # --keep-columns no input of the shard had
     real_tokens: int = 0
     padded_tokens: int = 0
     batches: int = 0
@@ -113,6 +114,7 @@ class ShardMetrics:
             "rows_in": self.rows_in, "rows_scored": self.rows_scored, "rows_rejected": self.rows_rejected,
             "rows_prefiltered": self.rows_prefiltered, "rows_model": self.rows_model, "duplicate_ids": self.duplicate_ids,
             "blank_lines": self.blank_lines, "labels_unusable": self.labels_unusable,
+            "kept_columns_absent": self.kept_columns_absent,
             "invariant_holds": self.rows_in == self.rows_scored + self.rows_rejected,
             "seconds": round(self.seconds, 3),
             "rows_per_second": round(self.rows_in / self.seconds, 2) if self.seconds else None,
