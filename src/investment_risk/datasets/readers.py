@@ -151,7 +151,7 @@ def check_schema(path: Path, schema: pa.Schema, labels: Sequence[str] = ()) -> N
             raise InputError(f"{path}: label column '{name}' has type {t}, expected a number")
 
 
-def ids_as_strings(table: pa.Table) -> pa.Table:
+def as_plain_strings(table: pa.Table) -> pa.Table:
     """An integer `id` column as its decimal strings (lossless) and dictionary-encoded text as plain strings, so
     every later step sees string id, title and content."""
     for name in REQUIRED_COLUMNS:
@@ -199,7 +199,7 @@ def _iter_parquet(path: Path, batch_rows: int, columns: Sequence[str] | None,
         start = sum(parquet.metadata.row_group(i).num_rows for i in range(min(row_groups)))
     try:
         for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=columns, row_groups=row_groups):
-            yield Batch(path, start, ids_as_strings(pa.Table.from_batches([record_batch])))
+            yield Batch(path, start, as_plain_strings(pa.Table.from_batches([record_batch])))
             start += record_batch.num_rows
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: corrupt Parquet data after row {start} ({exc})") from None
