@@ -223,7 +223,8 @@ class ShardScorer:
             producer.join(timeout=5)
         # Rows out, from what is on disk now that both files are in place.
         metrics.count_outputs(parquet_rows(part), parquet_rows(rejects))
-        metrics.kept_columns_absent = [c for c in self.config.keep_columns if c not in self.columns_seen]
+        if self.columns_seen:  # a shard that read nothing has nothing to say about columns
+            metrics.kept_columns_absent = [c for c in self.config.keep_columns if c not in self.columns_seen]
         if metrics.kept_columns_absent:  # a misspelt name, most likely: its output column is all null
             get_logger().warning("kept_columns_absent", columns=metrics.kept_columns_absent,
                                  reason="no input of this shard has them; their output columns are null")
