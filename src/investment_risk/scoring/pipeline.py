@@ -12,7 +12,6 @@ redoes an unfinished one whole.
 from __future__ import annotations
 
 import json
-import math
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -128,18 +127,20 @@ def prepare(batch: Batch, tokenizer: Any, model: ModelDescription, has_labels: b
 
 def usable_labels(table: Any, spec: Any) -> tuple[np.ndarray, np.ndarray]:
     """The eight labels as floats, NaN where missing, and where a value is not a number in the score range (a
-    string, 42): such a label is left out of the MAE and tiers and counted, and its row is scored all the same."""
-    columns = [table.column(d).to_pylist() for d in DIMENSIONS]
+    string, 42): such a label is left out of the MAE and tiers and counted, and its row is scored all the same.
+    Returns the labels and, per row, how many were unusable."""
+    low, high = spec.score_range
     labels = np.full((table.num_rows, len(DIMENSIONS)), np.nan)
     unusable = np.zeros((table.num_rows, len(DIMENSIONS)), dtype=bool)
-    for d, values in enumerate(columns):
-        for i, value in enumerate(values):
-            if value is None or (isinstance(value, float) and math.isnan(value)):
-                continue
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and spec.in_range(float(value)):
-                labels[i, d] = value
-            else:
-                unusable[i, d] = True
+    for d, dim in enumerate(DIMENSIONS):
+        column = table.column(dim)
+        kind = column.type
+        if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
+            values = column.cast(pa.float64()).to_numpy(zero_copy_only=False)  # nulls as NaN
+            unusable[:, d] = ~np.isnan(values) & ((values < low) | (values > high))
+            labels[:, d] = np.where(unusable[:, d], np.nan, values)
+        else:  # strings, booleans, JSON text: every value present is unusable
+            unusable[:, d] = column.is_valid().to_numpy(zero_copy_only=False)
     return labels, unusable.sum(axis=1)
 
 
