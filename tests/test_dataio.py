@@ -55,6 +55,25 @@ def test_a_subdirectory_that_cannot_be_listed_is_an_error_not_a_skip(tmp_path, m
         expand_inputs([tmp_path])
 
 
+def test_a_glob_folder_that_cannot_be_listed_is_an_error_not_a_skip(tmp_path, monkeypatch):
+    write_parquet(tmp_path / "a.parquet", article_rows(2))
+    (tmp_path / "sub").mkdir()
+    write_parquet(tmp_path / "sub" / "b.parquet", article_rows(2))
+    (tmp_path / "sub" / "loop").symlink_to(tmp_path)  # glob.glob would list every file again at each depth
+    assert [p.name for p in expand_inputs([str(tmp_path / "**" / "*.parquet")])] == ["a.parquet", "b.parquet"]
+    scandir = os.scandir
+
+    def denied(path):
+        if str(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", denied)
+    for pattern in ("**/*.parquet", "*/*.parquet"):
+        with pytest.raises(InputError, match=f"{tmp_path / 'sub'}: cannot list this directory"):
+            expand_inputs([str(tmp_path / pattern)])
+    assert [p.name for p in expand_inputs([str(tmp_path / "*.parquet")])] == ["a.parquet"]  # sub is not needed
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda d: d / "missing.parquet", "no such file or directory"),
     (lambda d: str(d / "*.parquet"), "no Parquet or JSONL file matches"),

@@ -8,7 +8,7 @@ skipped and counted, as other JSON Lines readers do.
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import json
 import math
 import os
@@ -74,8 +74,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     for raw in inputs:
         text = str(raw)
         if _has_glob(text):
-            matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
-            matches = [p for p in matches if _supported(p)]
+            matches = sorted(p for p in _glob_files(text) if _supported(p))
             if not matches:
                 raise InputError(f"{text}: no Parquet or JSONL file matches this pattern")
             found.extend(matches)
@@ -93,14 +92,61 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return sorted(dict.fromkeys(found))
 
 
+def _refuse(exc: OSError) -> None:
+    raise InputError(f"{exc.filename}: cannot list this directory ({exc.strerror})")
+
+
+def _glob_files(pattern: str) -> list[Path]:
+    """The files a glob matches, by the shell's rules as `glob.glob(recursive=True)` applies them (`**` spans
+    folders; a name starting with `.` matches only a pattern that starts with `.`). Unlike glob.glob, a folder the
+    pattern needs that cannot be listed is an error: skipping it would drop its rows without a word."""
+    parts = Path(pattern).parts
+    literal = next(i for i, part in enumerate(parts) if _has_glob(part))
+    found: list[Path] = []
+    _glob_walk(Path(*parts[:literal]) if literal else Path("."), parts[literal:], found, set())
+    return [p for p in found if p.is_file()]
+
+
+def _glob_walk(folder: Path, parts: tuple[str, ...], found: list[Path], seen: set[tuple[str, tuple]]) -> None:
+    key = (os.path.realpath(folder), parts)
+    if key in seen:  # a symlink loop under `**`, or a folder reached twice
+        return
+    seen.add(key)
+    head, rest = parts[0], parts[1:]
+    if not _has_glob(head):
+        names = [head] if os.path.lexists(folder / head) else []
+    else:
+        try:
+            names = sorted(entry.name for entry in os.scandir(folder))
+        except NotADirectoryError:
+            return
+        except OSError as exc:
+            _refuse(exc)
+        names = [n for n in names if not n.startswith(".") or head.startswith(".")]
+    if head == "**":  # zero folders, then one more folder and `**` again
+        if rest:
+            _glob_walk(folder, rest, found, seen)
+        else:
+            found += [folder / name for name in names]
+        for name in names:
+            if (folder / name).is_dir():
+                _glob_walk(folder / name, parts, found, seen)
+        return
+    for name in names:
+        if _has_glob(head) and not fnmatch.fnmatchcase(name, head):
+            continue
+        if rest:
+            _glob_walk(folder / name, rest, found, seen)
+        else:
+            found.append(folder / name)
+
+
 def _directory_files(root: Path) -> list[Path]:
     """The Parquet and JSONL files under `root`, recursively, skipping `_`/`.` names (markers, temporary files). A
     subdirectory that cannot be listed is an error: skipping it would drop its rows without a word."""
-    def refuse(exc: OSError) -> None:
-        raise InputError(f"{exc.filename}: cannot list this directory ({exc.strerror})")
 
     found, seen = [], set()
-    for folder, dirs, files in os.walk(root, onerror=refuse, followlinks=True):
+    for folder, dirs, files in os.walk(root, onerror=_refuse, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:  # a symlink loop, or a folder reached twice
             dirs[:] = []
