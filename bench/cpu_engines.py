@@ -136,7 +136,8 @@ def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
 
     from investment_risk.core.spec import DIMENSIONS
     from investment_risk.datasets.readers import label_matrix, read_articles
-    from investment_risk.export.onnx_export import export_graph, export_run, fused_operator_counts
+    from investment_risk.export.graph_passes import export_graph, fused_operator_counts
+    from investment_risk.export.onnx_export import export_run
     from investment_risk.modeling.description import describe_model
     from investment_risk.modeling.loading import cpu_engine_usable, cpu_runner, load_runner, scoring_module
     from investment_risk.modeling.predict import TorchRunner, padded_batches

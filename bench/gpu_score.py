@@ -93,7 +93,7 @@ def parity(runner, batches: list[tuple[np.ndarray, np.ndarray]], wants: list[np.
 def measure(folder: Path, rows: list[np.ndarray], batches: list[tuple[np.ndarray, np.ndarray]],
             wants: list[np.ndarray], out: dict) -> object:
     """ONNX Runtime (CUDA, I/O binding) on the graph in `folder`: parity on the first batches, then the rate."""
-    from investment_risk.export.onnx_export import fused_operator_counts
+    from investment_risk.export.graph_passes import fused_operator_counts
     from investment_risk.modeling.onnx_runtime import OnnxRunner
 
     runner = OnnxRunner(folder / "model.onnx", "cpu" if SMOKE else "cuda")
@@ -119,7 +119,7 @@ def onnx_cuda(rows: list[np.ndarray], batches: list[tuple[np.ndarray, np.ndarray
     import onnxruntime as ort
 
     from investment_risk.export.decoder_graph import build_decoder_graph, decoder_checkpoint
-    from investment_risk.export.onnx_export import export_graph, fuse_graph, to_fp16
+    from investment_risk.export.graph_passes import export_graph, fuse_graph, to_fp16
     from investment_risk.modeling.tokens import length_batches, pad_batch
     from investment_risk.modeling.predict import GPU_TOKEN_BUDGET
 

@@ -11,7 +11,8 @@ from structlog.testing import capture_logs
 from investment_risk.export.cpu_engine import FP32_ENGINES, MAE_TOLERANCE
 
 from investment_risk.cli import main
-from investment_risk.export.onnx_export import ATTENTION_OPS, export_run, fused_operator_counts
+from investment_risk.export.graph_passes import ATTENTION_OPS, fused_operator_counts
+from investment_risk.export.onnx_export import export_run
 from investment_risk.modeling.description import read_model_json as verify_model_dir
 from investment_risk.scoring.pipeline import ScoreConfig, score
 from investment_risk.scoring.units import list_units, shard_units
@@ -284,7 +285,7 @@ def test_fusion_keeps_no_copy_of_the_weights(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from investment_risk.export.onnx_export import fuse_graph
+    from investment_risk.export.graph_passes import fuse_graph
 
     weights = np.random.default_rng(0).standard_normal((2048, 4096), dtype=np.float32)  # 32 MiB
     graph = helper.make_graph([helper.make_node("Gather", ["table", "input_ids"], ["scores"])], "g",

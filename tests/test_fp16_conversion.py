@@ -38,7 +38,7 @@ def test_a_value_kept_in_fp32_for_two_consumers_converts_to_a_loadable_graph(tmp
     import onnxruntime as ort
     import onnxruntime.transformers.float16 as float16
 
-    from investment_risk.export.onnx_export import to_fp16
+    from investment_risk.export.graph_passes import to_fp16
 
     if converter != "installed":
         monkeypatch.setattr(float16, "convert_float_to_float16", one_cast_per_consumer(float16.convert_float_to_float16))

@@ -53,7 +53,7 @@ def write_large_graph(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def test_a_graph_over_2_gb_is_fused_and_converted(work, dtype):
     import onnxruntime as ort
 
-    from investment_risk.export.onnx_export import fuse_graph, to_fp16, to_int8
+    from investment_risk.export.graph_passes import fuse_graph, to_fp16, to_int8
 
     path = work / "model.onnx"
     x, want = write_large_graph(path)

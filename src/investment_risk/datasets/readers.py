@@ -118,7 +118,7 @@ def _glob_walk(folder: Path, parts: tuple[str, ...], found: list[Path], seen: se
     else:
         try:
             names = sorted(entry.name for entry in os.scandir(folder))
-        except NotADirectoryError:
+        except (FileNotFoundError, NotADirectoryError):  # nothing there to match, as for glob.glob
             return
         except OSError as exc:
             _refuse(exc)

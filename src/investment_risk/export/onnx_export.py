@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import gc
-import logging
 import shutil
 import sys
 import warnings
-from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,17 +33,14 @@ from ..modeling.loading import scoring_module
 from ..modeling.predict import TorchRunner, padded_batches, predict, token_budget_for
 from ..modeling.tokens import article_texts, encode
 from .cpu_engine import MAE_TOLERANCE
+from .graph_passes import (FP32_OPS, export_graph, fuse_graph, fused_operator_counts, graph_opset, to_fp16,
+                           to_int8)
 from .decoder_graph import (build_decoder_graph, builder_missing, builds_decoder_graph, decoder_checkpoint,
                             decoder_head_problem)
 
-OPSET = 18
 FP32_PARITY_LIMIT = 1e-3
 # Above this many bytes of weights the graph keeps them in model.onnx.data (protobuf stops at 2 GB).
 EXTERNAL_DATA_BYTES = 1 << 30
-# Kept in fp32 in a reduced-precision graph: reductions and exponentials that overflow in fp16.
-FP32_OPS = ["SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
-            "SkipLayerNormalization", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Softmax", "Exp", "Div",
-            "RotaryEmbedding", "Cos", "Sin"]
 
 
 class ParityError(RetryableError):
@@ -78,129 +72,6 @@ def parity_rows(tokenizer: Any, metadata: dict[str, Any]) -> tuple[list[np.ndarr
         rows.append(rng.choice(vocab, size=length))
     batches = [np.arange(0, 1), np.arange(1, 4), np.arange(4, 12), np.arange(12, PARITY_ROWS)]
     return rows, batches
-
-
-def to_fp16(path: Path, external: bool, keep_fp32: Sequence[str] = tuple(FP32_OPS)) -> None:
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    # Given the path, the converter infers shapes file to file: a ModelProto over 2 GB cannot be serialised for it.
-    converted = convert_float_to_float16(str(path), keep_io_types=True, op_block_list=list(keep_fp32))
-    merge_duplicate_casts(converted)
-    for stale in onnx_files(path.parent):
-        stale.unlink()
-    onnx.save_model(converted, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location="model.onnx.data" if external else None)
-
-
-def merge_duplicate_casts(model: Any) -> int:
-    """Keep one of each set of identical nodes that write the same output; returns how many were dropped.
-
-    onnxruntime(-gpu) 1.31's fp16 converter, the image's, inserts one fp16 -> fp32 Cast per consumer of a value kept
-    in fp32, each with the same name and output, and ONNX Runtime refuses the graph ("two nodes with same node
-    name"); 1.32 shares one Cast. Seen on an H100 with a Qwen2.5-1.5B-shaped export."""
-    from onnx import NodeProto, ValueInfoProto
-
-    seen: dict[tuple[str, ...], bytes] = {}
-    kept: list[NodeProto] = []
-    for node in model.graph.node:
-        key, body = tuple(node.output), node.SerializeToString()
-        if seen.get(key) != body:
-            seen.setdefault(key, body)
-            kept.append(NodeProto.FromString(body))
-    dropped = len(model.graph.node) - len(kept)
-    if dropped:
-        infos: dict[str, bytes] = {}
-        for info in model.graph.value_info:
-            infos.setdefault(info.name, info.SerializeToString())
-        del model.graph.node[:], model.graph.value_info[:]
-        model.graph.node.extend(kept)
-        model.graph.value_info.extend(ValueInfoProto.FromString(body) for body in infos.values())
-    return dropped
-
-
-ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
-
-
-def fused_operator_counts(path: Path) -> dict[str, int]:
-    """Nodes of ONNX Runtime's contrib (com.microsoft) operators in the graph: what fusion left behind."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return dict(sorted(Counter(n.op_type for n in graph.node if n.domain == "com.microsoft").items()))
-
-
-def fuse_graph(path: Path, external: bool) -> dict[str, int]:
-    """onnxscript's ORT fusions on the dynamo graph: SDPA -> MultiHeadAttention, (Skip)LayerNorm/RMSNorm, rotary,
-    GELU. Returns how many of each fusion applied."""
-    import onnx_ir as ir
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
-    model, counts = optimize_for_ort(ir.load(str(path)))
-    if external:  # weights are read lazily from the files about to be replaced: bring them into memory first
-        ir.external_data.load_to_model(model)
-    for stale in onnx_files(path.parent):
-        stale.unlink()
-    ir.save(model, str(path), external_data="model.onnx.data" if external else None)
-    # Free the weights now: onnxscript's module-level rewrite rules keep the last graph they matched (this one),
-    # and the graph's reference cycles wait for the next cyclic GC.
-    for value in model.graph.initializers.values():
-        value.const_value = None
-    del model
-    gc.collect()
-    return {name: int(n) for name, n in counts.items() if n}
-
-
-def to_int8(path: Path, external: bool) -> None:
-    """Dynamic int8 quantisation of the MatMuls and Gemms (ONNX Runtime's quantiser): for CPU scoring."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # The fp32 graph moves aside under its own names: its weights file is found by the name the graph records.
-    aside = path.parent / "fp32"
-    aside.mkdir()
-    for stale in onnx_files(path.parent):
-        stale.rename(aside / stale.name)
-    source = aside / path.name
-    drop_initializer_shapes(source)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantiser advises pre-processing on the root logger at every call
-    try:
-        quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                         use_external_data_format=external,
-                         # fused ops (SkipLayerNormalization) defeat shape inference; their outputs are fp32
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    finally:
-        root.setLevel(level)
-    shutil.rmtree(aside)
-
-
-def drop_initializer_shapes(path: Path) -> None:
-    """Remove the value_info entries of initializers (their tensors carry their shapes). onnxruntime 1.31's
-    quantiser, the image's, turns each Gemm into a MatMul by transposing its weights in place; the old entry then
-    contradicts the new shape and its shape inference fails ("Inferred shape and existing shape differ")."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    names = {tensor.name for tensor in model.graph.initializer}
-    kept = [onnx.ValueInfoProto.FromString(info.SerializeToString())
-            for info in model.graph.value_info if info.name not in names]
-    if len(kept) < len(model.graph.value_info):
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(kept)
-        onnx.save_model(model, str(path))  # the graph only: the weights stay where its references say
-
-
-def export_graph(module: Any, example: tuple[Any, ...], path: Path, external: bool) -> None:
-    import torch
-
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    torch.onnx.export(
-        module, example, str(path), input_names=["input_ids", "attention_mask"], output_names=["scores"],
-        opset_version=OPSET, dynamo=True, external_data=external, verbose=False,
-        dynamic_shapes={"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}},
-    )
 
 
 MEASURE_ROWS = 256  # validation rows each CPU engine scores when export picks the default
@@ -350,13 +221,6 @@ def torch_fp32_scores(module: Any, device: str, rows: list[np.ndarray], pad_id: 
 
     target = torch.device(device)
     return predict(TorchRunner(module.to(target), target), rows, pad_id, token_budget=token_budget_for(device))
-
-
-def graph_opset(path: Path) -> int:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = False,
