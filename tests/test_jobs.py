@@ -404,6 +404,23 @@ def test_run_local_maps_each_path_once_and_option_values_too(tmp_path):
     assert env["JOB_COMPLETION_INDEX"] == "2" and env["JOB_NAME"] == job["metadata"]["name"]
 
 
+def test_run_local_pods_get_their_own_environment_not_this_shells(tmp_path, monkeypatch):
+    from investment_risk.k8s import runlocal
+    monkeypatch.setenv("INVESTMENT_RISK_SHARD_INDEX", "0")  # would score shard 0 in every pod
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 30)
+    monkeypatch.setenv("_INVESTMENT_RISK_KILL_AT", "after_rename:*")  # a test hook: kept
+    started = []
+    monkeypatch.setattr(runlocal.subprocess, "Popen", lambda args, env: started.append(env))
+    docs = docs_of(to_yaml(default_base()["shared.yaml"] + default_base()["score-job.yaml"]))
+    job = next(d for d in docs if d["kind"] == "Job")
+    pods = runlocal.ProcessRuntime(job, {"/data": tmp_path / "data", "/models": tmp_path / "models"}, tmp_path)
+    pods.start(1, *runlocal.pod_spec(job, docs, 1))
+    env = started[0]
+    assert "INVESTMENT_RISK_SHARD_INDEX" not in env and "HF_TOKEN" not in env
+    assert env["JOB_COMPLETION_INDEX"] == "1" and env["_INVESTMENT_RISK_KILL_AT"] == "after_rename:*"
+    assert env["HOME"] == env["TMPDIR"] == pods.tmp and env["PATH"] == os.environ["PATH"]
+
+
 # --- run-local --runtime docker: the pod spec as `docker run` arguments (a recording stand-in for the client) -------
 
 FAKE_DOCKER = """#!/bin/sh
@@ -456,6 +473,27 @@ def test_run_local_docker_gives_each_container_the_pods_contract(fake_docker, tm
     assert args[image_at + 1] == "score" and "/data/scored/rd" in args[image_at + 1:]  # pod paths, not mapped
     # fsGroup: the kubelet makes a PVC group-owned and group-writable for the pod.
     assert (tmp_path / "data").stat().st_gid == 10001 and (tmp_path / "data").stat().st_mode & 0o2070 == 0o2070
+
+
+def test_run_local_stops_its_pods_when_it_is_stopped(fake_docker, tmp_path, runner, monkeypatch):
+    from types import SimpleNamespace
+
+    from investment_risk.core.errors import Terminated
+    from investment_risk.k8s import runlocal
+    monkeypatch.setenv("FAKE_DOCKER_MODE", "sleep")
+    result = runner.invoke(main, ["jobs", "render", "score", "--with-shared", "--profile", "cpu", "--name", "stop",
+                                  "--shards", "2"])
+    (tmp_path / "job.yaml").write_text(result.output)
+    for d in ("data", "models"):
+        (tmp_path / d).mkdir()
+
+    def sigterm(seconds):  # what the SIGTERM handler raises in the main thread, once both pods run
+        raise Terminated()
+    monkeypatch.setattr(runlocal, "time", SimpleNamespace(monotonic=time.monotonic, sleep=sigterm))
+    result = runner.invoke(main, ["jobs", "run-local", "--runtime", "docker", "--manifest", str(tmp_path / "job.yaml"),
+                                  "--mount", f"/data={tmp_path / 'data'}", "--mount", f"/models={tmp_path / 'models'}"])
+    assert result.exit_code == 1, result.output
+    assert sum(1 for c in docker_calls(fake_docker) if c[0] == "kill") == 2
 
 
 def test_run_local_stops_pods_at_the_active_deadline(fake_docker, tmp_path, runner, monkeypatch):

@@ -172,6 +172,16 @@ def _mounts(job: dict[str, Any], given: dict[str, Path], scratch: Path) -> dict[
     return mapped
 
 
+# What a pod's process keeps of this shell's environment: where Python and its packages are, the locale, and the
+# test hooks (`_INVESTMENT_RISK_*`). A real pod never sees its submitter's INVESTMENT_RISK_* options or tokens.
+HOST_VARIABLES = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE")
+
+
+def host_environment() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items()
+            if name in HOST_VARIABLES or name.startswith("_INVESTMENT_RISK_")}
+
+
 class ProcessRuntime:
     """Each pod as a process of this Python (the image's entrypoint is the same CLI), paths mapped to local dirs."""
 
@@ -181,8 +191,9 @@ class ProcessRuntime:
 
     def start(self, index: int | None, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         args, env = map_to_local(args, env, self.mapped)
+        # HOME and TMPDIR as the image sets them: under the pod's /tmp.
         return subprocess.Popen([sys.executable, "-m", "investment_risk", *args],
-                                env={**os.environ, **env, "TMPDIR": self.tmp})
+                                env={**host_environment(), "HOME": self.tmp, **env, "TMPDIR": self.tmp})
 
     def stop(self, index: int | None, process: subprocess.Popen) -> None:
         process.terminate()
@@ -221,41 +232,43 @@ def run_local(manifest: Path, mounts: dict[str, Path], job_name: str | None = No
         pending = list(range(completions))
         running: dict[int, subprocess.Popen] = {}
         attempts: dict[int, int] = {}
-        while (pending or running) and not result.failed_job:
-            while pending and len(running) < width:
-                index = pending.pop(0)
-                args, env = pod_spec(job, docs, index if indexed else None)
-                attempts[index] = attempts.get(index, 0) + 1
-                log.info("local_pod_start", job=result.job, index=index, attempt=attempts[index], runtime=runtime)
-                running[index] = pods.start(index, args, env)
-            time.sleep(0.05)
-            if deadline is not None and time.monotonic() - started_at > float(deadline):
-                # activeDeadlineSeconds: the controller stops every pod and fails the Job.
-                result.failed_job, result.fail_reason = True, "DeadlineExceeded"
-                result.failed.extend(running)
-                break
-            for index, proc in list(running.items()):
-                code = proc.poll()
-                if code is None:
-                    continue
-                del running[index]
-                result.exit_codes.setdefault(index, []).append(code)
-                log.info("local_pod_done", job=result.job, index=index, exit_code=code)
-                if code == 0:
-                    result.succeeded.append(index)
-                elif code in fail_job_codes:
-                    result.failed_job, result.fail_reason = True, "PodFailurePolicy"
-                    result.failed.append(index)
-                elif attempts[index] <= retries:
-                    pending.append(index)
-                else:
-                    result.failed.append(index)
-                    # Past maxFailedIndexes (or, without per-index limits, any index out of retries) the controller
-                    # fails the Job and stops its other pods.
-                    if max_failed is None or len(result.failed) > max_failed:
-                        result.failed_job, result.fail_reason = True, "FailedIndexes"
-        for index, proc in running.items():  # a failed Job: the remaining pods are stopped, as the controller does
-            pods.stop(index, proc)
+        try:
+            while (pending or running) and not result.failed_job:
+                while pending and len(running) < width:
+                    index = pending.pop(0)
+                    args, env = pod_spec(job, docs, index if indexed else None)
+                    attempts[index] = attempts.get(index, 0) + 1
+                    log.info("local_pod_start", job=result.job, index=index, attempt=attempts[index], runtime=runtime)
+                    running[index] = pods.start(index, args, env)
+                time.sleep(0.05)
+                if deadline is not None and time.monotonic() - started_at > float(deadline):
+                    # activeDeadlineSeconds: the controller stops every pod and fails the Job.
+                    result.failed_job, result.fail_reason = True, "DeadlineExceeded"
+                    result.failed.extend(running)
+                    break
+                for index, proc in list(running.items()):
+                    code = proc.poll()
+                    if code is None:
+                        continue
+                    del running[index]
+                    result.exit_codes.setdefault(index, []).append(code)
+                    log.info("local_pod_done", job=result.job, index=index, exit_code=code)
+                    if code == 0:
+                        result.succeeded.append(index)
+                    elif code in fail_job_codes:
+                        result.failed_job, result.fail_reason = True, "PodFailurePolicy"
+                        result.failed.append(index)
+                    elif attempts[index] <= retries:
+                        pending.append(index)
+                    else:
+                        result.failed.append(index)
+                        # Past maxFailedIndexes (or, without per-index limits, any index out of retries) the controller
+                        # fails the Job and stops its other pods.
+                        if max_failed is None or len(result.failed) > max_failed:
+                            result.failed_job, result.fail_reason = True, "FailedIndexes"
+        finally:  # a failed Job, or this command stopped (SIGTERM, Ctrl-C): its pods stop too, as the controller's do
+            for index, proc in running.items():
+                pods.stop(index, proc)
     result.succeeded.sort()
     result.failed.sort()
     return result
