@@ -289,6 +289,20 @@ def test_submit_status_logs_cancel(fake, tmp_path, runner, monkeypatch):
     assert result.exit_code == 2 and "not found" in result.output
 
 
+def test_pod_log_lines_are_redacted_like_our_own(fake, tmp_path, runner, monkeypatch):
+    token = "hf_" + "Q" * 34
+    leaky = "\n".join([json.dumps({"event": "loaded", "hf_token": "plain-secret", "note": f"with {token}"}),
+                       f"Traceback: HF_TOKEN={token} password=hunter2 tokens_per_second=12", ""])
+    fake.seed_pod(NS, "leaky", "leaky-0-x", "Running", leaky, index=0)
+    for terminal in (False, True):
+        monkeypatch.setattr("investment_risk.cli.output.on_terminal", lambda: terminal)
+        result = jobs_cli(runner, fake, tmp_path, "logs", "leaky")
+        assert result.exit_code == 0, result.output
+        for secret in (token, "plain-secret", "hunter2"):
+            assert secret not in result.output, (terminal, result.output)
+        assert "tokens_per_second=12" in result.output  # a count named like a token stays
+
+
 def _finish_when_created(fake, name: str, status: dict, pods: int = 2) -> threading.Thread:
     def finish() -> None:
         for _ in range(200):

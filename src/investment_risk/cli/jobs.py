@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from ..core.errors import ConfigError
-from ..core.logs import bind
+from ..core.logs import bind, redact_event, redact_text
 from ..k8s import cluster as kube
 from . import output
 from .options import option, stacked
@@ -162,9 +162,10 @@ def logs_command(name: str, kubeconfig: Path | None, context: str | None, namesp
 
 
 def _echo_log_line(pod: str, line: str, raw: bool) -> None:
-    """A pod's log line: readable (or raw) on a terminal; on a pipe, its JSON object with the pod's name."""
+    """A pod's log line: readable (or raw) on a terminal; on a pipe, its JSON object with the pod's name. Redacted
+    as this process's own lines are: a pod's stderr, a library's warning or a traceback may carry a secret."""
     if output.on_terminal():
-        click.echo(f"{pod}: {line if raw else kube.pretty_log_line(line)}")
+        click.echo(redact_text(f"{pod}: {line if raw else kube.pretty_log_line(line)}"))
         return
     try:
         event = json.loads(line)
@@ -172,7 +173,7 @@ def _echo_log_line(pod: str, line: str, raw: bool) -> None:
         event = None
     if not isinstance(event, dict):
         event = {"event": "pod_output", "line": line}
-    click.echo(json.dumps({"pod": pod, **event}))
+    click.echo(json.dumps({"pod": pod, **redact_event(event)}))
 
 
 @jobs_group.command("cancel")

@@ -36,14 +36,26 @@ _SECRET_VALUE = re.compile(
 )
 
 
+# A secret-named key given a value in free text (`password=...`, `"hf_token": "..."`): the value goes.
+_SECRET_ASSIGNMENT = re.compile(
+    r"""((?<![A-Za-z0-9])(?:[A-Za-z0-9]+[_-])*(?:token|password|passwd|secret|api[_-]?key|private[_-]?key)"""
+    r"""["']?\s*[=:]\s*["']?)[^\s"',;&]+""", re.I)
+
+
 def redact_text(text: str) -> str:
-    """Token-shaped substrings replaced: for messages that leave through other channels than the logger."""
-    return _SECRET_VALUE.sub(REDACTED, text)
+    """Token-shaped substrings, and values given to secret-named keys, replaced: for text that leaves through other
+    channels than the logger (error lines, pods' output)."""
+    return _SECRET_ASSIGNMENT.sub(rf"\1{REDACTED}", _SECRET_VALUE.sub(REDACTED, text))
+
+
+def redact_event(event: Mapping[str, Any]) -> dict[str, Any]:
+    """A log event from elsewhere (a pod's JSON line) redacted as this process's own events are."""
+    return redact_secrets(None, "", dict(event))
 
 
 def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
-        return _SECRET_VALUE.sub(REDACTED, value)
+        return redact_text(value)
     if isinstance(value, Mapping):
         return {k: (REDACTED if _SECRET_KEY.search(str(k)) else _redact_value(v)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
