@@ -20,6 +20,8 @@ from investment_risk.core.spec import DIMENSIONS, default_spec
 from investment_risk.training.config import TrainConfig
 from investment_risk.training.recipe import train
 
+from .conftest import TINY_TRAIN_ARGS
+
 
 def read_out(out: Path) -> tuple[pa.Table, pa.Table]:
     parts = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))])
@@ -165,23 +167,35 @@ def test_a_bf16_model_is_not_scored_on_the_cpu(exported, tmp_path, articles, run
     assert result.exit_code == 2 and "a bf16 graph runs on ONNX Runtime's CUDA provider only" in result.output
 
 
-def test_cuda_export_needs_a_gpu(exported, tmp_path, runner):
+def test_cuda_export_needs_a_gpu(exported, tmp_path, runner, monkeypatch):
+    # No GPU visible is a device failure a retry on another node may fix (exit 1); no CUDA provider installed is
+    # not (exit 2). This machine has neither.
     run, _, _ = exported
-    result = runner.invoke(main, ["export", "--run", str(run), "--out", str(tmp_path / "m"), "--dtype", "fp16",
+    args = ["export", "--run", str(run), "--out", str(tmp_path / "m"), "--dtype", "fp16", "--device", "cuda"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 1 and "--device cuda: needs a CUDA device and onnxruntime-gpu (PyTorch sees no CUDA" \
+        in result.output, result.output
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    result = runner.invoke(main, args)
+    assert result.exit_code == 2 and "ONNX Runtime's providers here: " in result.output, result.output
+
+
+def test_no_gpu_for_device_cuda_is_a_device_failure_a_retry_may_fix(split_dir, tmp_path, runner):
+    result = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(tmp_path / "r"),
                                   "--device", "cuda"])
-    assert result.exit_code == 2 and "--device cuda: needs a CUDA device and onnxruntime-gpu" in result.output
+    assert result.exit_code == 1 and "--device cuda: no CUDA device is visible" in result.output, result.output
 
 
 def test_a_cuda_provider_that_cannot_start_is_an_error_not_a_cpu_run(exported, monkeypatch):
     # onnxruntime-gpu lists its CUDA provider even when CUDA's libraries fail to load, then runs on the CPU.
     import onnxruntime as ort
 
-    from investment_risk.core.errors import ConfigError
+    from investment_risk.core.errors import RetryableError
     from investment_risk.modeling.onnx_runtime import OnnxRunner
 
     _, model, _ = exported
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    with pytest.raises(ConfigError, match="could not start its CUDA provider"):
+    with pytest.raises(RetryableError, match="could not start its CUDA provider"):
         OnnxRunner(model / "model.onnx", "cuda")
 
 

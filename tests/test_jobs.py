@@ -164,6 +164,8 @@ def test_bad_parameters_are_exit_2(runner):
     for args, message in [(["--schedule", "notacron"], "expected five cron fields"),
                           (["--schedule", "61 2 * * *"], "'61' is not valid in the minute field"),
                           (["--schedule", "0 2 * * FUN"], "'FUN' is not valid in the day of week field"),
+                          (["--schedule", "0 0 * * 7"], "'7' is not valid in the day of week field (0-6)"),
+                          (["--schedule", "5-1 * * * *"], "'5-1' is not valid in the minute field (0-59, a range runs"),
                           (["--time-zone", "Mars/Base"], "not an IANA time zone")]:
         result = runner.invoke(main, ["jobs", "render", "nightly", *args])
         assert result.exit_code == 2 and message in result.output, result.output

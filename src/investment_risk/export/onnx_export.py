@@ -203,13 +203,17 @@ def reduced_precision_check(path: Path, reference: tuple[np.ndarray, str], rows:
     return out
 
 
+NO_GPU = "PyTorch sees no CUDA device"
+
+
 def cuda_missing() -> str:
-    """Why this machine cannot export for CUDA ('' when it can)."""
+    """Why this machine cannot export for CUDA ('' when it can): no GPU visible (a device failure, exit 1, which
+    another node may not have) or no CUDA provider installed (exit 2: no retry installs it)."""
     import onnxruntime as ort
     import torch
 
     if not torch.cuda.is_available():
-        return "PyTorch sees no CUDA device"
+        return NO_GPU
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return f"ONNX Runtime's providers here: {', '.join(ort.get_available_providers())}"
     return ""
@@ -234,7 +238,8 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         raise ConfigError("--dtype bf16 needs --device cuda: ONNX Runtime has no bf16 CPU kernels, so the graph can "
                           "only be proved on a GPU (the CPU engines run the fp32 file in bf16 instead)")
     if device == "cuda" and (missing := cuda_missing()):
-        raise ConfigError(f"--device cuda: needs a CUDA device and onnxruntime-gpu ({missing})")
+        error = RetryableError if missing == NO_GPU else ConfigError
+        raise error(f"--device cuda: needs a CUDA device and onnxruntime-gpu ({missing})")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise InputError(f"--out {out_dir} already exists and is not empty (pass --force to replace it)")
     if describe_model(run_dir).is_instruction:

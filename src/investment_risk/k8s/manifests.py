@@ -251,7 +251,7 @@ NIGHTLY_LEDGER = f"{DATA_MOUNT}/scored/ledger.json"
 CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
 CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
                ("month", 1, 12, ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")),
-               ("day of week", 0, 7, ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")))
+               ("day of week", 0, 6, ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")))  # 7 is refused, as robfig/cron does
 _CRON_ITEM = re.compile(r"^(\*|\?|(\w+)(-(\w+))?)(/(\d+))?$")
 
 
@@ -270,8 +270,11 @@ def check_schedule(schedule: str) -> None:
             numbers = [names.index(v.upper()) + low if v.upper() in names else int(v) if v.isdigit() else None
                        for v in values]
             step = match.group(6) if match else None
-            if match is None or None in numbers or not all(low <= n <= high for n in numbers) or step == "0":
-                raise ConfigError(f"--schedule {schedule!r}: {item!r} is not valid in the {name} field ({low}-{high})")
+            backwards = len(numbers) == 2 and None not in numbers and numbers[0] > numbers[1]
+            if (match is None or None in numbers or not all(low <= n <= high for n in numbers) or step == "0"
+                    or backwards):
+                raise ConfigError(f"--schedule {schedule!r}: {item!r} is not valid in the {name} field ({low}-{high}"
+                                  f"{', a range runs upwards' if backwards else ''})")
 
 
 def check_time_zone(time_zone: str) -> None:

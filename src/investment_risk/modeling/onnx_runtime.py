@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, RetryableError
 from .predict import PaddedBatch
 
 
@@ -61,8 +61,8 @@ class OnnxRunner:
         self.provider = self.session.get_providers()[0]
         self.on_cuda = self.provider == "CUDAExecutionProvider"
         if want_cuda and not self.on_cuda:  # ONNX Runtime falls back to the CPU with only a log line of its own
-            raise ConfigError("ONNX Runtime could not start its CUDA provider (its CUDA or cuDNN libraries did not "
-                              "load: see its error above); pass --device cpu to score on the CPU")
+            raise RetryableError("ONNX Runtime could not start its CUDA provider (its CUDA or cuDNN libraries did not "
+                                 "load: see its error above); pass --device cpu to score on the CPU")
 
     def __call__(self, batch: PaddedBatch) -> np.ndarray:
         ids, mask = batch.input_ids, batch.attention_mask

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, RetryableError
 from ..core.spec import NUM_DIMENSIONS
 from .tokens import length_batches, pad_batch, sorted_batches, to_device
 
@@ -81,7 +81,8 @@ def pick_device(name: str) -> Any:
     import torch
 
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
+        # A device failure (exit 1): a pod on a node whose GPU or driver is missing; another node may have one.
+        raise RetryableError("--device cuda: no CUDA device is visible (no GPU, or its driver, on this machine)")
     return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 
