@@ -108,15 +108,51 @@ def test_overlays_set_the_hardware(kueue_overlay):
     assert all(d["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == NS for d in queued)
 
 
+def test_the_stage_job_alone_reaches_the_hub_and_needs_no_gpu(runner):
+    result = runner.invoke(main, ["jobs", "render", "stage", "--name", "stage-1", "--base-model", "Qwen/Qwen2.5-0.5B"])
+    assert result.exit_code == 0, result.output
+    job = docs_of(result.output)[0]
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["args"] == ["stage-model", "--base-model", "Qwen/Qwen2.5-0.5B"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["HF_HUB_OFFLINE"] == "0" and env["INVESTMENT_RISK_DEVICE"] == "cpu"  # container env beats the ConfigMap
+    assert "nvidia.com/gpu" not in container["resources"]["limits"] and "tolerations" not in pod
+    assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/models", "/var/run/secrets/huggingface"}
+    assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2]
+    for kind in ("train", "score", "merge", "nightly"):  # every other pod stays offline
+        text = runner.invoke(main, ["jobs", "render", kind, "--out", "/data/scored/x"]).output
+        assert "HF_HUB_OFFLINE" not in text
+
+
+def test_shared_pvcs_take_a_storage_class_and_sizes(runner):
+    result = runner.invoke(main, ["jobs", "render", "shared", "--storage-class", "nfs-client", "--data-size", "1Ti",
+                                  "--models-size", "50Gi"])
+    assert result.exit_code == 0, result.output
+    pvcs = {d["metadata"]["name"]: d["spec"] for d in docs_of(result.output) if d["kind"] == "PersistentVolumeClaim"}
+    assert {name: (spec["storageClassName"], spec["resources"]["requests"]["storage"], spec["accessModes"])
+            for name, spec in pvcs.items()} == {"investment-risk-data": ("nfs-client", "1Ti", ["ReadWriteMany"]),
+                                                "investment-risk-models": ("nfs-client", "50Gi", ["ReadWriteMany"])}
+    for args, message in [(["--data-size", "lots"], "--data-size 'lots' is not a storage quantity"),
+                          (["--storage-class", "Fast_SSD"], "--storage-class 'Fast_SSD' is not a valid")]:
+        result = runner.invoke(main, ["jobs", "render", "shared", *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
 def test_rendered_jobs_validate_for_every_kind_and_profile(tmp_path, runner):
     texts = []
-    for kind in ("train", "score", "merge", "nightly", "shared", "all"):
+    for kind in ("stage", "train", "score", "merge", "nightly", "shared", "all"):
         for profile in ("gpu", "cpu"):
             result = runner.invoke(main, ["jobs", "render", kind, "--profile", profile, "--queue", "batch",
                                           "--out", "/data/scored/x", "--name", f"{kind}-{profile}"])
             assert result.exit_code == 0, result.output
             texts.append(result.output)
     validate("---\n".join(texts), tmp_path)
+
+
+def parse_gi(quantity: str) -> int:
+    assert quantity.endswith("Gi"), quantity
+    return int(quantity[:-2])
 
 
 def test_pods_follow_the_restricted_profile_and_failure_policy():
@@ -136,8 +172,9 @@ def test_pods_follow_the_restricted_profile_and_failure_policy():
         assert context["capabilities"] == {"drop": ["ALL"]}
         volumes = {v["name"]: v for v in pod["volumes"]}
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-        for path in ("/tmp", "/cache"):
-            assert volumes[mounts[path]]["emptyDir"]["sizeLimit"], path
+        scratch = sum(parse_gi(volumes[mounts[path]]["emptyDir"]["sizeLimit"]) for path in ("/tmp", "/cache"))
+        # the emptyDirs count towards the pod's ephemeral storage: each can fill up to its own limit
+        assert parse_gi(container["resources"]["limits"]["ephemeral-storage"]) > scratch
         assert volumes["hf-token"]["secret"]["secretName"] == "investment-risk-hf-token"
     indexed = pod_specs(docs)["investment-risk-score"]
     assert indexed["completionMode"] == "Indexed" and indexed["completions"] == 4
@@ -146,7 +183,8 @@ def test_pods_follow_the_restricted_profile_and_failure_policy():
     assert cron["concurrencyPolicy"] == "Forbid" and cron["startingDeadlineSeconds"] > 0 and cron["timeZone"]
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     assert config["HF_TOKEN_PATH"] == "/var/run/secrets/huggingface/token" and config["HF_HOME"].startswith("/models/")
-    assert all(d["spec"].get("suspend") for d in docs if d["kind"] == "Job")  # templates: applying starts nothing
+    # templates, and a CronJob to unsuspend once /models/current holds a model: applying starts nothing
+    assert all(d["spec"].get("suspend") for d in docs if d["kind"] in ("Job", "CronJob"))
     merge = pod_specs(docs)["investment-risk-merge"]["template"]["spec"]["containers"][0]["args"]
     assert merge[merge.index("--expect-shards") + 1] == str(indexed["completions"]) and "--wait-seconds" in merge
     role = next(d for d in docs if d["kind"] == "Role")

@@ -18,7 +18,7 @@ CHECKED_ELSEWHERE = {"demo": "test_demo.py", "report compare": "test_compare.py"
                      "jobs status": "test_jobs.py", "jobs logs": "test_jobs.py", "jobs cancel": "test_jobs.py",
                      "jobs run-local": "test_jobs.py", "calibrate": "test_calibration.py",
                      "report dimensions": "test_calibration.py", "report drift": "test_drift.py",
-                     "report batch": "test_batch_report.py"}
+                     "report batch": "test_batch_report.py", "stage-model": "test_stage_model.py"}
 DOCUMENT_OUTPUT = {"jobs render"}
 CHECKED_HERE = {"data synth", "data split", "train", "evaluate", "export", "score", "score-merge"}
 

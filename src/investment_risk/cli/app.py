@@ -65,9 +65,9 @@ def main(log_format: str, log_level: str) -> None:
     bind(run_id=os.environ.get(ENV_PREFIX + "RUN_ID") or new_run_id())
 
 
-for command in (data.data, train.train_command, evaluate.evaluate_command, export.export_command,
-                score.score_command, score.score_merge_command, evaluate.calibrate_command, report.report, demo.demo_command,
-                jobs.jobs_group):
+for command in (data.data, train.train_command, train.stage_model_command, evaluate.evaluate_command,
+                export.export_command, score.score_command, score.score_merge_command, evaluate.calibrate_command,
+                report.report, demo.demo_command, jobs.jobs_group):
     main.add_command(command)
 
 

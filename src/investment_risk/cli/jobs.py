@@ -29,13 +29,22 @@ settings_options = stacked(
     option("--queue", default=None, help="Kueue LocalQueue name (adds the kueue.x-k8s.io/queue-name label)."),
 )
 
+# The two PVCs (`render shared|all`, `--with-shared`): pods of one Job run on several nodes at once and share them.
+storage_options = stacked(
+    option("--storage-class", default=None,
+           help="StorageClass of the PVCs; it must offer ReadWriteMany (default: the cluster's default class)."),
+    option("--data-size", default="200Gi", show_default=True, help="Size of the data PVC (/data)."),
+    option("--models-size", default="100Gi", show_default=True, help="Size of the models PVC (/models)."),
+)
+
 # What the Job does; paths are as the pod sees them (/data and /models are the PVCs).
 job_options = stacked(
     option("--name", default=None, help="Job name (default: investment-risk-<kind>-<UTC time>)."),
     option("--mode", type=click.Choice(["distillation", "instruction"]), default="distillation", show_default=True,
            help="train: the training mode."),
     option("--data", default="/data/splits/latest", show_default=True, help="train: the split directory."),
-    option("--base-model", default="qwen2.5-1.5b", show_default=True, help="train: preset or path."),
+    option("--base-model", default="qwen2.5-1.5b", show_default=True,
+           help="train: preset or path; stage: the hub model to fetch."),
     option("--model", default="/models/current", show_default=True, help="score: the exported model directory."),
     option("--input", "inputs", multiple=True, default=("/data/incoming",), show_default=True,
            help="score: input files, directories or globs; repeat for more."),
@@ -57,10 +66,10 @@ connection_options = stacked(
 cluster_options = stacked(connection_options, option("--namespace", default="investment-risk", show_default=True))
 
 
-def _settings(image: str, namespace: str, profile: str, queue: str | None) -> Any:
+def _settings(image: str, namespace: str, profile: str, queue: str | None, **storage: Any) -> Any:
     from ..k8s.manifests import JobSettings
 
-    return JobSettings(image=image, namespace=namespace, profile=profile, queue=queue)
+    return JobSettings(image=image, namespace=namespace, profile=profile, queue=queue, **storage)
 
 
 def _build(kind: str, settings: Any, params: dict[str, Any]) -> dict[str, Any]:
@@ -78,16 +87,18 @@ def jobs_group() -> None:
 
 
 @jobs_group.command("render")
-@click.argument("kind", type=click.Choice(["all", "shared", "train", "score", "merge", "nightly"]))
+@click.argument("kind", type=click.Choice(["all", "shared", "stage", "train", "score", "merge", "nightly"]))
 @settings_options
+@storage_options
 @job_options
 @option("--with-shared", is_flag=True, help="Also print the namespace, PVCs, ConfigMap and RBAC the Job needs.")
-def render_command(kind: str, image: str, namespace: str, profile: str, queue: str | None, with_shared: bool,
-                   **params: Any) -> None:
+def render_command(kind: str, image: str, namespace: str, profile: str, queue: str | None, storage_class: str | None,
+                   data_size: str, models_size: str, with_shared: bool, **params: Any) -> None:
     """Print manifests as YAML (apply with kubectl, or run with `jobs run-local`)."""
     from ..k8s.manifests import default_base, shared_resources, to_yaml
 
-    settings = _settings(image, namespace, profile, queue)
+    settings = _settings(image, namespace, profile, queue, storage_class=storage_class, data_size=data_size,
+                         models_size=models_size)
     if kind == "all":
         docs = [d for file_docs in default_base(settings).values() for d in file_docs]
     elif kind == "shared":
@@ -98,7 +109,7 @@ def render_command(kind: str, image: str, namespace: str, profile: str, queue: s
 
 
 @jobs_group.command("submit")
-@click.argument("kind", type=click.Choice(["train", "score", "merge"]))
+@click.argument("kind", type=click.Choice(["stage", "train", "score", "merge"]))
 @settings_options
 @job_options
 @connection_options
@@ -107,7 +118,7 @@ def render_command(kind: str, image: str, namespace: str, profile: str, queue: s
 @option("--poll-seconds", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
 def submit_command(kind: str, image: str, namespace: str, profile: str, queue: str | None, kubeconfig: Path | None,
                    context: str | None, wait: bool, timeout: float | None, poll_seconds: float, **params: Any) -> None:
-    """Create a training, scoring or merge Job."""
+    """Create a staging, training, scoring or merge Job."""
     manifest = _build(kind, _settings(image, namespace, profile, queue), params)
     cluster = kube.connect(namespace, kubeconfig, context)
     name = kube.submit(cluster, manifest)

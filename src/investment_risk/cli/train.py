@@ -1,4 +1,4 @@
-"""`train`: distillation or instruction training, or its dry run."""
+"""`train`: distillation or instruction training, or its dry run; `stage-model`: the base model into the cache."""
 
 from __future__ import annotations
 
@@ -70,3 +70,16 @@ def train_command(resume: bool, resume_if_present: bool, dry_run: bool, **option
     metadata = train(config, resume=resume)
     if output.on_terminal():  # training_done, already logged, carries the same figures
         click.echo(f"best val MAE {metadata['best_val_mae']:.4f} (epoch {metadata['best_epoch']}) -> {config.out}")
+
+
+@click.command("stage-model")
+@option("--base-model", default="qwen2.5-1.5b", show_default=True,
+        help="The preset qwen2.5-1.5b or a hub id: fetched into the Hugging Face cache (HF_HOME) for training.")
+def stage_model_command(base_model: str) -> None:
+    """Download a base model's safetensors, config and tokenizer (the one command that reaches the hub)."""
+    from ..modeling.presets import stage_base_model
+
+    bind(stage="stage-model")
+    staged = stage_base_model(base_model)
+    output.summary(f"{base_model} -> {staged.path} (revision {staged.revision})", "base_model_staged",
+                   base_model=base_model, path=str(staged.path), revision=staged.revision)

@@ -24,6 +24,8 @@ DATA_PVC, MODELS_PVC = f"{APP}-data", f"{APP}-models"
 KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 DAY = 86400
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,11 @@ class JobSettings:
             raise ConfigError(f"--image {self.image!r} is not an image reference")
         if self.queue is not None and not _NAME.match(self.queue):
             raise ConfigError(f"--queue {self.queue!r} is not a valid Kueue queue name")
+        for flag, size in (("--data-size", self.data_size), ("--models-size", self.models_size)):
+            if not _QUANTITY.match(size):
+                raise ConfigError(f"{flag} {size!r} is not a storage quantity (like 200Gi or 1Ti)")
+        if self.storage_class is not None and not _SUBDOMAIN.match(self.storage_class):
+            raise ConfigError(f"--storage-class {self.storage_class!r} is not a valid StorageClass name")
 
     @property
     def hardware(self) -> Profile:
@@ -119,9 +126,14 @@ def _meta(name: str, settings: JobSettings, component: str, queue: bool = False)
             **({"annotations": annotations} if annotations else {})}
 
 
+# The pod's scratch space (the root filesystem is read-only). The emptyDirs count towards the pod's
+# ephemeral-storage, which also holds its logs: the limit leaves room for both, so an emptyDir can reach its own.
+CACHE_GI, TMP_GI, LOGS_GI = 20, 4, 2
+
+
 def _resources(settings: JobSettings, gpu: bool) -> dict[str, Any]:
     hw = settings.hardware
-    limits = {"cpu": hw.cpu, "memory": hw.memory, "ephemeral-storage": "20Gi"}
+    limits = {"cpu": hw.cpu, "memory": hw.memory, "ephemeral-storage": f"{CACHE_GI + TMP_GI + LOGS_GI}Gi"}
     if gpu and hw.gpus:
         limits["nvidia.com/gpu"] = str(hw.gpus)
     return {"requests": dict(limits), "limits": limits}
@@ -167,8 +179,8 @@ def _pod_spec(container: dict[str, Any], settings: JobSettings, gpu: bool) -> di
             {"name": "data", "persistentVolumeClaim": {"claimName": DATA_PVC}},
             {"name": "models", "persistentVolumeClaim": {"claimName": MODELS_PVC}},
             # The root filesystem is read-only: the model caches and /tmp are size-limited scratch space.
-            {"name": "cache", "emptyDir": {"sizeLimit": "20Gi"}},
-            {"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}},
+            {"name": "cache", "emptyDir": {"sizeLimit": f"{CACHE_GI}Gi"}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": f"{TMP_GI}Gi"}},
             {"name": "hf-token", "secret": {"secretName": HF_TOKEN_SECRET, "optional": True, "defaultMode": 0o440}},
         ],
     }
@@ -200,6 +212,21 @@ def train_job(spec: TrainSpec, settings: JobSettings) -> dict[str, Any]:
             "podFailurePolicy": _failure_policy("train"),
             "template": {"metadata": {"labels": _labels("train")}, "spec": _pod_spec(container, settings, gpu=True)},
         },
+    }
+
+
+def stage_job(name: str, base_model: str, settings: JobSettings) -> dict[str, Any]:
+    """Fetch the base model into the models PVC's Hugging Face cache (the pods' HF_HOME), once, before training:
+    the one pod that reaches the hub, so the ConfigMap's HF_HUB_OFFLINE is lifted for it alone."""
+    check_name(name)
+    small = replace(settings, profile="cpu")  # a download: no accelerator
+    container = _container("stage", ["stage-model", "--base-model", base_model], small, gpu=False)
+    container["env"].append({"name": "HF_HUB_OFFLINE", "value": "0"})
+    return {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(name, settings, "stage"),
+        "spec": {"backoffLimit": 3, "activeDeadlineSeconds": settings.deadline_s, "ttlSecondsAfterFinished": settings.ttl_s,
+                 "podFailurePolicy": _failure_policy("stage"),
+                 "template": {"metadata": {"labels": _labels("stage")}, "spec": _pod_spec(container, small, gpu=False)}},
     }
 
 
@@ -371,8 +398,9 @@ def _suspended(job: dict[str, Any]) -> dict[str, Any]:
 def default_base(settings: JobSettings | None = None) -> dict[str, list[dict[str, Any]]]:
     """What k8s/base holds: file name -> documents, for the default settings.
 
-    The three Jobs are suspended templates: `kubectl apply -k` starts nothing but the nightly CronJob. Launch runs
-    with `jobs submit` (fresh names), or unsuspend a template once its inputs exist."""
+    The three Jobs are suspended templates and the nightly CronJob is created suspended: `kubectl apply -k` starts
+    nothing (a night before /models/current holds a model would fail). Launch runs with `jobs submit` (fresh names),
+    unsuspend a template once its inputs exist, and the CronJob once the model is in place."""
     settings = settings or JobSettings()
     nightly = ScoreSpec(name=f"{APP}-nightly", model=f"{MODELS_MOUNT}/current", inputs=(f"{DATA_MOUNT}/incoming",),
                         out=f"{DATA_MOUNT}/scored/$(JOB_NAME)", shards=4)
@@ -384,11 +412,11 @@ def default_base(settings: JobSettings | None = None) -> dict[str, list[dict[str
             out=f"{MODELS_MOUNT}/runs/{APP}-train"), settings))],
         "score-job.yaml": [_suspended(score_job(batch, settings))],
         "merge-job.yaml": [_suspended(merge_job(f"{APP}-merge", batch.out, batch.shards, settings))],
-        "nightly-cronjob.yaml": [nightly_cronjob(nightly, settings)],
+        "nightly-cronjob.yaml": [_suspended(nightly_cronjob(nightly, settings))],
     }
 
 
-KINDS = ("train", "score", "merge", "nightly")
+KINDS = ("stage", "train", "score", "merge", "nightly")
 
 
 def default_name(kind: str) -> str:
@@ -406,6 +434,8 @@ def build(kind: str, settings: JobSettings, *, name: str | None = None, mode: st
     if kind not in KINDS:
         raise ConfigError(f"kind must be one of {', '.join(KINDS)}")
     name = name or (f"{APP}-nightly" if kind == "nightly" else default_name(kind))
+    if kind == "stage":
+        return stage_job(name, base_model, settings)
     if kind == "train":
         return train_job(TrainSpec(name, mode, data, out or f"{MODELS_MOUNT}/runs/{name}", base_model, extra_args), settings)
     score_out = out or (f"{DATA_MOUNT}/scored/$(JOB_NAME)" if kind == "nightly" else f"{DATA_MOUNT}/scored/{name}")

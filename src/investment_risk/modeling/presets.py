@@ -1,7 +1,8 @@
 """Base models: presets and offline resolution, configs and tokenizers.
 
-Only safetensors weights are loaded and remote code is never trusted. Nothing is downloaded: a hub id is looked up
-in the local Hugging Face cache, and the `tiny-qwen2` test model is built from a config with seeded random weights.
+Only safetensors weights are loaded and remote code is never trusted. Nothing is downloaded but by `stage-model`,
+which fetches a hub model's safetensors, config and tokenizer into the Hugging Face cache; everything else looks a hub
+id up in that cache, and the `tiny-qwen2` test model is built from a config with seeded random weights.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ConfigError, InputError
+from ..core.errors import ConfigError, InputError, RetryableError
 from ..core.spec import NUM_DIMENSIONS
 
 PRESETS = {
@@ -92,6 +93,33 @@ def resolve_base_model(name: str, need_weights: bool = True) -> BaseModel:
             f"presets: {', '.join(PRESETS)}"
         ) from None
     return _checked(BaseModel(name, snapshot, snapshot.name), need_weights)
+
+
+# What staging fetches of a hub model: the files the loaders read. Never pickle weights or code.
+STAGED_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                "vocab.json", "vocab.txt", "merges.txt")
+
+
+def stage_base_model(name: str) -> BaseModel:
+    """Fetch a hub model's safetensors weights, config and tokenizer into the Hugging Face cache (HF_HOME): the one
+    step that reaches the hub, so that every other command finds the model offline. Returns it as they will."""
+    repo = PRESETS["qwen2.5-1.5b"] if name == "qwen2.5-1.5b" else name
+    if (name in PRESETS and name != "qwen2.5-1.5b") or Path(os.path.expanduser(name)).is_dir():
+        raise ConfigError(f"--base-model {name}: needs no staging (it is built or installed locally)")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError("HF_HUB_OFFLINE is set: staging is the one step that reaches the hub; run it with "
+                          "HF_HUB_OFFLINE=0 (the stage Job sets it)")
+    try:
+        snapshot_download(repo, allow_patterns=list(STAGED_FILES))
+    except (RepositoryNotFoundError, HFValidationError) as exc:  # gated repos included: a token is missing
+        raise InputError(f"--base-model {name}: {str(exc).splitlines()[0]}") from None
+    except (LocalEntryNotFoundError, OSError) as exc:  # the hub unreachable: a retry may get through
+        raise RetryableError(f"--base-model {name}: could not download {repo} ({str(exc).splitlines()[0]})") from None
+    return resolve_base_model(name)
 
 
 def _checked(base: BaseModel, need_weights: bool) -> BaseModel:
