@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.errors import ConfigError, RetryableError
+from ..core.errors import RetryableError
 from ..core.spec import NUM_DIMENSIONS
 from .tokens import length_batches, pad_batch, sorted_batches, to_device
 
