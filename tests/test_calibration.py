@@ -210,6 +210,30 @@ def test_calibrate_refits_an_exported_model_with_a_new_version(calibrated, runne
     assert after.model_version != before and after.calibration is not None
     assert json.loads((model / CALIBRATION_FILE).read_text())["fitted_on"]["split"] == "refit"
     assert not list(model.glob(".*tmp"))
+    # The drift reference was made of the old calibration's scores: redone with the new one, the validation split
+    # it was made from still shows no drift (the old one gave PSI of several units on every dimension).
+    assert after.reference["source"] == "validation split, recalibrated"
+    result = runner.invoke(main, ["score", "--model", str(model), "--input", str(root / "data" / "val.parquet"),
+                                  "--out", str(tmp_path / "scored")])
+    assert result.exit_code == 0, result.output
+    psi = json.loads((tmp_path / "scored" / "metrics.json").read_text())["drift"]["psi"]
+    assert max(psi.values()) < 0.01, psi
+
+
+def test_calibrate_drops_a_reference_it_cannot_redo(calibrated, runner, tmp_path):
+    root, _, _ = calibrated
+    model = tmp_path / "model"
+    shutil.copytree(root / "model", model)
+    reference = json.loads((model / "reference.json").read_text())
+    del reference["raw_scores"]  # as exported before references kept them
+    (model / "reference.json").write_text(json.dumps(reference))
+    info = json.loads((model / "model.json").read_text())
+    info["sha256"]["reference.json"] = __import__("hashlib").sha256((model / "reference.json").read_bytes()).hexdigest()
+    (model / "model.json").write_text(json.dumps(info))
+    result = runner.invoke(main, ["calibrate", "--model", str(model), "--data", str(root / "data" / "test.parquet")])
+    assert result.exit_code == 0, result.output
+    assert "reference_dropped" in result.output and not (model / "reference.json").exists()
+    assert describe_model(model).reference is None  # drift is then skipped, not reported falsely
 
 
 def test_calibrate_refuses_unlabelled_or_too_small_data(calibrated, runner, tmp_path):

@@ -9,6 +9,7 @@ floor so an empty bin does not make it infinite. The usual reading: < 0.1 stable
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -56,12 +57,29 @@ def model_tier_counts(tier_counts: dict[str, int], rows_prefiltered: int) -> dic
     return {tier: n for tier, n in counts.items() if n > 0}
 
 
-def make_reference(scores: np.ndarray, tiers: list[str], source: str, calibrated: bool) -> dict[str, Any]:
+def make_reference(scores: np.ndarray, tiers: list[str], source: str, calibrated: bool,
+                   raw: np.ndarray) -> dict[str, Any]:
+    """The reference of `scores`, keeping the `raw` (uncalibrated) scores they came from, so that a new calibration
+    can redo it without the model or the data (`recalibrated_reference`)."""
     counts: dict[str, int] = {}
     for tier in tiers:
         counts[tier] = counts.get(tier, 0) + 1
     return {"source": source, "calibrated": calibrated, "rows": int(len(scores)), "edges": SCORE_EDGES,
-            "histograms": score_histograms(scores), "tier_shares": shares(counts)}
+            "histograms": score_histograms(scores), "tier_shares": shares(counts),
+            "raw_scores": np.round(np.asarray(raw, dtype=np.float64), 5).tolist()}
+
+
+def recalibrated_reference(reference: dict[str, Any], calibrate: Callable[[np.ndarray], np.ndarray]
+                           ) -> dict[str, Any] | None:
+    """The reference as a new calibration would have made it: its raw scores through `calibrate`. None for a
+    reference that kept no raw scores (exported before they were kept): it cannot be redone."""
+    if "raw_scores" not in reference:
+        return None
+    raw = np.asarray(reference["raw_scores"], dtype=np.float32).reshape(-1, len(DIMENSIONS))
+    spec = default_spec()
+    scores = spec.clip(calibrate(raw))
+    tiers, _ = spec.assign_tiers(scores)
+    return make_reference(scores, [str(t) for t in tiers], "validation split, recalibrated", True, raw)
 
 
 def check_reference(raw: Any, where: str) -> dict[str, Any]:
@@ -73,6 +91,10 @@ def check_reference(raw: Any, where: str) -> dict[str, Any]:
             isinstance(h, list) and len(h) == len(SCORE_EDGES) - 1 and all(isinstance(c, int) and c >= 0 for c in h)
             for h in histograms.values()):
         raise ValueError(f"{where}: histograms must hold {len(SCORE_EDGES) - 1} counts for each of the eight dimensions")
+    kept = raw.get("raw_scores")
+    if kept is not None and not (isinstance(kept, list) and all(isinstance(r, list) and len(r) == len(DIMENSIONS)
+                                                                 for r in kept)):
+        raise ValueError(f"{where}: raw_scores must be rows of eight scores")
     return raw
 
 

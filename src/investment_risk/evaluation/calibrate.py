@@ -2,23 +2,29 @@
 
 The model (a run, by PyTorch; an exported model, by its engine) scores the file raw, a new isotonic map per
 dimension is fitted to the labels, and it replaces the old one. In an exported model the calibration is part of
-what model.json hashes, so model.json is rewritten with the new sha256 and a new model_version.
+what model.json hashes, so model.json is rewritten with the new sha256 and a new model_version, and the drift
+reference, made of calibrated scores, is redone from the raw validation scores it keeps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..core.atomic import atomic_path, read_json
+from ..core.drift import REFERENCE_FILE, recalibrated_reference
 from ..core.errors import InputError
 from ..core.logs import get_logger
 from ..core.metrics import regression_metrics
 from ..core.spec import DIMENSIONS
 from ..datasets.readers import label_matrix, read_articles
 from ..modeling.calibration import CALIBRATION_FILE, MIN_ROWS, fit_calibration
-from ..modeling.description import describe_model, model_version, sha256_file
+from ..modeling.description import describe_model, load_reference, model_version, sha256_file
 from .evaluate import raw_scores
 
 
@@ -34,7 +40,7 @@ def recalibrate(model_path: Path, data: Path, batch_size: int = 32, device: str 
     text = json.dumps(calibration.to_json(), indent=2) + "\n"
     version = model.model_version
     if model.exported:
-        version = _replace_exported(model.path, text)
+        version = _replace_exported(model.path, text, calibration.apply)
     else:
         with atomic_path(target / CALIBRATION_FILE) as tmp:
             tmp.write_text(text)
@@ -46,15 +52,34 @@ def recalibrate(model_path: Path, data: Path, batch_size: int = 32, device: str 
     return result
 
 
-def _replace_exported(model_dir: Path, text: str) -> str:
-    """Write the calibration and the model.json that hashes it, both complete in temporary files first, then two
-    renames: a reader sees the old pair or the new pair, but for the instant between the renames (when the sha256
-    check refuses the model rather than trust a mismatched pair)."""
+def _replace_exported(model_dir: Path, text: str, calibrate: Callable[[np.ndarray], np.ndarray]) -> str:
+    """Write the calibration, the drift reference redone with it (the old one holds the old calibration's scores:
+    every batch would show drift) and the model.json that hashes them, all complete in temporary files first, then
+    renames: a reader sees the old files or the new ones, but for the instant between the renames (when the sha256
+    check refuses the model rather than trust a mismatched set)."""
     info = read_json(model_dir / "model.json")
-    with atomic_path(model_dir / CALIBRATION_FILE) as calibration_tmp, atomic_path(model_dir / "model.json") as meta_tmp:
+    old_reference = load_reference(model_dir)
+    reference = recalibrated_reference(old_reference, calibrate) if old_reference else None
+    if old_reference and reference is None:
+        get_logger().warning("reference_dropped", model=str(model_dir),
+                             reason="exported before references kept their raw scores: it cannot be recalibrated, "
+                                    "and the old one would report the new calibration as drift; re-export for one")
+    with contextlib.ExitStack() as files:
+        calibration_tmp = files.enter_context(atomic_path(model_dir / CALIBRATION_FILE))
         calibration_tmp.write_text(text)
-        digests = {name: digest for name, digest in info["sha256"].items() if name != CALIBRATION_FILE}
+        digests = {name: digest for name, digest in info["sha256"].items()
+                   if name not in (CALIBRATION_FILE, REFERENCE_FILE)}
         digests[CALIBRATION_FILE] = sha256_file(calibration_tmp)
+        if reference is not None:
+            reference_tmp = files.enter_context(atomic_path(model_dir / REFERENCE_FILE))
+            reference_tmp.write_text(json.dumps(reference, indent=2) + "\n")
+            digests[REFERENCE_FILE] = sha256_file(reference_tmp)
+            info["reference"] = {"file": REFERENCE_FILE, "rows": reference["rows"], "source": reference["source"]}
+        elif old_reference:
+            info["reference"] = None
+        meta_tmp = files.enter_context(atomic_path(model_dir / "model.json"))
         info.update({"sha256": digests, "model_version": model_version(digests), "calibrated": True})
         meta_tmp.write_text(json.dumps(info, indent=2) + "\n")
+    if old_reference and reference is None:
+        (model_dir / REFERENCE_FILE).unlink(missing_ok=True)
     return str(info["model_version"])

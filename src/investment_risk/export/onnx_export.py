@@ -152,7 +152,7 @@ def write_reference(work: Path, tokenizer: Any, metadata: dict[str, Any], calibr
     scores = calibration.apply(raw) if calibration is not None else raw
     tiers, _ = spec.assign_tiers(scores)
     reference = make_reference(scores, [str(t) for t in tiers], "validation split, calibrated" if calibration else
-                               "validation split", calibrated=calibration is not None)
+                               "validation split", calibration is not None, raw)
     write_json_atomic(reference, work / REFERENCE_FILE)
     return {"file": REFERENCE_FILE, "rows": reference["rows"], "source": reference["source"]}
 
