@@ -360,10 +360,19 @@ def test_row_invariant_is_checked_against_the_files_on_disk(exported, articles, 
     table = pq.read_table(part)
     pq.write_table(table.slice(0, table.num_rows - 1), part)
     result = runner.invoke(main, ["score-merge", "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1 and "shards [1] lost rows since they were scored" in result.output, result.output
     merged = json.loads((out / "metrics.json").read_text())
     assert merged["invariant_holds"] is False and merged["invariant_broken_shards"] == [1]
     assert merged["rows_in"] == 240 == merged["rows_scored"] + merged["rows_rejected"] + 1
+    assert not merged["complete"]  # so the ledger, if any, does not record its units as scored
+    # A rerun redoes the shard its marker calls done (no --force needed), and the batch is whole again.
+    with capture_logs() as logs:
+        score(ScoreConfig(model=model, inputs=(str(articles),), out=out, shard_index=1, shard_count=2))
+    rows = shard_rows[1]["rows_in"]
+    assert [e["reason"] for e in logs if e["event"] == "shard_redone"] == [
+        f"marked done, but rows in {rows} != scored {rows - 1} + rejected 0 in its files"]
+    merged = json.loads((out / "metrics.json").read_text())
+    assert merged["complete"] and merged["invariant_holds"] and merged["rows_scored"] + merged["rows_rejected"] == 240
 
 
 def test_export_refuses_non_empty_out(exported, runner):
@@ -548,7 +557,7 @@ def test_an_unreadable_part_breaks_its_shard_not_the_merge(exported, articles, t
     score(ScoreConfig(model=model, inputs=(str(articles / "a.parquet"),), out=out))
     (out / "part-00000.parquet").write_bytes(b"garbage")
     result = runner.invoke(main, ["score-merge", "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output
     merged = json.loads((out / "metrics.json").read_text())
     assert merged["invariant_broken_shards"] == [0] and not merged["invariant_holds"]
 

@@ -33,7 +33,7 @@ from ..modeling.description import ModelDescription, describe_model
 from ..modeling.predict import predict, token_budget_for
 from .ledger import input_root, read_ledger
 from .prometheus import push, write_textfile
-from .shard_metrics import ShardMetrics, done_shard_counts, merge_metrics
+from .shard_metrics import ShardMetrics, broken_shard, done_shard_counts, merge_metrics
 from .units import Unit, done_marker, list_units, parquet_rows, part_name, shard_units
 from .writer import REJECT_SCHEMA, ShardWriter, kept_columns, part_schema, provenance
 
@@ -308,8 +308,10 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     out = config.out
     marker = done_marker(out, config.shard_index)
     if marker.exists() and not config.force:
-        log.info("shard_skipped", reason="already done (pass --force to redo)", marker=str(marker))
-        return merge_metrics(out)
+        if (problem := broken_shard(out, config.shard_index)) is None:
+            log.info("shard_skipped", reason="already done (pass --force to redo)", marker=str(marker))
+            return merge_metrics(out)
+        log.warning("shard_redone", reason=f"marked done, but {problem}")
     if not config.force and (counts := done_shard_counts(out) - {config.shard_count}):
         raise InputError(f"--out {out} holds shards scored with --shard-count {', '.join(map(str, sorted(counts)))}, "
                          f"not {config.shard_count}: score into another --out, or redo every shard with --force")
@@ -328,7 +330,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     log.info("shard_start", files=len(files), units=len(units), rows=total, backend=config.backend,
              provider=runner.provider, model_version=model.model_version)
     if marker.exists():
-        marker.unlink()  # --force: the shard is redone, so it is not done until the new marker lands
+        marker.unlink()  # redone (--force, or lost rows): not done until the new marker lands
     metrics = ShardScorer(config, runner, tokenizer, model).run(units, total)
     if entries is not None:  # what this shard scored, for the merge to add to the ledger once every shard is done
         metrics.ledger = {"path": str(config.ledger), "input_root": input_root(config.inputs),

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..core.atomic import read_json, write_json_atomic
-from ..core.errors import RetryableError
+from ..core.errors import InputError, RetryableError
 from ..core.logs import get_logger
 from ..core.decisions import tier_report
 from ..core.drift import DEFAULT_PSI_THRESHOLD, SCORE_BINS, SCORE_EDGES, calibration_mismatch, drift, model_tier_counts
@@ -220,6 +220,20 @@ def rows_on_disk(out_dir: Path, name: str) -> tuple[int, int]:
     return rows(out_dir / f"{name}.parquet"), rows(out_dir / "rejects" / f"{name}.parquet")
 
 
+def broken_shard(out_dir: Path, shard: int) -> str | None:
+    """Why a done shard's files no longer account for its rows (a part file deleted or damaged since), or None
+    when they do: such a shard is not done, whatever its marker says."""
+    name = part_name(shard)
+    try:
+        rows_in = int(read_json(out_dir / "metrics" / f"{name}.json")["rows_in"])
+    except (InputError, KeyError, TypeError, ValueError):
+        return "its metrics file is missing or unreadable"
+    scored, rejected = rows_on_disk(out_dir, name)
+    if rows_in != scored + rejected:
+        return f"rows in {rows_in} != scored {scored} + rejected {rejected} in its files"
+    return None
+
+
 def done_shard_counts(out_dir: Path) -> set[int]:
     """The --shard-count values the finished shards in OUT were scored with."""
     done = _done_shards(out_dir)
@@ -241,7 +255,13 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
                 "blank_lines", "labels_unusable", "real_tokens", "padded_tokens", "batches"):
         merged[key] = sum(s.get(key, 0) for s in shards)
     counts = sorted({s["shard_count"] for s in shards})
-    merged["complete"] = bool(shards) and merged["shards"] == merged["shard_count"] and len(counts) == 1
+    # A shard whose files lost rows is not done: the batch is incomplete (and its units stay out of the ledger) until
+    # the shard is scored again, which a rerun does.
+    merged["complete"] = (bool(shards) and merged["shards"] == merged["shard_count"] and len(counts) == 1
+                          and not broken)
+    if broken:
+        get_logger().error("invariant_broken", out=str(out_dir), shards=sorted(broken),
+                           remedy="score those shards again: a rerun redoes a shard whose files do not add up")
     if len(counts) > 1:  # shards of two different batchings: never one complete batch
         merged["shard_counts"] = counts
         get_logger().warning("shard_counts_mixed", out=str(out_dir), shard_counts=counts)
@@ -300,8 +320,10 @@ def merge_until_complete(out_dir: Path, expect_shards: int | None, wait_seconds:
     while True:
         merged = merge_metrics(out_dir) if out_dir.is_dir() else {"shards": 0, "shard_count": 0}
         needed = max(expect_shards or 0, merged["shard_count"], 1)
-        if merged["shards"] >= needed:
+        broken = merged.get("invariant_broken_shards")
+        if merged["shards"] >= needed and not broken:
             return merged
         if time.monotonic() >= deadline:
-            raise RetryableError(f"{out_dir}: {merged['shards']} of {needed} shards are done")
+            raise RetryableError(f"{out_dir}: shards {broken} lost rows since they were scored (score them again)"
+                                 if broken else f"{out_dir}: {merged['shards']} of {needed} shards are done")
         time.sleep(min(poll_seconds, max(deadline - time.monotonic(), 0.0)))
