@@ -20,7 +20,7 @@ from investment_risk.core.spec import DIMENSIONS, default_spec
 from investment_risk.training.config import TrainConfig
 from investment_risk.training.recipe import train
 
-from .conftest import TINY_TRAIN_ARGS
+from .conftest import TINY_TRAIN_ARGS, assert_json_stdout
 
 
 def read_out(out: Path) -> tuple[pa.Table, pa.Table]:
@@ -667,6 +667,8 @@ def test_evaluate_an_exported_model_matches_the_run(exported, split_dir, runner,
         result = runner.invoke(main, ["evaluate", "--model", str(target), "--data", data, "--out", str(tmp_path / name),
                                       "--device", "cpu"])
         assert result.exit_code == 0, result.output
+        done = [e for e in assert_json_stdout(result) if e["event"] == "progress_done"]  # its loop reports progress
+        assert [(e["what"], e["done"]) for e in done] == [("evaluate", e["total"]) for e in done] and done
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("run", "model"))
     assert b["backend"] == "onnx" and a["backend"] == "torch"
     # The exported model is evaluated with the CPU engine export chose; fp32 engines match PyTorch to 1e-4, a reduced

@@ -90,3 +90,20 @@ def test_progress_is_quiet_between_intervals():
             for _ in range(1000):
                 progress.update(1)
     assert [e["event"] for e in captured] == ["progress_done"]
+
+
+def test_a_slow_unit_still_gets_a_progress_event_every_interval(capsys):
+    # One unit of work longer than the interval (a 1.5B batch on a CPU): the heartbeat speaks for it, in the
+    # context the loop was bound to.
+    import time
+
+    configure_logging("json", "INFO")
+    bind(run_id="r2", stage="score", shard=1)
+    with Progress(total=2, what="rows", interval_s=0.2) as progress:
+        time.sleep(0.7)
+        progress.update(1)
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    beats = [e for e in events if e["event"] == "progress"]
+    assert len(beats) >= 2 and beats[0]["done"] == 0 and beats[0]["total"] == 2
+    assert all(e["stage"] == "score" and e["shard"] == 1 and e["run_id"] == "r2" for e in beats)
+    assert events[-1]["event"] == "progress_done" and events[-1]["done"] == 1

@@ -6,9 +6,11 @@ JSON lines on stdout when it is not a terminal, readable console lines when it i
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import re
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -119,7 +121,9 @@ def get_logger(**initial: Any) -> Any:
 class Progress:
     """Progress of a long loop: a bar on a terminal, a JSON `progress` event at least every `interval_s` otherwise.
 
-    Used as a context manager; `update(n)` after each unit of work. The final event is always emitted.
+    Used as a context manager; `update(n)` after each unit of work. The final event is always emitted. Between
+    updates a heartbeat thread emits the current state when `interval_s` passes without an event, so a slow unit
+    (a batch of a large model on a CPU, a validation pass between training steps) never leaves a silent gap.
     `already_done`: units an earlier process finished (a resumed run): counted in `done`, not in the rate.
     """
 
@@ -133,6 +137,9 @@ class Progress:
         self._log = get_logger()
         self._bar = None
         self._start = self._last = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
 
     def __enter__(self) -> "Progress":
         if sys.stdout.isatty() and sys.stderr.isatty():
@@ -140,6 +147,12 @@ class Progress:
 
             self._bar = tqdm(total=self.total, desc=self.what, unit=self.unit, dynamic_ncols=True,
                              initial=self.already_done)
+        elif self.interval_s > 0:
+            # The thread logs with this context's run_id, stage and shard.
+            context = contextvars.copy_context()
+            self._heartbeat = threading.Thread(target=context.run, args=(self._beat,), daemon=True,
+                                               name=f"progress-{self.what}")
+            self._heartbeat.start()
         return self
 
     def update(self, n: int = 1) -> None:
@@ -147,10 +160,18 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
             return
-        now = time.monotonic()
-        if now - self._last >= self.interval_s:
-            self._last = now
-            self._emit("progress")
+        self._emit_if_due()
+
+    def _emit_if_due(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last >= self.interval_s:
+                self._last = now
+                self._emit("progress")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(max(self._last + self.interval_s - time.monotonic(), 0.01)):
+            self._emit_if_due()
 
     def snapshot(self) -> dict[str, Any]:
         elapsed = max(time.monotonic() - self._start, 1e-9)
@@ -165,6 +186,9 @@ class Progress:
         self._log.info(event, **self.snapshot())
 
     def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
         if self._bar is not None:
             self._bar.close()
         self._emit("progress_done")

@@ -34,7 +34,7 @@ def recalibrate(model_path: Path, data: Path, batch_size: int = 32, device: str 
     if table.num_rows < MIN_ROWS:
         raise InputError(f"{data}: {table.num_rows} labelled rows; calibrate needs at least {MIN_ROWS}")
     labels = label_matrix(table)
-    raw, _, _, _ = raw_scores(model, table, device, batch_size)
+    raw, _, _, _ = raw_scores(model, table, device, batch_size, what="calibrate")
     calibration = fit_calibration(raw, labels, {"data": str(data), "split": "refit"})
     target = model.path if model.exported else model.path / "model"
     text = json.dumps(calibration.to_json(), indent=2) + "\n"

@@ -56,14 +56,14 @@ def plot_confusion(decisions: dict[str, Any], dest: Path) -> None:
     save_figure(fig, dest)
 
 
-def raw_scores(model: ModelDescription, table: Any, device: str, batch_size: int
+def raw_scores(model: ModelDescription, table: Any, device: str, batch_size: int, what: str = "evaluate"
                ) -> tuple[np.ndarray, Any, Any, list[np.ndarray]]:
     """A model's clipped, uncalibrated scores for the articles of `table` (with the runner, the tokenizer and the
     token rows they came from): ONNX Runtime for an exported model, PyTorch for a run."""
     runner = load_runner(model, "onnx" if model.exported else "torch", device)
     tokenizer = load_tokenizer(model.tokenizer_dir)
     rows = model.token_rows(tokenizer, table.column("title").to_pylist(), table.column("content").to_pylist())
-    raw = default_spec().clip(predict(runner, rows, model.pad_id(tokenizer), batch_size=batch_size))
+    raw = default_spec().clip(predict(runner, rows, model.pad_id(tokenizer), batch_size=batch_size, progress=what))
     return raw, runner, tokenizer, rows
 
 

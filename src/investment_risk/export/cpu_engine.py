@@ -27,12 +27,13 @@ FP32_ENGINES = ("onnxruntime", "openvino-f32")  # the rest trade precision for s
 MEASURE_PASSES = 2
 
 
-def _rows_per_second(runner: Any, rows: list[np.ndarray], pad_id: int, token_budget: int) -> tuple[float, np.ndarray]:
+def _rows_per_second(runner: Any, rows: list[np.ndarray], pad_id: int, token_budget: int,
+                     what: str) -> tuple[float, np.ndarray]:
     predict(runner, rows[:8], pad_id, token_budget=token_budget)  # warm-up: first-call allocations, JIT
     best, scores = float("inf"), None
     for _ in range(MEASURE_PASSES):
         started = time.perf_counter()
-        scores = predict(runner, rows, pad_id, token_budget=token_budget)
+        scores = predict(runner, rows, pad_id, token_budget=token_budget, progress=what)
         best = min(best, time.perf_counter() - started)
     return len(rows) / best, scores
 
@@ -52,7 +53,8 @@ def measure_cpu_engines(model_path: Path, rows: list[np.ndarray], labels: np.nda
         if not usable:
             out.append({"engine": engine, "skipped": why})
             continue
-        rate, scores = _rows_per_second(cpu_runner(model_path, engine, threads), rows, pad_id, token_budget)
+        rate, scores = _rows_per_second(cpu_runner(model_path, engine, threads), rows, pad_id, token_budget,
+                                       f"measure {engine}")
         scores = default_spec().clip(scores)
         reference = scores if reference is None else reference
         row = {"engine": engine, "rows_per_second": round(rate, 2),

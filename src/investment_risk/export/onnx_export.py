@@ -22,7 +22,7 @@ import numpy as np
 from .. import __version__
 from ..core.atomic import write_dir_atomic, write_json_atomic
 from ..core.errors import ConfigError, InputError, RetryableError
-from ..core.logs import get_logger
+from ..core.logs import Progress, get_logger
 from ..core.spec import DIMENSIONS, default_spec
 from ..core.drift import REFERENCE_FILE, make_reference
 from ..modeling.calibration import CALIBRATION_FILE, Calibration, load_calibration
@@ -148,7 +148,7 @@ def write_reference(work: Path, tokenizer: Any, metadata: dict[str, Any], calibr
         get_logger().warning("reference_skipped", reason="every validation article is prefiltered noise")
         return None
     raw = spec.clip(predict(graph_runner(work / "model.onnx", device), rows, tokenizer.pad_token_id,
-                            token_budget=token_budget_for(device)))
+                            token_budget=token_budget_for(device), progress="drift reference"))
     scores = calibration.apply(raw) if calibration is not None else raw
     tiers, _ = spec.assign_tiers(scores)
     reference = make_reference(scores, [str(t) for t in tiers], "validation split, calibrated" if calibration else
@@ -196,7 +196,8 @@ def reduced_precision_check(path: Path, reference: tuple[np.ndarray, str], rows:
         "provider": runner.provider, "reference": name}
     val_rows, labels = val
     if labels is not None and val_fp32 is not None:
-        scores = default_spec().clip(predict(runner, val_rows, pad_id, token_budget=token_budget_for(device)))
+        scores = default_spec().clip(predict(runner, val_rows, pad_id, token_budget=token_budget_for(device),
+                                             progress="validation, reduced precision"))
         out["val_mae"] = float(np.abs(scores - labels).mean())
         out["val_mae_fp32"] = float(np.abs(val_fp32 - labels).mean())
         out["val_mae_delta"] = out["val_mae"] - out["val_mae_fp32"]
@@ -224,7 +225,8 @@ def torch_fp32_scores(module: Any, device: str, rows: list[np.ndarray], pad_id: 
     import torch
 
     target = torch.device(device)
-    return predict(TorchRunner(module.to(target), target), rows, pad_id, token_budget=token_budget_for(device))
+    return predict(TorchRunner(module.to(target), target), rows, pad_id, token_budget=token_budget_for(device),
+                   progress="validation, PyTorch fp32")
 
 
 def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = False,
@@ -338,7 +340,8 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
             val_fp32 = None
             if val[1] is not None:
                 val_fp32 = default_spec().clip(predict(graph_runner(work / "model.onnx", device), val[0], pad_id,
-                                                       token_budget=token_budget_for(device)))
+                                                       token_budget=token_budget_for(device),
+                                                       progress="validation, fp32 graph"))
             (to_fp16 if dtype == "fp16" else to_int8)(work / "model.onnx", external)
             reduced_check(work, torch_scores, val, val_fp32, parity)
             if dtype == "fp16":
@@ -377,7 +380,10 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         write_json_atomic(written, work / "model.json")
         info.update(written)
 
-    write_dir_atomic(out_dir, build)
+    # The steps between the loops above (the graph export, fusion, conversions) run for minutes on a 1.5B model:
+    # a heartbeat keeps the progress events coming.
+    with Progress(None, "export", unit="steps"):
+        write_dir_atomic(out_dir, build)
     log.info("exported", out=str(out_dir), model_version=info["model_version"], dtype=dtype,
              cpu_engine=info["cpu_engine"]["engine"])
     return info

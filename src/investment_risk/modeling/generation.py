@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.logs import Progress
 from ..core.spec import DIMENSIONS
 from .prompts import answer_grammar, format_target
 
@@ -23,16 +24,17 @@ def generate_explanations(model: Any, tokenizer: Any, rows: list[np.ndarray], de
 
     texts = []
     decoder = _ConstrainedDecoder(tokenizer, max_new_tokens) if constrained else None
-    with torch.inference_mode():
+    with torch.inference_mode(), Progress(len(rows), "explain") as progress:
         for row in rows:
             ids = torch.as_tensor(row, device=device)[None, :]
             if decoder is not None:
                 texts.append(decoder.generate(model.lm, ids))
-                continue
-            out = model.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                    do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id)
-            texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            else:
+                out = model.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                        max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            progress.update(1)
     return texts
 
 

@@ -6,6 +6,7 @@ what differs is the runner, a callable from one `PaddedBatch` to its (rows, 8) s
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import RetryableError
+from ..core.logs import Progress
 from ..core.spec import NUM_DIMENSIONS
 from .tokens import length_batches, pad_batch, sorted_batches, to_device
 
@@ -51,11 +53,13 @@ def padded_batches(token_rows: Sequence[np.ndarray], pad_id: int, batches: Seque
 
 def predict(run: Runner, token_rows: Sequence[np.ndarray], pad_id: int, *, batch_size: int | None = None,
             token_budget: int | None = None, max_rows: int = 256, batches: Sequence[np.ndarray] | None = None,
-            on_batch: Callable[[PaddedBatch, float], None] | None = None) -> np.ndarray:
+            on_batch: Callable[[PaddedBatch, float], None] | None = None,
+            progress: str | None = None) -> np.ndarray:
     """Scores (n, 8) as float32 in input order.
 
     Batches are given, or cut longest first by rows (`batch_size`) or by padded tokens (`token_budget`).
-    `on_batch(batch, seconds)` sees each batch and how long its runner took.
+    `on_batch(batch, seconds)` sees each batch and how long its runner took. `progress` names the loop's progress
+    events, for a caller whose loop this is (evaluate, export); the scorer keeps its own over the whole shard.
     """
     lengths = np.array([len(r) for r in token_rows], dtype=np.int64)
     if batches is None:
@@ -66,11 +70,15 @@ def predict(run: Runner, token_rows: Sequence[np.ndarray], pad_id: int, *, batch
         else:
             raise ValueError("predict needs batches, batch_size or token_budget")
     results = []
-    for batch in padded_batches(token_rows, pad_id, batches):
-        started = time.perf_counter()
-        results.append((batch.rows, run(batch)))
-        if on_batch is not None:
-            on_batch(batch, time.perf_counter() - started)
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(Progress(len(token_rows), progress)) if progress else None
+        for batch in padded_batches(token_rows, pad_id, batches):
+            started = time.perf_counter()
+            results.append((batch.rows, run(batch)))
+            if on_batch is not None:
+                on_batch(batch, time.perf_counter() - started)
+            if bar is not None:
+                bar.update(len(batch.rows))
     out = np.zeros((len(token_rows), NUM_DIMENSIONS), dtype=np.float32)
     for rows, scores in results:  # device results are copied once every batch is queued
         out[rows] = scores.float().cpu().numpy() if hasattr(scores, "cpu") else np.asarray(scores, dtype=np.float32)
