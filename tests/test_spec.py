@@ -87,6 +87,8 @@ def test_assign_tiers_is_vectorised_and_checks_shape():
 @pytest.mark.parametrize("title, content, category", [
     ("This coin is going to the moon", "Get in now.", "fomo_speculation"),
     ("Markets", "Don't miss out on 100x gains!", "fomo_speculation"),
+    ("Tip", "Buy this stock before it skyrockets.", "fomo_speculation"),
+    ("Tip", "This could be the next Nvidia: 10x your money in a year.", "fomo_speculation"),
     ("Top 5 stocks to buy now", "Our picks: Contoso and Fabrikam.", "stock_picking_without_macro"),
     ("Weekly", "This post contains an affiliate link; use promo code X.", "affiliate_promo"),
     ("You won't believe this", "A story.", "clickbait"),
@@ -109,6 +111,12 @@ def test_stock_picking_with_macro_context_is_not_noise():
     ("Credit spreads widen", "High-yield spreads rose 40bp as defaults climbed, according to official data."),
     ("Fed holds rates", "The central bank kept its policy rate unchanged and signalled patience."),
     ("", None),
+    # risk reporting in the words speculation also uses: the model must see these
+    ("Prime brokers", "Leverage of 10x at prime brokers raises systemic risk."),
+    ("Rates shock", "The Federal Reserve raised rates; yields skyrocketed and credit spreads blew out."),
+    ("Defaults", "Corporate defaults rose 50x from their 2021 lows."),
+    ("Bubble watch", "Investors chasing the next Nvidia should remember 2000."),
+    ("Sentiment", "Don't miss this systemic signal: FOMO is driving retail flows to record margin debt."),
 ])
 def test_prefilter_passes_ordinary_news(title, content):
     assert SPEC.prefilter_reason(title, content) is None
