@@ -622,6 +622,17 @@ def test_torch_backend_matches_onnx(exported, articles, tmp_path):
     assert metrics["backend"] == "torch" and metrics["provider"] == "torch-cpu"
 
 
+def test_input_takes_several_paths_after_one_flag(exported, articles, tmp_path, runner):
+    _, model, _ = exported
+    # as `--input data/*.parquet` reaches us once the shell expanded the glob
+    result = runner.invoke(main, ["score", "--model", str(model), "--out", str(tmp_path / "s"),
+                                  "--input", str(articles / "a.parquet"), str(articles / "c.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "s" / "metrics.json").read_text())["rows_in"] == 140
+    result = runner.invoke(main, ["score", "--model", str(model), "--out", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "Missing option '--input'" in result.output, result.output
+
+
 def test_metrics_and_merge_command(exported, articles, tmp_path, runner):
     _, model, _ = exported
     out = tmp_path / "m"

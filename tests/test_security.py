@@ -97,6 +97,19 @@ def test_secrets_never_reach_the_logs(tmp_path):
             assert "***" in done.stdout + done.stderr, (args[2], done.stdout + done.stderr)
 
 
+def test_click_usage_errors_do_not_echo_a_token(tmp_path, runner, monkeypatch):
+    # Click's own messages quote the refused value: an option, the root's option, or an env variable's.
+    cases = [(["score", "--model", str(tmp_path), "--input", "x", "--out", str(tmp_path / "o"), "--backend", TOKEN], {}),
+             (["--log-format", TOKEN, "data", "synth", "--rows", "5", "--out", "x.parquet"], {}),
+             (["data", "synth", "--rows", TOKEN, "--out", "x.parquet"], {}),
+             (["score", "--model", str(tmp_path), "--input", "x", "--out", str(tmp_path / "o")],
+              {"INVESTMENT_RISK_CPU_ENGINE": TOKEN})]
+    for args, env in cases:
+        result = runner.invoke(main, args, env=env)
+        assert result.exit_code == 2, (args, result.output)
+        assert TOKEN not in result.output and "***" in result.output, (args, result.output)
+
+
 def test_paths_from_inputs_never_escape_the_output_dir(exported, tmp_path, runner):
     _, model, _ = exported
     inputs = tmp_path / "in"

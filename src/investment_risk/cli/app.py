@@ -20,12 +20,27 @@ from . import data, demo, evaluate, export, jobs, report, score, train
 from .options import ENV_PREFIX, option
 
 
+def _redacted(exc: click.ClickException) -> click.ClickException:
+    """Click's own errors quote the value they refuse, which may be a token passed by mistake."""
+    exc.message = redact_text(exc.message)
+    return exc
+
+
 class App(click.Group):
     """The root group: maps the package's exceptions to exit codes for every subcommand below it."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:  # the root's own options (--log-format, --log-level)
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as exc:
+            raise _redacted(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.ClickException as exc:  # a subcommand's usage error
+            raise _redacted(exc) from None
         except InvestmentRiskError as exc:
             get_logger().error("command_failed", error=str(exc), exit_code=exc.exit_code)
             error = click.ClickException(redact_text(str(exc)))  # messages echo paths and options

@@ -16,8 +16,8 @@ from .options import ENV_PREFIX, option
 @click.command("score")
 @option("--model", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
         help="An exported model directory (or, with --backend torch, a training run).")
-@option("--input", "inputs", multiple=True, required=True, envvar=ENV_PREFIX + "INPUT",
-        help="Parquet/JSONL files, directories or quoted globs; repeat for more.")
+@option("--input", "inputs", multiple=True, envvar=ENV_PREFIX + "INPUT",
+        help="Parquet/JSONL files, directories or quoted globs; repeat it, or list more paths after it.")
 @option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output directory.")
 @option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
         envvar=[ENV_PREFIX + "SHARD_INDEX", "JOB_COMPLETION_INDEX"],
@@ -41,12 +41,19 @@ from .options import ENV_PREFIX, option
         help="Prometheus Pushgateway URL: the shard pushes its metrics when it finishes, and the batch's after the "
              "merge (a failed push is logged, never fatal). Empty: no push.")
 @option("--force", is_flag=True, help="Redo a shard that is already done.")
-def score_command(model: Path, inputs: tuple[str, ...], out: Path, shard_index: int, shard_count: int, backend: str,
-                  device: str, keep_columns: str, token_budget: int | None, cpu_engine: str, no_calibration: bool,
-                  ledger: Path | None, psi_threshold: float, pushgateway: str, force: bool) -> None:
+# `--input a.parquet b.parquet` (the contract's --input PATH..., an unquoted glob the shell expanded): the paths after
+# the first are arguments, and inputs as much as --input's.
+@click.argument("more_inputs", nargs=-1, metavar="[PATH]...")
+def score_command(model: Path, inputs: tuple[str, ...], more_inputs: tuple[str, ...], out: Path, shard_index: int,
+                  shard_count: int, backend: str, device: str, keep_columns: str, token_budget: int | None,
+                  cpu_engine: str, no_calibration: bool, ledger: Path | None, psi_threshold: float, pushgateway: str,
+                  force: bool) -> None:
     """Score articles into OUT/part-<shard>.parquet with rejects, metrics and a _done marker."""
     from ..scoring.pipeline import ScoreConfig, score
 
+    inputs = (*inputs, *more_inputs)
+    if not inputs:
+        raise click.UsageError("Missing option '--input': Parquet/JSONL files, directories or globs to score.")
     keep = tuple(c.strip() for c in keep_columns.split(",") if c.strip())
     merged = score(ScoreConfig(model=model, inputs=inputs, out=out, shard_index=shard_index, shard_count=shard_count,
                                backend=backend, device=device, force=force, keep_columns=keep, token_budget=token_budget,
