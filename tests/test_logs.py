@@ -107,3 +107,26 @@ def test_a_slow_unit_still_gets_a_progress_event_every_interval(capsys):
     assert len(beats) >= 2 and beats[0]["done"] == 0 and beats[0]["total"] == 2
     assert all(e["stage"] == "score" and e["shard"] == 1 and e["run_id"] == "r2" for e in beats)
     assert events[-1]["event"] == "progress_done" and events[-1]["done"] == 1
+
+
+@pytest.mark.parametrize("text, secret", [
+    ("Traceback: HF_TOKEN=abc123def python", "abc123def"),
+    ("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI", "wJalrXUtnFEMI"),
+    ("SECRET_KEY=s3cr3t-value", "s3cr3t-value"),
+    ("DB_PASSPHRASE=hunter2", "hunter2"),
+    ("run --password hunter2 --verbose", "hunter2"),
+    ('password = "correct horse battery"', "horse battery"),
+    ('{"hf_token": "plain-secret"}', "plain-secret"),
+])
+def test_free_text_loses_the_values_of_secret_named_keys(text, secret):
+    assert secret not in logs.redact_text(text) and logs.REDACTED in logs.redact_text(text)
+
+
+@pytest.mark.parametrize("text", [
+    "tokens_per_second=12 token_count=5 num_tokens: 7 tokenizer: qwen",
+    "Error: /var/run/secrets/huggingface/token: Permission denied",  # a file named token, not a key
+    "HF_TOKEN_PATH=/var/run/secrets/huggingface/token",
+    "secret_name: db --hf-token-file /x",
+])
+def test_free_text_keeps_counts_paths_and_names(text):
+    assert logs.redact_text(text) == text

@@ -38,16 +38,20 @@ _SECRET_VALUE = re.compile(
 )
 
 
-# A secret-named key given a value in free text (`password=...`, `"hf_token": "..."`): the value goes.
+# A secret-named key given a value in free text: `password=...`, `"hf_token": "..."`, `AWS_SECRET_ACCESS_KEY=...`,
+# `--password ...`. The value goes, quoted values whole. A key inside a path (`.../huggingface/token: ...`) is a
+# file name, not a key; `tokens_per_second=12` or `token_count=5` are counts.
+_SECRET_KEY_TEXT = (r"(?:[A-Za-z0-9]+[_-])*(?:token|password|passwd|passphrase|secret|credentials?|api[_-]?key"
+                    r"|private[_-]?key|access[_-]?key|secret[_-](?:access[_-])?key)")
 _SECRET_ASSIGNMENT = re.compile(
-    r"""((?<![A-Za-z0-9])(?:[A-Za-z0-9]+[_-])*(?:token|password|passwd|secret|api[_-]?key|private[_-]?key)"""
-    r"""["']?\s*[=:]\s*["']?)[^\s"',;&]+""", re.I)
+    rf"""((?<![\w/.-]){_SECRET_KEY_TEXT}["']?\s*[=:]\s*|(?<![\w-])--{_SECRET_KEY_TEXT}(?:\s+|=))"""
+    r"""("[^"]*"|'[^']*'|[^\s"',;&]+)""", re.I)
 
 
 def redact_text(text: str) -> str:
     """Token-shaped substrings, and values given to secret-named keys, replaced: for text that leaves through other
     channels than the logger (error lines, pods' output)."""
-    return _SECRET_ASSIGNMENT.sub(rf"\1{REDACTED}", _SECRET_VALUE.sub(REDACTED, text))
+    return _SECRET_ASSIGNMENT.sub(lambda m: m.group(1) + REDACTED, _SECRET_VALUE.sub(REDACTED, text))
 
 
 def redact_event(event: Mapping[str, Any]) -> dict[str, Any]:
