@@ -72,6 +72,22 @@ def test_a_glob_folder_that_cannot_be_listed_is_an_error_not_a_skip(tmp_path, mo
         with pytest.raises(InputError, match=f"{tmp_path / 'sub'}: cannot list this directory"):
             expand_inputs([str(tmp_path / pattern)])
     assert [p.name for p in expand_inputs([str(tmp_path / "*.parquet")])] == ["a.parquet"]  # sub is not needed
+    lstat = os.lstat
+
+    def unsearchable(path, *args, **kwargs):  # a folder with no search (x) permission: its entries cannot be looked up
+        if os.path.dirname(str(path)).endswith("sub"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return lstat(path, *args, **kwargs)
+    monkeypatch.setattr(os, "lstat", unsearchable)
+    with pytest.raises(InputError, match=f"{tmp_path / 'sub'}: cannot search this directory"):
+        expand_inputs([str(tmp_path / "*" / "b.parquet")])  # the wildcard in a middle folder
+
+
+def test_a_glob_ending_in_a_slash_matches_folders_not_files(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write_parquet(tmp_path / "sub" / "b.parquet", article_rows(2))
+    with pytest.raises(InputError, match="no Parquet or JSONL file matches"):
+        expand_inputs([str(tmp_path / "*") + "/"])
 
 
 @pytest.mark.parametrize("make, message", [

@@ -100,6 +100,8 @@ def _glob_files(pattern: str) -> list[Path]:
     """The files a glob matches, by the shell's rules as `glob.glob(recursive=True)` applies them (`**` spans
     folders; a name starting with `.` matches only a pattern that starts with `.`). Unlike glob.glob, a folder the
     pattern needs that cannot be listed is an error: skipping it would drop its rows without a word."""
+    if pattern.endswith(("/", os.sep)):  # matches folders only, as for glob.glob: never a file
+        return []
     parts = Path(pattern).parts
     literal = next(i for i, part in enumerate(parts) if _has_glob(part))
     found: list[Path] = []
@@ -114,7 +116,13 @@ def _glob_walk(folder: Path, parts: tuple[str, ...], found: list[Path], seen: se
     seen.add(key)
     head, rest = parts[0], parts[1:]
     if not _has_glob(head):
-        names = [head] if os.path.lexists(folder / head) else []
+        try:
+            os.lstat(folder / head)
+            names = [head]
+        except (FileNotFoundError, NotADirectoryError):
+            names = []
+        except OSError as exc:  # a folder that cannot be searched hides what it holds
+            raise InputError(f"{folder}: cannot search this directory ({exc.strerror})") from None
     else:
         try:
             names = sorted(entry.name for entry in os.scandir(folder))
