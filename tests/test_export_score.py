@@ -631,6 +631,11 @@ def test_input_takes_several_paths_after_one_flag(exported, articles, tmp_path, 
     assert json.loads((tmp_path / "s" / "metrics.json").read_text())["rows_in"] == 140
     result = runner.invoke(main, ["score", "--model", str(model), "--out", str(tmp_path / "none")])
     assert result.exit_code == 2 and "Missing option '--input'" in result.output, result.output
+    # paths on the command line override the environment's, with --input or without
+    result = runner.invoke(main, ["score", "--model", str(model), "--out", str(tmp_path / "env"),
+                                  str(articles / "c.jsonl")], env={"INVESTMENT_RISK_INPUT": str(articles / "a.parquet")})
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "env" / "metrics.json").read_text())["rows_in"] == 40
 
 
 def test_metrics_and_merge_command(exported, articles, tmp_path, runner):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ..core.logs import bind, get_logger
 from ..modeling.description import CPU_ENGINES
@@ -51,6 +52,8 @@ def score_command(model: Path, inputs: tuple[str, ...], more_inputs: tuple[str, 
     """Score articles into OUT/part-<shard>.parquet with rejects, metrics and a _done marker."""
     from ..scoring.pipeline import ScoreConfig, score
 
+    if more_inputs and click.get_current_context().get_parameter_source("inputs") is ParameterSource.ENVIRONMENT:
+        inputs = ()  # paths on the command line override INVESTMENT_RISK_INPUT, as --input does
     inputs = (*inputs, *more_inputs)
     if not inputs:
         raise click.UsageError("Missing option '--input': Parquet/JSONL files, directories or globs to score.")
