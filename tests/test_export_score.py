@@ -360,7 +360,7 @@ def test_row_invariant_is_checked_against_the_files_on_disk(exported, articles, 
     table = pq.read_table(part)
     pq.write_table(table.slice(0, table.num_rows - 1), part)
     result = runner.invoke(main, ["score-merge", "--out", str(out)])
-    assert result.exit_code == 1 and "shards [1] lost rows since they were scored" in result.output, result.output
+    assert result.exit_code == 1 and "shards [1] no longer add up" in result.output, result.output
     merged = json.loads((out / "metrics.json").read_text())
     assert merged["invariant_holds"] is False and merged["invariant_broken_shards"] == [1]
     assert merged["rows_in"] == 240 == merged["rows_scored"] + merged["rows_rejected"] + 1
@@ -549,6 +549,19 @@ def test_shards_of_another_count_are_refused_and_never_merge_complete(exported, 
     assert runner.invoke(main, [*args, "--force"]).exit_code == 0
     merged = json.loads((out / "metrics.json").read_text())
     assert merged["shard_counts"] == [2, 3] and not merged["complete"]
+
+
+def test_an_unreadable_metrics_file_breaks_its_shard_and_a_rerun_redoes_it(exported, articles, tmp_path, runner):
+    _, model, _ = exported
+    out = tmp_path / "torn"
+    for shard in (0, 1):
+        score(ScoreConfig(model=model, inputs=(str(articles),), out=out, shard_index=shard, shard_count=2))
+    (out / "metrics" / "part-00000.json").write_text('{"rows_in": ')
+    result = runner.invoke(main, ["score-merge", "--out", str(out)])
+    assert result.exit_code == 1 and "shards [0] no longer add up" in result.output, result.output  # not exit 2: retryable
+    score(ScoreConfig(model=model, inputs=(str(articles),), out=out, shard_index=0, shard_count=2))
+    merged = json.loads((out / "metrics.json").read_text())
+    assert merged["complete"] and merged["invariant_holds"] and merged["rows_in"] == 240
 
 
 def test_an_unreadable_part_breaks_its_shard_not_the_merge(exported, articles, tmp_path, runner):

@@ -56,6 +56,27 @@ def test_three_nights_and_a_failed_one_score_every_article_exactly_once(exported
     assert set(counts) == expected and set(counts.values()) == {1}
 
 
+def test_a_shard_redone_after_its_night_was_recorded_scores_its_units_again(exported, tmp_path):
+    # The night is complete and in the ledger; then a part file loses rows. The rerun must score that shard's
+    # units again, although the ledger lists them: against the ledger alone it would find nothing new.
+    _, model, _ = exported
+    incoming, scored = tmp_path / "incoming", tmp_path / "scored"
+    incoming.mkdir()
+    ledger = scored / "ledger.json"
+    pq.write_table(articles(1, 30, "a"), incoming / "a.parquet", row_group_size=10)
+    night(model, incoming, scored / "night-1", ledger)
+    part = scored / "night-1" / "part-00000.parquet"
+    kept = pq.read_table(part)
+    pq.write_table(kept.slice(0, 2), part)
+    for force in (False, True):  # the broken shard found by the rerun, then the same shard redone on purpose
+        score(ScoreConfig(model=model, inputs=(str(incoming),), out=scored / "night-1", shard_index=0, shard_count=2,
+                          ledger=ledger, force=force))
+        merged = json.loads((scored / "night-1" / "metrics.json").read_text())
+        assert merged["complete"] and merged["invariant_holds"] and merged["rows_in"] == 30, merged
+        assert sorted(scored_ids(scored / "night-1")) == sorted(f"a-{i}" for i in range(30))
+    assert night(model, incoming, scored / "night-2", ledger)["rows_in"] == 0  # and still nothing new after it
+
+
 def test_a_bad_ledger_stops_with_exit_2_naming_it(exported, tmp_path, runner):
     _, model, _ = exported
     incoming = tmp_path / "incoming"

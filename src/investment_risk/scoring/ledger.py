@@ -54,6 +54,14 @@ class Ledger:
                         "mtime_ns": mtime_ns, "fingerprint": fingerprint})
         return out
 
+    def same_units(self, units: Sequence[Unit], before: Sequence[dict[str, Any]]
+                   ) -> tuple[list[Unit], list[dict[str, Any]]]:
+        """Of `units`, those that are still exactly the units of the entries `before` (same file, row group and
+        content), with their entries."""
+        wanted = {_key(e) for e in before}
+        pairs = [(u, e) for u, e in zip(units, self.unit_entries(units)) if _key(e) in wanted]
+        return [u for u, _ in pairs], [e for _, e in pairs]
+
     def new_units(self, units: Sequence[Unit]) -> tuple[list[Unit], list[dict[str, Any]]]:
         """The units no earlier batch scored, with their entries."""
         done = {_key(e) for e in self.entries}

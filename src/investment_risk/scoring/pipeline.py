@@ -33,7 +33,7 @@ from ..modeling.description import ModelDescription, describe_model
 from ..modeling.predict import predict, token_budget_for
 from .ledger import input_root, read_ledger
 from .prometheus import push, write_textfile
-from .shard_metrics import ShardMetrics, broken_shard, done_shard_counts, merge_metrics
+from .shard_metrics import ShardMetrics, broken_shard, done_shard_counts, merge_metrics, scored_units
 from .units import Unit, done_marker, list_units, parquet_rows, part_name, shard_units
 from .writer import REJECT_SCHEMA, ShardWriter, kept_columns, part_schema, provenance
 
@@ -317,12 +317,23 @@ def score(config: ScoreConfig) -> dict[str, Any]:
                          f"not {config.shard_count}: score into another --out, or redo every shard with --force")
     files = expand_inputs(config.inputs)
     listed = list_units(files)
-    entries: list[dict[str, Any]] | None = None
-    if config.ledger is not None:
+    shard_entries: list[dict[str, Any]] | None = None
+    if config.ledger is None:
+        units = shard_units(listed, config.shard_index, config.shard_count)
+    else:
         ledger = read_ledger(config.ledger, input_root(config.inputs))
-        listed, entries = ledger.new_units(listed)
-        log.info("ledger_read", ledger=str(config.ledger), known_units=len(ledger.entries), new_units=len(listed))
-    units = shard_units(listed, config.shard_index, config.shard_count)
+        # A shard scored again (--force, or its files lost rows) scores the units it scored before, which the
+        # ledger may list by now: against the ledger alone it would find nothing new and lose those rows for good.
+        before = scored_units(out, config.shard_index) if marker.exists() else None
+        if before:
+            units, shard_entries = ledger.same_units(listed, before)
+            log.info("ledger_read", ledger=str(config.ledger), known_units=len(ledger.entries), redo_units=len(units),
+                     redo_units_gone=len(before) - len(units))
+        else:
+            listed, entries = ledger.new_units(listed)
+            log.info("ledger_read", ledger=str(config.ledger), known_units=len(ledger.entries), new_units=len(listed))
+            units = shard_units(listed, config.shard_index, config.shard_count)
+            shard_entries = shard_units(entries, config.shard_index, config.shard_count)
     model = describe_model(config.model)
     tokenizer = load_tokenizer(model.tokenizer_dir)
     runner = load_runner(model, config.backend, config.device, config.threads, config.cpu_engine)
@@ -332,9 +343,8 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     if marker.exists():
         marker.unlink()  # redone (--force, or lost rows): not done until the new marker lands
     metrics = ShardScorer(config, runner, tokenizer, model).run(units, total)
-    if entries is not None:  # what this shard scored, for the merge to add to the ledger once every shard is done
-        metrics.ledger = {"path": str(config.ledger), "input_root": input_root(config.inputs),
-                          "units": shard_units(entries, config.shard_index, config.shard_count)}
+    if shard_entries is not None:  # what this shard scored, for the merge to add to the ledger once all are done
+        metrics.ledger = {"path": str(config.ledger), "input_root": input_root(config.inputs), "units": shard_entries}
     metrics_dir = out / "metrics"
     as_dict = metrics.to_dict()
     write_json_atomic(as_dict, metrics_dir / f"{part_name(config.shard_index)}.json")

@@ -192,7 +192,7 @@ def batch_drift(shards: list[dict[str, Any]], merged: dict[str, Any]) -> dict[st
 
 
 def _done_shards(out_dir: Path) -> set[str]:
-    return {p.name for p in (out_dir / "_done").glob("part-*")} if (out_dir / "_done").exists() else set()
+    return {p.name for p in (out_dir / "_done").glob("part-[0-9][0-9][0-9][0-9][0-9]")}
 
 
 def merge_metrics(out_dir: Path) -> dict[str, Any]:
@@ -234,16 +234,39 @@ def broken_shard(out_dir: Path, shard: int) -> str | None:
     return None
 
 
+def scored_units(out_dir: Path, shard: int) -> list[dict[str, Any]] | None:
+    """The ledger entries of the units a shard scored last time (None when it kept no ledger, or its metrics are
+    gone)."""
+    try:
+        metrics = read_json(out_dir / "metrics" / f"{part_name(shard)}.json")
+        return list(metrics["ledger"]["units"])
+    except (InputError, KeyError, TypeError):
+        return None
+
+
+def _done_metrics(out_dir: Path, done: set[str]) -> tuple[list[dict[str, Any]], list[int]]:
+    """The metrics of the shards marked done, and the shards marked done whose metrics file is missing or cannot be
+    read (not done after all: a rerun redoes them)."""
+    shards, unreadable = [], []
+    for name in sorted(done):
+        try:
+            metrics = read_json(out_dir / "metrics" / f"{name}.json")
+            if not isinstance(metrics, dict) or not isinstance(metrics.get("shard"), int):
+                raise InputError(f"{name}.json: not a shard's metrics")
+            shards.append(metrics)
+        except InputError as exc:
+            get_logger().warning("shard_metrics_unreadable", shard=name, error=str(exc))
+            unreadable.append(int(name.removeprefix("part-")))
+    return shards, unreadable
+
+
 def done_shard_counts(out_dir: Path) -> set[int]:
     """The --shard-count values the finished shards in OUT were scored with."""
-    done = _done_shards(out_dir)
-    return {read_json(p)["shard_count"] for p in (out_dir / "metrics").glob("part-*.json") if p.stem in done}
+    return {s["shard_count"] for s in _done_metrics(out_dir, _done_shards(out_dir))[0]}
 
 
 def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
-    parts = sorted((out_dir / "metrics").glob("part-*.json"))
-    shards = [read_json(p) for p in parts if p.stem in done]
-    broken = []
+    shards, broken = _done_metrics(out_dir, done)
     for shard in shards:  # recount the outputs: the files may have changed since the shard wrote its metrics
         name = part_name(shard["shard"])
         shard["rows_scored"], shard["rows_rejected"] = rows_on_disk(out_dir, name)
@@ -324,6 +347,7 @@ def merge_until_complete(out_dir: Path, expect_shards: int | None, wait_seconds:
         if merged["shards"] >= needed and not broken:
             return merged
         if time.monotonic() >= deadline:
-            raise RetryableError(f"{out_dir}: shards {broken} lost rows since they were scored (score them again)"
+            raise RetryableError(f"{out_dir}: shards {broken} no longer add up (rows or metrics lost since they "
+                                 f"were scored): score them again"
                                  if broken else f"{out_dir}: {merged['shards']} of {needed} shards are done")
         time.sleep(min(poll_seconds, max(deadline - time.monotonic(), 0.0)))
