@@ -83,6 +83,18 @@ def test_every_overlay_renders_and_validates_for_1_33(tmp_path, kueue_overlay):
         validate(kustomize(path), tmp_path)
 
 
+def test_the_nightly_component_starts_the_suspended_cronjob(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(ROOT / "k8s" / "overlays" / "cpu", tmp_path)],
+        "components": [os.path.relpath(ROOT / "k8s" / "components" / "nightly", tmp_path)]}))
+
+    def cron(path):
+        return next(d for d in docs_of(kustomize(path)) if d["kind"] == "CronJob")["spec"]
+    assert cron(ROOT / "k8s" / "overlays" / "cpu")["suspend"] is True
+    assert cron(tmp_path)["suspend"] is False
+
+
 def test_overlays_set_the_hardware(kueue_overlay):
     gpu, cpu = docs_of(kustomize(ROOT / "k8s" / "overlays" / "gpu")), docs_of(kustomize(ROOT / "k8s" / "overlays" / "cpu"))
     for name, spec in pod_specs(gpu).items():
