@@ -88,6 +88,8 @@ def test_assign_tiers_is_vectorised_and_checks_shape():
     ("This coin is going to the moon", "Get in now.", "fomo_speculation"),
     ("Markets", "Don't miss out on 100x gains!", "fomo_speculation"),
     ("Tip", "Buy this stock before it skyrockets.", "fomo_speculation"),
+    ("Tip", "This is the next Bitcoin.", "fomo_speculation"),
+    ("Tip", "Don\u2019t miss out, the crowd is piling in.", "fomo_speculation"),  # a typographic apostrophe
     ("Tip", "This could be the next Nvidia: 10x your money in a year.", "fomo_speculation"),
     ("Top 5 stocks to buy now", "Our picks: Contoso and Fabrikam.", "stock_picking_without_macro"),
     ("Weekly", "This post contains an affiliate link; use promo code X.", "affiliate_promo"),

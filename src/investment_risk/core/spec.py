@@ -138,7 +138,7 @@ class FilterSpec:
 
     def prefilter_reason(self, title: str | None, content: str | None) -> str | None:
         """Why an article is noise before any model sees it ('category: matched text'), or None."""
-        text = f"{title or ''}\n{content or ''}".lower()
+        text = f"{title or ''}\n{content or ''}".lower().replace("\u2019", "'")  # a typographic apostrophe too
         if self.any_prefilter is not None and not self.any_prefilter.search(text):
             return None
         reasons = [r for r in (c.match(text) for c in self.prefilter) if r]

@@ -172,9 +172,11 @@ def _mounts(job: dict[str, Any], given: dict[str, Path], scratch: Path) -> dict[
     return mapped
 
 
-# What a pod's process keeps of this shell's environment: where Python and its packages are, the locale, and the
-# test hooks (`_INVESTMENT_RISK_*`). A real pod never sees its submitter's INVESTMENT_RISK_* options or tokens.
-HOST_VARIABLES = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE")
+# What a pod's process keeps of this shell's environment: where Python, its packages and the GPU libraries are, the
+# GPUs it may use, the locale, and the test hooks (`_INVESTMENT_RISK_*`). A real pod never sees its submitter's
+# INVESTMENT_RISK_* options or tokens.
+HOST_VARIABLES = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "LANG", "LANGUAGE",
+                  "LC_ALL", "LC_CTYPE")
 
 
 def host_environment() -> dict[str, str]:
