@@ -54,9 +54,10 @@ def volumes(tmp_path_factory):
     return dirs
 
 
-def pod(volumes: dict[str, Path], *args: str, entrypoint: str | None = None) -> subprocess.CompletedProcess:
-    """One container as the pod spec runs it."""
-    env = configmap_env()
+def pod(volumes: dict[str, Path], *args: str, entrypoint: str | None = None,
+        container_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """One container as the pod spec runs it (`container_env`: the container's own env, over the ConfigMap's)."""
+    env = {**configmap_env(), **(container_env or {})}
     command = ["docker", "run", "--rm", "--read-only", "--user", f"{POD_USER}:{POD_USER}", "--cap-drop", "ALL",
                "--security-opt", "no-new-privileges", "--network", "none", "--tmpfs", "/tmp:mode=1777",
                "--mount", f"type=bind,source={volumes['cache']},target=/cache",
@@ -116,6 +117,15 @@ def test_the_image_holds_one_python_and_no_build_tools(volumes):
     done = pod(volumes, "-c", "ls /usr/bin | grep -E '^(gcc|cc|g\\+\\+|make|git|pip3?)$'; ls /opt/venv/bin/pip* /src "
                "/root/.cache 2>/dev/null; ls /usr/bin | grep -E '^python3\\.[0-9]+$'", entrypoint="sh")
     assert done.stdout.split() == ["python3.13"], done.stdout
+
+
+def test_the_stage_pod_reaches_for_the_hub_only_when_told_to(volumes):
+    # The stage Job's container lifts the ConfigMap's HF_HUB_OFFLINE; this pod has no network, so the hub cannot be
+    # reached: exit 1, which the Job retries. Every other pod keeps the ConfigMap's offline mode: exit 2.
+    done = pod(volumes, "stage-model", "--base-model", "qwen2.5-1.5b", container_env={"HF_HUB_OFFLINE": "0"})
+    assert done.returncode == 1 and "could not download Qwen/Qwen2.5-1.5B" in done.stderr, done.stderr[-2000:]
+    offline = pod(volumes, "stage-model")
+    assert offline.returncode == 2 and "HF_HUB_OFFLINE is set" in offline.stderr, offline.stderr[-2000:]
 
 
 def test_every_step_runs_in_the_pod_and_logs_json(pipeline):
