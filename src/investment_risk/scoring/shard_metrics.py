@@ -220,58 +220,65 @@ def rows_on_disk(out_dir: Path, name: str) -> tuple[int, int]:
     return rows(out_dir / f"{name}.parquet"), rows(out_dir / "rejects" / f"{name}.parquet")
 
 
+def _shard_metrics(out_dir: Path, name: str) -> dict[str, Any] | None:
+    """A shard's metrics file as it wrote it, or None when it is missing or cannot be read."""
+    try:
+        metrics = read_json(out_dir / "metrics" / f"{name}.json")
+    except InputError:
+        return None
+    ok = isinstance(metrics, dict) and all(isinstance(metrics.get(k), int) for k in ("shard", "rows_in", "shard_count"))
+    return metrics if ok else None
+
+
+def _recount(out_dir: Path, metrics: dict[str, Any]) -> bool:
+    """Count the shard's scored and rejected rows from its files (they may have changed since it wrote its metrics)
+    into `metrics`; whether they still account for its rows in."""
+    metrics["rows_scored"], metrics["rows_rejected"] = rows_on_disk(out_dir, part_name(metrics["shard"]))
+    return metrics["rows_in"] == metrics["rows_scored"] + metrics["rows_rejected"]
+
+
 def broken_shard(out_dir: Path, shard: int) -> str | None:
     """Why a done shard's files no longer account for its rows (a part file deleted or damaged since), or None
     when they do: such a shard is not done, whatever its marker says."""
-    name = part_name(shard)
-    try:
-        rows_in = int(read_json(out_dir / "metrics" / f"{name}.json")["rows_in"])
-    except (InputError, KeyError, TypeError, ValueError):
+    metrics = _shard_metrics(out_dir, part_name(shard))
+    if metrics is None:
         return "its metrics file is missing or unreadable"
-    scored, rejected = rows_on_disk(out_dir, name)
-    if rows_in != scored + rejected:
-        return f"rows in {rows_in} != scored {scored} + rejected {rejected} in its files"
+    if not _recount(out_dir, metrics):
+        return (f"rows in {metrics['rows_in']} != scored {metrics['rows_scored']} + rejected "
+                f"{metrics['rows_rejected']} in its files")
     return None
 
 
 def scored_units(out_dir: Path, shard: int) -> list[dict[str, Any]] | None:
     """The ledger entries of the units a shard scored last time (None when it kept no ledger, or its metrics are
     gone)."""
-    try:
-        metrics = read_json(out_dir / "metrics" / f"{part_name(shard)}.json")
-        return list(metrics["ledger"]["units"])
-    except (InputError, KeyError, TypeError):
-        return None
+    units = ((_shard_metrics(out_dir, part_name(shard)) or {}).get("ledger") or {}).get("units")
+    return list(units) if isinstance(units, list) else None
 
 
 def _done_metrics(out_dir: Path, done: set[str]) -> tuple[list[dict[str, Any]], list[int]]:
-    """The metrics of the shards marked done, and the shards marked done whose metrics file is missing or cannot be
-    read (not done after all: a rerun redoes them)."""
-    shards, unreadable = [], []
+    """The metrics of the shards marked done, recounted from their files, and the shards marked done that are not
+    done after all (a rerun redoes them): their metrics file is missing or unreadable, or their files lost rows."""
+    shards, broken = [], []
     for name in sorted(done):
-        try:
-            metrics = read_json(out_dir / "metrics" / f"{name}.json")
-            if not isinstance(metrics, dict) or not isinstance(metrics.get("shard"), int):
-                raise InputError(f"{name}.json: not a shard's metrics")
-            shards.append(metrics)
-        except InputError as exc:
-            get_logger().warning("shard_metrics_unreadable", shard=name, error=str(exc))
-            unreadable.append(int(name.removeprefix("part-")))
-    return shards, unreadable
+        metrics = _shard_metrics(out_dir, name)
+        if metrics is None:
+            get_logger().warning("shard_metrics_unreadable", shard=name)
+            broken.append(int(name.removeprefix("part-")))
+            continue
+        if not _recount(out_dir, metrics):
+            broken.append(metrics["shard"])
+        shards.append(metrics)
+    return shards, broken
 
 
 def done_shard_counts(out_dir: Path) -> set[int]:
     """The --shard-count values the finished shards in OUT were scored with."""
-    return {s["shard_count"] for s in _done_metrics(out_dir, _done_shards(out_dir))[0]}
+    return {m["shard_count"] for name in _done_shards(out_dir) if (m := _shard_metrics(out_dir, name)) is not None}
 
 
 def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
     shards, broken = _done_metrics(out_dir, done)
-    for shard in shards:  # recount the outputs: the files may have changed since the shard wrote its metrics
-        name = part_name(shard["shard"])
-        shard["rows_scored"], shard["rows_rejected"] = rows_on_disk(out_dir, name)
-        if shard["rows_in"] != shard["rows_scored"] + shard["rows_rejected"]:
-            broken.append(shard["shard"])
     merged: dict[str, Any] = {"shards": len(shards), "shard_count": max((s["shard_count"] for s in shards), default=0),
                               "shards_done": sorted(s["shard"] for s in shards)}
     for key in ("rows_in", "rows_scored", "rows_rejected", "rows_prefiltered", "rows_model", "duplicate_ids",
