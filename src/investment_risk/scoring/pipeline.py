@@ -298,6 +298,27 @@ class ShardScorer:
             metrics.labels_unusable += item.labels_unusable
 
 
+def _units_to_score(config: ScoreConfig, listed: list[Unit], redo: bool
+                    ) -> tuple[list[Unit], list[dict[str, Any]] | None]:
+    """This shard's units (`units[I::N]`) and, with a ledger, their entries: of the units no earlier batch scored,
+    or, for a shard scored again (`--force`, or its files lost rows), the units it scored before, which the ledger
+    may list by now (against the ledger alone it would find nothing new and lose those rows for good)."""
+    if config.ledger is None:
+        return shard_units(listed, config.shard_index, config.shard_count), None
+    log = get_logger()
+    ledger = read_ledger(config.ledger, input_root(config.inputs))
+    before = scored_units(config.out, config.shard_index) if redo else None
+    if before:
+        units, entries = ledger.same_units(listed, before)
+        log.info("ledger_read", ledger=str(config.ledger), known_units=len(ledger.entries), redo_units=len(units),
+                 redo_units_gone=len(before) - len(units))
+        return units, entries
+    listed, entries = ledger.new_units(listed)
+    log.info("ledger_read", ledger=str(config.ledger), known_units=len(ledger.entries), new_units=len(listed))
+    return (shard_units(listed, config.shard_index, config.shard_count),
+            shard_units(entries, config.shard_index, config.shard_count))
+
+
 def score(config: ScoreConfig) -> dict[str, Any]:
     """Score this shard (unless already done) and merge every finished shard's metrics into OUT/metrics.json."""
     from ..modeling.loading import load_runner
@@ -316,24 +337,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         raise InputError(f"--out {out} holds shards scored with --shard-count {', '.join(map(str, sorted(counts)))}, "
                          f"not {config.shard_count}: score into another --out, or redo every shard with --force")
     files = expand_inputs(config.inputs)
-    listed = list_units(files)
-    shard_entries: list[dict[str, Any]] | None = None
-    if config.ledger is None:
-        units = shard_units(listed, config.shard_index, config.shard_count)
-    else:
-        ledger = read_ledger(config.ledger, input_root(config.inputs))
-        # A shard scored again (--force, or its files lost rows) scores the units it scored before, which the
-        # ledger may list by now: against the ledger alone it would find nothing new and lose those rows for good.
-        before = scored_units(out, config.shard_index) if marker.exists() else None
-        if before:
-            units, shard_entries = ledger.same_units(listed, before)
-            log.info("ledger_read", ledger=str(config.ledger), known_units=len(ledger.entries), redo_units=len(units),
-                     redo_units_gone=len(before) - len(units))
-        else:
-            listed, entries = ledger.new_units(listed)
-            log.info("ledger_read", ledger=str(config.ledger), known_units=len(ledger.entries), new_units=len(listed))
-            units = shard_units(listed, config.shard_index, config.shard_count)
-            shard_entries = shard_units(entries, config.shard_index, config.shard_count)
+    units, shard_entries = _units_to_score(config, list_units(files), redo=marker.exists())
     model = describe_model(config.model)
     tokenizer = load_tokenizer(model.tokenizer_dir)
     runner = load_runner(model, config.backend, config.device, config.threads, config.cpu_engine)
