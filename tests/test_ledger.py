@@ -30,11 +30,16 @@ def scored_ids(out) -> list[str]:
     return [i for p in sorted(out.glob("part-*.parquet")) for i in pq.read_table(p, columns=["id"]).column("id").to_pylist()]
 
 
+def nightly_dirs(root) -> tuple:
+    """The incoming folder, the scored root and its ledger, as the nightly CronJob lays them out."""
+    incoming, scored = root / "incoming", root / "scored"
+    incoming.mkdir()
+    return incoming, scored, scored / "ledger.json"
+
+
 def test_three_nights_and_a_failed_one_score_every_article_exactly_once(exported, tmp_path):
     _, model, _ = exported
-    incoming, scored = tmp_path / "incoming", tmp_path / "scored"
-    incoming.mkdir()
-    ledger = scored / "ledger.json"
+    incoming, scored, ledger = nightly_dirs(tmp_path)
     pq.write_table(articles(1, 30, "a"), incoming / "a.parquet", row_group_size=10)
     pq.write_table(articles(2, 20, "b"), incoming / "b.parquet")
     first = night(model, incoming, scored / "night-1", ledger)
@@ -60,9 +65,7 @@ def test_a_shard_redone_after_its_night_was_recorded_scores_its_units_again(expo
     # The night is complete and in the ledger; then a part file loses rows. The rerun must score that shard's
     # units again, although the ledger lists them: against the ledger alone it would find nothing new.
     _, model, _ = exported
-    incoming, scored = tmp_path / "incoming", tmp_path / "scored"
-    incoming.mkdir()
-    ledger = scored / "ledger.json"
+    incoming, scored, ledger = nightly_dirs(tmp_path)
     pq.write_table(articles(1, 30, "a"), incoming / "a.parquet", row_group_size=10)
     night(model, incoming, scored / "night-1", ledger)
     part = scored / "night-1" / "part-00000.parquet"
