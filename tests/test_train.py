@@ -439,7 +439,10 @@ def test_compile_trains_to_the_same_result(split_dir, tmp_path, monkeypatch):
         torch._logging.set_logs()
     assert len(calls) == 2  # tiny-qwen2's two decoder blocks, each compiled in place
     # Recompiled for grad mode, a missing mask or a frozen input, never for a batch shape: a whole-model compile
-    # recompiled at each new length (minutes each for a 1.5B model on a GPU).
-    assert len(shapes) > 3 and recompiles and not [r for r in recompiles if "size mismatch" in r]
+    # recompiled at each new length (minutes each for a 1.5B model on a GPU). Never for a block's KV cache either:
+    # its guard names the block's layer, so a 28-layer model recompiled per block until the recompile limit (8) left
+    # the rest eager (H100, 2026-11-27: 13-15k tokens/s).
+    assert len(shapes) > 3 and recompiles
+    assert not [r for r in recompiles if "size mismatch" in r or "cache" in r]
     assert compiled["config"]["compile"] is True
     assert compiled["best_val_mae"] == pytest.approx(eager["best_val_mae"], rel=2e-2)

@@ -82,7 +82,8 @@ class InstructionModel(_torch().nn.Module):
 
     def forward(self, input_ids: Any, attention_mask: Any, prompt_end: Any) -> tuple[Any, Any]:
         torch = _torch()
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        # No KV cache: one pass (training or scoring) never reuses it; generation calls `self.lm` with one.
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
         pooled = out.hidden_states[-1][torch.arange(input_ids.shape[0], device=input_ids.device), prompt_end]
         return out.logits, self.head(pooled.float())
 

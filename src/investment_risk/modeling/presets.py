@@ -147,6 +147,9 @@ def load_config(base: BaseModel, pad_token_id: int | None = None) -> Any:
         raise ConfigError(f"base model {base.name!r} at {base.path}: {str(exc).splitlines()[0]}") from None
     if pad_token_id is not None:
         config.pad_token_id = pad_token_id
+    # A regression model never generates: a KV cache is memory for nothing, and under torch.compile each block's
+    # cache guard (its layer index) recompiled the shared block code until the recompile limit left the rest eager.
+    config.use_cache = False
     return config
 
 
