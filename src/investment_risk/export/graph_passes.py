@@ -73,9 +73,17 @@ def fuse_graph(path: Path, external: bool) -> dict[str, int]:
     """onnxscript's ORT fusions on the dynamo graph: SDPA -> MultiHeadAttention, (Skip)LayerNorm/RMSNorm, rotary,
     GELU. Returns how many of each fusion applied."""
     import onnx_ir as ir
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+    from onnxscript.rewriter.ort_fusions import _core, optimize_for_ort
 
-    model, counts = optimize_for_ort(ir.load(str(path)))
+    # onnxscript's GroupQueryAttention fusion is for graphs with a KV cache. On a graph without one (as transformers
+    # 5.17 exports Qwen2) it still matched and took seqlens_k from a batch of one: ONNX Runtime then refused every
+    # batch of more than one row (seen on an H100 and here, 2026-11-27). MultiHeadAttention is right for any batch.
+    fuse_gqa, _core.fuse_gqa = _core.fuse_gqa, _no_fusion
+    fuse_cos_sin_cache, _core.fuse_cos_sin_cache = _core.fuse_cos_sin_cache, _no_fusion
+    try:
+        model, counts = optimize_for_ort(ir.load(str(path)))
+    finally:
+        _core.fuse_gqa, _core.fuse_cos_sin_cache = fuse_gqa, fuse_cos_sin_cache
     if external:  # weights are read lazily from the files about to be replaced: bring them into memory first
         ir.external_data.load_to_model(model)
     for stale in onnx_files(path.parent):
@@ -88,6 +96,10 @@ def fuse_graph(path: Path, external: bool) -> dict[str, int]:
     del model
     gc.collect()
     return {name: int(n) for name, n in counts.items() if n}
+
+
+def _no_fusion(model: Any, **_: Any) -> int:
+    return 0
 
 
 def to_int8(path: Path, external: bool) -> None:
