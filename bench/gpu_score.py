@@ -29,7 +29,8 @@ from gpu_train import DEVICE, QWEN25_15B, SMOKE, TINY  # noqa: E402  (same direc
 def build(dtype: torch.dtype, pad_id: int) -> torch.nn.Module:
     from transformers import AutoModelForSequenceClassification, Qwen2Config
 
-    config = Qwen2Config(**(TINY if SMOKE else QWEN25_15B), num_labels=8, pad_token_id=pad_id)
+    config = Qwen2Config(**(TINY if SMOKE else QWEN25_15B), num_labels=8, pad_token_id=pad_id,
+                         use_cache=False)  # as the product's config (presets.load_config)
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = AutoModelForSequenceClassification.from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -104,6 +105,19 @@ def measure(folder: Path, rows: list[np.ndarray], batches: list[tuple[np.ndarray
     return runner
 
 
+def attempt(out: dict, name: str, save, part) -> object:
+    """out[name] filled by `part(out[name])`; an error is recorded there, so that one graph's failure (the dynamo
+    graph's GroupQueryAttention on 2026-11-27) still lets the graphs after it be measured."""
+    out[name] = {}
+    try:
+        return part(out[name])
+    except Exception as error:  # noqa: BLE001 - recorded in the results
+        out[name]["error"] = f"{type(error).__name__}: {error}"
+        return None
+    finally:
+        save()
+
+
 def onnx_cuda(rows: list[np.ndarray], batches: list[tuple[np.ndarray, np.ndarray]], tokenizer, out: dict,
               save) -> None:
     """ONNX Runtime's CUDA provider with I/O binding, the same batches as PyTorch, on both graphs of the same
@@ -136,48 +150,42 @@ def onnx_cuda(rows: list[np.ndarray], batches: list[tuple[np.ndarray, np.ndarray
     if not SMOKE:
         torch.cuda.empty_cache()
     external = True  # weights beside the graph, as 1.5B parameters need, in the smoke run too
-    with tempfile.TemporaryDirectory() as tmp:
-        builder, dynamo = Path(tmp) / "builder", Path(tmp) / "dynamo"
-        builder.mkdir(), dynamo.mkdir()
-        out["builder"] = part = {}
-        started = time.perf_counter()
-        with decoder_checkpoint(module.inner, tokenizer, builder) as checkpoint:
-            part["graph"] = build_decoder_graph(checkpoint, builder, external)
-        part["export_seconds"] = round(time.perf_counter() - started, 1)
-        runner = measure(builder, rows, batches, wants, part)
-        save()
-        # The scorer's own default budget on GPUs beside others, on a quarter of the articles: which to ship.
-        some = rows[: max(len(rows) // 4, 1)]
-        lengths = np.array([len(r) for r in some])
-        part["articles_per_second_by_token_budget"] = {
-            budget: round(len(some) / seconds_for(runner, [pad_batch([some[i] for i in b], pad)
-                                                           for b in length_batches(lengths, budget, 1024)]), 1)
-            for budget in sorted({GPU_TOKEN_BUDGET, 32768, 65536, 131072})}
-        del runner
-        save()
 
-        out["dynamo"] = part = {}
+    def builder(part: dict, folder: Path, precision: str) -> None:
+        folder.mkdir()
+        started = time.perf_counter()
+        with decoder_checkpoint(module.inner, tokenizer, folder) as checkpoint:
+            part["graph"] = build_decoder_graph(checkpoint, folder, external, precision=precision)
+        part["export_seconds"] = round(time.perf_counter() - started, 1)
+        if SMOKE and precision == "bf16":  # ONNX Runtime has no bf16 CPU kernels
+            part["not measured"] = "bf16 runs on the CUDA provider only"
+            return
+        runner = measure(folder, rows, batches, wants, part)
+        save()
+        if precision == "fp16":
+            # The scorer's own default budget on GPUs beside others, on a quarter of the articles: which to ship.
+            some = rows[: max(len(rows) // 4, 1)]
+            lengths = np.array([len(r) for r in some])
+            part["articles_per_second_by_token_budget"] = {
+                budget: round(len(some) / seconds_for(runner, [pad_batch([some[i] for i in b], pad)
+                                                               for b in length_batches(lengths, budget, 1024)]), 1)
+                for budget in sorted({GPU_TOKEN_BUDGET, 32768, 65536, 131072})}
+
+    def dynamo(part: dict, folder: Path) -> None:
+        folder.mkdir()
         started = time.perf_counter()
         ids, mask = batches[-1]
-        export_graph(module, (torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2])), dynamo / "model.onnx", external)
-        part["fusions"] = fuse_graph(dynamo / "model.onnx", external)
-        to_fp16(dynamo / "model.onnx", external)
+        export_graph(module, (torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2])), folder / "model.onnx", external)
+        part["fusions"] = fuse_graph(folder / "model.onnx", external)
+        to_fp16(folder / "model.onnx", external)
         part["export_seconds"] = round(time.perf_counter() - started, 1)
-        measure(dynamo, rows, batches, wants, part)
-        save()
+        measure(folder, rows, batches, wants, part)
 
+    with tempfile.TemporaryDirectory() as tmp:
+        attempt(out, "builder", save, lambda part: builder(part, Path(tmp) / "builder", "fp16"))
+        attempt(out, "dynamo", save, lambda part: dynamo(part, Path(tmp) / "dynamo"))
         # bf16 has fp32's range (no fp16 overflow with real weights' outliers): what it costs, if anything.
-        out["builder_bf16"] = part = {}
-        bf16 = Path(tmp) / "builder-bf16"
-        bf16.mkdir()
-        with decoder_checkpoint(module.inner, tokenizer, bf16) as checkpoint:
-            part["graph"] = build_decoder_graph(checkpoint, bf16, external, precision="bf16")
-        del module
-        if SMOKE:  # ONNX Runtime has no bf16 CPU kernels
-            part["not measured"] = "bf16 runs on the CUDA provider only"
-        else:
-            measure(bf16, rows, batches, wants, part)
-        save()
+        attempt(out, "builder_bf16", save, lambda part: builder(part, Path(tmp) / "builder-bf16", "bf16"))
 
 
 def main() -> None:
@@ -235,11 +243,7 @@ def main() -> None:
     save()
 
     # Last: its exports are the longest part, and what it measures is saved part by part.
-    results["onnxruntime_cuda"] = {}
-    try:
-        onnx_cuda(rows, ours, tokenizer, results["onnxruntime_cuda"], save)
-    except Exception as error:  # noqa: BLE001 - recorded: the PyTorch figures still count
-        results["onnxruntime_cuda"]["error"] = f"{type(error).__name__}: {error}"
+    attempt(results, "onnxruntime_cuda", save, lambda part: onnx_cuda(rows, ours, tokenizer, part, save))
     torch_rate = results["torch_bf16_sdpa_bucketed"]["articles_per_second"]
     original_rate = results["original_fp32_pad512_batch8"]["articles_per_second"]
     ort = results["onnxruntime_cuda"]

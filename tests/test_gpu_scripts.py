@@ -27,7 +27,8 @@ def test_each_gpu_step_runs_through_on_the_cpu(step, tmp_path):
     name, sections = WHAT_EACH_STEP_WRITES[step]
     results = json.loads((tmp_path / name).read_text())
     assert all(section in results for section in sections), results
-    assert "error" not in results.get("onnxruntime_cuda", {}), results["onnxruntime_cuda"]
+    onnx_parts = results.get("onnxruntime_cuda", {})  # each graph records its own error and the next one still runs
+    assert not [part for part in [onnx_parts, *onnx_parts.values()] if "error" in part], onnx_parts
     assert (tmp_path / f"{step}.log").exists() and "Traceback" not in (tmp_path / f"gpu-info-{step}.txt").read_text()
     if step == "score":
         builder, dynamo = results["onnxruntime_cuda"]["builder"], results["onnxruntime_cuda"]["dynamo"]
