@@ -6,6 +6,7 @@
 #   bash bench/gpu.sh export   ~7 min: the CLI's `export --dtype fp16 --device cuda` and `score --device cuda` on a
 #                                     1.5B-shaped run (the product's path, where `score` measures the pieces)
 #   bash bench/gpu.sh compile  ~5 min: what torch.compile and bigger batches add (optional)
+# Arguments after the step go to its script (`bash bench/gpu.sh score --graphs dynamo,builder_bf16`).
 # Each step runs under its own time limit and writes its JSON as it goes, so a step cut short still returns what
 # it measured. Results and logs in $OUT (or bench-results/). Needs torch, transformers, peft, pyarrow on the
 # machine; the rest comes from bench/device_wheels.sh (.whl/ and .whl-parts/, carried as bench/README.md says).
@@ -50,4 +51,4 @@ case $step in
   compile) args=(bench/gpu_compile.py --out "$out/gpu-compile.json") ;;
   *) echo "bench/gpu.sh: step must be score, train, export or compile, not '$step'" >&2; exit 2 ;;
 esac
-timeout --signal=INT --kill-after=20 "$limit" python3 "${args[@]}" 2>&1 | tee "$out/$step.log" | tail -60
+timeout --signal=INT --kill-after=20 "$limit" python3 "${args[@]}" "${@:2}" 2>&1 | tee "$out/$step.log" | tail -60

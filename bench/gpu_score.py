@@ -118,15 +118,18 @@ def attempt(out: dict, name: str, save, part) -> object:
         save()
 
 
+GRAPHS = ("builder", "dynamo", "builder_bf16")
+
+
 def onnx_cuda(rows: list[np.ndarray], batches: list[tuple[np.ndarray, np.ndarray]], tokenizer, out: dict,
-              save) -> None:
+              save, graphs: tuple[str, ...] = GRAPHS) -> None:
     """ONNX Runtime's CUDA provider with I/O binding, the same batches as PyTorch, on both graphs of the same
     model, each with its parity against PyTorch bf16 on the first (mixed-length) batches:
       - `builder`: what `export --dtype fp16` ships for a decoder (onnxruntime-genai's model builder, its
         GroupQueryAttention graph with the score head appended), then its rate at the scorer's token budgets;
       - `dynamo`: torch.onnx (dynamo) + onnxscript's fusions + fp16 with fp32 norms, the route before it;
       - `builder_bf16`: the builder's graph in bf16 (`export --dtype bf16 --device cuda`).
-    Fills `out` as it goes and calls `save` after each part."""
+    Measures the `graphs` named, in that order; fills `out` as it goes and calls `save` after each part."""
     import copy
     import tempfile
 
@@ -182,10 +185,12 @@ def onnx_cuda(rows: list[np.ndarray], batches: list[tuple[np.ndarray, np.ndarray
         measure(folder, rows, batches, wants, part)
 
     with tempfile.TemporaryDirectory() as tmp:
-        attempt(out, "builder", save, lambda part: builder(part, Path(tmp) / "builder", "fp16"))
-        attempt(out, "dynamo", save, lambda part: dynamo(part, Path(tmp) / "dynamo"))
-        # bf16 has fp32's range (no fp16 overflow with real weights' outliers): what it costs, if anything.
-        attempt(out, "builder_bf16", save, lambda part: builder(part, Path(tmp) / "builder-bf16", "bf16"))
+        parts = {"builder": lambda part: builder(part, Path(tmp) / "builder", "fp16"),
+                 "dynamo": lambda part: dynamo(part, Path(tmp) / "dynamo"),
+                 # bf16 has fp32's range (no fp16 overflow with real weights' outliers): what it costs, if anything.
+                 "builder_bf16": lambda part: builder(part, Path(tmp) / "builder-bf16", "bf16")}
+        for name in graphs:
+            attempt(out, name, save, parts[name])
 
 
 def main() -> None:
@@ -194,7 +199,12 @@ def main() -> None:
     parser.add_argument("--articles", type=int, default=4000)
     parser.add_argument("--original-articles", type=int, default=400)
     parser.add_argument("--token-budget", type=int, default=65536)
+    parser.add_argument("--graphs", default=",".join(GRAPHS),
+                        help=f"the ONNX graphs to measure, in order (a session's time may not cover all): {GRAPHS}")
     args = parser.parse_args()
+    graphs = tuple(args.graphs.split(","))
+    if unknown := set(graphs) - set(GRAPHS):
+        parser.error(f"--graphs: unknown {sorted(unknown)}; choose from {GRAPHS}")
     if SMOKE:
         args.articles, args.original_articles = 64, 16
     from investment_risk.modeling.tokens import article_text, encode, pad_batch
@@ -243,7 +253,7 @@ def main() -> None:
     save()
 
     # Last: its exports are the longest part, and what it measures is saved part by part.
-    attempt(results, "onnxruntime_cuda", save, lambda part: onnx_cuda(rows, ours, tokenizer, part, save))
+    attempt(results, "onnxruntime_cuda", save, lambda part: onnx_cuda(rows, ours, tokenizer, part, save, graphs))
     torch_rate = results["torch_bf16_sdpa_bucketed"]["articles_per_second"]
     original_rate = results["original_fp32_pad512_batch8"]["articles_per_second"]
     ort = results["onnxruntime_cuda"]
