@@ -446,3 +446,18 @@ def test_compile_trains_to_the_same_result(split_dir, tmp_path, monkeypatch):
     assert not [r for r in recompiles if "size mismatch" in r or "cache" in r]
     assert compiled["config"]["compile"] is True
     assert compiled["best_val_mae"] == pytest.approx(eager["best_val_mae"], rel=2e-2)
+
+
+def test_the_optimiser_settings_come_from_the_command_line(runner, split_dir, tmp_path, monkeypatch):
+    from investment_risk.training import recipe
+
+    seen = []
+    monkeypatch.setattr(recipe, "train", lambda config, resume: seen.append(config) or {"best_val_mae": 1.0,
+                                                                                        "best_epoch": 1})
+    base = ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(tmp_path / "run")]
+    result = runner.invoke(main, [*base, "--weight-decay", "0", "--max-grad-norm", "0.5", "--log-every", "3"])
+    assert result.exit_code == 0, result.output
+    assert (seen[0].weight_decay, seen[0].max_grad_norm, seen[0].log_every) == (0.0, 0.5, 3)
+    for option, value in (("--weight-decay", "-0.1"), ("--max-grad-norm", "0"), ("--log-every", "0")):
+        bad = runner.invoke(main, [*base, option, value])
+        assert bad.exit_code == 2 and option in bad.output, bad.output

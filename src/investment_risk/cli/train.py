@@ -34,7 +34,12 @@ from .options import option
         help="Instruction mode: lambda in token loss + lambda x score MSE.")
 @option("--warmup-steps", type=click.IntRange(min=0), default=500, show_default=True,
         help="Linear warm-up steps, capped at 10% of all optimizer steps.")
+@option("--weight-decay", type=click.FloatRange(min=0), default=0.01, show_default=True, help="AdamW's weight decay.")
+@option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+        help="Gradients are clipped to this global norm before each optimizer step.")
 @option("--seed", type=click.IntRange(min=0), default=42, show_default=True)
+@option("--log-every", type=click.IntRange(min=1), default=20, show_default=True,
+        help="A train_step log line (loss, learning rate, tokens/s) every N optimizer steps; may change on --resume.")
 @option("--checkpoint-steps", type=click.IntRange(min=1), default=500, show_default=True,
         help="Also checkpoint every N optimizer steps (always at each epoch end).")
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
