@@ -131,8 +131,18 @@ def main() -> None:
         config = TrainConfig(mode="distillation", base_model=str(base), data=str(root / "data"), out=str(root / "run"),
                              epochs=args.epochs, batch_size=args.batch_size, learning_rate=2e-5, max_length=512,
                              checkpoint_steps=10_000, device=DEVICE, compile=args.compile)
+        steps = keep_train_steps()
         started = time.perf_counter()
-        metadata = train(config)
+        try:
+            metadata = train(config)
+        except KeyboardInterrupt:  # gpu.sh's time limit: what the run showed until then still comes back
+            results["recipe_cut_short"] = {
+                "after_s": round(time.perf_counter() - started, 1), "compile": args.compile,
+                "first_train_step_line_after_s": steps[0]["after_s"] if steps else None,
+                "recent_tokens_per_second": [s["recent_tokens_per_second"] for s in steps]}
+            results["dynamo"] = dynamo_counts()
+            write(args.out, results)
+            return
         wall = time.perf_counter() - started
         per_epoch = metadata["train_seconds"] / args.epochs
         results["recipe"] = {
@@ -147,8 +157,38 @@ def main() -> None:
         }
         results["target_tokens_per_second"] = 50_000
         results["target_met"] = max(results["recipe"]["epoch_tokens_per_second"]) >= 50_000
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+        results["dynamo"] = dynamo_counts()
+    write(args.out, results)
+
+
+def keep_train_steps() -> list[dict]:
+    """The recipe's train_step events as they are logged, each with the seconds since this call (compilation shows
+    as the wait before the first)."""
+    import structlog
+
+    steps: list[dict] = []
+    started = time.perf_counter()
+
+    def keep(logger, name, event: dict) -> dict:
+        if event.get("event") == "train_step":
+            steps.append({**event, "after_s": round(time.perf_counter() - started, 1)})
+        return event
+
+    structlog.configure(processors=[keep, *structlog.get_config()["processors"]])
+    return steps
+
+
+def dynamo_counts() -> dict:
+    """How many frames torch.compile compiled and graphs it made: with --compile, one graph per block kind and mode is
+    expected; one per layer means the blocks were recompiled (a KV cache's guard did that on 2026-11-27)."""
+    from torch._dynamo.utils import counters
+
+    return {"frames": dict(counters["frames"]), "unique_graphs": counters["stats"]["unique_graphs"]}
+
+
+def write(path: str, results: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
 
