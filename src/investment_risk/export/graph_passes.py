@@ -75,9 +75,11 @@ def fuse_graph(path: Path, external: bool) -> dict[str, int]:
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import _core, optimize_for_ort
 
-    # onnxscript's GroupQueryAttention fusion is for graphs with a KV cache. On a graph without one (as transformers
-    # 5.17 exports Qwen2) it still matched and took seqlens_k from a batch of one: ONNX Runtime then refused every
-    # batch of more than one row (seen on an H100 and here, 2026-11-27). MultiHeadAttention is right for any batch.
+    # onnxscript's GroupQueryAttention and cos/sin-cache fusions are for decoders exported with a KV cache. On our
+    # cacheless graph, as transformers 5.17 exports Qwen2, they still matched and fixed seqlens_k and position_ids
+    # at a batch of one: ONNX Runtime then refused every larger batch (on an H100 and here, 2026-11-27). The fusions
+    # left (MultiHeadAttention, rotary, the norms) hold for any batch. `_core` is where optimize_for_ort looks them
+    # up in the locked onnxscript; a test fails if that moves.
     fuse_gqa, _core.fuse_gqa = _core.fuse_gqa, _no_fusion
     fuse_cos_sin_cache, _core.fuse_cos_sin_cache = _core.fuse_cos_sin_cache, _no_fusion
     try:
