@@ -27,7 +27,7 @@ if ls .whl-parts/p*/*.part-* >/dev/null 2>&1 && ! ls "$site"/onnxruntime_gpu-*.d
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheel"
   fi
 fi
-export PYTHONPATH="$PWD/src:$PWD/bench:$site" PYTHONUNBUFFERED=1 INVESTMENT_RISK_CACHE=/tmp/ir-cache HF_HUB_OFFLINE=1
+export PYTHONPATH="$PWD/src:$PWD/bench:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 INVESTMENT_RISK_CACHE=/tmp/ir-cache HF_HUB_OFFLINE=1
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   # A real session: with libraries missing, ONNX Runtime lists its CUDA provider yet runs on the CPU.
