@@ -257,15 +257,17 @@ def main() -> None:
     torch_rate = results["torch_bf16_sdpa_bucketed"]["articles_per_second"]
     original_rate = results["original_fp32_pad512_batch8"]["articles_per_second"]
     ort = results["onnxruntime_cuda"]
-    ort_rate = ort.get("builder", {}).get("articles_per_second", 0)  # the graph export ships
+    # Only what was measured: a graph not asked for (--graphs) or failed has no figures, rather than a rate of 0.
+    rates = {name: part["articles_per_second"] for name, part in ort.items()
+             if isinstance(part, dict) and "articles_per_second" in part}
     results["speedup_vs_original"] = {"torch_bf16": round(torch_rate / original_rate, 1),
-                                      "onnxruntime_cuda": round(ort_rate / original_rate, 1),
-                                      "onnxruntime_cuda_dynamo_graph": round(
-                                          ort.get("dynamo", {}).get("articles_per_second", 0) / original_rate, 1)}
-    results["targets"] = {"articles_per_second >= 340": max(torch_rate, ort_rate) >= 340,
-                          "speedup >= 10": max(torch_rate, ort_rate) / original_rate >= 10,
-                          "onnxruntime_cuda >= torch bf16": ort_rate >= torch_rate,
-                          "onnxruntime_cuda >= 340": ort_rate >= 340}
+                                      **{f"onnxruntime_cuda_{name}": round(rate / original_rate, 1)
+                                         for name, rate in rates.items()}}
+    best = max([torch_rate, *rates.values()])
+    results["targets"] = {"articles_per_second >= 340": best >= 340, "speedup >= 10": best / original_rate >= 10}
+    if "builder" in rates:  # the graph export ships
+        results["targets"].update({"onnxruntime_cuda >= torch bf16": rates["builder"] >= torch_rate,
+                                   "onnxruntime_cuda >= 340": rates["builder"] >= 340})
     save()
     print(json.dumps(results, indent=2))
 

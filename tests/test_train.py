@@ -443,7 +443,7 @@ def test_compile_trains_to_the_same_result(split_dir, tmp_path, monkeypatch):
     # its guard names the block's layer, so a 28-layer model recompiled per block until the recompile limit (8) left
     # the rest eager (H100, 2026-11-27: 13-15k tokens/s).
     assert len(shapes) > 3 and recompiles
-    assert not [r for r in recompiles if "size mismatch" in r or "cache" in r]
+    assert not [r for r in recompiles if "size mismatch" in r or "cache" in r or ".layers[" in r]
     assert compiled["config"]["compile"] is True
     assert compiled["best_val_mae"] == pytest.approx(eager["best_val_mae"], rel=2e-2)
 
