@@ -7,7 +7,8 @@ then rerun to completion, and the invariants are checked. Every fifth cycle inst
 shard (a replaced pod that is still running). Invariants:
 - every input row appears exactly once across the part files and the rejects;
 - every visible output file is a whole Parquet/JSON file; `_done` exists only beside a whole part file;
-- metrics.json agrees with the files (rows in, scored, rejected; complete).
+- metrics.json agrees with the files (rows in, scored, rejected; complete);
+- no temporary file is left behind once every shard has rerun.
 
     python -m tests.chaos --cycles 200 --out bench-results/chaos.json     (make chaos)
 
@@ -148,7 +149,10 @@ def cycle(n: int, plan: dict, model: Path, inputs: Path, total: int, ids: set[st
     record["rerun_exit_codes"] = [run(score_cmd(model, inputs, out, s)) for s in range(SHARDS)]
     problems += [f"rerun of shard {s} exited {c}" for s, c in enumerate(record["rerun_exit_codes"]) if c != 0]
     problems += check(out, total, ids)
-    record["leftover_temp_files"] = len(list(out.rglob(".*.tmp")))
+    # A killed writer's temporary file is removed when its destination is written again, as every rerun does.
+    leftovers = sorted(p.relative_to(out).as_posix() for p in out.rglob(".*.tmp"))
+    record["leftover_temp_files"] = len(leftovers)
+    problems += [f"temporary file left behind: {name}" for name in leftovers]
     record["violations"] = problems
     shutil.rmtree(out.parent, ignore_errors=True)
     return record

@@ -235,6 +235,37 @@ def test_a_directory_half_built_by_a_killed_attempt_is_removed_by_the_next_write
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model-fp16.partial-x", "model"]
 
 
+WRITER = """
+import sys, time
+from investment_risk.core.atomic import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_text("half")
+    print(tmp, flush=True)
+    sys.stdin.read()  # until the test lets it finish (or kills it)
+    tmp.write_text(sys.argv[2])
+"""
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write_and_a_live_ones_is_not(tmp_path):
+    """SIGKILL runs no `finally`; a live writer (a raced shard, another merge of metrics.json) holds its lock."""
+    import signal
+    import subprocess
+    import sys
+
+    dest = tmp_path / "metrics.json"
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(dest), name], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True) for name in ("killed", "live")]
+    killed_tmp, live_tmp = (Path(w.stdout.readline().strip()) for w in writers)
+    writers[0].send_signal(signal.SIGKILL)
+    writers[0].wait()
+    assert killed_tmp.exists() and live_tmp.exists()
+    write_json_atomic({"k": 1}, dest)
+    assert not killed_tmp.exists() and live_tmp.exists()
+    writers[1].communicate("")  # the live writer finishes: its rename still succeeds
+    assert writers[1].returncode == 0 and dest.read_text() == "live"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
 def test_jsonl_blank_lines_are_skipped_counted_and_rows_keep_their_line_numbers(tmp_path):
     path = tmp_path / "b.jsonl"
     records = [json.dumps(r) for r in article_rows(3, labels=False)]

@@ -4,10 +4,13 @@ directory (a rename is durable only once its directory is synced). And the one w
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import glob
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,16 +31,66 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _lock(fd: int, wait: bool) -> bool:
+    """Lock the open file `fd` exclusively; False when another holds it (or the filesystem has no locks).
+
+    The lock belongs to this open file, not to the process (an OFD lock; flock where the platform has none), so
+    the kernel drops it when its holder dies, SIGKILL included, and a writer that reopens its temporary file by
+    path (pyarrow, matplotlib) does not lose it on close, as it would a classic POSIX lock."""
+    try:
+        if hasattr(fcntl, "F_OFD_SETLK"):
+            request = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)  # struct flock: the whole file
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, request)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EINTR, errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True
+
+
+def _remove_abandoned(dest: Path) -> None:
+    """Remove the temporary files of `dest` whose writers are gone: a SIGKILL runs no `finally`. A live writer
+    holds its file's lock, so a file whose lock can be taken was left by a dead one (metrics.json and a
+    raced shard's files have several writers, so age or name cannot tell)."""
+    for leftover in dest.parent.glob(f"{glob.escape(f'.{dest.name}.')}*.tmp"):
+        try:
+            fd = os.open(leftover, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue  # gone already, or not ours to touch
+        try:
+            if _lock(fd, wait=False) and os.path.samestat(os.fstat(fd), os.stat(leftover)):
+                leftover.unlink()
+        except OSError:
+            pass  # removed meanwhile by another writer's sweep
+        finally:
+            os.close(fd)
+
+
+def _claimed_temp(dest: Path) -> tuple[int, Path]:
+    """A new temporary file beside `dest`, open and locked for as long as its writer lives."""
+    while True:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        _lock(fd, wait=True)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(tmp)):
+                return fd, Path(tmp)
+        except FileNotFoundError:
+            pass  # a sweep took it between its creation and the lock: make another
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
-    """A temporary path beside `dest`; renamed onto `dest` only if the block succeeds, removed otherwise."""
+    """A temporary path beside `dest`; renamed onto `dest` only if the block succeeds, removed otherwise.
+    Temporary files of `dest` that a killed writer left are removed first."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, FILE_MODE)
+    _remove_abandoned(dest)
+    lock_fd, tmp_path = _claimed_temp(dest)
     try:
+        os.chmod(tmp_path, FILE_MODE)
         yield tmp_path
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
@@ -48,6 +101,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         fault_point(f"after_rename:{label}")
     finally:
         tmp_path.unlink(missing_ok=True)
+        os.close(lock_fd)
 
 
 def write_dir_atomic(dest: str | Path, fill: Callable[[Path], Any]) -> Path:
