@@ -8,7 +8,9 @@ Measures articles/s for
     GroupQueryAttention, packed QKV, the score head appended), with its parity against PyTorch bf16 and its rate at
     several token budgets; on the route before it (dynamo export, onnxscript fusions, fp16 with fp32 norms); and
     on the builder's bf16 graph,
-all in the same process on the same articles. Targets: >= 340 articles/s on an H100, >= 10x the original's way.
+all in the same process on the same articles; and, for PyTorch bf16 and the builder's fp16 graph, a kernel
+profile on the same heaviest batches (GPU time per article by kind of kernel, the top kernels, and how much of the
+wall time the GPU was busy). Targets: >= 340 articles/s on an H100, >= 10x the original's way.
 
     python bench/gpu_score.py --out bench-results/gpu-score.json
 """
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from gpu_train import DEVICE, QWEN25_15B, SMOKE, TINY  # noqa: E402  (same directory)
+from kernel_profile import profile_kernels  # noqa: E402
 
 
 def build(dtype: torch.dtype, pad_id: int) -> torch.nn.Module:
@@ -59,6 +62,20 @@ def run(model: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndarray]], au
         sync()
         np.concatenate([o.float().cpu().numpy() for o in outs])
     return time.perf_counter() - started
+
+
+def forward_all(model: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    from investment_risk.modeling.tokens import to_device
+
+    device = torch.device(DEVICE)
+    with torch.inference_mode():
+        for ids, mask in batches:
+            model(input_ids=to_device(ids, device), attention_mask=to_device(mask, device))
+
+
+def heaviest(batches: list[tuple[np.ndarray, np.ndarray]], count: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The batches with the most real tokens: what the kernel profiles of both engines run."""
+    return sorted(batches, key=lambda batch: -int(batch[1].sum()))[:count]
 
 
 class Scores(torch.nn.Module):
@@ -138,7 +155,7 @@ def onnx_cuda(rows: list[np.ndarray], batches: list[tuple[np.ndarray, np.ndarray
     from investment_risk.export.decoder_graph import build_decoder_graph, decoder_checkpoint
     from investment_risk.export.graph_passes import export_graph, fuse_graph, to_fp16
     from investment_risk.modeling.tokens import length_batches, pad_batch
-    from investment_risk.modeling.predict import GPU_TOKEN_BUDGET
+    from investment_risk.modeling.predict import GPU_TOKEN_BUDGET, PaddedBatch
 
     if not SMOKE and "CUDAExecutionProvider" not in ort.get_available_providers():
         out["not measured"] = f"onnxruntime-gpu is not installed (providers: {ort.get_available_providers()})"
@@ -173,6 +190,12 @@ def onnx_cuda(rows: list[np.ndarray], batches: list[tuple[np.ndarray, np.ndarray
                 budget: round(len(some) / seconds_for(runner, [pad_batch([some[i] for i in b], pad)
                                                                for b in length_batches(lengths, budget, 1024)]), 1)
                 for budget in sorted({GPU_TOKEN_BUDGET, 32768, 65536, 131072})}
+            save()
+            # Where its time goes, kernel by kernel, beside PyTorch's on the same batches (what 340/s would take).
+            profiled = heaviest(batches)
+            part["kernel_profile"] = profile_kernels(
+                lambda: [runner(PaddedBatch(np.arange(len(ids)), ids, mask)) for ids, mask in profiled],
+                sum(len(ids) for ids, _ in profiled), cuda=not SMOKE)
 
     def dynamo(part: dict, folder: Path) -> None:
         folder.mkdir()
@@ -234,6 +257,10 @@ def main() -> None:
     seconds = run(model, ours, autocast=False)
     results["torch_bf16_sdpa_bucketed"] = {"articles_per_second": round(len(rows) / seconds, 1), "batches": len(ours),
                                            "token_budget": args.token_budget}
+    save()
+    profiled = heaviest(ours)
+    results["torch_bf16_sdpa_bucketed"]["kernel_profile"] = profile_kernels(
+        lambda: forward_all(model, profiled), sum(len(ids) for ids, _ in profiled), cuda=not SMOKE)
     del model
     if not SMOKE:
         torch.cuda.empty_cache()
