@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -43,6 +44,21 @@ def test_isotonic_calibration_stretches_shrunk_scores_back_and_stays_monotone(tm
     assert np.array_equal(load_calibration(tmp_path).apply(raw), calibrated)
 
 
+def test_a_calibration_fitted_on_float32_neighbours_and_a_near_zero_score_loads_back(tmp_path):
+    """Model outputs are float32: 5.0 and the next float32 up, or 3e-7 beside the 0 the fit prepends, must stay
+    distinct breakpoints, or the file fails its own strictly-increasing check and the model cannot be used."""
+    rng = np.random.default_rng(1)
+    labels = rng.uniform(0, 10, size=(200, 8))
+    raw = shrunk(labels).astype(np.float32)
+    raw[:20] = np.float32(5.0)
+    raw[20:40] = np.nextafter(np.float32(5.0), np.float32(10.0))
+    labels[20:40] = 9.5  # so the fit keeps both neighbours as breakpoints
+    raw[40, :], labels[40, :] = np.float32(3e-7), 0.0
+    calibration = fit_calibration(raw, labels, {"split": "val"})
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps(calibration.to_json()))
+    assert np.array_equal(load_calibration(tmp_path).apply(raw), calibration.apply(raw))
+
+
 @pytest.mark.parametrize("break_it, why", [
     (lambda d: d["dimensions"]["valuation_risk"]["y"].reverse(), "not monotone"),
     (lambda d: d["dimensions"]["systemic_risk"]["x"].__setitem__(1, float("nan")), "NaN"),
@@ -74,6 +90,8 @@ def test_tier_report_counts_precision_recall_and_red_misses():
     assert red["precision"] == pytest.approx(3 / 4) and red["recall"] == pytest.approx(3 / 4)
     assert report["red_recall"] == pytest.approx(0.75) and report["red_false_negative_rate"] == pytest.approx(0.25)
     assert report["per_tier"]["YELLOW"]["recall"] == 0.0 and report["per_tier"]["YELLOW"]["precision"] == 0.0
+    assert report["per_tier"]["YELLOW"]["f1"] == 0.0  # called and present, never hit: 0, not unknown
+    assert tier_report([[5, 0], [0, 0]], ("GREEN", "RED"))["per_tier"]["RED"]["f1"] is None  # never occurs
     assert report["tier_accuracy"] == pytest.approx(8 / 10)
 
 
@@ -177,7 +195,29 @@ def test_score_applies_the_calibration_and_records_provenance(calibrated, runner
     assert f"Drift not measured: {skipped}".replace("'", "&#x27;") in (tmp_path / "b" / "batch_report.html").read_text()
     # Labelled input: the scorer's metrics carry the tier confusion and RED recall.
     merged = json.loads((tmp_path / "cal" / "metrics.json").read_text())
-    assert sum(map(sum, merged["decisions"]["confusion"])) == merged["labelled_rows"]
+    assert sum(map(sum, merged["decisions"]["confusion"])) == merged["rows_scored"]  # prefiltered rows: as NOISE
+    assert merged["labelled_rows"] == merged["rows_model"]  # the MAE's rows: those with scores
+
+
+def test_evaluate_and_a_scored_batch_of_the_same_file_agree_and_a_prefiltered_red_is_a_miss(calibrated, tmp_path):
+    """A prefiltered article gets NOISE and no scores in `score`: `evaluate` leaves it out of the MAE and counts it
+    as a NOISE prediction, so both report one MAE and one RED recall, and a false prefilter hit is a missed RED."""
+    from investment_risk.evaluation.evaluate import evaluate_run
+    from investment_risk.scoring.pipeline import ScoreConfig, score
+
+    root, _, _ = calibrated
+    table = pq.read_table(root / "data" / "test.parquet")
+    red = {**table.slice(0, 1).to_pylist()[0], "id": "promo-red", "title": "This stock is about to skyrocket",
+           **{d: 9.0 for d in DIMENSIONS}}
+    labelled = tmp_path / "labelled.parquet"
+    pq.write_table(pa.concat_tables([table, pa.Table.from_pylist([red], schema=table.schema)]), labelled)
+    evaluated = evaluate_run(root / "model", labelled)
+    merged = score(ScoreConfig(model=root / "model", inputs=(str(labelled),), out=tmp_path / "out"))
+    assert evaluated["rows_prefiltered"] == merged["rows_prefiltered"] >= 1
+    assert evaluated["mae"] == pytest.approx(merged["mae"], abs=1e-5)
+    assert evaluated["decisions"]["confusion"] == merged["decisions"]["confusion"]
+    names = evaluated["decisions"]["tiers"]
+    assert evaluated["decisions"]["confusion"][names.index("RED")][names.index("NOISE")] >= 1  # the promo RED
 
 
 def test_evaluate_reports_raw_and_calibrated_with_decision_metrics(calibrated, runner, tmp_path):

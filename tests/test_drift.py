@@ -79,3 +79,13 @@ def test_a_psi_threshold_outside_the_range_is_refused(exported, split_dir, tmp_p
         result = runner.invoke(main, ["score", "--model", str(model), "--input", str(split_dir / "test.parquet"),
                                       "--out", str(tmp_path / "out"), "--psi-threshold", bad])
         assert result.exit_code == 2 and "--psi-threshold" in result.output, result.output
+
+
+def test_a_reference_that_mixes_calibrated_and_raw_scores_is_never_compared():
+    """A scored batch of both kinds (`calibrated: null` in its metrics) as the reference of `report drift`."""
+    from investment_risk.core.drift import calibration_mismatch
+
+    mixed = {"calibrated": None}
+    assert calibration_mismatch(mixed, False) == calibration_mismatch(mixed, True) == (
+        "the reference mixes calibrated and raw scores")
+    assert calibration_mismatch({"calibrated": True}, True) == "" == calibration_mismatch({}, False)

@@ -548,12 +548,50 @@ def test_unusable_labels_are_left_out_of_the_metrics_and_counted(exported, artic
     pq.write_table(bad, tmp_path / "in" / "labels.parquet")
     merged = score(ScoreConfig(model=model, inputs=(str(tmp_path / "in"),), out=tmp_path / "bad"))
     assert merged["rows_in"] == 30 == merged["rows_scored"] and merged["rows_rejected"] == 0  # scored all the same
-    scored, _ = read_out(tmp_path / "bad")
-    by_model = [reason is None for reason in scored.column("prefilter_reason").to_pylist()]
-    # every model row's systemic label (a string), and the two out-of-range macro labels where the model scored
-    assert merged["labels_unusable"] == sum(by_model) + by_model[0] + by_model[1] > 0
+    # every row's systemic label (a string), and the two out-of-range macro labels: prefiltered rows' labels count
+    # too, since their tiers are held against the labels' (as NOISE predictions)
+    assert merged["labels_unusable"] == 30 + 2
     assert "systemic_risk_mae" not in merged and merged["macro_risk_severity_mae"] < 10
     assert clean["labels_unusable"] == 0
+
+
+def test_a_duplicate_rows_unusable_labels_are_not_counted(exported, tmp_path):
+    """The duplicate is rejected, so its labels never reach the metrics, nor the count of unusable ones."""
+    from .conftest import article_rows
+
+    _, model, _ = exported
+    first, copy = article_rows(2)
+    copy.update(id=first["id"], macro_risk_severity=42.0)  # a rejected duplicate with an unusable label
+    pq.write_table(pa.Table.from_pylist([first, copy]), tmp_path / "dup.parquet")
+    merged = score(ScoreConfig(model=model, inputs=(str(tmp_path / "dup.parquet"),), out=tmp_path / "out"))
+    assert merged["rows_rejected"] == 1 == merged["duplicate_ids"] and merged["rows_scored"] == 1
+    assert merged["labels_unusable"] == 0
+
+
+def test_a_non_finite_score_is_a_reject_with_its_reason(exported, articles, tmp_path, monkeypatch):
+    """An fp16 overflow or a broken graph: NaN is no score in [0, 10], nor a BLUE row the histograms silently drop."""
+    from investment_risk.scoring import pipeline
+
+    _, model, _ = exported
+    real = pipeline.predict
+
+    def broken(*args, **kwargs):
+        raw = real(*args, **kwargs)
+        raw[0, 3], raw[1, 0] = np.nan, np.inf
+        return raw
+
+    monkeypatch.setattr(pipeline, "predict", broken)
+    with capture_logs() as logs:
+        merged = score(ScoreConfig(model=model, inputs=(str(articles / "a.parquet"),), out=tmp_path / "out"))
+    parts, rejects = read_out(tmp_path / "out")
+    batches = sum(event["event"] == "nonfinite_scores" for event in logs)
+    assert batches > 0 and rejects.num_rows == 2 * batches == merged["rows_rejected"]
+    assert set(rejects.column("reason").to_pylist()) == {pipeline.NONFINITE_REASON}
+    assert merged["rows_in"] == 100 == parts.num_rows + rejects.num_rows and merged["invariant_holds"]
+    scores = np.stack([parts.column(d).to_numpy(zero_copy_only=False) for d in DIMENSIONS], axis=1)
+    model_rows = ~np.isnan(scores).all(axis=1)  # prefiltered rows have null scores
+    assert np.isfinite(scores[model_rows]).all() and np.isfinite(merged["mae"])
+    assert sum(merged["score_histograms"]["macro_risk_severity"]) == merged["rows_model"]
 
 
 def test_keep_columns_cannot_replace_an_output_column(exported, articles, tmp_path, runner):

@@ -91,3 +91,31 @@ def test_the_textfile_beside_the_output_is_valid_exposition(exported, split_dir,
     families = {f.name: f for f in text_string_to_metric_families((tmp_path / "out" / "metrics.prom").read_text())}
     assert families["investment_risk_rows"].type == "counter" and families["investment_risk_rows"].documentation
     assert {s.labels["dimension"] for s in families["investment_risk_score_psi"].samples} == set(merged["drift"]["psi"])
+
+
+def test_a_batchs_latency_percentiles_pool_every_shards_calls(exported, articles, tmp_path):
+    """One small shard with one slow call is the worst shard's p95, not the batch's, nor the gauge's."""
+    import json
+
+    from investment_risk.scoring.shard_metrics import LATENCY_EDGES_MS, histogram_quantile, merge_metrics
+
+    _, model, _ = exported
+    out = tmp_path / "out"
+    for shard in (0, 1):
+        score(ScoreConfig(model=model, inputs=(str(articles),), out=out, shard_index=shard, shard_count=2))
+    calls = {0: [0] * (len(LATENCY_EDGES_MS) + 1), 1: [0] * (len(LATENCY_EDGES_MS) + 1)}
+    calls[0][LATENCY_EDGES_MS.index(10) + 1] = 1000  # 1,000 calls in [10, 20) ms
+    calls[1][LATENCY_EDGES_MS.index(5000) + 1] = 1  # 1 call in [5000, 10000) ms
+    for shard, p95 in ((0, 19.0), (1, 5000.0)):
+        path = out / "metrics" / f"part-{shard:05d}.json"
+        metrics = json.loads(path.read_text())
+        metrics["batch_latency_ms"].update(p50=p95, p95=p95, histogram=calls[shard])
+        path.write_text(json.dumps(metrics))
+    latency = merge_metrics(out)["batch_latency_ms"]
+    assert 10 <= latency["p95"] < 20 and 10 <= latency["p50"] < latency["p95"]
+    assert latency["p95_max"] == 5000.0 == latency["p50_max"]
+    families = {f.name: f for f in text_string_to_metric_families((out / "metrics.prom").read_text())}
+    [gauge] = families["investment_risk_batch_latency_p95_seconds"].samples
+    assert gauge.value == pytest.approx(latency["p95"] / 1000)
+    assert histogram_quantile(0.95, [0] * (len(LATENCY_EDGES_MS) + 1)) is None  # no call at all: unknown, not 0
+    assert histogram_quantile(0.5, [0] * len(LATENCY_EDGES_MS) + [3]) == LATENCY_EDGES_MS[-1]  # the open bucket

@@ -65,3 +65,28 @@ def test_a_tokenizer_config_naming_a_model_class_is_not_followed(tmp_path, monke
     with pytest.raises(InputError, match="tokenizer_class 'AutoModel' is not a tokenizer class"):
         load_tokenizer(tmp_path)
     assert called == []
+
+
+@pytest.mark.parametrize("base_name", ["tiny-qwen2", "minilm"])
+def test_special_tokens_written_in_an_article_are_text_not_control(base_name):
+    """An article that says "<|endoftext|>" (Qwen2's pad and end) or "[SEP]" / "[PAD]" (BERT's) cannot end, pad or
+    pool its own sequence: the model would stop reading, or pool before it, where untrusted text says."""
+    from investment_risk.modeling.prompts import build_prompt
+
+    tokenizer = load_tokenizer(resolve_base_model(base_name).path)
+    specials = set(tokenizer.all_special_ids)
+    prefix, suffix = (len(ids) for ids in _framing(tokenizer))
+    text = f"Spreads widen {' '.join(tokenizer.all_special_tokens)} and defaults rise"
+    for truncation in ("head", "head-tail"):
+        [row] = encode(tokenizer, [text], 64, truncation=truncation)
+        body = row[prefix:len(row) - suffix]
+        assert len(body) > 0 and not specials & set(body.tolist()), (truncation, row)
+    if base_name == "tiny-qwen2":  # instruction mode's prompt: the article's part of it
+        prompt = build_prompt(tokenizer, "Title", text, 256).prompt_ids
+        assert tokenizer.pad_token_id not in prompt
+
+
+def _framing(tokenizer):
+    from investment_risk.modeling.tokens import _special_tokens
+
+    return _special_tokens(tokenizer)

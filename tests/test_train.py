@@ -124,6 +124,21 @@ def test_warmup_cap_applies_on_small_data(split_dir, tmp_path):
     assert capped and capped[0]["requested"] == 500 and capped[0]["used"] == metadata["warmup_steps"] < 500
 
 
+def test_val_metrics_are_those_of_clipped_scores(tmp_path):
+    """A barely trained Qwen2 head (no bias) predicts around 0, partly below it: the best epoch is chosen, and its
+    MAE reported, on the scores every later stage gives, clipped to [0, 10]."""
+    from investment_risk.datasets.split import SplitConfig, run_split
+    from investment_risk.datasets.synth import SynthConfig, generate
+
+    pq.write_table(generate(SynthConfig(rows=200, seed=4)), tmp_path / "all.parquet")  # 30+ val rows: calibrated
+    run_split([str(tmp_path / "all.parquet")], tmp_path / "data", SplitConfig(val=0.2, test=0.05, seed=1))
+    metadata = train(tiny_config(tmp_path / "data", tmp_path / "r", epochs=1, learning_rate=1e-6))
+    history = json.loads((tmp_path / "r" / "training_history.json").read_text())
+    assert metadata["calibration"]["fitted"]
+    assert metadata["best_val_mae"] == pytest.approx(metadata["calibration"]["val_mae_raw"], abs=1e-5)
+    assert history[0]["val"]["mae"] == pytest.approx(metadata["best_val_mae"])
+
+
 def test_lora_on_every_projection_and_head_trained_in_full():
     from investment_risk.modeling.networks import regression_model
     from investment_risk.modeling.presets import load_tokenizer, resolve_base_model

@@ -34,8 +34,10 @@ def tier_report(matrix: list[list[int]], names: tuple[str, ...]) -> dict[str, An
         hit, called, actual = counts[i, i], counts[:, i].sum(), counts[i, :].sum()
         precision = hit / called if called else None
         recall = hit / actual if actual else None
-        f1 = (2 * precision * recall / (precision + recall)
-              if precision is not None and recall is not None and precision + recall > 0 else None)
+        if precision is None or recall is None:
+            f1 = None
+        else:  # called and present but never hit: an F1 of 0, not unknown
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
         per_tier[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(actual)}
     out: dict[str, Any] = {"tiers": list(names), "confusion": matrix, "per_tier": per_tier,
                            "tier_accuracy": float(np.trace(counts) / counts.sum()) if counts.sum() else None}
@@ -73,14 +75,19 @@ def ranking_quality(pred_strength: np.ndarray, true_strength: np.ndarray, k: int
             "ndcg_at_k": float((true_strength[model_top] * discount).sum()) / ideal if ideal > 0 else 0.0}
 
 
-def decision_metrics(pred: np.ndarray, labels: np.ndarray, spec: FilterSpec, k: int) -> dict[str, Any]:
-    """Tiers, per-dimension rank correlation and ranking quality of `pred` against `labels` (rows x 8)."""
+def decision_metrics(pred: np.ndarray, labels: np.ndarray, spec: FilterSpec, k: int,
+                     prefiltered: np.ndarray | None = None) -> dict[str, Any]:
+    """Tiers, per-dimension rank correlation and ranking quality of `pred` against `labels` (rows x 8), as the
+    product decides: a `prefiltered` row is NOISE whatever its scores (a false hit is a missed RED), has no signal
+    strength to rank by, and no scores to correlate."""
     names = spec.tier_names
+    prefiltered = np.zeros(len(pred), dtype=bool) if prefiltered is None else np.asarray(prefiltered, dtype=bool)
     true_tiers, true_strength = spec.assign_tiers(labels)
-    pred_tiers, pred_strength = spec.assign_tiers(pred)
+    pred_tiers, pred_strength = spec.assign_tiers(pred, prefiltered)
     report = tier_report(confusion_counts(true_tiers, pred_tiers, names), names)
-    return {**report, "spearman": spearman(pred, labels),
-            "ranking": ranking_quality(np.asarray(pred_strength), np.asarray(true_strength), k)}
+    ranked = np.where(prefiltered, -np.inf, np.asarray(pred_strength, dtype=np.float64))  # never in the top k
+    return {**report, "spearman": spearman(pred[~prefiltered], labels[~prefiltered]),
+            "ranking": ranking_quality(ranked, np.asarray(true_strength), k)}
 
 
 def format_decisions(metrics: dict[str, Any]) -> str:

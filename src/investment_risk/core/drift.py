@@ -109,6 +109,8 @@ def calibration_mismatch(reference: dict[str, Any], calibrated: bool | None) -> 
     calibrated reference (or the other way) would report the calibration as drift. `None`: shards of both kinds."""
     if calibrated is None:
         return "the batch mixes calibrated and raw scores"
+    if "calibrated" in reference and reference["calibrated"] is None:  # a scored batch of both kinds as reference
+        return "the reference mixes calibrated and raw scores"
     if "calibrated" in reference and bool(reference["calibrated"]) != calibrated:
         kind = {True: "calibrated", False: "raw"}
         return f"the batch's scores are {kind[calibrated]} and the reference's are {kind[bool(reference['calibrated'])]}"

@@ -108,6 +108,7 @@ def write_batch_report(scored: Path, out: Path, top_k: int = 20) -> dict[str, An
                    f"NO (shards {merged['invariant_broken_shards']})"],
                   ["shards done", f"{merged['shards']} of {merged['shard_count']}"]]
     throughput = [["rows per second (sum over shards)", merged.get("rows_per_second_sum")],
+                  ["model call p95 (ms, every shard's calls)", fmt(merged["batch_latency_ms"].get("p95"), ".1f")],
                   ["model call p95 (ms, worst shard)", fmt(merged["batch_latency_ms"].get("p95_max"), ".1f")],
                   ["real-token share", fmt(merged.get("real_token_share"), ".3f")],
                   ["model versions", ", ".join(merged.get("model_versions", []))]]

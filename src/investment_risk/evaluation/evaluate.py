@@ -10,7 +10,7 @@ import numpy as np
 
 from ..core.atomic import write_json_atomic
 from ..core.decisions import decision_metrics, format_decisions
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, InputError
 from ..core.logs import get_logger
 from ..core.metrics import regression_metrics
 from ..core.spec import DIMENSIONS, default_spec
@@ -87,14 +87,21 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
     spec = default_spec()
     pred = model.calibrated(raw, calibration)
     labels = label_matrix(table)
+    # As `score` decides: a prefiltered article is NOISE with no scores, so it is left out of the MAE and counts
+    # as a NOISE prediction in the decisions; evaluate and a scored batch of the same file agree.
+    prefiltered = np.array([spec.prefilter_reason(t, c) is not None for t, c in
+                            zip(table.column("title").to_pylist(), table.column("content").to_pylist())], dtype=bool)
+    scored = ~prefiltered
+    if not scored.any():
+        raise InputError(f"{data}: every row is prefiltered as noise; there is no score to evaluate")
     # The baseline predicts the training mean; without the training run, the mean of these labels stands in.
     trained_mean = model.train_label_mean
     mean = np.asarray(trained_mean if trained_mean is not None else labels.mean(axis=0), dtype=np.float32)
-    model_metrics = regression_metrics(pred, labels)
-    decisions = decision_metrics(pred, labels, spec, top_k)
-    baseline = regression_metrics(np.broadcast_to(mean, labels.shape), labels)
+    model_metrics = regression_metrics(pred[scored], labels[scored])
+    decisions = decision_metrics(pred, labels, spec, top_k, prefiltered)
+    baseline = regression_metrics(np.broadcast_to(mean, labels.shape)[scored], labels[scored])
     result: dict[str, Any] = {
-        "run": str(run_dir), "data": str(data), "rows": table.num_rows,
+        "run": str(run_dir), "data": str(data), "rows": table.num_rows, "rows_prefiltered": int(prefiltered.sum()),
         "mae": model_metrics["mae"], "rmse": model_metrics["rmse"],
         "baseline_mae": baseline["mae"], "baseline_rmse": baseline["rmse"],
         "mae_vs_baseline": model_metrics["mae"] / baseline["mae"] if baseline["mae"] else None,
@@ -111,7 +118,8 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
     if result["calibration"] != "none fitted":
         # The other side of the comparison: without calibration when it was applied, with it when turned off.
         other = model.calibrated(raw, not calibration)
-        other_metrics, other_decisions = regression_metrics(other, labels), decision_metrics(other, labels, spec, top_k)
+        other_metrics = regression_metrics(other[scored], labels[scored])
+        other_decisions = decision_metrics(other, labels, spec, top_k, prefiltered)
         result["raw" if calibration else "if_calibrated"] = {
             "mae": other_metrics["mae"], "rmse": other_metrics["rmse"],
             "per_dimension_mae": {d: other_metrics[f"{d}_mae"] for d in DIMENSIONS},
@@ -142,7 +150,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{dim:<28} {m['mae']:>7.3f} {m['rmse']:>7.3f} {m['baseline_mae']:>9.3f} {m['baseline_rmse']:>10.3f}")
     lines.append(f"{'overall':<28} {result['mae']:>7.3f} {result['rmse']:>7.3f} {result['baseline_mae']:>9.3f} "
                  f"{result['baseline_rmse']:>10.3f}")
-    lines.append(f"rows={result['rows']}  MAE / baseline MAE = {result['mae_vs_baseline']:.3f}  "
+    lines.append(f"rows={result['rows']} (prefiltered, no scores: {result['rows_prefiltered']})  "
+                 f"MAE / baseline MAE = {result['mae_vs_baseline']:.3f}  "
                  f"calibration: {result['calibration']}")
     for key, label in (("raw", "raw (uncalibrated)"), ("if_calibrated", "with calibration")):
         if key in result:

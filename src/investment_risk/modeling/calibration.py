@@ -61,8 +61,10 @@ def fit_calibration(predictions: np.ndarray, labels: np.ndarray, fitted_on: dict
             x, y = [SCORE_RANGE[0], *x], [y[0], *y]
         if x[-1] < SCORE_RANGE[1]:
             x, y = [*x, SCORE_RANGE[1]], [*y, y[-1]]
-        xs.append(tuple(round(v, 6) for v in x))
-        ys.append(tuple(round(v, 6) for v in y))
+        # x at full precision: neighbouring float32 predictions (5.0 and 5.00000048) would round to one breakpoint
+        # and the file would fail its own strictly-increasing check. y may round: rounding keeps it non-decreasing.
+        xs.append(tuple(float(v) for v in x))
+        ys.append(tuple(round(float(v), 6) for v in y))
     return Calibration(tuple(xs), tuple(ys), {**fitted_on, "rows": int(len(predictions))})
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..core.spec import DIMENSIONS
-from .tokens import CHARS_PER_TOKEN_BOUND
+from .tokens import CHARS_PER_TOKEN_BOUND, TEXT
 
 INSTRUCTION = (
     "You assess financial news for capital-preservation investors. Score the article on eight dimensions, each from "
@@ -88,9 +88,9 @@ def build_prompt(tokenizer: Any, title: str | None, content: str | None, max_len
                             f"no room for the article within --max-length {max_length}")
     text = f"{title or ''}\n\n{content or ''}"
     # Tokenise only the text that can fit (a token rarely spans over 16 characters); all of it if that runs short.
-    article = tokenizer(text[: room * CHARS_PER_TOKEN_BOUND], add_special_tokens=False)["input_ids"]
+    article = tokenizer(text[: room * CHARS_PER_TOKEN_BOUND], add_special_tokens=False, **TEXT)["input_ids"]
     if len(article) < room and len(text) > room * CHARS_PER_TOKEN_BOUND:
-        article = tokenizer(text, add_special_tokens=False)["input_ids"]
+        article = tokenizer(text, add_special_tokens=False, **TEXT)["input_ids"]
     truncated = len(article) > room
     return PromptParts(head + article[:room] + tail, ids, truncated)
 

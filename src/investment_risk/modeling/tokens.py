@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 
 CHARS_PER_TOKEN_BOUND = 16  # cut text before tokenising; re-tokenise in full when the cut might have mattered
+# Article text is data: "<|endoftext|>" or "[SEP]" written in it is tokenised as the characters it is, never as the
+# special token (which would end or pool the sequence where the text says, and the pad id would hide real tokens).
+TEXT = {"split_special_tokens": True}
 
 
 def article_text(title: str | None, content: str | None) -> str:
@@ -47,10 +50,10 @@ def encode(tokenizer: Any, texts: Sequence[str], max_length: int, chunk: int = 5
     for start in range(0, len(texts), chunk):
         part = list(texts[start:start + chunk])
         cut = [t[:limit] for t in part]
-        ids = tokenizer(cut, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        ids = tokenizer(cut, truncation=True, max_length=max_length, add_special_tokens=True, **TEXT)["input_ids"]
         for text, row in zip(part, ids):
             if len(row) < max_length and len(text) > limit:  # the cut text ran short: do it exactly
-                row = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+                row = tokenizer(text, truncation=True, max_length=max_length, **TEXT)["input_ids"]
             out.append(np.asarray(row, dtype=np.int32))
     return out
 
@@ -68,7 +71,7 @@ def _head_tail(tokenizer: Any, text: str, max_length: int, specials: tuple[list[
     limit = max_length * CHARS_PER_TOKEN_BOUND
     if len(text) > 2 * limit:  # only the ends can be kept: tokenise those, not a whole book
         text = text[:limit] + "\n" + text[-limit:]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, **TEXT)["input_ids"]
     budget = max_length - len(prefix) - len(suffix)
     if len(ids) > budget:
         head = int(budget * HEAD_SHARE)
@@ -91,7 +94,7 @@ def encode_cached(tokenizer: Any, texts: Sequence[str], max_length: int, cache_f
 
     from ..core.atomic import atomic_path
 
-    h = hashlib.sha256(f"{tokenizer_fingerprint(tokenizer)}|{max_length}|{truncation}|{len(texts)}".encode())
+    h = hashlib.sha256(f"{tokenizer_fingerprint(tokenizer)}|{max_length}|{truncation}|{len(texts)}|{TEXT}".encode())
     for text in texts:
         h.update(text.encode("utf-8", "surrogatepass"))
         h.update(b"\x00")

@@ -38,6 +38,7 @@ from .units import Unit, done_marker, list_units, parquet_rows, part_name, shard
 from .writer import REJECT_SCHEMA, ShardWriter, kept_columns, part_schema, provenance
 
 MAX_ARTICLE_BYTES = 1_000_000
+NONFINITE_REASON = "the model gave a non-finite score (NaN or infinity)"
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class Prepared:
     model_rows: list[int]
     tokens: list[np.ndarray]
     labels: np.ndarray | None  # (rows, 8), NaN where a row has no usable label
-    labels_unusable: int = 0  # label values of the model's rows that are not a number in the score range
+    labels_unusable: np.ndarray | None = None  # per row: label values that are not a number in the score range
 
 
 def _reject_reasons(batch: Batch) -> dict[int, str]:
@@ -122,7 +123,7 @@ def prepare(batch: Batch, tokenizer: Any, model: ModelDescription, has_labels: b
     if not has_labels:
         return Prepared(batch, rejects, prefiltered, model_rows, tokens, None)
     labels, unusable = usable_labels(batch.table, spec)
-    return Prepared(batch, rejects, prefiltered, model_rows, tokens, labels, int(unusable[model_rows].sum()))
+    return Prepared(batch, rejects, prefiltered, model_rows, tokens, labels, unusable)
 
 
 def usable_labels(table: Any, spec: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -251,6 +252,20 @@ class ShardScorer:
             pairs = [(r, t) for r, t in zip(item.model_rows, item.tokens) if r not in duplicates]
             item.model_rows, item.tokens = [r for r, _ in pairs], [t for _, t in pairs]
 
+    @staticmethod
+    def _reject_nonfinite(item: Prepared, raw: np.ndarray) -> np.ndarray:
+        """A row whose scores are NaN or infinite (an fp16 overflow, a broken graph) has no score to give: it is a
+        reject, not a BLUE row with NaN scores that the histograms and MAE would silently lose."""
+        finite = np.isfinite(raw).all(axis=1)
+        if finite.all():
+            return raw
+        for row in np.asarray(item.model_rows)[~finite]:
+            item.reject_reasons[int(row)] = NONFINITE_REASON
+        get_logger().error("nonfinite_scores", rows=int((~finite).sum()), file=str(item.batch.path),
+                           reason="the model's output is not finite; its rows are rejected")
+        item.model_rows = [r for r, ok in zip(item.model_rows, finite) if ok]
+        return raw[finite]
+
     def _score_batch(self, item: Prepared, writer: ShardWriter, metrics: ShardMetrics, seen_ids: dict[str, str]) -> None:
         batch = item.batch
         n = batch.table.num_rows
@@ -265,6 +280,7 @@ class ShardScorer:
             raw = predict(self.runner, item.tokens, self.pad_id, token_budget=self.token_budget,
                           max_rows=self.config.max_batch_rows,
                           on_batch=lambda b, seconds: metrics.record_batch(seconds, b.real_tokens, b.input_ids.size))
+            raw = self._reject_nonfinite(item, raw)
             scores[item.model_rows] = self.model.calibrated(self.spec.clip(raw), self.config.calibration)
         keep = [i for i in range(n) if i not in item.reject_reasons]
         prefiltered = np.array([i in item.prefilter_reasons for i in keep], dtype=bool)
@@ -293,9 +309,11 @@ class ShardScorer:
         metrics.rows_model += len(item.model_rows)
         model_scores = scores[item.model_rows]
         metrics.add_scores(model_scores, tiers)
-        if item.labels is not None and item.model_rows:
-            metrics.add_labels(model_scores, item.labels[item.model_rows])
-            metrics.labels_unusable += item.labels_unusable
+        if item.labels is not None:
+            labelled = sorted([*item.model_rows, *(i for i in keep if i in item.prefilter_reasons)])
+            metrics.add_labels(scores[labelled], item.labels[labelled],
+                               np.array([i in item.prefilter_reasons for i in labelled], dtype=bool))
+            metrics.labels_unusable += int(item.labels_unusable[labelled].sum())
 
 
 def _units_to_score(config: ScoreConfig, listed: list[Unit], redo: bool

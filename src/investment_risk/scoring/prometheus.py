@@ -63,9 +63,9 @@ def registry_for(metrics: dict[str, Any], scope: str) -> Any:
     rate = metrics.get("rows_per_second") if scope != "batch" else metrics.get("rows_per_second_sum")
     gauge("investment_risk_rows_per_second", "Rows read per second (a batch: summed over its shards).", rate)
     latency = metrics.get("batch_latency_ms", {})
-    p95 = latency.get("p95") if scope != "batch" else latency.get("p95_max")
-    gauge("investment_risk_batch_latency_p95_seconds", "95th percentile of one model call.",
-          None if p95 is None else p95 / 1000)
+    p95 = latency.get("p95")
+    gauge("investment_risk_batch_latency_p95_seconds", "95th percentile of one model call (a batch: over all its "
+          "shards' calls, interpolated in the latency histogram's buckets).", None if p95 is None else p95 / 1000)
     gauge("investment_risk_real_token_share", "Real tokens over padded tokens in the model calls.",
           metrics.get("real_token_share"))
     gauge("investment_risk_invariant_holds", "1 when rows in = rows scored + rows rejected.",

@@ -37,6 +37,23 @@ def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+def histogram_quantile(q: float, counts: list[int]) -> float | None:
+    """The q-quantile (0..1) of the latencies counted in LATENCY_EDGES_MS's buckets, interpolated within its bucket
+    as Prometheus' histogram_quantile does (the open last bucket answers its lower edge). A batch's percentile:
+    the shards' own are of different sizes and cannot be combined."""
+    total = sum(counts)
+    if not total:
+        return None
+    bounds = [0.0, *LATENCY_EDGES_MS, float("inf")]
+    rank, below = q * total, 0
+    for i, count in enumerate(counts):
+        if count and below + count >= rank:
+            low, high = bounds[i], bounds[i + 1]
+            return float(low) if high == float("inf") else round(low + (high - low) * (rank - below) / count, 3)
+        below += count
+    return float(bounds[-2])
+
+
 @dataclass
 class ShardMetrics:
     shard: int
@@ -91,9 +108,12 @@ class ShardMetrics:
             counts, _ = np.histogram(scores[:, d], bins=SCORE_EDGES)
             self.histograms[dim] = [a + int(b) for a, b in zip(self.histograms[dim], counts)]
 
-    def add_labels(self, scores: np.ndarray, labels: np.ndarray) -> None:
+    def add_labels(self, scores: np.ndarray, labels: np.ndarray, prefiltered: np.ndarray) -> None:
+        """MAE sums over the model's rows; tier pairs over every row with all eight labels, a `prefiltered` one as
+        the NOISE it was given (so a false prefilter hit shows as a missed RED), as `evaluate` counts them."""
+        scored = ~prefiltered
         for d, dim in enumerate(DIMENSIONS):
-            ok = ~np.isnan(labels[:, d])
+            ok = scored & ~np.isnan(labels[:, d])
             err = scores[ok, d] - labels[ok, d]
             count, abs_sum, sq_sum = self.label_sums.get(dim, [0, 0.0, 0.0])
             self.label_sums[dim] = [count + int(ok.sum()), abs_sum + float(np.abs(err).sum()), sq_sum + float((err ** 2).sum())]
@@ -101,7 +121,7 @@ class ShardMetrics:
         if complete.any():  # tiers need every dimension: rows missing a label count in the MAE only
             spec = default_spec()
             true_tiers, _ = spec.assign_tiers(labels[complete])
-            pred_tiers, _ = spec.assign_tiers(scores[complete])
+            pred_tiers, _ = spec.assign_tiers(scores[complete], prefiltered[complete])
             self.tier_pairs.update(f"{t}>{p}" for t, p in zip(true_tiers, pred_tiers))
 
     def finish(self) -> None:
@@ -301,8 +321,10 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
     merged["real_token_share"] = round(merged["real_tokens"] / merged["padded_tokens"], 4) if merged["padded_tokens"] else None
     merged["rows_per_second_sum"] = round(sum(s["rows_per_second"] or 0 for s in shards), 2)
     hist = np.sum([s["batch_latency_ms"]["histogram"] for s in shards], axis=0).tolist() if shards else []
-    merged["batch_latency_ms"] = {"p50_max": max((s["batch_latency_ms"]["p50"] or 0 for s in shards), default=None),
-                                  "p95_max": max((s["batch_latency_ms"]["p95"] or 0 for s in shards), default=None),
+    worst = {q: max((v for s in shards if (v := s["batch_latency_ms"][q]) is not None), default=None)
+             for q in ("p50", "p95")}
+    merged["batch_latency_ms"] = {"p50": histogram_quantile(0.5, hist), "p95": histogram_quantile(0.95, hist),
+                                  "p50_max": worst["p50"], "p95_max": worst["p95"],  # the worst shard's own
                                   "histogram_edges_ms": LATENCY_EDGES_MS, "histogram": hist}
     for key in ("tier_counts", "reject_reasons"):
         total: Counter = Counter()

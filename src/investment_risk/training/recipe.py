@@ -273,17 +273,21 @@ def end_of_epoch(session: Session, state: TrainState, sums: Sums, epoch_started:
         torch.cuda.synchronize()  # the epoch's last steps may still be queued on the GPU
     state.epoch_seconds.append(round(time.monotonic() - epoch_started, 3))
     state.epoch_tokens.append(state.tokens - tokens_before)
-    train_metrics = regression_metrics(sums.epoch_preds.cpu().numpy(), data.labels)
+    # Metrics of the scores as every later stage gives them, clipped to the score range (the best epoch is chosen
+    # on them): a head's raw output below 0 or above 10 is never a score.
+    clip = default_spec().clip
+    train_metrics = regression_metrics(clip(sums.epoch_preds.cpu().numpy()), data.labels)
     if float(sums.token_loss[1]) > 0:
         train_metrics["token_loss"] = float(sums.token_loss[0] / sums.token_loss[1])
     val_pred, val_extra = session.task.validate(session.model, val, session.device, session.autocast_dtype)
+    val_pred = clip(np.asarray(val_pred, dtype=np.float32))
     val_metrics = {**regression_metrics(val_pred, val.labels), **val_extra}
     state.history.append({"epoch": state.epoch, "train": train_metrics, "val": val_metrics})
     get_logger().info("epoch_done", epoch=state.epoch, train_mae=round(train_metrics["mae"], 4),
                       val_mae=round(val_metrics["mae"], 4), val_rmse=round(val_metrics["rmse"], 4))
     if state.best_val_mae is None or val_metrics["mae"] < state.best_val_mae:
         state.best_val_mae, state.best_epoch = val_metrics["mae"], state.epoch
-        state.best_val_predictions = np.asarray(val_pred, dtype=np.float32).round(5).tolist()
+        state.best_val_predictions = val_pred.round(5).tolist()
         session.task.save(session.model, session.out / "model")
     write_json_atomic(state.history, session.out / "training_history.json")
     state.epoch, state.batch = state.epoch + 1, 0
