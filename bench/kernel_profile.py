@@ -22,7 +22,8 @@ KINDS = (
     ("matmul", re.compile(r"gemm|cutlass|xmma|cublas|nvjet|matmul|hmma|wgmma", re.I)),  # nvjet: cuBLAS 12.8+
     ("norm", re.compile(r"norm", re.I)),
     ("rotary", re.compile(r"rotary|rope", re.I)),
-    ("copy/cast", re.compile(r"memcpy|memset|copy|transpose|concat|cast", re.I)),
+    # ONNX Runtime's Cast is `OP_Cast`; a lower-case "cast" is in BroadcastKernel and PyTorch's "nocast" functors
+    ("copy/cast", re.compile(r"(?i:memcpy|memset|copy|transpose|concat)|OP_Cast|\bCast")),
 )
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -33,7 +34,8 @@ def kind_of(name: str) -> str:
 
 def summarise(events: list[dict], articles: int, wall_s: float, top: int = 15) -> dict:
     """Chrome-trace events of one profiled run -> GPU time per article by kind of kernel and the top kernels.
-    `gpu_busy_share_of_wall` below 1 is time the GPU waited on the host (launches, copies, Python)."""
+    `gpu_busy_share_of_wall` below 1 is time the GPU waited on the host (launches, copies, Python); the wall
+    time includes the profiler's own overhead, so the share is a lower bound."""
     device = [e for e in events if e.get("cat") in DEVICE_CATEGORIES and e.get("ph") == "X"]
     per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for event in device:

@@ -92,6 +92,8 @@ def test_tier_report_counts_precision_recall_and_red_misses():
     assert report["per_tier"]["YELLOW"]["recall"] == 0.0 and report["per_tier"]["YELLOW"]["precision"] == 0.0
     assert report["per_tier"]["YELLOW"]["f1"] == 0.0  # called and present, never hit: 0, not unknown
     assert tier_report([[5, 0], [0, 0]], ("GREEN", "RED"))["per_tier"]["RED"]["f1"] is None  # never occurs
+    never_called = tier_report([[5, 0], [3, 0]], ("GREEN", "RED"))["per_tier"]["RED"]  # a model that never says RED
+    assert never_called["precision"] is None and never_called["recall"] == 0.0 == never_called["f1"]
     assert report["tier_accuracy"] == pytest.approx(8 / 10)
 
 
@@ -101,6 +103,9 @@ def test_ranking_quality_is_perfect_for_the_true_order_and_drops_for_a_reversed_
     assert perfect["recall_at_k"] == 1.0 and perfect["ndcg_at_k"] == pytest.approx(1.0)
     reversed_ = ranking_quality(-truth, truth, 5)
     assert reversed_["recall_at_k"] == 0.0 and reversed_["ndcg_at_k"] < 0.5
+    # Rows without a strength (prefiltered) are never in the model's list, even where k is longer than the rest.
+    unranked = ranking_quality(np.array([-np.inf, -np.inf, 5.0, 4.0]), np.array([9.0, 8.0, 1.0, 0.5]), 3)
+    assert unranked["recall_at_k"] == pytest.approx(1 / 3) and unranked["ndcg_at_k"] < 0.2
 
 
 def test_decision_metrics_on_labels_themselves_are_perfect():

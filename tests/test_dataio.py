@@ -266,6 +266,24 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write_and_a_live
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
+def test_another_kernels_temporary_file_is_removed_only_once_no_job_could_still_be_writing_it(tmp_path):
+    """On a shared volume whose locks stay on each node, a free lock on another node's file proves nothing."""
+    import time
+
+    from investment_risk.core import atomic
+
+    dest = tmp_path / "metrics.json"
+    foreign, old = tmp_path / ".metrics.json.0123456789ab-x1.tmp", tmp_path / ".metrics.json.0123456789ab-x2.tmp"
+    legacy = tmp_path / ".metrics.json.abcd1234.tmp"  # named before temporary files carried their kernel
+    for path in (foreign, old, legacy):
+        path.write_text("half")
+    for path in (old, legacy):
+        past = time.time() - atomic.FOREIGN_AGE_S - 60
+        os.utime(path, (past, past))
+    write_json_atomic({"k": 1}, dest)
+    assert foreign.exists() and not old.exists() and not legacy.exists()
+
+
 def test_jsonl_blank_lines_are_skipped_counted_and_rows_keep_their_line_numbers(tmp_path):
     path = tmp_path / "b.jsonl"
     records = [json.dumps(r) for r in article_rows(3, labels=False)]

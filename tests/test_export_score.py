@@ -594,6 +594,51 @@ def test_a_non_finite_score_is_a_reject_with_its_reason(exported, articles, tmp_
     assert sum(merged["score_histograms"]["macro_risk_severity"]) == merged["rows_model"]
 
 
+def test_a_rows_id_rejected_for_a_non_finite_score_is_no_duplicate_later(exported, tmp_path, monkeypatch):
+    from investment_risk.scoring import pipeline
+
+    from .conftest import article_rows
+
+    _, model, _ = exported
+    (tmp_path / "in").mkdir()
+    first = article_rows(3)
+    again = [{**first[0], "id": first[0]["id"]}]  # the NaN row's id, in a later unit
+    pq.write_table(pa.Table.from_pylist(first), tmp_path / "in" / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(again), tmp_path / "in" / "b.parquet")
+    real, calls = pipeline.predict, []
+
+    def broken_once(*args, **kwargs):
+        raw = real(*args, **kwargs)
+        if not calls:
+            raw[0, :] = np.nan
+        calls.append(len(raw))
+        return raw
+
+    monkeypatch.setattr(pipeline, "predict", broken_once)
+    merged = score(ScoreConfig(model=model, inputs=(str(tmp_path / "in"),), out=tmp_path / "out"))
+    parts, rejects = read_out(tmp_path / "out")
+    assert len(calls) == 2 and rejects.column("reason").to_pylist() == [pipeline.NONFINITE_REASON]
+    assert merged["duplicate_ids"] == 0 and parts.column("id").to_pylist().count(first[0]["id"]) == 1
+
+
+def test_a_finished_shard_rerun_removes_what_a_killed_twin_left(exported, articles, tmp_path):
+    """A replaced pod killed while writing the part, after its twin finished the shard: the rerun skips the shard
+    and still removes the half-written part (no later write of that file would)."""
+    from investment_risk.core.atomic import KERNEL_ID
+
+    _, model, _ = exported
+    out = tmp_path / "out"
+    config = ScoreConfig(model=model, inputs=(str(articles / "a.parquet"),), out=out)
+    score(config)
+    leftovers = [out / f".part-00000.parquet.{KERNEL_ID}-killed.tmp",
+                 out / "rejects" / f".part-00000.parquet.{KERNEL_ID}-killed.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"PAR1 half")
+    with capture_logs() as logs:
+        score(config)
+    assert any(e["event"] == "shard_skipped" for e in logs) and not any(p.exists() for p in leftovers)
+
+
 def test_keep_columns_cannot_replace_an_output_column(exported, articles, tmp_path, runner):
     _, model, _ = exported
     for column in ("prefilter_reason", "signal_tier", "row_number"):

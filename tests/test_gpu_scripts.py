@@ -55,15 +55,18 @@ def test_a_kernel_profile_adds_up_device_time_by_kind_and_leaves_out_host_events
         {**kernel, "name": "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x256x64", "dur": 200.0},
         {**kernel, "name": "void flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>", "dur": 100.0},
         {**kernel, "name": "onnxruntime::contrib::cuda::SkipLayerNormKernelSmall<half, 256, 8, true>", "dur": 50.0},
-        {**kernel, "name": "_BinaryElementWiseSimple<half, Mul>", "dur": 40.0},
+        {**kernel, "name": "_BinaryElementWiseSimple<half, Mul>", "dur": 20.0},
+        {**kernel, "name": "onnxruntime::cuda::BroadcastKernel<half>", "dur": 10.0},  # "cast" in Broadcast
+        {**kernel, "name": "elementwise_kernel<gpu_kernel_impl_nocast<BinaryFunctor>>", "dur": 5.0},
+        {**kernel, "name": "_UnaryElementWise<half, float, OP_Cast<half>>", "dur": 5.0},
         {"cat": "gpu_memcpy", "ph": "X", "name": "Memcpy HtoD (Pinned -> Device)", "dur": 10.0},
         {"cat": "cpu_op", "ph": "X", "name": "aten::mm", "dur": 5000.0},  # host time: not the GPU's
         {**kernel, "ph": "i", "name": "an instant marker", "dur": 0.0},
     ]
     summary = summarise(events, articles=10, wall_s=0.002)
-    assert summary["device_events"] == 6 and summary["gpu_ms_per_article"] == 0.1
+    assert summary["device_events"] == 9 and summary["gpu_ms_per_article"] == 0.1
     assert summary["gpu_busy_share_of_wall"] == 0.5
-    assert summary["share_by_kind"] == {"matmul": 0.8, "attention": 0.1, "norm": 0.05, "elementwise/other": 0.04,
-                                        "copy/cast": 0.01}
+    assert summary["share_by_kind"] == {"matmul": 0.8, "attention": 0.1, "norm": 0.05, "elementwise/other": 0.035,
+                                        "copy/cast": 0.015}
     assert [k["kind"] for k in summary["top_kernels"][:3]] == ["matmul", "matmul", "attention"]
     assert summary["top_kernels"][0]["ms_per_article"] == 0.06 and summary["top_kernels"][0]["calls"] == 1

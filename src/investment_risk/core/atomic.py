@@ -12,12 +12,14 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
 from .faults import fault_point
+from .logs import get_logger
 
 FILE_MODE = 0o644  # mkstemp makes 0600; a finished file reads like any other
 DIR_MODE = 0o755
@@ -50,17 +52,37 @@ def _lock(fd: int, wait: bool) -> bool:
     return True
 
 
-def _remove_abandoned(dest: Path) -> None:
+def _kernel_id() -> str:
+    """Which kernel holds this process's locks: every pod on a node shares the host's boot id. On a shared volume
+    whose locks stay on each node (NFS with `nolock` or `local_lock`, FUSE), only this kernel's locks say anything."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:12]
+    except OSError:
+        return "unknown"
+
+
+KERNEL_ID = _kernel_id()
+# A temporary file written under another kernel may be removed only once it is older than any Job may run (the
+# manifests' activeDeadlineSeconds, a day): that kernel's writer may be alive and its lock invisible from here.
+FOREIGN_AGE_S = 24 * 3600
+
+
+def remove_abandoned(dest: str | Path) -> None:
     """Remove the temporary files of `dest` whose writers are gone: a SIGKILL runs no `finally`. A live writer
-    holds its file's lock, so a file whose lock can be taken was left by a dead one (metrics.json and a
-    raced shard's files have several writers, so age or name cannot tell)."""
-    for leftover in dest.parent.glob(f"{glob.escape(f'.{dest.name}.')}*.tmp"):
+    holds its file's lock, so a file of this kernel's whose lock can be taken was left by a dead one
+    (metrics.json and a raced shard's files have several writers, so name alone cannot tell)."""
+    dest = Path(dest)
+    prefix = f".{dest.name}."
+    for leftover in dest.parent.glob(f"{glob.escape(prefix)}*.tmp"):
         try:
             fd = os.open(leftover, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             continue  # gone already, or not ours to touch
         try:
-            if _lock(fd, wait=False) and os.path.samestat(os.fstat(fd), os.stat(leftover)):
+            stat = os.fstat(fd)
+            ours = leftover.name[len(prefix):].startswith(f"{KERNEL_ID}-")
+            if ((ours or time.time() - stat.st_mtime > FOREIGN_AGE_S) and _lock(fd, wait=False)
+                    and os.path.samestat(stat, os.stat(leftover))):
                 leftover.unlink()
         except OSError:
             pass  # removed meanwhile by another writer's sweep
@@ -69,10 +91,11 @@ def _remove_abandoned(dest: Path) -> None:
 
 
 def _claimed_temp(dest: Path) -> tuple[int, Path]:
-    """A new temporary file beside `dest`, open and locked for as long as its writer lives."""
+    """A new temporary file beside `dest`, named for this kernel, open and locked for as long as its writer lives."""
     while True:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        _lock(fd, wait=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{KERNEL_ID}-", suffix=".tmp", dir=dest.parent)
+        if not _lock(fd, wait=True):  # no locks on this filesystem: only the age rule protects the file
+            get_logger().warning("temp_file_unlocked", path=tmp, reason="the filesystem refused a lock")
         try:
             if os.path.samestat(os.fstat(fd), os.stat(tmp)):
                 return fd, Path(tmp)
@@ -87,7 +110,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     Temporary files of `dest` that a killed writer left are removed first."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(dest)
+    remove_abandoned(dest)
     lock_fd, tmp_path = _claimed_temp(dest)
     try:
         os.chmod(tmp_path, FILE_MODE)

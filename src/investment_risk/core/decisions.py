@@ -34,10 +34,8 @@ def tier_report(matrix: list[list[int]], names: tuple[str, ...]) -> dict[str, An
         hit, called, actual = counts[i, i], counts[:, i].sum(), counts[i, :].sum()
         precision = hit / called if called else None
         recall = hit / actual if actual else None
-        if precision is None or recall is None:
-            f1 = None
-        else:  # called and present but never hit: an F1 of 0, not unknown
-            f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+        # 2TP / (2TP + FP + FN): 0 for a tier present or called but never hit (a model that never calls RED)
+        f1 = 2 * hit / (called + actual) if called + actual else None
         per_tier[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(actual)}
     out: dict[str, Any] = {"tiers": list(names), "confusion": matrix, "per_tier": per_tier,
                            "tier_accuracy": float(np.trace(counts) / counts.sum()) if counts.sum() else None}
@@ -65,14 +63,16 @@ def spearman(pred: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
 
 def ranking_quality(pred_strength: np.ndarray, true_strength: np.ndarray, k: int) -> dict[str, float | int]:
     """Recall@k: the share of the labels' top k that the model's top k holds. NDCG@k: the model's order scored
-    with the labels' signal strength as the gain, over the best order's."""
+    with the labels' signal strength as the gain, over the best order's. A row without a strength (-inf: a
+    prefiltered one) is never in the model's list, however short that leaves it."""
     k = min(k, len(pred_strength))
-    model_top = np.argsort(-pred_strength, kind="stable")[:k]
+    order = np.argsort(-pred_strength, kind="stable")
+    model_top = order[np.isfinite(pred_strength[order])][:k]
     true_top = np.argsort(-true_strength, kind="stable")[:k]
     discount = 1.0 / np.log2(np.arange(2, k + 2))
     ideal = float((true_strength[true_top] * discount).sum())
     return {"k": int(k), "recall_at_k": len(set(model_top) & set(true_top)) / k if k else 0.0,
-            "ndcg_at_k": float((true_strength[model_top] * discount).sum()) / ideal if ideal > 0 else 0.0}
+            "ndcg_at_k": float((true_strength[model_top] * discount[:len(model_top)]).sum()) / ideal if ideal > 0 else 0.0}
 
 
 def decision_metrics(pred: np.ndarray, labels: np.ndarray, spec: FilterSpec, k: int,

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..core.atomic import atomic_path, write_json_atomic
+from ..core.atomic import atomic_path, remove_abandoned, write_json_atomic
 from ..core.drift import DEFAULT_PSI_THRESHOLD, check_threshold
 from ..core.errors import ConfigError, InputError
 from ..core.faults import fault_point
@@ -253,17 +253,20 @@ class ShardScorer:
             item.model_rows, item.tokens = [r for r, _ in pairs], [t for _, t in pairs]
 
     @staticmethod
-    def _reject_nonfinite(item: Prepared, raw: np.ndarray) -> np.ndarray:
+    def _reject_nonfinite(item: Prepared, raw: np.ndarray, ids_col: list[Any], seen_ids: dict[str, str]) -> np.ndarray:
         """A row whose scores are NaN or infinite (an fp16 overflow, a broken graph) has no score to give: it is a
-        reject, not a BLUE row with NaN scores that the histograms and MAE would silently lose."""
+        reject, not a BLUE row with NaN scores that the histograms and MAE would silently lose. Its id was not
+        scored, so a later row with it is not a duplicate."""
         finite = np.isfinite(raw).all(axis=1)
         if finite.all():
             return raw
         for row in np.asarray(item.model_rows)[~finite]:
             item.reject_reasons[int(row)] = NONFINITE_REASON
+            seen_ids.pop(ids_col[row], None)
         get_logger().error("nonfinite_scores", rows=int((~finite).sum()), file=str(item.batch.path),
                            reason="the model's output is not finite; its rows are rejected")
-        item.model_rows = [r for r, ok in zip(item.model_rows, finite) if ok]
+        pairs = [(r, t) for r, t, ok in zip(item.model_rows, item.tokens, finite) if ok]
+        item.model_rows, item.tokens = [r for r, _ in pairs], [t for _, t in pairs]
         return raw[finite]
 
     def _score_batch(self, item: Prepared, writer: ShardWriter, metrics: ShardMetrics, seen_ids: dict[str, str]) -> None:
@@ -280,7 +283,7 @@ class ShardScorer:
             raw = predict(self.runner, item.tokens, self.pad_id, token_budget=self.token_budget,
                           max_rows=self.config.max_batch_rows,
                           on_batch=lambda b, seconds: metrics.record_batch(seconds, b.real_tokens, b.input_ids.size))
-            raw = self._reject_nonfinite(item, raw)
+            raw = self._reject_nonfinite(item, raw, ids_col, seen_ids)
             scores[item.model_rows] = self.model.calibrated(self.spec.clip(raw), self.config.calibration)
         keep = [i for i in range(n) if i not in item.reject_reasons]
         prefiltered = np.array([i in item.prefilter_reasons for i in keep], dtype=bool)
@@ -349,6 +352,9 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     if marker.exists() and not config.force:
         if (problem := broken_shard(out, config.shard_index)) is None:
             log.info("shard_skipped", reason="already done (pass --force to redo)", marker=str(marker))
+            name = part_name(config.shard_index)  # what a killed twin (a replaced pod) left half-written
+            for dest in (out / f"{name}.parquet", out / "rejects" / f"{name}.parquet"):
+                remove_abandoned(dest)
             return merge_metrics(out)
         log.warning("shard_redone", reason=f"marked done, but {problem}")
     if not config.force and (counts := done_shard_counts(out) - {config.shard_count}):

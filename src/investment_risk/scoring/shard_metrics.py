@@ -38,9 +38,9 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def histogram_quantile(q: float, counts: list[int]) -> float | None:
-    """The q-quantile (0..1) of the latencies counted in LATENCY_EDGES_MS's buckets, interpolated within its bucket
-    as Prometheus' histogram_quantile does (the open last bucket answers its lower edge). A batch's percentile:
-    the shards' own are of different sizes and cannot be combined."""
+    """The q-quantile (0 < q <= 1) of the latencies counted in LATENCY_EDGES_MS's buckets, interpolated within its
+    bucket as Prometheus' histogram_quantile does (the open last bucket answers its lower edge). A batch's
+    percentile: the shards' own are of different sizes and cannot be combined."""
     total = sum(counts)
     if not total:
         return None
@@ -51,7 +51,7 @@ def histogram_quantile(q: float, counts: list[int]) -> float | None:
             low, high = bounds[i], bounds[i + 1]
             return float(low) if high == float("inf") else round(low + (high - low) * (rank - below) / count, 3)
         below += count
-    return float(bounds[-2])
+    raise ValueError(f"quantile {q} is not in (0, 1]")
 
 
 @dataclass
