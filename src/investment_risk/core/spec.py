@@ -144,6 +144,11 @@ class FilterSpec:
         reasons = [r for r in (c.match(text) for c in self.prefilter) if r]
         return "; ".join(reasons) if reasons else None
 
+    def prefiltered(self, table: Any) -> np.ndarray:
+        """Per row of a table with title and content columns: flagged by the prefilter (never scored)."""
+        return np.array([self.prefilter_reason(t, c) is not None for t, c in
+                         zip(table.column("title").to_pylist(), table.column("content").to_pylist())], dtype=bool)
+
 
 def _condition(raw: dict[str, Any], dimensions: tuple[str, ...], where: str) -> Condition:
     unknown = set(raw) - {"dimension", *_BOUNDS}

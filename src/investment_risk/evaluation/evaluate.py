@@ -89,8 +89,7 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
     labels = label_matrix(table)
     # As `score` decides: a prefiltered article is NOISE with no scores, so it is left out of the MAE and counts
     # as a NOISE prediction in the decisions; evaluate and a scored batch of the same file agree.
-    prefiltered = np.array([spec.prefilter_reason(t, c) is not None for t, c in
-                            zip(table.column("title").to_pylist(), table.column("content").to_pylist())], dtype=bool)
+    prefiltered = spec.prefiltered(table)
     scored = ~prefiltered
     if not scored.any():
         raise InputError(f"{data}: every row is prefiltered as noise; there is no score to evaluate")

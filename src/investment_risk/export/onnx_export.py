@@ -139,8 +139,7 @@ def write_reference(work: Path, tokenizer: Any, metadata: dict[str, Any], calibr
         return None
     spec = default_spec()
     table = read_articles([val])
-    titles, contents = table.column("title").to_pylist(), table.column("content").to_pylist()
-    keep = [i for i, (t, c) in enumerate(zip(titles, contents)) if spec.prefilter_reason(t, c) is None]
+    keep = np.flatnonzero(~spec.prefiltered(table)).tolist()
     texts = article_texts(table)
     rows = encode(tokenizer, [texts[i] for i in keep], int(metadata["max_length"]),
                   truncation=metadata.get("truncation", "head"))
