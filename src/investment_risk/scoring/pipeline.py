@@ -34,7 +34,7 @@ from ..modeling.predict import predict, token_budget_for
 from .ledger import input_root, read_ledger
 from .prometheus import push, write_textfile
 from .shard_metrics import ShardMetrics, broken_shard, done_shard_counts, merge_metrics, scored_units
-from .units import Unit, done_marker, list_units, parquet_rows, part_name, shard_units
+from .units import Unit, done_marker, list_units, parquet_rows, part_name, shard_files, shard_units
 from .writer import REJECT_SCHEMA, ShardWriter, kept_columns, part_schema, provenance
 
 MAX_ARTICLE_BYTES = 1_000_000
@@ -195,9 +195,7 @@ class ShardScorer:
                                psi_threshold=self.config.psi_threshold, calibrated=calibrated)
         # Rows in, from the input side: Parquet footers now, JSONL rows as they are read.
         metrics.rows_in = sum(unit.rows or 0 for unit in units)
-        name = part_name(self.config.shard_index)
-        part = self.config.out / f"{name}.parquet"
-        rejects = self.config.out / "rejects" / f"{name}.parquet"
+        part, rejects = shard_files(self.config.out, self.config.shard_index)
         items: queue.Queue = queue.Queue(maxsize=4)
         stop = threading.Event()
         producer = threading.Thread(target=self._producer, args=(units, items, stop), daemon=True, name="tokenise")
@@ -352,8 +350,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     if marker.exists() and not config.force:
         if (problem := broken_shard(out, config.shard_index)) is None:
             log.info("shard_skipped", reason="already done (pass --force to redo)", marker=str(marker))
-            name = part_name(config.shard_index)  # what a killed twin (a replaced pod) left half-written
-            for dest in (out / f"{name}.parquet", out / "rejects" / f"{name}.parquet"):
+            for dest in shard_files(out, config.shard_index):  # what a killed twin (a replaced pod) left half-written
                 remove_abandoned(dest)
             return merge_metrics(out)
         log.warning("shard_redone", reason=f"marked done, but {problem}")

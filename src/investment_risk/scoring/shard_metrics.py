@@ -24,7 +24,7 @@ from ..core.decisions import tier_report
 from ..core.drift import DEFAULT_PSI_THRESHOLD, SCORE_BINS, SCORE_EDGES, calibration_mismatch, drift, model_tier_counts
 from ..core.spec import DIMENSIONS, default_spec
 from .prometheus import write_textfile
-from .units import parquet_rows, part_name
+from .units import parquet_rows, part_name, shard_files
 
 LATENCY_EDGES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
 
@@ -228,7 +228,7 @@ def merge_metrics(out_dir: Path) -> dict[str, Any]:
     return merged
 
 
-def rows_on_disk(out_dir: Path, name: str) -> tuple[int, int]:
+def rows_on_disk(out_dir: Path, shard: int) -> tuple[int, int]:
     """(rows in the part file, rows in the rejects file) of one shard; a missing or unreadable file holds none (so
     its shard no longer adds up, and the merge says so)."""
     def rows(path: Path) -> int:
@@ -237,7 +237,8 @@ def rows_on_disk(out_dir: Path, name: str) -> tuple[int, int]:
         except (pa.ArrowException, OSError) as exc:
             get_logger().warning("part_unreadable", path=str(path), error=str(exc))
             return 0
-    return rows(out_dir / f"{name}.parquet"), rows(out_dir / "rejects" / f"{name}.parquet")
+    part, rejects = shard_files(out_dir, shard)
+    return rows(part), rows(rejects)
 
 
 def _shard_metrics(out_dir: Path, name: str) -> dict[str, Any] | None:
@@ -253,7 +254,7 @@ def _shard_metrics(out_dir: Path, name: str) -> dict[str, Any] | None:
 def _recount(out_dir: Path, metrics: dict[str, Any]) -> bool:
     """Count the shard's scored and rejected rows from its files (they may have changed since it wrote its metrics)
     into `metrics`; whether they still account for its rows in."""
-    metrics["rows_scored"], metrics["rows_rejected"] = rows_on_disk(out_dir, part_name(metrics["shard"]))
+    metrics["rows_scored"], metrics["rows_rejected"] = rows_on_disk(out_dir, metrics["shard"])
     return metrics["rows_in"] == metrics["rows_scored"] + metrics["rows_rejected"]
 
 

@@ -45,6 +45,12 @@ def part_name(shard: int) -> str:
     return f"part-{shard:05d}"
 
 
+def shard_files(out: Path, shard: int) -> tuple[Path, Path]:
+    """A shard's part file and its rejects file."""
+    name = f"{part_name(shard)}.parquet"
+    return out / name, out / "rejects" / name
+
+
 def done_marker(out: Path, shard: int) -> Path:
     return out / "_done" / part_name(shard)
 
