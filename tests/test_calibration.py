@@ -140,7 +140,12 @@ def calibrated(tmp_path_factory):
 def test_training_fits_the_calibration_and_reports_it(calibrated):
     root, metadata, _ = calibrated
     assert metadata["calibration"]["fitted"] and metadata["truncation"] == "head-tail"
-    assert (root / "run" / "model" / CALIBRATION_FILE).exists()
+    # Fitted only on the articles scoring applies it to: the prefilter's noise is left out.
+    fitted_on = json.loads((root / "run" / "model" / CALIBRATION_FILE).read_text())["fitted_on"]
+    val = pq.read_table(root / "data" / "val.parquet")
+    left_out = int(default_spec().prefiltered(val).sum())
+    assert left_out >= 1 and fitted_on["rows_prefiltered_left_out"] == left_out
+    assert fitted_on["rows"] == val.num_rows - left_out
     summary = (root / "run" / "training_reports" / "training_summary.txt").read_text()
     assert "Calibration" in summary and "calibrated=" in summary
     reports = root / "run" / "training_reports"
@@ -248,12 +253,16 @@ def test_calibrate_refits_an_exported_model_with_a_new_version(calibrated, runne
     model = tmp_path / "model"
     shutil.copytree(root / "model", model)
     before = describe_model(model).model_version
-    result = runner.invoke(main, ["calibrate", "--model", str(model), "--data", str(root / "data" / "test.parquet")])
+    # Refitted on the validation split, which holds prefiltered noise (the test split has none)
+    result = runner.invoke(main, ["calibrate", "--model", str(model), "--data", str(root / "data" / "val.parquet")])
     assert result.exit_code == 0, result.output
     assert [e["event"] for e in assert_json_stdout(result)][-1] == "calibrated"
     after = describe_model(model)  # model.json's sha256 matches the new file
     assert after.model_version != before and after.calibration is not None
-    assert json.loads((model / CALIBRATION_FILE).read_text())["fitted_on"]["split"] == "refit"
+    fitted_on = json.loads((model / CALIBRATION_FILE).read_text())["fitted_on"]
+    val = pq.read_table(root / "data" / "val.parquet")
+    left_out = int(default_spec().prefiltered(val).sum())
+    assert fitted_on["split"] == "refit" and left_out >= 1 and fitted_on["rows"] == val.num_rows - left_out
     assert not list(model.glob(".*tmp"))
     # The drift reference was made of the old calibration's scores: redone with the new one, the validation split
     # it was made from still shows no drift (the old one gave PSI of several units on every dimension).

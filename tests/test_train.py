@@ -228,6 +228,42 @@ def test_resume_after_kill_matches_an_unbroken_run(split_dir, tmp_path):
     assert metadata["wall_time_s"] >= metadata["train_seconds"]  # both count the killed process's banked time
 
 
+def test_a_crash_beside_the_best_model_save_never_leaves_model_ahead_of_the_checkpoint(split_dir, tmp_path,
+                                                                                        monkeypatch):
+    from safetensors.numpy import load_file
+
+    from investment_risk.training.distillation import DistillationTask
+
+    real_save = DistillationTask.save
+
+    def save_then_crash(self, model, dest):
+        real_save(self, model, dest)
+        raise RuntimeError("killed")
+
+    def crash(self, model, dest):
+        raise RuntimeError("killed")
+
+    # Killed just after model/ was written: the checkpoint already names that epoch best (a resume that reran the
+    # epoch on a GPU, and found it worse, would otherwise keep weights no state describes).
+    monkeypatch.setattr(DistillationTask, "save", save_then_crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(tiny_config(split_dir, tmp_path / "after", epochs=1))
+    checkpoints = tmp_path / "after" / "checkpoints"
+    latest = json.loads((checkpoints / "latest.json").read_text())["checkpoint"]
+    assert json.loads((checkpoints / latest / "state.json").read_text())["state"]["best_epoch"] == 1
+    # Killed just before: the resume saves the best epoch's weights from its checkpoint.
+    monkeypatch.setattr(DistillationTask, "save", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(tiny_config(split_dir, tmp_path / "before", epochs=1))
+    assert not (tmp_path / "before" / "model").exists()
+    monkeypatch.setattr(DistillationTask, "save", real_save)
+    train(tiny_config(split_dir, tmp_path / "before", epochs=1), resume=True)
+    adapter = "adapter_model.safetensors"
+    restored, saved = (load_file(tmp_path / run / "model" / adapter) for run in ("before", "after"))
+    assert restored.keys() == saved.keys() and all(np.array_equal(restored[k], saved[k]) for k in saved)
+    assert json.loads((tmp_path / "before" / "training_metadata.json").read_text())["best_epoch"] == 1
+
+
 def test_dry_run_counts_like_peft_and_writes_nothing(split_dir, tmp_path, tiny_run):
     _, metadata, _ = tiny_run
     config_only = tmp_path / "config-only"

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from ..core.atomic import atomic_path, read_json
 from ..core.drift import REFERENCE_FILE, recalibrated_reference
 from ..core.errors import InputError
 from ..core.logs import get_logger
 from ..core.metrics import regression_metrics
-from ..core.spec import DIMENSIONS
+from ..core.spec import DIMENSIONS, default_spec
 from ..datasets.readers import label_matrix, read_articles
 from ..modeling.calibration import CALIBRATION_FILE, MIN_ROWS, fit_calibration
 from ..modeling.description import describe_model, load_reference, model_version, sha256_file
@@ -31,11 +32,16 @@ from .evaluate import raw_scores
 def recalibrate(model_path: Path, data: Path, batch_size: int = 32, device: str = "auto") -> dict[str, Any]:
     model = describe_model(model_path)
     table = read_articles([data], labels=DIMENSIONS)  # a row without all eight labels is an error naming it
+    # Only the rows scoring applies the map to: prefiltered noise never gets a model score.
+    scored = ~default_spec().prefiltered(table)
+    left_out, table = int((~scored).sum()), table.filter(pa.array(scored))
     if table.num_rows < MIN_ROWS:
-        raise InputError(f"{data}: {table.num_rows} labelled rows; calibrate needs at least {MIN_ROWS}")
+        raise InputError(f"{data}: {table.num_rows} labelled rows the prefilter lets through; calibrate needs at "
+                         f"least {MIN_ROWS}")
     labels = label_matrix(table)
     raw, _, _, _ = raw_scores(model, table, device, batch_size, what="calibrate")
-    calibration = fit_calibration(raw, labels, {"data": str(data), "split": "refit"})
+    calibration = fit_calibration(raw, labels, {"data": str(data), "split": "refit",
+                                                "rows_prefiltered_left_out": left_out})
     target = model.path if model.exported else model.path / "model"
     text = json.dumps(calibration.to_json(), indent=2) + "\n"
     version = model.model_version

@@ -189,6 +189,7 @@ def start_or_resume(session: Session, resume: bool) -> tuple[TrainState, Sums]:
         saved, extra = load_checkpoint(latest, session.model, session.optimizer, session.scheduler, device)
         state, sums = TrainState.from_json(saved), Sums(**extra)
         get_logger().info("resumed", checkpoint=latest.name, epoch=state.epoch, batch=state.batch, step=state.step)
+        restore_best_model(session, state)
     return state, sums
 
 
@@ -285,16 +286,28 @@ def end_of_epoch(session: Session, state: TrainState, sums: Sums, epoch_started:
     state.history.append({"epoch": state.epoch, "train": train_metrics, "val": val_metrics})
     get_logger().info("epoch_done", epoch=state.epoch, train_mae=round(train_metrics["mae"], 4),
                       val_mae=round(val_metrics["mae"], 4), val_rmse=round(val_metrics["rmse"], 4))
-    if state.best_val_mae is None or val_metrics["mae"] < state.best_val_mae:
+    improved = state.best_val_mae is None or val_metrics["mae"] < state.best_val_mae
+    if improved:
         state.best_val_mae, state.best_epoch = val_metrics["mae"], state.epoch
         state.best_val_predictions = val_pred.round(5).tolist()
-        session.task.save(session.model, session.out / "model")
     write_json_atomic(state.history, session.out / "training_history.json")
     state.epoch, state.batch = state.epoch + 1, 0
     sums.epoch_preds.zero_()
     sums.token_loss.zero_()
     session.bank_time(state)
     checkpoint(session, state, sums)
+    # Saved after the checkpoint that calls this epoch best, never before: model/ is then never ahead of what a
+    # resume believes (a GPU's rerun of the epoch differs, and model/ would stay with weights no state describes).
+    # A kill in between is repaired by the resume (`restore_best_model`).
+    if improved:
+        session.task.save(session.model, session.out / "model")
+
+
+def restore_best_model(session: Session, state: TrainState) -> None:
+    """Resuming from the checkpoint taken at the end of the best epoch: its weights are the best model, whose save
+    that checkpoint precedes and a kill may have stopped. Saving them again costs seconds and is the same file."""
+    if state.batch == 0 and state.best_epoch is not None and state.best_epoch == state.epoch - 1:
+        session.task.save(session.model, session.out / "model")
 
 
 def finish(session: Session, state: TrainState) -> dict[str, Any]:
@@ -313,13 +326,17 @@ def finish(session: Session, state: TrainState) -> dict[str, Any]:
 
 def fit_run_calibration(session: Session, state: TrainState) -> dict[str, Any]:
     """Fit the per-dimension isotonic map on the best epoch's validation predictions and store it beside the weights;
-    the val metrics raw and calibrated (in-sample on val: the test split says how it generalises)."""
+    the val metrics raw and calibrated (in-sample on val: the test split says how it generalises). Articles the
+    prefilter calls noise are left out: scoring never applies the map to them, and their low labels would bend it."""
     from ..modeling.calibration import CALIBRATION_FILE, fit_calibration
 
-    raw = default_spec().clip(np.asarray(state.best_val_predictions, dtype=np.float32))
-    labels = session.val_data.labels
+    spec = default_spec()
+    scored = ~spec.prefiltered(session.val_data.table)
+    raw = spec.clip(np.asarray(state.best_val_predictions, dtype=np.float32))[scored]
+    labels = session.val_data.labels[scored]
     try:
-        calibration = fit_calibration(raw, labels, {"split": "val", "epoch": state.best_epoch})
+        calibration = fit_calibration(raw, labels, {"split": "val", "epoch": state.best_epoch,
+                                                    "rows_prefiltered_left_out": int((~scored).sum())})
     except InputError as exc:  # too few validation rows: the model is still usable, uncalibrated
         get_logger().warning("calibration_skipped", reason=str(exc))
         return {"fitted": False, "reason": str(exc)}
