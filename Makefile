@@ -19,8 +19,14 @@ SHARDS ?= 4
 PROFILE ?= gpu
 NAMESPACE ?= investment-risk
 JOB_ARGS ?= --wait
+# Optional: NAME names the Job; OUT continues an earlier one (train resumes that run directory, score skips its
+# finished shards, export writes there). export-job needs RUN, the training run directory.
+NAME ?=
+OUT ?=
+RUN ?=
+JOB_NAMING = $(if $(NAME),--name $(NAME)) $(if $(OUT),--out $(OUT))
 
-.PHONY: install demo test test-large bench bench-learning bench-instruction chaos clean k8s lock image image-test engine-stop train-job score-job
+.PHONY: install demo test test-large bench bench-learning bench-instruction chaos clean k8s lock image image-test engine-stop train-job export-job score-job
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -93,11 +99,15 @@ engine-stop:
 
 train-job: install
 	$(BIN)/investment-risk jobs submit train --image $(IMAGE) --namespace $(NAMESPACE) --profile $(PROFILE) \
-		--mode $(MODE) --data $(DATA) --base-model $(BASE_MODEL) $(JOB_ARGS)
+		--mode $(MODE) --data $(DATA) --base-model $(BASE_MODEL) $(JOB_NAMING) $(JOB_ARGS)
+
+export-job: install
+	$(BIN)/investment-risk jobs submit export --image $(IMAGE) --namespace $(NAMESPACE) --profile $(PROFILE) \
+		--run $(or $(RUN),$(error RUN=/models/runs/NAME is required: the training run to export)) $(JOB_NAMING) $(JOB_ARGS)
 
 score-job: install
 	$(BIN)/investment-risk jobs submit score --image $(IMAGE) --namespace $(NAMESPACE) --profile $(PROFILE) \
-		--model $(MODEL) --input $(INPUT) --shards $(SHARDS) $(JOB_ARGS)
+		--model $(MODEL) --input $(INPUT) --shards $(SHARDS) $(JOB_NAMING) $(JOB_ARGS)
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) build dist *.egg-info src/*.egg-info .pytest_cache

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import datetime as dt
 import threading
+import time
 from typing import Any, Callable
 
 import kmock
@@ -22,6 +24,7 @@ class FakeCluster:
         self.emulator: Any = None
         self.port: int | None = None
         self.pod_logs: dict[tuple[str, str], str] = {}
+        self.log_stamps: dict[tuple[str, str], list[float]] = {}  # each line's time, as the kubelet records it
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._error: BaseException | None = None
@@ -63,7 +66,14 @@ class FakeCluster:
             if text == WAITING:  # what the API server says while the container is pulling or pending
                 return kmock.KubernetesError(status=400, reason="BadRequest",
                                              message=f'container "main" in pod "{request.name}" is waiting to start')
-            return text.encode()
+            lines = text.splitlines()
+            stamps = self.log_stamps.get((request.namespace, request.name)) or [time.time()] * len(lines)
+            if "sinceSeconds" in request.params:
+                since = time.time() - float(request.params["sinceSeconds"])
+                lines, stamps = [ln for ln, t in zip(lines, stamps) if t >= since], [t for t in stamps if t >= since]
+            if request.params.get("timestamps") == "true":
+                lines = [f"{rfc3339_nano(t)} {ln}" for ln, t in zip(lines, stamps)]
+            return "".join(f"{ln}\n" for ln in lines).encode()
 
         emulator[kmock.action.LIST, lambda request: "labelSelector" in request.params] << list_selected
         emulator[kmock.resource("v1/pods"), kmock.subresource("log"), "get"] << {"Content-Type": "text/plain"} << serve_log
@@ -113,12 +123,14 @@ class FakeCluster:
         self.call(lambda: self.emulator.objects["batch/v1/jobs", namespace, name].patch({"status": status}))
 
     def seed_pod(self, namespace: str, job: str, pod: str, phase: str, log: str, exit_code: int | None = None,
-                 index: int | None = None) -> None:
+                 index: int | None = None, waiting: str | None = None) -> None:
         def seed() -> None:
             status: dict = {"phase": phase}
-            if exit_code is not None:
+            state = ({"terminated": {"exitCode": exit_code}} if exit_code is not None else
+                     {"waiting": {"reason": waiting, "message": f"{waiting} for the test"}} if waiting else None)
+            if state:
                 status["containerStatuses"] = [{"name": "main", "image": "x", "imageID": "", "ready": False,
-                                                "restartCount": 0, "state": {"terminated": {"exitCode": exit_code}}}]
+                                                "restartCount": 0, "state": state}]
             annotations = {"batch.kubernetes.io/job-completion-index": str(index)} if index is not None else {}
             self.emulator.objects["v1/pods", namespace, pod] = {
                 "apiVersion": "v1", "kind": "Pod",
@@ -126,7 +138,29 @@ class FakeCluster:
                              "labels": {"batch.kubernetes.io/job-name": job, "job-name": job}},
                 "spec": {"containers": [{"name": "main", "image": "x"}]}, "status": status}
             self.pod_logs[(namespace, pod)] = log
+            self.log_stamps[(namespace, pod)] = _stamps(len(log.splitlines()))
         self.call(seed)
+
+    def append_log(self, namespace: str, pod: str, text: str, rotate: bool = False) -> None:
+        """New lines in a pod's log; `rotate`: the kubelet rotated the file first, so only the new lines remain."""
+        def append() -> None:
+            key = (namespace, pod)
+            old, stamps = ("", []) if rotate else (self.pod_logs[key], self.log_stamps[key])
+            self.pod_logs[key] = old + text
+            self.log_stamps[key] = stamps + _stamps(len(text.splitlines()))
+        self.call(append)
 
     def requests(self, method: str, resource: str) -> list:
         return list(self.emulator[method, kmock.resource(resource)])
+
+
+def _stamps(count: int) -> list[float]:
+    now = time.time()
+    return [now + i * 1e-6 for i in range(count)]
+
+
+def rfc3339_nano(t: float) -> str:
+    """As the kubelet writes a line's time: nanoseconds with trailing zeros trimmed (so the strings do not sort)."""
+    whole = dt.datetime.fromtimestamp(int(t), dt.timezone.utc)
+    fraction = f"{round((t - int(t)) * 1e9):09d}"[:9].rstrip("0")
+    return f"{whole:%Y-%m-%dT%H:%M:%S}" + (f".{fraction}" if fraction else "") + "Z"

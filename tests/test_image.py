@@ -190,18 +190,20 @@ def test_run_local_in_containers_matches_one_score_run(pipeline, volumes, tmp_pa
                                    alone.column(dim).to_numpy(zero_copy_only=False), atol=1e-5)
 
 
-def test_the_cpu_overlay_scoring_job_runs_to_completion_in_containers(pipeline, volumes, tmp_path):
+def test_the_cpu_overlays_night_runs_to_completion_in_containers(pipeline, volumes, tmp_path):
+    """The nightly CronJob as the CPU overlay applies it, run as the Job it creates (`--job` names the CronJob)."""
     rendered = subprocess.run(["kubectl", "kustomize", str(ROOT / "k8s" / "overlays" / "cpu")],
                               capture_output=True, text=True, check=True).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
-    job = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["name"] == "investment-risk-score")
+    cron = next(d for d in docs if d["kind"] == "CronJob")
+    job = cron["spec"]["jobTemplate"]
     (tmp_path / "overlay.yaml").write_text(rendered)
     shutil.copytree(volumes["models"] / "tiny-qwen2", volumes["models"] / "current", dirs_exist_ok=True)
     result = CliRunner().invoke(main, ["jobs", "run-local", "--runtime", "docker", "--image", IMAGE,
-                                       "--manifest", str(tmp_path / "overlay.yaml"), "--job", "investment-risk-score",
+                                       "--manifest", str(tmp_path / "overlay.yaml"), "--job", cron["metadata"]["name"],
                                        "--mount", f"/data={volumes['data']}", "--mount", f"/models={volumes['models']}"])
     assert result.exit_code == 0, result.output
     out_arg = job["spec"]["template"]["spec"]["containers"][0]["args"]
-    out_path = out_arg[out_arg.index("--out") + 1].replace("$(JOB_NAME)", job["metadata"]["name"])
+    out_path = out_arg[out_arg.index("--out") + 1].replace("$(JOB_NAME)", cron["metadata"]["name"])
     out = volumes["data"] / out_path.removeprefix("/data/")
     assert len(list((out / "_done").iterdir())) == job["spec"]["completions"] == 2

@@ -7,15 +7,17 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from structlog.testing import capture_logs
 
 from investment_risk.cli import main
-from investment_risk.k8s.manifests import default_base, to_yaml
+from investment_risk.k8s.manifests import JobSettings, build, default_base, to_yaml
 from investment_risk.scoring.pipeline import ScoreConfig, score
 from investment_risk.core.spec import DIMENSIONS
 from investment_risk.datasets.synth import SynthConfig, generate
@@ -95,29 +97,52 @@ def test_the_nightly_component_starts_the_suspended_cronjob(tmp_path):
     assert cron(tmp_path)["suspend"] is False
 
 
-def test_overlays_set_the_hardware(kueue_overlay):
+def test_overlays_set_the_hardware_and_apply_no_job(kueue_overlay):
     gpu, cpu = docs_of(kustomize(ROOT / "k8s" / "overlays" / "gpu")), docs_of(kustomize(ROOT / "k8s" / "overlays" / "cpu"))
-    for name, spec in pod_specs(gpu).items():
-        pod = spec["template"]["spec"]
-        container = pod["containers"][0]
-        env = {e["name"]: e.get("value") for e in container["env"]}
-        if "merge" in name:
-            assert "nvidia.com/gpu" not in container["resources"]["limits"] and env["INVESTMENT_RISK_DEVICE"] == "cpu"
-            continue
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and env["INVESTMENT_RISK_DEVICE"] == "cuda"
-        assert pod["tolerations"][0]["key"] == "nvidia.com/gpu" and pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    queued = docs_of(kustomize(kueue_overlay))
+    # A Job's pod template is immutable and Kueue admits a suspended Job with its label: applying holds none.
+    assert not [d for docs in (gpu, cpu, queued) for d in docs if d["kind"] == "Job"]
+    [gpu_night], [cpu_night] = pod_specs(gpu).values(), pod_specs(cpu).values()
+    pod = gpu_night["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and env["INVESTMENT_RISK_DEVICE"] == "cuda"
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu" and pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # The CPU overlay's night is the builder's CPU profile at 2 shards, its image taken from the node: limits that
+    # hold the emptyDirs, the device, the shard count, all in step with `jobs submit --profile cpu`.
+    expected = build("nightly", JobSettings(profile="cpu", pull_policy="IfNotPresent"), shards=2)
+    assert cpu_night == expected["spec"]["jobTemplate"]["spec"]
     assert "nvidia.com/gpu" not in kustomize(ROOT / "k8s" / "overlays" / "cpu")
-    for name, spec in pod_specs(cpu).items():
-        env = {e["name"]: e.get("value") for e in spec["template"]["spec"]["containers"][0]["env"]}
-        assert env["INVESTMENT_RISK_DEVICE"] == "cpu", name
-        if spec.get("completionMode") == "Indexed":
-            args = spec["template"]["spec"]["containers"][0]["args"]
-            assert spec["completions"] == 2 and args[args.index("--shard-count") + 1] == "2", name
-        elif "merge" in name:
-            args = spec["template"]["spec"]["containers"][0]["args"]
-            assert args[args.index("--expect-shards") + 1] == "2"
-    queued = [d for d in docs_of(kustomize(kueue_overlay)) if d["kind"] == "Job"]
-    assert all(d["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == NS for d in queued)
+    [cron] = [d for d in queued if d["kind"] == "CronJob"]
+    assert cron["spec"]["jobTemplate"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == NS
+
+
+def test_the_image_pull_policy_follows_the_reference_unless_named(runner):
+    def policy(*args):
+        result = runner.invoke(main, ["jobs", "render", "score", "--name", "s", *args])
+        assert result.exit_code == 0, result.output
+        return docs_of(result.output)[0]["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"]
+    assert policy() == "Always"  # a tag can be pushed again
+    assert policy("--image", "registry.example.com/ir@sha256:" + "a" * 64) == "IfNotPresent"
+    assert policy("--image-pull-policy", "IfNotPresent") == "IfNotPresent"  # an image loaded into kind's nodes
+    result = runner.invoke(main, ["jobs", "render", "score", "--image-pull-policy", "Sometimes"])
+    assert result.exit_code == 2 and "--image-pull-policy" in result.output
+
+
+def test_the_export_job_writes_the_gpu_graph_on_a_gpu_and_the_measured_cpu_one_on_cpus(runner):
+    def container(*args):
+        result = runner.invoke(main, ["jobs", "render", "export", "--name", "exp-1", "--run", "/models/runs/r1", *args])
+        assert result.exit_code == 0, result.output
+        return docs_of(result.output)[0]["spec"]["template"]["spec"]["containers"][0]
+    gpu = container("--out", "/models/current", "--extra-arg", "--force")
+    assert gpu["args"] == ["export", "--run", "/models/runs/r1", "--out", "/models/current", "--dtype", "fp16",
+                           "--device", "cuda", "--force"]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    cpu = container("--profile", "cpu")
+    assert cpu["args"] == ["export", "--run", "/models/runs/r1", "--out", "/models/exports/exp-1"]
+    assert "nvidia.com/gpu" not in cpu["resources"]["limits"]
+    result = runner.invoke(main, ["jobs", "render", "export", "--name", "exp-1"])
+    assert result.exit_code == 2 and "export needs --run" in result.output
 
 
 def test_the_stage_job_alone_reaches_the_hub_and_needs_no_gpu(runner):
@@ -132,7 +157,7 @@ def test_the_stage_job_alone_reaches_the_hub_and_needs_no_gpu(runner):
     assert "nvidia.com/gpu" not in container["resources"]["limits"] and "tolerations" not in pod
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/models", "/var/run/secrets/huggingface"}
     assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2]
-    for kind in ("train", "score", "merge", "nightly"):  # every other pod stays offline
+    for kind in ("train", "export", "score", "merge", "nightly"):  # every other pod stays offline
         text = runner.invoke(main, ["jobs", "render", kind, "--out", "/data/scored/x"]).output
         assert "HF_HUB_OFFLINE" not in text
 
@@ -153,10 +178,10 @@ def test_shared_pvcs_take_a_storage_class_and_sizes(runner):
 
 def test_rendered_jobs_validate_for_every_kind_and_profile(tmp_path, runner):
     texts = []
-    for kind in ("stage", "train", "score", "merge", "nightly", "shared", "all"):
+    for kind in ("stage", "train", "export", "score", "merge", "nightly", "shared", "all"):
         for profile in ("gpu", "cpu"):
             result = runner.invoke(main, ["jobs", "render", kind, "--profile", profile, "--queue", "batch",
-                                          "--out", "/data/scored/x", "--name", f"{kind}-{profile}"])
+                                          "--out", "/data/scored/x", "--name", f"{kind}-{profile}", "--run", "/models/runs/r"])
             assert result.exit_code == 0, result.output
             texts.append(result.output)
     validate("---\n".join(texts), tmp_path)
@@ -167,8 +192,14 @@ def parse_gi(quantity: str) -> int:
     return int(quantity[:-2])
 
 
+def every_kind(settings: JobSettings) -> list[dict]:
+    return [build(kind, settings, name=f"{kind}-{settings.profile}", out="/data/scored/x", run="/models/runs/r")
+            for kind in ("stage", "train", "export", "score", "merge", "nightly")]
+
+
 def test_pods_follow_the_restricted_profile_and_failure_policy():
-    docs = [d for file_docs in default_base().values() for d in file_docs]
+    base = [d for file_docs in default_base().values() for d in file_docs]
+    docs = base + every_kind(JobSettings()) + every_kind(JobSettings(profile="cpu"))
     for name, spec in pod_specs(docs).items():
         assert spec["activeDeadlineSeconds"] > 0 and spec["ttlSecondsAfterFinished"] > 0
         rules = spec["podFailurePolicy"]["rules"]
@@ -188,18 +219,18 @@ def test_pods_follow_the_restricted_profile_and_failure_policy():
         # the emptyDirs count towards the pod's ephemeral storage: each can fill up to its own limit
         assert parse_gi(container["resources"]["limits"]["ephemeral-storage"]) > scratch
         assert volumes["hf-token"]["secret"]["secretName"] == "investment-risk-hf-token"
-    indexed = pod_specs(docs)["investment-risk-score"]
+    indexed = pod_specs(docs)["score-gpu"]
     assert indexed["completionMode"] == "Indexed" and indexed["completions"] == 4
     assert indexed["backoffLimitPerIndex"] >= 1 and indexed["maxFailedIndexes"] == 0
-    cron = next(d for d in docs if d["kind"] == "CronJob")["spec"]
+    cron = next(d for d in base if d["kind"] == "CronJob")["spec"]
     assert cron["concurrencyPolicy"] == "Forbid" and cron["startingDeadlineSeconds"] > 0 and cron["timeZone"]
-    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    config = next(d for d in base if d["kind"] == "ConfigMap")["data"]
     assert config["HF_TOKEN_PATH"] == "/var/run/secrets/huggingface/token" and config["HF_HOME"].startswith("/models/")
-    # templates, and a CronJob to unsuspend once /models/current holds a model: applying starts nothing
-    assert all(d["spec"].get("suspend") for d in docs if d["kind"] in ("Job", "CronJob"))
-    merge = pod_specs(docs)["investment-risk-merge"]["template"]["spec"]["containers"][0]["args"]
+    # A CronJob to unsuspend once /models/current holds a model, and no Job: applying the base starts nothing
+    assert cron["suspend"] is True and not [d for d in base if d["kind"] == "Job"]
+    merge = pod_specs(docs)["merge-gpu"]["template"]["spec"]["containers"][0]["args"]
     assert merge[merge.index("--expect-shards") + 1] == str(indexed["completions"]) and "--wait-seconds" in merge
-    role = next(d for d in docs if d["kind"] == "Role")
+    role = next(d for d in base if d["kind"] == "Role")
     assert {r for rule in role["rules"] for r in rule["resources"]} == {"jobs", "pods", "pods/log"}
     assert not any("*" in rule["verbs"] for rule in role["rules"])
 
@@ -234,7 +265,7 @@ def test_run_local_refuses_a_malformed_job_in_one_line(tmp_path, runner, edit, m
     import yaml
 
     docs = docs_of(__import__("investment_risk.k8s.manifests", fromlist=["to_yaml"]).to_yaml(
-        default_base()["shared.yaml"] + default_base()["score-job.yaml"]))
+        default_base()["shared.yaml"] + [build("score", JobSettings(), name="investment-risk-score")]))
     edit(next(d for d in docs if d["kind"] == "Job"))
     (tmp_path / "job.yaml").write_text(yaml.safe_dump_all(docs))
     result = runner.invoke(main, ["jobs", "run-local", "--manifest", str(tmp_path / "job.yaml"),
@@ -404,6 +435,73 @@ def test_cluster_errors_are_clear(fake, tmp_path, runner):
     assert result.exit_code == 1 and "cannot reach the cluster" in result.output
 
 
+def test_wait_follows_an_existing_job_through_a_rotated_log_and_names_a_pod_that_cannot_start(fake, tmp_path, runner):
+    assert jobs_cli(runner, fake, tmp_path, "submit", "score", "--name", "night-1", "--shards", "2").exit_code == 0
+    fake.seed_pod(NS, "night-1", "night-1-0-x", "Running", LOG, index=0)
+    fake.seed_pod(NS, "night-1", "night-1-1-y", "Pending", WAITING, index=1, waiting="ImagePullBackOff")
+
+    def later() -> None:
+        time.sleep(0.6)  # a few polls have read the first lines
+        fake.append_log(NS, "night-1-0-x", "after the rotation\n", rotate=True)  # the kubelet rotated the file
+        time.sleep(0.6)
+        fake.seed_status(NS, "night-1", {"succeeded": 2, "conditions": [
+            {"type": "Complete", "status": "True", "reason": "CompletionsReached"}]})
+    thread = threading.Thread(target=later, daemon=True)
+    thread.start()
+    result = jobs_cli(runner, fake, tmp_path, "wait", "night-1", "--poll-seconds", "0.1", "--timeout", "30")
+    thread.join()
+    assert result.exit_code == 0, result.output
+    events = assert_json_stdout(result)
+    lines = [e.get("line", e["event"]) for e in events if e.get("pod") == "night-1-0-x"]
+    assert lines == ["shard_start", "shard_done", "a plain line", "after the rotation"]  # each once, none lost
+    waiting = [e for e in events if e["event"] == "pod_waiting"]
+    assert [(e["pod"], e["reason"]) for e in waiting] == [("night-1-1-y", "ImagePullBackOff")]  # once, not per poll
+    reads = [r for r in fake.requests("get", "v1/pods") if "log" in str(r)]
+    assert reads and any("sinceSeconds" in getattr(r, "params", {}) for r in reads)  # not the whole log every poll
+
+
+def test_wait_rides_out_failed_polls_and_says_when_it_gives_up(monkeypatch):
+    from investment_risk.core.errors import RetryableError
+    from investment_risk.k8s import cluster as kube
+
+    done = {"state": "Complete", "pods": [], "succeeded": 1, "failed": 0, "conditions": []}
+    answers = [RetryableError("cannot reach the cluster")] * 3 + [done]
+
+    def status(cluster, name):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+    monkeypatch.setattr(kube, "job_status", status)
+    with capture_logs() as logs:
+        assert kube.wait(SimpleNamespace(namespace=NS), "j", lambda pod, line: None, poll_s=0.01) is done
+    assert [e["failures"] for e in logs if e["event"] == "poll_failed"] == [1, 2, 3]
+    answers[:] = [RetryableError("cannot reach the cluster")] * kube.POLL_FAILURES
+    with pytest.raises(RetryableError, match="jobs wait j"):
+        kube.wait(SimpleNamespace(namespace=NS), "j", lambda pod, line: None, poll_s=0.01)
+
+
+def test_a_refused_request_is_exit_2_and_a_taken_name_says_how_to_follow_it(fake, tmp_path, runner):
+    import kmock
+
+    assert jobs_cli(runner, fake, tmp_path, "submit", "train", "--name", "train-1").exit_code == 0
+    result = jobs_cli(runner, fake, tmp_path, "submit", "train", "--name", "train-1")
+    assert result.exit_code == 2 and "already exists" in result.output and "jobs wait" in result.output
+    fake.call(lambda: fake.emulator["post", kmock.resource("batch/v1/jobs")] << 400 << {
+        "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 400, "reason": "BadRequest",
+        "message": 'admission webhook "quota.example.com" denied the request'})
+    result = jobs_cli(runner, fake, tmp_path, "submit", "train", "--name", "train-2")
+    assert result.exit_code == 2 and "rejected by the API server" in result.output and "denied" in result.output
+
+
+def test_kubeconfig_in_the_environment_wins_over_in_cluster_config(fake, tmp_path, runner, monkeypatch):
+    assert jobs_cli(runner, fake, tmp_path, "submit", "train", "--name", "train-1").exit_code == 0
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # as inside any pod (a CI runner's, say)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    result = runner.invoke(main, ["jobs", "status", "train-1"])
+    assert result.exit_code == 0, result.output
+
+
 # --- run-local: the pod contract without a cluster ---------------------------------------------------------------
 
 def test_run_local_three_shards_match_a_single_score_run(exported, tmp_path, runner):
@@ -460,7 +558,7 @@ def test_run_local_exit_2_fails_the_job_and_unmapped_pvcs_are_refused(tmp_path, 
 def test_run_local_maps_each_path_once_and_option_values_too(tmp_path):
     from investment_risk.k8s.runlocal import map_to_local, pod_spec
     docs = docs_of(__import__("investment_risk.k8s.manifests", fromlist=["to_yaml"]).to_yaml(
-        default_base()["shared.yaml"] + default_base()["score-job.yaml"]))
+        default_base()["shared.yaml"] + [build("score", JobSettings(), name="investment-risk-score")]))
     job = next(d for d in docs if d["kind"] == "Job")
     job["spec"]["template"]["spec"]["containers"][0]["args"] += ["--cache=$(INVESTMENT_RISK_CACHE)", "--x=/data/y"]
     mounts = {"/data": tmp_path / "data", "/cache": tmp_path / "scratch" / "cache", "/tmp": tmp_path / "scratch" / "tmp"}
@@ -470,6 +568,18 @@ def test_run_local_maps_each_path_once_and_option_values_too(tmp_path):
     assert env["JOB_COMPLETION_INDEX"] == "2" and env["JOB_NAME"] == job["metadata"]["name"]
 
 
+def test_run_local_runs_a_cronjob_as_the_job_it_creates(tmp_path):
+    from investment_risk.k8s.runlocal import pick_job, pod_spec
+
+    docs = docs_of(kustomize(ROOT / "k8s" / "overlays" / "cpu"))
+    cron = next(d for d in docs if d["kind"] == "CronJob")
+    job = pick_job(docs, None, tmp_path / "overlay.yaml")  # the file's one runnable workload
+    assert job["metadata"]["name"] == cron["metadata"]["name"] and job["spec"] == cron["spec"]["jobTemplate"]["spec"]
+    args, env = pod_spec(job, docs, 1)
+    assert env["JOB_NAME"] == cron["metadata"]["name"] and env["JOB_COMPLETION_INDEX"] == "1"
+    assert args[args.index("--out") + 1] == f"/data/scored/{cron['metadata']['name']}" and "--ledger" in args
+
+
 def test_run_local_pods_get_their_own_environment_not_this_shells(tmp_path, monkeypatch):
     from investment_risk.k8s import runlocal
     monkeypatch.setenv("INVESTMENT_RISK_SHARD_INDEX", "0")  # would score shard 0 in every pod
@@ -477,7 +587,7 @@ def test_run_local_pods_get_their_own_environment_not_this_shells(tmp_path, monk
     monkeypatch.setenv("_INVESTMENT_RISK_KILL_AT", "after_rename:*")  # a test hook: kept
     started = []
     monkeypatch.setattr(runlocal.subprocess, "Popen", lambda args, env: started.append(env))
-    docs = docs_of(to_yaml(default_base()["shared.yaml"] + default_base()["score-job.yaml"]))
+    docs = docs_of(to_yaml(default_base()["shared.yaml"] + [build("score", JobSettings(), name="investment-risk-score")]))
     job = next(d for d in docs if d["kind"] == "Job")
     pods = runlocal.ProcessRuntime(job, {"/data": tmp_path / "data", "/models": tmp_path / "models"}, tmp_path)
     pods.start(1, *runlocal.pod_spec(job, docs, 1))
@@ -492,7 +602,7 @@ def test_run_local_pods_get_their_own_environment_not_this_shells(tmp_path, monk
 FAKE_DOCKER = """#!/bin/sh
 # Records each call (one argument a line, then the env it was asked to pass) and behaves as FAKE_DOCKER_MODE says.
 { for a in "$@"; do echo "$a"; done; echo "JOB_COMPLETION_INDEX=$JOB_COMPLETION_INDEX"; echo ---; } >> "$FAKE_DOCKER_LOG"
-case "$1" in kill) exit 0 ;; esac
+case "$1" in stop) exit 0 ;; esac
 [ "$FAKE_DOCKER_MODE" = sleep ] && exec sleep 120
 exit 0
 """
@@ -559,7 +669,7 @@ def test_run_local_stops_its_pods_when_it_is_stopped(fake_docker, tmp_path, runn
     result = runner.invoke(main, ["jobs", "run-local", "--runtime", "docker", "--manifest", str(tmp_path / "job.yaml"),
                                   "--mount", f"/data={tmp_path / 'data'}", "--mount", f"/models={tmp_path / 'models'}"])
     assert result.exit_code == 1, result.output
-    assert sum(1 for c in docker_calls(fake_docker) if c[0] == "kill") == 2
+    assert sum(1 for c in docker_calls(fake_docker) if c[:3] == ["stop", "--time", "30"]) == 2  # SIGTERM first
 
 
 def test_run_local_stops_pods_at_the_active_deadline(fake_docker, tmp_path, runner, monkeypatch):
@@ -576,4 +686,4 @@ def test_run_local_stops_pods_at_the_active_deadline(fake_docker, tmp_path, runn
                                   "--mount", f"/data={tmp_path / 'data'}", "--mount", f"/models={tmp_path / 'models'}"])
     assert result.exit_code == 1 and "DeadlineExceeded" in result.output, result.output
     assert time.monotonic() - started < 60  # the pods (sleeping 120 s) were stopped, not waited for
-    assert sum(1 for c in docker_calls(fake_docker) if c[0] == "kill") == 2
+    assert sum(1 for c in docker_calls(fake_docker) if c[:3] == ["stop", "--time", "30"]) == 2  # SIGTERM first

@@ -27,6 +27,9 @@ settings_options = stacked(
     option("--profile", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
            help="gpu: 1 GPU per pod, tolerations, --device cuda. cpu: small CPU pods."),
     option("--queue", default=None, help="Kueue LocalQueue name (adds the kueue.x-k8s.io/queue-name label)."),
+    option("--image-pull-policy", "pull_policy", type=click.Choice(["Always", "IfNotPresent", "Never"]), default=None,
+           help="Default: IfNotPresent for an image pinned by digest, else Always (IfNotPresent for an image loaded "
+                "into the nodes, as kind's are)."),
 )
 
 # The two PVCs (`render shared|all`, `--with-shared`): pods of one Job run on several nodes at once and share them.
@@ -43,12 +46,14 @@ job_options = stacked(
     option("--mode", type=click.Choice(["distillation", "instruction"]), default="distillation", show_default=True,
            help="train: the training mode."),
     option("--data", default="/data/splits/latest", show_default=True, help="train: the split directory."),
+    option("--run", default=None, help="export: the training run directory (e.g. /models/runs/NAME)."),
     option("--base-model", default="qwen2.5-1.5b", show_default=True,
            help="train: preset or path; stage: the hub model to fetch."),
     option("--model", default="/models/current", show_default=True, help="score: the exported model directory."),
     option("--input", "inputs", multiple=True, default=("/data/incoming",), show_default=True,
            help="score: input files, directories or globs; repeat for more."),
-    option("--out", default=None, help="Output: the run directory (train) or scoring directory (score, merge)."),
+    option("--out", default=None, help="Output: the run directory (train), the model directory (export; default "
+                                        "/models/exports/NAME) or the scoring directory (score, merge)."),
     option("--shards", type=click.IntRange(min=1), default=4, show_default=True, help="score: completions."),
     option("--parallelism", type=click.IntRange(min=1), default=None, help="score: pods at once (default: all)."),
     option("--backend", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True),
@@ -66,10 +71,12 @@ connection_options = stacked(
 cluster_options = stacked(connection_options, option("--namespace", default="investment-risk", show_default=True))
 
 
-def _settings(image: str, namespace: str, profile: str, queue: str | None, **storage: Any) -> Any:
+def _settings(image: str, namespace: str, profile: str, queue: str | None, pull_policy: str | None,
+              **storage: Any) -> Any:
     from ..k8s.manifests import JobSettings
 
-    return JobSettings(image=image, namespace=namespace, profile=profile, queue=queue, **storage)
+    return JobSettings(image=image, namespace=namespace, profile=profile, queue=queue, pull_policy=pull_policy,
+                       **storage)
 
 
 def _build(kind: str, settings: Any, params: dict[str, Any]) -> dict[str, Any]:
@@ -87,18 +94,20 @@ def jobs_group() -> None:
 
 
 @jobs_group.command("render")
-@click.argument("kind", type=click.Choice(["all", "shared", "stage", "train", "score", "merge", "nightly"]))
+@click.argument("kind", type=click.Choice(["all", "shared", "stage", "train", "export", "score", "merge", "nightly"]))
 @settings_options
 @storage_options
 @job_options
 @option("--with-shared", is_flag=True, help="Also print the namespace, PVCs, ConfigMap and RBAC the Job needs.")
-def render_command(kind: str, image: str, namespace: str, profile: str, queue: str | None, storage_class: str | None,
-                   data_size: str, models_size: str, with_shared: bool, **params: Any) -> None:
-    """Print manifests as YAML (apply with kubectl, or run with `jobs run-local`)."""
+def render_command(kind: str, image: str, namespace: str, profile: str, queue: str | None, pull_policy: str | None,
+                   storage_class: str | None, data_size: str, models_size: str, with_shared: bool,
+                   **params: Any) -> None:
+    """Print manifests as YAML: `all` is what k8s/base holds (for `kubectl apply`), a Job kind one Job (for
+    `kubectl create`, or `jobs run-local`)."""
     from ..k8s.manifests import default_base, shared_resources, to_yaml
 
-    settings = _settings(image, namespace, profile, queue, storage_class=storage_class, data_size=data_size,
-                         models_size=models_size)
+    settings = _settings(image, namespace, profile, queue, pull_policy, storage_class=storage_class,
+                         data_size=data_size, models_size=models_size)
     if kind == "all":
         docs = [d for file_docs in default_base(settings).values() for d in file_docs]
     elif kind == "shared":
@@ -109,22 +118,34 @@ def render_command(kind: str, image: str, namespace: str, profile: str, queue: s
 
 
 @jobs_group.command("submit")
-@click.argument("kind", type=click.Choice(["stage", "train", "score", "merge"]))
+@click.argument("kind", type=click.Choice(["stage", "train", "export", "score", "merge"]))
 @settings_options
 @job_options
 @connection_options
 @option("--wait", is_flag=True, help="Follow the pods' logs until the Job finishes; exit with what it meant.")
 @option("--timeout", type=click.FloatRange(min=1), default=None, help="With --wait: give up after this many seconds.")
 @option("--poll-seconds", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
-def submit_command(kind: str, image: str, namespace: str, profile: str, queue: str | None, kubeconfig: Path | None,
-                   context: str | None, wait: bool, timeout: float | None, poll_seconds: float, **params: Any) -> None:
-    """Create a staging, training, scoring or merge Job."""
-    manifest = _build(kind, _settings(image, namespace, profile, queue), params)
+def submit_command(kind: str, image: str, namespace: str, profile: str, queue: str | None, pull_policy: str | None,
+                   kubeconfig: Path | None, context: str | None, wait: bool, timeout: float | None,
+                   poll_seconds: float, **params: Any) -> None:
+    """Create a staging, training, export, scoring or merge Job."""
+    manifest = _build(kind, _settings(image, namespace, profile, queue, pull_policy), params)
     cluster = kube.connect(namespace, kubeconfig, context)
     name = kube.submit(cluster, manifest)
     click.echo(f"job {name} created in namespace {namespace}", err=True)
     if wait:
         _follow(cluster, name, timeout, poll_seconds)
+
+
+@jobs_group.command("wait")
+@click.argument("name")
+@cluster_options
+@option("--timeout", type=click.FloatRange(min=1), default=None, help="Give up after this many seconds.")
+@option("--poll-seconds", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+def wait_command(name: str, kubeconfig: Path | None, context: str | None, namespace: str, timeout: float | None,
+                 poll_seconds: float) -> None:
+    """Follow a Job already submitted (by another shell, or before a lost connection) as `submit --wait` does."""
+    _follow(kube.connect(namespace, kubeconfig, context), name, timeout, poll_seconds)
 
 
 def _follow(cluster: Any, name: str, timeout: float | None, poll_seconds: float) -> None:

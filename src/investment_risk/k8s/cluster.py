@@ -27,16 +27,20 @@ class Cluster:
 
 
 def connect(namespace: str, kubeconfig: Path | None = None, context: str | None = None) -> Cluster:
-    """In-cluster config inside a pod, else the kubeconfig (--kubeconfig, $KUBECONFIG or ~/.kube/config)."""
+    """The kubeconfig named (--kubeconfig, then $KUBECONFIG, as kubectl reads them), else in-cluster config inside a
+    pod, else ~/.kube/config."""
     import os
 
     from kubernetes import client, config
 
     try:
-        if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        named = kubeconfig is not None or context is not None or os.environ.get("KUBECONFIG")
+        if not named and os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config()
         else:
-            config.load_kube_config(config_file=str(kubeconfig) if kubeconfig else None, context=context)
+            # $KUBECONFIG read now: the client reads it once, when it is imported (may be a list, merged as kubectl does)
+            config.load_kube_config(config_file=str(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG"),
+                                    context=context)
     except (config.ConfigException, FileNotFoundError, OSError) as exc:
         where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
         raise ConfigError(f"no cluster configured ({where}: {exc}); pass --kubeconfig, set KUBECONFIG, "
@@ -60,8 +64,9 @@ def _api_errors(what: str) -> Iterator[None]:
         if exc.status == 404:
             raise ConfigError(f"{what}: not found ({reason})") from None
         if exc.status == 409:
-            raise ConfigError(f"{what}: already exists ({reason}); choose another --name") from None
-        if exc.status == 422:
+            raise ConfigError(f"{what}: already exists ({reason}); choose another --name, or follow that Job with "
+                              "`jobs wait NAME`") from None
+        if exc.status in (400, 422):  # a manifest or request the server refuses (schema, admission webhook)
             raise ConfigError(f"{what}: rejected by the API server ({reason})") from None
         raise RetryableError(f"{what}: API server answered {exc.status} ({reason})") from None
     except HTTPError as exc:
@@ -105,12 +110,14 @@ def job_status(cluster: Cluster, name: str) -> dict[str, Any]:
 
 def _pod_summary(pod: Any) -> dict[str, Any]:
     annotations = pod.metadata.annotations or {}
-    exit_code = None
+    exit_code, waiting = None, None
     for state in (pod.status.container_statuses or []) if pod.status else []:
         if state.state and state.state.terminated:
             exit_code = state.state.terminated.exit_code
+        if state.state and state.state.waiting:  # ErrImagePull, ImagePullBackOff, CreateContainerConfigError...
+            waiting = {"reason": state.state.waiting.reason, "message": state.state.waiting.message}
     return {"name": pod.metadata.name, "phase": pod.status.phase if pod.status else None, "exit_code": exit_code,
-            "index": annotations.get("batch.kubernetes.io/job-completion-index")}
+            "index": annotations.get("batch.kubernetes.io/job-completion-index"), "waiting": waiting}
 
 
 def exit_code_for(status: dict[str, Any]) -> int:
@@ -157,18 +164,93 @@ def cancel(cluster: Cluster, name: str) -> None:
                                             body=client.V1DeleteOptions(propagation_policy="Background"))
 
 
+# Consecutive failed polls (an API server restarting, a dropped connection) that `wait` rides out before it gives
+# up: about a minute at the default 5 s. The Job runs on regardless; exit 1 then means "lost", `jobs wait` resumes.
+POLL_FAILURES = 12
+# Each later read asks only for the lines since the last one, plus this margin (dedup drops what it repeats).
+LOG_MARGIN_S = 60
+
+
+class LogFollower:
+    """Each pod's new log lines, read with the kubelet's timestamps: a line is new when it is later than the last one
+    passed on (or as late, beyond those already passed on), so a rotated log loses no line and repeats none, and a
+    read asks only for the last minutes of the log rather than all of it again."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, tuple[tuple[str, int], int]] = {}  # pod -> (latest stamp, lines seen at that stamp)
+        self.read_at: dict[str, float] = {}
+
+    def new_lines(self, cluster: Cluster, name: str, pods: list[str]) -> Iterator[tuple[str, str]]:
+        from kubernetes.client.rest import ApiException
+
+        with _api_errors(f"logs of job {name} in namespace {cluster.namespace}"):
+            for pod in sorted(pods):
+                kwargs: dict[str, Any] = {"timestamps": True}
+                if pod in self.read_at:
+                    kwargs["since_seconds"] = int(time.monotonic() - self.read_at[pod]) + LOG_MARGIN_S
+                started = time.monotonic()
+                try:
+                    text = cluster.core.read_namespaced_pod_log(pod, cluster.namespace, **kwargs)
+                except ApiException as exc:
+                    if exc.status in (400, 404):  # still waiting to start (pulling, pending), or just gone
+                        continue
+                    raise
+                self.read_at[pod] = started
+                yield from ((pod, line) for line in self._unseen(pod, text.splitlines()))
+
+    def _unseen(self, pod: str, lines: list[str]) -> Iterator[str]:
+        latest, at_latest = self.last.get(pod, (("", -1), 0))
+        skip = at_latest
+        for line in lines:
+            raw, _, message = line.partition(" ")
+            stamp = _stamp(raw)
+            if stamp < latest or (stamp == latest and skip > 0):
+                skip -= stamp == latest
+                continue
+            if stamp > latest:
+                latest, at_latest, skip = stamp, 0, 0
+            at_latest += 1
+            yield message
+        self.last[pod] = (latest, at_latest)
+
+
+def _stamp(text: str) -> tuple[str, int]:
+    """An RFC 3339 timestamp as (seconds, nanoseconds), comparable: the kubelet trims the fraction's trailing
+    zeros, so the strings themselves do not sort."""
+    seconds, _, fraction = text.rstrip("Z").partition(".")
+    return seconds, int(fraction.ljust(9, "0")[:9]) if fraction.isdigit() else 0
+
+
 def wait(cluster: Cluster, name: str, on_line: Callable[[str, str], None], poll_s: float = 5.0,
          timeout_s: float | None = None) -> dict[str, Any]:
-    """Poll until the Job completes or fails, passing each new log line of each pod to on_line(pod, line)."""
-    seen: dict[str, int] = {}
+    """Poll until the Job completes or fails, passing each new log line of each pod to on_line(pod, line). A pod
+    that cannot start (an image that does not pull, a missing Secret) is reported once per reason; a failed poll is
+    retried up to POLL_FAILURES times in a row."""
+    from ..core.logs import get_logger
+
+    log, follower = get_logger(), LogFollower()
+    waiting: dict[str, str | None] = {}
+    failures = 0
     started = time.monotonic()
     while True:
-        status = job_status(cluster, name)
-        for pod, text in _read_logs(cluster, name, [p["name"] for p in status["pods"]]):  # pods listed once
-            lines = text.splitlines()
-            for line in lines[seen.get(pod, 0):]:
+        try:
+            status = job_status(cluster, name)
+            for pod, line in follower.new_lines(cluster, name, [p["name"] for p in status["pods"]]):  # pods listed once
                 on_line(pod, line)
-            seen[pod] = len(lines)
+        except RetryableError as exc:
+            failures += 1
+            if failures >= POLL_FAILURES:
+                raise RetryableError(f"{exc} ({failures} polls in a row; the Job itself may still be running: "
+                                     f"`jobs wait {name}` follows it again)") from None
+            log.warning("poll_failed", job=name, error=str(exc), failures=failures)
+            time.sleep(poll_s)
+            continue
+        failures = 0
+        for pod in status["pods"]:
+            reason = (pod["waiting"] or {}).get("reason")
+            if reason != waiting.get(pod["name"]) and reason not in (None, "ContainerCreating", "PodInitializing"):
+                log.warning("pod_waiting", job=name, pod=pod["name"], reason=reason, message=pod["waiting"]["message"])
+            waiting[pod["name"]] = reason
         if status["state"] in ("Complete", "Failed"):
             return status
         if timeout_s is not None and time.monotonic() - started > timeout_s:

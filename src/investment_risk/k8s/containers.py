@@ -166,6 +166,9 @@ class DockerRuntime:
         return subprocess.Popen(docker_args, env={**os.environ, **env})
 
     def stop(self, index: int, process: subprocess.Popen) -> None:
-        subprocess.run([self.docker, "kill", self.names[index]], capture_output=True, check=False)
+        # As the kubelet stops a pod: SIGTERM (the CLI's handler cleans up and logs `terminated`), SIGKILL after the
+        # pod's grace period.
+        grace = str(self.pod.get("terminationGracePeriodSeconds", 30))
+        subprocess.run([self.docker, "stop", "--time", grace, self.names[index]], capture_output=True, check=False)
         process.terminate()  # the client too, in case the container never started
         process.wait()

@@ -45,6 +45,9 @@ PROFILES = {
 }
 
 
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+
+
 @dataclass(frozen=True)
 class JobSettings:
     image: str = "ghcr.io/investment-risk/investment-risk:0.1.0"
@@ -56,6 +59,7 @@ class JobSettings:
     data_size: str = "200Gi"
     models_size: str = "100Gi"
     storage_class: str | None = None
+    pull_policy: str | None = None  # imagePullPolicy; None: IfNotPresent for a digest (it cannot change), else Always
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -71,6 +75,13 @@ class JobSettings:
                 raise ConfigError(f"{flag} {size!r} is not a storage quantity (like 200Gi or 1Ti)")
         if self.storage_class is not None and not _SUBDOMAIN.match(self.storage_class):
             raise ConfigError(f"--storage-class {self.storage_class!r} is not a valid StorageClass name")
+        if self.pull_policy is not None and self.pull_policy not in PULL_POLICIES:
+            raise ConfigError(f"--image-pull-policy must be one of {', '.join(PULL_POLICIES)}")
+
+    @property
+    def image_pull_policy(self) -> str:
+        # A tag can be pushed again (Always fetches what it names now); a digest cannot, so the node's copy is it.
+        return self.pull_policy or ("IfNotPresent" if "@sha256:" in self.image else "Always")
 
     @property
     def hardware(self) -> Profile:
@@ -116,12 +127,17 @@ def _labels(component: str) -> dict[str, str]:
 IMAGE_DIGEST_SKIP = {"checkov.io/skip1": "CKV_K8S_43=The image is built per release; pin it by digest at deploy time "
                                          "with `kustomize edit set image` or `jobs submit --image REPO@sha256:...`"}
 
+PULL_POLICY_SKIP = {"checkov.io/skip2": "CKV_K8S_15=A digest cannot change (the node's copy is the image), or the "
+                                       "image was loaded into the nodes (kind) and no registry has it"}
+
 
 def _meta(name: str, settings: JobSettings, component: str, queue: bool = False) -> dict[str, Any]:
     labels = _labels(component)
     if queue and settings.queue:
         labels[KUEUE_LABEL] = settings.queue
     annotations = {} if "@sha256:" in settings.image else dict(IMAGE_DIGEST_SKIP)
+    if settings.image_pull_policy != "Always":
+        annotations.update(PULL_POLICY_SKIP)
     return {"name": name, "namespace": settings.namespace, "labels": labels,
             **({"annotations": annotations} if annotations else {})}
 
@@ -143,7 +159,7 @@ def _container(name: str, args: list[str], settings: JobSettings, gpu: bool) -> 
     return {
         "name": name,
         "image": settings.image,
-        "imagePullPolicy": "Always",
+        "imagePullPolicy": settings.image_pull_policy,
         "args": args,
         "envFrom": [{"configMapRef": {"name": SETTINGS_CONFIGMAP}}],
         "env": [
@@ -227,6 +243,25 @@ def stage_job(name: str, base_model: str, settings: JobSettings) -> dict[str, An
         "spec": {"backoffLimit": 3, "activeDeadlineSeconds": settings.deadline_s, "ttlSecondsAfterFinished": settings.ttl_s,
                  "podFailurePolicy": _failure_policy("stage"),
                  "template": {"metadata": {"labels": _labels("stage")}, "spec": _pod_spec(container, small, gpu=False)}},
+    }
+
+
+def export_job(name: str, run: str, out: str, settings: JobSettings, extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Merge, export and prove a training run into the model directory scoring reads: on a GPU the fp16 graph the
+    CUDA scorer runs, its parity measured there; on CPUs the fp32 graph and the measured CPU engine. `--extra-arg`s
+    come last, so they can name another --dtype."""
+    check_name(name)
+    if not run or not out:
+        raise ConfigError("export needs --run (the training run directory) and --out (the model directory to write)")
+    gpu = settings.hardware.gpus > 0
+    args = ["export", "--run", run, "--out", out, *(["--dtype", "fp16", "--device", "cuda"] if gpu else []),
+            *extra_args]
+    container = _container("export", args, settings, gpu=True)
+    return {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(name, settings, "export", queue=True),
+        "spec": {"backoffLimit": 2, "activeDeadlineSeconds": settings.deadline_s, "ttlSecondsAfterFinished": settings.ttl_s,
+                 "podFailurePolicy": _failure_policy("export"),
+                 "template": {"metadata": {"labels": _labels("export")}, "spec": _pod_spec(container, settings, gpu=True)}},
     }
 
 
@@ -398,25 +433,21 @@ def _suspended(job: dict[str, Any]) -> dict[str, Any]:
 def default_base(settings: JobSettings | None = None) -> dict[str, list[dict[str, Any]]]:
     """What k8s/base holds: file name -> documents, for the default settings.
 
-    The three Jobs are suspended templates and the nightly CronJob is created suspended: `kubectl apply -k` starts
-    nothing (a night before /models/current holds a model would fail). Launch runs with `jobs submit` (fresh names),
-    unsuspend a template once its inputs exist, and the CronJob once the model is in place."""
+    What lives on in the cluster, and `kubectl apply -k` keeps in step: storage, settings, RBAC, the NetworkPolicy
+    and the nightly CronJob, created suspended (a night before /models/current holds a model would fail). No Job:
+    a Job runs once and its pod template cannot change after creation, so a Job in the base would make the next
+    apply with a new image fail, and Kueue admits a suspended Job that carries its queue label (it would start on
+    apply). Jobs are launched with `jobs submit` (or rendered with `jobs render KIND` for `kubectl create`)."""
     settings = settings or JobSettings()
     nightly = ScoreSpec(name=f"{APP}-nightly", model=f"{MODELS_MOUNT}/current", inputs=(f"{DATA_MOUNT}/incoming",),
                         out=f"{DATA_MOUNT}/scored/$(JOB_NAME)", shards=4)
-    batch = replace(nightly, name=f"{APP}-score", out=f"{DATA_MOUNT}/scored/{APP}-score")
     return {
         "shared.yaml": shared_resources(settings),
-        "train-job.yaml": [_suspended(train_job(TrainSpec(
-            name=f"{APP}-train", mode="distillation", data=f"{DATA_MOUNT}/splits/latest",
-            out=f"{MODELS_MOUNT}/runs/{APP}-train"), settings))],
-        "score-job.yaml": [_suspended(score_job(batch, settings))],
-        "merge-job.yaml": [_suspended(merge_job(f"{APP}-merge", batch.out, batch.shards, settings))],
         "nightly-cronjob.yaml": [_suspended(nightly_cronjob(nightly, settings))],
     }
 
 
-KINDS = ("stage", "train", "score", "merge", "nightly")
+KINDS = ("stage", "train", "export", "score", "merge", "nightly")
 
 
 def default_name(kind: str) -> str:
@@ -429,7 +460,7 @@ def build(kind: str, settings: JobSettings, *, name: str | None = None, mode: st
           data: str = f"{DATA_MOUNT}/splits/latest", base_model: str = "qwen2.5-1.5b", model: str = f"{MODELS_MOUNT}/current",
           inputs: tuple[str, ...] = (f"{DATA_MOUNT}/incoming",), out: str | None = None, shards: int = 4,
           parallelism: int | None = None, backend: str = "onnx", schedule: str = "30 2 * * *",
-          time_zone: str = "Etc/UTC", extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
+          time_zone: str = "Etc/UTC", extra_args: tuple[str, ...] = (), run: str | None = None) -> dict[str, Any]:
     """One manifest of `kind` from command-line parameters (paths are as the pod sees them)."""
     if kind not in KINDS:
         raise ConfigError(f"kind must be one of {', '.join(KINDS)}")
@@ -438,6 +469,8 @@ def build(kind: str, settings: JobSettings, *, name: str | None = None, mode: st
         return stage_job(name, base_model, settings)
     if kind == "train":
         return train_job(TrainSpec(name, mode, data, out or f"{MODELS_MOUNT}/runs/{name}", base_model, extra_args), settings)
+    if kind == "export":
+        return export_job(name, run or "", out or f"{MODELS_MOUNT}/exports/{name}", settings, extra_args)
     score_out = out or (f"{DATA_MOUNT}/scored/$(JOB_NAME)" if kind == "nightly" else f"{DATA_MOUNT}/scored/{name}")
     spec = ScoreSpec(name, model, inputs, score_out, shards, parallelism, backend, extra_args=extra_args)
     if kind == "score":

@@ -91,7 +91,8 @@ def check_job(job: dict[str, Any], source: Path) -> None:
 def pick_job(docs: list[dict[str, Any]], name: str | None, source: Path) -> dict[str, Any]:
     if not all(isinstance(d.get("metadata"), dict) and isinstance(d["metadata"].get("name"), str) for d in docs):
         raise ConfigError(f"{source}: every object must have metadata.name")
-    all_jobs = [d for d in docs if d["kind"] == "Job"]
+    # A CronJob runs as the Job it would create (as `kubectl create job --from=cronjob/NAME` does), under its name.
+    all_jobs = [d for d in docs if d["kind"] == "Job"] + [_job_of(d) for d in docs if d["kind"] == "CronJob"]
     jobs = [d for d in all_jobs if name is None or d["metadata"]["name"] == name]
     if len(jobs) != 1:
         found = ", ".join(d["metadata"]["name"] for d in all_jobs) or "none"
@@ -100,6 +101,16 @@ def pick_job(docs: list[dict[str, Any]], name: str | None, source: Path) -> dict
                           + (" and pass --job NAME" if len(all_jobs) > 1 else ""))
     check_job(jobs[0], source)
     return jobs[0]
+
+
+def _job_of(cronjob: dict[str, Any]) -> dict[str, Any]:
+    spec = cronjob.get("spec")
+    template = spec.get("jobTemplate") if isinstance(spec, dict) else None
+    template = template if isinstance(template, dict) else {}  # malformed: check_job names what is missing
+    labels = template.get("metadata") if isinstance(template.get("metadata"), dict) else {}
+    meta = {**labels, "name": cronjob["metadata"]["name"],
+            "namespace": cronjob["metadata"].get("namespace")}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": template.get("spec")}
 
 
 def _map_path(value: str, mounts: dict[str, Path]) -> str:
