@@ -179,6 +179,43 @@ def _broken_jsonl_lines(d: Path) -> list[str]:
     return [str(jsonl(d / "broken.jsonl", lines))]
 
 
+def _bad_utf8_parquet(d: Path) -> list[str]:
+    # A writer that stored bytes as a string column: Parquet itself does not check them.
+    content = pa.array([GOOD["content"].encode(), b"spreads \xff\xfe widen", GOOD["content"].encode()],
+                       pa.binary()).view(pa.string())
+    table = pa.table({"id": ["u0", "u1", "u2"], "title": [GOOD["title"]] * 3, "content": content})
+    pq.write_table(table, d / "u.parquet")
+    return [str(d / "u.parquet")]
+
+
+def _missing_keys_in_jsonl(d: Path) -> list[str]:
+    # One row without an id among good rows, and a file whose only row has none: the same reject either way.
+    jsonl(d / "some.jsonl", [json.dumps(r) for r in rows(2)] + [json.dumps(GOOD)])
+    jsonl(d / "only.jsonl", [json.dumps({"id": "x", "title": "no content key"})])
+    return [str(d)]
+
+
+def _optional_columns_of_any_kind(d: Path) -> list[str]:
+    # NewsAPI-style: a source object, an epoch published_at; none of the stages reads them as text.
+    jsonl(d / "o.jsonl", [json.dumps({**r, "source": {"id": "reuters", "name": "Reuters"}, "published_at": 1700000000})
+                          for r in rows(2, "j")])
+    pq.write_table(pa.table({"id": ["p0"], "title": [GOOD["title"]], "content": [GOOD["content"]],
+                             "source": pa.array([{"id": "ft", "name": "FT"}])}), d / "o.parquet")
+    return [str(d)]
+
+
+def _json_array(d: Path) -> list[str]:
+    (d / "a.json").write_text(json.dumps(rows(3), indent=2))
+    return [str(d / "a.json")]
+
+
+def _duplicate_columns(d: Path) -> list[str]:
+    table = pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"]), pa.array(["t"]), pa.array(["c"])],
+                                 names=["id", "id", "title", "content"])
+    pq.write_table(table, d / "twice.parquet")
+    return [str(d / "twice.parquet")]
+
+
 def _labels(value) -> Callable[[Path], list[str]]:
     def build(d: Path) -> list[str]:
         from investment_risk.core.spec import DIMENSIONS
@@ -220,6 +257,12 @@ CASES = [
     Case("integer ids in Parquet", _int_ids_parquet, rows_in=3, scored_ids=("0", "7", str(2**40))),
     Case("float ids in Parquet", _float_ids_parquet, 2, "float.parquet: column 'id' has type double"),
     Case("broken JSONL lines, a blank one too", _broken_jsonl_lines, rows_in=5, rejects={"": 3}, blank_lines=1),
+    Case("invalid UTF-8 in Parquet", _bad_utf8_parquet, rows_in=3, rejects={"'content' is not valid UTF-8": 1}),
+    Case("JSONL rows without a required key", _missing_keys_in_jsonl, rows_in=4,
+         rejects={"no 'id' key": 1, "no 'content' key": 1}),
+    Case("optional columns of any kind", _optional_columns_of_any_kind, rows_in=3, scored_ids=("j0", "j1", "p0")),
+    Case("a JSON array in a .json file", _json_array, 2, "a.json: a JSON array, not JSON Lines"),
+    Case("a column twice in Parquet", _duplicate_columns, 2, "twice.parquet: column(s) id appear more than once"),
     Case("label out of range", _labels(12.5), 2, "outside [0, 10]", command="evaluate"),
     Case("label NaN", _labels(float("nan")), 2, "null or NaN", command="evaluate"),
     Case("label as a string", _labels("high"), 2, "macro_risk_severity", command="evaluate"),
@@ -265,3 +308,35 @@ def test_bad_input(case: Case, exported, tmp_path, runner):
 
 def test_corpus_is_broad():
     assert len(CASES) >= 25 and len({c.name for c in CASES}) == len(CASES)
+
+
+def test_a_bad_optional_label_in_jsonl_leaves_the_good_ones_of_its_batch_usable(tmp_path):
+    from investment_risk.core.spec import DIMENSIONS, default_spec
+    from investment_risk.datasets.readers import iter_file_batches
+    from investment_risk.scoring.pipeline import usable_labels
+
+    labelled = [{**r, **{d: 5.0 for d in DIMENSIONS}} for r in rows(5)]
+    labelled[2]["macro_risk_severity"] = "high"
+    labelled[3]["macro_risk_severity"] = 12  # a number out of range: unusable too
+    [batch] = iter_file_batches(jsonl(tmp_path / "l.jsonl", [json.dumps(r) for r in labelled]), lenient=True)
+    labels, unusable = usable_labels(batch.table, default_spec())
+    assert unusable.tolist() == [0, 0, 1, 1, 0] and labels[[0, 1, 4], 0].tolist() == [5.0, 5.0, 5.0]
+
+
+def test_a_malformed_model_json_is_one_line_naming_it(exported, tmp_path, runner):
+    import shutil
+
+    _, model, _ = exported
+    for edit, message in ((lambda info: info.pop("max_length"), "no 'max_length' field"),
+                          (lambda info: info.update(truncation="middle"), "truncation 'middle' is not one of")):
+        broken = tmp_path / "model"
+        shutil.rmtree(broken, ignore_errors=True)
+        shutil.copytree(model, broken)
+        info = json.loads((broken / "model.json").read_text())
+        edit(info)
+        (broken / "model.json").write_text(json.dumps(info))
+        parquet(tmp_path / "in.parquet", rows(2))
+        result = runner.invoke(main, ["score", "--model", str(broken), "--input", str(tmp_path / "in.parquet"),
+                                      "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2 and "model.json" in result.output and message in result.output, result.output
+        assert "Traceback" not in result.output

@@ -307,7 +307,8 @@ def test_integer_ids_are_read_as_decimal_strings(tmp_path):
 
 def test_text_stored_otherwise_is_read_as_text(tmp_path):
     """A pandas category (dictionary-encoded) title, a timestamp published_at and a BOM before the first JSONL line
-    are ordinary inputs; an optional column with no text form is refused naming it."""
+    are ordinary inputs; so is a source with no text form, kept as it is (no stage reads it as text), where a
+    reasoning (instruction training's target text) with none is refused naming it."""
     table = pa.Table.from_pylist(article_rows(3))
     table = table.set_column(table.schema.get_field_index("title"), "title", table.column("title").dictionary_encode())
     table = table.append_column("published_at", pa.array([1, 2, 3], pa.timestamp("s", tz="UTC")))
@@ -318,7 +319,10 @@ def test_text_stored_otherwise_is_read_as_text(tmp_path):
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in article_rows(2)).encode())
     assert read_articles([bom], labels=DIMENSIONS).column("id").to_pylist() == ["a0", "a1"]
-    pq.write_table(pa.Table.from_pylist(article_rows(2)).append_column("source", pa.array([{"a": 1}, {"a": 2}])),
-                   tmp_path / "struct.parquet")
-    with pytest.raises(InputError, match="struct.parquet: column 'source' has type struct<a: int64>, which has no text"):
-        read_articles([tmp_path / "struct.parquet"], labels=DIMENSIONS)
+    for column in ("source", "reasoning"):
+        pq.write_table(pa.Table.from_pylist(article_rows(2)).append_column(column, pa.array([{"a": 1}, {"a": 2}])),
+                       tmp_path / f"{column}.parquet")
+    kept = read_articles([tmp_path / "source.parquet"], labels=DIMENSIONS)
+    assert kept.column("source").to_pylist() == [{"a": 1}, {"a": 2}]
+    with pytest.raises(InputError, match="reasoning.parquet: column 'reasoning' has type struct<a: int64>, which has"):
+        read_articles([tmp_path / "reasoning.parquet"], labels=DIMENSIONS)

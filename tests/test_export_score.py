@@ -656,6 +656,9 @@ def test_shards_of_another_count_are_refused_and_never_merge_complete(exported, 
             "--shard-count", "3"]
     refused = runner.invoke(main, args)
     assert refused.exit_code == 2 and "holds shards scored with --shard-count 2, not 3" in refused.output
+    # A finished shard of the same index is no excuse: shard 0 of 2 is not shard 0 of 3 (it was skipped, exit 0)
+    refused = runner.invoke(main, [*args[:-3], "0", "--shard-count", "3"])
+    assert refused.exit_code == 2 and "holds shards scored with --shard-count 2, not 3" in refused.output
     assert runner.invoke(main, [*args, "--force"]).exit_code == 0
     merged = json.loads((out / "metrics.json").read_text())
     assert merged["shard_counts"] == [2, 3] and not merged["complete"]

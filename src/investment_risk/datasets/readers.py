@@ -27,6 +27,8 @@ from ..core.spec import DIMENSIONS, default_spec
 
 REQUIRED_COLUMNS = ("id", "title", "content")
 OPTIONAL_STRING_COLUMNS = ("source", "url", "published_at", "language", "reasoning")
+# Of those, the ones no stage reads as text (kept as they are): any value is fine, a JSONL one kept as its text.
+PASS_THROUGH_COLUMNS = ("source", "url", "published_at", "language")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 DEFAULT_BATCH_ROWS = 1024
@@ -187,6 +189,8 @@ def _numeric_type(t: pa.DataType) -> bool:
 def check_schema(path: Path, schema: pa.Schema, labels: Sequence[str] = ()) -> None:
     """Whole-file problems: a required column missing or of the wrong type (integer ids are fine: they cast)."""
     names = set(schema.names)
+    if twice := sorted({n for n in schema.names if schema.names.count(n) > 1}):
+        raise InputError(f"{path}: column(s) {', '.join(twice)} appear more than once")
     missing = [c for c in (*REQUIRED_COLUMNS, *labels) if c not in names]
     if missing:
         raise InputError(f"{path}: missing required column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
@@ -196,7 +200,7 @@ def check_schema(path: Path, schema: pa.Schema, labels: Sequence[str] = ()) -> N
             continue
         expected = "string or integer" if name == "id" else "string"
         raise InputError(f"{path}: column '{name}' has type {t}, expected {expected}")
-    for name in OPTIONAL_STRING_COLUMNS:  # read as text where used (a timestamp published_at is fine)
+    for name in set(OPTIONAL_STRING_COLUMNS) - set(PASS_THROUGH_COLUMNS):  # read as text where used
         if name in names and not _castable_to_string(schema.field(name).type):
             raise InputError(f"{path}: column '{name}' has type {schema.field(name).type}, which has no text form")
     for name in labels:
@@ -214,6 +218,32 @@ def as_plain_strings(table: pa.Table) -> pa.Table:
             if (name == "id" and pa.types.is_integer(t)) or pa.types.is_dictionary(t):
                 table = table.set_column(table.column_names.index(name), name, table.column(name).cast(pa.string()))
     return table
+
+
+def invalid_text_rows(table: pa.Table) -> tuple[pa.Table, dict[int, str]]:
+    """Rows whose text columns are not valid UTF-8 (Parquet does not check what a writer stored as a string): each
+    a row problem naming the column and byte, its value nulled so that the rest of the batch can be read."""
+    problems: dict[int, str] = {}
+    for name in (*REQUIRED_COLUMNS, *OPTIONAL_STRING_COLUMNS):
+        if name not in table.column_names or not _string_type(table.schema.field(name).type):
+            continue
+        column = table.column(name)
+        try:
+            column.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        values = column.cast(pa.binary()).to_pylist() if not pa.types.is_dictionary(column.type) else \
+            column.combine_chunks().dictionary_decode().cast(pa.binary()).to_pylist()
+        clean = []
+        for i, raw in enumerate(values):
+            try:
+                clean.append(None if raw is None else raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                problems.setdefault(i, f"column '{name}' is not valid UTF-8 ({exc.reason} at byte {exc.start})")
+                clean.append(None)
+        table = table.set_column(table.column_names.index(name), name, pa.array(clean, pa.string()))
+    return table, problems
 
 
 def row_problems(table: pa.Table, labels: Sequence[str] = ()) -> dict[int, str]:
@@ -253,7 +283,8 @@ def _iter_parquet(path: Path, batch_rows: int, columns: Sequence[str] | None,
         start = sum(parquet.metadata.row_group(i).num_rows for i in range(min(row_groups)))
     try:
         for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=columns, row_groups=row_groups):
-            yield Batch(path, start, as_plain_strings(pa.Table.from_batches([record_batch])))
+            table, problems = invalid_text_rows(pa.Table.from_batches([record_batch]))
+            yield Batch(path, start, as_plain_strings(table), problems)
             start += record_batch.num_rows
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: corrupt Parquet data after row {start} ({exc})") from None
@@ -271,12 +302,20 @@ def parquet_schema(path: Path) -> pa.Schema:
 
 
 _JSON_KINDS = {str: "string", bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}
+# Field metadata of a JSONL label column whose values were of mixed kinds: each value is its JSON text, so a number
+# among them is still a number (scoring's optional labels: only the bad value is unusable, not its whole batch).
+JSON_TEXT = {b"investment_risk.json_text": b"1"}
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Sequence[str]) -> Batch:
     """Rows -> a typed table. A value of the wrong type becomes null and a row problem (JSONL has no schema)."""
     problems: dict[int, str] = {}
+    for i, row in enumerate(rows):
+        # A row without a required key is that row's reject however its neighbours look (an unreadable line's
+        # reason replaces this one in the caller).
+        if missing := [c for c in (*REQUIRED_COLUMNS, *labels) if c not in row]:
+            problems[i] = f"no {', '.join(repr(c) for c in missing)} key"
     names = list(dict.fromkeys(k for row in rows for k in row))
     string_cols = set(REQUIRED_COLUMNS + OPTIONAL_STRING_COLUMNS)
     columns: dict[str, pa.Array] = {}
@@ -291,6 +330,8 @@ def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Seq
                 ok = value is None or (
                     isinstance(value, (int, float)) and not isinstance(value, bool) if want_number else isinstance(value, str)
                 )
+                if not ok and name in PASS_THROUGH_COLUMNS:  # a number, a NewsAPI-style source object
+                    value, ok = json.dumps(value, ensure_ascii=False), True
                 if not ok:
                     kind = _JSON_KINDS.get(type(value), type(value).__name__)
                     problems.setdefault(i, f"column '{name}' is a {kind}, expected {'a number' if want_number else 'a string'}")
@@ -309,9 +350,12 @@ def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Seq
             except (pa.ArrowException, TypeError, OverflowError):
                 # Mixed types in a pass-through column: keep them as JSON text rather than drop them.
                 columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], type=pa.string())
+    fields = [pa.field(name, array.type, metadata=JSON_TEXT if name in DIMENSIONS and pa.types.is_string(array.type)
+                       else None) for name, array in columns.items()]
     if not columns:  # every line unreadable: keep the rows, so they are counted and rejected
         columns["id"] = pa.nulls(len(rows), pa.string())
-    return Batch(path, start, pa.table(columns), problems)
+        fields = [pa.field("id", pa.string())]
+    return Batch(path, start, pa.Table.from_arrays(list(columns.values()), schema=pa.schema(fields)), problems)
 
 
 def _iter_jsonl(path: Path, batch_rows: int, labels: Sequence[str], lenient: bool = False) -> Iterator[Batch]:
@@ -324,6 +368,7 @@ def _iter_jsonl(path: Path, batch_rows: int, labels: Sequence[str], lenient: boo
     bad: dict[int, str] = {}
     blank = 0
     start = 0
+    first_line = True
 
     def flush() -> Batch:
         batch = _jsonl_table(path, start, rows, labels)
@@ -339,6 +384,10 @@ def _iter_jsonl(path: Path, batch_rows: int, labels: Sequence[str], lenient: boo
             if not raw.strip():
                 blank += 1
                 continue
+            if first_line and raw.lstrip().startswith(b"["):  # the file opens a JSON array
+                raise InputError(f"{path}: a JSON array, not JSON Lines (one object per line); convert it first, "
+                                 "e.g. with jq -c '.[]'")
+            first_line = False
             obj, reason = _parse_line(raw)
             if reason is not None:
                 if not lenient:
@@ -405,9 +454,8 @@ def iter_file_batches(path: Path, batch_rows: int = DEFAULT_BATCH_ROWS, labels: 
 
 
 def _complete_jsonl_columns(batch: Batch, labels: Sequence[str]) -> None:
-    """A JSONL batch must name the required columns in its readable rows; unreadable-only batches get null ones."""
-    if batch.table.num_rows > batch.unreadable_rows:
-        check_schema(batch.path, batch.table.schema, labels)
+    """JSONL has no schema: a required column no row of the batch named is added as nulls (each such row is already
+    a row problem, so the batch's composition never turns one row's missing key into a whole-file error)."""
     for name in (*REQUIRED_COLUMNS, *labels):
         if name not in batch.table.column_names:
             kind = pa.float64() if name in labels else pa.string()
@@ -435,7 +483,7 @@ def read_articles(inputs: Sequence[str | Path], labels: Sequence[str] = (), batc
 def normalise_types(table: pa.Table, labels: Sequence[str] = ()) -> pa.Table:
     """Known string columns as string, labels as float32, so files written by different tools concatenate."""
     for i, name in enumerate(table.column_names):
-        if name in REQUIRED_COLUMNS + OPTIONAL_STRING_COLUMNS:
+        if name in REQUIRED_COLUMNS + OPTIONAL_STRING_COLUMNS and _castable_to_string(table.schema.field(i).type):
             table = table.set_column(i, name, table.column(i).cast(pa.string()))
         elif name in labels or name in DIMENSIONS:
             if _numeric_type(table.schema.field(i).type) or pa.types.is_null(table.schema.field(i).type):

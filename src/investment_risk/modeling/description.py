@@ -19,6 +19,7 @@ from ..core.errors import InputError
 from ..core.drift import REFERENCE_FILE, check_reference
 from ..core.spec import DIMENSIONS
 from .calibration import CALIBRATION_FILE, Calibration, load_calibration
+from .tokens import TRUNCATIONS
 
 INPUT_FORMATS = ("article", "instruction")
 INT8_FILE = "model.int8.onnx"  # the static int8 graph beside model.onnx, where export chose it as the CPU engine
@@ -94,10 +95,17 @@ class ModelDescription:
 
 def describe_model(path: Path) -> ModelDescription:
     """The description of an exported model directory or a training run; anything else is an error (exit 2)."""
-    if (path / "model.json").exists():
-        return _exported(path)
-    if (path / "training_metadata.json").exists():
-        return _run(path, read_json(path / "training_metadata.json"))
+    for name, describe in (("model.json", _exported), ("training_metadata.json", _run)):
+        if (path / name).exists():
+            try:
+                description = describe(path)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a field missing or of the wrong kind
+                what = f"no {exc.args[0]!r} field" if isinstance(exc, KeyError) else f"a malformed field ({exc})"
+                raise InputError(f"{path / name}: {what}") from None
+            if description.truncation not in TRUNCATIONS:
+                raise InputError(f"{path / name}: truncation {description.truncation!r} is not one of "
+                                 f"{', '.join(TRUNCATIONS)}")
+            return description
     raise InputError(f"{path}: neither an exported model (model.json) nor a training run (training_metadata.json)")
 
 
@@ -110,7 +118,8 @@ def _label_mean(run_meta: dict[str, Any] | None) -> tuple[float, ...] | None:
     return tuple(float(x) for x in mean) if mean else None
 
 
-def _run(path: Path, metadata: dict[str, Any]) -> ModelDescription:
+def _run(path: Path) -> ModelDescription:
+    metadata = read_json(path / "training_metadata.json")
     if not (path / "model" / "adapter_model.safetensors").exists():
         raise InputError(f"{path}: not a finished training run (needs model/adapter_model.safetensors; pickle files "
                          "are never loaded)")

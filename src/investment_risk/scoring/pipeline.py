@@ -12,6 +12,7 @@ redoes an unfinished one whole.
 from __future__ import annotations
 
 import json
+import math
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -28,7 +29,8 @@ from ..core.errors import ConfigError, InputError
 from ..core.faults import fault_point
 from ..core.logs import Progress, bind, get_logger
 from ..core.spec import DIMENSIONS, NUM_DIMENSIONS, default_spec
-from ..datasets.readers import REQUIRED_COLUMNS, Batch, expand_inputs, is_jsonl, iter_file_batches, parquet_schema
+from ..datasets.readers import (JSON_TEXT, REQUIRED_COLUMNS, Batch, expand_inputs, is_jsonl, iter_file_batches,
+                                parquet_schema)
 from ..modeling.description import ModelDescription, describe_model
 from ..modeling.predict import predict, token_budget_for
 from .ledger import input_root, read_ledger
@@ -140,9 +142,22 @@ def usable_labels(table: Any, spec: Any) -> tuple[np.ndarray, np.ndarray]:
             values = column.cast(pa.float64()).to_numpy(zero_copy_only=False)  # nulls as NaN
             unusable[:, d] = ~np.isnan(values) & ((values < low) | (values > high))
             labels[:, d] = np.where(unusable[:, d], np.nan, values)
-        else:  # strings, booleans, JSON text: every value present is unusable
+        elif (table.schema.field(dim).metadata or {}) == JSON_TEXT:  # JSONL's mixed kinds: numbers among them count
+            values = np.array([_json_number(v) for v in column.to_pylist()], dtype=np.float64)
+            unusable[:, d] = column.is_valid().to_numpy(zero_copy_only=False) & (
+                np.isnan(values) | (values < low) | (values > high))
+            labels[:, d] = np.where(unusable[:, d], np.nan, values)
+        else:  # strings, booleans: every value present is unusable
             unusable[:, d] = column.is_valid().to_numpy(zero_copy_only=False)
     return labels, unusable.sum(axis=1)
+
+
+def _json_number(text: str | None) -> float:
+    """A JSON text's number (NaN for null, a string, a boolean, an object)."""
+    if text is None:
+        return math.nan
+    value = json.loads(text)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 class ShardScorer:
@@ -347,6 +362,10 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     bind(stage="score", shard=config.shard_index)
     out = config.out
     marker = done_marker(out, config.shard_index)
+    # Before the skip: shard 0 of 1 done is not shard 0 of 2 done (a finished shard would hide the mismatch).
+    if not config.force and (counts := done_shard_counts(out) - {config.shard_count}):
+        raise InputError(f"--out {out} holds shards scored with --shard-count {', '.join(map(str, sorted(counts)))}, "
+                         f"not {config.shard_count}: score into another --out, or redo every shard with --force")
     if marker.exists() and not config.force:
         if (problem := broken_shard(out, config.shard_index)) is None:
             log.info("shard_skipped", reason="already done (pass --force to redo)", marker=str(marker))
@@ -354,9 +373,6 @@ def score(config: ScoreConfig) -> dict[str, Any]:
                 remove_abandoned(dest)
             return merge_metrics(out)
         log.warning("shard_redone", reason=f"marked done, but {problem}")
-    if not config.force and (counts := done_shard_counts(out) - {config.shard_count}):
-        raise InputError(f"--out {out} holds shards scored with --shard-count {', '.join(map(str, sorted(counts)))}, "
-                         f"not {config.shard_count}: score into another --out, or redo every shard with --force")
     files = expand_inputs(config.inputs)
     units, shard_entries = _units_to_score(config, list_units(files), redo=marker.exists())
     model = describe_model(config.model)
