@@ -26,7 +26,7 @@ OUT ?=
 RUN ?=
 JOB_NAMING = $(if $(NAME),--name $(NAME)) $(if $(OUT),--out $(OUT))
 
-.PHONY: install demo test test-large bench bench-learning bench-instruction chaos clean k8s lock image image-test engine-stop train-job export-job score-job
+.PHONY: install demo test gpu-smoke test-large bench bench-learning bench-instruction chaos clean k8s lock image image-test engine-stop train-job export-job score-job
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -84,11 +84,16 @@ IMAGE_CA_BUNDLE ?= $(or $(PIP_CERT),$(SSL_CERT_FILE))
 image:
 	IMAGE=$(IMAGE) IMAGE_CA_BUNDLE=$(IMAGE_CA_BUNDLE) sh docker/build-image.sh
 
-# The image run as the pods run it (read-only root, user 10001, no capabilities, no network), from the host.
+# The device scripts (bench/gpu.sh) run through on the CPU with a tiny model: before a device session, after a change
+# to bench/ or to what it calls.
+gpu-smoke: install
+	$(BIN)/python -m pytest -m gpu_smoke -v $(PYTEST_ARGS)
+
 # Graphs over protobuf's 2 GB limit (a Qwen2.5-1.5B export's path): about 3 minutes and 3 GB of disk.
 test-large: install
 	$(BIN)/python -m pytest -m large -v $(PYTEST_ARGS)
 
+# The image run as the pods run it (read-only root, user 10001, no capabilities, no network), from the host.
 image-test: install
 	sh docker/engine.sh
 	IMAGE=$(IMAGE) $(BIN)/python -m pytest -m image -v $(PYTEST_ARGS)

@@ -17,6 +17,7 @@ WHAT_EACH_STEP_WRITES = {
 }
 
 
+@pytest.mark.gpu_smoke  # six minutes of the suite's twenty on 2 cores: `make gpu-smoke`
 @pytest.mark.parametrize("step", sorted(WHAT_EACH_STEP_WRITES))
 def test_each_gpu_step_runs_through_on_the_cpu(step, tmp_path):
     env = {**os.environ, "BENCH_SMOKE": "1", "OUT": str(tmp_path),
