@@ -326,3 +326,25 @@ def test_text_stored_otherwise_is_read_as_text(tmp_path):
     assert kept.column("source").to_pylist() == [{"a": 1}, {"a": 2}]
     with pytest.raises(InputError, match="reasoning.parquet: column 'reasoning' has type struct<a: int64>, which has"):
         read_articles([tmp_path / "reasoning.parquet"], labels=DIMENSIONS)
+
+
+def test_a_read_the_storage_failed_is_retryable_and_a_corrupt_file_is_not(tmp_path, monkeypatch):
+    import errno
+
+    from investment_risk.core.errors import RetryableError
+    from investment_risk.datasets import readers
+
+    pq.write_table(pa.Table.from_pylist(article_rows(2)), tmp_path / "ok.parquet")
+    (tmp_path / "ok.jsonl").write_text("".join(json.dumps(r) + "\n" for r in article_rows(2)))
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1" + b"not a footer" + b"PAR1")
+    with pytest.raises(InputError, match="bad.parquet: not a readable Parquet file"):
+        read_articles([tmp_path / "bad.parquet"])
+
+    def eio(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(readers.pq, "ParquetFile", eio)  # an NFS volume that hiccups mid-night
+    with pytest.raises(RetryableError, match="ok.parquet: I/O error while reading"):
+        read_articles([tmp_path / "ok.parquet"])
+    monkeypatch.setattr(Path, "open", eio)
+    with pytest.raises(RetryableError, match="ok.jsonl: I/O error while reading"):
+        read_articles([tmp_path / "ok.jsonl"])

@@ -400,6 +400,17 @@ def test_row_invariant_is_checked_against_the_files_on_disk(exported, articles, 
         f"marked done, but rows in {rows} != scored {rows - 1} + rejected 0 in its files"]
     merged = json.loads((out / "metrics.json").read_text())
     assert merged["complete"] and merged["invariant_holds"] and merged["rows_scored"] + merged["rows_rejected"] == 240
+    # An empty rejects file that is damaged or gone still adds up to 0 rows, but a done shard has both files whole.
+    rejects = out / "rejects" / "part-00000.parquet"
+    assert pq.read_metadata(rejects).num_rows == 0
+    rejects.write_bytes(b"garbage")
+    result = runner.invoke(main, ["score-merge", "--out", str(out)])
+    assert result.exit_code == 1 and "shards [0] no longer add up" in result.output, result.output
+    with capture_logs() as logs:
+        score(ScoreConfig(model=model, inputs=(str(articles),), out=out, shard_index=0, shard_count=2))
+    assert [e["reason"] for e in logs if e["event"] == "shard_redone"] == [
+        "marked done, but its part or rejects file is missing or unreadable"]
+    assert pq.read_metadata(rejects).num_rows == 0 and json.loads((out / "metrics.json").read_text())["complete"]
 
 
 def test_export_refuses_non_empty_out(exported, runner):
@@ -645,6 +656,13 @@ def test_keep_columns_cannot_replace_an_output_column(exported, articles, tmp_pa
         result = runner.invoke(main, ["score", "--model", str(model), "--input", str(articles / "a.parquet"),
                                       "--out", str(tmp_path / "o"), "--keep-columns", column])
         assert result.exit_code == 2 and f"--keep-columns: {column} would collide" in result.output
+    # A name given twice is kept once (an empty shard's part file had it twice, unlike its neighbours')
+    for index in (0, 1):
+        result = runner.invoke(main, ["score", "--model", str(model), "--input", str(articles / "a.parquet"),
+                                      "--out", str(tmp_path / "twice"), "--keep-columns", "source, source",
+                                      "--shard-index", str(index), "--shard-count", "2"])
+        assert result.exit_code == 0, result.output
+        assert pq.read_schema(tmp_path / "twice" / f"part-0000{index}.parquet").names.count("source") == 1
 
 
 def test_shards_of_another_count_are_refused_and_never_merge_complete(exported, articles, tmp_path, runner):

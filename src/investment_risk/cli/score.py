@@ -57,7 +57,7 @@ def score_command(model: Path, inputs: tuple[str, ...], more_inputs: tuple[str, 
     inputs = (*inputs, *more_inputs)
     if not inputs:
         raise click.UsageError("Missing option '--input': Parquet/JSONL files, directories or globs to score.")
-    keep = tuple(c.strip() for c in keep_columns.split(",") if c.strip())
+    keep = tuple(dict.fromkeys(c.strip() for c in keep_columns.split(",") if c.strip()))  # once each, in order
     merged = score(ScoreConfig(model=model, inputs=inputs, out=out, shard_index=shard_index, shard_count=shard_count,
                                backend=backend, device=device, force=force, keep_columns=keep, token_budget=token_budget,
                                cpu_engine=cpu_engine, calibration=not no_calibration, ledger=ledger,

@@ -228,15 +228,15 @@ def merge_metrics(out_dir: Path) -> dict[str, Any]:
     return merged
 
 
-def rows_on_disk(out_dir: Path, shard: int) -> tuple[int, int]:
-    """(rows in the part file, rows in the rejects file) of one shard; a missing or unreadable file holds none (so
-    its shard no longer adds up, and the merge says so)."""
-    def rows(path: Path) -> int:
+def rows_on_disk(out_dir: Path, shard: int) -> tuple[int | None, int | None]:
+    """(rows in the part file, rows in the rejects file) of one shard; None for a file that is missing or
+    unreadable (a finished shard always writes both, an empty one too: such a shard is not done)."""
+    def rows(path: Path) -> int | None:
         try:
-            return parquet_rows(path) if path.exists() else 0
+            return parquet_rows(path) if path.exists() else None
         except (pa.ArrowException, OSError) as exc:
             get_logger().warning("part_unreadable", path=str(path), error=str(exc))
-            return 0
+            return None
     part, rejects = shard_files(out_dir, shard)
     return rows(part), rows(rejects)
 
@@ -254,8 +254,9 @@ def _shard_metrics(out_dir: Path, name: str) -> dict[str, Any] | None:
 def _recount(out_dir: Path, metrics: dict[str, Any]) -> bool:
     """Count the shard's scored and rejected rows from its files (they may have changed since it wrote its metrics)
     into `metrics`; whether they still account for its rows in."""
-    metrics["rows_scored"], metrics["rows_rejected"] = rows_on_disk(out_dir, metrics["shard"])
-    return metrics["rows_in"] == metrics["rows_scored"] + metrics["rows_rejected"]
+    scored, rejected = rows_on_disk(out_dir, metrics["shard"])
+    metrics["rows_scored"], metrics["rows_rejected"] = scored or 0, rejected or 0
+    return None not in (scored, rejected) and metrics["rows_in"] == scored + rejected
 
 
 def broken_shard(out_dir: Path, shard: int) -> str | None:
@@ -264,9 +265,11 @@ def broken_shard(out_dir: Path, shard: int) -> str | None:
     metrics = _shard_metrics(out_dir, part_name(shard))
     if metrics is None:
         return "its metrics file is missing or unreadable"
-    if not _recount(out_dir, metrics):
-        return (f"rows in {metrics['rows_in']} != scored {metrics['rows_scored']} + rejected "
-                f"{metrics['rows_rejected']} in its files")
+    scored, rejected = rows_on_disk(out_dir, shard)
+    if None in (scored, rejected):
+        return "its part or rejects file is missing or unreadable"
+    if metrics["rows_in"] != scored + rejected:
+        return f"rows in {metrics['rows_in']} != scored {scored} + rejected {rejected} in its files"
     return None
 
 
