@@ -630,6 +630,13 @@ def test_a_rows_id_rejected_for_a_non_finite_score_is_no_duplicate_later(exporte
     parts, rejects = read_out(tmp_path / "out")
     assert len(calls) == 2 and rejects.column("reason").to_pylist() == [pipeline.NONFINITE_REASON]
     assert merged["duplicate_ids"] == 0 and parts.column("id").to_pylist().count(first[0]["id"]) == 1
+    # The same within one batch: the NaN row's twin is scored, not rejected as the duplicate of an unscored row.
+    pq.write_table(pa.Table.from_pylist(first + again), tmp_path / "one.parquet")
+    calls.clear()
+    merged = score(ScoreConfig(model=model, inputs=(str(tmp_path / "one.parquet"),), out=tmp_path / "out1"))
+    parts, rejects = read_out(tmp_path / "out1")
+    assert len(calls) == 1 and rejects.column("reason").to_pylist() == [pipeline.NONFINITE_REASON]
+    assert merged["duplicate_ids"] == 0 and parts.column("id").to_pylist().count(first[0]["id"]) == 1
 
 
 def test_a_finished_shard_rerun_removes_what_a_killed_twin_left(exported, articles, tmp_path):

@@ -247,8 +247,11 @@ class ShardScorer:
         return metrics
 
     @staticmethod
-    def _reject_duplicates(item: Prepared, ids_col: list[Any], seen_ids: dict[str, str], metrics: ShardMetrics) -> None:
-        """A second row with an id already scored in this shard is rejected, never scored twice."""
+    def _reject_duplicates(item: Prepared, ids_col: list[Any], seen_ids: dict[str, str], metrics: ShardMetrics,
+                           earlier_only: bool = False) -> None:
+        """A second row with an id already scored in this shard is rejected, never scored twice. `earlier_only`:
+        only ids that earlier batches scored (before the model call, which they then cost nothing); otherwise the
+        first row of this batch that is not rejected (its scores finite) takes the id."""
         batch = item.batch
         duplicates = set()
         for i, id_ in enumerate(ids_col):
@@ -258,7 +261,7 @@ class ShardScorer:
                 # The id goes after the colon, so metrics group all duplicates under one reason.
                 item.reject_reasons[i] = f"duplicate id (first seen at {seen_ids[id_]}): {id_!r}"
                 duplicates.add(i)
-            else:
+            elif not earlier_only:
                 seen_ids[id_] = f"{batch.path.name} row {batch.row_number(i)}"
         if duplicates:
             metrics.duplicate_ids += len(duplicates)
@@ -266,16 +269,15 @@ class ShardScorer:
             item.model_rows, item.tokens = [r for r, _ in pairs], [t for _, t in pairs]
 
     @staticmethod
-    def _reject_nonfinite(item: Prepared, raw: np.ndarray, ids_col: list[Any], seen_ids: dict[str, str]) -> np.ndarray:
+    def _reject_nonfinite(item: Prepared, raw: np.ndarray) -> np.ndarray:
         """A row whose scores are NaN or infinite (an fp16 overflow, a broken graph) has no score to give: it is a
-        reject, not a BLUE row with NaN scores that the histograms and MAE would silently lose. Its id was not
-        scored, so a later row with it is not a duplicate."""
+        reject, not a BLUE row with NaN scores that the histograms and MAE would silently lose. Run before the
+        duplicate check, so its id is not taken: a later row with it is scored, not called a duplicate."""
         finite = np.isfinite(raw).all(axis=1)
         if finite.all():
             return raw
         for row in np.asarray(item.model_rows)[~finite]:
             item.reject_reasons[int(row)] = NONFINITE_REASON
-            seen_ids.pop(ids_col[row], None)
         get_logger().error("nonfinite_scores", rows=int((~finite).sum()), file=str(item.batch.path),
                            reason="the model's output is not finite; its rows are rejected")
         pairs = [(r, t) for r, t, ok in zip(item.model_rows, item.tokens, finite) if ok]
@@ -290,14 +292,17 @@ class ShardScorer:
         metrics.blank_lines += batch.blank_lines
         self.columns_seen.update(batch.table.column_names)
         ids_col = batch.table.column("id").to_pylist()
-        self._reject_duplicates(item, ids_col, seen_ids, metrics)
+        # Ids already scored in earlier batches are known now and cost no model call; within this batch the first
+        # row with a score takes its id, which only the scores say.
+        self._reject_duplicates(item, ids_col, seen_ids, metrics, earlier_only=True)
         scores = np.zeros((n, NUM_DIMENSIONS), dtype=np.float32)
         if item.model_rows:
             raw = predict(self.runner, item.tokens, self.pad_id, token_budget=self.token_budget,
                           max_rows=self.config.max_batch_rows,
                           on_batch=lambda b, seconds: metrics.record_batch(seconds, b.real_tokens, b.input_ids.size))
-            raw = self._reject_nonfinite(item, raw, ids_col, seen_ids)
+            raw = self._reject_nonfinite(item, raw)
             scores[item.model_rows] = self.model.calibrated(self.spec.clip(raw), self.config.calibration)
+        self._reject_duplicates(item, ids_col, seen_ids, metrics)
         keep = [i for i in range(n) if i not in item.reject_reasons]
         prefiltered = np.array([i in item.prefilter_reasons for i in keep], dtype=bool)
         tiers, strength = self.spec.assign_tiers(scores[keep], prefiltered)
