@@ -580,6 +580,36 @@ def test_run_local_runs_a_cronjob_as_the_job_it_creates(tmp_path):
     assert args[args.index("--out") + 1] == f"/data/scored/{cron['metadata']['name']}" and "--ledger" in args
 
 
+@pytest.mark.parametrize("edit, codes, reason, failed, succeeded", [
+    # Per index, no maxFailedIndexes: the other indexes run to their end, then the Job fails.
+    (lambda spec: spec.pop("maxFailedIndexes"), {0: 1, 1: 0}, "FailedIndexes", [0], [1]),
+    # Past maxFailedIndexes the Job fails at once and the slow index is stopped.
+    (lambda spec: None, {0: 1, 1: 0}, "MaxFailedIndexesExceeded", [0], []),
+    # A NotIn rule: every code but the listed ones fails the Job (here 3), rules in order.
+    (lambda spec: spec["podFailurePolicy"]["rules"].insert(0, {"action": "FailJob", "onExitCodes": {
+        "operator": "NotIn", "values": [1, 2]}}), {0: 3, 1: 0}, "PodFailurePolicy", [0], []),
+    # backoffLimit (no per-index limits) counts every pod's failures together.
+    (lambda spec: [spec.pop(k) for k in ("backoffLimitPerIndex", "maxFailedIndexes")] and spec.update(backoffLimit=1),
+     {0: 1, 1: 1}, "BackoffLimitExceeded", [0], []),
+])
+def test_run_local_follows_the_job_controllers_failure_rules(tmp_path, monkeypatch, edit, codes, reason, failed,
+                                                            succeeded):
+    from investment_risk.k8s import runlocal
+
+    job = build("score", JobSettings(profile="cpu"), name="rules", shards=2)
+    job["spec"]["backoffLimitPerIndex"] = 0
+    edit(job["spec"])
+    (tmp_path / "job.yaml").write_text(to_yaml(default_base()["shared.yaml"] + [job]))
+    pod = ("import os, sys, time; i = int(os.environ['JOB_COMPLETION_INDEX']); time.sleep(3 * i); "
+           f"sys.exit({codes}[i])")
+    monkeypatch.setattr(runlocal.ProcessRuntime, "start",
+                        lambda self, index, args, env: subprocess.Popen([sys.executable, "-c", pod], env={**env}))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "models").mkdir()
+    result = runlocal.run_local(tmp_path / "job.yaml", {"/data": tmp_path / "data", "/models": tmp_path / "models"})
+    assert (result.fail_reason, result.failed, result.succeeded) == (reason, failed, succeeded)
+
+
 def test_run_local_pods_get_their_own_environment_not_this_shells(tmp_path, monkeypatch):
     from investment_risk.k8s import runlocal
     monkeypatch.setenv("INVESTMENT_RISK_SHARD_INDEX", "0")  # would score shard 0 in every pod

@@ -4,8 +4,10 @@ One pod per completion index, at most `parallelism` at once, each with the envir
 ConfigMap, the container's env, JOB_COMPLETION_INDEX, JOB_NAME). The process runtime (the default) runs each pod
 as a process of this Python with every mount path mapped to a local directory: PVCs to the directories given with
 --mount, emptyDirs and secrets to fresh temporary ones. The docker runtime (containers.py) runs each as a container
-of the Job's image, as the kubelet would. Failed indexes are retried up to backoffLimitPerIndex, within
-maxFailedIndexes; an exit code with a FailJob rule fails the whole Job, and so does activeDeadlineSeconds.
+of the Job's image, as the kubelet would. A failed pod meets the podFailurePolicy's exit-code rules in order (In or
+NotIn; FailJob, FailIndex, Ignore or Count), then the retry limits as the Job controller keeps them: with
+backoffLimitPerIndex each index on its own (the others run on; past maxFailedIndexes the Job fails at once, else it
+fails once all have run), with backoffLimit every pod's failure together. activeDeadlineSeconds fails the Job.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ class LocalResult:
     failed: list[int] = field(default_factory=list)
     exit_codes: dict[int, list[int]] = field(default_factory=dict)
     failed_job: bool = False  # the Job failed as a whole: see fail_reason
-    fail_reason: str | None = None  # PodFailurePolicy (an exit code with a FailJob rule) or FailedIndexes
+    # PodFailurePolicy (an exit code with a FailJob rule), FailedIndexes, MaxFailedIndexesExceeded,
+    # BackoffLimitExceeded or DeadlineExceeded: the Job condition's reason on a cluster
+    fail_reason: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -216,6 +220,19 @@ class ProcessRuntime:
 RUNTIMES = ("process", "docker")
 
 
+def policy_action(rules: list[Any], container: str | None, code: int) -> str | None:
+    """The action of the first podFailurePolicy rule whose exit codes match a failed container's (`In` or
+    `NotIn` its values, for the container it names if it names one); None: counted as usual."""
+    for rule in rules:
+        on = rule.get("onExitCodes") if isinstance(rule, dict) else None
+        if not isinstance(on, dict) or on.get("containerName") not in (None, container):
+            continue
+        values = set(on.get("values") or [])
+        if (code in values) == (on.get("operator", "In") == "In"):
+            return rule.get("action")
+    return None
+
+
 def run_local(manifest: Path, mounts: dict[str, Path], job_name: str | None = None,
               parallelism: int | None = None, runtime: str = "process", image: str | None = None) -> LocalResult:
     log = get_logger()
@@ -229,8 +246,9 @@ def run_local(manifest: Path, mounts: dict[str, Path], job_name: str | None = No
     retries = int(spec["backoffLimitPerIndex"] if per_index else spec.get("backoffLimit", 6))  # 6: the API default
     max_failed = int(spec["maxFailedIndexes"]) if per_index and "maxFailedIndexes" in spec else None
     deadline = spec.get("activeDeadlineSeconds")
-    fail_job_codes = {code for rule in spec.get("podFailurePolicy", {}).get("rules", [])
-                      if rule.get("action") == "FailJob" for code in rule.get("onExitCodes", {}).get("values", [])}
+    rules = (spec.get("podFailurePolicy") or {}).get("rules") or []
+    container = job["spec"]["template"]["spec"]["containers"][0].get("name")
+    total_failures = 0
     result = LocalResult(job["metadata"]["name"], completions)
     with tempfile.TemporaryDirectory(prefix="run-local-") as scratch:
         if runtime == "docker":
@@ -268,17 +286,25 @@ def run_local(manifest: Path, mounts: dict[str, Path], job_name: str | None = No
                     log.info("local_pod_done", job=result.job, index=index, exit_code=code)
                     if code == 0:
                         result.succeeded.append(index)
-                    elif code in fail_job_codes:
+                        continue
+                    action = policy_action(rules, container, code)
+                    if action == "FailJob":
                         result.failed_job, result.fail_reason = True, "PodFailurePolicy"
                         result.failed.append(index)
-                    elif attempts[index] <= retries:
+                    elif action == "Ignore":  # not counted against any limit
+                        attempts[index] -= 1
                         pending.append(index)
-                    else:
+                    elif per_index and (action == "FailIndex" or attempts[index] > retries):
                         result.failed.append(index)
-                        # Past maxFailedIndexes (or, without per-index limits, any index out of retries) the controller
-                        # fails the Job and stops its other pods.
-                        if max_failed is None or len(result.failed) > max_failed:
-                            result.failed_job, result.fail_reason = True, "FailedIndexes"
+                        if max_failed is not None and len(result.failed) > max_failed:  # the others stop now
+                            result.failed_job, result.fail_reason = True, "MaxFailedIndexesExceeded"
+                    elif not per_index and (total_failures := total_failures + 1) > retries:
+                        result.failed.append(index)
+                        result.failed_job, result.fail_reason = True, "BackoffLimitExceeded"
+                    else:
+                        pending.append(index)
+            if result.failed and not result.failed_job:  # every index ran; some ran out of retries
+                result.failed_job, result.fail_reason = True, "FailedIndexes"
         finally:  # a failed Job, or this command stopped (SIGTERM, Ctrl-C): its pods stop too, as the controller's do
             for index, proc in running.items():
                 pods.stop(index, proc)
