@@ -631,7 +631,9 @@ def test_run_local_pods_get_their_own_environment_not_this_shells(tmp_path, monk
 
 FAKE_DOCKER = """#!/bin/sh
 # Records each call (one argument a line, then the env it was asked to pass) and behaves as FAKE_DOCKER_MODE says.
-{ for a in "$@"; do echo "$a"; done; echo "JOB_COMPLETION_INDEX=$JOB_COMPLETION_INDEX"; echo ---; } >> "$FAKE_DOCKER_LOG"
+# One write a call: two pods' line-by-line appends interleaved under load and ran their records together.
+record=$(for a in "$@"; do echo "$a"; done; echo "JOB_COMPLETION_INDEX=$JOB_COMPLETION_INDEX"; echo ---)
+printf '%s\n' "$record" >> "$FAKE_DOCKER_LOG"
 case "$1" in stop) exit 0 ;; esac
 [ "$FAKE_DOCKER_MODE" = sleep ] && exec sleep 120
 exit 0

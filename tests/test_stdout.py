@@ -15,7 +15,7 @@ from investment_risk.cli import main
 from .conftest import TINY_TRAIN_ARGS, assert_json_stdout
 
 CHECKED_ELSEWHERE = {"demo": "test_demo.py", "report compare": "test_compare.py", "jobs submit": "test_jobs.py",
-                     "jobs status": "test_jobs.py", "jobs logs": "test_jobs.py", "jobs cancel": "test_jobs.py",
+                     "jobs status": "test_jobs.py", "jobs logs": "test_jobs.py", "jobs cancel": "test_jobs.py", "jobs wait": "test_jobs.py",
                      "jobs run-local": "test_jobs.py", "calibrate": "test_calibration.py",
                      "report dimensions": "test_calibration.py", "report drift": "test_drift.py",
                      "report batch": "test_batch_report.py", "stage-model": "test_stage_model.py"}

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from investment_risk.modeling.tokens import length_grouped_batches, pad_batch
 from investment_risk.cli import main
 from investment_risk.core.errors import InputError
-from investment_risk.core.spec import DIMENSIONS
+from investment_risk.core.spec import DIMENSIONS, default_spec
 from investment_risk.training.config import TrainConfig
 from investment_risk.training.dry_run import dry_run
 from investment_risk.training.recipe import train
@@ -135,8 +135,17 @@ def test_val_metrics_are_those_of_clipped_scores(tmp_path):
     metadata = train(tiny_config(tmp_path / "data", tmp_path / "r", epochs=1, learning_rate=1e-6))
     history = json.loads((tmp_path / "r" / "training_history.json").read_text())
     assert metadata["calibration"]["fitted"]
-    assert metadata["best_val_mae"] == pytest.approx(metadata["calibration"]["val_mae_raw"], abs=1e-5)
     assert history[0]["val"]["mae"] == pytest.approx(metadata["best_val_mae"])
+    checkpoints = tmp_path / "r" / "checkpoints"
+    latest = json.loads((checkpoints / "latest.json").read_text())["checkpoint"]
+    best = np.asarray(json.loads((checkpoints / latest / "state.json").read_text())["state"]["best_val_predictions"])
+    val = pq.read_table(tmp_path / "data" / "val.parquet")
+    labels = np.stack([val.column(d).to_numpy() for d in DIMENSIONS], axis=1)
+    assert best.min() == 0.0  # the head's raw output went below 0: clipped
+    assert metadata["best_val_mae"] == pytest.approx(np.abs(best - labels).mean(), abs=1e-4)
+    # The calibration's raw MAE: the same clipped scores, on the rows it was fitted on (prefiltered noise left out)
+    scored = ~default_spec().prefiltered(val)
+    assert metadata["calibration"]["val_mae_raw"] == pytest.approx(np.abs(best - labels)[scored].mean(), abs=1e-4)
 
 
 def test_lora_on_every_projection_and_head_trained_in_full():
