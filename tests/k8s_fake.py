@@ -66,7 +66,7 @@ class FakeCluster:
             if text == WAITING:  # what the API server says while the container is pulling or pending
                 return kmock.KubernetesError(status=400, reason="BadRequest",
                                              message=f'container "main" in pod "{request.name}" is waiting to start')
-            lines = text.splitlines()
+            lines = _records(text)
             stamps = self.log_stamps.get((request.namespace, request.name)) or [time.time()] * len(lines)
             if "sinceSeconds" in request.params:
                 since = time.time() - float(request.params["sinceSeconds"])
@@ -138,7 +138,7 @@ class FakeCluster:
                              "labels": {"batch.kubernetes.io/job-name": job, "job-name": job}},
                 "spec": {"containers": [{"name": "main", "image": "x"}]}, "status": status}
             self.pod_logs[(namespace, pod)] = log
-            self.log_stamps[(namespace, pod)] = _stamps(len(log.splitlines()))
+            self.log_stamps[(namespace, pod)] = _stamps(len(_records(log)))
         self.call(seed)
 
     def append_log(self, namespace: str, pod: str, text: str, rotate: bool = False) -> None:
@@ -147,11 +147,17 @@ class FakeCluster:
             key = (namespace, pod)
             old, stamps = ("", []) if rotate else (self.pod_logs[key], self.log_stamps[key])
             self.pod_logs[key] = old + text
-            self.log_stamps[key] = stamps + _stamps(len(text.splitlines()))
+            self.log_stamps[key] = stamps + _stamps(len(_records(text)))
         self.call(append)
 
     def requests(self, method: str, resource: str) -> list:
         return list(self.emulator[method, kmock.resource(resource)])
+
+
+def _records(text: str) -> list[str]:
+    """A log's records, as the kubelet keeps them: ended by "\\n" only (a progress bar's "\\r" is inside one)."""
+    lines = text.split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 def _stamps(count: int) -> list[float]:

@@ -321,6 +321,26 @@ def test_a_bad_optional_label_in_jsonl_leaves_the_good_ones_of_its_batch_usable(
     [batch] = iter_file_batches(jsonl(tmp_path / "l.jsonl", [json.dumps(r) for r in labelled]), lenient=True)
     labels, unusable = usable_labels(batch.table, default_spec())
     assert unusable.tolist() == [0, 0, 1, 1, 0] and labels[[0, 1, 4], 0].tolist() == [5.0, 5.0, 5.0]
+    # Every value a string (even one that reads as a number, as in Parquet), or a boolean among numbers: unusable
+    for values in (["high", "5", "7", "x", "y"], [5.5, True, 3, 4, 5]):
+        for record, value in zip(labelled, values):
+            record["macro_risk_severity"] = value
+        [batch] = iter_file_batches(jsonl(tmp_path / "l.jsonl", [json.dumps(r) for r in labelled]), lenient=True)
+        unusable = usable_labels(batch.table, default_spec())[1]
+        assert unusable.tolist() == [1] * 5 if isinstance(values[0], str) else [0, 1, 0, 0, 0], values
+
+
+def test_a_jsonl_line_that_opens_with_a_bracket_is_that_rows_reject_and_an_unread_doubled_column_is_fine(tmp_path):
+    from investment_risk.datasets.readers import iter_file_batches
+
+    path = jsonl(tmp_path / "log.jsonl", ["[2026-12-01] not an article", json.dumps(rows(1)[0])])
+    [batch] = iter_file_batches(path, lenient=True)
+    assert list(batch.problems) == [0] and "invalid JSON" in batch.problems[0]
+    table = pa.Table.from_arrays([pa.array(["a"]), pa.array(["t"]), pa.array(["c"]), pa.array([1]), pa.array([2])],
+                                 names=["id", "title", "content", "extra", "extra"])
+    pq.write_table(table, tmp_path / "extra.parquet")
+    [batch] = iter_file_batches(tmp_path / "extra.parquet", columns=["id", "title", "content"])
+    assert batch.table.num_rows == 1 and not batch.problems
 
 
 def test_a_malformed_model_json_is_one_line_naming_it(exported, tmp_path, runner):

@@ -438,11 +438,14 @@ def test_cluster_errors_are_clear(fake, tmp_path, runner):
 def test_wait_follows_an_existing_job_through_a_rotated_log_and_names_a_pod_that_cannot_start(fake, tmp_path, runner):
     assert jobs_cli(runner, fake, tmp_path, "submit", "score", "--name", "night-1", "--shards", "2").exit_code == 0
     fake.seed_pod(NS, "night-1", "night-1-0-x", "Running", LOG, index=0)
-    fake.seed_pod(NS, "night-1", "night-1-1-y", "Pending", WAITING, index=1, waiting="ImagePullBackOff")
+    fake.seed_pod(NS, "night-1", "night-1-1-y", "Pending", WAITING, index=1, waiting="ErrImagePull")
 
     def later() -> None:
-        time.sleep(0.6)  # a few polls have read the first lines
-        fake.append_log(NS, "night-1-0-x", "after the rotation\n", rotate=True)  # the kubelet rotated the file
+        for reason in ("ImagePullBackOff", "ErrImagePull", "ImagePullBackOff"):  # as the kubelet alternates them
+            time.sleep(0.2)
+            fake.seed_pod(NS, "night-1", "night-1-1-y", "Pending", WAITING, index=1, waiting=reason)
+        # the kubelet rotated the file; a progress bar's carriage return stays inside its line
+        fake.append_log(NS, "night-1-0-x", "after the rotation\nloading 0%\rloading 100%\nlast\n", rotate=True)
         time.sleep(0.6)
         fake.seed_status(NS, "night-1", {"succeeded": 2, "conditions": [
             {"type": "Complete", "status": "True", "reason": "CompletionsReached"}]})
@@ -453,9 +456,11 @@ def test_wait_follows_an_existing_job_through_a_rotated_log_and_names_a_pod_that
     assert result.exit_code == 0, result.output
     events = assert_json_stdout(result)
     lines = [e.get("line", e["event"]) for e in events if e.get("pod") == "night-1-0-x"]
-    assert lines == ["shard_start", "shard_done", "a plain line", "after the rotation"]  # each once, none lost
+    assert lines == ["shard_start", "shard_done", "a plain line", "after the rotation", "loading 0%\rloading 100%",
+                     "last"]  # each once, none lost
     waiting = [e for e in events if e["event"] == "pod_waiting"]
-    assert [(e["pod"], e["reason"]) for e in waiting] == [("night-1-1-y", "ImagePullBackOff")]  # once, not per poll
+    assert [(e["pod"], e["reason"]) for e in waiting] == [("night-1-1-y", "ErrImagePull"),
+                                                          ("night-1-1-y", "ImagePullBackOff")]  # once each
     reads = [r for r in fake.requests("get", "v1/pods") if "log" in str(r)]
     assert reads and any("sinceSeconds" in getattr(r, "params", {}) for r in reads)  # not the whole log every poll
 
@@ -479,6 +484,24 @@ def test_wait_rides_out_failed_polls_and_says_when_it_gives_up(monkeypatch):
     answers[:] = [RetryableError("cannot reach the cluster")] * kube.POLL_FAILURES
     with pytest.raises(RetryableError, match="jobs wait j"):
         kube.wait(SimpleNamespace(namespace=NS), "j", lambda pod, line: None, poll_s=0.01)
+    answers[:] = [RetryableError("cannot reach the cluster")] * kube.POLL_FAILURES
+    with pytest.raises(RetryableError, match="still unknown after"):  # --timeout holds while polls fail
+        kube.wait(SimpleNamespace(namespace=NS), "j", lambda pod, line: None, poll_s=0.05, timeout_s=0.1)
+
+
+def test_a_pod_whose_log_cannot_be_read_is_skipped_and_the_others_are_followed():
+    from kubernetes.client.rest import ApiException
+
+    from investment_risk.k8s.cluster import LogFollower
+
+    def read(pod, namespace, **kwargs):
+        if pod == "lost":  # on a node the API server cannot reach
+            raise ApiException(status=500, reason="Internal Server Error")
+        return "2026-12-01T00:00:01.5Z hello\n"
+    cluster = SimpleNamespace(namespace=NS, core=SimpleNamespace(read_namespaced_pod_log=read))
+    with capture_logs() as logs:
+        assert list(LogFollower().new_lines(cluster, "j", ["lost", "ok"])) == [("ok", "hello")]
+    assert [(e["event"], e["pod"]) for e in logs] == [("pod_log_unreadable", "lost")]
 
 
 def test_a_refused_request_is_exit_2_and_a_taken_name_says_how_to_follow_it(fake, tmp_path, runner):
@@ -500,6 +523,15 @@ def test_kubeconfig_in_the_environment_wins_over_in_cluster_config(fake, tmp_pat
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
     result = runner.invoke(main, ["jobs", "status", "train-1"])
     assert result.exit_code == 0, result.output
+    # A $KUBECONFIG whose files are missing is no config (as client-go reads it): the pod's own is tried
+    from kubernetes import config
+
+    def in_cluster():
+        raise config.ConfigException("in-cluster config tried")
+    monkeypatch.setattr(config, "load_incluster_config", in_cluster)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    result = runner.invoke(main, ["jobs", "status", "train-1"])
+    assert result.exit_code == 2 and "in-cluster config tried" in result.output, result.output
 
 
 # --- run-local: the pod contract without a cluster ---------------------------------------------------------------

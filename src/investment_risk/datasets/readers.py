@@ -190,7 +190,8 @@ def _numeric_type(t: pa.DataType) -> bool:
 def check_schema(path: Path, schema: pa.Schema, labels: Sequence[str] = ()) -> None:
     """Whole-file problems: a required column missing or of the wrong type (integer ids are fine: they cast)."""
     names = set(schema.names)
-    if twice := sorted({n for n in schema.names if schema.names.count(n) > 1}):
+    read = {*REQUIRED_COLUMNS, *OPTIONAL_STRING_COLUMNS, *labels, *DIMENSIONS}  # a doubled other column is unread
+    if twice := sorted({n for n in schema.names if n in read and schema.names.count(n) > 1}):
         raise InputError(f"{path}: column(s) {', '.join(twice)} appear more than once")
     missing = [c for c in (*REQUIRED_COLUMNS, *labels) if c not in names]
     if missing:
@@ -314,8 +315,8 @@ def parquet_schema(path: Path) -> pa.Schema:
 
 
 _JSON_KINDS = {str: "string", bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}
-# Field metadata of a JSONL label column whose values were of mixed kinds: each value is its JSON text, so a number
-# among them is still a number (scoring's optional labels: only the bad value is unusable, not its whole batch).
+# Field metadata of a JSONL label column (scoring's optional labels) with a value that is not a number: each value
+# is its JSON text, so a number among them is still a number and only the bad value is unusable, not its batch.
 JSON_TEXT = {b"investment_risk.json_text": b"1"}
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -331,6 +332,7 @@ def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Seq
     names = list(dict.fromkeys(k for row in rows for k in row))
     string_cols = set(REQUIRED_COLUMNS + OPTIONAL_STRING_COLUMNS)
     columns: dict[str, pa.Array] = {}
+    json_text: set[str] = set()
     for name in names:
         values = [row.get(name) for row in rows]
         if name in string_cols or name in labels:
@@ -356,14 +358,23 @@ def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Seq
                         value = None
                 clean.append(value)
             columns[name] = pa.array(clean, type=pa.float64() if want_number else pa.string())
+        elif name in DIMENSIONS:  # an optional label (scoring): numbers as numbers, else every value as JSON text
+            numbers = all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
+            try:
+                columns[name] = pa.array(values, type=pa.float64()) if numbers else None
+            except (pa.ArrowException, OverflowError):
+                columns[name] = None
+            if columns[name] is None:  # a string, a boolean, an int past a float: each value's JSON text, marked
+                columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], type=pa.string())
+                json_text.add(name)
         else:
             try:
                 columns[name] = pa.array(values)
             except (pa.ArrowException, TypeError, OverflowError):
                 # Mixed types in a pass-through column: keep them as JSON text rather than drop them.
                 columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], type=pa.string())
-    fields = [pa.field(name, array.type, metadata=JSON_TEXT if name in DIMENSIONS and pa.types.is_string(array.type)
-                       else None) for name, array in columns.items()]
+    fields = [pa.field(name, array.type, metadata=JSON_TEXT if name in json_text else None)
+              for name, array in columns.items()]
     if not columns:  # every line unreadable: keep the rows, so they are counted and rejected
         columns["id"] = pa.nulls(len(rows), pa.string())
         fields = [pa.field("id", pa.string())]
@@ -380,7 +391,7 @@ def _iter_jsonl(path: Path, batch_rows: int, labels: Sequence[str], lenient: boo
     bad: dict[int, str] = {}
     blank = 0
     start = 0
-    first_line = True
+    first_line, json_suffix = True, path.suffix.lower() == ".json"
 
     def flush() -> Batch:
         batch = _jsonl_table(path, start, rows, labels)
@@ -396,7 +407,7 @@ def _iter_jsonl(path: Path, batch_rows: int, labels: Sequence[str], lenient: boo
             if not raw.strip():
                 blank += 1
                 continue
-            if first_line and raw.lstrip().startswith(b"["):  # the file opens a JSON array
+            if first_line and json_suffix and raw.lstrip().startswith(b"["):  # a .json file holding an array
                 raise InputError(f"{path}: a JSON array, not JSON Lines (one object per line); convert it first, "
                                  "e.g. with jq -c '.[]'")
             first_line = False

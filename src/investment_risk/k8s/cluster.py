@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ def connect(namespace: str, kubeconfig: Path | None = None, context: str | None 
     from kubernetes import client, config
 
     try:
-        named = kubeconfig is not None or context is not None or os.environ.get("KUBECONFIG")
+        env_files = [f for f in os.environ.get("KUBECONFIG", "").split(os.pathsep) if f]
+        # As client-go: a $KUBECONFIG of files none of which exists is no config, and a pod's own one is used
+        named = kubeconfig is not None or context is not None or any(Path(f).exists() for f in env_files)
         if not named and os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config()
         else:
@@ -173,8 +176,10 @@ LOG_MARGIN_S = 60
 
 class LogFollower:
     """Each pod's new log lines, read with the kubelet's timestamps: a line is new when it is later than the last one
-    passed on (or as late, beyond those already passed on), so a rotated log loses no line and repeats none, and a
-    read asks only for the last minutes of the log rather than all of it again."""
+    passed on (or as late, beyond those already passed on), so a line is passed on once, the first lines of a
+    rotated file included, and a read asks only for the last minutes of the log rather than all of it again. (The
+    kubelet serves only the current file: lines written and rotated away between two reads are gone for any
+    client.) A pod whose log cannot be read this time is skipped and read again at the next poll."""
 
     def __init__(self) -> None:
         self.last: dict[str, tuple[tuple[str, int], int]] = {}  # pod -> (latest stamp, lines seen at that stamp)
@@ -182,29 +187,42 @@ class LogFollower:
 
     def new_lines(self, cluster: Cluster, name: str, pods: list[str]) -> Iterator[tuple[str, str]]:
         from kubernetes.client.rest import ApiException
+        from urllib3.exceptions import HTTPError
 
-        with _api_errors(f"logs of job {name} in namespace {cluster.namespace}"):
-            for pod in sorted(pods):
-                kwargs: dict[str, Any] = {"timestamps": True}
-                if pod in self.read_at:
-                    kwargs["since_seconds"] = int(time.monotonic() - self.read_at[pod]) + LOG_MARGIN_S
-                started = time.monotonic()
-                try:
-                    text = cluster.core.read_namespaced_pod_log(pod, cluster.namespace, **kwargs)
-                except ApiException as exc:
-                    if exc.status in (400, 404):  # still waiting to start (pulling, pending), or just gone
-                        continue
-                    raise
-                self.read_at[pod] = started
-                yield from ((pod, line) for line in self._unseen(pod, text.splitlines()))
+        from ..core.logs import get_logger
+
+        for pod in sorted(pods):
+            kwargs: dict[str, Any] = {"timestamps": True}
+            if pod in self.read_at:
+                kwargs["since_seconds"] = int(time.monotonic() - self.read_at[pod]) + LOG_MARGIN_S
+            started = time.monotonic()
+            try:
+                text = cluster.core.read_namespaced_pod_log(pod, cluster.namespace, **kwargs)
+            except ApiException as exc:
+                if exc.status not in (400, 404):  # 400, 404: still waiting to start (pulling, pending), or just gone
+                    # A node the API server cannot reach (NotReady after a spot reclaim): the Job's state still counts
+                    get_logger().warning("pod_log_unreadable", job=name, pod=pod, status=exc.status,
+                                         reason=_reason(exc))
+                continue
+            except HTTPError as exc:
+                get_logger().warning("pod_log_unreadable", job=name, pod=pod, reason=str(exc))
+                continue
+            self.read_at[pod] = started
+            # Records end at "\n" only: a progress bar's "\r" stays inside its line.
+            yield from ((pod, line) for line in self._unseen(pod, text.split("\n")))
 
     def _unseen(self, pod: str, lines: list[str]) -> Iterator[str]:
         latest, at_latest = self.last.get(pod, (("", -1), 0))
-        skip = at_latest
+        skip, passing = at_latest, False
         for line in lines:
             raw, _, message = line.partition(" ")
+            if not _STAMPED.match(raw):  # not a record (the empty rest after the last "\n"): goes with the last one
+                if line and passing:
+                    yield line
+                continue
             stamp = _stamp(raw)
-            if stamp < latest or (stamp == latest and skip > 0):
+            passing = not (stamp < latest or (stamp == latest and skip > 0))
+            if not passing:
                 skip -= stamp == latest
                 continue
             if stamp > latest:
@@ -212,6 +230,9 @@ class LogFollower:
             at_latest += 1
             yield message
         self.last[pod] = (latest, at_latest)
+
+
+_STAMPED = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
 
 
 def _stamp(text: str) -> tuple[str, int]:
@@ -229,32 +250,31 @@ def wait(cluster: Cluster, name: str, on_line: Callable[[str, str], None], poll_
     from ..core.logs import get_logger
 
     log, follower = get_logger(), LogFollower()
-    waiting: dict[str, str | None] = {}
-    failures = 0
+    reported: set[tuple[str, str]] = set()  # (pod, reason): ErrImagePull and ImagePullBackOff alternate
+    failures, state = 0, "unknown"
     started = time.monotonic()
     while True:
         try:
             status = job_status(cluster, name)
             for pod, line in follower.new_lines(cluster, name, [p["name"] for p in status["pods"]]):  # pods listed once
                 on_line(pod, line)
+            failures, state = 0, status["state"]
         except RetryableError as exc:
             failures += 1
             if failures >= POLL_FAILURES:
                 raise RetryableError(f"{exc} ({failures} polls in a row; the Job itself may still be running: "
                                      f"`jobs wait {name}` follows it again)") from None
             log.warning("poll_failed", job=name, error=str(exc), failures=failures)
-            time.sleep(poll_s)
-            continue
-        failures = 0
-        for pod in status["pods"]:
+            status = None
+        for pod in status["pods"] if status else []:
             reason = (pod["waiting"] or {}).get("reason")
-            if reason != waiting.get(pod["name"]) and reason not in (None, "ContainerCreating", "PodInitializing"):
+            if reason not in (None, "ContainerCreating", "PodInitializing") and (pod["name"], reason) not in reported:
                 log.warning("pod_waiting", job=name, pod=pod["name"], reason=reason, message=pod["waiting"]["message"])
-            waiting[pod["name"]] = reason
-        if status["state"] in ("Complete", "Failed"):
+                reported.add((pod["name"], reason))
+        if status and status["state"] in ("Complete", "Failed"):
             return status
         if timeout_s is not None and time.monotonic() - started > timeout_s:
-            raise RetryableError(f"job {name}: still {status['state']} after {timeout_s:.0f} s")
+            raise RetryableError(f"job {name}: still {state} after {timeout_s:.0f} s")
         time.sleep(poll_s)
 
 

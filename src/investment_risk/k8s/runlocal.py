@@ -306,8 +306,11 @@ def run_local(manifest: Path, mounts: dict[str, Path], job_name: str | None = No
             if result.failed and not result.failed_job:  # every index ran; some ran out of retries
                 result.failed_job, result.fail_reason = True, "FailedIndexes"
         finally:  # a failed Job, or this command stopped (SIGTERM, Ctrl-C): its pods stop too, as the controller's do
-            for index, proc in running.items():
-                pods.stop(index, proc)
+            if running:  # all at once, as the kubelet does: each may take its grace period
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(len(running)) as pool:
+                    list(pool.map(lambda item: pods.stop(*item), running.items()))
     result.succeeded.sort()
     result.failed.sort()
     return result

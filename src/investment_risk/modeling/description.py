@@ -113,9 +113,12 @@ def _input_format(metadata: dict[str, Any]) -> str:
     return "instruction" if metadata.get("training_mode") == "instruction" else "article"
 
 
-def _label_mean(run_meta: dict[str, Any] | None) -> tuple[float, ...] | None:
+def _label_mean(run_meta: dict[str, Any] | None, source: Path | None = None) -> tuple[float, ...] | None:
     mean = (run_meta or {}).get("train_label_mean")
-    return tuple(float(x) for x in mean) if mean else None
+    try:
+        return tuple(float(x) for x in mean) if mean else None
+    except (TypeError, ValueError):
+        raise InputError(f"{source or 'training_metadata.json'}: train_label_mean is not a list of numbers") from None
 
 
 def _run(path: Path) -> ModelDescription:
@@ -127,7 +130,7 @@ def _run(path: Path) -> ModelDescription:
         path=path, exported=False, input_format=_input_format(metadata),
         max_length=int(metadata.get("prompt_max_length") or metadata["max_length"]), pad_token_id=None,
         model_version=f"run:{path.name}", source_run=path, tokenizer_dir=path / "model",
-        train_label_mean=_label_mean(metadata), truncation=str(metadata.get("truncation", "head")),
+        train_label_mean=_label_mean(metadata, path / "training_metadata.json"), truncation=str(metadata.get("truncation", "head")),
         calibration=load_calibration(path / "model"))
 
 
@@ -141,7 +144,7 @@ def _exported(path: Path) -> ModelDescription:
     return ModelDescription(
         path=path, exported=True, input_format=info.get("input_format", "article"), max_length=int(info["max_length"]),
         pad_token_id=info.get("pad_token_id"), model_version=str(info["model_version"]), source_run=source,
-        tokenizer_dir=path, train_label_mean=_label_mean(run_meta),
+        tokenizer_dir=path, train_label_mean=_label_mean(run_meta, source / "training_metadata.json"),
         cpu_engine=(info.get("cpu_engine") or {}).get("engine", "onnxruntime"),
         truncation=str(info.get("truncation", "head")), calibration=load_calibration(path),
         reference=load_reference(path), dtype=str(info.get("dtype", "fp32")))
