@@ -71,6 +71,9 @@ class FakeCluster:
             if "sinceSeconds" in request.params:
                 since = time.time() - float(request.params["sinceSeconds"])
                 lines, stamps = [ln for ln, t in zip(lines, stamps) if t >= since], [t for t in stamps if t >= since]
+            if "tailLines" in request.params:
+                keep = int(request.params["tailLines"])
+                lines, stamps = lines[len(lines) - keep:], stamps[len(stamps) - keep:]
             if request.params.get("timestamps") == "true":
                 lines = [f"{rfc3339_nano(t)} {ln}" for ln, t in zip(lines, stamps)]
             return "".join(f"{ln}\n" for ln in lines).encode()

@@ -357,6 +357,8 @@ def test_submit_status_logs_cancel(fake, tmp_path, runner, monkeypatch):
                                                         ("nightly-1-1-abc", "shard_done"),
                                                         ("nightly-1-1-abc", "pod_output")]
     assert events[1]["rows_in"] == 10 and events[2]["line"] == "a plain line" and "not ours" not in result.output
+    result = jobs_cli(runner, fake, tmp_path, "logs", "nightly-1", "--tail", "1")
+    assert [e.get("line") for e in assert_json_stdout(result)] == ["a plain line"]
     monkeypatch.setattr("investment_risk.cli.output.on_terminal", lambda: True)
     result = jobs_cli(runner, fake, tmp_path, "logs", "nightly-1")
     lines = result.stdout.splitlines()

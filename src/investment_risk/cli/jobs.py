@@ -188,9 +188,8 @@ def status_command(name: str, kubeconfig: Path | None, context: str | None, name
 def logs_command(name: str, kubeconfig: Path | None, context: str | None, namespace: str, tail: int | None,
                  raw: bool) -> None:
     """Every pod's log, the structlog JSON pretty-printed."""
-    for pod, text in kube.pod_logs(kube.connect(namespace, kubeconfig, context), name, tail):
-        for line in text.splitlines():
-            _echo_log_line(pod, line, raw)
+    for pod, line in kube.pod_logs(kube.connect(namespace, kubeconfig, context), name, tail):
+        _echo_log_line(pod, line, raw)
 
 
 def _echo_log_line(pod: str, line: str, raw: bool) -> None:

@@ -134,28 +134,11 @@ def exit_code_for(status: dict[str, Any]) -> int:
 
 
 def pod_logs(cluster: Cluster, name: str, tail: int | None = None) -> list[tuple[str, str]]:
-    """(pod name, log text) for every pod of the Job that has a log yet, in name order."""
+    """(pod name, line) for each log line of every pod of the Job that has a log yet, pods in name order: the last
+    `tail` lines of each, or all."""
     with _api_errors(f"logs of job {name} in namespace {cluster.namespace}"):
         pods = cluster.core.list_namespaced_pod(cluster.namespace, label_selector=f"{JOB_NAME_LABEL}={name}").items
-    return _read_logs(cluster, name, [p.metadata.name for p in pods], tail)
-
-
-def _read_logs(cluster: Cluster, name: str, pods: list[str], tail: int | None = None) -> list[tuple[str, str]]:
-    from kubernetes.client.rest import ApiException
-
-    out = []
-    with _api_errors(f"logs of job {name} in namespace {cluster.namespace}"):
-        for pod in sorted(pods):
-            kwargs = {"tail_lines": tail} if tail else {}
-            try:
-                text = cluster.core.read_namespaced_pod_log(pod, cluster.namespace, **kwargs)
-            except ApiException as exc:
-                # 400: the container is still waiting to start (pulling, pending); 404: the pod just went away.
-                if exc.status in (400, 404):
-                    continue
-                raise
-            out.append((pod, text))
-    return out
+    return list(LogFollower(tail).new_lines(cluster, name, [p.metadata.name for p in pods]))
 
 
 def cancel(cluster: Cluster, name: str) -> None:
@@ -181,7 +164,8 @@ class LogFollower:
     kubelet serves only the current file: lines written and rotated away between two reads are gone for any
     client.) A pod whose log cannot be read this time is skipped and read again at the next poll."""
 
-    def __init__(self) -> None:
+    def __init__(self, tail: int | None = None) -> None:
+        self.tail = tail  # the first read of a pod: its last `tail` lines only
         self.last: dict[str, tuple[tuple[str, int], int]] = {}  # pod -> (latest stamp, lines seen at that stamp)
         self.read_at: dict[str, float] = {}
 
@@ -195,6 +179,8 @@ class LogFollower:
             kwargs: dict[str, Any] = {"timestamps": True}
             if pod in self.read_at:
                 kwargs["since_seconds"] = int(time.monotonic() - self.read_at[pod]) + LOG_MARGIN_S
+            elif self.tail:
+                kwargs["tail_lines"] = self.tail
             started = time.monotonic()
             try:
                 text = cluster.core.read_namespaced_pod_log(pod, cluster.namespace, **kwargs)
