@@ -113,12 +113,12 @@ def _input_format(metadata: dict[str, Any]) -> str:
     return "instruction" if metadata.get("training_mode") == "instruction" else "article"
 
 
-def _label_mean(run_meta: dict[str, Any] | None, source: Path | None = None) -> tuple[float, ...] | None:
+def _label_mean(run_meta: dict[str, Any] | None, source: Path) -> tuple[float, ...] | None:
     mean = (run_meta or {}).get("train_label_mean")
     try:
         return tuple(float(x) for x in mean) if mean else None
     except (TypeError, ValueError):
-        raise InputError(f"{source or 'training_metadata.json'}: train_label_mean is not a list of numbers") from None
+        raise InputError(f"{source}: train_label_mean is not a list of numbers") from None
 
 
 def _run(path: Path) -> ModelDescription:
