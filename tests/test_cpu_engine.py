@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 from investment_risk.core.errors import ConfigError, InputError
 from investment_risk.export.cpu_engine import FP32_ENGINES, MAE_TOLERANCE, choose_cpu_engine
 from investment_risk.modeling import loading
-from investment_risk.modeling.description import INT8_FILE, describe_model
+from investment_risk.modeling.description import TWIN_FILES, describe_model
 
 FP32 = {"engine": "onnxruntime", "rows_per_second": 50.0, "val_mae": 1.0}
 
@@ -46,30 +46,44 @@ def test_export_records_every_engine_and_the_scorer_runs_the_choice(exported, mo
     description = describe_model(model)
     assert description.cpu_engine == recorded["engine"]
     runner = loading.load_runner(description, "onnx", "cpu")
-    if recorded["engine"] == "onnxruntime":
-        assert runner.provider == "CPUExecutionProvider"
-    else:
-        assert runner.provider.startswith(f"openvino-cpu-{recorded['engine'].split('-')[1]}")
-    # The static int8 twin ships only where it is the engine the scorer runs.
-    assert ((model / INT8_FILE).exists() and INT8_FILE in info["sha256"]) == (recorded["engine"] == "openvino-int8")
+    assert runner.provider == PROVIDERS[recorded["engine"]] or runner.provider.startswith(PROVIDERS[recorded["engine"]])
+    # An int8 twin ships only where it is the engine the scorer runs.
+    for engine, twin in TWIN_FILES.items():
+        assert ((model / twin).exists() and twin in info["sha256"]) == (recorded["engine"] == engine), engine
 
 
-def test_a_named_int8_engine_ships_its_graph_and_scores_close_to_fp32(exported, tmp_path):
+PROVIDERS = {"onnxruntime": "CPUExecutionProvider", "onnxruntime-int8": "CPUExecutionProvider-int8",
+             "openvino-int8": "openvino-cpu-int8", "openvino-bf16": "openvino-cpu-bf16", "openvino-f32": "openvino-cpu-f32"}
+
+
+def int8_ops(path):
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node} & {
+        "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeMatMul"}
+
+
+@pytest.mark.parametrize("engine", list(TWIN_FILES))
+def test_a_named_int8_engine_ships_its_graph_and_scores_close_to_fp32(exported, tmp_path, engine):
     from investment_risk.export.onnx_export import export_run
     from investment_risk.modeling.predict import predict
 
+    if not loading.cpu_engine_usable(engine)[0]:
+        pytest.skip(loading.cpu_engine_usable(engine)[1])
     run, fp32_model, _ = exported
-    info = export_run(run, tmp_path / "model", cpu_engine="openvino-int8")
-    model = tmp_path / "model"
-    assert info["cpu_engine"]["engine"] == "openvino-int8" and INT8_FILE in info["sha256"]
+    info = export_run(run, tmp_path / "model", cpu_engine=engine)
+    model, twin = tmp_path / "model", TWIN_FILES[engine]
+    assert info["cpu_engine"]["engine"] == engine and twin in info["sha256"] and int8_ops(model / twin)
+    assert not int8_ops(model / "model.onnx")  # the fp32 graph stays beside it, for GPUs and the fallback
+    assert [n for n in TWIN_FILES.values() if (model / n).exists()] == [twin]
     int8 = loading.load_runner(describe_model(model), "onnx", "cpu")
-    assert int8.provider.startswith("openvino-cpu-int8")
+    assert int8.provider.startswith(PROVIDERS[engine])
     fp32 = loading.load_runner(describe_model(fp32_model), "onnx", "cpu", cpu_engine="onnxruntime")
     rows, _ = parity_rows_of(model)
     pad = describe_model(model).pad_token_id
     got, want = predict(int8, rows, pad, batch_size=8), predict(fp32, rows, pad, batch_size=8)
     assert np.abs(got - want).mean() < 0.5 and not np.allclose(got, want)  # quantised, and still the same model
-    (model / INT8_FILE).write_bytes((model / INT8_FILE).read_bytes() + b"\0")
+    (model / twin).write_bytes((model / twin).read_bytes() + b"\0")
     with pytest.raises(InputError, match="do not match the sha256"):
         describe_model(model)
 
@@ -81,8 +95,9 @@ def test_without_labels_no_int8_candidate_is_made(exported, tmp_path, monkeypatc
     monkeypatch.setattr(onnx_export, "measurement_rows", lambda tokenizer, metadata: ([], None))
     info = onnx_export.export_run(run, tmp_path / "model")
     skipped = {m["engine"]: m.get("skipped") for m in info["cpu_engine"]["measured"]}
-    assert skipped["openvino-int8"] == "no validation labels to bound its error"
-    assert info["cpu_engine"]["engine"] in FP32_ENGINES and not list((tmp_path / "model").glob(f"{INT8_FILE}*"))
+    assert skipped["openvino-int8"] == skipped["onnxruntime-int8"] == "no validation labels to bound its error"
+    assert info["cpu_engine"]["engine"] in FP32_ENGINES
+    assert not [p for p in (tmp_path / "model").iterdir() if p.name.startswith(tuple(TWIN_FILES.values()))]
 
 def test_a_named_engine_is_measured_alone_beside_the_fp32_reference(exported, tmp_path, monkeypatch):
     from investment_risk.export import onnx_export, static_int8
@@ -90,16 +105,17 @@ def test_a_named_engine_is_measured_alone_beside_the_fp32_reference(exported, tm
     run, _, _ = exported
 
     def no_int8(*args, **kwargs):
-        raise AssertionError("the static int8 twin was made for an export that named another engine")
+        raise AssertionError("an int8 twin was made for an export that named another engine")
 
     monkeypatch.setattr(static_int8, "quantize_int8", no_int8)
+    monkeypatch.setattr(onnx_export, "quantize_dynamic_int8", no_int8)
     info = onnx_export.export_run(run, tmp_path / "model", cpu_engine="openvino-f32")
     measured = {m["engine"]: m for m in info["cpu_engine"]["measured"]}
     assert info["cpu_engine"]["engine"] == "openvino-f32"
     assert {e for e, m in measured.items() if "rows_per_second" in m} == {"onnxruntime", "openvino-f32"}
     assert measured["openvino-f32"]["max_abs_diff"] < 1e-3 and "val_mae" in measured["openvino-f32"]
-    assert [measured[e]["skipped"] for e in ("openvino-int8", "openvino-bf16")] == [
-        "not measured: --cpu-engine named openvino-f32"] * 2
+    assert [measured[e]["skipped"] for e in ("onnxruntime-int8", "openvino-int8", "openvino-bf16")] == [
+        "not measured: --cpu-engine named openvino-f32"] * 3
 
 
 def parity_rows_of(model):
@@ -207,11 +223,12 @@ def test_no_int8_twin_is_attempted_without_the_memory_nncf_needs(exported, tmp_p
     monkeypatch.setattr(static_int8, "available_memory", lambda: 2**20)
     info = onnx_export.export_run(run, tmp_path / "model")
     skipped = {m["engine"]: m.get("skipped", "") for m in info["cpu_engine"]["measured"]}
-    assert skipped["openvino-int8"].startswith("NNCF would need about") and "0.0 GiB are available" in skipped[
-        "openvino-int8"], skipped
-    assert not list((tmp_path / "model").glob(f"{INT8_FILE}*"))
-    with pytest.raises(ConfigError, match="--cpu-engine openvino-int8: cannot run here \\(NNCF would need"):
-        onnx_export.export_run(run, tmp_path / "named", cpu_engine="openvino-int8")
+    for engine, who in (("openvino-int8", "NNCF"), ("onnxruntime-int8", "ONNX Runtime's quantiser")):
+        assert skipped[engine].startswith(f"{who} would need about") and "0.0 GiB are available" in skipped[
+            engine], skipped
+    assert not [p for p in (tmp_path / "model").iterdir() if p.name.startswith(tuple(TWIN_FILES.values()))]
+    with pytest.raises(ConfigError, match="--cpu-engine onnxruntime-int8: cannot run here \\(ONNX Runtime's"):
+        onnx_export.export_run(run, tmp_path / "named", cpu_engine="onnxruntime-int8")
 
 
 def test_the_export_measures_onnx_runtime_as_the_scorer_runs_it(exported, monkeypatch):

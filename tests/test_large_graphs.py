@@ -111,14 +111,19 @@ def test_the_static_int8_twin_of_a_graph_over_2_gb(work):
 
 def test_every_cpu_engine_reads_a_graph_over_2_gb(work):
     # export measures each CPU engine on the fp32 graph, and the scorer runs the chosen one from the same files.
+    from investment_risk.export.graph_passes import quantize_dynamic_int8
+    from investment_risk.modeling.description import DYNAMIC_INT8_FILE
     from investment_risk.modeling.loading import CPU_ENGINES, cpu_engine_usable, cpu_runner
     from investment_risk.modeling.predict import predict
 
     path = work / "model.onnx"
     write_large_scorer(path)
+    quantize_dynamic_int8(path, path.with_name(DYNAMIC_INT8_FILE), external=True)  # onnxruntime-int8's twin
+    assert (work / f"{DYNAMIC_INT8_FILE}.data").exists()
     rows = [np.random.default_rng(i).integers(0, COLUMNS, 20 + 3 * i) for i in range(6)]
     scores = {engine: predict(cpu_runner(path, engine), rows, 0, batch_size=4)
               for engine in CPU_ENGINES if engine != "openvino-int8" and cpu_engine_usable(engine)[0]}
+    assert "onnxruntime-int8" in scores
     assert len(scores) >= 2, scores.keys()
     for engine, got in scores.items():
         assert np.abs(got - scores["onnxruntime"]).max() < 0.05 * np.abs(scores["onnxruntime"]).max(), engine

@@ -1,10 +1,11 @@
 """Which engine scores an exported model on CPUs, chosen by measurement when it is exported.
 
-Every candidate scores the same validation rows: ONNX Runtime (fp32, the fused graph), OpenVINO on that graph with
-bf16 inference precision (where the CPU has bf16 units: AMX or AVX-512 BF16) and in fp32, and OpenVINO on the static
-int8 twin of the graph (static_int8.py). The fastest whose validation MAE is within MAE_TOLERANCE of the fp32 reference wins; without labels only the
-fp32 engines may win. The scorer reads the choice from model.json and falls back to ONNX Runtime where the
-chosen engine cannot run (not installed, no bf16 units), saying so in its logs.
+Every candidate scores the same validation rows: ONNX Runtime on the fused fp32 graph and on its dynamic int8 twin
+(MatMul weights per channel), OpenVINO on that graph with bf16 inference precision (where the CPU has bf16 units:
+AMX or AVX-512 BF16) and in fp32, and OpenVINO on the static int8 twin of the graph (static_int8.py). The fastest
+whose validation MAE is within MAE_TOLERANCE of the fp32 reference wins; without labels only the fp32 engines may
+win. The scorer reads the choice from model.json and falls back to ONNX Runtime where the chosen engine cannot run
+(not installed, no bf16 units), saying so in its logs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from ..core.errors import ConfigError
 from ..core.logs import get_logger
 from ..core.spec import default_spec
-from ..modeling.description import CPU_ENGINES, INT8_FILE
+from ..modeling.description import CPU_ENGINES, TWIN_FILES
 from ..modeling.loading import cpu_engine_usable, cpu_runner
 from ..modeling.predict import CPU_TOKEN_BUDGET, predict
 
@@ -48,8 +49,8 @@ def measure_cpu_engines(model_path: Path, rows: list[np.ndarray], labels: np.nda
     reference = None
     for engine in engines:
         usable, why = cpu_engine_usable(engine)
-        if usable and engine == "openvino-int8" and not model_path.with_name(INT8_FILE).exists():
-            usable, why = False, f"no {INT8_FILE} beside {model_path.name}"
+        if usable and engine in TWIN_FILES and not model_path.with_name(TWIN_FILES[engine]).exists():
+            usable, why = False, f"no {TWIN_FILES[engine]} beside {model_path.name}"
         if not usable:
             out.append({"engine": engine, "skipped": why})
             continue

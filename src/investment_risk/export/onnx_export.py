@@ -26,15 +26,15 @@ from ..core.logs import Progress, get_logger
 from ..core.spec import DIMENSIONS, default_spec
 from ..core.drift import REFERENCE_FILE, make_reference
 from ..modeling.calibration import CALIBRATION_FILE, Calibration, load_calibration
-from ..modeling.description import (CPU_ENGINES, INT8_FILE, describe_model, model_digest, model_version, onnx_files,
-                                    sha256_file)
+from ..modeling.description import (CPU_ENGINES, DYNAMIC_INT8_FILE, TWIN_FILES, describe_model, model_digest,
+                                    model_version, onnx_files, sha256_file)
 from ..modeling.onnx_runtime import OnnxRunner
 from ..modeling.loading import scoring_module
 from ..modeling.predict import TorchRunner, padded_batches, predict, token_budget_for
 from ..modeling.tokens import article_texts, encode
 from .cpu_engine import MAE_TOLERANCE
-from .graph_passes import (FP32_OPS, export_graph, fuse_graph, fused_operator_counts, graph_opset, to_fp16,
-                           to_int8)
+from .graph_passes import (DYNAMIC_INT8_MEMORY_PER_WEIGHT_BYTE, FP32_OPS, export_graph, fuse_graph,
+                           fused_operator_counts, graph_opset, quantize_dynamic_int8, to_fp16, to_int8)
 from .decoder_graph import (build_decoder_graph, builder_missing, builds_decoder_graph, decoder_checkpoint,
                             decoder_head_problem)
 
@@ -95,10 +95,10 @@ def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], reque
                      external: bool) -> dict[str, Any]:
     """Every CPU engine on the validation rows (or the parity rows), the default chosen by measurement; an engine
     named by --cpu-engine is measured alone beside the fp32 reference (a 1.5B model takes minutes per engine). The
-    static int8 candidate is made only where it could be chosen (labels to bound its error, or named) and kept only
-    if chosen."""
+    int8 twins (ONNX Runtime's dynamic one, NNCF's static one) are made only where they could be chosen (labels to
+    bound their error, or named) and kept only if chosen."""
     from .cpu_engine import choose_cpu_engine, measure_cpu_engines
-    from .static_int8 import calibration_rows, int8_unavailable_reason, quantize_int8
+    from .static_int8 import calibration_rows, int8_unavailable_reason, memory_shortfall, quantize_int8
 
     rows, labels = measurement_rows(tokenizer, metadata)
     if not rows:
@@ -108,20 +108,31 @@ def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], reque
         engines = [e for e in CPU_ENGINES if e in ("onnxruntime", requested)]
         skipped = [{"engine": e, "skipped": f"not measured: --cpu-engine named {requested}"}
                    for e in CPU_ENGINES if e not in engines]
-    if "openvino-int8" in engines:
-        weight_bytes = sum(f.stat().st_size for f in onnx_files(path.parent))
-        why_not_int8 = int8_unavailable_reason(weight_bytes) or (
-            "" if labels is not None or requested == "openvino-int8" else "no validation labels to bound its error")
-        if why_not_int8:
-            engines.remove("openvino-int8")
-            skipped.append({"engine": "openvino-int8", "skipped": why_not_int8})
+    weight_bytes = sum(f.stat().st_size for f in onnx_files(path.parent))
+    twins = {  # engine: (why it cannot be made here, "" when it can; how to make it)
+        "onnxruntime-int8": (lambda: memory_shortfall(weight_bytes, DYNAMIC_INT8_MEMORY_PER_WEIGHT_BYTE,
+                                                      "ONNX Runtime's quantiser"),
+                             lambda: quantize_dynamic_int8(path, path.with_name(DYNAMIC_INT8_FILE), external)),
+        "openvino-int8": (lambda: int8_unavailable_reason(weight_bytes),
+                          lambda: quantize_int8(path, calibration_rows(tokenizer, metadata) or rows,
+                                                tokenizer.pad_token_id, external)),
+    }
+    for twin, (unavailable, make) in twins.items():
+        if twin not in engines:
+            continue
+        why_not = unavailable() or (
+            "" if labels is not None or requested == twin else "no validation labels to bound its error")
+        if why_not:
+            engines.remove(twin)
+            skipped.append({"engine": twin, "skipped": why_not})
         else:
-            quantize_int8(path, calibration_rows(tokenizer, metadata) or rows, tokenizer.pad_token_id, external)
+            make()
     measured = measure_cpu_engines(path, rows, labels, tokenizer.pad_token_id, tuple(engines)) + skipped
     engine, why = choose_cpu_engine(measured, requested)
-    if engine != "openvino-int8":
-        for unused in path.parent.glob(f"{INT8_FILE}*"):
-            unused.unlink()
+    for twin, name in TWIN_FILES.items():
+        if twin != engine:
+            for unused in path.parent.glob(f"{name}*"):
+                unused.unlink()
     get_logger().info("cpu_engine_chosen", engine=engine, why=why)
     return {"engine": engine, "why": why, "rows": len(rows), "measured": measured}
 

@@ -52,9 +52,14 @@ def int8_unavailable_reason(weight_bytes: int = 0) -> str:
     missing = [name for name in ("nncf", "openvino") if find_spec(name) is None]
     if missing:
         return f"{' and '.join(missing)} not installed (the project's `cpu` extra)"
-    needed, available = NNCF_MEMORY_PER_WEIGHT_BYTE * weight_bytes, available_memory()
+    return memory_shortfall(weight_bytes, NNCF_MEMORY_PER_WEIGHT_BYTE, "NNCF")
+
+
+def memory_shortfall(weight_bytes: int, per_weight_byte: float, who: str) -> str:
+    """Why a quantiser (`who`) that peaks at `per_weight_byte` times the weights cannot run here ("" when it can)."""
+    needed, available = per_weight_byte * weight_bytes, available_memory()
     if available is not None and available < needed:
-        return (f"NNCF would need about {needed / 2**30:.1f} GiB ({NNCF_MEMORY_PER_WEIGHT_BYTE}x the "
+        return (f"{who} would need about {needed / 2**30:.1f} GiB ({per_weight_byte}x the "
                 f"{weight_bytes / 2**30:.2f} GiB of weights) and {available / 2**30:.1f} GiB are available")
     return ""
 

@@ -22,10 +22,13 @@ from .calibration import CALIBRATION_FILE, Calibration, load_calibration
 from .tokens import TRUNCATIONS
 
 INPUT_FORMATS = ("article", "instruction")
-INT8_FILE = "model.int8.onnx"  # the static int8 graph beside model.onnx, where export chose it as the CPU engine
-# The engines that can score an exported model on CPUs (loading.cpu_runner); openvino-int8 runs INT8_FILE in bf16
-# where the CPU has bf16 units, else in f32.
-CPU_ENGINES = ("onnxruntime", "openvino-int8", "openvino-bf16", "openvino-f32")
+INT8_FILE = "model.int8.onnx"  # the static int8 (NNCF, QDQ) twin of model.onnx, for openvino-int8
+DYNAMIC_INT8_FILE = "model.int8-dynamic.onnx"  # ONNX Runtime's dynamic int8 twin, for onnxruntime-int8
+# The engines that can score an exported model on CPUs (loading.cpu_runner), ONNX Runtime fp32 first: the reference
+# the others are measured against. openvino-int8 runs INT8_FILE in bf16 where the CPU has bf16 units, else in f32.
+CPU_ENGINES = ("onnxruntime", "onnxruntime-int8", "openvino-int8", "openvino-bf16", "openvino-f32")
+# The file beside model.onnx that an engine runs instead of it: made at export as a candidate, shipped only if chosen.
+TWIN_FILES = {"onnxruntime-int8": DYNAMIC_INT8_FILE, "openvino-int8": INT8_FILE}
 
 
 def sha256_file(path: Path) -> str:
@@ -37,7 +40,7 @@ def sha256_file(path: Path) -> str:
 
 
 def onnx_files(model_dir: Path) -> list[Path]:
-    return sorted(p for p in model_dir.iterdir() if p.name.startswith(("model.onnx", INT8_FILE)))
+    return sorted(p for p in model_dir.iterdir() if p.name.startswith(("model.onnx", *TWIN_FILES.values())))
 
 
 def model_digest(model_dir: Path) -> dict[str, str]:

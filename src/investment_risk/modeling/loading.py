@@ -8,7 +8,7 @@ from typing import Any
 
 from ..core.atomic import read_json
 from ..core.errors import ConfigError, InputError
-from .description import CPU_ENGINES, INT8_FILE, ModelDescription
+from .description import CPU_ENGINES, TWIN_FILES, ModelDescription
 from .presets import load_config, load_tokenizer, quiet_libraries, resolve_base_model
 
 HEAD_FILE = "regression_head.safetensors"  # instruction runs: the score head beside the adapter
@@ -99,7 +99,7 @@ def scoring_module(run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
 
 def cpu_engine_usable(engine: str) -> tuple[bool, str]:
     """Whether `engine` can run on this machine, and if not, why."""
-    if engine == "onnxruntime":
+    if engine in ("onnxruntime", "onnxruntime-int8"):
         return True, ""
     if engine not in CPU_ENGINES:
         return False, f"unknown CPU engine {engine!r}; known: {', '.join(CPU_ENGINES)}"
@@ -114,19 +114,21 @@ def cpu_engine_usable(engine: str) -> tuple[bool, str]:
 
 
 def cpu_runner(model_path: Path, engine: str, threads: int | None = None, streams: int | None = None) -> Any:
-    """A runner for an ONNX file on the CPU with the named engine (OpenVINO: `streams`, None for its own choice)."""
-    if engine == "onnxruntime":
+    """A runner for an exported model.onnx on the CPU with the named engine, which may read a twin file beside it
+    (OpenVINO: `streams`, None for its own choice)."""
+    if engine in TWIN_FILES:
+        model_path = model_path.with_name(TWIN_FILES[engine])
+        if not model_path.exists():
+            raise InputError(f"{model_path.parent}: no {model_path.name} for the {engine} engine (re-export the model)")
+    if engine.startswith("onnxruntime"):
         from .onnx_runtime import OnnxRunner
 
-        return OnnxRunner(model_path, "cpu", threads)
+        return OnnxRunner(model_path, "cpu", threads, label="int8" if engine in TWIN_FILES else "")
     from .openvino_runtime import OpenVinoRunner, cpu_supports
 
     precision = engine.split("-", 1)[1]
     if precision == "int8":
-        int8_path = model_path.with_name(INT8_FILE)
-        if not int8_path.exists():
-            raise InputError(f"{model_path.parent}: no {INT8_FILE} for the openvino-int8 engine (re-export the model)")
-        return OpenVinoRunner(int8_path, "bf16" if cpu_supports("bf16") else "f32", threads, "int8", streams)
+        return OpenVinoRunner(model_path, "bf16" if cpu_supports("bf16") else "f32", threads, "int8", streams)
     return OpenVinoRunner(model_path, precision, threads, streams=streams)
 
 

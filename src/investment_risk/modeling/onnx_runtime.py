@@ -42,7 +42,7 @@ class OnnxRunner:
     """A runner (see predict.py) over an ONNX file on the best provider for `device`: the one way ONNX Runtime runs
     here, for the scorer and for the export's measurements alike."""
 
-    def __init__(self, graph: Path, device: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, graph: Path, device: str = "auto", threads: int | None = None, label: str = "") -> None:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -58,8 +58,9 @@ class OnnxRunner:
             options.inter_op_num_threads = 1
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(graph), options, providers=providers)
-        self.provider = self.session.get_providers()[0]
-        self.on_cuda = self.provider == "CUDAExecutionProvider"
+        self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        # what ran, as the scorer's metrics report it: CPUExecutionProvider-int8 for the dynamic int8 twin
+        self.provider = self.session.get_providers()[0] + (f"-{label}" if label else "")
         if want_cuda and not self.on_cuda:  # ONNX Runtime falls back to the CPU with only a log line of its own
             raise RetryableError("ONNX Runtime could not start its CUDA provider (its CUDA or cuDNN libraries did not "
                                  "load: see its error above); pass --device cpu to score on the CPU")
