@@ -50,6 +50,9 @@ def test_export_records_every_engine_and_the_scorer_runs_the_choice(exported, mo
     # An int8 twin ships only where it is the engine the scorer runs.
     for engine, twin in TWIN_FILES.items():
         assert ((model / twin).exists() and twin in info["sha256"]) == (recorded["engine"] == engine), engine
+        if recorded["engine"] != engine and loading.cpu_engine_usable(engine)[0]:  # named, it says what is missing
+            with pytest.raises(InputError, match=f"no {twin} for the {engine} engine"):
+                loading.load_runner(description, "onnx", "cpu", cpu_engine=engine)
 
 
 PROVIDERS = {"onnxruntime": "CPUExecutionProvider", "onnxruntime-int8": "CPUExecutionProvider-int8",
