@@ -116,7 +116,8 @@ def to_int8(path: Path, external: bool) -> None:
 
 
 # ONNX Runtime's quantiser peaked (maxrss) at 3.1x the fp32 weights of a graph of 100 MatMuls (7.0 GB for 2.3 GB) and
-# at 4.2x for one 2.3 GB matrix: a Qwen2.5-1.5B graph (6.2 GB) needs about 20 GB.
+# at 4.2x for one 2.3 GB matrix; a transformer's many matrices sit near the first, so with a margin export asks 3.5x,
+# about 22 GB for a Qwen2.5-1.5B graph (6.2 GB).
 DYNAMIC_INT8_MEMORY_PER_WEIGHT_BYTE = 3.5
 
 
