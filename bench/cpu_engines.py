@@ -100,6 +100,54 @@ def fp32_matmul_peak(hidden: int, intermediate: int, threads: int, tokens: int =
     return best
 
 
+def int8_projection_seconds(hidden: int, intermediate: int, threads: int, tokens: int = 8192) -> float:
+    """Seconds per token of one layer's projections in int8 as ONNX Runtime runs the dynamic twin, at best: the
+    product's quantiser on each of the layer's shapes (Q, K and V as one packed hidden x 3 hidden matrix, the
+    fastest way to run them; the output; the feed-forward pair), a batch of `tokens` rows, activation quantisation
+    included as in the graph, the best of many runs."""
+    import shutil
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from investment_risk.export.graph_passes import quantize_dynamic_int8
+
+    folder = Path(tempfile.mkdtemp())
+    seconds = 0.0
+    try:
+        for k, n in ((hidden, 3 * hidden), (hidden, hidden), (hidden, intermediate), (intermediate, hidden)):
+            x = np.random.randn(tokens, k).astype(np.float32)
+            w = (np.random.randn(k, n) / np.sqrt(k)).astype(np.float32)
+            graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+                                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [tokens, k])],
+                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, n])],
+                                      [numpy_helper.from_array(w, "w")])
+            save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10),
+                 str(folder / "fp32.onnx"))
+            quantize_dynamic_int8(folder / "fp32.onnx", folder / "int8.onnx", external=False)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            session = ort.InferenceSession(str(folder / "int8.onnx"), options, providers=["CPUExecutionProvider"])
+            session.run(None, {"x": x})
+            best = float("inf")
+            for _ in range(10):
+                started = time.perf_counter()
+                session.run(None, {"x": x})
+                best = min(best, time.perf_counter() - started)
+            seconds += best / tokens
+    finally:
+        shutil.rmtree(folder)
+    return seconds
+
+
+def padded_tokens_per_row(lengths: np.ndarray) -> float:
+    """Tokens per row the scorer's batches carry, padding included."""
+    from investment_risk.modeling.tokens import length_batches
+    from investment_risk.modeling.predict import CPU_TOKEN_BUDGET
+
+    batches = length_batches(lengths, CPU_TOKEN_BUDGET, 256)
+    return sum(len(b) * int(lengths[b].max()) for b in batches) / len(lengths)
+
+
 def gflop_per_row(config, lengths: np.ndarray) -> float:
     """Matrix-multiply work per row in the batches the scorer forms (padded widths included): per layer and token,
     the Q, K, V, output and two feed-forward projections, plus scores and their weighted sum over the row's batch
@@ -128,6 +176,25 @@ def fp32_roofline(config, rows: list, threads: int, measured: dict) -> dict:
         if name in measured:
             out[f"{name}_share_of_peak"] = round(measured[name][0] * work / peak, 3)
     print(f"fp32 roofline: {out}", flush=True)
+    return out
+
+
+def int8_roofline(config, rows: list, threads: int, measured: dict, fp32_peak: float) -> dict:
+    """The most ONNX Runtime's dynamic int8 could gain over PyTorch fp32 eager here: every row's projections at the
+    int8 kernels' best measured speed on the model's shapes, attention scores and their weighted sum (fp32 in the
+    twin) at the fp32 peak, and nothing else (norms, GELU, softmax) costing any time."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    lengths = np.array([len(r) for r in rows])
+    tokens = padded_tokens_per_row(lengths)
+    projection_gflop = tokens * layers * 2 * (4 * h * h + 2 * h * config.intermediate_size) / 1e9
+    projection_seconds = tokens * layers * int8_projection_seconds(h, config.intermediate_size, threads)
+    seconds = projection_seconds + (gflop_per_row(config, lengths) - projection_gflop) / fp32_peak
+    out = {"int8_projection_gops": round(projection_gflop / projection_seconds, 1),
+           "int8_ceiling_rows_per_second": round(1 / seconds, 1),
+           "int8_ceiling_vs_torch_fp32": round(1 / seconds / measured["torch_fp32"][0], 2)}
+    for name in ("onnx_int8_fused", "default_cpu"):
+        out[f"{name}_share_of_int8_ceiling"] = round(measured[name][0] * seconds, 3)
+    print(f"int8 roofline: {out}", flush=True)
     return out
 
 
@@ -195,6 +262,8 @@ def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
                 "onnx_fp32_fused_vs_torch_fp32": ratio("onnx_fp32_fused", "torch_fp32"),
                 "onnx_fp32_fused_vs_unfused": ratio("onnx_fp32_fused", "onnx_fp32_unfused")})
     out["fp32_roofline"] = fp32_roofline(module.inner.config, rows, threads, measured)
+    out["int8_roofline"] = int8_roofline(module.inner.config, rows, threads, measured,
+                                         out["fp32_roofline"]["fp32_matmul_peak_gflops"])
     out["settings"] = settings(model_dir, info["cpu_engine"]["engine"], rows, pad)
     return out
 

@@ -863,6 +863,30 @@ def test_minilm_export_is_fused_and_quantized(minilm_run, tmp_path):
     assert info["parity"]["fp32_max_abs_diff"] <= 1e-3 and info["parity"]["fp32_fused_max_abs_diff"] <= 1e-3
     assert info["parity"]["int8_max_abs_diff"] < 0.5 and info["parity"]["int8"]["reference"] == "torch-fp32-cpu"
     assert "val_mae_delta" in info["parity"]["int8"]
+    # quantised from the graph before attention was packed: every projection is int8, none left inside Attention
+    assert info["fusions"]["attention"] > 0 and info["fused_operators"].get("MultiHeadAttention", 0) > 0
+    assert not {"Attention", "MatMul", "Gemm"} & op_types(tmp_path / "model" / "model.onnx")
+    assert not (tmp_path / "model" / "unpacked").exists()
+
+
+def op_types(path):
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def test_an_encoders_fp32_graph_packs_attention_and_its_int8_twin_does_not(minilm_run, tmp_path):
+    """Packed attention (one QKV projection inside the kernel) is the faster fp32 graph; ONNX Runtime's quantiser
+    would leave that projection in fp32, so the dynamic int8 twin is quantised from the graph before packing."""
+    from investment_risk.modeling.description import DYNAMIC_INT8_FILE
+
+    info = export_run(minilm_run[0], tmp_path / "model", cpu_engine="onnxruntime-int8")
+    model = tmp_path / "model"
+    assert info["fused_operators"].get("Attention", 0) > 0 and "MultiHeadAttention" not in info["fused_operators"]
+    twin = info["cpu_engine"]["fused_operators"]
+    assert twin == fused_operator_counts(model / DYNAMIC_INT8_FILE) and twin.get("MultiHeadAttention", 0) > 0
+    assert not {"Attention", "MatMul", "Gemm"} & op_types(model / DYNAMIC_INT8_FILE)
+    assert sorted(p.name for p in model.iterdir() if p.is_dir()) == []  # the unpacked graph does not ship
 
 
 def test_an_encoders_fp16_graph_is_the_fused_dynamo_graph_converted(minilm_run, tmp_path):

@@ -92,11 +92,11 @@ def measurement_rows(tokenizer: Any, metadata: dict[str, Any]) -> tuple[list[np.
 
 
 def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], requested: str,
-                     external: bool) -> dict[str, Any]:
+                     external: bool, int8_source: Path) -> dict[str, Any]:
     """Every CPU engine on the validation rows (or the parity rows), the default chosen by measurement; an engine
     named by --cpu-engine is measured alone beside the fp32 reference (a 1.5B model takes minutes per engine). The
-    int8 twins (ONNX Runtime's dynamic one, NNCF's static one) are made only where they could be chosen (labels to
-    bound their error, or named) and kept only if chosen."""
+    int8 twins (ONNX Runtime's dynamic one, quantised from `int8_source`, and NNCF's static one) are made only where
+    they could be chosen (labels to bound their error, or named) and kept only if chosen."""
     from .cpu_engine import choose_cpu_engine, measure_cpu_engines
     from .static_int8 import calibration_rows, int8_unavailable_reason, memory_shortfall, quantize_int8
 
@@ -112,7 +112,7 @@ def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], reque
     twins = {  # engine: (why it cannot be made here, "" when it can; how to make it)
         "onnxruntime-int8": (lambda: memory_shortfall(weight_bytes, DYNAMIC_INT8_MEMORY_PER_WEIGHT_BYTE,
                                                       "ONNX Runtime's quantiser"),
-                             lambda: quantize_dynamic_int8(path, path.with_name(DYNAMIC_INT8_FILE), external)),
+                             lambda: quantize_dynamic_int8(int8_source, path.with_name(DYNAMIC_INT8_FILE), external)),
         "openvino-int8": (lambda: int8_unavailable_reason(weight_bytes),
                           lambda: quantize_int8(path, calibration_rows(tokenizer, metadata) or rows,
                                                 tokenizer.pad_token_id, external)),
@@ -134,7 +134,10 @@ def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], reque
             for unused in path.parent.glob(f"{name}*"):
                 unused.unlink()
     get_logger().info("cpu_engine_chosen", engine=engine, why=why)
-    return {"engine": engine, "why": why, "rows": len(rows), "measured": measured}
+    chosen = {"engine": engine, "why": why, "rows": len(rows), "measured": measured}
+    if engine in TWIN_FILES:
+        chosen["fused_operators"] = fused_operator_counts(path.with_name(TWIN_FILES[engine]))
+    return chosen
 
 
 def write_reference(work: Path, tokenizer: Any, metadata: dict[str, Any], calibration: Calibration | None,
@@ -330,7 +333,11 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         if parity["fp32_max_abs_diff"] > FP32_PARITY_LIMIT:
             raise ParityError(f"ONNX export of {run_dir} differs from PyTorch by {parity['fp32_max_abs_diff']:.2e} "
                               f"(limit {FP32_PARITY_LIMIT:g}); nothing was written to {out_dir}")
-        fusions = fuse_graph(work / "model.onnx", external)
+        # ONNX Runtime's int8 graphs are quantised from the graph before attention was packed (fuse_graph says why)
+        unpacked = work / "unpacked"
+        wants_int8 = dtype == "int8" or (dtype == "fp32" and cpu_engine in ("auto", "onnxruntime-int8"))
+        fusions = fuse_graph(work / "model.onnx", external, unpacked if wants_int8 else None)
+        int8_source = unpacked / "model.onnx" if unpacked.exists() else None
         fused = fused_operator_counts(work / "model.onnx")
         parity["fp32_fused_max_abs_diff"] = parity_of(work / "model.onnx")
         log.info("onnx_fused", fusions=fusions, operators=fused, max_abs_diff=parity["fp32_fused_max_abs_diff"])
@@ -344,7 +351,8 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         release_weights(module)  # PyTorch is done: 6 GB for a 1.5B model, wanted by the conversions and NNCF
         engines: dict[str, Any] = {"engine": "onnxruntime", "why": f"--dtype {dtype} runs on ONNX Runtime"}
         if dtype == "fp32":
-            engines = _pick_cpu_engine(work / "model.onnx", tokenizer, metadata, cpu_engine, external)
+            engines = _pick_cpu_engine(work / "model.onnx", tokenizer, metadata, cpu_engine, external,
+                                       int8_source or work / "model.onnx")
         if dtype in ("fp16", "int8"):
             val = measurement_rows(tokenizer, metadata)
             val_fp32 = None
@@ -352,10 +360,16 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
                 val_fp32 = default_spec().clip(predict(graph_runner(work / "model.onnx", device), val[0], pad_id,
                                                        token_budget=token_budget_for(device),
                                                        progress="validation, fp32 graph"))
-            (to_fp16 if dtype == "fp16" else to_int8)(work / "model.onnx", external)
+            if dtype == "fp16":
+                to_fp16(work / "model.onnx", external)
+            else:
+                to_int8(work / "model.onnx", external, int8_source)
+                fused = fused_operator_counts(work / "model.onnx")  # the shipped graph's: unpacked attention
             reduced_check(work, torch_scores, val, val_fp32, parity)
             if dtype == "fp16":
                 parity["fp32_ops"] = FP32_OPS
+        if unpacked.exists():
+            shutil.rmtree(unpacked)
         return {"graph": {"route": "torch.onnx dynamo + onnxscript ONNX Runtime fusions"}, "parity": parity,
                 "fusions": fusions, "fused_operators": fused, "cpu_engine": engines}
 
