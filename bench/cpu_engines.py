@@ -6,7 +6,8 @@ the older TorchScript + ONNX Runtime optimizer graph, ONNX Runtime int8 (dynamic
 bf16, OpenVINO on the static int8 (NNCF) graph, and the product's default CPU path (the engine export chose, as
 `score` runs it without flags), timed in interleaved rounds. rows/s, ratios, and each engine's val MAE beside fp32's.
 Beside them the fp32 roofline: the machine's fp32 matrix-multiply peak, the model's arithmetic per row, and so the
-most any fp32 engine could gain over PyTorch fp32 eager here.
+most any fp32 engine could gain over PyTorch fp32 eager here; and the int8 roofline, the same for ONNX Runtime's
+dynamic int8 (its int8 kernels' best speed on the model's projection shapes, nothing else costing time).
 
     python bench/cpu_engines.py [--rows 512] [--out bench-results/cpu-engines.json]
 """

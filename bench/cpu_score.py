@@ -6,7 +6,8 @@
 (d) Tokenizer throughput (articles/s, tokens/s) at 512 tokens: our cut-then-tokenise vs tokenising whole articles.
 (e) Every CPU engine at 128 and 512 tokens (bench/cpu_engines.py): PyTorch fp32 and bf16 autocast, ONNX Runtime fp32
     unfused and fused, int8, OpenVINO f32 and bf16, the default CPU path; `score` default vs `--backend torch`;
-    and the fp32 roofline: this machine's fp32 matrix-multiply peak, each fp32 engine's share of it.
+    and the fp32 roofline: this machine's fp32 matrix-multiply peak, each fp32 engine's share of it; the int8
+    roofline: ONNX Runtime's int8 kernels at their best on the model's shapes, the int8 engines' share of it.
 
 Prints a table and writes bench-results/cpu.json. Targets: ratio >= 2, bucketed share >= 0.9, RSS growth <= 1.1.
 """
