@@ -73,24 +73,34 @@ def torchscript_route(module, example: tuple, path: Path) -> Path:
     return path
 
 
+def matmul_model(x: np.ndarray, w: np.ndarray):
+    """The ONNX model of x @ w, w an initializer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], w.shape[1]])],
+                              [numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def cpu_session(model, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 def fp32_matmul_peak(hidden: int, intermediate: int, threads: int, tokens: int = 8192) -> float:
     """This machine's fp32 matrix-multiply rate in GFLOP/s: the better of ONNX Runtime (MLAS) and PyTorch on the
     model's own feed-forward shapes, a batch of `tokens` rows. No fp32 engine's linear layers run faster."""
-    import onnxruntime as ort
     import torch
-    from onnx import TensorProto, helper, numpy_helper
 
     best = 0.0
     for k, n in ((hidden, intermediate), (intermediate, hidden)):
         x, w = np.random.randn(tokens, k).astype(np.float32), np.random.randn(k, n).astype(np.float32)
-        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
-                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [tokens, k])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, n])],
-                                  [numpy_helper.from_array(w, "w")])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-                                       .SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = cpu_session(matmul_model(x, w).SerializeToString(), threads)
         xt, wt = torch.from_numpy(x), torch.from_numpy(w)
         for multiply in (lambda: session.run(None, {"x": x}), lambda: xt @ wt):
             multiply()
@@ -101,75 +111,61 @@ def fp32_matmul_peak(hidden: int, intermediate: int, threads: int, tokens: int =
     return best
 
 
-def int8_projection_seconds(hidden: int, intermediate: int, threads: int, tokens: int = 8192) -> float:
-    """Seconds per token of one layer's projections in int8 as ONNX Runtime runs the dynamic twin, at best: the
+def int8_projection_gops(hidden: int, intermediate: int, threads: int, tokens: int = 8192) -> float:
+    """The rate (GOP/s) of one layer's projections in int8 as ONNX Runtime runs the dynamic twin, at best: the
     product's quantiser on each of the layer's shapes (Q, K and V as one packed hidden x 3 hidden matrix, the
     fastest way to run them; the output; the feed-forward pair), a batch of `tokens` rows, activation quantisation
     included as in the graph, the best of many runs."""
     import shutil
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper, save
+
+    from onnx import save
 
     from investment_risk.export.graph_passes import quantize_dynamic_int8
 
     folder = Path(tempfile.mkdtemp())
-    seconds = 0.0
+    seconds = 0.0  # for `tokens` tokens through the layer's projections
     try:
         for k, n in ((hidden, 3 * hidden), (hidden, hidden), (hidden, intermediate), (intermediate, hidden)):
             x = np.random.randn(tokens, k).astype(np.float32)
             w = (np.random.randn(k, n) / np.sqrt(k)).astype(np.float32)
-            graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
-                                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [tokens, k])],
-                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, n])],
-                                      [numpy_helper.from_array(w, "w")])
-            save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10),
-                 str(folder / "fp32.onnx"))
+            save(matmul_model(x, w), str(folder / "fp32.onnx"))
             quantize_dynamic_int8(folder / "fp32.onnx", folder / "int8.onnx", external=False)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            session = ort.InferenceSession(str(folder / "int8.onnx"), options, providers=["CPUExecutionProvider"])
+            session = cpu_session(str(folder / "int8.onnx"), threads)
             session.run(None, {"x": x})
             best = float("inf")
             for _ in range(10):
                 started = time.perf_counter()
                 session.run(None, {"x": x})
                 best = min(best, time.perf_counter() - started)
-            seconds += best / tokens
+            seconds += best
     finally:
         shutil.rmtree(folder)
-    return seconds
+    return tokens * 2 * (4 * hidden * hidden + 2 * hidden * intermediate) / seconds / 1e9
 
 
-def padded_tokens_per_row(lengths: np.ndarray) -> float:
-    """Tokens per row the scorer's batches carry, padding included."""
-    from investment_risk.modeling.tokens import length_batches
-    from investment_risk.modeling.predict import CPU_TOKEN_BUDGET
-
-    batches = length_batches(lengths, CPU_TOKEN_BUDGET, 256)
-    return sum(len(b) * int(lengths[b].max()) for b in batches) / len(lengths)
-
-
-def gflop_per_row(config, lengths: np.ndarray) -> float:
-    """Matrix-multiply work per row in the batches the scorer forms (padded widths included): per layer and token,
-    the Q, K, V, output and two feed-forward projections, plus scores and their weighted sum over the row's batch
-    width. Embeddings, norms, softmax and the head are left out (little arithmetic). For minilm at 128 tokens the
-    linear part is what torch's FlopCounterMode counts for the same batches (2.718 GFLOP/row)."""
+def gflop_per_row(config, lengths: np.ndarray) -> tuple[float, float]:
+    """Matrix-multiply work per row in the batches the scorer forms (padded widths included), as (projections,
+    attention): per layer and token the Q, K, V, output and two feed-forward projections; and the scores and their
+    weighted sum over the row's batch width. Embeddings, norms, softmax and the head are left out (little
+    arithmetic). For minilm at 128 tokens the projections are what torch's FlopCounterMode counts for the same
+    batches (2.718 GFLOP/row)."""
     from investment_risk.modeling.tokens import length_batches
     from investment_risk.modeling.predict import CPU_TOKEN_BUDGET
 
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    flops = 0
+    projections = attention = 0
     for batch in length_batches(lengths, CPU_TOKEN_BUDGET, 256):
         width = int(lengths[batch].max())
-        flops += len(batch) * layers * 2 * (width * (4 * h * h + 2 * h * i) + 2 * width * width * h)
-    return flops / len(lengths) / 1e9
+        projections += len(batch) * layers * 2 * width * (4 * h * h + 2 * h * i)
+        attention += len(batch) * layers * 2 * 2 * width * width * h
+    return projections / len(lengths) / 1e9, attention / len(lengths) / 1e9
 
 
 def fp32_roofline(config, rows: list, threads: int, measured: dict) -> dict:
     """How close each fp32 engine runs to this machine's fp32 matrix-multiply peak, and the most any fp32 engine
     could gain over PyTorch fp32 eager here (its ceiling)."""
     peak = fp32_matmul_peak(config.hidden_size, config.intermediate_size, threads)
-    work = gflop_per_row(config, np.array([len(r) for r in rows]))
+    work = sum(gflop_per_row(config, np.array([len(r) for r in rows])))
     out = {"fp32_matmul_peak_gflops": round(peak, 1), "gflop_per_row": round(work, 3),
            "fp32_ceiling_rows_per_second": round(peak / work, 1),
            "fp32_ceiling_vs_torch_fp32": round(peak / work / measured["torch_fp32"][0], 2)}
@@ -184,13 +180,10 @@ def int8_roofline(config, rows: list, threads: int, measured: dict, fp32_peak: f
     """The most ONNX Runtime's dynamic int8 could gain over PyTorch fp32 eager here: every row's projections at the
     int8 kernels' best measured speed on the model's shapes, attention scores and their weighted sum (fp32 in the
     twin) at the fp32 peak, and nothing else (norms, GELU, softmax) costing any time."""
-    h, layers = config.hidden_size, config.num_hidden_layers
-    lengths = np.array([len(r) for r in rows])
-    tokens = padded_tokens_per_row(lengths)
-    projection_gflop = tokens * layers * 2 * (4 * h * h + 2 * h * config.intermediate_size) / 1e9
-    projection_seconds = tokens * layers * int8_projection_seconds(h, config.intermediate_size, threads)
-    seconds = projection_seconds + (gflop_per_row(config, lengths) - projection_gflop) / fp32_peak
-    out = {"int8_projection_gops": round(projection_gflop / projection_seconds, 1),
+    projection_gflop, attention_gflop = gflop_per_row(config, np.array([len(r) for r in rows]))
+    int8_gops = int8_projection_gops(config.hidden_size, config.intermediate_size, threads)
+    seconds = projection_gflop / int8_gops + attention_gflop / fp32_peak
+    out = {"int8_projection_gops": round(int8_gops, 1),
            "int8_ceiling_rows_per_second": round(1 / seconds, 1),
            "int8_ceiling_vs_torch_fp32": round(1 / seconds / measured["torch_fp32"][0], 2)}
     for name in ("onnx_int8_fused", "default_cpu"):
