@@ -202,7 +202,7 @@ def onnx_cuda(rows: list[np.ndarray], batches: list[tuple[np.ndarray, np.ndarray
         started = time.perf_counter()
         ids, mask = batches[-1]
         export_graph(module, (torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2])), folder / "model.onnx", external)
-        part["fusions"] = fuse_graph(folder / "model.onnx", external)
+        part["fusions"] = fuse_graph(folder / "model.onnx", external, for_cpu=False)
         to_fp16(folder / "model.onnx", external)
         part["export_seconds"] = round(time.perf_counter() - started, 1)
         measure(folder, rows, batches, wants, part)

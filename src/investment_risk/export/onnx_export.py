@@ -336,7 +336,9 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         # ONNX Runtime's int8 graphs are quantised from the graph before attention was packed (fuse_graph says why)
         unpacked = work / "unpacked"
         wants_int8 = dtype == "int8" or (dtype == "fp32" and cpu_engine in ("auto", "onnxruntime-int8"))
-        fusions = fuse_graph(work / "model.onnx", external, unpacked if wants_int8 else None)
+        # fp32 and int8 graphs may be scored on the CPU (an fp32 export for CUDA falls back there too)
+        fusions = fuse_graph(work / "model.onnx", external, unpacked if wants_int8 else None,
+                             for_cpu=dtype in ("fp32", "int8"))
         int8_source = unpacked / "model.onnx" if unpacked.exists() else None
         fused = fused_operator_counts(work / "model.onnx")
         parity["fp32_fused_max_abs_diff"] = parity_of(work / "model.onnx")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +39,23 @@ def _cgroup_quota(cgroup: Path) -> float | None:
         return None
 
 
+def session_options(cuda: bool, threads: int | None = None) -> Any:
+    """How every session here is set up: all graph optimisations, sequential execution; on the CPU one process per pod
+    on every core it may use, and no SkipLayerNormalization fused back from Add + LayerNormalization at load (4x
+    slower on the CPU: graph_passes.fuse_graph has the figures)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not cuda:
+        # One process per pod: use every core we are allowed, no inter-op pool fighting for them.
+        options.intra_op_num_threads = threads or usable_cpus()
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("optimization.disable_specified_optimizers", "SkipLayerNormFusion")
+    return options
+
+
 class OnnxRunner:
     """A runner (see predict.py) over an ONNX file on the best provider for `device`: the one way ONNX Runtime runs
     here, for the scorer and for the export's measurements alike."""
@@ -49,15 +67,8 @@ class OnnxRunner:
         want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in available
         if device == "cuda" and not want_cuda:
             raise ConfigError(f"--device cuda: ONNX Runtime has no CUDA provider here (available: {', '.join(available)})")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if not want_cuda:
-            # One process per pod: use every core we are allowed, no inter-op pool fighting for them.
-            options.intra_op_num_threads = threads or usable_cpus()
-            options.inter_op_num_threads = 1
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(graph), options, providers=providers)
+        self.session = ort.InferenceSession(str(graph), session_options(want_cuda, threads), providers=providers)
         self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
         # what ran, as the scorer's metrics report it: CPUExecutionProvider-int8 for the dynamic int8 twin
         self.provider = self.session.get_providers()[0] + (f"-{label}" if label else "")
