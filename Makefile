@@ -57,7 +57,7 @@ demo: install
 test: install $(CHECKOV_VENV)/.installed
 	sh tools/test-deps.sh
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist worksteal $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/cpu_train.py

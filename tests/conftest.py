@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -82,6 +84,17 @@ def split_dir(tmp_path_factory) -> Path:
 
 TINY_TRAIN_ARGS = ["--base-model", "tiny-qwen2", "--epochs", "2", "--batch-size", "8", "--learning-rate", "2e-3",
                    "--max-length", "64", "--warmup-steps", "2", "--checkpoint-steps", "5", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def unbroken_tiny_run(split_dir, tmp_path_factory) -> Path:
+    """One uninterrupted `train` with TINY_TRAIN_ARGS on split_dir: the history every resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("unbroken") / "run"
+    done = subprocess.run([str(Path(sys.executable).parent / "investment-risk"), "--log-format", "json", "train",
+                           *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,12 @@
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from . import chaos
 from .conftest import TINY_TRAIN_ARGS, assert_same_history
@@ -18,24 +20,37 @@ EXE = str(Path(sys.executable).parent / "investment-risk")
 SEED = int(os.environ["RELIABILITY_SEED"])  # drawn once per run by conftest, printed in the report header
 
 
-def test_scoring_is_exactly_once_under_faults(exported, tmp_path):
+PLANS = [{"kind": "point", "shard": n % 2, "point": point} for n, point in enumerate(chaos.POINTS)]
+PLANS += [{"kind": "random", "shard": 0}, {"kind": "race", "shard": 1}]
+
+
+@pytest.fixture(scope="module")
+def chaos_inputs(exported, tmp_path_factory):
+    """The inputs and one clean run of each shard, made once per worker for every fault below."""
     _, model, _ = exported
-    inputs, total, ids, typical_s = chaos.prepare(model, tmp_path)
-    plans = [{"kind": "point", "shard": n % 2, "point": point.format(shard=n % 2)} for n, point in enumerate(chaos.POINTS)]
-    plans += [{"kind": "random", "shard": 0, "after_s": round(random.Random(SEED).uniform(0.3, typical_s), 3)},
-              {"kind": "race", "shard": 1}]
-    for n, plan in enumerate(plans):
-        record = chaos.cycle(n, plan, model, inputs, total, ids, tmp_path)
-        assert not record["violations"], (SEED, record)
-        if plan["kind"] == "point":
-            assert record["killed_exit_code"] == -9, record  # the fault really fired
+    return model, chaos.prepare(model, tmp_path_factory.mktemp("chaos"))
 
 
-def test_a_failed_check_is_reported(exported, tmp_path):
+# One case per fault, so that the two test workers share them.
+@pytest.mark.parametrize("plan", PLANS, ids=[p["point"].format(**p) if "point" in p else p["kind"] for p in PLANS])
+def test_scoring_is_exactly_once_under_faults(plan, chaos_inputs, tmp_path):
+    model, (inputs, total, ids, typical_s) = chaos_inputs
+    plan = dict(plan)
+    if plan["kind"] == "point":
+        plan["point"] = plan["point"].format(shard=plan["shard"])
+    elif plan["kind"] == "random":
+        plan["after_s"] = round(random.Random(SEED).uniform(0.3, typical_s), 3)
+    record = chaos.cycle(0, plan, model, inputs, total, ids, tmp_path)
+    assert not record["violations"], (SEED, record)
+    if plan["kind"] == "point":
+        assert record["killed_exit_code"] == -9, record  # the fault really fired
+
+
+def test_a_failed_check_is_reported(chaos_inputs, tmp_path):
     """The checker itself: a lost row, a doubled row and a torn file are each caught."""
-    _, model, _ = exported
-    inputs, total, ids, _ = chaos.prepare(model, tmp_path)
+    _, (inputs, total, ids, _) = chaos_inputs
     out = tmp_path / "baseline"
+    shutil.copytree(inputs.parent / "baseline", out)
     assert chaos.check(out, total, ids) == []
     assert any("rows out" in p for p in chaos.check(out, total + 1, ids))
     part = out / "part-00000.parquet"
@@ -53,12 +68,10 @@ def run_train(args, env=None):
                           env={**os.environ, **(env or {})})
 
 
-def test_training_resumed_after_kills_at_random_steps_matches_an_unbroken_run(split_dir, tmp_path):
+def test_training_resumed_after_kills_at_random_steps_matches_an_unbroken_run(split_dir, unbroken_tiny_run, tmp_path):
     args = [*TINY_TRAIN_ARGS, "--data", str(split_dir)]
-    whole = run_train([*args, "--out", str(tmp_path / "whole")])
-    assert whole.returncode == 0, whole.stderr
-    total = json.loads((tmp_path / "whole" / "training_metadata.json").read_text())["config"]["epochs"] * -(
-        -json.loads((tmp_path / "whole" / "training_metadata.json").read_text())["train_examples"] // 8)
+    metadata = json.loads((unbroken_tiny_run / "training_metadata.json").read_text())
+    total = metadata["config"]["epochs"] * -(-metadata["train_examples"] // 8)
     rng = random.Random(SEED)
     first = rng.randint(1, total - 2)
     second = rng.randint(first + 1, total - 1)
@@ -67,7 +80,7 @@ def test_training_resumed_after_kills_at_random_steps_matches_an_unbroken_run(sp
     assert run_train([*args, *broken, "--resume"], {"_INVESTMENT_RISK_KILL_AT_STEP": str(second)}).returncode == -9, SEED
     done = run_train([*args, *broken, "--resume-if-present"])
     assert done.returncode == 0, done.stderr
-    assert_same_history(tmp_path / "whole", tmp_path / "broken", (SEED, first, second))
+    assert_same_history(unbroken_tiny_run, tmp_path / "broken", (SEED, first, second))
 
 
 def test_sigterm_removes_what_was_half_written_and_exits_1(exported, articles, tmp_path):

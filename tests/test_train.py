@@ -221,10 +221,8 @@ def run_cli(args: list[str], env: dict | None = None) -> subprocess.CompletedPro
                           env={**os.environ, **(env or {})}, timeout=600)
 
 
-def test_resume_after_kill_matches_an_unbroken_run(split_dir, tmp_path):
+def test_resume_after_kill_matches_an_unbroken_run(split_dir, unbroken_tiny_run, tmp_path):
     args = ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir)]
-    whole = run_cli(args + ["--out", str(tmp_path / "whole")])
-    assert whole.returncode == 0, whole.stderr
     killed = run_cli(args + ["--out", str(tmp_path / "broken")], env={"_INVESTMENT_RISK_KILL_AT_STEP": "17"})
     assert killed.returncode == -9
     assert not (tmp_path / "broken" / "training_metadata.json").exists()
@@ -232,7 +230,7 @@ def test_resume_after_kill_matches_an_unbroken_run(split_dir, tmp_path):
     resumed = run_cli(args + ["--out", str(tmp_path / "broken"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert any(json.loads(line)["event"] == "resumed" for line in resumed.stdout.splitlines() if line.startswith("{"))
-    assert_same_history(tmp_path / "whole", tmp_path / "broken", None)
+    assert_same_history(unbroken_tiny_run, tmp_path / "broken", None)
     metadata = json.loads((tmp_path / "broken" / "training_metadata.json").read_text())
     assert metadata["wall_time_s"] >= metadata["train_seconds"]  # both count the killed process's banked time
 
