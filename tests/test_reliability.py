@@ -20,7 +20,7 @@ EXE = str(Path(sys.executable).parent / "investment-risk")
 SEED = int(os.environ["RELIABILITY_SEED"])  # drawn once per run by conftest, printed in the report header
 
 
-PLANS = [{"kind": "point", "shard": n % 2, "point": point} for n, point in enumerate(chaos.POINTS)]
+PLANS = [{"kind": "point", "shard": n % 2, "point": point.format(shard=n % 2)} for n, point in enumerate(chaos.POINTS)]
 PLANS += [{"kind": "random", "shard": 0}, {"kind": "race", "shard": 1}]
 
 
@@ -32,14 +32,11 @@ def chaos_inputs(exported, tmp_path_factory):
 
 
 # One case per fault, so that the two test workers share them.
-@pytest.mark.parametrize("plan", PLANS, ids=[p["point"].format(**p) if "point" in p else p["kind"] for p in PLANS])
+@pytest.mark.parametrize("plan", PLANS, ids=[p.get("point", p["kind"]) for p in PLANS])
 def test_scoring_is_exactly_once_under_faults(plan, chaos_inputs, tmp_path):
     model, (inputs, total, ids, typical_s) = chaos_inputs
-    plan = dict(plan)
-    if plan["kind"] == "point":
-        plan["point"] = plan["point"].format(shard=plan["shard"])
-    elif plan["kind"] == "random":
-        plan["after_s"] = round(random.Random(SEED).uniform(0.3, typical_s), 3)
+    if plan["kind"] == "random":
+        plan = {**plan, "after_s": round(random.Random(SEED).uniform(0.3, typical_s), 3)}
     record = chaos.cycle(0, plan, model, inputs, total, ids, tmp_path)
     assert not record["violations"], (SEED, record)
     if plan["kind"] == "point":
