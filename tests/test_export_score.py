@@ -354,6 +354,60 @@ def test_a_cpu_graph_keeps_the_residual_add_apart_from_its_layer_norm(tmp_path, 
     assert "SkipLayerNormalization" not in loaded_ops(session_options(cuda=False, threads=1))
 
 
+def test_attention_masked_for_padding_runs_without_the_mask_on_a_batch_without_padding(tmp_path):
+    """branch_on_padding: a batch with padding takes the masked attention (same scores as before), one without takes
+    the unmasked kernel (ONNX Runtime's CPU flash attention), which gives the scores the mask would have."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from investment_risk.export.graph_passes import branch_on_padding
+    from investment_risk.modeling.onnx_runtime import session_options
+
+    constants = [numpy_helper.from_array(np.array(value, dtype), name) for name, value, dtype in (
+        ("key_axes", [1, 2], np.int64), ("query_axes", [1, 3], np.int64), ("zero", 0.0, np.float32),
+        ("lowest", np.finfo(np.float32).min, np.float32), ("qkv_bias", np.linspace(-1, 1, 48), np.float32))]
+    graph = helper.make_graph([  # the padding mask as (batch, 1, query, key), as the dynamo export writes it
+        helper.make_node("Cast", ["attention_mask"], ["real"], to=TensorProto.BOOL),
+        helper.make_node("Unsqueeze", ["real", "key_axes"], ["real_keys"]),
+        helper.make_node("Equal", ["attention_mask", "attention_mask"], ["every"]),
+        helper.make_node("Unsqueeze", ["every", "query_axes"], ["every_query"]),
+        helper.make_node("And", ["real_keys", "every_query"], ["visible"]),
+        helper.make_node("Where", ["visible", "zero", "lowest"], ["bias"]),
+        helper.make_node("MultiHeadAttention", ["x", "x", "x", "qkv_bias", "", "bias"], ["y"], name="attention",
+                         domain="com.microsoft", num_heads=2)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 16]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 16])], constants)
+    path = tmp_path / "model.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                            helper.make_opsetid("com.microsoft", 1)], ir_version=10),
+                    str(path))
+    masked = ort.InferenceSession(str(path), session_options(cuda=False, threads=1), providers=["CPUExecutionProvider"])
+    assert branch_on_padding(path) == 1 and branch_on_padding(path) == 0  # once: a branched node is left alone
+    assert fused_operator_counts(path) == {"MultiHeadAttention": 1} and "MultiHeadAttention" not in op_types(path)
+    (branched,) = [n for n in onnx.load(str(path)).graph.node if n.op_type == "If"]
+    without_padding = {a.name: a.g for a in branched.attribute}["then_branch"].node[0]
+    assert list(without_padding.input) == ["x", "x", "x", "qkv_bias"]  # no attention bias: the kernel's fast path
+
+    def kernels_run(feeds):
+        options = session_options(cuda=False, threads=1)
+        options.enable_profiling, options.profile_file_prefix = True, str(tmp_path / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        scores = session.run(None, feeds)[0]
+        events = json.loads(Path(session.end_profiling()).read_text())
+        return scores, {e["name"] for e in events if e.get("cat") == "Node"}
+
+    x = np.random.default_rng(0).standard_normal((3, 8, 16)).astype(np.float32)
+    padded = np.ones((3, 8), np.int64)
+    padded[1, 5:] = padded[2, 2:] = 0
+    for mask, branch in ((padded, "attention_padded"), (np.ones((3, 8), np.int64), "attention_unpadded")):
+        scores, kernels = kernels_run({"x": x, "attention_mask": mask})
+        assert any(name.startswith(branch) for name in kernels), kernels
+        expected = masked.run(None, {"x": x, "attention_mask": mask})[0]
+        np.testing.assert_allclose(scores, expected, atol=1e-5)
+
+
 def test_fusion_leaves_out_the_rules_that_need_a_kv_cache(tmp_path, monkeypatch):
     """onnxscript's GroupQueryAttention and cos/sin-cache fusions matched a Qwen2 graph without a KV cache as
     transformers 5.17 exports it (the H100's image) and fixed its batch at one: ONNX Runtime refused every larger
@@ -386,6 +440,7 @@ def test_int8_export_records_its_parity_and_scores(exported, tmp_path, articles)
     info = export_run(run, tmp_path / "int8", dtype="int8")
     assert info["dtype"] == "int8" and 0 < info["parity"]["int8_max_abs_diff"] < 0.5
     assert [p.name for p in (tmp_path / "int8").glob("*.onnx*")] == ["model.onnx"]
+    assert "If" not in op_types(tmp_path / "int8" / "model.onnx")  # a decoder's mask is causal too: always applied
     merged = score(ScoreConfig(model=tmp_path / "int8", inputs=(str(articles / "a.parquet"),), out=tmp_path / "s"))
     assert merged["rows_in"] == 100 and merged["invariant_holds"]
 
@@ -903,6 +958,7 @@ def test_minilm_export_is_fused_and_quantized(minilm_run, tmp_path):
     # quantised from the graph before attention was packed: every projection is int8, none left inside Attention
     assert info["fusions"]["attention"] > 0 and info["fused_operators"].get("MultiHeadAttention", 0) > 0
     assert not {"Attention", "MatMul", "Gemm"} & op_types(tmp_path / "model" / "model.onnx")
+    assert "If" in op_types(tmp_path / "model" / "model.onnx")  # an encoder's: unmasked attention without padding
     assert not (tmp_path / "model" / "unpacked").exists()
 
 

@@ -62,11 +62,63 @@ ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 
 
 def fused_operator_counts(path: Path) -> dict[str, int]:
-    """Nodes of ONNX Runtime's contrib (com.microsoft) operators in the graph: what fusion left behind."""
+    """Nodes of ONNX Runtime's contrib (com.microsoft) operators in the graph: what fusion left behind. An `If` runs
+    one of its branches, so each operator counts as often as the branch holding more of it holds it."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return dict(sorted(Counter(n.op_type for n in graph.node if n.domain == "com.microsoft").items()))
+    return dict(sorted(_contrib_counts(onnx.load(str(path), load_external_data=False).graph).items()))
+
+
+def _contrib_counts(graph: Any) -> Counter:
+    counts: Counter = Counter()
+    for node in graph.node:
+        if node.domain == "com.microsoft":
+            counts[node.op_type] += 1
+        branches = [_contrib_counts(a.g) for a in node.attribute if a.HasField("g")]
+        for op in {op for branch in branches for op in branch}:
+            counts[op] += max(branch[op] for branch in branches)
+    return counts
+
+
+def branch_on_padding(path: Path) -> int:
+    """Each MultiHeadAttention given an attention bias becomes an `If` on whether the batch has padding at all:
+    where it has none the bias (all zeros then) is left out, and ONNX Runtime's CPU kernel takes its flash-attention
+    path, which it never takes with a mask. Only for a graph whose bias is the padding mask alone (an encoder's: a
+    decoder's carries the causal mask too). Long news fills the token budget, so most scored batches have no
+    padding: on minilm's int8 twin (64 x 128 tokens, 2 threads, AVX2 EPYC) attention took 424 ms a batch instead
+    of 629, 7 % of the whole; on 2 AVX-512 VNNI cores unpadded batches ran 7 % / 14 % faster at 128 / 512 tokens.
+    Returns how many nodes were branched; the graph is rewritten in place, its weights (when external) left where
+    they are."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    nodes = [helper.make_node("ReduceMin", ["attention_mask"], ["batch_mask_min"], name="batch_mask_min", keepdims=0),
+             helper.make_node("Cast", ["batch_mask_min"], ["batch_unpadded"], name="batch_unpadded",
+                              to=TensorProto.BOOL)]
+    branched = 0
+    for node in model.graph.node:
+        if node.op_type != "MultiHeadAttention" or len(node.input) < 6 or not node.input[5]:
+            nodes.append(node)
+            continue
+        (out,) = node.output
+
+        def branch(inputs: list[str], name: str) -> Any:
+            inner = helper.make_node("MultiHeadAttention", inputs, [f"{out}_{name}"], name=f"{node.name}_{name}",
+                                     domain=node.domain)
+            inner.attribute.extend(node.attribute)
+            return helper.make_graph([inner], f"{node.name}_{name}", [],
+                                     [helper.make_tensor_value_info(f"{out}_{name}", TensorProto.FLOAT, None)])
+
+        nodes.append(helper.make_node("If", ["batch_unpadded"], [out], name=f"{node.name}_on_padding",
+                                      then_branch=branch(list(node.input[:4]), "unpadded"),
+                                      else_branch=branch(list(node.input), "padded")))
+        branched += 1
+    if branched:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        onnx.save_model(model, str(path))  # the graph only: the weights stay where its references say
+    return branched
 
 
 def fuse_graph(path: Path, external: bool, unpacked: Path | None = None, for_cpu: bool = True) -> dict[str, int]:
@@ -129,7 +181,7 @@ def _no_fusion(model: Any, **_: Any) -> int:
     return 0
 
 
-def to_int8(path: Path, external: bool, source: Path | None = None) -> None:
+def to_int8(path: Path, external: bool, source: Path | None = None, padding_mask_only: bool = False) -> None:
     """`path` replaced by its dynamic int8 graph (`--dtype int8`), quantised from `source` (the graph before
     attention was packed) or from `path` itself. The fp32 graph moves aside under its own names, because its weights
     file is found by the name the graph records."""
@@ -137,7 +189,7 @@ def to_int8(path: Path, external: bool, source: Path | None = None) -> None:
     aside.mkdir()
     for stale in onnx_files(path.parent):
         stale.rename(aside / stale.name)
-    quantize_dynamic_int8(source or aside / path.name, path, external)
+    quantize_dynamic_int8(source or aside / path.name, path, external, padding_mask_only)
     shutil.rmtree(aside)
 
 
@@ -147,9 +199,10 @@ def to_int8(path: Path, external: bool, source: Path | None = None) -> None:
 DYNAMIC_INT8_MEMORY_PER_WEIGHT_BYTE = 3.5
 
 
-def quantize_dynamic_int8(source: Path, out: Path, external: bool) -> None:
+def quantize_dynamic_int8(source: Path, out: Path, external: bool, padding_mask_only: bool = False) -> None:
     """Dynamic int8 quantisation of the MatMuls and Gemms (ONNX Runtime's quantiser) from `source` into `out`
-    (its weights, when external, in `out`.data): for CPU scoring.
+    (its weights, when external, in `out`.data): for CPU scoring. Where attention is masked for padding alone
+    (`padding_mask_only`: an encoder), it runs without the mask on batches without padding (`branch_on_padding`).
 
     Weights per output channel in 7 bits (`reduce_range`): without VNNI (AVX2, AVX-512F) ONNX Runtime's u8s8 kernels
     add pairs of u8 x s8 products in 16 bits, which saturate on full-range weights. On an AVX2-only EPYC the
@@ -169,6 +222,8 @@ def quantize_dynamic_int8(source: Path, out: Path, external: bool) -> None:
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
         root.setLevel(level)
+    if padding_mask_only:
+        branch_on_padding(out)
 
 
 def drop_initializer_shapes(path: Path) -> None:

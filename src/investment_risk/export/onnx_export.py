@@ -30,6 +30,7 @@ from ..modeling.description import (CPU_ENGINES, DYNAMIC_INT8_FILE, TWIN_FILES, 
                                     model_version, onnx_files, sha256_file)
 from ..modeling.onnx_runtime import OnnxRunner
 from ..modeling.loading import scoring_module
+from ..modeling.networks import CAUSAL_TYPES
 from ..modeling.predict import TorchRunner, padded_batches, predict, token_budget_for
 from ..modeling.tokens import article_texts, encode
 from .cpu_engine import MAE_TOLERANCE
@@ -92,7 +93,7 @@ def measurement_rows(tokenizer: Any, metadata: dict[str, Any]) -> tuple[list[np.
 
 
 def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], requested: str,
-                     external: bool, int8_source: Path) -> dict[str, Any]:
+                     external: bool, int8_source: Path, padding_mask_only: bool) -> dict[str, Any]:
     """Every CPU engine on the validation rows (or the parity rows), the default chosen by measurement; an engine
     named by --cpu-engine is measured alone beside the fp32 reference (a 1.5B model takes minutes per engine). The
     int8 twins (ONNX Runtime's dynamic one, quantised from `int8_source`, and NNCF's static one) are made only where
@@ -112,7 +113,8 @@ def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], reque
     twins = {  # engine: (why it cannot be made here, "" when it can; how to make it)
         "onnxruntime-int8": (lambda: memory_shortfall(weight_bytes, DYNAMIC_INT8_MEMORY_PER_WEIGHT_BYTE,
                                                       "ONNX Runtime's quantiser"),
-                             lambda: quantize_dynamic_int8(int8_source, path.with_name(DYNAMIC_INT8_FILE), external)),
+                             lambda: quantize_dynamic_int8(int8_source, path.with_name(DYNAMIC_INT8_FILE), external,
+                                                           padding_mask_only)),
         "openvino-int8": (lambda: int8_unavailable_reason(weight_bytes),
                           lambda: quantize_int8(path, calibration_rows(tokenizer, metadata) or rows,
                                                 tokenizer.pad_token_id, external)),
@@ -262,6 +264,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
     module, tokenizer, metadata = scoring_module(run_dir)
     model_type = getattr(module.inner.config, "model_type", "")
     decoder = builds_decoder_graph(model_type, dtype)
+    encoder = model_type not in CAUSAL_TYPES  # its attention is masked for padding alone
     if dtype == "bf16" and not decoder:
         raise ConfigError(f"--dtype bf16: only a decoder's graph (the model builder's) is written in bf16; "
                           f"{run_dir} is a {model_type!r} model (use fp16)")
@@ -354,7 +357,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         engines: dict[str, Any] = {"engine": "onnxruntime", "why": f"--dtype {dtype} runs on ONNX Runtime"}
         if dtype == "fp32":
             engines = _pick_cpu_engine(work / "model.onnx", tokenizer, metadata, cpu_engine, external,
-                                       int8_source or work / "model.onnx")
+                                       int8_source or work / "model.onnx", encoder)
         if dtype in ("fp16", "int8"):
             val = measurement_rows(tokenizer, metadata)
             val_fp32 = None
@@ -365,7 +368,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
             if dtype == "fp16":
                 to_fp16(work / "model.onnx", external)
             else:
-                to_int8(work / "model.onnx", external, int8_source)
+                to_int8(work / "model.onnx", external, int8_source, encoder)
                 fused = fused_operator_counts(work / "model.onnx")  # the shipped graph's: unpacked attention
             reduced_check(work, torch_scores, val, val_fp32, parity)
             if dtype == "fp16":
