@@ -38,20 +38,23 @@ def trained_run(root: Path, max_length: int, rows: int) -> Path:
     return out
 
 
-def interleaved(runners: dict, rows, pad_id, rounds: int = 3) -> dict[str, tuple[float, np.ndarray]]:
+def interleaved(runners: dict, rows, pad_id, rounds: int = 3,
+                budgets: dict[str, int] | None = None) -> dict[str, tuple[float, np.ndarray]]:
     """rows/s of each runner (median over `rounds`) and its scores. Each round runs every runner once, in turn,
-    so a slower or faster spell of a shared machine falls on all of them alike."""
+    so a slower or faster spell of a shared machine falls on all of them alike. `budgets`: padded tokens per call
+    by runner name, else the scorer's CPU default."""
     from investment_risk.modeling.predict import predict
     from investment_risk.modeling.predict import CPU_TOKEN_BUDGET
 
+    budget = {name: (budgets or {}).get(name, CPU_TOKEN_BUDGET) for name in runners}
     rates: dict[str, list[float]] = {name: [] for name in runners}
     scores: dict[str, np.ndarray] = {}
-    for run in runners.values():
-        predict(run, rows[:16], pad_id, token_budget=CPU_TOKEN_BUDGET)  # warm-up: allocations, compilation
+    for name, run in runners.items():
+        predict(run, rows[:16], pad_id, token_budget=budget[name])  # warm-up: allocations, compilation
     for _ in range(rounds):
         for name, run in runners.items():
             started = time.perf_counter()
-            scores[name] = np.clip(predict(run, rows, pad_id, token_budget=CPU_TOKEN_BUDGET), 0, 10)
+            scores[name] = np.clip(predict(run, rows, pad_id, token_budget=budget[name]), 0, 10)
             rates[name].append(len(rows) / (time.perf_counter() - started))
     return {name: (float(np.median(rates[name])), scores[name]) for name in runners}
 
@@ -289,13 +292,10 @@ def settings(model_dir: Path, engine: str, rows: list, pad_id: int) -> dict:
     from investment_risk.modeling.predict import predict
 
     threads = len(os.sched_getaffinity(0))
-    out: dict = {"engine": engine, "token_budget_rows_per_second": {}}
     runner = cpu_runner(model_dir / "model.onnx", engine, threads)
-    for budget in (4096, 8192, 16384, 32768):
-        predict(runner, rows[:8], pad_id, token_budget=budget)
-        started = time.perf_counter()
-        predict(runner, rows, pad_id, token_budget=budget)
-        out["token_budget_rows_per_second"][str(budget)] = round(len(rows) / (time.perf_counter() - started), 1)
+    budgets = {str(budget): budget for budget in (2048, 4096, 8192, 16384, 32768)}
+    by_budget = interleaved({name: runner for name in budgets}, rows, pad_id, budgets=budgets)
+    out: dict = {"engine": engine, "token_budget_rows_per_second": {b: round(r, 1) for b, (r, _) in by_budget.items()}}
     shares = [rows[i::threads] for i in range(threads)]
     start_at = time.time() + 60  # every worker loaded and warm by then
     with ProcessPoolExecutor(threads, mp_context=multiprocessing.get_context("spawn")) as pool:

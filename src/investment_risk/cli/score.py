@@ -10,6 +10,7 @@ from click.core import ParameterSource
 
 from ..core.logs import bind, get_logger
 from ..modeling.description import CPU_ENGINES
+from ..modeling.predict import CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET
 from . import output
 from .options import ENV_PREFIX, option
 
@@ -28,7 +29,8 @@ from .options import ENV_PREFIX, option
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @option("--keep-columns", default="", help="Comma-separated input columns to pass through (as strings).")
 @option("--token-budget", type=click.IntRange(min=64), default=None,
-        help="Padded tokens per model call (default: 8192 on CPUs, 16384 on GPUs, by measurement).")
+        help=f"Padded tokens per model call (default: {CPU_TOKEN_BUDGET} on CPUs, {GPU_TOKEN_BUDGET} on GPUs, by "
+             "measurement).")
 @option("--cpu-engine", type=click.Choice(["auto", *CPU_ENGINES]), default="auto",
         show_default=True, help="On CPUs: auto runs the engine export chose (model.json); or name one.")
 @option("--no-calibration", is_flag=True, help="Write the raw model scores (the model's calibration is applied by default).")

@@ -19,10 +19,12 @@ from ..core.logs import Progress
 from ..core.spec import NUM_DIMENSIONS
 from .tokens import length_batches, pad_batch, sorted_batches, to_device
 
-# Padded tokens per model call when --token-budget is not given, by measurement (bench/cpu_engines.py, minilm on 2
-# cores, OpenVINO bf16): at 128 tokens 115/112/103/83 rows/s for budgets 4k/8k/16k/32k, at 512 tokens 27/28/27/24.
-# 8k is best or within 3 % at both; a GPU wants large batches.
-CPU_TOKEN_BUDGET = 8192
+# Padded tokens per model call when --token-budget is not given, by measurement (minilm on 2 AVX-512 VNNI cores,
+# interleaved rounds, rows/s at budgets 1k/2k/4k/8k): at 128 tokens ONNX Runtime int8 162/160/154/138, fp32
+# 63/64/59/57, OpenVINO bf16 129/132/127/128, its static int8 (2k/4k/8k) 174/171/164; at 512 tokens 28.5/29.0/26.9/
+# 26.2, 15.0/15.0/13.8/12.8, 26.3/26.6/26.2/26.2 and 36.7/37.3/37.4. ONNX Runtime's activations stay in cache in
+# small batches; OpenVINO does not care. A GPU wants large batches.
+CPU_TOKEN_BUDGET = 2048
 GPU_TOKEN_BUDGET = 16384
 
 
