@@ -29,6 +29,21 @@ def read_out(out: Path) -> tuple[pa.Table, pa.Table]:
     return parts, rejects
 
 
+def assert_last_block_runs_on_one_position(path: Path) -> None:
+    """Past the last attention, the builder's graph computes each row's pooled position only: its last MLP's output
+    is (batch, 1, hidden) on a batch of 9-token rows."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    last_mlp = [n for n in model.graph.node if n.name.endswith("mlp/down_proj/MatMul")][-1]
+    model.graph.output.extend([onnx.helper.make_empty_tensor_value_info(last_mlp.output[0])])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.full((2, 9), 5, dtype=np.int64)
+    _, mlp = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    assert mlp.shape[:2] == (2, 1), mlp.shape
+
+
 def test_export_writes_a_verified_model(exported):
     _, model, info = exported
     # tiny-qwen2's attention (grouped, rotary) is fused for ONNX Runtime, and the fused graph kept its parity.
@@ -74,6 +89,7 @@ def test_a_decoders_fp16_graph_comes_from_the_model_builder(exported, tmp_path, 
     session = ort.InferenceSession(str(tmp_path / "fp16" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
     assert [o.name for o in session.get_outputs()] == ["scores"] and info["opset"] >= 17
+    assert_last_block_runs_on_one_position(tmp_path / "fp16" / "model.onnx")
     # The CUDA path's graph, run through the CPU provider here, against PyTorch on the mixed-length padded batches
     # (pooling at the wrong token would miss by whole points), and its validation MAE beside PyTorch fp32's.
     check = info["parity"]["fp16"]
