@@ -147,7 +147,9 @@ def attach_score_head(built: Path, target: Path, score_weight: np.ndarray, pad_i
         helper.make_node("Squeeze", [f"{head}/length_1d"], [f"{head}/length"]),
         helper.make_node("Range", [f"{head}/zero", f"{head}/length", f"{head}/one"], [f"{head}/positions"]),
         helper.make_node("Mul", [f"{head}/is_token_int", f"{head}/positions"], [f"{head}/token_positions"]),
-        helper.make_node("ArgMax", [f"{head}/token_positions"], [f"{head}/last_2d"], axis=-1, keepdims=1),
+        # in float: the CUDA provider has no int64 ArgMax, and a CPU one would copy the ids off the GPU mid-run
+        helper.make_node("Cast", [f"{head}/token_positions"], [f"{head}/token_positions_f"], to=TensorProto.FLOAT),
+        helper.make_node("ArgMax", [f"{head}/token_positions_f"], [f"{head}/last_2d"], axis=-1, keepdims=1),
         helper.make_node("Unsqueeze", [f"{head}/last_2d", f"{head}/axis_2"], [f"{head}/last"]),
     ]
     nodes = last + pool_before_last_projection(graph, f"{head}/last")
