@@ -30,18 +30,18 @@ def read_out(out: Path) -> tuple[pa.Table, pa.Table]:
 
 
 def assert_last_block_runs_on_one_position(path: Path) -> None:
-    """Past the last attention, the builder's graph computes each row's pooled position only: its last MLP's output
-    is (batch, 1, hidden) on a batch of 9-token rows."""
+    """Past the last attention, the graph computes each row's pooled position only: the last block's output
+    projection, which reads the pooled attention, gives (batch, 1, hidden) on a batch of 9-token rows."""
     import onnx
     import onnxruntime as ort
 
     model = onnx.load(str(path))
-    last_mlp = [n for n in model.graph.node if n.name.endswith("mlp/down_proj/MatMul")][-1]
-    model.graph.output.extend([onnx.helper.make_empty_tensor_value_info(last_mlp.output[0])])
+    (projection,) = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[0].endswith("/pooled")]
+    model.graph.output.extend([onnx.helper.make_empty_tensor_value_info(projection.output[0])])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = np.full((2, 9), 5, dtype=np.int64)
-    _, mlp = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
-    assert mlp.shape[:2] == (2, 1), mlp.shape
+    _, projected = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    assert projected.shape[:2] == (2, 1), projected.shape
 
 
 def test_export_writes_a_verified_model(exported):
@@ -55,6 +55,9 @@ def test_export_writes_a_verified_model(exported):
     assert saved == json.loads(json.dumps(info))
     assert saved["opset"] >= 17 and saved["dtype"] == "fp32" and saved["dimensions"] == list(DIMENSIONS)
     assert saved["parity"]["fp32_max_abs_diff"] <= 1e-3 and len(saved["parity"]["batches"]) >= 3
+    # the head reads each row's last token: the last block runs there only, and the fused parity above holds
+    assert saved["fusions"]["pool_last_block"] == 1
+    assert_last_block_runs_on_one_position(model / "model.onnx")
     assert verify_model_dir(model)["model_version"] == saved["model_version"]
 
 
@@ -89,6 +92,7 @@ def test_a_decoders_fp16_graph_comes_from_the_model_builder(exported, tmp_path, 
     session = ort.InferenceSession(str(tmp_path / "fp16" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
     assert [o.name for o in session.get_outputs()] == ["scores"] and info["opset"] >= 17
+    assert info["graph"]["pooled_last_block"] is True
     assert_last_block_runs_on_one_position(tmp_path / "fp16" / "model.onnx")
     # The CUDA path's graph, run through the CPU provider here, against PyTorch on the mixed-length padded batches
     # (pooling at the wrong token would miss by whole points), and its validation MAE beside PyTorch fp32's.
@@ -987,6 +991,8 @@ def op_types(path):
 def test_an_encoders_fp32_graph_packs_attention_and_its_int8_twin_does_not(minilm_run, tmp_path):
     """Packed attention (one QKV projection inside the kernel) is the faster fp32 graph; ONNX Runtime's quantiser
     would leave that projection in fp32, so the dynamic int8 twin is quantised from the graph before packing."""
+    import onnx
+
     from investment_risk.modeling.description import DYNAMIC_INT8_FILE
 
     info = export_run(minilm_run[0], tmp_path / "model", cpu_engine="onnxruntime-int8")
@@ -996,6 +1002,11 @@ def test_an_encoders_fp32_graph_packs_attention_and_its_int8_twin_does_not(minil
     assert twin == fused_operator_counts(model / DYNAMIC_INT8_FILE) and twin.get("MultiHeadAttention", 0) > 0
     assert not {"Attention", "MatMul", "Gemm"} & op_types(model / DYNAMIC_INT8_FILE)
     assert sorted(p.name for p in model.iterdir() if p.is_dir()) == []  # the unpacked graph does not ship
+    # BERT's head reads the first token: both graphs run their last block there only
+    assert info["fusions"]["pool_last_block"] == 1
+    assert_last_block_runs_on_one_position(model / "model.onnx")
+    twin_graph = onnx.load(str(model / DYNAMIC_INT8_FILE), load_external_data=False).graph
+    assert sum(name.endswith("/pooled") for node in twin_graph.node for name in node.input) == 2
 
 
 def test_an_encoders_fp16_graph_is_the_fused_dynamo_graph_converted(minilm_run, tmp_path):

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..core.errors import ConfigError, RetryableError
+from .pooling import pool_graph
 
 # The builder writes a graph for the CausalLM class of these architectures.
 CAUSAL_LM_CLASSES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
@@ -106,12 +107,12 @@ def run_builder(checkpoint: Path, out: Path, cache: Path, precision: str) -> Non
         raise BuilderError(f"onnxruntime-genai's model builder failed (exit {done.returncode}):\n{tail}")
 
 
-def attach_score_head(built: Path, target: Path, score_weight: np.ndarray, pad_id: int, external: bool) -> None:
+def attach_score_head(built: Path, target: Path, score_weight: np.ndarray, pad_id: int, external: bool) -> bool:
     """The builder's graph made a scorer: the KV-cache inputs go (an empty past is what GroupQueryAttention assumes
     without them), the cache outputs go, and the head is applied to the final hidden state at each row's last
-    non-pad token, as the PyTorch classifier pools (so right padding, any length). The last block pools first
-    (`pool_before_last_projection`). Input and output types match the dynamo graph's: int64 ids and mask in, fp32
-    scores out."""
+    non-pad token, as the PyTorch classifier pools (so right padding, any length); then the last block is pooled
+    there too (`pooling`), which it returns whether it was. Input and output types match the dynamo graph's: int64
+    ids and mask in, fp32 scores out."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -136,10 +137,8 @@ def attach_score_head(built: Path, target: Path, score_weight: np.ndarray, pad_i
         numpy_helper.from_array(np.array(pad_id, np.int64), f"{head}/pad_id"),
         numpy_helper.from_array(np.array(0, np.int64), f"{head}/zero"),
         numpy_helper.from_array(np.array(1, np.int64), f"{head}/one"),
-        numpy_helper.from_array(np.array([1], np.int64), f"{head}/axis_1"),
-        numpy_helper.from_array(np.array([2], np.int64), f"{head}/axis_2"),
     ])
-    last = [  # last non-pad position: argmax over position * (token != pad), as transformers does; (batch, 1, 1)
+    graph.node.extend([  # last non-pad position: argmax over position * (token != pad), as transformers does
         helper.make_node("Equal", ["input_ids", f"{head}/pad_id"], [f"{head}/is_pad"]),
         helper.make_node("Not", [f"{head}/is_pad"], [f"{head}/is_token"]),
         helper.make_node("Cast", [f"{head}/is_token"], [f"{head}/is_token_int"], to=TensorProto.INT64),
@@ -149,19 +148,14 @@ def attach_score_head(built: Path, target: Path, score_weight: np.ndarray, pad_i
         helper.make_node("Mul", [f"{head}/is_token_int", f"{head}/positions"], [f"{head}/token_positions"]),
         # in float: the CUDA provider has no int64 ArgMax, and a CPU one would copy the ids off the GPU mid-run
         helper.make_node("Cast", [f"{head}/token_positions"], [f"{head}/token_positions_f"], to=TensorProto.FLOAT),
-        helper.make_node("ArgMax", [f"{head}/token_positions_f"], [f"{head}/last_2d"], axis=-1, keepdims=1),
-        helper.make_node("Unsqueeze", [f"{head}/last_2d", f"{head}/axis_2"], [f"{head}/last"]),
-    ]
-    nodes = last + pool_before_last_projection(graph, f"{head}/last")
-    nodes += [  # hidden_states is (batch, 1, hidden) now: one row per article
-        helper.make_node("Squeeze", ["hidden_states", f"{head}/axis_1"], [f"{head}/pooled"]),
+        helper.make_node("ArgMax", [f"{head}/token_positions_f"], [f"{head}/last"], axis=-1, keepdims=1),
+        helper.make_node("GatherND", ["hidden_states", f"{head}/last"], [f"{head}/pooled"], batch_dims=1),
         helper.make_node("Cast", [f"{head}/pooled"], [f"{head}/pooled_fp32"], to=TensorProto.FLOAT),
         helper.make_node("MatMul", [f"{head}/pooled_fp32", f"{head}/weight"], ["scores"]),
-    ]
-    del graph.node[:]
-    graph.node.extend(nodes)
+    ])
     graph.output.extend([helper.make_tensor_value_info("scores", TensorProto.FLOAT,
                                                        ["batch_size", score_weight.shape[0]])])
+    pooled = pool_graph(graph)
     if external:  # the graph alone is rewritten; the builder's weights file moves over under the name it records
         locations = {entry.value for tensor in graph.initializer for entry in tensor.external_data
                      if entry.key == "location"}
@@ -172,43 +166,7 @@ def attach_score_head(built: Path, target: Path, score_weight: np.ndarray, pad_i
     else:
         onnx.load_external_data_for_model(model, str(built))
         onnx.save_model(model, str(target / "model.onnx"))
-
-
-def pool_before_last_projection(graph: Any, last: str) -> list[Any]:
-    """The graph's nodes with the last block pooled at `last` (batch, 1, 1) right after its attention: the score
-    reads one position, and past the last attention nothing mixes positions, so the attention's output projection,
-    the MLP and the final norm need run on that position only (about 1/layers of the matmul work; the scores are the
-    same). The block must read attention -> MatMul (o_proj) -> SkipSimplifiedLayerNormalization, whose other input
-    is the residual stream, pooled too."""
-    from onnx import helper
-
-    nodes = list(graph.node)
-    attention = [n for n in nodes if n.op_type == "GroupQueryAttention"][-1:]
-    readers = {}
-    for node in nodes:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    projection = readers.get(attention[0].output[0], []) if attention else []
-    norm = readers.get(projection[0].output[0], []) if len(projection) == 1 else []
-    if [n.op_type for n in projection + norm] != ["MatMul", "SkipSimplifiedLayerNormalization"]:
-        raise ConfigError("the model builder's last block does not read GroupQueryAttention -> MatMul -> "
-                          "SkipSimplifiedLayerNormalization; the score head cannot pool before its projection")
-    projection, norm = projection[0], norm[0]
-    residual = 1 - list(norm.input[:2]).index(projection.output[0])
-    pooled_attention, pooled_residual = f"{last}/attention", f"{last}/residual"
-    gathers = [helper.make_node("GatherND", [attention[0].output[0], last], [pooled_attention], batch_dims=1),
-               helper.make_node("GatherND", [norm.input[residual], last], [pooled_residual], batch_dims=1)]
-    projection.input[0], norm.input[residual] = pooled_attention, pooled_residual
-    # Shapes recorded past the pooling say (batch, sequence, ...): they go, ONNX Runtime infers (batch, 1, ...).
-    pooled = {pooled_attention, pooled_residual}
-    for node in nodes[nodes.index(projection):]:
-        if pooled & set(node.input):
-            pooled.update(node.output)
-    kept = [v for v in graph.value_info if v.name not in pooled]
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
-    at = nodes.index(projection)
-    return nodes[:at] + gathers + nodes[at:]
+    return pooled
 
 
 @dataclass(frozen=True)
@@ -243,8 +201,9 @@ def build_decoder_graph(checkpoint: DecoderCheckpoint, work: Path, external: boo
     started = time.perf_counter()
     built = checkpoint.path.parent / "onnx"
     run_builder(checkpoint.path, built, checkpoint.path.parent / "cache", precision)
-    attach_score_head(built, work, checkpoint.score_weight, checkpoint.pad_id, external)
+    pooled = attach_score_head(built, work, checkpoint.score_weight, checkpoint.pad_id, external)
     shutil.rmtree(built)
     return {"route": "onnxruntime-genai model builder (GroupQueryAttention, packed QKV) + score head",
             "builder": builder_version(), "precision": precision, "execution_provider": "cuda",
+            "pooled_last_block": pooled,
             "seconds": round(time.perf_counter() - started, 1)}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..modeling.description import onnx_files
+from .pooling import ATTENTION_OPS, pool_last_block
 
 OPSET = 18  # at 23 torch writes the standard Attention op, which onnxscript's ORT fusions do not match
 # Kept in fp32 in a reduced-precision graph: reductions and exponentials that overflow in fp16.
@@ -56,9 +57,6 @@ def merge_duplicate_casts(model: Any) -> int:
         model.graph.node.extend(kept)
         model.graph.value_info.extend(ValueInfoProto.FromString(body) for body in infos.values())
     return dropped
-
-
-ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 
 
 def fused_operator_counts(path: Path) -> dict[str, int]:
@@ -135,7 +133,9 @@ def fuse_graph(path: Path, external: bool, unpacked: Path | None = None, for_cpu
     LayerNormalization: ONNX Runtime 1.31's CPU SkipLayerNormalization took 9.1 ms where Add + LayerNormalization
     took 2.0 (64 x 128 x 384, 2 threads, AVX2 EPYC), and minilm's int8 twin ran 10 % faster without it. The CPU
     session keeps ONNX Runtime from fusing them back (onnx_runtime.session_options). SkipSimplifiedLayerNormalization
-    (RMSNorm) is as fast as its parts there, so decoders keep it."""
+    (RMSNorm) is as fast as its parts there, so decoders keep it.
+
+    Last, both graphs are pooled before their last block where the head reads one position (`pooling`)."""
     from unittest import mock
 
     import onnx_ir as ir
@@ -174,6 +174,9 @@ def fuse_graph(path: Path, external: bool, unpacked: Path | None = None, for_cpu
         value.const_value = None
     del model
     gc.collect()
+    counts["pool_last_block"] = pool_last_block(path)
+    if unpacked is not None and unpacked.exists():
+        pool_last_block(unpacked / path.name)
     return {name: int(n) for name, n in counts.items() if n}
 
 

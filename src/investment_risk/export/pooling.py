@@ -1,0 +1,205 @@
+"""Pooling before the last block: a scorer reads one position of the last hidden state (BERT's first token, a
+decoder's last real token), and past the last attention nothing mixes positions, so the last block's output
+projection, its MLP and the norms after it need run at that position only. The scores are the same; the work saved
+is most of a block (minilm, 6 layers: ONNX Runtime fp32 +12 % / +10 % rows/s at 128 / 512 tokens; Qwen2.5-1.5B:
+1/28 of its matmuls).
+
+    attention -> [Reshape...] -> MatMul (output projection) -> [Add bias...] -> residual join -> per-token ops -> head
+                                ^ pooled here                               ^ and its residual input pooled here
+
+The head is what reads the position: `Gather(axis=1, index 0)` (the first token, which then reads a sequence of
+one), `GatherND(batch_dims=1)` at (batch, 1) indices, or the dynamo export of transformers' last-token pooling,
+`GatherND` at `Concat(Unsqueeze(Range), Unsqueeze(positions))` (both then read a sequence of one: a Squeeze).
+A graph of any other shape is left as it is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
+# Operators that compute each position from that position alone (weights broadcast over the sequence).
+PER_POSITION_OPS = frozenset({
+    "MatMul", "Add", "Sub", "Mul", "Div", "Sigmoid", "Tanh", "Erf", "Cast", "LayerNormalization",
+    "SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "BiasGelu", "Gelu",
+    "FastGelu", "QuickGelu"})
+SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+
+
+def pool_last_block(path: Path) -> bool:
+    """`path`'s graph pooled before its last block, in place (the graph only: its weights, when external, stay
+    where its references say); whether the graph had the shape for it."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    pooled = pool_graph(model.graph)
+    if pooled:
+        onnx.save_model(model, str(path))
+    return pooled
+
+
+def pool_graph(graph: Any) -> bool:
+    """The rewrite of `pool_last_block` on a GraphProto; False (and the graph untouched) where it does not apply."""
+    from onnx import helper, numpy_helper
+
+    nodes = list(graph.node)
+    readers: dict[str, list[Any]] = {}
+    for node in nodes:
+        for name in _reads(node):
+            readers.setdefault(name, []).append(node)
+    producer = {out: node for node in nodes for out in node.output if out}
+    weights = {t.name for t in graph.initializer}
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer if not t.external_data}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.input, *graph.value_info)
+             if v.type.tensor_type.HasField("shape")}
+
+    def only_reader(name: str) -> Any:
+        found = readers.get(name, [])
+        return found[0] if len(found) == 1 else None
+
+    attention = [n for n in nodes if n.op_type in ATTENTION_OPS][-1:]
+    if not attention:
+        return False
+    hidden = attention[0].output[0]
+    while (node := only_reader(hidden)) is not None and node.op_type == "Reshape":
+        hidden = node.output[0]
+    projection = only_reader(hidden)
+    if projection is None or projection.op_type != "MatMul" or projection.input[0] != hidden:
+        return False
+    out = projection.output[0]
+    while (join := only_reader(out)) is not None and join.op_type == "Add" and \
+            any(name in weights for name in join.input):
+        out = join.output[0]
+    if join is None or join.op_type not in (*SKIP_NORMS, "Add") or out not in join.input[:2]:
+        return False
+    residual_at = 1 - list(join.input[:2]).index(out)
+    residual = join.input[residual_at]
+    if ranks.get(hidden) != 3 or ranks.get(residual) != 3:
+        return False
+    head = _head_after(join, readers)
+    if head is None:
+        return False
+    position = _pooled_position(head, producer, constants)
+    if position is None:
+        return False
+
+    prefix = f"{projection.name or projection.output[0]}/pooled"
+    added = []
+    if position == "first":
+        graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), f"{prefix}/start"),
+                                  numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/one")])
+        pool = lambda name: helper.make_node(  # noqa: E731
+            "Slice", [name, f"{prefix}/start", f"{prefix}/one", f"{prefix}/one"], [f"{name}/pooled"])
+    else:
+        graph.initializer.append(numpy_helper.from_array(np.array([-1, 1, 1], np.int64), f"{prefix}/shape"))
+        added.append(helper.make_node("Reshape", [position, f"{prefix}/shape"], [f"{prefix}/index"]))
+        pool = lambda name: helper.make_node(  # noqa: E731
+            "GatherND", [name, f"{prefix}/index"], [f"{name}/pooled"], batch_dims=1)
+        # the head reads a sequence of one now
+        graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axis"))
+        squeeze = helper.make_node("Squeeze", [head.input[0], f"{prefix}/axis"], list(head.output))
+        nodes[nodes.index(head)] = squeeze
+    added += [pool(hidden), pool(residual)]
+    projection.input[0], join.input[residual_at] = f"{hidden}/pooled", f"{residual}/pooled"
+    at = nodes.index(projection)
+    nodes = nodes[:at] + added + nodes[at:]
+    # Shapes recorded past the pooling say (batch, sequence, ...): a sequence of one now. Kept, not dropped:
+    # the contrib operators have no shape inference, and NNCF's graph needs the shapes to see its edges.
+    recorded = {v.name: v for v in (*graph.input, *graph.value_info)}
+    for name in (hidden, residual):
+        if name in recorded:
+            graph.value_info.append(recorded[name].__deepcopy__())
+            graph.value_info[-1].name = f"{name}/pooled"
+    pooled = {f"{hidden}/pooled", f"{residual}/pooled"}
+    for node in nodes[at:]:
+        if pooled & set(node.input):
+            pooled.update(node.output)
+    for info in graph.value_info:
+        dims = info.type.tensor_type.shape.dim
+        if info.name in pooled and len(dims) == 3:
+            dims[1].Clear()
+            dims[1].dim_value = 1
+    del graph.node[:]
+    graph.node.extend(_topological(nodes, {i.name for i in graph.input} | {t.name for t in graph.initializer}))
+    return True
+
+
+def _head_after(join: Any, readers: dict[str, list[Any]]) -> Any:
+    """The one node that reads a position out of the last block's output, every node between it and the join
+    working position by position; None otherwise."""
+    heads, seen, frontier = [], set(), [name for name in join.output if name]
+    while frontier:
+        for node in readers.get(frontier.pop(), []):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in ("Gather", "GatherND"):
+                heads.append(node)
+            elif node.op_type in PER_POSITION_OPS or node is join:
+                frontier.extend(name for name in node.output if name)
+            else:
+                return None
+    return heads[0] if len(heads) == 1 else None
+
+
+def _pooled_position(head: Any, producer: dict[str, Any], constants: dict[str, np.ndarray]) -> str | None:
+    """'first', or the name of a (batch,) or (batch, 1) tensor of the positions `head` reads; None when it is not
+    one of the heads this module knows."""
+    attributes = {a.name: a.i for a in head.attribute}
+    if head.op_type == "Gather":
+        index = constants.get(head.input[1])
+        if index is None and (made := producer.get(head.input[1])) is not None and made.op_type == "Constant":
+            from onnx import numpy_helper
+
+            index = numpy_helper.to_array(made.attribute[0].t)
+        first = index is not None and index.ndim == 0 and int(index) == 0
+        return "first" if first and attributes.get("axis", 0) == 1 else None
+    if attributes.get("batch_dims", 0) == 1:
+        return head.input[1]
+    concat = producer.get(head.input[1])
+    if concat is None or concat.op_type != "Concat" or len(concat.input) != 2:
+        return None
+    rows, positions = (producer.get(name) for name in concat.input)
+    if rows is None or positions is None or rows.op_type != "Unsqueeze" or positions.op_type != "Unsqueeze":
+        return None
+    if (made := producer.get(rows.input[0])) is None or made.op_type != "Range":
+        return None
+    return positions.input[0]
+
+
+def _topological(nodes: list[Any], available: set[str]) -> list[Any]:
+    """`nodes` in an order where each comes after what it reads, otherwise as they were (the positions a head reads
+    are computed at its end in an exported graph; the pooling reads them earlier now)."""
+    import heapq
+
+    waiting = {i: {name for name in _reads(node) if name not in available} for i, node in enumerate(nodes)}
+    makers = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    dependants: dict[int, list[int]] = {}
+    for i, names in waiting.items():
+        waiting[i] = {makers[name] for name in names if name in makers}  # others: outer scope or graph inputs
+        for j in waiting[i]:
+            dependants.setdefault(j, []).append(i)
+    ready = [i for i, deps in waiting.items() if not deps]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for j in dependants.get(i, []):
+            waiting[j].discard(i)
+            if not waiting[j]:
+                heapq.heappush(ready, j)
+    if len(order) != len(nodes):
+        raise ValueError("the pooled graph has a cycle")
+    return order
+
+
+def _reads(node: Any) -> list[str]:
+    """The values a node reads: its inputs and, for an `If`, what its branches read of the graph around them."""
+    names = [name for name in node.input if name]
+    for attribute in node.attribute:
+        if attribute.HasField("g"):
+            names += [name for inner in attribute.g.node for name in _reads(inner)]
+    return names

@@ -1,0 +1,78 @@
+"""Pooling before the last block (export/pooling.py) on small hand-made graphs: where the head reads one position the
+graph computes its last block there only and scores the same; where it reads them all, nothing changes."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from investment_risk.export.pooling import pool_graph
+
+HIDDEN, HEADS = 8, 2
+
+
+def block_graph(head: str) -> onnx.ModelProto:
+    """x -> attention -> projection + bias -> residual Add -> LayerNorm -> MLP -> residual Add -> head."""
+    rng = np.random.default_rng(0)
+    weight = lambda name, *shape: numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)  # noqa: E731
+    nodes = [
+        helper.make_node("MultiHeadAttention", ["x", "x", "x"], ["attended"], domain="com.microsoft", num_heads=HEADS),
+        helper.make_node("Reshape", ["attended", "same_shape"], ["attended_view"]),
+        helper.make_node("MatMul", ["attended_view", "w_o"], ["projected"]),
+        helper.make_node("Add", ["projected", "b_o"], ["biased"]),
+        helper.make_node("Add", ["biased", "x"], ["joined"]),
+        helper.make_node("LayerNormalization", ["joined", "gamma", "beta"], ["normed"], axis=-1),
+        helper.make_node("MatMul", ["normed", "w_up"], ["up"]),
+        helper.make_node("Sigmoid", ["up"], ["gate"]),
+        helper.make_node("Mul", ["up", "gate"], ["activated"]),
+        helper.make_node("MatMul", ["activated", "w_down"], ["down"]),
+        helper.make_node("Add", ["down", "normed"], ["hidden"]),
+    ]
+    initializers = [weight("w_o", HIDDEN, HIDDEN), weight("b_o", HIDDEN), weight("gamma", HIDDEN),
+                    weight("beta", HIDDEN), weight("w_up", HIDDEN, 16), weight("w_down", 16, HIDDEN),
+                    numpy_helper.from_array(np.array([0, 0, -1], np.int64), "same_shape")]
+    if head == "first":  # BERT's: the first token
+        initializers.append(numpy_helper.from_array(np.array(0, np.int64), "zero"))
+        nodes.append(helper.make_node("Gather", ["hidden", "zero"], ["scores"], axis=1))
+    elif head == "indexed":  # at (batch, 1) positions, as the model builder's graph pools
+        nodes.append(helper.make_node("GatherND", ["hidden", "positions"], ["scores"], batch_dims=1))
+    else:  # the mean over positions: every position counts
+        nodes.append(helper.make_node("ReduceMean", ["hidden"], ["scores"], axes=[1], keepdims=0))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", HIDDEN])]
+    if head == "indexed":
+        inputs.append(helper.make_tensor_value_info("positions", TensorProto.INT64, ["batch", 1]))
+    shapes = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "sequence", HIDDEN])
+              for name in ("attended_view", "projected", "biased", "joined", "normed", "down", "hidden")]
+    graph = helper.make_graph(nodes, "block", inputs,
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", HIDDEN])],
+                              initializers, value_info=shapes)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=10)  # what ONNX Runtime 1.31 reads
+
+
+def run(model: onnx.ModelProto, feeds: dict, extra: str = "") -> list[np.ndarray]:
+    if extra:
+        model.graph.output.append(helper.make_empty_tensor_value_info(extra))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+@pytest.mark.parametrize("head", ["first", "indexed"])
+def test_a_head_reading_one_position_gets_its_last_block_at_that_position_only(head):
+    x = np.random.default_rng(1).normal(size=(3, 5, HIDDEN)).astype(np.float32)
+    feeds = {"x": x, **({"positions": np.array([[4], [0], [2]], np.int64)} if head == "indexed" else {})}
+    model = block_graph(head)
+    before, = run(model, feeds)
+    assert pool_graph(model.graph)
+    onnx.checker.check_model(model)
+    after, mlp = run(model, feeds, extra="down")
+    assert mlp.shape == (3, 1, HIDDEN)  # the MLP ran on one position a row
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_head_reading_every_position_is_left_as_it_is():
+    model = block_graph("mean")
+    unchanged = model.SerializeToString()
+    assert not pool_graph(model.graph)
+    assert model.SerializeToString() == unchanged
