@@ -35,13 +35,17 @@ def block_graph(head: str) -> onnx.ModelProto:
     if head == "first":  # BERT's: the first token
         initializers.append(numpy_helper.from_array(np.array(0, np.int64), "zero"))
         nodes.append(helper.make_node("Gather", ["hidden", "zero"], ["scores"], axis=1))
-    elif head == "indexed":  # at (batch, 1) positions, as the model builder's graph pools
-        nodes.append(helper.make_node("GatherND", ["hidden", "positions"], ["scores"], batch_dims=1))
+    elif head == "indexed":  # at (batch, 1) positions from an ArgMax, as the model builder's graph pools
+        nodes += [helper.make_node("ArgMax", ["choice"], ["positions"], axis=-1, keepdims=1),
+                  helper.make_node("GatherND", ["hidden", "positions"], ["scores"], batch_dims=1)]
+    elif head == "feature":  # the first feature of every position
+        initializers.append(numpy_helper.from_array(np.array(0, np.int64), "zero"))
+        nodes.append(helper.make_node("Gather", ["hidden", "zero"], ["scores"], axis=2))
     else:  # the mean over positions: every position counts
         nodes.append(helper.make_node("ReduceMean", ["hidden"], ["scores"], axes=[1], keepdims=0))
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", HIDDEN])]
     if head == "indexed":
-        inputs.append(helper.make_tensor_value_info("positions", TensorProto.INT64, ["batch", 1]))
+        inputs.append(helper.make_tensor_value_info("choice", TensorProto.FLOAT, ["batch", "sequence"]))
     shapes = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "sequence", HIDDEN])
               for name in ("attended_view", "projected", "biased", "joined", "normed", "down", "hidden")]
     graph = helper.make_graph(nodes, "block", inputs,
@@ -61,7 +65,7 @@ def run(model: onnx.ModelProto, feeds: dict, extra: str = "") -> list[np.ndarray
 @pytest.mark.parametrize("head", ["first", "indexed"])
 def test_a_head_reading_one_position_gets_its_last_block_at_that_position_only(head):
     x = np.random.default_rng(1).normal(size=(3, 5, HIDDEN)).astype(np.float32)
-    feeds = {"x": x, **({"positions": np.array([[4], [0], [2]], np.int64)} if head == "indexed" else {})}
+    feeds = {"x": x, **({"choice": np.eye(5, dtype=np.float32)[[4, 0, 2]]} if head == "indexed" else {})}
     model = block_graph(head)
     before, = run(model, feeds)
     assert pool_graph(model.graph)
@@ -71,8 +75,9 @@ def test_a_head_reading_one_position_gets_its_last_block_at_that_position_only(h
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
 
 
-def test_a_head_reading_every_position_is_left_as_it_is():
-    model = block_graph("mean")
+@pytest.mark.parametrize("head", ["mean", "feature"])
+def test_a_head_reading_every_position_is_left_as_it_is(head):
+    model = block_graph(head)
     unchanged = model.SerializeToString()
     assert not pool_graph(model.graph)
     assert model.SerializeToString() == unchanged

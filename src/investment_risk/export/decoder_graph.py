@@ -2,7 +2,7 @@
 onnxruntime-genai's model builder, with the run's score head appended.
 
     merged PyTorch model -> causal-LM checkpoint (safetensors) -> builder (fp16|bf16, cuda, no LM head) ->
-    graph surgery: no KV cache, the head on each row's last real token ->
+    graph surgery: no KV cache, the head on each row's last real token, the last block pooled there ->
     model.onnx (input_ids, attention_mask -> scores)
 
 Why the builder and not the dynamo export for this: its graph has one packed QKV MatMul and a GroupQueryAttention

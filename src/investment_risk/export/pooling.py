@@ -131,13 +131,14 @@ def _head_after(join: Any, readers: dict[str, list[Any]]) -> Any:
     working position by position; None otherwise."""
     heads, seen, frontier = [], set(), [name for name in join.output if name]
     while frontier:
-        for node in readers.get(frontier.pop(), []):
+        name = frontier.pop()
+        for node in readers.get(name, []):
             if id(node) in seen:
                 continue
             seen.add(id(node))
-            if node.op_type in ("Gather", "GatherND"):
+            if node.op_type in ("Gather", "GatherND") and node.input[0] == name:
                 heads.append(node)
-            elif node.op_type in PER_POSITION_OPS or node is join:
+            elif node.op_type in PER_POSITION_OPS:
                 frontier.extend(name for name in node.output if name)
             else:
                 return None
@@ -156,8 +157,11 @@ def _pooled_position(head: Any, producer: dict[str, Any], constants: dict[str, n
             index = numpy_helper.to_array(made.attribute[0].t)
         first = index is not None and index.ndim == 0 and int(index) == 0
         return "first" if first and attributes.get("axis", 0) == 1 else None
-    if attributes.get("batch_dims", 0) == 1:
-        return head.input[1]
+    if attributes.get("batch_dims", 0) == 1:  # (batch, 1) positions, as an ArgMax that keeps its axis makes them
+        made = producer.get(head.input[1])
+        kept = made is not None and made.op_type == "ArgMax" and \
+            {a.name: a.i for a in made.attribute}.get("keepdims", 1) == 1
+        return head.input[1] if kept else None
     concat = producer.get(head.input[1])
     if concat is None or concat.op_type != "Concat" or len(concat.input) != 2:
         return None
