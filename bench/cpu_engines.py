@@ -146,12 +146,13 @@ def int8_projection_gops(hidden: int, intermediate: int, threads: int, tokens: i
     return tokens * 2 * (4 * hidden * hidden + 2 * hidden * intermediate) / seconds / 1e9
 
 
-def gflop_per_row(config, lengths: np.ndarray) -> tuple[float, float]:
+def gflop_per_row(config, lengths: np.ndarray, pooled: bool = False) -> tuple[float, float]:
     """Matrix-multiply work per row in the batches the scorer forms (padded widths included), as (projections,
     attention): per layer and token the Q, K, V, output and two feed-forward projections; and the scores and their
     weighted sum over the row's batch width. Embeddings, norms, softmax and the head are left out (little
     arithmetic). For minilm at 128 tokens the projections are what torch's FlopCounterMode counts for the same
-    batches (2.718 GFLOP/row)."""
+    batches (2.718 GFLOP/row). `pooled`: the exported graph's work, whose last block runs its output and
+    feed-forward projections at the one position the head reads (export/pooling.py)."""
     from investment_risk.modeling.tokens import length_batches
     from investment_risk.modeling.predict import CPU_TOKEN_BUDGET
 
@@ -160,30 +161,37 @@ def gflop_per_row(config, lengths: np.ndarray) -> tuple[float, float]:
     for batch in length_batches(lengths, CPU_TOKEN_BUDGET, 256):
         width = int(lengths[batch].max())
         projections += len(batch) * layers * 2 * width * (4 * h * h + 2 * h * i)
+        if pooled:  # the last block's output and feed-forward projections at one position, not `width`
+            projections -= len(batch) * 2 * (width - 1) * (h * h + 2 * h * i)
         attention += len(batch) * layers * 2 * 2 * width * width * h
     return projections / len(lengths) / 1e9, attention / len(lengths) / 1e9
 
 
+GRAPH_ENGINES = ("onnx_fp32_fused", "openvino_f32", "onnx_int8_fused", "default_cpu")  # they read pooled graphs
+
+
 def fp32_roofline(config, rows: list, threads: int, measured: dict) -> dict:
-    """How close each fp32 engine runs to this machine's fp32 matrix-multiply peak, and the most any fp32 engine
-    could gain over PyTorch fp32 eager here (its ceiling)."""
+    """How close each fp32 engine runs to this machine's fp32 matrix-multiply peak (on the work its graph does),
+    and the most an fp32 engine on the exported graph could gain over PyTorch fp32 eager here (its ceiling)."""
     peak = fp32_matmul_peak(config.hidden_size, config.intermediate_size, threads)
-    work = sum(gflop_per_row(config, np.array([len(r) for r in rows])))
-    out = {"fp32_matmul_peak_gflops": round(peak, 1), "gflop_per_row": round(work, 3),
-           "fp32_ceiling_rows_per_second": round(peak / work, 1),
-           "fp32_ceiling_vs_torch_fp32": round(peak / work / measured["torch_fp32"][0], 2)}
+    lengths = np.array([len(r) for r in rows])
+    work = {pooled: sum(gflop_per_row(config, lengths, pooled)) for pooled in (False, True)}
+    out = {"fp32_matmul_peak_gflops": round(peak, 1), "gflop_per_row": round(work[False], 3),
+           "gflop_per_row_pooled_graph": round(work[True], 3),
+           "fp32_ceiling_rows_per_second": round(peak / work[True], 1),
+           "fp32_ceiling_vs_torch_fp32": round(peak / work[True] / measured["torch_fp32"][0], 2)}
     for name in ("torch_fp32", "onnx_fp32_fused", "onnx_fp32_unfused", "openvino_f32"):
         if name in measured:
-            out[f"{name}_share_of_peak"] = round(measured[name][0] * work / peak, 3)
+            out[f"{name}_share_of_peak"] = round(measured[name][0] * work[name in GRAPH_ENGINES] / peak, 3)
     print(f"fp32 roofline: {out}", flush=True)
     return out
 
 
 def int8_roofline(config, rows: list, threads: int, measured: dict, fp32_peak: float) -> dict:
-    """The most ONNX Runtime's dynamic int8 could gain over PyTorch fp32 eager here: every row's projections at the
-    int8 kernels' best measured speed on the model's shapes, attention scores and their weighted sum (fp32 in the
-    twin) at the fp32 peak, and nothing else (norms, GELU, softmax) costing any time."""
-    projection_gflop, attention_gflop = gflop_per_row(config, np.array([len(r) for r in rows]))
+    """The most ONNX Runtime's dynamic int8 could gain over PyTorch fp32 eager here: every row's projections in the
+    pooled graph at the int8 kernels' best measured speed on the model's shapes, attention scores and their
+    weighted sum (fp32 in the twin) at the fp32 peak, and nothing else (norms, GELU, softmax) costing any time."""
+    projection_gflop, attention_gflop = gflop_per_row(config, np.array([len(r) for r in rows]), pooled=True)
     int8_gops = int8_projection_gops(config.hidden_size, config.intermediate_size, threads)
     seconds = projection_gflop / int8_gops + attention_gflop / fp32_peak
     out = {"int8_projection_gops": round(int8_gops, 1),
