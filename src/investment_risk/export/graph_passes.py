@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..modeling.description import onnx_files
-from .pooling import ATTENTION_OPS, pool_last_block
+from .pooling import ATTENTION_OPS, pool_last_block, pooled_nodes
 
 OPSET = 18  # at 23 torch writes the standard Attention op, which onnxscript's ORT fusions do not match
 # Kept in fp32 in a reduced-precision graph: reductions and exponentials that overflow in fp16.
@@ -220,6 +220,7 @@ def quantize_dynamic_int8(source: Path, out: Path, external: bool, padding_mask_
     root.setLevel(logging.ERROR)  # the quantiser advises pre-processing on the root logger at every call
     try:
         quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                         nodes_to_exclude=pooled_nodes(source),
                          per_channel=True, reduce_range=True, use_external_data_format=external,
                          # fused ops (SkipLayerNormalization) defeat shape inference; their outputs are fp32
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})

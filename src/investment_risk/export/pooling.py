@@ -40,6 +40,24 @@ def pool_last_block(path: Path) -> bool:
     return pooled
 
 
+def pooled_nodes(path: Path) -> list[str]:
+    """The names of the nodes past the pooling (the last block's projections and MLP, the head): they run on one
+    position a row, so quantising them saves nothing, and a static int8 twin would calibrate their activations on
+    one vector per calibration row (NNCF on tiny-qwen2: max |Δ| 0.29 against 0.045 unpooled). The int8 twins
+    leave them in fp32."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    reached = {name for node in graph.node for name in node.output if name.endswith("/pooled")}
+    names = []
+    for node in graph.node:  # topological: what a node reads is reached before it
+        if reached & set(_reads(node)):
+            reached.update(node.output)
+            if node.name:
+                names.append(node.name)
+    return names
+
+
 def pool_graph(graph: Any) -> bool:
     """The rewrite of `pool_last_block` on a GraphProto; False (and the graph untouched) where it does not apply."""
     from onnx import helper, numpy_helper
@@ -91,15 +109,18 @@ def pool_graph(graph: Any) -> bool:
         graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), f"{prefix}/start"),
                                   numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/one")])
         pool = lambda name: helper.make_node(  # noqa: E731
-            "Slice", [name, f"{prefix}/start", f"{prefix}/one", f"{prefix}/one"], [f"{name}/pooled"])
+            "Slice", [name, f"{prefix}/start", f"{prefix}/one", f"{prefix}/one"], [f"{name}/pooled"],
+            name=f"{name}/pool")
     else:
         graph.initializer.append(numpy_helper.from_array(np.array([-1, 1, 1], np.int64), f"{prefix}/shape"))
-        added.append(helper.make_node("Reshape", [position, f"{prefix}/shape"], [f"{prefix}/index"]))
+        added.append(helper.make_node("Reshape", [position, f"{prefix}/shape"], [f"{prefix}/index"],
+                                      name=f"{prefix}/index"))
         pool = lambda name: helper.make_node(  # noqa: E731
-            "GatherND", [name, f"{prefix}/index"], [f"{name}/pooled"], batch_dims=1)
+            "GatherND", [name, f"{prefix}/index"], [f"{name}/pooled"], name=f"{name}/pool", batch_dims=1)
         # the head reads a sequence of one now
         graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axis"))
-        squeeze = helper.make_node("Squeeze", [head.input[0], f"{prefix}/axis"], list(head.output))
+        squeeze = helper.make_node("Squeeze", [head.input[0], f"{prefix}/axis"], list(head.output),
+                                   name=head.name or f"{prefix}/head")
         nodes[nodes.index(head)] = squeeze
     added += [pool(hidden), pool(residual)]
     projection.input[0], join.input[residual_at] = f"{hidden}/pooled", f"{residual}/pooled"

@@ -21,6 +21,7 @@ from ..core.logs import get_logger
 from ..modeling.description import INT8_FILE
 from ..modeling.predict import padded_batches
 from ..modeling.tokens import article_texts, encode, sorted_batches
+from .pooling import pooled_nodes
 
 CALIBRATION_ROWS = 128  # training articles; 16 batches of 8, as NNCF's transformer recipe suggests
 CALIBRATION_BATCH = 8
@@ -96,6 +97,7 @@ def quantize_int8(model_path: Path, rows: list[np.ndarray], pad_id: int, externa
     with contextlib.redirect_stdout(sys.stderr):
         quantized = nncf.quantize(onnx.load(str(model_path), load_external_data=not external), nncf.Dataset(samples),
                                   model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples),
+                                  ignored_scope=nncf.IgnoredScope(names=pooled_nodes(model_path), validate=False),
                                   advanced_parameters=advanced)
     out = model_path.with_name(INT8_FILE)
     onnx.save(quantized, str(out), save_as_external_data=external, location=f"{INT8_FILE}.data")
