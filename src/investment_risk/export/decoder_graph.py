@@ -149,9 +149,9 @@ def attach_score_head(built: Path, target: Path, score_weight: np.ndarray, pad_i
         # in float: the CUDA provider has no int64 ArgMax, and a CPU one would copy the ids off the GPU mid-run
         helper.make_node("Cast", [f"{head}/token_positions"], [f"{head}/token_positions_f"], to=TensorProto.FLOAT),
         helper.make_node("ArgMax", [f"{head}/token_positions_f"], [f"{head}/last"], axis=-1, keepdims=1),
-        helper.make_node("GatherND", ["hidden_states", f"{head}/last"], [f"{head}/pooled"], batch_dims=1),
-        helper.make_node("Cast", [f"{head}/pooled"], [f"{head}/pooled_fp32"], to=TensorProto.FLOAT),
-        helper.make_node("MatMul", [f"{head}/pooled_fp32", f"{head}/weight"], ["scores"]),
+        helper.make_node("GatherND", ["hidden_states", f"{head}/last"], [f"{head}/last_hidden"], batch_dims=1),
+        helper.make_node("Cast", [f"{head}/last_hidden"], [f"{head}/last_hidden_fp32"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", [f"{head}/last_hidden_fp32", f"{head}/weight"], ["scores"]),
     ])
     graph.output.extend([helper.make_tensor_value_info("scores", TensorProto.FLOAT,
                                                        ["batch_size", score_weight.shape[0]])])

@@ -26,6 +26,7 @@ PER_POSITION_OPS = frozenset({
     "SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "BiasGelu", "Gelu",
     "FastGelu", "QuickGelu"})
 SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+POOLED = "/pooled"  # the suffix of the two pooled values: what is past the pooling is found from them
 
 
 def pool_last_block(path: Path) -> bool:
@@ -48,14 +49,19 @@ def pooled_nodes(path: Path) -> list[str]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    reached = {name for node in graph.node for name in node.output if name.endswith("/pooled")}
-    names = []
-    for node in graph.node:  # topological: what a node reads is reached before it
-        if reached & set(_reads(node)):
-            reached.update(node.output)
-            if node.name:
-                names.append(node.name)
-    return names
+    pooled = {name for node in graph.node for name in node.output if name.endswith(POOLED)}
+    return [node.name for node in _past(graph.node, pooled) if node.name]
+
+
+def _past(nodes: Any, values: set[str]) -> list[Any]:
+    """The nodes that read `values` or what those nodes write, in turn; `nodes` in topological order. `values`
+    grows by what they write."""
+    found = []
+    for node in nodes:
+        if values & set(_reads(node)):
+            values.update(node.output)
+            found.append(node)
+    return found
 
 
 def pool_graph(graph: Any) -> bool:
@@ -68,10 +74,8 @@ def pool_graph(graph: Any) -> bool:
         for name in _reads(node):
             readers.setdefault(name, []).append(node)
     producer = {out: node for node in nodes for out in node.output if out}
-    weights = {t.name for t in graph.initializer}
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer if not t.external_data}
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.input, *graph.value_info)
-             if v.type.tensor_type.HasField("shape")}
+    weights = {t.name: t for t in graph.initializer}
+    recorded = {v.name: v for v in (*graph.input, *graph.value_info) if v.type.tensor_type.HasField("shape")}
 
     def only_reader(name: str) -> Any:
         found = readers.get(name, [])
@@ -94,12 +98,12 @@ def pool_graph(graph: Any) -> bool:
         return False
     residual_at = 1 - list(join.input[:2]).index(out)
     residual = join.input[residual_at]
-    if ranks.get(hidden) != 3 or ranks.get(residual) != 3:
+    if any(name not in recorded or len(recorded[name].type.tensor_type.shape.dim) != 3 for name in (hidden, residual)):
         return False
     head = _head_after(join, readers)
     if head is None:
         return False
-    position = _pooled_position(head, producer, constants)
+    position = _pooled_position(head, producer, weights)
     if position is None:
         return False
 
@@ -109,34 +113,30 @@ def pool_graph(graph: Any) -> bool:
         graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), f"{prefix}/start"),
                                   numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/one")])
         pool = lambda name: helper.make_node(  # noqa: E731
-            "Slice", [name, f"{prefix}/start", f"{prefix}/one", f"{prefix}/one"], [f"{name}/pooled"],
+            "Slice", [name, f"{prefix}/start", f"{prefix}/one", f"{prefix}/one"], [name + POOLED],
             name=f"{name}/pool")
     else:
         graph.initializer.append(numpy_helper.from_array(np.array([-1, 1, 1], np.int64), f"{prefix}/shape"))
         added.append(helper.make_node("Reshape", [position, f"{prefix}/shape"], [f"{prefix}/index"],
                                       name=f"{prefix}/index"))
         pool = lambda name: helper.make_node(  # noqa: E731
-            "GatherND", [name, f"{prefix}/index"], [f"{name}/pooled"], name=f"{name}/pool", batch_dims=1)
+            "GatherND", [name, f"{prefix}/index"], [name + POOLED], name=f"{name}/pool", batch_dims=1)
         # the head reads a sequence of one now
         graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axis"))
         squeeze = helper.make_node("Squeeze", [head.input[0], f"{prefix}/axis"], list(head.output),
                                    name=head.name or f"{prefix}/head")
         nodes[nodes.index(head)] = squeeze
     added += [pool(hidden), pool(residual)]
-    projection.input[0], join.input[residual_at] = f"{hidden}/pooled", f"{residual}/pooled"
+    projection.input[0], join.input[residual_at] = hidden + POOLED, residual + POOLED
     at = nodes.index(projection)
     nodes = nodes[:at] + added + nodes[at:]
     # Shapes recorded past the pooling say (batch, sequence, ...): a sequence of one now. Kept, not dropped:
     # the contrib operators have no shape inference, and NNCF's graph needs the shapes to see its edges.
-    recorded = {v.name: v for v in (*graph.input, *graph.value_info)}
     for name in (hidden, residual):
-        if name in recorded:
-            graph.value_info.append(recorded[name].__deepcopy__())
-            graph.value_info[-1].name = f"{name}/pooled"
-    pooled = {f"{hidden}/pooled", f"{residual}/pooled"}
-    for node in nodes[at:]:
-        if pooled & set(node.input):
-            pooled.update(node.output)
+        graph.value_info.append(recorded[name].__deepcopy__())
+        graph.value_info[-1].name = name + POOLED
+    pooled = {hidden + POOLED, residual + POOLED}
+    _past(nodes[at:], pooled)
     for info in graph.value_info:
         dims = info.type.tensor_type.shape.dim
         if info.name in pooled and len(dims) == 3:
@@ -166,16 +166,17 @@ def _head_after(join: Any, readers: dict[str, list[Any]]) -> Any:
     return heads[0] if len(heads) == 1 else None
 
 
-def _pooled_position(head: Any, producer: dict[str, Any], constants: dict[str, np.ndarray]) -> str | None:
+def _pooled_position(head: Any, producer: dict[str, Any], weights: dict[str, Any]) -> str | None:
     """'first', or the name of a (batch,) or (batch, 1) tensor of the positions `head` reads; None when it is not
     one of the heads this module knows."""
+    from onnx import numpy_helper
+
     attributes = {a.name: a.i for a in head.attribute}
     if head.op_type == "Gather":
-        index = constants.get(head.input[1])
-        if index is None and (made := producer.get(head.input[1])) is not None and made.op_type == "Constant":
-            from onnx import numpy_helper
-
-            index = numpy_helper.to_array(made.attribute[0].t)
+        tensor = weights.get(head.input[1])
+        if tensor is None and (made := producer.get(head.input[1])) is not None and made.op_type == "Constant":
+            tensor = made.attribute[0].t
+        index = None if tensor is None or tensor.external_data else numpy_helper.to_array(tensor)
         first = index is not None and index.ndim == 0 and int(index) == 0
         return "first" if first and attributes.get("axis", 0) == 1 else None
     if attributes.get("batch_dims", 0) == 1:  # (batch, 1) positions, as an ArgMax that keeps its axis makes them
