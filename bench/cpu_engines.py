@@ -216,7 +216,7 @@ def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
     from investment_risk.modeling.tokens import article_texts, encode
 
     run = trained_run(root, max_length, rows_n * 2 + 64)
-    module, tokenizer, meta = scoring_module(run)
+    module, tokenizer, meta = scoring_module(run, pooled=True)  # as score --backend torch runs it
     val = read_articles([root / "data" / "val.parquet"], labels=DIMENSIONS).slice(0, rows_n)
     rows, labels = encode(tokenizer, article_texts(val), max_length), label_matrix(val)
     pad = tokenizer.pad_token_id

@@ -28,6 +28,8 @@ import torch
 from gpu_train import DEVICE, QWEN25_15B, SMOKE, TINY  # noqa: E402  (same directory)
 from kernel_profile import profile_kernels  # noqa: E402
 
+from investment_risk.modeling.pooled_block import pool_last_block  # noqa: E402
+
 
 def build(dtype: torch.dtype, pad_id: int) -> torch.nn.Module:
     from transformers import AutoModelForSequenceClassification, Qwen2Config
@@ -254,9 +256,10 @@ def main() -> None:
 
     ours = [pad_batch([rows[i] for i in b], pad) for b in length_batches(lengths, args.token_budget, 256)]
     model = build(torch.bfloat16, pad)
+    pooled = pool_last_block(model)  # as the product's torch backend runs it
     seconds = run(model, ours, autocast=False)
     results["torch_bf16_sdpa_bucketed"] = {"articles_per_second": round(len(rows) / seconds, 1), "batches": len(ours),
-                                           "token_budget": args.token_budget}
+                                           "token_budget": args.token_budget, "pooled_last_block": pooled}
     save()
     profiled = heaviest(ours)
     results["torch_bf16_sdpa_bucketed"]["kernel_profile"] = profile_kernels(

@@ -474,9 +474,13 @@ def test_compile_trains_to_the_same_result(split_dir, tmp_path, monkeypatch):
     import torch
     from torch._dynamo import guards
 
+    from investment_risk.modeling import pooled_block
     from investment_risk.training import distillation
 
     MAX = 512  # long enough that the batches differ in length, not only in rows
+    # Both of tiny-qwen2's blocks whole, so both compile and a per-layer recompile would show; a pooled last block
+    # stays eager (tests/test_pooled_block.py).
+    monkeypatch.setattr(pooled_block, "pool_last_block", lambda model: False)
     calls = []
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(model) or real_compile(model, **kw))

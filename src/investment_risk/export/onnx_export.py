@@ -30,7 +30,7 @@ from ..modeling.description import (CPU_ENGINES, DYNAMIC_INT8_FILE, TWIN_FILES, 
                                     model_version, onnx_files, sha256_file)
 from ..modeling.onnx_runtime import OnnxRunner
 from ..modeling.loading import scoring_module
-from ..modeling.networks import CAUSAL_TYPES
+from ..modeling.presets import CAUSAL_TYPES
 from ..modeling.predict import TorchRunner, padded_batches, predict, token_budget_for
 from ..modeling.tokens import article_texts, encode
 from .cpu_engine import MAE_TOLERANCE

@@ -68,10 +68,12 @@ def load_instruction_run(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, di
     return model.eval(), tokenizer, metadata
 
 
-def scoring_module(run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
+def scoring_module(run_dir: Path, pooled: bool = False) -> tuple[Any, Any, dict[str, Any]]:
     """The run's model as a module (input_ids, attention_mask) -> scores (n, 8), the adapter merged in.
 
-    An instruction run's module is its score head on the prompt's last token: one forward pass, no generation."""
+    An instruction run's module is its score head on the prompt's last token: one forward pass, no generation.
+    `pooled`: a distillation decoder's last block computes at the head's position only (`pooled_block`); for
+    scoring, not for export, whose graph pass pools the graph."""
     import torch
 
     metadata = _run_metadata(run_dir)
@@ -82,6 +84,10 @@ def scoring_module(run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
     else:
         model, tokenizer, metadata = load_run_model(run_dir)
         inner = model.merge_and_unload()
+        if pooled:
+            from .pooled_block import pool_last_block
+
+            pool_last_block(inner)
 
         def forward(input_ids: Any, attention_mask: Any) -> Any:
             return inner(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -184,7 +190,7 @@ def load_runner(model: ModelDescription, backend: str, device: str = "auto", thr
         raise InputError(f"{model.path}: --backend torch needs the source run {model.source_run}, which is gone")
     torch_device = pick_device(device)
     on_cuda = torch_device.type == "cuda"
-    module, _, _ = scoring_module(model.source_run)
+    module, _, _ = scoring_module(model.source_run, pooled=True)
     module = module.to(torch_device, dtype=torch.bfloat16 if on_cuda else torch.float32).eval()
     if not on_cuda:
         from .onnx_runtime import usable_cpus

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..core.errors import ConfigError
 from ..core.spec import NUM_DIMENSIONS
-from .presets import BaseModel, load_config, quiet_libraries
+from .presets import CAUSAL_TYPES, BaseModel, load_config, quiet_libraries
 
 # LoRA targets per architecture: every attention and MLP projection.
 LORA_TARGETS: dict[str, Any] = {
@@ -21,7 +21,6 @@ LORA_TARGETS: dict[str, Any] = {
 # Modules trained in full beside the adapter: the regression head (and BERT's pooler, which feeds it).
 HEAD_MODULES = {"bert": ["classifier", "pooler"], "roberta": ["classifier"]}
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.05
-CAUSAL_TYPES = ("qwen2", "llama", "mistral")
 
 
 def lora_config(model_type: str, task: str = "SEQ_CLS") -> Any:
@@ -36,7 +35,8 @@ def lora_config(model_type: str, task: str = "SEQ_CLS") -> Any:
 
 
 def regression_model(base: BaseModel, tokenizer: Any, dtype: Any = None, meta: bool = False) -> Any:
-    """Base model + 8-output regression head + LoRA on every attention and MLP projection."""
+    """Base model + 8-output regression head + LoRA on every attention and MLP projection (a decoder's last block
+    pooled, `pooled_block`)."""
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
@@ -56,6 +56,9 @@ def regression_model(base: BaseModel, tokenizer: Any, dtype: Any = None, meta: b
     for param in peft_model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+    from .pooled_block import pool_last_block
+
+    pool_last_block(peft_model)  # a decoder's last block at the head's position only: training and validation
     return peft_model
 
 
@@ -80,16 +83,22 @@ class InstructionModel(_torch().nn.Module):
         self.lm = lm
         self.head = torch.nn.Linear(hidden_size, NUM_DIMENSIONS)
 
-    def forward(self, input_ids: Any, attention_mask: Any, prompt_end: Any) -> tuple[Any, Any]:
+    def forward(self, input_ids: Any, attention_mask: Any, prompt_end: Any, logits_from: int = 0) -> tuple[Any, Any]:
+        """(the LM's logits at positions `logits_from` onwards, the head's scores at `prompt_end`).
+
+        The LM head is about 15 % of a 1.5B model's work per position and its fp32 logits the largest tensor of a
+        step: the prompt's positions, which are read and not learned, are best not projected at all."""
         torch = _torch()
         # No KV cache: one pass (training or scoring) never reuses it; generation calls `self.lm` with one.
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
+                      logits_to_keep=input_ids.shape[1] - logits_from)
         pooled = out.hidden_states[-1][torch.arange(input_ids.shape[0], device=input_ids.device), prompt_end]
         return out.logits, self.head(pooled.float())
 
     def score(self, input_ids: Any, attention_mask: Any) -> Any:
-        """The head on a batch of prompts (right-padded, no target): one forward pass, no generation."""
-        _, scores = self(input_ids, attention_mask, attention_mask.sum(dim=1) - 1)
+        """The head on a batch of prompts (right-padded, no target): one forward pass, no generation, and the LM
+        head at one position (none would be all of them: `logits_to_keep=0`)."""
+        _, scores = self(input_ids, attention_mask, attention_mask.sum(dim=1) - 1, input_ids.shape[1] - 1)
         return scores
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

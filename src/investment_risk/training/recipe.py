@@ -168,11 +168,14 @@ def compile_blocks(model: Any) -> None:
     model compiled took a step from 35k to 60k tokens/s on an H200), but compiling the whole model cost a 1.5B model
     143 s on an H100 at its first batch and 210 s more at the second batch length: every new shape recompiled it.
     Identical blocks share their kernels, any batch shape reuses them, and parameter names stay as they are for
-    checkpoints and the adapter."""
+    checkpoints and the adapter. A pooled last block (`pooled_block`) stays eager: its own code would be one more
+    compilation for a block that does a fraction of the others' work."""
     from transformers import PreTrainedModel
 
+    from ..modeling.pooled_block import POSITIONS
+
     names = {name for m in model.modules() if isinstance(m, PreTrainedModel) for name in m._no_split_modules or ()}
-    for block in [m for m in model.modules() if type(m).__name__ in names]:
+    for block in [m for m in model.modules() if type(m).__name__ in names and not hasattr(m, POSITIONS)]:
         block.compile(dynamic=True)
 
 
