@@ -1,7 +1,8 @@
 """Every CPU engine side by side (issue 12): same model, same rows, same batches, same threads.
 
 minilm trained briefly here, exported once (fused); at 128 and at 512 tokens, on the same validation rows:
-PyTorch fp32 eager, PyTorch bf16 autocast, ONNX Runtime fp32 on the unfused dynamo graph, on the fused one and on
+PyTorch fp32 eager and bf16 autocast (the model as transformers runs it, and with its last block pooled as
+`score --backend torch` runs it), ONNX Runtime fp32 on the unfused dynamo graph, on the fused one and on
 the older TorchScript + ONNX Runtime optimizer graph, ONNX Runtime int8 (dynamic, after fusion), OpenVINO f32 and
 bf16, OpenVINO on the static int8 (NNCF) graph, and the product's default CPU path (the engine export chose, as
 `score` runs it without flags), timed in interleaved rounds. rows/s, ratios, and each engine's val MAE beside fp32's.
@@ -151,8 +152,9 @@ def gflop_per_row(config, lengths: np.ndarray, pooled: bool = False) -> tuple[fl
     attention): per layer and token the Q, K, V, output and two feed-forward projections; and the scores and their
     weighted sum over the row's batch width. Embeddings, norms, softmax and the head are left out (little
     arithmetic). For minilm at 128 tokens the projections are what torch's FlopCounterMode counts for the same
-    batches (2.718 GFLOP/row). `pooled`: the exported graph's work, whose last block runs its output and
-    feed-forward projections at the one position the head reads (export/pooling.py)."""
+    batches (2.718 GFLOP/row). `pooled`: the work of a pooled model, whose last block runs its output and
+    feed-forward projections at the one position the head reads (export/pooling.py, modeling/pooled_block.py;
+    PyTorch's runs its query there too, left in: a small share)."""
     from investment_risk.modeling.tokens import length_batches
     from investment_risk.modeling.predict import CPU_TOKEN_BUDGET
 
@@ -167,7 +169,9 @@ def gflop_per_row(config, lengths: np.ndarray, pooled: bool = False) -> tuple[fl
     return projections / len(lengths) / 1e9, attention / len(lengths) / 1e9
 
 
-GRAPH_ENGINES = ("onnx_fp32_fused", "openvino_f32", "onnx_int8_fused", "default_cpu")  # they read pooled graphs
+# The engines whose last block runs at one position: the fused graphs' (export/pooling.py) and PyTorch's
+# (modeling/pooled_block.py); the unfused graph is exported as it is.
+POOLED_ENGINES = ("torch_fp32_pooled", "onnx_fp32_fused", "openvino_f32", "onnx_int8_fused", "default_cpu")
 
 
 def fp32_roofline(config, rows: list, threads: int, measured: dict) -> dict:
@@ -179,10 +183,11 @@ def fp32_roofline(config, rows: list, threads: int, measured: dict) -> dict:
     out = {"fp32_matmul_peak_gflops": round(peak, 1), "gflop_per_row": round(work[False], 3),
            "gflop_per_row_pooled_graph": round(work[True], 3),
            "fp32_ceiling_rows_per_second": round(peak / work[True], 1),
-           "fp32_ceiling_vs_torch_fp32": round(peak / work[True] / measured["torch_fp32"][0], 2)}
-    for name in ("torch_fp32", "onnx_fp32_fused", "onnx_fp32_unfused", "openvino_f32"):
+           "fp32_ceiling_vs_torch_fp32": round(peak / work[True] / measured["torch_fp32"][0], 2),
+           "fp32_ceiling_vs_torch_fp32_pooled": round(peak / work[True] / measured["torch_fp32_pooled"][0], 2)}
+    for name in ("torch_fp32", "torch_fp32_pooled", "onnx_fp32_fused", "onnx_fp32_unfused", "openvino_f32"):
         if name in measured:
-            out[f"{name}_share_of_peak"] = round(measured[name][0] * work[name in GRAPH_ENGINES] / peak, 3)
+            out[f"{name}_share_of_peak"] = round(measured[name][0] * work[name in POOLED_ENGINES] / peak, 3)
     print(f"fp32 roofline: {out}", flush=True)
     return out
 
@@ -216,7 +221,8 @@ def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
     from investment_risk.modeling.tokens import article_texts, encode
 
     run = trained_run(root, max_length, rows_n * 2 + 64)
-    module, tokenizer, meta = scoring_module(run, pooled=True)  # as score --backend torch runs it
+    module, tokenizer, meta = scoring_module(run)  # what export traces (the graphs below are exported from it)
+    pooled_module, _, _ = scoring_module(run, pooled=True)  # as score --backend torch runs it
     val = read_articles([root / "data" / "val.parquet"], labels=DIMENSIONS).slice(0, rows_n)
     rows, labels = encode(tokenizer, article_texts(val), max_length), label_matrix(val)
     pad = tokenizer.pad_token_id
@@ -235,8 +241,12 @@ def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
     torch.set_num_threads(threads)
     cpu = torch.device("cpu")
     candidates = {
+        # The issue's baselines: the model as transformers runs it. Beside them PyTorch doing the fused graphs'
+        # work (its last block pooled too), as `score --backend torch` runs it: the engines' own difference.
         "torch_fp32": TorchRunner(module, cpu),
         "torch_bf16_autocast": TorchRunner(module, cpu, torch.bfloat16),
+        "torch_fp32_pooled": TorchRunner(pooled_module, cpu),
+        "torch_bf16_pooled": TorchRunner(pooled_module, cpu, torch.bfloat16),
         "onnx_fp32_unfused": cpu_runner(root / f"unfused-{max_length}.onnx", "onnxruntime", threads),
         "onnx_fp32_fused": cpu_runner(model_dir / "model.onnx", "onnxruntime", threads),
         "onnx_fp32_torchscript_ort_optimizer": cpu_runner(
@@ -265,6 +275,9 @@ def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
                 "default_cpu_vs_torch_bf16": ratio("default_cpu", "torch_bf16_autocast"),
                 "default_cpu_mae_delta": out["default_cpu"]["val_mae_delta"],
                 "onnx_fp32_fused_vs_torch_fp32": ratio("onnx_fp32_fused", "torch_fp32"),
+                "default_cpu_vs_torch_fp32_pooled": ratio("default_cpu", "torch_fp32_pooled"),
+                "default_cpu_vs_torch_bf16_pooled": ratio("default_cpu", "torch_bf16_pooled"),
+                "onnx_fp32_fused_vs_torch_fp32_pooled": ratio("onnx_fp32_fused", "torch_fp32_pooled"),
                 "onnx_fp32_fused_vs_unfused": ratio("onnx_fp32_fused", "onnx_fp32_unfused")})
     out["fp32_roofline"] = fp32_roofline(module.inner.config, rows, threads, measured)
     out["int8_roofline"] = int8_roofline(module.inner.config, rows, threads, measured,

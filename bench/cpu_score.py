@@ -160,11 +160,12 @@ def main() -> None:
             measured.update(end_to_end(engine_root, length))
             results[f"engines_{length}_tokens"] = measured
     for key in ("default_cpu_vs_torch_fp32", "default_cpu_vs_torch_bf16", "default_cpu_mae_delta",
-                "onnx_fp32_fused_vs_torch_fp32", "score_default_vs_torch"):
+                "onnx_fp32_fused_vs_torch_fp32", "score_default_vs_torch", "default_cpu_vs_torch_fp32_pooled",
+                "default_cpu_vs_torch_bf16_pooled", "onnx_fp32_fused_vs_torch_fp32_pooled"):
         results[key] = {str(n): results[f"engines_{n}_tokens"][key] for n in (128, 512)}
     # The most any fp32 engine could gain over PyTorch fp32 eager on this machine (its fp32 matrix-multiply peak).
-    results["fp32_ceiling_vs_torch_fp32"] = {str(n): results[f"engines_{n}_tokens"]["fp32_roofline"]
-                                             ["fp32_ceiling_vs_torch_fp32"] for n in (128, 512)}
+    for key in ("fp32_ceiling_vs_torch_fp32", "fp32_ceiling_vs_torch_fp32_pooled"):
+        results[key] = {str(n): results[f"engines_{n}_tokens"]["fp32_roofline"][key] for n in (128, 512)}
     # ... and any int8 engine (ONNX Runtime's int8 kernels at their best on the model's shapes, nothing else costing)
     results["int8_ceiling_vs_torch_fp32"] = {str(n): results[f"engines_{n}_tokens"]["int8_roofline"]
                                              ["int8_ceiling_vs_torch_fp32"] for n in (128, 512)}
