@@ -89,3 +89,21 @@ def test_a_reference_that_mixes_calibrated_and_raw_scores_is_never_compared():
     assert calibration_mismatch(mixed, False) == calibration_mismatch(mixed, True) == (
         "the reference mixes calibrated and raw scores")
     assert calibration_mismatch({"calibrated": True}, True) == "" == calibration_mismatch({}, False)
+
+
+def test_a_recalibrated_reference_bins_each_raw_score_as_scoring_does():
+    """Raw scores kept whole through the reference's JSON: one fitted at an isotonic breakpoint, where the map climbs
+    steeply, lands in the bin scoring puts it in (rounded to 5 decimals it fell a bin lower)."""
+    from investment_risk.core.drift import make_reference, recalibrated_reference
+
+    raw = np.full((4, len(DIMENSIONS)), 3.0, dtype=np.float32)
+    raw[0, 1] = np.float32(3.5697443)
+    steep = np.float32(3.5697443)
+
+    def calibrate(r):
+        return np.where(r >= steep, 8.0, 7.9).astype(np.float32)
+
+    stored = json.loads(json.dumps(make_reference(calibrate(raw), ["GREEN"] * 4, "validation split", True, raw)))
+    redone = recalibrated_reference(stored, calibrate)
+    assert redone["histograms"] == score_histograms(calibrate(raw))
+    assert redone["histograms"][DIMENSIONS[1]][8] == 1  # the 8.0 bin, as scoring bins it

@@ -60,13 +60,15 @@ def model_tier_counts(tier_counts: dict[str, int], rows_prefiltered: int) -> dic
 def make_reference(scores: np.ndarray, tiers: list[str], source: str, calibrated: bool,
                    raw: np.ndarray) -> dict[str, Any]:
     """The reference of `scores`, keeping the `raw` (uncalibrated) scores they came from, so that a new calibration
-    can redo it without the model or the data (`recalibrated_reference`)."""
+    can redo it without the model or the data (`recalibrated_reference`). Kept whole (float32, as the model gave
+    them): an isotonic map can climb steeply between two breakpoints, and rounding a score fitted at one of them to
+    5 decimals moved it 7.9994 instead of 8.0, a bin lower than scoring puts the same article."""
     counts: dict[str, int] = {}
     for tier in tiers:
         counts[tier] = counts.get(tier, 0) + 1
     return {"source": source, "calibrated": calibrated, "rows": int(len(scores)), "edges": SCORE_EDGES,
             "histograms": score_histograms(scores), "tier_shares": shares(counts),
-            "raw_scores": np.round(np.asarray(raw, dtype=np.float64), 5).tolist()}
+            "raw_scores": np.asarray(raw, dtype=np.float32).tolist()}
 
 
 def recalibrated_reference(reference: dict[str, Any], calibrate: Callable[[np.ndarray], np.ndarray]
