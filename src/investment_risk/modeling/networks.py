@@ -58,7 +58,7 @@ def regression_model(base: BaseModel, tokenizer: Any, dtype: Any = None, meta: b
             param.data = param.data.float()
     from .pooled_block import pool_last_block
 
-    pool_last_block(peft_model)  # a decoder's last block at the head's position only: training and validation
+    pool_last_block(peft_model)  # the last block at the head's position only: training and validation
     return peft_model
 
 

@@ -57,15 +57,15 @@ def _pool(layer: Any, positions: _Positions, forward: Any) -> bool:
 def _pool_decoder(backbone: Any) -> bool:
     config = backbone.config
     layer = backbone.layers[config.num_hidden_layers - 1]
-    if hasattr(layer, POSITIONS):
-        return False
     # Qwen2 names each layer's window (None for full attention); Mistral's attention reads its config's.
     attn = layer.self_attn
     positions = _Positions(window=attn.sliding_window if hasattr(attn, "sliding_window")
                            else getattr(config, "sliding_window", None))
+    if not _pool(layer, positions, _pooled_decoder_forward):
+        return False
     backbone.register_forward_pre_hook(
         functools.partial(_read_positions, positions, config.get_text_config().pad_token_id), with_kwargs=True)
-    return _pool(layer, positions, _pooled_decoder_forward)
+    return True
 
 
 def _read_positions(positions: _Positions, pad_id: int | None, module: Any, args: tuple, kwargs: dict) -> None:
