@@ -152,9 +152,9 @@ def gflop_per_row(config, lengths: np.ndarray, pooled: bool = False) -> tuple[fl
     attention): per layer and token the Q, K, V, output and two feed-forward projections; and the scores and their
     weighted sum over the row's batch width. Embeddings, norms, softmax and the head are left out (little
     arithmetic). For minilm at 128 tokens the projections are what torch's FlopCounterMode counts for the same
-    batches (2.718 GFLOP/row). `pooled`: the work of a pooled model, whose last block runs its output and
-    feed-forward projections at the one position the head reads (export/pooling.py, modeling/pooled_block.py;
-    PyTorch's runs its query there too, left in: a small share)."""
+    batches (2.718 GFLOP/row). `pooled`: the work of a pooled encoder (this bench's minilm), whose last block runs
+    its query, attention, output and feed-forward projections for the one position the head reads, its keys and
+    values at every position (export/pooling.py, modeling/pooled_block.py)."""
     from investment_risk.modeling.tokens import length_batches
     from investment_risk.modeling.predict import CPU_TOKEN_BUDGET
 
@@ -163,9 +163,10 @@ def gflop_per_row(config, lengths: np.ndarray, pooled: bool = False) -> tuple[fl
     for batch in length_batches(lengths, CPU_TOKEN_BUDGET, 256):
         width = int(lengths[batch].max())
         projections += len(batch) * layers * 2 * width * (4 * h * h + 2 * h * i)
-        if pooled:  # the last block's output and feed-forward projections at one position, not `width`
-            projections -= len(batch) * 2 * (width - 1) * (h * h + 2 * h * i)
         attention += len(batch) * layers * 2 * 2 * width * width * h
+        if pooled:  # the last block's query, output and feed-forward projections at one position, not `width`
+            projections -= len(batch) * 2 * (width - 1) * (2 * h * h + 2 * h * i)
+            attention -= len(batch) * 2 * 2 * (width - 1) * width * h  # its scores for one query row
     return projections / len(lengths) / 1e9, attention / len(lengths) / 1e9
 
 

@@ -29,19 +29,26 @@ def read_out(out: Path) -> tuple[pa.Table, pa.Table]:
     return parts, rejects
 
 
-def assert_last_block_runs_on_one_position(path: Path) -> None:
-    """Past the last attention, the graph computes each row's pooled position only: the last block's output
-    projection, which reads the pooled attention, gives (batch, 1, hidden) on a batch of 9-token rows."""
+def assert_last_block_runs_on_one_position(path: Path, query_alone: bool = False) -> None:
+    """Past the last attention, the graph computes each row's pooled position only: the first MatMul that reads a
+    pooled value (the output projection; with `query_alone`, the query projection, and attention after it) gives
+    (batch, 1, hidden) on a batch of 9-token rows."""
     import onnx
     import onnxruntime as ort
 
+    from investment_risk.export.pooling import ATTENTION_OPS
+
     model = onnx.load(str(path))
-    (projection,) = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[0].endswith("/pooled")]
-    model.graph.output.extend([onnx.helper.make_empty_tensor_value_info(projection.output[0])])
+    (first,) = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[0].endswith("/pooled")]
+    checked = [first.output[0]]
+    if query_alone:
+        checked.append([n for n in model.graph.node if n.op_type in ATTENTION_OPS][-1].output[0])
+        assert first.output[0] in model.graph.node[[n.output[0] for n in model.graph.node].index(checked[1])].input
+    model.graph.output.extend([onnx.helper.make_empty_tensor_value_info(name) for name in checked])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = np.full((2, 9), 5, dtype=np.int64)
-    _, projected = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
-    assert projected.shape[:2] == (2, 1), projected.shape
+    _, *values = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    assert all(value.shape[:2] == (2, 1) for value in values), [value.shape for value in values]
 
 
 def test_export_writes_a_verified_model(exported):
@@ -1010,16 +1017,40 @@ def test_an_encoders_fp32_graph_packs_attention_and_its_int8_twin_does_not(minil
 
     info = export_run(minilm_run[0], tmp_path / "model", cpu_engine="onnxruntime-int8")
     model = tmp_path / "model"
-    assert info["fused_operators"].get("Attention", 0) > 0 and "MultiHeadAttention" not in info["fused_operators"]
     twin = info["cpu_engine"]["fused_operators"]
-    assert twin == fused_operator_counts(model / DYNAMIC_INT8_FILE) and twin.get("MultiHeadAttention", 0) > 0
+    assert twin == fused_operator_counts(model / DYNAMIC_INT8_FILE) and twin.get("MultiHeadAttention", 0) > 1
+    # every block's attention packed but the last's, whose query runs alone (below)
+    assert info["fused_operators"].get("Attention") == twin["MultiHeadAttention"] - 1, info["fused_operators"]
+    assert info["fused_operators"].get("MultiHeadAttention") == 1, info["fused_operators"]
     assert_projections_int8_before_the_pooling(model / DYNAMIC_INT8_FILE)
     assert sorted(p.name for p in model.iterdir() if p.is_dir()) == []  # the unpacked graph does not ship
-    # BERT's head reads the first token: both graphs run their last block there only
+    # BERT's head reads the first token: both graphs run their last block there only, attention for that query
     assert info["fusions"]["pool_last_block"] == 1
-    assert_last_block_runs_on_one_position(model / "model.onnx")
+    assert_last_block_runs_on_one_position(model / "model.onnx", query_alone=True)
     twin_graph = onnx.load(str(model / DYNAMIC_INT8_FILE), load_external_data=False).graph
-    assert sum(name.endswith("/pooled") for node in twin_graph.node for name in node.input) == 2
+    pools = [node for node in twin_graph.node if any(name.endswith("/pooled") for name in node.output)]
+    # the hidden state (the query projection's input and the residual) and the attention bias's first row
+    assert len(pools) == 2, [node.name for node in pools]
+
+
+def test_an_encoders_static_int8_twin_quantises_every_projection(minilm_run, tmp_path):
+    """NNCF leaves the projection inside a packed Attention in fp32: the static twin (OpenVINO's int8 engine) is
+    quantised from the graph before packing, so every MatMul but those past the pooling reads int8 weights."""
+    import onnx
+
+    from investment_risk.export.pooling import pooled_nodes
+    from investment_risk.modeling.description import INT8_FILE
+
+    info = export_run(minilm_run[0], tmp_path / "model", cpu_engine="openvino-int8")
+    assert info["cpu_engine"]["engine"] == "openvino-int8"
+    twin = tmp_path / "model" / INT8_FILE
+    graph = onnx.load(str(twin), load_external_data=False).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    matmuls = {n.name: producer.get(n.input[1]) for n in graph.node if n.op_type == "MatMul"}
+    assert "Attention" not in {n.op_type for n in graph.node}
+    assert len(matmuls) > len(pooled_nodes(twin)) > 0
+    assert {name: made for name, made in matmuls.items()
+            if made != "DequantizeLinear" and name not in pooled_nodes(twin)} == {}
 
 
 def test_an_encoders_fp16_graph_is_the_fused_dynamo_graph_converted(minilm_run, tmp_path):

@@ -96,7 +96,7 @@ def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], reque
                      external: bool, int8_source: Path, padding_mask_only: bool) -> dict[str, Any]:
     """Every CPU engine on the validation rows (or the parity rows), the default chosen by measurement; an engine
     named by --cpu-engine is measured alone beside the fp32 reference (a 1.5B model takes minutes per engine). The
-    int8 twins (ONNX Runtime's dynamic one, quantised from `int8_source`, and NNCF's static one) are made only where
+    int8 twins (ONNX Runtime's dynamic one and NNCF's static one, both quantised from `int8_source`) are made only where
     they could be chosen (labels to bound their error, or named) and kept only if chosen."""
     from .cpu_engine import choose_cpu_engine, measure_cpu_engines
     from .static_int8 import calibration_rows, int8_unavailable_reason, memory_shortfall, quantize_int8
@@ -116,8 +116,9 @@ def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], reque
                              lambda: quantize_dynamic_int8(int8_source, path.with_name(DYNAMIC_INT8_FILE), external,
                                                            padding_mask_only)),
         "openvino-int8": (lambda: int8_unavailable_reason(weight_bytes),
-                          lambda: quantize_int8(path, calibration_rows(tokenizer, metadata) or rows,
-                                                tokenizer.pad_token_id, external)),
+                          lambda: quantize_int8(int8_source, calibration_rows(tokenizer, metadata) or rows,
+                                                tokenizer.pad_token_id, external,
+                                                path.with_name(TWIN_FILES["openvino-int8"]))),
     }
     for twin, (unavailable, make) in twins.items():
         if twin not in engines:
@@ -336,9 +337,9 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         if parity["fp32_max_abs_diff"] > FP32_PARITY_LIMIT:
             raise ParityError(f"ONNX export of {run_dir} differs from PyTorch by {parity['fp32_max_abs_diff']:.2e} "
                               f"(limit {FP32_PARITY_LIMIT:g}); nothing was written to {out_dir}")
-        # ONNX Runtime's int8 graphs are quantised from the graph before attention was packed (fuse_graph says why)
+        # The int8 graphs are quantised from the graph before attention was packed (fuse_graph says why)
         unpacked = work / "unpacked"
-        wants_int8 = dtype == "int8" or (dtype == "fp32" and cpu_engine in ("auto", "onnxruntime-int8"))
+        wants_int8 = dtype == "int8" or (dtype == "fp32" and cpu_engine in ("auto", *TWIN_FILES))
         # fp32 and int8 graphs may be scored on the CPU (an fp32 export for CUDA falls back there too)
         fusions = fuse_graph(work / "model.onnx", external, unpacked if wants_int8 else None,
                              for_cpu=dtype in ("fp32", "int8"))

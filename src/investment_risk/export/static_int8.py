@@ -1,5 +1,7 @@
 """Static int8 for the CPU engines: NNCF quantises the fused fp32 graph's MatMuls (weights per channel, activations
-calibrated on training articles, SmoothQuant first) into a QDQ file beside model.onnx. OpenVINO runs it on the
+calibrated on training articles, SmoothQuant first) into a QDQ file beside model.onnx. It quantises the graph from
+before attention was packed: packed, the Q, K and V projections are inside the Attention operator, where NNCF
+leaves them in fp32. OpenVINO runs it on the
 CPU's int8 dot-product units (VNNI, AMX) and keeps the rest in bf16 where the CPU has bf16.
 
 It is one more candidate for the CPU default, measured like the others on the validation split: it wins only
@@ -77,8 +79,10 @@ def calibration_rows(tokenizer: Any, metadata: dict[str, Any]) -> list[np.ndarra
                   truncation=metadata.get("truncation", "head"))
 
 
-def quantize_int8(model_path: Path, rows: list[np.ndarray], pad_id: int, external: bool) -> Path:
-    """Write INT8_FILE beside `model_path` (the fused fp32 graph), calibrated on `rows`."""
+def quantize_int8(model_path: Path, rows: list[np.ndarray], pad_id: int, external: bool,
+                  out: Path | None = None) -> Path:
+    """Write `out` (INT8_FILE beside `model_path` by default) from `model_path` (a fused fp32 graph), calibrated on
+    `rows`."""
     import nncf
     import onnx
 
@@ -99,7 +103,7 @@ def quantize_int8(model_path: Path, rows: list[np.ndarray], pad_id: int, externa
                                   model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples),
                                   ignored_scope=nncf.IgnoredScope(names=pooled_nodes(model_path), validate=False),
                                   advanced_parameters=advanced)
-    out = model_path.with_name(INT8_FILE)
+    out = out or model_path.with_name(INT8_FILE)
     onnx.save(quantized, str(out), save_as_external_data=external, location=f"{INT8_FILE}.data")
     get_logger().info("int8_quantized", file=out.name, calibration_rows=len(rows), batches=len(samples))
     return out
