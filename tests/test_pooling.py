@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from investment_risk.export.pooling import pool_graph
+from investment_risk.export.pooling import pool_graph, pooled_nodes
 
 HIDDEN, HEADS = 8, 2
 
@@ -24,7 +24,7 @@ def attention_nodes(attention: str) -> tuple[list, list]:
                                  num_heads=HEADS)], []
     weights = [weight(f"w_{part}", HIDDEN, HIDDEN) for part in "qkv"] + [weight("b_qkv", 3 * HIDDEN)]
     if attention == "projected":
-        return [*(helper.make_node("MatMul", ["x", f"w_{part}"], [part]) for part in "qkv"),
+        return [*(helper.make_node("MatMul", ["x", f"w_{part}"], [part], name=f"project_{part}") for part in "qkv"),
                 helper.make_node("MultiHeadAttention", ["q", "k", "v", "b_qkv", "", "attention_bias"], ["attended"],
                                  domain="com.microsoft", num_heads=HEADS)], weights
     return [helper.make_node("Concat", ["w_q", "w_k", "w_v"], ["w_qkv"], axis=1),
@@ -100,7 +100,7 @@ def test_a_head_reading_one_position_gets_its_last_block_at_that_position_only(h
 
 
 @pytest.mark.parametrize("attention", ["projected", "packed"])
-def test_at_the_first_token_the_last_attention_runs_for_that_query_alone(attention):
+def test_at_the_first_token_the_last_attention_runs_for_that_query_alone(attention, tmp_path):
     rng = np.random.default_rng(3)
     # an attention bias that differs row by row: the query must read the first row's
     feeds = {"x": rng.normal(size=(3, 5, HIDDEN)).astype(np.float32),
@@ -113,6 +113,37 @@ def test_at_the_first_token_the_last_attention_runs_for_that_query_alone(attenti
     query = next(n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] == "w_q")
     after, projected, attended = run(model, feeds, query.output[0], "attended")
     assert projected.shape == attended.shape == (3, 1, HIDDEN)  # the query projection and attention: one row each
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+    # the int8 twins leave the one-row query projection in fp32, and quantise the keys' and values'
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    past = {n.input[1] for n in model.graph.node if n.name in pooled_nodes(tmp_path / "model.onnx")}
+    assert "w_q" in past and not past & {"w_k", "w_v"}
+
+
+@pytest.mark.parametrize("kind", ["causal", "key_padding_mask", "reshape"])
+def test_an_attention_whose_query_cannot_run_alone_is_pooled_after_it(kind):
+    """A causal mask (its one query would be read as the last position), a key padding mask (some of its forms
+    hold a row per query) or a Reshape after attention that names the sequence's length: attention runs for every
+    query, the block after it at the first token."""
+    rng = np.random.default_rng(4)
+    feeds = {"x": rng.normal(size=(3, 5, HIDDEN)).astype(np.float32),
+             "attention_bias": rng.normal(size=(3, 1, 5, 5)).astype(np.float32)}
+    model = block_graph("first", "projected")
+    mha = next(n for n in model.graph.node if n.op_type == "MultiHeadAttention")
+    if kind == "causal":
+        mha.attribute.append(helper.make_attribute("unidirectional", 1))
+    elif kind == "reshape":
+        shape = next(t for t in model.graph.initializer if t.name == "same_shape")
+        shape.CopyFrom(numpy_helper.from_array(np.array([-1, 5, HIDDEN], np.int64), "same_shape"))
+    else:
+        mha.input[4] = "key_padding_mask"
+        model.graph.input.append(helper.make_tensor_value_info("key_padding_mask", TensorProto.INT32,
+                                                               ["batch", "sequence"]))
+        feeds["key_padding_mask"] = np.array([[1] * 5, [1] * 3 + [0] * 2, [1] * 4 + [0]], np.int32)
+    before, = run(model, feeds)
+    assert pool_graph(model.graph)
+    after, attended, projected = run(model, feeds, "attended", "projected")
+    assert attended.shape == (3, 5, HIDDEN) and projected.shape == (3, 1, HIDDEN)
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
 
 

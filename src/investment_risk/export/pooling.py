@@ -33,7 +33,7 @@ PER_POSITION_OPS = frozenset({
     "FastGelu", "QuickGelu"})
 SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
 POOLED = "/pooled"  # the suffix of the pooled values: what is past the pooling is found from them
-# com.microsoft.Attention's attributes that MultiHeadAttention has too; any other (a causal mask, rotary) keeps it packed
+# The attributes of an attention whose query may run alone: any other (a causal mask, rotary) leaves it as it is.
 SHARED_ATTENTION_ATTRIBUTES = ("num_heads", "scale", "mask_filter_value", "qkv_hidden_sizes")
 
 
@@ -68,6 +68,14 @@ def _one_along(info: Any, axis: int, name: str = "") -> Any:
     copied.type.tensor_type.shape.dim[axis].Clear()
     copied.type.tensor_type.shape.dim[axis].dim_value = 1
     return copied
+
+
+def _keeps_two_axes(reshape: Any, weights: dict[str, Any]) -> bool:
+    """Whether a Reshape copies its input's first two axes (a shape initializer starting 0, 0)."""
+    from onnx import numpy_helper
+
+    shape = weights.get(reshape.input[1])
+    return shape is not None and not shape.external_data and list(numpy_helper.to_array(shape)[:2]) == [0, 0]
 
 
 def _three_dimensional(recorded: dict[str, Any], name: str) -> bool:
@@ -106,8 +114,10 @@ def pool_graph(graph: Any) -> bool:
     if not attention:
         return False
     hidden = attention[0].output[0]
+    reshapes = []
     while (node := only_reader(hidden)) is not None and node.op_type == "Reshape":
         hidden = node.output[0]
+        reshapes.append(node)
     projection = only_reader(hidden)
     if projection is None or projection.op_type != "MatMul" or projection.input[0] != hidden:
         return False
@@ -130,13 +140,15 @@ def pool_graph(graph: Any) -> bool:
 
     prefix = f"{projection.name or projection.output[0]}/pooled"
     query = None  # the last attention's query projection, where it can run at the pooled position alone
-    if position == "first" and (unpacked := _unpacked_attention(attention[0], producer, only_reader, recorded)):
+    # (attention's output then has one position: a Reshape after it may only keep the batch and sequence axes)
+    one_query = position == "first" and all(_keeps_two_axes(r, weights) for r in reshapes)
+    if one_query and (unpacked := _unpacked_attention(attention[0], producer, only_reader, recorded)):
         # packed Q, K and V projections cannot run the query alone: this one block's become three MatMuls again
         at = nodes.index(attention[0])
         nodes[at:at + 1] = unpacked
         nodes.remove(producer[attention[0].input[1]])  # the packed weights' Concat, read by nothing now
         attention[0], query = unpacked[-1], unpacked[0]
-    elif position == "first":
+    elif one_query:
         query = _query_projection(attention[0], producer, only_reader, recorded)
     added = []
     if position == "first":
@@ -190,10 +202,15 @@ def pool_graph(graph: Any) -> bool:
 
 def _query_projection(attention: Any, producer: dict[str, Any], only_reader: Any, recorded: dict[str, Any]) -> Any:
     """The MatMul that projects a MultiHeadAttention's query, where it projects the query alone (the graph before
-    attention was packed) and attention keeps no past; None otherwise."""
+    attention was packed) and attention is bidirectional, with no past and no key padding mask (whose forms may
+    carry a row per query); None otherwise."""
+    from onnx import helper
+
     inputs = list(attention.input) + [""] * 8
-    if attention.op_type != "MultiHeadAttention" or not inputs[1] or not inputs[2] or inputs[6] or inputs[7] or \
-            inputs[0] in inputs[1:3]:
+    attributes = {a.name: helper.get_attribute_value(a) for a in attention.attribute}
+    if attention.op_type != "MultiHeadAttention" or not inputs[1] or not inputs[2] or any(inputs[i] for i in (4, 6, 7)) \
+            or inputs[0] in inputs[1:3] or set(attributes) - set(SHARED_ATTENTION_ATTRIBUTES) or \
+            len(attention.output) != 1:
         return None
     matmul = producer.get(inputs[0])
     if matmul is None or matmul.op_type != "MatMul" or only_reader(inputs[0]) is not attention or \
@@ -216,7 +233,8 @@ def _unpacked_attention(attention: Any, producer: dict[str, Any], only_reader: A
     if attention.op_type != "Attention" or any(inputs[i] for i in (3, 4, 6)) or len(set(sizes)) != 1 or \
             set(attributes) - set(SHARED_ATTENTION_ATTRIBUTES) or packed is None or packed.op_type != "Concat" or \
             len(packed.input) != 3 or {a.i for a in packed.attribute if a.name == "axis"} - {1, -1} or \
-            only_reader(inputs[1]) is not attention or not _three_dimensional(recorded, inputs[0]):
+            only_reader(inputs[1]) is not attention or not _three_dimensional(recorded, inputs[0]) or \
+            len(attention.output) != 1:
         return None
     prefix = attention.name or attention.output[0]
     projections = [helper.make_node("MatMul", [inputs[0], weight], [f"{prefix}/{part}"], name=f"{prefix}/{part}")
