@@ -102,7 +102,7 @@ def test_the_static_int8_twin_of_a_graph_over_2_gb(work):
     path = work / "model.onnx"
     write_large_scorer(path)
     rows = [np.random.default_rng(i).integers(0, COLUMNS, 20 + 3 * i) for i in range(16)]
-    out = quantize_int8(path, rows, pad_id=0, external=True)
+    out = quantize_int8(path, path.with_name(INT8_FILE), rows, pad_id=0, external=True)
     assert out.name == INT8_FILE and (work / f"{INT8_FILE}.data").exists()
     batch = next(padded_batches(rows, 0, [np.arange(4)]))
     feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}

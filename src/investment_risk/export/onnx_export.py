@@ -116,9 +116,9 @@ def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], reque
                              lambda: quantize_dynamic_int8(int8_source, path.with_name(DYNAMIC_INT8_FILE), external,
                                                            padding_mask_only)),
         "openvino-int8": (lambda: int8_unavailable_reason(weight_bytes),
-                          lambda: quantize_int8(int8_source, calibration_rows(tokenizer, metadata) or rows,
-                                                tokenizer.pad_token_id, external,
-                                                path.with_name(TWIN_FILES["openvino-int8"]))),
+                          lambda: quantize_int8(int8_source, path.with_name(TWIN_FILES["openvino-int8"]),
+                                                calibration_rows(tokenizer, metadata) or rows,
+                                                tokenizer.pad_token_id, external)),
     }
     for twin, (unavailable, make) in twins.items():
         if twin not in engines:

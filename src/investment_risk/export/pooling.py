@@ -204,19 +204,26 @@ def _query_projection(attention: Any, producer: dict[str, Any], only_reader: Any
     """The MatMul that projects a MultiHeadAttention's query, where it projects the query alone (the graph before
     attention was packed) and attention is bidirectional, with no past and no key padding mask (whose forms may
     carry a row per query); None otherwise."""
-    from onnx import helper
-
     inputs = list(attention.input) + [""] * 8
-    attributes = {a.name: helper.get_attribute_value(a) for a in attention.attribute}
     if attention.op_type != "MultiHeadAttention" or not inputs[1] or not inputs[2] or any(inputs[i] for i in (4, 6, 7)) \
-            or inputs[0] in inputs[1:3] or set(attributes) - set(SHARED_ATTENTION_ATTRIBUTES) or \
-            len(attention.output) != 1:
+            or inputs[0] in inputs[1:3] or _plain_attributes(attention) is None:
         return None
     matmul = producer.get(inputs[0])
     if matmul is None or matmul.op_type != "MatMul" or only_reader(inputs[0]) is not attention or \
             not _three_dimensional(recorded, matmul.input[0]):
         return None
     return matmul
+
+
+def _plain_attributes(attention: Any) -> dict[str, Any] | None:
+    """An attention node's attributes where they are all SHARED_ATTENTION_ATTRIBUTES and it has one output (no
+    present key/value or scores beside it); None otherwise."""
+    from onnx import helper
+
+    attributes = {a.name: helper.get_attribute_value(a) for a in attention.attribute}
+    if set(attributes) - set(SHARED_ATTENTION_ATTRIBUTES) or len(attention.output) != 1:
+        return None
+    return attributes
 
 
 def _unpacked_attention(attention: Any, producer: dict[str, Any], only_reader: Any,
@@ -227,14 +234,12 @@ def _unpacked_attention(attention: Any, producer: dict[str, Any], only_reader: A
     from onnx import helper
 
     inputs = list(attention.input) + [""] * 7
-    attributes = {a.name: helper.get_attribute_value(a) for a in attention.attribute}
+    attributes = _plain_attributes(attention)
     packed = producer.get(inputs[1])
-    sizes = attributes.get("qkv_hidden_sizes", [0, 0, 0])
-    if attention.op_type != "Attention" or any(inputs[i] for i in (3, 4, 6)) or len(set(sizes)) != 1 or \
-            set(attributes) - set(SHARED_ATTENTION_ATTRIBUTES) or packed is None or packed.op_type != "Concat" or \
+    if attention.op_type != "Attention" or attributes is None or any(inputs[i] for i in (3, 4, 6)) or \
+            len(set(attributes.get("qkv_hidden_sizes", [0]))) != 1 or packed is None or packed.op_type != "Concat" or \
             len(packed.input) != 3 or {a.i for a in packed.attribute if a.name == "axis"} - {1, -1} or \
-            only_reader(inputs[1]) is not attention or not _three_dimensional(recorded, inputs[0]) or \
-            len(attention.output) != 1:
+            only_reader(inputs[1]) is not attention or not _three_dimensional(recorded, inputs[0]):
         return None
     prefix = attention.name or attention.output[0]
     projections = [helper.make_node("MatMul", [inputs[0], weight], [f"{prefix}/{part}"], name=f"{prefix}/{part}")

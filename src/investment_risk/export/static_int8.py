@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from ..core.logs import get_logger
-from ..modeling.description import INT8_FILE
 from ..modeling.predict import padded_batches
 from ..modeling.tokens import article_texts, encode, sorted_batches
 from .pooling import pooled_nodes
@@ -79,10 +78,9 @@ def calibration_rows(tokenizer: Any, metadata: dict[str, Any]) -> list[np.ndarra
                   truncation=metadata.get("truncation", "head"))
 
 
-def quantize_int8(model_path: Path, rows: list[np.ndarray], pad_id: int, external: bool,
-                  out: Path | None = None) -> Path:
-    """Write `out` (INT8_FILE beside `model_path` by default) from `model_path` (a fused fp32 graph), calibrated on
-    `rows`."""
+def quantize_int8(model_path: Path, out: Path, rows: list[np.ndarray], pad_id: int, external: bool) -> Path:
+    """Write `out` (the twin, `model.int8.onnx`, with its weights in `out`.data when `external`) from `model_path` (a fused
+    fp32 graph), calibrated on `rows`."""
     import nncf
     import onnx
 
@@ -103,8 +101,7 @@ def quantize_int8(model_path: Path, rows: list[np.ndarray], pad_id: int, externa
                                   model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples),
                                   ignored_scope=nncf.IgnoredScope(names=pooled_nodes(model_path), validate=False),
                                   advanced_parameters=advanced)
-    out = out or model_path.with_name(INT8_FILE)
-    onnx.save(quantized, str(out), save_as_external_data=external, location=f"{INT8_FILE}.data")
+    onnx.save(quantized, str(out), save_as_external_data=external, location=f"{out.name}.data")
     get_logger().info("int8_quantized", file=out.name, calibration_rows=len(rows), batches=len(samples))
     return out
 

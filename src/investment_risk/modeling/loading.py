@@ -72,7 +72,7 @@ def scoring_module(run_dir: Path, pooled: bool = False) -> tuple[Any, Any, dict[
     """The run's model as a module (input_ids, attention_mask) -> scores (n, 8), the adapter merged in.
 
     An instruction run's module is its score head on the prompt's last token: one forward pass, no generation.
-    `pooled`: a distillation decoder's last block computes at the head's position only (`pooled_block`); for
+    `pooled`: a distillation model's last block computes at the head's position only (`pooled_block`); for
     scoring, not for export, whose graph pass pools the graph."""
     import torch
 

@@ -35,8 +35,8 @@ def lora_config(model_type: str, task: str = "SEQ_CLS") -> Any:
 
 
 def regression_model(base: BaseModel, tokenizer: Any, dtype: Any = None, meta: bool = False) -> Any:
-    """Base model + 8-output regression head + LoRA on every attention and MLP projection (a decoder's last block
-    pooled, `pooled_block`)."""
+    """Base model + 8-output regression head + LoRA on every attention and MLP projection (the last block pooled at
+    the head's position, `pooled_block`)."""
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
