@@ -26,11 +26,21 @@ import torch
 from gpu_train import DEVICE, SMOKE, make_base_model, write_long_articles  # noqa: E402  (same directory)
 
 
-def cli(*args: str) -> float:
-    """One `investment-risk` process; its seconds. Its output goes to this step's log."""
+def cli(*args: str) -> tuple[float, list[dict]]:
+    """One `investment-risk` process: its seconds and its JSON log events. Its output goes on to this step's log
+    line by line, so a step cut short still shows how far it got."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "investment_risk", *args], check=True)
-    return round(time.perf_counter() - started, 1)
+    events = []
+    with subprocess.Popen([sys.executable, "-m", "investment_risk", *args], stdout=subprocess.PIPE, text=True) as cmd:
+        for line in cmd.stdout:
+            sys.stdout.write(line)
+            try:
+                events.append(json.loads(line))
+            except ValueError:  # a library's own print
+                pass
+    if cmd.returncode:
+        raise subprocess.CalledProcessError(cmd.returncode, cmd.args)
+    return round(time.perf_counter() - started, 1), events
 
 
 def main() -> None:
@@ -65,14 +75,16 @@ def main() -> None:
             torch.cuda.empty_cache()
         save()
 
-        results["export_seconds"] = cli("export", "--run", str(root / "run"), "--out", str(root / "model"),
-                                         "--dtype", "fp16", "--device", DEVICE)
+        results["export_seconds"], events = cli("export", "--run", str(root / "run"), "--out", str(root / "model"),
+                                                 "--dtype", "fp16", "--device", DEVICE)
+        results["export_step_seconds"] = next(e["step_seconds"] for e in events
+                                              if e["event"] == "progress_done" and e["what"] == "export")
         model = json.loads((root / "model" / "model.json").read_text())
         results["model_json"] = {key: model[key] for key in ("dtype", "external_data", "graph", "fused_operators", "parity")}
         save()
 
         write_long_articles(args.score_articles, 5, root / "batch.parquet")
-        results["score_seconds"] = cli("score", "--model", str(root / "model"), "--input", str(root / "batch.parquet"),
+        results["score_seconds"], _ = cli("score", "--model", str(root / "model"), "--input", str(root / "batch.parquet"),
                                        "--out", str(root / "scored"), "--device", DEVICE)
         shard = json.loads((root / "scored" / "metrics" / "part-00000.json").read_text())
         results["score"] = {key: shard.get(key) for key in ("provider", "rows_in", "rows_scored", "rows_model",

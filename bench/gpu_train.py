@@ -155,8 +155,12 @@ def main() -> None:
             "projected_3_epochs_4118_articles_s": round(3 * per_epoch * 4118 / metadata["train_examples"], 1),
             "peak_gib": 0.0 if SMOKE else round(torch.cuda.max_memory_allocated() / 2**30, 1),
         }
+        # The target is two figures: the rate once compiled, and 3 epochs of 4,118 articles in 2 minutes with the
+        # compilation inside them (the whole run's rate, scaled to 4,118 articles).
         results["target_tokens_per_second"] = 50_000
-        results["target_met"] = max(results["recipe"]["epoch_tokens_per_second"]) >= 50_000
+        results["target_met"] = {
+            "best_epoch_tokens_per_second": max(results["recipe"]["epoch_tokens_per_second"]) >= 50_000,
+            "three_epochs_of_4118_within_120_s": results["recipe"]["projected_3_epochs_4118_articles_s"] <= 120}
         results["dynamo"] = dynamo_counts()
     write(args.out, results)
 

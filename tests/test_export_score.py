@@ -310,8 +310,14 @@ def test_pytorch_weights_are_freed_before_the_graph_work_that_needs_the_room(exp
 
     monkeypatch.setattr(onnx_export, "scoring_module", scoring_module)
     monkeypatch.setattr(onnx_export, then, step)
-    info = export_run(run, tmp_path / "m", dtype=dtype, cpu_engine="onnxruntime")
+    with capture_logs() as logs:
+        info = export_run(run, tmp_path / "m", dtype=dtype, cpu_engine="onnxruntime")
     assert held and sizes == [0]
+    # The minutes between loops come as named steps, each timed in the last progress event.
+    steps = [e for e in logs if e["event"] == "progress_done" and e["what"] == "export"][-1]["step_seconds"]
+    middle = {"fp16": ["validation scores, PyTorch fp32", "model builder graph", "fp16 parity"],
+              "fp32": ["torch.onnx export", "fusions for ONNX Runtime", "CPU engines measured"]}[dtype]
+    assert list(steps) == ["PyTorch scores for parity", *middle, "drift reference", "digests and model.json"]
     assert info["parity"]["fp16_max_abs_diff"] < 0.05 if dtype == "fp16" else \
         info["parity"]["fp32_fused_max_abs_diff"] <= 1e-3
 

@@ -12,8 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 WHAT_EACH_STEP_WRITES = {
     "score": ("gpu-score.json", ("torch_bf16_sdpa_bucketed", "onnxruntime_cuda", "original_fp32_pad512_batch8")),
-    "train": ("gpu-train.json", ("recipe",)),
-    "export": ("gpu-export.json", ("model_json", "score")),
+    "train": ("gpu-train.json", ("recipe", "target_met")),
+    "export": ("gpu-export.json", ("model_json", "export_step_seconds", "score")),
 }
 
 

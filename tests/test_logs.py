@@ -109,6 +109,25 @@ def test_a_slow_unit_still_gets_a_progress_event_every_interval(capsys):
     assert events[-1]["event"] == "progress_done" and events[-1]["done"] == 1
 
 
+def test_named_steps_are_counted_named_while_running_and_timed_at_the_end(monkeypatch):
+    clock = iter(range(0, 1000, 10))  # each reading of the clock is 10 s later
+    monkeypatch.setattr(logs.time, "monotonic", lambda: next(clock))
+    with capture_logs() as captured:
+        with Progress(None, "export", unit="steps") as progress:
+            progress.step("graph")
+            assert progress.snapshot()["current"] == "graph" and progress.done == 0
+            progress.step("parity")
+    done = captured[-1]
+    assert done["event"] == "progress_done" and done["done"] == 2 and done["current"] == "parity"
+    assert list(done["step_seconds"]) == ["graph", "parity"] and all(s > 0 for s in done["step_seconds"].values())
+    # A step that fails keeps its seconds but is not counted as done.
+    with capture_logs() as captured, pytest.raises(RuntimeError):
+        with Progress(None, "export", unit="steps") as progress:
+            progress.step("graph")
+            raise RuntimeError("out of memory")
+    assert captured[-1]["done"] == 0 and "graph" in captured[-1]["step_seconds"]
+
+
 @pytest.mark.parametrize("text, secret", [
     ("Traceback: HF_TOKEN=abc123def python", "abc123def"),
     ("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI", "wJalrXUtnFEMI"),

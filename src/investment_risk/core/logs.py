@@ -129,6 +129,8 @@ class Progress:
     updates a heartbeat thread emits the current state when `interval_s` passes without an event, so a slow unit
     (a batch of a large model on a CPU, a validation pass between training steps) never leaves a silent gap.
     `already_done`: units an earlier process finished (a resumed run): counted in `done`, not in the rate.
+    Work made of a few long named steps (an export) calls `step(name)` as each begins instead: events name the
+    current step, and the final one gives each step's seconds.
     """
 
     def __init__(self, total: int | None, what: str, interval_s: float = 30.0, unit: str = "rows",
@@ -144,6 +146,24 @@ class Progress:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self.current: str | None = None
+        self.step_seconds: dict[str, float] = {}
+
+    def step(self, name: str) -> None:
+        """Begin the step `name`; the one before it is done."""
+        with self._lock:
+            finished = self._close_step()
+            self.current, self._step_start = name, time.monotonic()
+        if self._bar is not None:
+            self._bar.update(finished)
+            self._bar.set_postfix_str(name)
+
+    def _close_step(self, finished: bool = True) -> int:
+        if self.current is None:
+            return 0
+        self.step_seconds[self.current] = round(time.monotonic() - self._step_start, 1)
+        self.done += finished
+        return int(finished)
 
     def __enter__(self) -> "Progress":
         if sys.stdout.isatty() and sys.stderr.isatty():
@@ -183,8 +203,11 @@ class Progress:
         eta = None
         if self.total is not None and rate > 0:
             eta = round(max(self.total - self.done, 0) / rate, 1)
-        return {"what": self.what, "done": self.done, "total": self.total, "rate": round(rate, 2),
-                "unit": self.unit, "eta_s": eta, "elapsed_s": round(elapsed, 1)}
+        snapshot = {"what": self.what, "done": self.done, "total": self.total, "rate": round(rate, 2),
+                    "unit": self.unit, "eta_s": eta, "elapsed_s": round(elapsed, 1)}
+        if self.current is not None:
+            snapshot["current"] = self.current
+        return snapshot
 
     def _emit(self, event: str) -> None:
         self._log.info(event, **self.snapshot())
@@ -195,4 +218,8 @@ class Progress:
             self._heartbeat.join()
         if self._bar is not None:
             self._bar.close()
+        if self.current is not None:
+            self._close_step(finished=exc[0] is None)  # a failed step keeps its seconds but is not done
+            self._log.info("progress_done", **self.snapshot(), step_seconds=self.step_seconds)
+            return
         self._emit("progress_done")

@@ -275,10 +275,6 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
     external = weight_bytes > EXTERNAL_DATA_BYTES
     rows, batches = parity_rows(tokenizer, metadata)
     pad_id = tokenizer.pad_token_id
-    # PyTorch's scores on the parity rows, through the same inference path as every graph checked against them
-    # (not needed for a decoder's GPU graph on a GPU, checked against PyTorch bf16 there: minutes for 1.5B on CPU).
-    torch_fp32 = (None if decoder and device == "cuda" else
-                  predict(TorchRunner(module, torch.device("cpu")), rows, pad_id, batches=batches))
     batch_shapes = [[len(b), int(max(len(rows[i]) for i in b))] for b in batches]
     info: dict[str, Any] = {}
 
@@ -308,7 +304,9 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         val = measurement_rows(tokenizer, metadata)
         val_fp32 = None
         if val[1] is not None:
+            steps.step("validation scores, PyTorch fp32")
             val_fp32 = default_spec().clip(torch_fp32_scores(module, device, val[0], pad_id))
+        steps.step("model builder graph")
         log.info("onnx_export_start", run=str(run_dir), route="onnxruntime-genai model builder",
                  parameters=sum(p.numel() for p in module.parameters()), external_data=external)
         with decoder_checkpoint(module.inner, tokenizer, work) as checkpoint:  # fp32 weights, before bf16 below
@@ -316,6 +314,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
                             else (torch_fp32, "torch-fp32-cpu"))
             release_weights(module)  # on disk now: the builder loads its own copy
             graph = build_decoder_graph(checkpoint, work, external, dtype)
+        steps.step(f"{dtype} parity")
         parity: dict[str, Any] = {"batches": batch_shapes}
         reduced_check(work, torch_scores, val, val_fp32, parity)
         return {"graph": graph, "parity": parity, "fusions": {},
@@ -323,6 +322,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
                 "cpu_engine": {"engine": "onnxruntime", "why": f"--dtype {dtype} runs on ONNX Runtime"}}
 
     def dynamo_graph(work: Path) -> dict[str, Any]:
+        steps.step("torch.onnx export")
         example = next(padded_batches(rows, pad_id, batches[1:2]))
         example = (torch.from_numpy(example.input_ids), torch.from_numpy(example.attention_mask))
         log.info("onnx_export_start", run=str(run_dir), route="torch.onnx dynamo + onnxscript fusions",
@@ -337,6 +337,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         if parity["fp32_max_abs_diff"] > FP32_PARITY_LIMIT:
             raise ParityError(f"ONNX export of {run_dir} differs from PyTorch by {parity['fp32_max_abs_diff']:.2e} "
                               f"(limit {FP32_PARITY_LIMIT:g}); nothing was written to {out_dir}")
+        steps.step("fusions for ONNX Runtime")
         # The int8 graphs are quantised from the graph before attention was packed (fuse_graph says why)
         unpacked = work / "unpacked"
         wants_int8 = dtype == "int8" or (dtype == "fp32" and cpu_engine in ("auto", *TWIN_FILES))
@@ -357,9 +358,11 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         release_weights(module)  # PyTorch is done: 6 GB for a 1.5B model, wanted by the conversions and NNCF
         engines: dict[str, Any] = {"engine": "onnxruntime", "why": f"--dtype {dtype} runs on ONNX Runtime"}
         if dtype == "fp32":
+            steps.step("CPU engines measured")
             engines = _pick_cpu_engine(work / "model.onnx", tokenizer, metadata, cpu_engine, external,
                                        int8_source or work / "model.onnx", encoder)
         if dtype in ("fp16", "int8"):
+            steps.step(f"{dtype} conversion and parity")
             val = measurement_rows(tokenizer, metadata)
             val_fp32 = None
             if val[1] is not None:
@@ -386,8 +389,10 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         if calibration.exists():  # scores from the file are calibrated as the run's are: it is part of the model
             shutil.copyfile(calibration, work / CALIBRATION_FILE)
         # On the export's device: through the CPU provider a 1.5B graph makes this the export's longest step.
+        steps.step("drift reference")
         reference = write_reference(work, tokenizer, metadata, load_calibration(run_dir / "model"),
                                     "cpu" if dtype == "int8" else device)
+        steps.step("digests and model.json")
         digests = model_digest(work)
         spec = default_spec()
         exporter = {"investment-risk": __version__, "torch": torch.__version__}
@@ -410,9 +415,14 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         write_json_atomic(written, work / "model.json")
         info.update(written)
 
-    # The steps between the loops above (the graph export, fusion, conversions) run for minutes on a 1.5B model:
-    # a heartbeat keeps the progress events coming.
-    with Progress(None, "export", unit="steps"):
+    # A 1.5B model's export runs for minutes between its loops (the graph export, fusion, conversions): the
+    # heartbeat names the step, and the last event gives each step's seconds.
+    with Progress(None, "export", unit="steps") as steps:
+        steps.step("PyTorch scores for parity")
+        # PyTorch's scores on the parity rows, through the same inference path as every graph checked against them
+        # (not needed for a decoder's GPU graph on a GPU, checked against PyTorch bf16 there: minutes for 1.5B on CPU).
+        torch_fp32 = (None if decoder and device == "cuda" else
+                      predict(TorchRunner(module, torch.device("cpu")), rows, pad_id, batches=batches))
         write_dir_atomic(out_dir, build)
     log.info("exported", out=str(out_dir), model_version=info["model_version"], dtype=dtype,
              cpu_engine=info["cpu_engine"]["engine"])
