@@ -226,6 +226,8 @@ def test_pods_follow_the_restricted_profile_and_failure_policy():
     assert cron["concurrencyPolicy"] == "Forbid" and cron["startingDeadlineSeconds"] > 0 and cron["timeZone"]
     config = next(d for d in base if d["kind"] == "ConfigMap")["data"]
     assert config["HF_TOKEN_PATH"] == "/var/run/secrets/huggingface/token" and config["HF_HOME"].startswith("/models/")
+    # torch.compile's caches outlive the pod (a retried training pod compiles nothing again)
+    assert config["TORCHINDUCTOR_CACHE_DIR"].startswith("/models/") and config["TRITON_CACHE_DIR"].startswith("/models/")
     # A CronJob to unsuspend once /models/current holds a model, and no Job: applying the base starts nothing
     assert cron["suspend"] is True and not [d for d in base if d["kind"] == "Job"]
     merge = pod_specs(docs)["merge-gpu"]["template"]["spec"]["containers"][0]["args"]
@@ -280,7 +282,7 @@ def checkov() -> str:
     found = os.environ.get("CHECKOV") or next(
         (str(p) for p in (ROOT / ".venv-checkov" / "bin" / "checkov", BIN / "checkov") if p.exists()), None)
     if found is None:
-        pytest.fail("checkov is not installed: `make install` puts it in .venv-checkov (it needs its own venv)")
+        pytest.fail("checkov is not installed: `make test` puts it in .venv-checkov (it needs its own venv)")
     return found
 
 

@@ -398,6 +398,10 @@ def shared_resources(settings: JobSettings) -> list[dict[str, Any]]:
              "HF_HOME": f"{MODELS_MOUNT}/huggingface", "INVESTMENT_RISK_CACHE": f"{CACHE_MOUNT}/investment-risk",
              "HF_HUB_OFFLINE": "1", "HF_TOKEN_PATH": f"{HF_TOKEN_DIR}/token", "TOKENIZERS_PARALLELISM": "false",
              "MPLCONFIGDIR": "/tmp/matplotlib",
+             # torch.compile's kernels (`train --compile`) kept on the models PVC: a retried or resumed pod, and the
+             # next training run, load them instead of compiling again (the image's default is the pod's /cache).
+             "TORCHINDUCTOR_CACHE_DIR": f"{MODELS_MOUNT}/compile-cache/torchinductor",
+             "TRITON_CACHE_DIR": f"{MODELS_MOUNT}/compile-cache/triton",
              # The Prometheus Pushgateway the scoring Jobs push to, e.g. http://pushgateway.monitoring:9091 (empty: none).
              "INVESTMENT_RISK_PUSHGATEWAY": "",
          }},
