@@ -100,6 +100,14 @@ def seconds_for(runner, batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
     return time.perf_counter() - started
 
 
+def two_passes(articles: int, seconds) -> dict:
+    """The rate of a first pass over all batches and of a second: on 2026-11-27 the first pass of the builder's
+    graph (299.7 articles/s) was 4-7 % below what later passes at every budget gave, so a nightly batch's steady
+    rate is the second's, and the gap says what warming up (new shapes, memory arena growth) costs."""
+    first = round(articles / seconds(), 1)
+    return {"articles_per_second": round(articles / seconds(), 1), "articles_per_second_first_pass": first}
+
+
 def parity(runner, batches: list[tuple[np.ndarray, np.ndarray]], wants: list[np.ndarray]) -> dict:
     from investment_risk.modeling.predict import PaddedBatch
 
@@ -119,7 +127,7 @@ def measure(folder: Path, rows: list[np.ndarray], batches: list[tuple[np.ndarray
     runner = OnnxRunner(folder / "model.onnx", "cpu" if SMOKE else "cuda")
     out["fused_operators"] = fused_operator_counts(folder / "model.onnx")
     out.update(parity(runner, batches[:3], wants))
-    out["articles_per_second"] = round(len(rows) / seconds_for(runner, batches), 1)
+    out.update(two_passes(len(rows), lambda: seconds_for(runner, batches)))
     out["provider"] = runner.provider
     return runner
 
@@ -257,9 +265,9 @@ def main() -> None:
     ours = [pad_batch([rows[i] for i in b], pad) for b in length_batches(lengths, args.token_budget, 256)]
     model = build(torch.bfloat16, pad)
     pooled = pool_last_block(model)  # as the product's torch backend runs it
-    seconds = run(model, ours, autocast=False)
-    results["torch_bf16_sdpa_bucketed"] = {"articles_per_second": round(len(rows) / seconds, 1), "batches": len(ours),
-                                           "token_budget": args.token_budget, "pooled_last_block": pooled}
+    results["torch_bf16_sdpa_bucketed"] = {**two_passes(len(rows), lambda: run(model, ours, autocast=False)),
+                                           "batches": len(ours), "token_budget": args.token_budget,
+                                           "pooled_last_block": pooled}
     save()
     profiled = heaviest(ours)
     results["torch_bf16_sdpa_bucketed"]["kernel_profile"] = profile_kernels(

@@ -34,6 +34,8 @@ def test_each_gpu_step_runs_through_on_the_cpu(step, tmp_path):
     if step == "score":
         builder, dynamo = results["onnxruntime_cuda"]["builder"], results["onnxruntime_cuda"]["dynamo"]
         assert builder["articles_per_second"] > 0 and len(builder["articles_per_second_by_token_budget"]) == 4
+        assert builder["articles_per_second_first_pass"] > 0  # the steady rate and the first pass's, both
+        assert results["torch_bf16_sdpa_bucketed"]["articles_per_second_first_pass"] > 0
         assert builder["fused_operators"]["GroupQueryAttention"] == 2 and dynamo["articles_per_second"] > 0
         assert dynamo["fused_operators"]["MultiHeadAttention"] == 2
         assert results["onnxruntime_cuda"]["builder_bf16"]["graph"]["precision"] == "bf16"
