@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 SHARDS = 2
 POINTS = [
+    "before_rename:out/_inputs.json",  # while the first shard writes the batch's listing
     "after_rename:rejects/part-0000{shard}.parquet",  # rejects committed, part not yet
     "after_rename:out/part-0000{shard}.parquet",  # part committed, no metrics, no _done
     "before_rename:metrics/part-0000{shard}.json",  # while writing metrics

@@ -245,3 +245,19 @@ def test_the_export_measures_onnx_runtime_as_the_scorer_runs_it(exported, monkey
     scoring = loading.load_runner(describe_model(model), "onnx", "cpu", None, "onnxruntime").session
     for options in (measured, scoring.get_session_options()):
         assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+
+
+def test_nncf_writes_nothing_to_stdout():
+    # NNCF's own handler printed a line per unquantised node on stdout, between the JSON events of `export`.
+    import logging
+    import sys
+
+    import nncf  # noqa: F401  (its import installs the handler)
+
+    from investment_risk.export.static_int8 import _quiet_nncf
+
+    _quiet_nncf()
+    logger = logging.getLogger("nncf")
+    assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
+    streams = [h.stream for h in logger.handlers if type(h) is logging.StreamHandler]  # NNCF's own
+    assert streams and all(stream is sys.__stderr__ for stream in streams)

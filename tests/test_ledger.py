@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from investment_risk.cli import main
 from investment_risk.datasets.synth import SynthConfig, generate
@@ -102,3 +104,27 @@ def test_the_nightly_cronjob_scores_incrementally():
     cronjob = default_base()["nightly-cronjob.yaml"][0]
     args = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--ledger") + 1] == NIGHTLY_LEDGER and NIGHTLY_LEDGER.startswith("/data/scored/")
+
+
+def test_a_redo_cut_short_after_its_night_was_recorded_still_scores_its_units(exported, tmp_path, monkeypatch):
+    # The redo (--force) removes the marker before it scores; cut short there, its retry has no marker to say it
+    # is a redo, and against the ledger (which lists the night by now) it found nothing and wrote an empty part.
+    from investment_risk.scoring import pipeline
+
+    _, model, _ = exported
+    incoming, scored, ledger = nightly_dirs(tmp_path)
+    pq.write_table(articles(1, 30, "a"), incoming / "a.parquet", row_group_size=10)
+    night(model, incoming, scored / "night-1", ledger)
+    config = ScoreConfig(model=model, inputs=(str(incoming),), out=scored / "night-1", shard_index=0, shard_count=2,
+                         ledger=ledger)
+
+    def preempted(*args, **kwargs):
+        raise RuntimeError("preempted")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.ShardScorer, "_score_batch", preempted)
+        with pytest.raises(RuntimeError):
+            score(replace(config, force=True))
+    merged = score(config)
+    assert merged["complete"] and merged["rows_in"] == 30
+    assert sorted(scored_ids(scored / "night-1")) == sorted(f"a-{i}" for i in range(30))

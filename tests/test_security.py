@@ -83,7 +83,7 @@ def test_secrets_never_reach_the_logs(tmp_path):
     env = {**os.environ, "HF_TOKEN": TOKEN, "INVESTMENT_RISK_LOG_LEVEL": "debug"}
     hidden = tmp_path / TOKEN
     commands = [
-        ["--log-format", "json", "score", "--model", str(tmp_path), "--input", str(hidden / "x.parquet"),
+        ["--log-format", "json", "score", "--model", str(hidden), "--input", str(hidden / "x.parquet"),
          "--out", str(tmp_path / "o")],
         ["--log-format", "json", "train", "--base-model", str(hidden), "--data", str(tmp_path), "--out", str(tmp_path / "r")],
         ["--log-format", "json", "jobs", "status", "x", "--kubeconfig", str(hidden / "kubeconfig")],

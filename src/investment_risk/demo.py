@@ -67,7 +67,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     info = export_run(run, out / "model", force=True)
     step("score")
     write_synthetic(SynthConfig(rows=config.batch_rows, seed=config.seed + 1000), out / "batch" / "articles.parquet")
-    merged = score(ScoreConfig(model=out / "model", inputs=(str(out / "batch"),), out=out / "scored", force=True,
+    shutil.rmtree(out / "scored", ignore_errors=True)  # a new batch (a demo run again writes new articles)
+    merged = score(ScoreConfig(model=out / "model", inputs=(str(out / "batch"),), out=out / "scored",
                                keep_columns=("source", "published_at")))
     shard = json.loads((out / "scored" / "metrics" / "part-00000.json").read_text())
     step("report")

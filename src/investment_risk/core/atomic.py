@@ -105,9 +105,10 @@ def _claimed_temp(dest: Path) -> tuple[int, Path]:
 
 
 @contextlib.contextmanager
-def atomic_path(dest: str | Path) -> Iterator[Path]:
+def atomic_path(dest: str | Path, first_wins: bool = False) -> Iterator[Path]:
     """A temporary path beside `dest`; renamed onto `dest` only if the block succeeds, removed otherwise.
-    Temporary files of `dest` that a killed writer left are removed first."""
+    Temporary files of `dest` that a killed writer left are removed first. `first_wins`: a `dest` that exists
+    stays as it is (hard-linked into place, which never replaces a file: of writers racing, the first wins)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(dest)
@@ -119,12 +120,28 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
             os.fsync(handle.fileno())
         label = f"{dest.parent.name}/{dest.name}"
         fault_point(f"before_rename:{label}")
-        os.replace(tmp_path, dest)
+        if first_wins:
+            _link_unless_present(tmp_path, dest)
+        else:
+            os.replace(tmp_path, dest)
         fsync_dir(dest.parent)
         fault_point(f"after_rename:{label}")
     finally:
         tmp_path.unlink(missing_ok=True)
         os.close(lock_fd)
+
+
+def _link_unless_present(tmp: Path, dest: Path) -> None:
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        pass
+    except OSError as exc:  # a filesystem without hard links: check, then rename (a narrow race, said in the log)
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
+            raise
+        get_logger().warning("hard_link_refused", path=str(dest), reason=exc.strerror)
+        if not dest.exists():
+            os.replace(tmp, dest)
 
 
 def write_dir_atomic(dest: str | Path, fill: Callable[[Path], Any]) -> Path:
@@ -152,14 +169,14 @@ def write_dir_atomic(dest: str | Path, fill: Callable[[Path], Any]) -> Path:
     return dest
 
 
-def write_text_atomic(text: str, dest: str | Path) -> Path:
-    with atomic_path(dest) as tmp:
+def write_text_atomic(text: str, dest: str | Path, first_wins: bool = False) -> Path:
+    with atomic_path(dest, first_wins) as tmp:
         tmp.write_text(text)
     return Path(dest)
 
 
-def write_json_atomic(obj: Any, dest: str | Path) -> Path:
-    return write_text_atomic(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", dest)
+def write_json_atomic(obj: Any, dest: str | Path, first_wins: bool = False) -> Path:
+    return write_text_atomic(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", dest, first_wins)
 
 
 def read_json(path: str | Path) -> Any:

@@ -92,7 +92,8 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
             found.append(Path(text))
         else:
             raise InputError(f"{text}: no such file or directory")
-    return sorted(dict.fromkeys(found))
+    # One file named twice (a folder and a path inside it, a relative and an absolute path) is listed once.
+    return sorted({path.resolve(): path for path in reversed(found)}.values())
 
 
 def _refuse(exc: OSError) -> None:

@@ -78,12 +78,26 @@ def calibration_rows(tokenizer: Any, metadata: dict[str, Any]) -> list[np.ndarra
                   truncation=metadata.get("truncation", "head"))
 
 
+def _quiet_nncf() -> None:
+    """NNCF logs every node it leaves unquantised at INFO, through a handler of its own on stdout, where each line
+    must be one of our JSON events: its warnings and errors go to stderr, like every library's."""
+    import logging
+    import sys
+
+    logger = logging.getLogger("nncf")
+    logger.setLevel(logging.WARNING)
+    for handler in logger.handlers:
+        if type(handler) is logging.StreamHandler:  # NNCF's own (not a subclass someone else added: a test's)
+            handler.setStream(sys.__stderr__)  # the process's own: a test's swapped stream would be closed later
+
+
 def quantize_int8(model_path: Path, out: Path, rows: list[np.ndarray], pad_id: int, external: bool) -> Path:
     """Write `out` (the twin, `model.int8.onnx`, with its weights in `out`.data when `external`) from `model_path` (a fused
     fp32 graph), calibrated on `rows`."""
     import nncf
     import onnx
 
+    _quiet_nncf()
     order = sorted_batches(np.array([len(r) for r in rows]), CALIBRATION_BATCH)
     samples = [{"input_ids": b.input_ids, "attention_mask": b.attention_mask}
                for b in padded_batches(rows, pad_id, order)]

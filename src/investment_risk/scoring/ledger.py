@@ -2,9 +2,10 @@
 
 A unit is known by its path, row group, file size and a fingerprint of the file's content (sha256; reused from the
 ledger while the size and modification time are unchanged, recomputed otherwise), so a file rewritten in place
-with new content counts as new. Every shard reads the ledger when it lists its inputs, so all shards agree on what
-is new. The merge adds the batch's units only once every shard is done: a night that fails leaves the ledger as it
-was and the next night scores those units again. The ledger is one JSON file, rewritten whole and atomically.
+with new content counts as new. The batch's first shard to start reads the ledger when it lists the inputs
+(batch_inputs.py), so all shards, and any shard redone later, agree on what is new. The merge adds the batch's
+units only once every shard is done: a night that fails leaves the ledger as it was and the next night scores
+those units again. The ledger is one JSON file, rewritten whole and atomically.
 """
 
 from __future__ import annotations
@@ -53,14 +54,6 @@ class Ledger:
             out.append({"path": str(unit.path.resolve()), "row_group": unit.row_group, "size": size,
                         "mtime_ns": mtime_ns, "fingerprint": fingerprint})
         return out
-
-    def same_units(self, units: Sequence[Unit], before: Sequence[dict[str, Any]]
-                   ) -> tuple[list[Unit], list[dict[str, Any]]]:
-        """Of `units`, those that are still exactly the units of the entries `before` (same file, row group and
-        content), with their entries."""
-        wanted = {_key(e) for e in before}
-        pairs = [(u, e) for u, e in zip(units, self.unit_entries(units)) if _key(e) in wanted]
-        return [u for u, _ in pairs], [e for _, e in pairs]
 
     def new_units(self, units: Sequence[Unit]) -> tuple[list[Unit], list[dict[str, Any]]]:
         """The units no earlier batch scored, with their entries."""

@@ -29,14 +29,15 @@ from ..core.errors import ConfigError, InputError
 from ..core.faults import fault_point
 from ..core.logs import Progress, bind, get_logger
 from ..core.spec import DIMENSIONS, NUM_DIMENSIONS, default_spec
-from ..datasets.readers import (JSON_TEXT, REQUIRED_COLUMNS, Batch, expand_inputs, is_jsonl, iter_file_batches,
+from ..datasets.readers import (JSON_TEXT, REQUIRED_COLUMNS, Batch, is_jsonl, iter_file_batches,
                                 parquet_schema)
 from ..modeling.description import ModelDescription, describe_model
 from ..modeling.predict import predict, token_budget_for
-from .ledger import input_root, read_ledger
+from .batch_inputs import shard_inputs
+from .ledger import input_root
 from .prometheus import push, write_textfile
-from .shard_metrics import ShardMetrics, broken_shard, done_shard_counts, merge_metrics, scored_units
-from .units import Unit, done_marker, list_units, parquet_rows, part_name, shard_files, shard_units
+from .shard_metrics import ShardMetrics, broken_shard, done_shard_counts, merge_metrics
+from .units import Unit, done_marker, parquet_rows, part_name, remove_shards_from, shard_files, shard_outputs
 from .writer import REJECT_SCHEMA, ShardWriter, kept_columns, part_schema, provenance
 
 MAX_ARTICLE_BYTES = 1_000_000
@@ -217,7 +218,8 @@ class ShardScorer:
         producer.start()
         seen_ids: dict[str, str] = {}  # id -> where it was first scored
         try:
-            # Both files are renamed into place only if the whole shard succeeds; a failure leaves neither.
+            # Both files are renamed into place only if the whole shard succeeds (the rejects first: a kill between
+            # the renames leaves no marker, so a rerun redoes the shard).
             with atomic_path(part) as part_tmp, atomic_path(rejects) as rejects_tmp:
                 writer = ShardWriter(part_tmp, rejects_tmp, provenance(
                     self.model, calibrated, self.config.shard_index, self.config.shard_count))
@@ -337,27 +339,6 @@ class ShardScorer:
             metrics.labels_unusable += int(item.labels_unusable[labelled].sum())
 
 
-def _units_to_score(config: ScoreConfig, listed: list[Unit], redo: bool
-                    ) -> tuple[list[Unit], list[dict[str, Any]] | None]:
-    """This shard's units (`units[I::N]`) and, with a ledger, their entries: of the units no earlier batch scored,
-    or, for a shard scored again (`--force`, or its files lost rows), the units it scored before, which the ledger
-    may list by now (against the ledger alone it would find nothing new and lose those rows for good)."""
-    if config.ledger is None:
-        return shard_units(listed, config.shard_index, config.shard_count), None
-    log = get_logger()
-    ledger = read_ledger(config.ledger, input_root(config.inputs))
-    before = scored_units(config.out, config.shard_index) if redo else None
-    if before:
-        units, entries = ledger.same_units(listed, before)
-        log.info("ledger_read", ledger=str(config.ledger), known_units=len(ledger.entries), redo_units=len(units),
-                 redo_units_gone=len(before) - len(units))
-        return units, entries
-    listed, entries = ledger.new_units(listed)
-    log.info("ledger_read", ledger=str(config.ledger), known_units=len(ledger.entries), new_units=len(listed))
-    return (shard_units(listed, config.shard_index, config.shard_count),
-            shard_units(entries, config.shard_index, config.shard_count))
-
-
 def score(config: ScoreConfig) -> dict[str, Any]:
     """Score this shard (unless already done) and merge every finished shard's metrics into OUT/metrics.json."""
     from ..modeling.loading import load_runner
@@ -371,20 +352,22 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     if not config.force and (counts := done_shard_counts(out) - {config.shard_count}):
         raise InputError(f"--out {out} holds shards scored with --shard-count {', '.join(map(str, sorted(counts)))}, "
                          f"not {config.shard_count}: score into another --out, or redo every shard with --force")
+    if config.force and (stale := remove_shards_from(out, config.shard_count)):
+        log.warning("stale_shards_removed", shards=stale, reason=f"--force with --shard-count {config.shard_count}: "
+                    "no shard of this count would replace them")
     if marker.exists() and not config.force:
         if (problem := broken_shard(out, config.shard_index)) is None:
             log.info("shard_skipped", reason="already done (pass --force to redo)", marker=str(marker))
-            for dest in shard_files(out, config.shard_index):  # what a killed twin (a replaced pod) left half-written
+            for dest in shard_outputs(out, config.shard_index):  # what a killed twin (a replaced pod) left half-written
                 remove_abandoned(dest)
             return merge_metrics(out)
         log.warning("shard_redone", reason=f"marked done, but {problem}")
-    files = expand_inputs(config.inputs)
-    units, shard_entries = _units_to_score(config, list_units(files), redo=marker.exists())
-    model = describe_model(config.model)
+    model = describe_model(config.model)  # a model that cannot score stops the shard before it lists the batch
     tokenizer = load_tokenizer(model.tokenizer_dir)
     runner = load_runner(model, config.backend, config.device, config.threads, config.cpu_engine)
+    units, shard_entries = shard_inputs(out, config.inputs, config.ledger, config.shard_index, config.shard_count)
     total = _count_rows(units)
-    log.info("shard_start", files=len(files), units=len(units), rows=total, backend=config.backend,
+    log.info("shard_start", files=len({unit.path for unit in units}), units=len(units), rows=total, backend=config.backend,
              provider=runner.provider, model_version=model.model_version)
     if marker.exists():
         marker.unlink()  # redone (--force, or lost rows): not done until the new marker lands

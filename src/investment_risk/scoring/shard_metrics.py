@@ -273,13 +273,6 @@ def broken_shard(out_dir: Path, shard: int) -> str | None:
     return None
 
 
-def scored_units(out_dir: Path, shard: int) -> list[dict[str, Any]] | None:
-    """The ledger entries of the units a shard scored last time (None when it kept no ledger, or its metrics are
-    gone)."""
-    units = ((_shard_metrics(out_dir, part_name(shard)) or {}).get("ledger") or {}).get("units")
-    return list(units) if isinstance(units, list) else None
-
-
 def _done_metrics(out_dir: Path, done: set[str]) -> tuple[list[dict[str, Any]], list[int]]:
     """The metrics of the shards marked done, recounted from their files, and the shards marked done that are not
     done after all (a rerun redoes them): their metrics file is missing or unreadable, or their files lost rows."""
@@ -349,7 +342,8 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
     merged.update(tier_metrics(pairs))
     merged["prefilter_rate"] = merged["rows_prefiltered"] / merged["rows_in"] if merged["rows_in"] else None
     merged["reject_rate"] = merged["rows_rejected"] / merged["rows_in"] if merged["rows_in"] else None
-    merged.update(batch_drift(shards, merged))
+    # A partial batch is no sample of the night: its PSI would raise alarms that the whole batch does not.
+    merged.update(batch_drift(shards, merged) if merged["complete"] else {})
     ledgers = {(s["ledger"]["path"], s["ledger"]["input_root"]) for s in shards if "ledger" in s}
     if merged["complete"] and ledgers:  # every shard done: the batch's units join the ledger (never before)
         from .ledger import record_units
@@ -377,10 +371,14 @@ def merge_until_complete(out_dir: Path, expect_shards: int | None, wait_seconds:
         merged = merge_metrics(out_dir) if out_dir.is_dir() else {"shards": 0, "shard_count": 0}
         needed = max(expect_shards or 0, merged["shard_count"], 1)
         broken = merged.get("invariant_broken_shards")
-        if merged["shards"] >= needed and not broken:
+        if merged["shards"] >= needed and merged.get("complete"):
             return merged
         if time.monotonic() >= deadline:
-            raise RetryableError(f"{out_dir}: shards {broken} no longer add up (rows or metrics lost since they "
-                                 f"were scored): score them again"
-                                 if broken else f"{out_dir}: {merged['shards']} of {needed} shards are done")
+            if broken:
+                why = f"shards {broken} no longer add up (rows or metrics lost since they were scored): score them again"
+            elif counts := merged.get("shard_counts"):
+                why = f"its done shards were scored with --shard-count {counts}: redo every shard with one count"
+            else:
+                why = f"{merged['shards']} of {needed} shards are done"
+            raise RetryableError(f"{out_dir}: {why}")
         time.sleep(min(poll_seconds, max(deadline - time.monotonic(), 0.0)))

@@ -55,6 +55,25 @@ def done_marker(out: Path, shard: int) -> Path:
     return out / "_done" / part_name(shard)
 
 
+def shard_outputs(out: Path, shard: int) -> tuple[Path, ...]:
+    """Every file a shard writes: its part and rejects files, its metrics (JSON and Prometheus), its marker."""
+    name = part_name(shard)
+    return (*shard_files(out, shard), out / "metrics" / f"{name}.json", out / "metrics" / f"{name}.prom",
+            done_marker(out, shard))
+
+
+def remove_shards_from(out: Path, count: int) -> list[int]:
+    """Remove the shards numbered `count` and above (their marker first): what a batch scored again with a smaller
+    --shard-count (--force) leaves of the old one, which no shard of the new count would replace. Returns them."""
+    found = {int(p.name[5:10]) for folder in (out, out / "rejects", out / "metrics", out / "_done")
+             for p in folder.glob("part-[0-9][0-9][0-9][0-9][0-9]*")}
+    stale = sorted(shard for shard in found if shard >= count)
+    for shard in stale:
+        for path in reversed(shard_outputs(out, shard)):
+            path.unlink(missing_ok=True)
+    return stale
+
+
 def parquet_rows(path: Path) -> int:
     """Rows in a Parquet file, from its footer: what is on disk, not what a writer meant to write."""
     return pq.ParquetFile(path).metadata.num_rows

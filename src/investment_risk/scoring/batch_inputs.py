@@ -1,0 +1,86 @@
+"""A batch's inputs, listed once: the first of its shards to start writes OUT/_inputs.json, and every shard, rerun
+and `--force` redo scores its share of that list.
+
+Shards that each listed the inputs themselves disagreed when a file arrived between their starts (an Indexed Job
+whose pods start minutes apart over a live folder): one shard's share became another's, rows were scored twice and
+others never, and the merge called the batch complete. With a ledger, a shard redone after the merge had recorded
+the batch found nothing new against it and wrote an empty part. The list holds each file's size and modification
+time, so a file changed after the listing stops its shard rather than being scored as another file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..core.atomic import read_json, remove_abandoned, write_json_atomic
+from ..core.errors import InputError
+from ..core.logs import get_logger
+from ..datasets.readers import expand_inputs
+from .ledger import input_root, read_ledger
+from .units import Unit, list_units
+
+INPUTS_FILE = "_inputs.json"
+INPUTS_FORMAT = 1
+
+
+def shard_inputs(out: Path, inputs: Sequence[str], ledger: Path | None, shard_index: int, shard_count: int
+                 ) -> tuple[list[Unit], list[dict[str, Any]] | None]:
+    """This shard's units (`units[I::N]` of the batch's listing) and, with a ledger, their ledger entries: of the
+    units no earlier batch scored when the batch was listed. Each unit's file must be as the listing saw it."""
+    path = out / INPUTS_FILE
+    remove_abandoned(path)  # a listing whose writer was killed before it landed
+    if not path.exists():
+        write_json_atomic(_listing(inputs, ledger), path, first_wins=True)  # a twin may have listed first
+    recorded = read_json(path)
+    root = input_root(inputs)
+    if recorded.get("format") != INPUTS_FORMAT or not isinstance(recorded.get("units"), list):
+        raise InputError(f"{path}: not a batch listing this version wrote (delete it to list the inputs again)")
+    if recorded["input_root"] != root:
+        raise InputError(f"--out {out} holds a batch of the inputs {recorded['input_root']!r}, not {root!r}: "
+                         "score into another --out")
+    if recorded["ledger"] != (str(ledger) if ledger else None):
+        raise InputError(f"--out {out} holds a batch listed with --ledger {recorded['ledger']}, not {ledger}: "
+                         "score into another --out")
+    get_logger().info("batch_inputs", listing=str(path), listed_at=recorded["listed_at"],
+                      units=len(recorded["units"]), known_units=recorded["known_units"])
+    mine = recorded["units"][shard_index::shard_count]
+    for record in mine:
+        _check_unchanged(record, recorded["listed_at"])
+    units = [Unit(Path(r["path"]), r["row_group"], r["rows"]) for r in mine]
+    return units, ([r["ledger_entry"] for r in mine] if ledger else None)
+
+
+def _check_unchanged(record: dict[str, Any], listed_at: str) -> None:
+    path = Path(record["path"])
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise InputError(f"{path}: listed for this batch at {listed_at}, now unreadable ({exc.strerror}): score "
+                         "into another --out") from None
+    if (stat.st_size, stat.st_mtime_ns) != (record["size"], record["mtime_ns"]):
+        raise InputError(f"{path}: changed since this batch listed it at {listed_at}: score into another --out "
+                         "(a batch scores its files as they were listed)")
+
+
+def _listing(inputs: Sequence[str], ledger: Path | None) -> dict[str, Any]:
+    import datetime as dt
+
+    units = list_units(expand_inputs(inputs))
+    entries, known = None, 0
+    if ledger is not None:
+        book = read_ledger(ledger, input_root(inputs))
+        units, entries = book.new_units(units)
+        known = len(book.entries)
+    records = []
+    for i, unit in enumerate(units):
+        stat = unit.path.stat()
+        record = {"path": str(unit.path), "row_group": unit.row_group, "rows": unit.rows, "size": stat.st_size,
+                  "mtime_ns": stat.st_mtime_ns}
+        if entries is not None:
+            record["ledger_entry"] = entries[i]
+        records.append(record)
+    return {"format": INPUTS_FORMAT, "input_root": input_root(inputs), "ledger": str(ledger) if ledger else None,
+            "known_units": known, "listed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "units": records}

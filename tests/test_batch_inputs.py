@@ -1,0 +1,125 @@
+"""A batch's inputs are listed once (OUT/_inputs.json): shards that start apart, reruns and --force redos all score
+their share of the same list, and nothing in an output directory mixes two batchings."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+
+from investment_risk.cli import main
+from investment_risk.core.atomic import KERNEL_ID
+from investment_risk.core.errors import InputError, RetryableError
+from investment_risk.datasets.readers import expand_inputs
+from investment_risk.scoring.pipeline import ScoreConfig, score
+from investment_risk.scoring.shard_metrics import merge_until_complete
+
+
+def ids_out(out) -> Counter:
+    return Counter(i for folder in (out, out / "rejects") for p in sorted(folder.glob("part-*.parquet"))
+                   for i in pq.read_table(p, columns=["id"]).column("id").to_pylist())
+
+
+def input_ids(folder) -> Counter:
+    return Counter(i for p in sorted(folder.glob("*.parquet")) for i in pq.read_table(p, columns=["id"]).column("id").to_pylist())
+
+
+@pytest.fixture
+def folder(articles, tmp_path):
+    """The Parquet files of the shared articles, in a folder of this test's own."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a.parquet", "b.parquet"):
+        shutil.copy(articles / name, inputs / name)
+    return inputs
+
+
+def test_a_file_that_arrives_between_two_shards_starts_is_in_neither(exported, folder, tmp_path):
+    # Each shard listed the inputs itself: shard 1 then took shard 0's share of a longer list (rows scored twice,
+    # others never) and the merge called the batch complete.
+    _, model, _ = exported
+    out, expected = tmp_path / "out", input_ids(folder)
+    score(ScoreConfig(model=model, inputs=(str(folder),), out=out, shard_index=0, shard_count=2))
+    pq.write_table(pq.read_table(folder / "a.parquet").slice(0, 20), folder / "0-late.parquet")
+    merged = score(ScoreConfig(model=model, inputs=(str(folder),), out=out, shard_index=1, shard_count=2))
+    assert ids_out(out) == expected and merged["complete"] and merged["rows_in"] == sum(expected.values())
+    assert len(json.loads((out / "_inputs.json").read_text())["units"]) == 4 + 3  # a's and b's row groups
+
+
+def test_a_file_changed_after_the_listing_stops_its_shard_naming_it(exported, folder, tmp_path, runner):
+    _, model, _ = exported
+    out = tmp_path / "out"
+    score(ScoreConfig(model=model, inputs=(str(folder),), out=out, shard_index=0, shard_count=2))
+    pq.write_table(pq.read_table(folder / "b.parquet").slice(0, 10), folder / "b.parquet")
+    result = runner.invoke(main, ["score", "--model", str(model), "--input", str(folder), "--out", str(out),
+                                  "--shard-index", "1", "--shard-count", "2"])
+    assert result.exit_code == 2 and f"{folder / 'b.parquet'}: changed since this batch listed it" in result.output
+    # Other inputs into the same --out are another batch: refused, naming both.
+    result = runner.invoke(main, ["score", "--model", str(model), "--input", str(folder / "a.parquet"),
+                                  "--out", str(out), "--shard-index", "1", "--shard-count", "2"])
+    assert result.exit_code == 2 and "holds a batch of the inputs" in result.output, result.output
+
+
+def test_force_with_a_smaller_shard_count_leaves_one_batch(exported, folder, tmp_path):
+    _, model, _ = exported
+    out, expected = tmp_path / "out", input_ids(folder)
+    for shard in range(3):
+        score(ScoreConfig(model=model, inputs=(str(folder),), out=out, shard_index=shard, shard_count=3))
+    score(ScoreConfig(model=model, inputs=(str(folder),), out=out, shard_index=0, shard_count=2, force=True))
+    assert not (out / "part-00002.parquet").exists() and not (out / "_done" / "part-00002").exists()
+    # Shard 1 still holds the 3-shard batching: the merge Job must not call that done.
+    with pytest.raises(RetryableError, match="scored with --shard-count"):
+        merge_until_complete(out, expect_shards=2)
+    merged = score(ScoreConfig(model=model, inputs=(str(folder),), out=out, shard_index=1, shard_count=2, force=True))
+    assert merged["complete"] and ids_out(out) == expected
+    assert merge_until_complete(out, expect_shards=2)["rows_in"] == sum(expected.values())
+
+
+def test_a_partial_batch_reports_no_drift(exported, folder, tmp_path):
+    _, model, _ = exported
+    out = tmp_path / "out"
+    partial = score(ScoreConfig(model=model, inputs=(str(folder),), out=out, shard_index=0, shard_count=2))
+    assert not partial["complete"] and "drift" not in partial
+    whole = score(ScoreConfig(model=model, inputs=(str(folder),), out=out, shard_index=1, shard_count=2))
+    assert whole["complete"] and set(whole["drift"]["psi"]) == set(partial["score_histograms"]) - {"edges"}
+
+
+def test_a_skipped_shard_removes_every_temporary_file_a_killed_twin_left(exported, folder, tmp_path):
+    _, model, _ = exported
+    out = tmp_path / "out"
+    config = ScoreConfig(model=model, inputs=(str(folder),), out=out)
+    score(config)
+    leftovers = [out / "metrics" / f".part-00000.json.{KERNEL_ID}-killed.tmp",
+                 out / "metrics" / f".part-00000.prom.{KERNEL_ID}-killed.tmp",
+                 out / "_done" / f".part-00000.{KERNEL_ID}-killed.tmp"]
+    for path in leftovers:
+        path.write_text("half")
+    score(config)
+    assert not [path for path in leftovers if path.exists()]
+
+
+def test_one_file_named_twice_is_listed_once(folder, monkeypatch):
+    monkeypatch.chdir(folder.parent)
+    files = expand_inputs([str(folder), "in/a.parquet", str(folder / "b.parquet")])
+    assert sorted(os.path.realpath(f) for f in files) == sorted(os.path.realpath(folder / n) for n in ("a.parquet", "b.parquet"))
+
+
+def test_a_listing_this_version_did_not_write_is_refused(exported, folder, tmp_path):
+    _, model, _ = exported
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "_inputs.json").write_text(json.dumps({"format": 99}))
+    with pytest.raises(InputError, match="not a batch listing"):
+        score(ScoreConfig(model=model, inputs=(str(folder),), out=tmp_path / "out"))
+
+
+def test_of_two_listings_racing_the_first_stays(tmp_path):
+    from investment_risk.core.atomic import write_json_atomic
+
+    write_json_atomic({"listed": "first"}, tmp_path / "_inputs.json", first_wins=True)
+    write_json_atomic({"listed": "second"}, tmp_path / "_inputs.json", first_wins=True)
+    assert json.loads((tmp_path / "_inputs.json").read_text()) == {"listed": "first"}
+    assert [p.name for p in tmp_path.iterdir()] == ["_inputs.json"]  # no temporary file left
