@@ -360,3 +360,41 @@ def test_a_malformed_model_json_is_one_line_naming_it(exported, tmp_path, runner
                                       "--out", str(tmp_path / "out")])
         assert result.exit_code == 2 and "model.json" in result.output and message in result.output, result.output
         assert "Traceback" not in result.output
+
+
+def test_an_empty_path_or_a_name_that_is_not_utf8_is_one_line_with_exit_2(exported, tmp_path, runner, monkeypatch):
+    # '' is the current directory to pathlib: it scored all of it. A non-UTF-8 name made Arrow raise a traceback.
+    _, model, _ = exported
+    folder = tmp_path / "in"
+    folder.mkdir()
+    parquet(folder / "ok.parquet", rows(2))
+    monkeypatch.chdir(folder)
+    result = runner.invoke(main, ["score", "--model", str(model), "--input", "", "--out", str(tmp_path / "o1")])
+    assert result.exit_code == 2 and "an empty path" in result.output, result.output
+    (folder / os.fsdecode(b"n\xffm.parquet")).write_bytes((folder / "ok.parquet").read_bytes())
+    result = runner.invoke(main, ["score", "--model", str(model), "--input", str(folder), "--out", str(tmp_path / "o2")])
+    assert result.exit_code == 2 and "not valid UTF-8" in result.output and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_library_error_of_several_lines_is_one_and_a_read_only_place_is_exit_2(tmp_path, runner, monkeypatch):
+    import errno
+
+    from investment_risk.datasets import synth as data_cli
+
+    def fails(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "ro" / "s.parquet"))
+
+    monkeypatch.setattr(data_cli, "write_synthetic", fails)
+    result = runner.invoke(main, ["data", "synth", "--rows", "5", "--out", str(tmp_path / "ro" / "s.parquet")])
+    assert result.exit_code == 2 and "Read-only file system" in result.output, result.output  # no retry helps
+
+    from investment_risk.core.errors import InputError
+
+    def multi(*args, **kwargs):
+        raise InputError("x.parquet: corrupt Parquet data (Couldn't deserialize thrift\nDeserializing page header failed.\n)")
+
+    monkeypatch.setattr(data_cli, "write_synthetic", multi)
+    result = runner.invoke(main, ["data", "synth", "--rows", "5", "--out", str(tmp_path / "s.parquet")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "thrift Deserializing page header failed. )" in result.output

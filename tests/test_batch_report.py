@@ -52,3 +52,13 @@ def test_the_batch_page_shows_the_numbers_of_metrics_json(exported, split_dir, t
 def test_report_batch_refuses_what_is_not_a_scored_directory(split_dir, tmp_path, runner):
     result = runner.invoke(main, ["report", "batch", "--scored", str(split_dir), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "not a scoring output directory" in result.output
+
+
+def test_a_broken_part_file_is_named_not_a_traceback(exported, articles, tmp_path, runner):
+    from investment_risk.scoring.pipeline import ScoreConfig, score
+
+    _, model, _ = exported
+    score(ScoreConfig(model=model, inputs=(str(articles / "a.parquet"),), out=tmp_path / "scored"))
+    (tmp_path / "scored" / "part-00000.parquet").write_bytes(b"junk")
+    result = runner.invoke(main, ["report", "batch", "--scored", str(tmp_path / "scored"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "part-00000.parquet: not a readable part file" in result.output, result.output

@@ -43,3 +43,22 @@ def test_compare_needs_finished_runs(two_runs, tmp_path, runner):
     (tmp_path / "empty").mkdir()
     result = runner.invoke(main, ["report", "compare", str(two_runs[0]), str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "not a finished training run" in result.output
+
+
+def test_a_damaged_or_diverged_run_is_named_not_a_traceback_or_a_tie(two_runs, tmp_path, runner):
+    import shutil
+
+    for name, history in (("empty", []), ("partial", [{"epoch": 1, "train": {}, "val": {}}]),
+                          ("diverged", "nan")):
+        run = tmp_path / name
+        shutil.copytree(two_runs[1], run)
+        if history == "nan":  # what a run that diverged wrote before training stopped on it
+            history = json.loads((run / "training_history.json").read_text())
+            history[0]["val"]["mae"] = float("nan")
+        (run / "training_history.json").write_text(json.dumps(history))
+        result = runner.invoke(main, ["report", "compare", str(two_runs[0]), str(run), "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2 and "training_history.json" in result.output and "Traceback" not in result.output, \
+            result.output
+    result = runner.invoke(main, ["report", "compare", str(two_runs[0]), str(tmp_path / "diverged"), "--out",
+                                  str(tmp_path / "o")])
+    assert "epoch 1 has no finite val mae" in result.output

@@ -87,7 +87,7 @@ def test_a_named_int8_engine_ships_its_graph_and_scores_close_to_fp32(exported, 
     got, want = predict(int8, rows, pad, batch_size=8), predict(fp32, rows, pad, batch_size=8)
     assert np.abs(got - want).mean() < 0.5 and not np.allclose(got, want)  # quantised, and still the same model
     (model / twin).write_bytes((model / twin).read_bytes() + b"\0")
-    with pytest.raises(InputError, match="do not match the sha256"):
+    with pytest.raises(InputError, match=f"{twin} not as model.json's sha256 records"):
         describe_model(model)
 
 

@@ -854,7 +854,7 @@ def test_bad_invocations_exit_2(exported, articles, tmp_path, runner, case):
         shutil.copytree(model, copy)
         with (copy / "model.onnx").open("ab") as handle:
             handle.write(b"\0")
-        model, message = copy, "do not match the sha256"
+        model, message = copy, ": model.onnx not as model.json's sha256 records"  # the file, not two dicts
     elif case in ("no tokenizer", "tokenizer edited"):
         copy = tmp_path / "model"
         shutil.copytree(model, copy)
@@ -961,6 +961,9 @@ def test_evaluate_an_exported_model_matches_the_run(exported, split_dir, runner,
         assert [(e["what"], e["done"]) for e in done] == [("evaluate", e["total"]) for e in done] and done
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("run", "model"))
     assert b["backend"] == "onnx" and a["backend"] == "torch"
+    # --explain asks for generated reasoning, which only an instruction run gives: it was ignored (exit 0)
+    result = runner.invoke(main, ["evaluate", "--model", str(run), "--data", data, "--explain"])
+    assert result.exit_code == 2 and "--explain" in result.output and "no instruction run" in result.output
     # The exported model is evaluated with the CPU engine export chose; fp32 engines match PyTorch to 1e-4, a reduced
     # precision one (bf16, int8) was chosen within MAE_TOLERANCE on val: on another split, twice that.
     engine = json.loads((model / "model.json").read_text())["cpu_engine"]["engine"]

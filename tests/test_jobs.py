@@ -434,6 +434,10 @@ def test_cluster_errors_are_clear(fake, tmp_path, runner):
     assert result.exit_code == 2 and "forbidden" in result.output and "pods/log" in result.output
     result = runner.invoke(main, ["jobs", "status", "x", "--kubeconfig", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "no cluster configured" in result.output
+    for text in ("garbage: [", "clusters: 5\n"):  # not YAML; YAML of the wrong shape
+        (tmp_path / "bad-kubeconfig").write_text(text)
+        result = runner.invoke(main, ["jobs", "status", "x", "--kubeconfig", str(tmp_path / "bad-kubeconfig")])
+        assert result.exit_code == 2 and "bad-kubeconfig: not a kubeconfig" in result.output, result.output
     fake.stop()
     result = jobs_cli(runner, fake, tmp_path, "status", "x")
     assert result.exit_code == 1 and "cannot reach the cluster" in result.output
@@ -755,3 +759,15 @@ def test_run_local_stops_pods_at_the_active_deadline(fake_docker, tmp_path, runn
     assert result.exit_code == 1 and "DeadlineExceeded" in result.output, result.output
     assert time.monotonic() - started < 60  # the pods (sleeping 120 s) were stopped, not waited for
     assert sum(1 for c in docker_calls(fake_docker) if c[:3] == ["stop", "--time", "30"]) == 2  # SIGTERM first
+
+
+def test_render_refuses_what_the_api_server_or_the_merge_would_not_take(runner, tmp_path):
+    base = ["jobs", "render", "score", "--image", "r/i:1", "--model", "/models/current", "--input", "/data/in",
+            "--out", "/data/out"]
+    for extra, message in ((["--shards", "100001"], "at most 100000 completions"),
+                           (["--extra-arg", "--shard-count", "--extra-arg", "9"], "--extra-arg --shard-count"),
+                           (["--input", " "], "--input: an empty path")):
+        result = runner.invoke(main, [*base, *extra])
+        assert result.exit_code == 2 and message in result.output, (extra, result.output)
+    result = runner.invoke(main, ["jobs", "render", "shared", "--models-size", "0"])
+    assert result.exit_code == 2 and "--models-size '0'" in result.output, result.output

@@ -149,3 +149,10 @@ def test_free_text_loses_the_values_of_secret_named_keys(text, secret):
 ])
 def test_free_text_keeps_counts_paths_and_names(text):
     assert logs.redact_text(text) == text
+
+
+def test_a_non_finite_value_still_makes_a_json_line(capsys):
+    configure_logging("json", "INFO")
+    get_logger().info("epoch_done", val_mae=float("nan"), history=[{"loss": float("inf")}])
+    event = json.loads(capsys.readouterr().out)  # a bare NaN would not parse
+    assert event["val_mae"] == "nan" and event["history"] == [{"loss": "inf"}]

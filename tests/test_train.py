@@ -523,3 +523,33 @@ def test_the_optimiser_settings_come_from_the_command_line(runner, split_dir, tm
     for option, value in (("--weight-decay", "-0.1"), ("--max-grad-norm", "0"), ("--log-every", "0")):
         bad = runner.invoke(main, [*base, option, value])
         assert bad.exit_code == 2 and option in bad.output, bad.output
+
+
+def test_a_run_that_diverges_stops_with_exit_2_and_json_lines(split_dir, tmp_path, runner, monkeypatch):
+    # It ended with exit 0 and a NaN model that evaluate, report compare and export all took for a whole one; its
+    # log lines held a bare NaN, which no JSON parser reads.
+    from investment_risk.training.distillation import DistillationTask
+
+    real = DistillationTask.loss_and_preds
+
+    def blown_up(self, *args, **kwargs):
+        loss, preds, token_loss = real(self, *args, **kwargs)
+        return loss * float("nan"), preds * float("nan"), token_loss
+
+    monkeypatch.setattr(DistillationTask, "loss_and_preds", blown_up)
+    args = [a if a != "2" else "1" for a in TINY_TRAIN_ARGS]  # one epoch
+    result = runner.invoke(main, ["--log-format", "json", "train", *args, "--log-every", "1", "--data",
+                                  str(split_dir), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "training diverged at step 1" in result.output, result.output
+    assert "--learning-rate (now 0.002)" in result.output
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [e["error"] for e in events if e["event"] == "command_failed"]
+
+
+def test_options_that_would_overflow_are_refused_by_their_range(split_dir, tmp_path, runner):
+    for option, value in (("--seed", str(2**63)), ("--learning-rate", "1e308"), ("--head-lr-multiplier", "inf")):
+        result = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, option, value, "--data", str(split_dir),
+                                      "--out", str(tmp_path / "run"), "--dry-run"])
+        assert result.exit_code == 2 and option in result.output and "Traceback" not in result.output, result.output
+    result = runner.invoke(main, ["data", "synth", "--rows", "99999999999999", "--out", str(tmp_path / "s.parquet")])
+    assert result.exit_code == 2 and "--rows" in result.output

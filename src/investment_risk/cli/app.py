@@ -7,7 +7,9 @@ group lives in its own module; this one only assembles them.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import signal
 from typing import Any
 
@@ -18,6 +20,16 @@ from ..core.errors import InvestmentRiskError, Terminated
 from ..core.logs import bind, configure_logging, get_logger, new_run_id, redact_text
 from . import data, demo, evaluate, export, jobs, report, score, train
 from .options import ENV_PREFIX, option
+
+
+# A path that cannot be what it is used as: a retry meets the same path (exit 2, not 1).
+_PATH_ERRORS = {errno.ENOENT, errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+                errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _one_line(text: str) -> str:
+    """An error is one line: a library's message (pyarrow's, a path with a newline in it) may hold several."""
+    return re.sub(r"\s*\n\s*", " ", text.strip())
 
 
 def _redacted(exc: click.ClickException) -> click.ClickException:
@@ -42,22 +54,12 @@ class App(click.Group):
         except click.ClickException as exc:  # a subcommand's usage error
             raise _redacted(exc) from None
         except InvestmentRiskError as exc:
-            get_logger().error("command_failed", error=str(exc), exit_code=exc.exit_code)
-            error = click.ClickException(redact_text(str(exc)))  # messages echo paths and options
-            error.exit_code = exc.exit_code
-            raise error from None
-        except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
-            # a path that cannot be what it is used as: a retry meets the same path
-            text = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc) or exc.__class__.__name__
-            get_logger().error("command_failed", error=text, exit_code=2)
-            error = click.ClickException(redact_text(text))
-            error.exit_code = 2
-            raise error from None
+            raise _failed(str(exc), exc.exit_code) from None  # messages echo paths and options
         except OSError as exc:
-            get_logger().error("command_failed", error=str(exc), exit_code=1)
-            error = click.ClickException(redact_text(f"I/O error: {exc}"))
-            error.exit_code = 1
-            raise error from None
+            if exc.errno in _PATH_ERRORS:
+                raise _failed(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc) or
+                              exc.__class__.__name__, 2) from None
+            raise _failed(f"I/O error: {exc}", 1) from None
         except Terminated:
             get_logger().warning("terminated", signal="SIGTERM", exit_code=1)
             click.echo("Terminated.", err=True)
@@ -66,6 +68,14 @@ class App(click.Group):
             get_logger().warning("interrupted")
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
+
+
+def _failed(text: str, exit_code: int) -> click.ClickException:
+    text = _one_line(text)
+    get_logger().error("command_failed", error=text, exit_code=exit_code)
+    error = click.ClickException(redact_text(text))
+    error.exit_code = exit_code
+    return error
 
 
 @click.group(cls=App, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

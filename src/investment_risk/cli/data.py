@@ -18,7 +18,8 @@ def data() -> None:
 
 
 @data.command("synth")
-@option("--rows", type=click.IntRange(min=1), required=True, help="How many articles to generate (>= 1).")
+@option("--rows", type=click.IntRange(1, 1_000_000), required=True,
+        help="How many articles to generate (1 to 1,000,000: they are built in memory).")
 @option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
         help="Random seed; the same seed gives the same file.")
 @option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,

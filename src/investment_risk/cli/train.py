@@ -25,8 +25,8 @@ from .options import option
 @option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per micro-batch.")
 @option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
         help="Micro-batches per optimizer step (effective batch = batch size x this).")
-@option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=2e-5, show_default=True)
-@option("--head-lr-multiplier", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+@option("--learning-rate", type=click.FloatRange(0, 1, min_open=True), default=2e-5, show_default=True)
+@option("--head-lr-multiplier", type=click.FloatRange(0, 1000, min_open=True), default=10.0, show_default=True,
         help="The regression head's learning rate as a multiple of --learning-rate.")
 @option("--max-length", type=click.IntRange(min=8), default=None,
         help="Tokens per example (default 512 for distillation, 1024 for instruction: prompt + article + target).")
@@ -37,7 +37,7 @@ from .options import option
 @option("--weight-decay", type=click.FloatRange(min=0), default=0.01, show_default=True, help="AdamW's weight decay.")
 @option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
         help="Gradients are clipped to this global norm before each optimizer step.")
-@option("--seed", type=click.IntRange(min=0), default=42, show_default=True)
+@option("--seed", type=click.IntRange(0, 2**63 - 1), default=42, show_default=True)
 @option("--log-every", type=click.IntRange(min=1), default=20, show_default=True,
         help="A train_step log line (loss, learning rate, tokens/s) every N optimizer steps; may change on --resume.")
 @option("--checkpoint-steps", type=click.IntRange(min=1), default=500, show_default=True,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import re
 import sys
 import threading
@@ -77,6 +78,21 @@ def redact_secrets(_logger: Any, _method: str, event_dict: dict[str, Any]) -> di
     }
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan", "inf": a bare NaN is no JSON, and every stdout line must parse
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def finite_floats(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor (JSON lines): non-finite floats as strings."""
+    return {key: _finite(value) for key, value in event_dict.items()}
+
+
 def shared_processors() -> list[Any]:
     return [
         structlog.contextvars.merge_contextvars,
@@ -95,7 +111,7 @@ def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
     if numeric_level is None:
         raise ValueError(f"unknown log level {level!r}")
     if log_format == "json":
-        renderers: list[Any] = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        renderers: list[Any] = [structlog.processors.format_exc_info, finite_floats, structlog.processors.JSONRenderer()]
     else:
         renderers = [structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())]
     structlog.configure(

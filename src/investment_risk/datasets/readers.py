@@ -76,6 +76,8 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for raw in inputs:
         text = str(raw)
+        if not text.strip():  # Path("") is the current directory: an unset variable would score all of it
+            raise InputError("an empty path was given as input (name a file, directory or glob)")
         if _has_glob(text):
             matches = sorted(p for p in _glob_files(text) if _supported(p))
             if not matches:
@@ -92,6 +94,11 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
             found.append(Path(text))
         else:
             raise InputError(f"{text}: no such file or directory")
+    for path in found:
+        try:
+            str(path).encode()
+        except UnicodeEncodeError:  # Arrow's file system takes UTF-8 names only
+            raise InputError(f"{str(path)!r}: the file name is not valid UTF-8; rename it") from None
     # One file named twice (a folder and a path inside it, a relative and an absolute path) is listed once.
     return sorted({path.resolve(): path for path in reversed(found)}.values())
 
@@ -315,7 +322,8 @@ def parquet_schema(path: Path) -> pa.Schema:
         raise _unreadable(path, exc, "not a readable Parquet file") from None
 
 
-_JSON_KINDS = {str: "string", bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}
+_JSON_KINDS = {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list",
+               dict: "an object", type(None): "null"}
 # Field metadata of a JSONL label column (scoring's optional labels) with a value that is not a number: each value
 # is its JSON text, so a number among them is still a number and only the bad value is unusable, not its batch.
 JSON_TEXT = {b"investment_risk.json_text": b"1"}
@@ -349,7 +357,7 @@ def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Seq
                     value, ok = json.dumps(value, ensure_ascii=False), True
                 if not ok:
                     kind = _JSON_KINDS.get(type(value), type(value).__name__)
-                    problems.setdefault(i, f"column '{name}' is a {kind}, expected {'a number' if want_number else 'a string'}")
+                    problems.setdefault(i, f"column '{name}' is {kind}, expected {'a number' if want_number else 'a string'}")
                     value = None
                 if want_number and value is not None:
                     try:
@@ -438,7 +446,7 @@ def _parse_line(raw: bytes) -> tuple[dict[str, Any], str | None]:
         if _SURROGATE_ESCAPE.search(text):  # a lone one decodes but cannot be written as UTF-8
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
     except json.JSONDecodeError as exc:
-        return {}, f"invalid JSON ({exc.msg} at column {exc.colno})"
+        return {}, f"invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
     except UnicodeEncodeError:
         return {}, "invalid JSON (a lone UTF-16 surrogate escape)"
     except ValueError as exc:  # an integer of over 4,300 digits
@@ -446,7 +454,7 @@ def _parse_line(raw: bytes) -> tuple[dict[str, Any], str | None]:
     except RecursionError:
         return {}, "invalid JSON (nested too deep)"
     if not isinstance(obj, dict):
-        return {}, f"expected a JSON object, got {_JSON_KINDS.get(type(obj), 'value')}"
+        return {}, f"expected a JSON object, got {_JSON_KINDS.get(type(obj), 'a value')}"
     return obj, None
 
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from ..core.atomic import read_json, write_text_atomic
 from ..core.drift import SCORE_EDGES
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, InputError
 from .drift_report import read_merged_metrics
 from ..core.spec import DIMENSIONS
 
@@ -74,11 +74,18 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _read_part(path: Path, columns: list[str]) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: not a readable part file ({exc}): score its shard again") from None
+
+
 def top_articles(scored: Path, k: int) -> pa.Table:
     """The k rows with the highest signal strength across the part files."""
     parts = sorted(scored.glob("part-*.parquet"))
     columns = ["id", "signal_tier", "signal_strength", *DIMENSIONS]
-    tables = [pq.read_table(p, columns=columns) for p in parts]
+    tables = [_read_part(p, columns) for p in parts]
     table = pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
     table = table.filter(pc.is_valid(table.column("signal_strength")))
     return table.sort_by([("signal_strength", "descending"), ("id", "ascending")]).slice(0, k)

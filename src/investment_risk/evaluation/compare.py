@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,35 @@ def load_run_summary(run: Path) -> dict[str, Any]:
     if not meta_path.exists() or not history_path.exists():
         raise InputError(f"{run}: not a finished training run (needs training_metadata.json and training_history.json)")
     metadata, history = read_json(meta_path), read_json(history_path)
+    if not isinstance(metadata, dict):
+        raise InputError(f"{meta_path}: not a JSON object")
+    epochs = _checked_history(history_path, history)
     best_epoch = metadata.get("best_epoch") or min(history, key=lambda h: h["val"]["mae"])["epoch"]
-    best = next(h for h in history if h["epoch"] == best_epoch)
+    if best_epoch not in epochs:
+        raise InputError(f"{meta_path}: best_epoch {best_epoch!r} is no epoch of {history_path.name}")
+    best = epochs[best_epoch]
     label = f"{metadata.get('training_mode', '?')} ({run.name})"
     return {"run": str(run), "label": label, "metadata": metadata, "best": best}
+
+
+def _checked_history(path: Path, history: Any) -> dict[Any, dict[str, Any]]:
+    """The epochs of a training_history.json by number; each needs finite train and val MAE and the val metrics the
+    comparison reads (a diverged run's NaN would read as a tie)."""
+    if not isinstance(history, list) or not history:
+        raise InputError(f"{path}: no epochs (a list of epoch entries is expected)")
+    wanted = ["mae", "rmse", *(f"{dim}_mae" for dim in DIMENSIONS)]
+    for i, entry in enumerate(history):
+        if not (isinstance(entry, dict) and "epoch" in entry and all(isinstance(entry.get(s), dict) for s in ("train", "val"))):
+            raise InputError(f"{path}: entry {i} needs epoch, train and val")
+        bad = [f"val {key}" for key in wanted if not _finite(entry["val"].get(key))]
+        bad += [] if _finite(entry["train"].get("mae")) else ["train mae"]
+        if bad:
+            raise InputError(f"{path}: epoch {entry['epoch']} has no finite {', '.join(bad)}")
+    return {entry["epoch"]: entry for entry in history}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def compare_runs(run_a: Path, run_b: Path) -> dict[str, Any]:

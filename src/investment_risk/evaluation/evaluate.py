@@ -78,11 +78,13 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
     stand beside them. Decision metrics: tiers, rank correlation, Recall@k / NDCG@k of signal strength."""
     if top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {top_k}")
-    table = read_articles([data], labels=DIMENSIONS)
     model = describe_model(run_dir)
+    if explain_generation and not model.is_instruction:
+        raise ConfigError(f"--explain: {run_dir} is no instruction run (only those generate reasoning)")
+    table = read_articles([data], labels=DIMENSIONS)
     raw, runner, tokenizer, rows = raw_scores(model, table, device_name, batch_size)
     extra: dict[str, Any] = {}
-    if explain_generation and model.is_instruction:
+    if explain_generation:
         extra = explain(runner.forward.inner, tokenizer, rows, runner.device, max_new_tokens, constrained)
     spec = default_spec()
     pred = model.calibrated(raw, calibration)

@@ -32,6 +32,7 @@ def connect(namespace: str, kubeconfig: Path | None = None, context: str | None 
     pod, else ~/.kube/config."""
     import os
 
+    import yaml
     from kubernetes import client, config
 
     try:
@@ -44,10 +45,13 @@ def connect(namespace: str, kubeconfig: Path | None = None, context: str | None 
             # $KUBECONFIG read now: the client reads it once, when it is imported (may be a list, merged as kubectl does)
             config.load_kube_config(config_file=str(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG"),
                                     context=context)
-    except (config.ConfigException, FileNotFoundError, OSError) as exc:
+    except (config.ConfigException, OSError) as exc:
         where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
         raise ConfigError(f"no cluster configured ({where}: {exc}); pass --kubeconfig, set KUBECONFIG, "
                           "or run inside a pod") from None
+    except (yaml.YAMLError, TypeError, AttributeError, KeyError, ValueError) as exc:  # the client's own parse
+        where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        raise ConfigError(f"{where}: not a kubeconfig ({exc.__class__.__name__}: {exc})") from None
     api = client.ApiClient()
     return Cluster(client.BatchV1Api(api), client.CoreV1Api(api), namespace)
 

@@ -71,8 +71,8 @@ class JobSettings:
         if self.queue is not None and not _NAME.match(self.queue):
             raise ConfigError(f"--queue {self.queue!r} is not a valid Kueue queue name")
         for flag, size in (("--data-size", self.data_size), ("--models-size", self.models_size)):
-            if not _QUANTITY.match(size):
-                raise ConfigError(f"{flag} {size!r} is not a storage quantity (like 200Gi or 1Ti)")
+            if not _QUANTITY.match(size) or not float(re.match(r"[0-9.]+", size).group()) > 0:
+                raise ConfigError(f"{flag} {size!r} is not a storage quantity above zero (like 200Gi or 1Ti)")
         if self.storage_class is not None and not _SUBDOMAIN.match(self.storage_class):
             raise ConfigError(f"--storage-class {self.storage_class!r} is not a valid StorageClass name")
         if self.pull_policy is not None and self.pull_policy not in PULL_POLICIES:
@@ -265,11 +265,23 @@ def export_job(name: str, run: str, out: str, settings: JobSettings, extra_args:
     }
 
 
+MAX_COMPLETIONS = 100_000  # the API server's limit for an Indexed Job
+SHARDING_OPTIONS = {"--shard-count", "--shard-index", "--out"}  # what the merge Job reads too
+
+
 def _score_job_spec(spec: ScoreSpec, settings: JobSettings) -> dict[str, Any]:
     if spec.shards < 1 or (spec.parallelism is not None and spec.parallelism < 1):
         raise ConfigError("--shards and --parallelism must be at least 1")
+    if spec.shards > MAX_COMPLETIONS:
+        raise ConfigError(f"--shards {spec.shards}: an Indexed Job has at most {MAX_COMPLETIONS} completions")
     if not spec.inputs:
         raise ConfigError("--input is required")
+    if empty := [name for name, values in (("--input", spec.inputs), ("--model", (spec.model,)), ("--out", (spec.out,)))
+                 if any(not value.strip() for value in values)]:
+        raise ConfigError(f"{', '.join(empty)}: an empty path")
+    # The Job gives each pod its shard: an --extra-arg that sets these would score another batching than it waits for
+    if taken := sorted({arg.split("=")[0] for arg in spec.extra_args} & SHARDING_OPTIONS):
+        raise ConfigError(f"--extra-arg {', '.join(taken)}: the Job sets it itself (use --shards)")
     args = ["score", "--model", spec.model, *[a for path in spec.inputs for a in ("--input", path)], "--out", spec.out,
             "--shard-count", str(spec.shards), "--backend", spec.backend, *spec.extra_args]
     container = _container("score", args, settings, gpu=True)

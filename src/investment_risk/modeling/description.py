@@ -171,9 +171,13 @@ def read_model_json(model_dir: Path) -> dict[str, Any]:
         raise InputError(f"{model_dir}: not an exported model (no model.json)")
     info = read_json(meta_path)
     actual = model_digest(model_dir)
-    if actual != info.get("sha256"):
-        raise InputError(f"{model_dir}: model files do not match the sha256 in model.json (expected "
-                         f"{info.get('sha256')}, found {actual}); re-export the model")
+    expected = info.get("sha256")
+    if actual != expected:
+        if not isinstance(expected, dict):
+            raise InputError(f"{model_dir}: model.json has no sha256 of its model files; re-export the model")
+        differ = sorted(name for name in {*expected, *actual} if expected.get(name) != actual.get(name))
+        raise InputError(f"{model_dir}: {', '.join(differ)} not as model.json's sha256 records (changed, missing "
+                         "or added since export); re-export the model")
     # The tokenizer decides the scores too (exports before it was recorded are not checked).
     for name, digest in info.get("tokenizer_sha256", {}).items():
         if not (model_dir / name).is_file():

@@ -11,6 +11,7 @@ checkpoint, so `--resume` ends with the same history as an unbroken run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import time
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..core.atomic import write_json_atomic
-from ..core.errors import InputError
+from ..core.errors import ConfigError, InputError
 from ..core.logs import Progress, get_logger
 from ..core.metrics import regression_metrics
 from ..core.spec import DIMENSIONS, NUM_DIMENSIONS, default_spec
@@ -255,6 +256,8 @@ def run_epoch(session: Session, state: TrainState, sums: Sums, bar: Progress) ->
 
 def log_step(session: Session, state: TrainState, sums: Sums) -> None:
     mean_loss = float(sums.running.item()) / state.since_log
+    if not math.isfinite(mean_loss):  # read here, where the loss is synced anyway: no extra wait per step
+        raise diverged(session, state, f"the loss is {mean_loss}")
     sums.running.zero_()
     state.since_log = 0
     state.step_losses.append([state.step, mean_loss])
@@ -266,6 +269,15 @@ def log_step(session: Session, state: TrainState, sums: Sums) -> None:
                       loss=round(mean_loss, 5), lr=session.scheduler.get_last_lr()[0],
                       tokens_per_second=round(state.tokens / max(seconds, 1e-9), 1),
                       recent_tokens_per_second=round((state.tokens - tokens_then) / max(now - then, 1e-9), 1))
+
+
+def diverged(session: Session, state: TrainState, what: str) -> ConfigError:
+    """A run whose loss went non-finite would end with a NaN model that exports, scores and ranks as if whole: it
+    stops instead (exit 2: the same settings diverge again)."""
+    config = session.config
+    return ConfigError(f"training diverged at step {state.step} (epoch {state.epoch}): {what}; train again with a "
+                       f"lower --learning-rate (now {config.learning_rate:g}) or --head-lr-multiplier "
+                       f"(now {config.head_lr_multiplier:g})")
 
 
 def end_of_epoch(session: Session, state: TrainState, sums: Sums, epoch_started: float, tokens_before: int) -> None:
@@ -286,6 +298,8 @@ def end_of_epoch(session: Session, state: TrainState, sums: Sums, epoch_started:
     val_pred, val_extra = session.task.validate(session.model, val, session.device, session.autocast_dtype)
     val_pred = clip(np.asarray(val_pred, dtype=np.float32))
     val_metrics = {**regression_metrics(val_pred, val.labels), **val_extra}
+    if not (math.isfinite(train_metrics["mae"]) and math.isfinite(val_metrics["mae"])):
+        raise diverged(session, state, "its scores are not finite")
     state.history.append({"epoch": state.epoch, "train": train_metrics, "val": val_metrics})
     get_logger().info("epoch_done", epoch=state.epoch, train_mae=round(train_metrics["mae"], 4),
                       val_mae=round(val_metrics["mae"], 4), val_rmse=round(val_metrics["rmse"], 4))
