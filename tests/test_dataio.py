@@ -348,3 +348,32 @@ def test_a_read_the_storage_failed_is_retryable_and_a_corrupt_file_is_not(tmp_pa
     monkeypatch.setattr(Path, "open", eio)
     with pytest.raises(RetryableError, match="ok.jsonl: I/O error while reading"):
         read_articles([tmp_path / "ok.jsonl"])
+
+
+def test_a_broken_link_or_a_pipe_among_the_inputs_is_named_not_skipped(tmp_path):
+    from investment_risk.datasets.synth import SynthConfig, generate
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(generate(SynthConfig(rows=3, seed=1)), folder / "ok.parquet")
+    (folder / "gone.parquet").symlink_to(tmp_path / "nowhere.parquet")
+    for spec in (str(folder), str(folder / "*.parquet"), str(folder / "gone.parquet")):
+        with pytest.raises(InputError, match="gone.parquet: a broken symbolic link"):
+            expand_inputs([spec])
+    (folder / "gone.parquet").unlink()
+    os.mkfifo(folder / "pipe.jsonl")
+    for spec in (str(folder), str(folder / "pipe.jsonl")):
+        with pytest.raises(InputError, match="pipe.jsonl: not a regular file"):
+            expand_inputs([spec])
+
+
+def test_evaluation_data_with_an_id_twice_is_named(tmp_path):
+    from investment_risk.datasets.synth import SynthConfig, generate
+
+    table = generate(SynthConfig(rows=6, seed=1))
+    ids = table.column("id").to_pylist()
+    table = table.set_column(table.column_names.index("id"), "id", pa.array([*ids[:5], ids[2]]))
+    pq.write_table(table, tmp_path / "labelled.parquet")
+    assert read_articles([tmp_path / "labelled.parquet"]).num_rows == 6  # split reads them all, then de-duplicates
+    with pytest.raises(InputError, match=rf"labelled.parquet row 5: id '{ids[2]}' again \(first at .*row 2\)"):
+        read_articles([tmp_path / "labelled.parquet"], unique_ids=True)

@@ -11,7 +11,8 @@ from structlog.testing import capture_logs
 from investment_risk.export.cpu_engine import FP32_ENGINES, MAE_TOLERANCE
 
 from investment_risk.cli import main
-from investment_risk.export.graph_passes import ATTENTION_OPS, fused_operator_counts
+from investment_risk.export.graph_passes import fused_operator_counts
+from investment_risk.export.pooling import ATTENTION_OPS
 from investment_risk.export.onnx_export import export_run
 from investment_risk.modeling.description import read_model_json as verify_model_dir
 from investment_risk.scoring.pipeline import ScoreConfig, score
@@ -35,8 +36,6 @@ def assert_last_block_runs_on_one_position(path: Path, query_alone: bool = False
     (batch, 1, hidden) on a batch of 9-token rows."""
     import onnx
     import onnxruntime as ort
-
-    from investment_risk.export.pooling import ATTENTION_OPS
 
     model = onnx.load(str(path))
     (first,) = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[0].endswith("/pooled")]
@@ -964,6 +963,13 @@ def test_evaluate_an_exported_model_matches_the_run(exported, split_dir, runner,
     # --explain asks for generated reasoning, which only an instruction run gives: it was ignored (exit 0)
     result = runner.invoke(main, ["evaluate", "--model", str(run), "--data", data, "--explain"])
     assert result.exit_code == 2 and "--explain" in result.output and "no instruction run" in result.output
+    # An article given twice would count twice in every metric: named instead (calibrate reads the same way).
+    twice = pq.read_table(data)
+    pq.write_table(pa.concat_tables([twice, twice.slice(0, 1)]), tmp_path / "twice.parquet")
+    shutil.copytree(model, tmp_path / "copy")  # calibrate rewrites the model it is given: not the shared one
+    for command in ("evaluate", "calibrate"):
+        result = runner.invoke(main, [command, "--model", str(tmp_path / "copy"), "--data", str(tmp_path / "twice.parquet")])
+        assert result.exit_code == 2 and "again (first at" in result.output, (command, result.output)
     # The exported model is evaluated with the CPU engine export chose; fp32 engines match PyTorch to 1e-4, a reduced
     # precision one (bf16, int8) was chosen within MAE_TOLERANCE on val: on another split, twice that.
     engine = json.loads((model / "model.json").read_text())["cpu_engine"]["engine"]

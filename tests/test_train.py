@@ -553,3 +553,14 @@ def test_options_that_would_overflow_are_refused_by_their_range(split_dir, tmp_p
         assert result.exit_code == 2 and option in result.output and "Traceback" not in result.output, result.output
     result = runner.invoke(main, ["data", "synth", "--rows", "99999999999999", "--out", str(tmp_path / "s.parquet")])
     assert result.exit_code == 2 and "--rows" in result.output
+
+
+def test_a_dry_run_refuses_an_instruction_split_without_reasoning_as_the_run_does(split_dir, tmp_path, runner):
+    data = tmp_path / "data"
+    shutil.copytree(split_dir, data)
+    table = pq.read_table(data / "val.parquet")
+    pq.write_table(table.drop(["reasoning"]), data / "val.parquet")
+    result = runner.invoke(main, ["train", "--mode", "instruction", "--base-model", "tiny-qwen2", "--data", str(data),
+                                  "--out", str(tmp_path / "run"), "--dry-run"])
+    assert result.exit_code == 2 and "val.parquet: --mode instruction needs a 'reasoning' column" in result.output, \
+        result.output

@@ -92,6 +92,8 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
             if not _supported(Path(text)):
                 raise InputError(f"{text}: unsupported file type (expected .parquet or .jsonl)")
             found.append(Path(text))
+        elif os.path.lexists(text):
+            _refuse_irregular(Path(text))
         else:
             raise InputError(f"{text}: no such file or directory")
     for path in found:
@@ -107,6 +109,21 @@ def _refuse(exc: OSError) -> None:
     raise InputError(f"{exc.filename}: cannot list this directory ({exc.strerror})")
 
 
+def _regular_files(paths: list[Path]) -> list[Path]:
+    """The files among `paths` (folders are passed over); a broken link or a pipe among them is an error, not a
+    silent gap in the batch."""
+    for path in paths:
+        if not path.is_file() and not path.is_dir():
+            _refuse_irregular(path)
+    return [path for path in paths if path.is_file()]
+
+
+def _refuse_irregular(path: Path) -> None:
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{path}: a broken symbolic link (its target {os.readlink(path)} is gone)")
+    raise InputError(f"{path}: not a regular file (a pipe or a device: write the input to a file first)")
+
+
 def _glob_files(pattern: str) -> list[Path]:
     """The files a glob matches, by the shell's rules as `glob.glob(recursive=True)` applies them (`**` spans
     folders; a name starting with `.` matches only a pattern that starts with `.`). Unlike glob.glob, a folder the
@@ -117,7 +134,7 @@ def _glob_files(pattern: str) -> list[Path]:
     literal = next(i for i, part in enumerate(parts) if _has_glob(part))
     found: list[Path] = []
     _glob_walk(Path(*parts[:literal]) if literal else Path("."), parts[literal:], found, set())
-    return [p for p in found if p.is_file()]
+    return _regular_files(found)
 
 
 def _glob_walk(folder: Path, parts: tuple[str, ...], found: list[Path], seen: set[tuple[str, tuple]]) -> None:
@@ -173,7 +190,7 @@ def _directory_files(root: Path) -> list[Path]:
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
         found += [Path(folder) / f for f in files if not f.startswith(("_", ".")) and _supported(Path(f))]
-    return sorted(p for p in found if p.is_file())
+    return sorted(_regular_files(found))
 
 
 def _string_type(t: pa.DataType) -> bool:
@@ -496,14 +513,21 @@ def _complete_jsonl_columns(batch: Batch, labels: Sequence[str]) -> None:
             batch.table = batch.table.append_column(name, pa.nulls(batch.table.num_rows, kind))
 
 
-def read_articles(inputs: Sequence[str | Path], labels: Sequence[str] = (), batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.Table:
-    """Read small labelled inputs (training data) strictly: the first problem row is an error naming file and row."""
+def read_articles(inputs: Sequence[str | Path], labels: Sequence[str] = (), batch_rows: int = DEFAULT_BATCH_ROWS,
+                  unique_ids: bool = False) -> pa.Table:
+    """Read small labelled inputs (training data) strictly: the first problem row is an error naming file and row.
+    `unique_ids`: an id seen twice is one too (an article counted twice in a metric or a calibration)."""
     tables = []
+    first_seen: dict[str, str] = {}
     for path in expand_inputs(inputs):
         for batch in iter_file_batches(path, batch_rows, labels):
             if batch.problems:
                 offset = min(batch.problems)
                 raise InputError(f"{batch.where(offset)}: {batch.problems[offset]}")
+            for offset, id_ in enumerate(batch.table.column("id").to_pylist() if unique_ids else ()):
+                if (first := first_seen.setdefault(str(id_), batch.where(offset))) != batch.where(offset):
+                    raise InputError(f"{batch.where(offset)}: id {id_!r} again (first at {first}); give each article "
+                                     "once (data split de-duplicates)")
             if batch.table.num_rows:
                 tables.append(normalise_types(batch.table, labels))
     if not tables:

@@ -31,7 +31,7 @@ from .evaluate import raw_scores
 
 def recalibrate(model_path: Path, data: Path, batch_size: int = 32, device: str = "auto") -> dict[str, Any]:
     model = describe_model(model_path)
-    table = read_articles([data], labels=DIMENSIONS)  # a row without all eight labels is an error naming it
+    table = read_articles([data], labels=DIMENSIONS, unique_ids=True)  # a row without all eight labels is an error
     # Only the rows scoring applies the map to: prefiltered noise never gets a model score.
     scored = ~default_spec().prefiltered(table)
     left_out, table = int((~scored).sum()), table.filter(pa.array(scored))

@@ -81,7 +81,7 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
     model = describe_model(run_dir)
     if explain_generation and not model.is_instruction:
         raise ConfigError(f"--explain: {run_dir} is no instruction run (only those generate reasoning)")
-    table = read_articles([data], labels=DIMENSIONS)
+    table = read_articles([data], labels=DIMENSIONS, unique_ids=True)
     raw, runner, tokenizer, rows = raw_scores(model, table, device_name, batch_size)
     extra: dict[str, Any] = {}
     if explain_generation:

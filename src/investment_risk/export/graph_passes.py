@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..modeling.description import onnx_files
-from .pooling import ATTENTION_OPS, pool_last_block, pooled_nodes
+from .pooling import pool_last_block, pooled_nodes
 
 OPSET = 18  # at 23 torch writes the standard Attention op, which onnxscript's ORT fusions do not match
 # Kept in fp32 in a reduced-precision graph: reductions and exponentials that overflow in fp16.

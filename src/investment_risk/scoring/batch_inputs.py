@@ -38,8 +38,8 @@ def shard_inputs(out: Path, inputs: Sequence[str], ledger: Path | None, shard_in
     if recorded.get("format") != INPUTS_FORMAT or not isinstance(recorded.get("units"), list):
         raise InputError(f"{path}: not a batch listing this version wrote (delete it to list the inputs again)")
     if recorded["input_root"] != root:
-        raise InputError(f"--out {out} holds a batch of the inputs {recorded['input_root']!r}, not {root!r}: "
-                         "score into another --out")
+        theirs, ours = (", ".join(text.split("\n")) for text in (recorded["input_root"], root))
+        raise InputError(f"--out {out} holds a batch of the inputs {theirs}, not {ours}: score into another --out")
     if recorded["ledger"] != (str(ledger) if ledger else None):
         raise InputError(f"--out {out} holds a batch listed with --ledger {recorded['ledger']}, not {ledger}: "
                          "score into another --out")

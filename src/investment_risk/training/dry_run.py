@@ -11,6 +11,7 @@ from ..core.spec import NUM_DIMENSIONS
 from ..modeling.tokens import article_texts, encode
 from .config import TrainConfig, plan_steps
 from .data import check_batch_fits, read_split
+from .instruction import reasonings
 from .run_dir import check_out_dir
 
 
@@ -26,6 +27,8 @@ def dry_run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     train_table, val_table = read_split(Path(config.data), "train"), read_split(Path(config.data), "val")
     check_batch_fits(Path(config.data), train_table.num_rows, config.batch_size)
     if config.mode == "instruction":
+        for name, table in (("train", train_table), ("val", val_table)):
+            reasonings(table, Path(config.data) / f"{name}.parquet")
         lm, lm_config = causal_lm(base, meta=True, train_embeddings=config.train_embeddings)
         trainable, total = lm.get_nb_trainable_parameters()
         head = lm_config.hidden_size * NUM_DIMENSIONS + NUM_DIMENSIONS  # the score head, trained in full

@@ -25,6 +25,18 @@ from .config import TrainConfig
 from .data import SplitData, check_batch_fits, read_split
 
 
+def reasonings(table: Any, path: Path) -> list[str]:
+    """The split's `reasoning` column, every row's present (what the targets are made of; `--dry-run` checks it)."""
+    if "reasoning" not in table.column_names:
+        raise InputError(f"{path}: --mode instruction needs a 'reasoning' column (the oracle's explanation, "
+                         "which 'data synth' writes)")
+    values = table.column("reasoning").to_pylist()
+    for i, reasoning in enumerate(values):
+        if not (reasoning or "").strip():
+            raise InputError(f"{path} row {i}: reasoning is null or empty")
+    return values
+
+
 class InstructionTask:
     mode = "instruction"
 
@@ -39,15 +51,9 @@ class InstructionTask:
         for name in ("train", "val"):
             table = read_split(data_dir, name)
             path = data_dir / f"{name}.parquet"
-            if "reasoning" not in table.column_names:
-                raise InputError(f"{path}: --mode instruction needs a 'reasoning' column (the oracle's explanation, "
-                                 "which 'data synth' writes)")
             labels = label_matrix(table)
-            targets = []
-            for i, reasoning in enumerate(table.column("reasoning").to_pylist()):
-                if not (reasoning or "").strip():
-                    raise InputError(f"{path} row {i}: reasoning is null or empty")
-                targets.append(format_target(reasoning, labels[i].tolist()))
+            targets = [format_target(reasoning, labels[i].tolist())
+                       for i, reasoning in enumerate(reasonings(table, path))]
             loaded.append((path, table, labels, targets))
         # Every article gets the same room (max_length - the longest target), so the prompts scored later are the
         # prompts trained on; scoring builds them with prompt_max_length = max_length - target_reserve.
