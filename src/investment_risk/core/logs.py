@@ -78,19 +78,19 @@ def redact_secrets(_logger: Any, _method: str, event_dict: dict[str, Any]) -> di
     }
 
 
-def _finite(value: Any) -> Any:
+def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # "nan", "inf": a bare NaN is no JSON, and every stdout line must parse
     if isinstance(value, Mapping):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [_json_safe(v) for v in value]
     return value
 
 
 def finite_floats(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     """structlog processor (JSON lines): non-finite floats as strings."""
-    return {key: _finite(value) for key, value in event_dict.items()}
+    return {key: _json_safe(value) for key, value in event_dict.items()}
 
 
 def shared_processors() -> list[Any]:
@@ -225,8 +225,8 @@ class Progress:
             snapshot["current"] = self.current
         return snapshot
 
-    def _emit(self, event: str) -> None:
-        self._log.info(event, **self.snapshot())
+    def _emit(self, event: str, **extra: Any) -> None:
+        self._log.info(event, **self.snapshot(), **extra)
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
@@ -234,8 +234,8 @@ class Progress:
             self._heartbeat.join()
         if self._bar is not None:
             self._bar.close()
-        if self.current is not None:
-            self._close_step(finished=exc[0] is None)  # a failed step keeps its seconds but is not done
-            self._log.info("progress_done", **self.snapshot(), step_seconds=self.step_seconds)
+        if self.current is None:
+            self._emit("progress_done")
             return
-        self._emit("progress_done")
+        self._close_step(finished=exc[0] is None)  # a failed step keeps its seconds but is not done
+        self._emit("progress_done", step_seconds=self.step_seconds)

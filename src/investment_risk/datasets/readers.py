@@ -112,10 +112,13 @@ def _refuse(exc: OSError) -> None:
 def _regular_files(paths: list[Path]) -> list[Path]:
     """The files among `paths` (folders are passed over); a broken link or a pipe among them is an error, not a
     silent gap in the batch."""
+    files = []
     for path in paths:
-        if not path.is_file() and not path.is_dir():
+        if path.is_file():
+            files.append(path)
+        elif not path.is_dir():
             _refuse_irregular(path)
-    return [path for path in paths if path.is_file()]
+    return files
 
 
 def _refuse_irregular(path: Path) -> None:
@@ -525,9 +528,10 @@ def read_articles(inputs: Sequence[str | Path], labels: Sequence[str] = (), batc
                 offset = min(batch.problems)
                 raise InputError(f"{batch.where(offset)}: {batch.problems[offset]}")
             for offset, id_ in enumerate(batch.table.column("id").to_pylist() if unique_ids else ()):
-                if (first := first_seen.setdefault(str(id_), batch.where(offset))) != batch.where(offset):
-                    raise InputError(f"{batch.where(offset)}: id {id_!r} again (first at {first}); give each article "
-                                     "once (data split de-duplicates)")
+                where = batch.where(offset)
+                if (first := first_seen.setdefault(str(id_), where)) != where:
+                    raise InputError(f"{where}: id {id_!r} again (first at {first}); give each article once "
+                                     "(data split de-duplicates)")
             if batch.table.num_rows:
                 tables.append(normalise_types(batch.table, labels))
     if not tables:

@@ -46,7 +46,7 @@ def shard_inputs(out: Path, inputs: Sequence[str], ledger: Path | None, shard_in
     get_logger().info("batch_inputs", listing=str(path), listed_at=recorded["listed_at"],
                       units=len(recorded["units"]), known_units=recorded["known_units"])
     mine = recorded["units"][shard_index::shard_count]
-    for record in mine:
+    for record in {r["path"]: r for r in mine}.values():  # a file's row groups share its size and mtime
         _check_unchanged(record, recorded["listed_at"])
     units = [Unit(Path(r["path"]), r["row_group"], r["rows"]) for r in mine]
     return units, ([r["ledger_entry"] for r in mine] if ledger else None)
@@ -73,9 +73,10 @@ def _listing(inputs: Sequence[str], ledger: Path | None) -> dict[str, Any]:
         book = read_ledger(ledger, input_root(inputs))
         units, entries = book.new_units(units)
         known = len(book.entries)
+    stats = {unit.path: unit.path.stat() for unit in units}  # once a file, not once a row group
     records = []
     for i, unit in enumerate(units):
-        stat = unit.path.stat()
+        stat = stats[unit.path]
         record = {"path": str(unit.path), "row_group": unit.row_group, "rows": unit.rows, "size": stat.st_size,
                   "mtime_ns": stat.st_mtime_ns}
         if entries is not None:
