@@ -123,3 +123,20 @@ def test_of_two_listings_racing_the_first_stays(tmp_path):
     write_json_atomic({"listed": "second"}, tmp_path / "_inputs.json", first_wins=True)
     assert json.loads((tmp_path / "_inputs.json").read_text()) == {"listed": "first"}
     assert [p.name for p in tmp_path.iterdir()] == ["_inputs.json"]  # no temporary file left
+
+
+def test_scored_files_are_never_read_back_as_articles(exported, folder, tmp_path, runner):
+    _, model, _ = exported
+    # --out inside an input folder: tonight's batch would be whole, tomorrow's would read tonight's part files.
+    result = runner.invoke(main, ["score", "--model", str(model), "--input", str(folder),
+                                  "--out", str(folder / "scored" / "night-1")])
+    assert result.exit_code == 2 and f"is inside the input folder {folder}" in result.output, result.output
+    assert not (folder / "scored").exists()
+    # An earlier night's output that a glob matches is named, not scored as articles (nor rejected row by row).
+    score(ScoreConfig(model=model, inputs=(str(folder),), out=tmp_path / "nights" / "1"))
+    pattern = str(tmp_path / "**" / "*.parquet")
+    result = runner.invoke(main, ["score", "--model", str(model), "--input", pattern,
+                                  "--out", str(tmp_path / "elsewhere" / "2")])
+    assert result.exit_code == 2, result.output
+    assert f"{tmp_path / 'nights' / '1' / 'part-00000.parquet'}: a scored file of the scoring output" in result.output
+    assert not (tmp_path / "elsewhere" / "2" / "_inputs.json").exists()

@@ -779,6 +779,24 @@ def test_a_finished_shard_rerun_removes_what_a_killed_twin_left(exported, articl
     assert any(e["event"] == "shard_skipped" for e in logs) and not any(p.exists() for p in leftovers)
 
 
+def test_kept_timestamps_are_iso_8601(exported, articles, tmp_path):
+    import datetime as dt
+
+    _, model, _ = exported
+    table = pq.read_table(articles / "a.parquet").slice(0, 3)
+    when = dt.datetime(2026, 12, 7, 1, 2, 3, tzinfo=dt.timezone.utc)
+    table = table.set_column(table.column_names.index("published_at"), "published_at",
+                             pa.array([when] * 3, type=pa.timestamp("us", tz="UTC")))
+    table = table.append_column("seen_at", pa.array([when.replace(tzinfo=None)] * 3, type=pa.timestamp("s")))
+    pq.write_table(table, tmp_path / "dated.parquet")
+    score(ScoreConfig(model=model, inputs=(str(tmp_path / "dated.parquet"),), out=tmp_path / "o",
+                      keep_columns=("published_at", "seen_at")))
+    parts = pq.read_table(tmp_path / "o" / "part-00000.parquet")
+    for column in ("published_at", "seen_at"):
+        parsed = {dt.datetime.fromisoformat(v.replace("Z", "+00:00")) for v in parts.column(column).to_pylist()}
+        assert parsed in ({when}, {when.replace(tzinfo=None)}) and "T" in parts.column(column)[0].as_py()
+
+
 def test_keep_columns_cannot_replace_an_output_column(exported, articles, tmp_path, runner):
     _, model, _ = exported
     for column in ("prefilter_reason", "signal_tier", "row_number"):

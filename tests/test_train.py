@@ -564,3 +564,13 @@ def test_a_dry_run_refuses_an_instruction_split_without_reasoning_as_the_run_doe
                                   "--out", str(tmp_path / "run"), "--dry-run"])
     assert result.exit_code == 2 and "val.parquet: --mode instruction needs a 'reasoning' column" in result.output, \
         result.output
+
+
+def test_dry_run_on_a_machine_without_the_named_device_fails_as_the_run_would(split_dir, tmp_path, runner):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(tmp_path / "dry"),
+                                  "--device", "cuda", "--dry-run"])
+    assert result.exit_code == 1 and "--device cuda: no CUDA device is visible" in result.output, result.output

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..core.errors import InputError, RetryableError
@@ -237,6 +238,14 @@ def check_schema(path: Path, schema: pa.Schema, labels: Sequence[str] = ()) -> N
         t = schema.field(name).type
         if not _numeric_type(t) and not pa.types.is_null(t):
             raise InputError(f"{path}: label column '{name}' has type {t}, expected a number")
+
+
+def as_text(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """A column as strings; a timestamp in ISO 8601, as JSON writes it (Arrow's cast puts a space before the time)."""
+    text = column.cast(pa.string())
+    if pa.types.is_timestamp(column.type):
+        text = pc.replace_substring(text, " ", "T", max_replacements=1)
+    return text
 
 
 def as_plain_strings(table: pa.Table) -> pa.Table:
@@ -546,7 +555,7 @@ def normalise_types(table: pa.Table, labels: Sequence[str] = ()) -> pa.Table:
     """Known string columns as string, labels as float32, so files written by different tools concatenate."""
     for i, name in enumerate(table.column_names):
         if name in REQUIRED_COLUMNS + OPTIONAL_STRING_COLUMNS and _castable_to_string(table.schema.field(i).type):
-            table = table.set_column(i, name, table.column(i).cast(pa.string()))
+            table = table.set_column(i, name, as_text(table.column(i)))
         elif name in labels or name in DIMENSIONS:
             if _numeric_type(table.schema.field(i).type) or pa.types.is_null(table.schema.field(i).type):
                 table = table.set_column(i, name, table.column(i).cast(pa.float32()))

@@ -10,6 +10,7 @@ time, so a file changed after the listing stops its shard rather than being scor
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ def shard_inputs(out: Path, inputs: Sequence[str], ledger: Path | None, shard_in
     path = out / INPUTS_FILE
     remove_abandoned(path)  # a listing whose writer was killed before it landed
     if not path.exists():
-        write_json_atomic(_listing(inputs, ledger), path, first_wins=True)  # a twin may have listed first
+        write_json_atomic(_listing(inputs, ledger, out), path, first_wins=True)  # a twin may have listed first
     recorded = read_json(path)
     root = input_root(inputs)
     if recorded.get("format") != INPUTS_FORMAT or not isinstance(recorded.get("units"), list):
@@ -52,6 +53,33 @@ def shard_inputs(out: Path, inputs: Sequence[str], ledger: Path | None, shard_in
     return units, ([r["ledger_entry"] for r in mine] if ledger else None)
 
 
+def _check_apart(inputs: Sequence[str], files: Sequence[Path], out: Path) -> None:
+    """Inputs and outputs kept apart: a scored part file read back as input is scored (or rejected) as articles.
+    An --out inside an input folder is refused before its first batch; a scored file matched some other way (a
+    glob, an earlier night's output beside the inputs) when it is listed."""
+    target = out.resolve()
+    for text in inputs:
+        folder = Path(text)
+        if folder.is_dir() and target.is_relative_to(folder.resolve()):
+            raise InputError(f"--out {out} is inside the input folder {text}: its scored files would be read as "
+                             "articles by the next batch; put --out outside the inputs")
+    for path in files:
+        if _SCORED_NAME.fullmatch(path.name) and (owner := _scoring_output(path.parent)):
+            raise InputError(f"{path}: a scored file of the scoring output {owner}, not articles: leave that folder "
+                             "out of --input")
+
+
+_SCORED_NAME = re.compile(r"part-[0-9]{5}.*\.parquet")
+
+
+def _scoring_output(folder: Path) -> Path | None:
+    """The scoring output a part file's folder belongs to (OUT, or OUT/rejects), if it is one."""
+    for candidate in (folder, folder.parent) if folder.name == "rejects" else (folder,):
+        if (candidate / INPUTS_FILE).exists() or (candidate / "_done").is_dir():
+            return candidate
+    return None
+
+
 def _check_unchanged(record: dict[str, Any], listed_at: str) -> None:
     path = Path(record["path"])
     try:
@@ -64,10 +92,12 @@ def _check_unchanged(record: dict[str, Any], listed_at: str) -> None:
                          "(a batch scores its files as they were listed)")
 
 
-def _listing(inputs: Sequence[str], ledger: Path | None) -> dict[str, Any]:
+def _listing(inputs: Sequence[str], ledger: Path | None, out: Path) -> dict[str, Any]:
     import datetime as dt
 
-    units = list_units(expand_inputs(inputs))
+    files = expand_inputs(inputs)
+    _check_apart(inputs, files, out)
+    units = list_units(files)
     entries, known = None, 0
     if ledger is not None:
         book = read_ledger(ledger, input_root(inputs))

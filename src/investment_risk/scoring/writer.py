@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.spec import DIMENSIONS
-from ..datasets.readers import Batch
+from ..datasets.readers import Batch, as_text
 
 REJECT_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("source_file", pa.string()),
                            pa.field("row_number", pa.int64()), pa.field("reason", pa.string())])
@@ -81,7 +81,7 @@ def kept_columns(batch: Batch, rows: Sequence[int], keep: Sequence[str]) -> dict
             continue
         column = batch.table.column(name).take(index)
         try:
-            out[name] = column.cast(pa.string())
+            out[name] = as_text(column)
         except (pa.ArrowException, NotImplementedError):
             out[name] = pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()],
                                  type=pa.string())

@@ -19,9 +19,11 @@ def dry_run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Validate data and options (and, with `resume`, that --out can be continued) and count parameters on the meta
     device; loads no weights, writes nothing."""
     from ..modeling.networks import causal_lm, parameter_counts, regression_model
+    from ..modeling.predict import pick_device
     from ..modeling.presets import load_tokenizer, resolve_base_model
 
     check_out_dir(config, resume)
+    device = pick_device(config.device)  # --device cuda on a node without a GPU fails here as the run would
     base = resolve_base_model(config.base_model, need_weights=False)
     tokenizer = load_tokenizer(base.path) if base.has_tokenizer else None
     train_table, val_table = read_split(Path(config.data), "train"), read_split(Path(config.data), "val")
@@ -37,7 +39,7 @@ def dry_run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         total, trainable = parameter_counts(regression_model(base, tokenizer, meta=True))
     plan = plan_steps(config, train_table.num_rows)
     report: dict[str, Any] = {
-        "base_model": config.base_model, "base_model_path": str(base.path), "mode": config.mode,
+        "base_model": config.base_model, "base_model_path": str(base.path), "mode": config.mode, "device": device.type,
         "num_parameters": total, "num_trainable_parameters": trainable, "train_examples": train_table.num_rows,
         "val_examples": val_table.num_rows, "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps,
         "warmup_steps": plan.warmup,
