@@ -140,3 +140,31 @@ def test_scored_files_are_never_read_back_as_articles(exported, folder, tmp_path
     assert result.exit_code == 2, result.output
     assert f"{tmp_path / 'nights' / '1' / 'part-00000.parquet'}: a scored file of the scoring output" in result.output
     assert not (tmp_path / "elsewhere" / "2" / "_inputs.json").exists()
+
+
+def test_a_storage_hiccup_on_the_batchs_own_files_is_retried_not_failed(exported, folder, tmp_path, monkeypatch):
+    # exit 2 is the Job's FailJob: an NFS EIO on the listing or the ledger must stay exit 1, as for an input file.
+    import errno
+    from pathlib import Path
+
+    from investment_risk.scoring.ledger import read_ledger
+
+    _, model, _ = exported
+    out, ledger = tmp_path / "out", tmp_path / "ledger.json"
+    ledger.write_text("{}")
+    score(ScoreConfig(model=model, inputs=(str(folder),), out=out, shard_index=0, shard_count=2))
+    real_read = Path.read_text
+
+    def flaky(path, *args, **kwargs):
+        if path.name in ("_inputs.json", "ledger.json"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_read(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "read_text", flaky)
+    with pytest.raises(RetryableError, match="_inputs.json: I/O error while reading"):
+        score(ScoreConfig(model=model, inputs=(str(folder),), out=out, shard_index=1, shard_count=2))
+    with pytest.raises(RetryableError, match="ledger.json: I/O error while reading"):
+        read_ledger(ledger, str(folder))
+    monkeypatch.setattr(Path, "stat", lambda path, **kw: (_ for _ in ()).throw(OSError(errno.ESTALE, "Stale file handle")))
+    with pytest.raises(RetryableError, match="a.parquet: I/O error while reading"):
+        from investment_risk.scoring.batch_inputs import _check_unchanged
+        _check_unchanged({"path": str(folder / "a.parquet"), "size": 1, "mtime_ns": 1}, "now")

@@ -315,7 +315,7 @@ def test_text_stored_otherwise_is_read_as_text(tmp_path):
     pq.write_table(table, tmp_path / "cat.parquet")
     read = read_articles([tmp_path / "cat.parquet"], labels=DIMENSIONS)
     assert read.schema.field("title").type == pa.string() and read.column("title").to_pylist()[0] == "Title 0"
-    assert read.column("published_at").to_pylist()[0].startswith("1970-01-01 00:00:01")
+    assert read.column("published_at").to_pylist()[0].startswith("1970-01-01T00:00:01")  # ISO 8601, as JSON has it
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in article_rows(2)).encode())
     assert read_articles([bom], labels=DIMENSIONS).column("id").to_pylist() == ["a0", "a1"]

@@ -158,8 +158,8 @@ def test_the_stage_job_alone_reaches_the_hub_and_needs_no_gpu(runner):
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/models", "/var/run/secrets/huggingface"}
     assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2]
     for kind in ("train", "export", "score", "merge", "nightly"):  # every other pod stays offline
-        text = runner.invoke(main, ["jobs", "render", kind, "--out", "/data/scored/x"]).output
-        assert "HF_HUB_OFFLINE" not in text
+        result = runner.invoke(main, ["jobs", "render", kind, "--out", "/data/scored/$(JOB_NAME)", "--run", "/models/runs/r"])
+        assert result.exit_code == 0 and "HF_HUB_OFFLINE" not in result.output, result.output
 
 
 def test_shared_pvcs_take_a_storage_class_and_sizes(runner):
@@ -180,8 +180,9 @@ def test_rendered_jobs_validate_for_every_kind_and_profile(tmp_path, runner):
     texts = []
     for kind in ("stage", "train", "export", "score", "merge", "nightly", "shared", "all"):
         for profile in ("gpu", "cpu"):
+            out = "/data/scored/$(JOB_NAME)" if kind == "nightly" else "/data/scored/x"
             result = runner.invoke(main, ["jobs", "render", kind, "--profile", profile, "--queue", "batch",
-                                          "--out", "/data/scored/x", "--name", f"{kind}-{profile}", "--run", "/models/runs/r"])
+                                          "--out", out, "--name", f"{kind}-{profile}", "--run", "/models/runs/r"])
             assert result.exit_code == 0, result.output
             texts.append(result.output)
     validate("---\n".join(texts), tmp_path)
@@ -193,7 +194,8 @@ def parse_gi(quantity: str) -> int:
 
 
 def every_kind(settings: JobSettings) -> list[dict]:
-    return [build(kind, settings, name=f"{kind}-{settings.profile}", out="/data/scored/x", run="/models/runs/r")
+    return [build(kind, settings, name=f"{kind}-{settings.profile}", run="/models/runs/r",
+                  out="/data/scored/$(JOB_NAME)" if kind == "nightly" else "/data/scored/x")
             for kind in ("stage", "train", "export", "score", "merge", "nightly")]
 
 
@@ -219,6 +221,11 @@ def test_pods_follow_the_restricted_profile_and_failure_policy():
         # the emptyDirs count towards the pod's ephemeral storage: each can fill up to its own limit
         assert parse_gi(container["resources"]["limits"]["ephemeral-storage"]) > scratch
         assert volumes["hf-token"]["secret"]["secretName"] == "investment-risk-hf-token"
+        # every line a Job's pods log carries its name as run_id (shards, retries); volumes are not re-owned per start
+        env = [e["name"] for e in container["env"]]
+        assert env.index("INVESTMENT_RISK_RUN_ID") > env.index("JOB_NAME")
+        assert container["env"][env.index("INVESTMENT_RISK_RUN_ID")]["value"] == "$(JOB_NAME)"
+        assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     indexed = pod_specs(docs)["score-gpu"]
     assert indexed["completionMode"] == "Indexed" and indexed["completions"] == 4
     assert indexed["backoffLimitPerIndex"] >= 1 and indexed["maxFailedIndexes"] == 0
@@ -232,6 +239,15 @@ def test_pods_follow_the_restricted_profile_and_failure_policy():
     assert cron["suspend"] is True and not [d for d in base if d["kind"] == "Job"]
     merge = pod_specs(docs)["merge-gpu"]["template"]["spec"]["containers"][0]["args"]
     assert merge[merge.index("--expect-shards") + 1] == str(indexed["completions"]) and "--wait-seconds" in merge
+    # The merge polls JSON for hours: it reserves a fraction of what a scoring pod does
+    merging = pod_specs(docs)["merge-gpu"]["template"]["spec"]["containers"][0]["resources"]
+    scoring = pod_specs(docs)["score-cpu"]["template"]["spec"]["containers"][0]["resources"]
+    assert parse_gi(merging["requests"]["memory"]) < parse_gi(scoring["requests"]["memory"])
+    assert merging["requests"]["cpu"].endswith("m") and int(merging["requests"]["cpu"][:-1]) < 1000
+    # Every Job goes through the Kueue queue it is given, the stage Job too
+    for doc in every_kind(JobSettings(queue="team-a")):
+        labels = (doc["spec"]["jobTemplate"]["metadata"] if doc["kind"] == "CronJob" else doc["metadata"])["labels"]
+        assert labels["kueue.x-k8s.io/queue-name"] == "team-a", doc["metadata"]["name"]
     role = next(d for d in base if d["kind"] == "Role")
     assert {r for rule in role["rules"] for r in rule["resources"]} == {"jobs", "pods", "pods/log"}
     assert not any("*" in rule["verbs"] for rule in role["rules"])
@@ -664,6 +680,7 @@ def test_run_local_pods_get_their_own_environment_not_this_shells(tmp_path, monk
     env = started[0]
     assert "INVESTMENT_RISK_SHARD_INDEX" not in env and "HF_TOKEN" not in env
     assert env["JOB_COMPLETION_INDEX"] == "1" and env["_INVESTMENT_RISK_KILL_AT"] == "after_rename:*"
+    assert env["INVESTMENT_RISK_RUN_ID"] == "investment-risk-score"  # every shard's lines carry the Job's name
     assert env["HOME"] == env["TMPDIR"] == pods.tmp and env["PATH"] == os.environ["PATH"]
 
 
@@ -769,5 +786,8 @@ def test_render_refuses_what_the_api_server_or_the_merge_would_not_take(runner, 
                            (["--input", " "], "--input: an empty path")):
         result = runner.invoke(main, [*base, *extra])
         assert result.exit_code == 2 and message in result.output, (extra, result.output)
+    # A nightly CronJob into one fixed folder: from the second night on every shard would be "already done"
+    result = runner.invoke(main, ["jobs", "render", "nightly", "--out", "/data/scored/nightly"])
+    assert result.exit_code == 2 and "--out /data/scored/nightly: a nightly run needs a folder of its own" in result.output
     result = runner.invoke(main, ["jobs", "render", "shared", "--models-size", "0"])
     assert result.exit_code == 2 and "--models-size '0'" in result.output, result.output

@@ -50,6 +50,7 @@ def test_secret_keys_are_redacted(key, value):
     "hf_abcdefghijklmnopqrstuvwxyz123456", "Bearer abcdefghijklmnop", "ghp_abcdefghijklmnopqrstuvwxyz",
     "https://host/path?token=s3cr3tvalue&x=1", "eyJhbGciOiJSUzI1NiIs.eyJpc3MiOiJrdWJlcm5ldGVz.c2lnbmF0dXJlc2ln",
     "http://alice:s3cr3tvalue@pushgateway:9091/",  # a URL's user:password (score --pushgateway)
+    "key sk-proj-s3cr3tvalue12345678", "AKIAABCDEFGHIJKLMNOP",
 ])
 def test_token_shaped_values_are_redacted_anywhere(value, capsys):
     configure_logging("json", "INFO")
@@ -60,6 +61,9 @@ def test_token_shaped_values_are_redacted_anywhere(value, capsys):
 
 def test_ordinary_values_survive():
     event = {"event": "token_count", "tokens": 10, "tokens_per_second": 5.0, "path": "/data/x.parquet",
+             # Job names and the paths made of them hold "sk-" or "hf_" inside a word, not at its start.
+             "out": "/data/scored/investment-risk-nightly-29420730", "job": "investment-risk-score-1764979200",
+             "run": "/models/runs/graph_hf_exported_weights_v2",
              "token_path": "/var/run/secrets-free/path", "gateway": "http://pushgateway:9091/a:b@c"}
     assert redact_secrets(None, "info", dict(event)) == event
 

@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
@@ -70,6 +71,16 @@ def test_each_shard_and_the_batch_push_their_metrics(exported, split_dir, tmp_pa
     tiers = {dict(labels)["tier"] for (name, labels), value in got.items()
              if name == "investment_risk_tier_share" and dict(labels)["shard"] == "batch"}
     assert tiers == set(merged["tier_counts"])
+    # The next night, half done: it is not a success, and the dashboard's "hours since the last batch" keeps counting
+    # from the last whole one.
+    finished = got[("investment_risk_last_success_timestamp_seconds", batch)]
+    score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"),), out=tmp_path / "next",
+                      shard_index=0, shard_count=2, pushgateway=pushgateway))
+    got = scrape(pushgateway)
+    assert got[("investment_risk_batch_complete", batch)] == 0
+    assert got[("investment_risk_last_success_timestamp_seconds", batch)] == finished
+    partial = generate_latest(prometheus.registry_for({"complete": False}, "batch")).decode()
+    assert "investment_risk_last_success" not in partial and "investment_risk_batch_complete 0" in partial
 
 
 def test_a_pushgateway_that_is_down_is_logged_and_scoring_succeeds(exported, split_dir, tmp_path, runner):

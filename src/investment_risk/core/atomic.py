@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import unreadable
 from .faults import fault_point
 from .logs import get_logger
 
@@ -180,11 +180,12 @@ def write_json_atomic(obj: Any, dest: str | Path, first_wins: bool = False) -> P
 
 
 def read_json(path: str | Path) -> Any:
-    """A JSON file this package (or its user) wrote; an unreadable or malformed one is an InputError naming it."""
+    """A JSON file this package (or its user) wrote; an unreadable or malformed one is an InputError naming it (a
+    storage hiccup a RetryableError)."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable ({exc})") from None
+        raise unreadable(path, exc, "unreadable") from None
 
 
 def write_parquet_atomic(table: Any, dest: str | Path, **kwargs: Any) -> Path:

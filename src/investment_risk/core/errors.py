@@ -1,5 +1,10 @@
 """The package's own exceptions; the CLI maps them to exit codes in one place (cli/app.py)."""
 
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
 
 class InvestmentRiskError(Exception):
     """Bad usage, config or data: never retried (exit code 2)."""
@@ -24,3 +29,17 @@ class RetryableError(InvestmentRiskError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a pod stopped: eviction, preemption, a deadline), raised where the process is so that half-written
     files are removed on the way out, as on Ctrl-C; exit code 1, a retry may finish the work."""
+
+
+# A read that failed for the storage's sake, not the file's (NFS and network volumes): exit 1, so the Job retries it.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.ENETDOWN,
+                              errno.ENETUNREACH, errno.ECONNRESET, errno.EHOSTUNREACH})
+
+
+def unreadable(path: str | Path, exc: BaseException, what: str) -> InvestmentRiskError:
+    """The error for a failed read of `path`: a storage hiccup is retried (exit 1), anything else names the file
+    and what is wrong with it (exit 2)."""
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # the path is named already
+    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+        return RetryableError(f"{path}: I/O error while reading ({detail}); a retry may succeed")
+    return InputError(f"{path}: {what} ({detail})")

@@ -8,7 +8,6 @@ skipped and counted, as other JSON Lines readers do.
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import json
 import math
@@ -24,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..core.errors import InputError, RetryableError
+from ..core.errors import InputError, unreadable
 from ..core.spec import DIMENSIONS, default_spec
 
 REQUIRED_COLUMNS = ("id", "title", "content")
@@ -107,7 +106,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def _refuse(exc: OSError) -> None:
-    raise InputError(f"{exc.filename}: cannot list this directory ({exc.strerror})")
+    raise unreadable(exc.filename, exc, "cannot list this directory")
 
 
 def _regular_files(paths: list[Path]) -> list[Path]:
@@ -309,17 +308,6 @@ def row_problems(table: pa.Table, labels: Sequence[str] = ()) -> dict[int, str]:
     return problems
 
 
-# A read that failed for the storage's sake, not the file's (NFS and network volumes): exit 1, so the Job retries it.
-TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.ENETDOWN,
-                              errno.ENETUNREACH, errno.ECONNRESET, errno.EHOSTUNREACH})
-
-
-def _unreadable(path: Path, exc: BaseException, what: str) -> Exception:
-    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
-        return RetryableError(f"{path}: I/O error while reading ({exc.strerror or exc}); a retry may succeed")
-    return InputError(f"{path}: {what} ({exc})")
-
-
 def _iter_parquet(path: Path, batch_rows: int, columns: Sequence[str] | None,
                   row_groups: Sequence[int] | None = None) -> Iterator[Batch]:
     if path.stat().st_size == 0:
@@ -327,7 +315,7 @@ def _iter_parquet(path: Path, batch_rows: int, columns: Sequence[str] | None,
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise _unreadable(path, exc, "not a readable Parquet file") from None
+        raise unreadable(path, exc, "not a readable Parquet file") from None
     start = 0
     if row_groups:
         start = sum(parquet.metadata.row_group(i).num_rows for i in range(min(row_groups)))
@@ -337,7 +325,7 @@ def _iter_parquet(path: Path, batch_rows: int, columns: Sequence[str] | None,
             yield Batch(path, start, as_plain_strings(table), problems)
             start += record_batch.num_rows
     except (pa.ArrowException, OSError) as exc:
-        raise _unreadable(path, exc, f"corrupt Parquet data after row {start}") from None
+        raise unreadable(path, exc, f"corrupt Parquet data after row {start}") from None
 
 
 def parquet_schema(path: Path) -> pa.Schema:
@@ -348,7 +336,7 @@ def parquet_schema(path: Path) -> pa.Schema:
     except PermissionError:
         raise InputError(f"{path}: permission denied") from None
     except (pa.ArrowException, OSError) as exc:
-        raise _unreadable(path, exc, "not a readable Parquet file") from None
+        raise unreadable(path, exc, "not a readable Parquet file") from None
 
 
 _JSON_KINDS = {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list",
@@ -513,7 +501,7 @@ def iter_file_batches(path: Path, batch_rows: int = DEFAULT_BATCH_ROWS, labels: 
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except OSError as exc:  # a JSONL read that failed: the storage's fault (retried) or the file's
-        raise _unreadable(path, exc, "not readable") from None
+        raise unreadable(path, exc, "not readable") from None
 
 
 def _complete_jsonl_columns(batch: Batch, labels: Sequence[str]) -> None:

@@ -166,6 +166,8 @@ def _container(name: str, args: list[str], settings: JobSettings, gpu: bool) -> 
             {"name": "INVESTMENT_RISK_DEVICE", "value": settings.hardware.device},
             # The Job's name, so a CronJob's runs write to their own folders: args expand $(JOB_NAME).
             {"name": "JOB_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}},
+            # One run_id on every log line of the Job: all its shards, and a retried pod.
+            {"name": "INVESTMENT_RISK_RUN_ID", "value": "$(JOB_NAME)"},
         ],
         "resources": _resources(settings, gpu),
         "securityContext": {
@@ -188,8 +190,10 @@ def _pod_spec(container: dict[str, Any], settings: JobSettings, gpu: bool) -> di
         "restartPolicy": "Never",
         "serviceAccountName": RUNNER_SA,
         "automountServiceAccountToken": False,
+        # OnRootMismatch: the kubelet re-owns a volume only when its root is not ours already, not at every start
+        # (a recursive chown of a 200 Gi volume at each pod and retry).
         "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+                            "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": [
             {"name": "data", "persistentVolumeClaim": {"claimName": DATA_PVC}},
@@ -239,7 +243,7 @@ def stage_job(name: str, base_model: str, settings: JobSettings) -> dict[str, An
     container = _container("stage", ["stage-model", "--base-model", base_model], small, gpu=False)
     container["env"].append({"name": "HF_HUB_OFFLINE", "value": "0"})
     return {
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(name, settings, "stage"),
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(name, settings, "stage", queue=True),
         "spec": {"backoffLimit": 3, "activeDeadlineSeconds": settings.deadline_s, "ttlSecondsAfterFinished": settings.ttl_s,
                  "podFailurePolicy": _failure_policy("stage"),
                  "template": {"metadata": {"labels": _labels("stage")}, "spec": _pod_spec(container, small, gpu=False)}},
@@ -302,6 +306,10 @@ def score_job(spec: ScoreSpec, settings: JobSettings) -> dict[str, Any]:
             "spec": _score_job_spec(spec, settings)}
 
 
+MERGE_REQUESTS = {"cpu": "250m", "memory": "1Gi", "ephemeral-storage": "2Gi"}
+MERGE_LIMITS = {"cpu": "1", "memory": "2Gi"}
+
+
 def merge_job(name: str, out: str, shards: int, settings: JobSettings) -> dict[str, Any]:
     """The last step: merge the shards' metrics; exits 1 (and is retried) until all shards are done."""
     check_name(name)
@@ -310,6 +318,9 @@ def merge_job(name: str, out: str, shards: int, settings: JobSettings) -> dict[s
     wait = str(max(settings.deadline_s - 600, 60))
     container = _container("merge", ["score-merge", "--out", out, "--expect-shards", str(shards), "--wait-seconds", wait],
                            small, gpu=False)
+    # It polls small JSON files for hours: reserve a fraction of a scoring pod, allow a burst for the merge itself.
+    container["resources"]["requests"].update(MERGE_REQUESTS)
+    container["resources"]["limits"].update(MERGE_LIMITS)
     return {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(name, settings, "merge", queue=True),
         "spec": {"backoffLimit": 6, "activeDeadlineSeconds": settings.deadline_s, "ttlSecondsAfterFinished": settings.ttl_s,
@@ -369,6 +380,9 @@ def nightly_cronjob(spec: ScoreSpec, settings: JobSettings, schedule: str = "30 
     check_name(spec.name)
     check_schedule(schedule)
     check_time_zone(time_zone)
+    if "$(JOB_NAME)" not in spec.out:  # one fixed folder: from the second night on, every shard is "already done"
+        raise ConfigError(f"--out {spec.out}: a nightly run needs a folder of its own; include $(JOB_NAME) "
+                          f"(the default is {DATA_MOUNT}/scored/$(JOB_NAME))")
     if "--ledger" not in spec.extra_args:
         spec = replace(spec, extra_args=(*spec.extra_args, "--ledger", NIGHTLY_LEDGER))
     job_spec = _score_job_spec(spec, settings)

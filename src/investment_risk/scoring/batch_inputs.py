@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.atomic import read_json, remove_abandoned, write_json_atomic
-from ..core.errors import InputError
+from ..core.errors import InputError, unreadable
 from ..core.logs import get_logger
 from ..datasets.readers import expand_inputs
 from .ledger import input_root, read_ledger
@@ -85,8 +85,8 @@ def _check_unchanged(record: dict[str, Any], listed_at: str) -> None:
     try:
         stat = path.stat()
     except OSError as exc:
-        raise InputError(f"{path}: listed for this batch at {listed_at}, now unreadable ({exc.strerror}): score "
-                         "into another --out") from None
+        raise unreadable(path, exc, f"listed for this batch at {listed_at}, now unreadable: score into another "
+                         "--out") from None
     if (stat.st_size, stat.st_mtime_ns) != (record["size"], record["mtime_ns"]):
         raise InputError(f"{path}: changed since this batch listed it at {listed_at}: score into another --out "
                          "(a batch scores its files as they were listed)")

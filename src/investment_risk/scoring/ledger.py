@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.atomic import write_json_atomic
-from ..core.errors import InputError
+from ..core.errors import InputError, unreadable
 from ..modeling.description import sha256_file
 from .units import Unit
 
@@ -67,12 +67,16 @@ def read_ledger(path: Path, root: str) -> Ledger:
     if not path.exists():
         return Ledger(path, root, [])
     try:
-        raw = json.loads(path.read_text())
+        text = path.read_text()
+    except OSError as exc:
+        raise unreadable(f"--ledger {path}", exc, "not readable") from None
+    try:
+        raw = json.loads(text)
         entries = list(raw["units"])
         recorded_root = raw["input_root"]
         if not all(isinstance(e["mtime_ns"], int) and len(_key(e)) == 4 for e in entries):
             raise ValueError("an entry without its mtime")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"--ledger {path}: not a readable ledger ({exc.__class__.__name__}: {exc})") from None
     if recorded_root != root:
         raise InputError(f"--ledger {path}: it records the input {recorded_root!r}, not {root!r}; "

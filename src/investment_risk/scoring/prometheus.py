@@ -80,7 +80,9 @@ def registry_for(metrics: dict[str, Any], scope: str) -> Any:
         for dim, value in metrics.get("drift", {}).get("psi", {}).items():
             gauge("investment_risk_score_psi", "Population stability index of the batch's scores against the model's "
                   "reference.", value, dimension=dim)
-    gauge("investment_risk_last_success_timestamp_seconds", "When these metrics were written.", time.time())
+    if scope != "batch" or metrics.get("complete"):  # a night half done has not succeeded: its age keeps growing
+        gauge("investment_risk_last_success_timestamp_seconds", "When the shard, or the whole batch, finished.",
+              time.time())
     return registry
 
 
@@ -96,14 +98,16 @@ def push(metrics: dict[str, Any], scope: str, gateway: str | None) -> bool:
     """Push to the Pushgateway, grouped by job and shard; retried, logged, never raised. True when it got there."""
     if not gateway:
         return False
-    from prometheus_client import push_to_gateway
+    from prometheus_client import push_to_gateway, pushadd_to_gateway
 
     log = get_logger()
     registry = registry_for(metrics, scope)
     grouping = {"shard": scope}
+    # A partial batch replaces only what it measured: the last whole batch's success time (and PSI) stay in the group.
+    send = pushadd_to_gateway if scope == "batch" and not metrics.get("complete") else push_to_gateway
     for attempt in range(1, PUSH_ATTEMPTS + 1):
         try:
-            push_to_gateway(gateway, job=PUSH_JOB, registry=registry, grouping_key=grouping, timeout=PUSH_TIMEOUT_S)
+            send(gateway, job=PUSH_JOB, registry=registry, grouping_key=grouping, timeout=PUSH_TIMEOUT_S)
             log.info("metrics_pushed", gateway=gateway, group=scope, attempt=attempt)
             return True
         except Exception as exc:  # noqa: BLE001 - any failure to push is logged, never fatal
