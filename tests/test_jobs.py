@@ -226,6 +226,8 @@ def test_pods_follow_the_restricted_profile_and_failure_policy():
         assert env.index("INVESTMENT_RISK_RUN_ID") > env.index("JOB_NAME")
         assert container["env"][env.index("INVESTMENT_RISK_RUN_ID")]["value"] == "$(JOB_NAME)"
         assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    # A stopped training pod checkpoints before the SIGKILL: its grace period covers a step and a validation pass
+    assert pod_specs(docs)["train-gpu"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 120
     indexed = pod_specs(docs)["score-gpu"]
     assert indexed["completionMode"] == "Indexed" and indexed["completions"] == 4
     assert indexed["backoffLimitPerIndex"] >= 1 and indexed["maxFailedIndexes"] == 0

@@ -235,6 +235,23 @@ def test_resume_after_kill_matches_an_unbroken_run(split_dir, unbroken_tiny_run,
     assert metadata["wall_time_s"] >= metadata["train_seconds"]  # both count the killed process's banked time
 
 
+def test_sigterm_checkpoints_at_the_step_under_way_and_the_resume_matches_an_unbroken_run(split_dir, unbroken_tiny_run,
+                                                                                          tmp_path):
+    # A preempted pod gets SIGTERM and a grace period: the run saves where it is (step 17; the periodic checkpoint
+    # was step 15) and exits 1, the Job's retry.
+    args = ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir)]
+    stopped = run_cli(args + ["--out", str(tmp_path / "stopped")],
+                      env={"_INVESTMENT_RISK_KILL_AT_STEP": "17", "_INVESTMENT_RISK_KILL_SIGNAL": "TERM"})
+    assert stopped.returncode == 1, stopped.stderr
+    events = [json.loads(line) for line in stopped.stdout.splitlines() if line.startswith("{")]
+    assert [e["step"] for e in events if e["event"] == "checkpointed_on_sigterm"] == [17]
+    assert events[-1]["event"] == "terminated"
+    assert json.loads((tmp_path / "stopped" / "checkpoints" / "latest.json").read_text())["step"] == 17
+    resumed = run_cli(args + ["--out", str(tmp_path / "stopped"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_history(unbroken_tiny_run, tmp_path / "stopped", None)
+
+
 def test_a_crash_beside_the_best_model_save_never_leaves_model_ahead_of_the_checkpoint(split_dir, tmp_path,
                                                                                         monkeypatch):
     from safetensors.numpy import load_file

@@ -15,5 +15,10 @@ from fnmatch import fnmatchcase
 def fault_point(name: str) -> None:
     target = os.environ.get("_INVESTMENT_RISK_KILL_AT")
     if target and fnmatchcase(name, target):
-        name = os.environ.get("_INVESTMENT_RISK_KILL_SIGNAL", "KILL")
-        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+        kill_now()
+
+
+def kill_now() -> None:
+    """Send this process SIGKILL, or the signal `_INVESTMENT_RISK_KILL_SIGNAL` names (TERM: a pod being stopped)."""
+    name = os.environ.get("_INVESTMENT_RISK_KILL_SIGNAL", "KILL")
+    os.kill(os.getpid(), getattr(signal, f"SIG{name}"))

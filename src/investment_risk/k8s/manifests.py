@@ -218,6 +218,9 @@ def _failure_policy(container: str) -> dict[str, Any]:
     ]}
 
 
+TRAIN_GRACE_S = 180
+
+
 def train_job(spec: TrainSpec, settings: JobSettings) -> dict[str, Any]:
     check_name(spec.name)
     if spec.mode not in ("distillation", "instruction"):
@@ -225,12 +228,15 @@ def train_job(spec: TrainSpec, settings: JobSettings) -> dict[str, Any]:
     args = ["train", "--mode", spec.mode, "--base-model", spec.base_model, "--data", spec.data, "--out", spec.out,
             "--resume-if-present", *spec.extra_args]
     container = _container("train", args, settings, gpu=True)
+    pod = _pod_spec(container, settings, gpu=True)
+    # SIGTERM lets the step under way (or an epoch's validation) finish and a checkpoint land before the SIGKILL.
+    pod["terminationGracePeriodSeconds"] = TRAIN_GRACE_S
     return {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(spec.name, settings, "train", queue=True),
         "spec": {
             "backoffLimit": 3, "activeDeadlineSeconds": settings.deadline_s, "ttlSecondsAfterFinished": settings.ttl_s,
             "podFailurePolicy": _failure_policy("train"),
-            "template": {"metadata": {"labels": _labels("train")}, "spec": _pod_spec(container, settings, gpu=True)},
+            "template": {"metadata": {"labels": _labels("train")}, "spec": pod},
         },
     }
 

@@ -10,11 +10,14 @@ checkpoint, so `--resume` ends with the same history as an unbroken run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from ..core.atomic import write_json_atomic
-from ..core.errors import ConfigError, InputError
+from ..core.faults import kill_now
+from ..core.errors import ConfigError, InputError, Terminated
 from ..core.logs import Progress, get_logger
 from ..core.metrics import regression_metrics
 from ..core.spec import DIMENSIONS, NUM_DIMENSIONS, default_spec
@@ -95,6 +99,7 @@ class Session:
     wall_mark: float = field(default_factory=time.monotonic)  # wall_seconds counts from here
     segment_start: float = field(default_factory=time.monotonic)  # train_seconds counts from here
     last_log: tuple[float, int] = (0.0, 0)  # (monotonic time, state.tokens) at the last train_step line
+    stop_requested: bool = False  # SIGTERM came while the epochs ran: checkpoint at the next step's end and stop
 
     @property
     def checkpoints(self) -> Path:
@@ -205,7 +210,7 @@ def checkpoint(session: Session, state: TrainState, sums: Sums) -> None:
 
 
 def _kill_point() -> int | None:
-    """Test hook: SIGKILL this process after the given optimizer step, to prove --resume."""
+    """Test hook: SIGKILL (or `_INVESTMENT_RISK_KILL_SIGNAL`) this process after the given optimizer step."""
     value = os.environ.get("_INVESTMENT_RISK_KILL_AT_STEP")
     return int(value) if value else None
 
@@ -248,10 +253,38 @@ def run_epoch(session: Session, state: TrainState, sums: Sums, bar: Progress) ->
         if state.step % config.log_every == 0:
             log_step(session, state, sums)
         if kill_at is not None and state.step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if state.step % config.checkpoint_steps == 0 and state.batch < len(batches):
+            kill_now()
+        stopping = session.stop_requested
+        if (stopping or state.step % config.checkpoint_steps == 0) and state.batch < len(batches):
             session.bank_time(state)
             checkpoint(session, state, sums)
+            if stopping:  # (at an epoch's last step, end_of_epoch checkpoints and train() stops after it)
+                raise stopped(state)
+
+
+@contextlib.contextmanager
+def checkpoint_on_sigterm(session: Session) -> Iterator[None]:
+    """While the epochs run, SIGTERM (a pod preempted, evicted or drained) lets the step under way finish, then the
+    loop checkpoints and stops (exit 1): the retried pod resumes from there, not from the last periodic checkpoint
+    up to --checkpoint-steps earlier. The train Job's grace period leaves time for a validation pass."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def request_stop(_signum: int, _frame: Any) -> None:
+        session.stop_requested = True
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stopped(state: TrainState) -> Terminated:
+    get_logger().warning("checkpointed_on_sigterm", epoch=state.epoch, step=state.step,
+                         reason="SIGTERM: stopped at a step's end; --resume continues from this step")
+    return Terminated()
 
 
 def log_step(session: Session, state: TrainState, sums: Sums) -> None:
@@ -381,8 +414,11 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     done_before = (state.epoch - 1) * session.batches_per_epoch + state.batch  # a resumed run's earlier batches
     with Progress(total=session.batches_per_epoch * config.epochs, what="train", unit="batches",
                   already_done=done_before) as bar:
-        while state.epoch <= config.epochs:
-            epoch_started, tokens_before = time.monotonic(), state.tokens
-            run_epoch(session, state, sums, bar)
-            end_of_epoch(session, state, sums, epoch_started, tokens_before)
+        with checkpoint_on_sigterm(session):
+            while state.epoch <= config.epochs:
+                epoch_started, tokens_before = time.monotonic(), state.tokens
+                run_epoch(session, state, sums, bar)
+                end_of_epoch(session, state, sums, epoch_started, tokens_before)
+                if session.stop_requested:  # the end of an epoch: end_of_epoch has just checkpointed
+                    raise stopped(state)
     return finish(session, state)
