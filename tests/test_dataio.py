@@ -207,11 +207,19 @@ def test_atomic_writers_set_modes_and_sync_the_directory(tmp_path, monkeypatch):
     from investment_risk.core import atomic
 
     synced: list[Path] = []
-    real = atomic.fsync_dir
+    real, real_fsync = atomic.fsync_dir, os.fsync
     monkeypatch.setattr(atomic, "fsync_dir", lambda path: (synced.append(Path(path)), real(path)))
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (synced.append(Path(os.readlink(f"/proc/self/fd/{fd}"))),
+                                                         real_fsync(fd)))
     write_json_atomic({"k": 1}, tmp_path / "f" / "m.json")
+    synced[:] = dict.fromkeys(synced)  # fsync_dir's own os.fsync is recorded twice
+    assert synced[-1] == tmp_path / "f" and synced[0].name.startswith(".m.json.")  # the file, then its rename
+    synced.clear()
     atomic.write_dir_atomic(tmp_path / "d" / "model", lambda work: (work / "a.txt").write_text("a"))
-    assert synced == [tmp_path / "f", tmp_path / "d"]
+    # A directory's files reach the disk before the rename names them (a checkpoint latest.json points at)
+    synced[:] = dict.fromkeys(synced)
+    work = synced[0].parent
+    assert synced == [work / "a.txt", work, tmp_path / "d"] and work.name.startswith(".model.partial-")
     assert (tmp_path / "f" / "m.json").stat().st_mode & 0o777 == atomic.FILE_MODE
     assert (tmp_path / "d" / "model").stat().st_mode & 0o777 == atomic.DIR_MODE
 

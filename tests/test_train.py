@@ -252,6 +252,63 @@ def test_sigterm_checkpoints_at_the_step_under_way_and_the_resume_matches_an_unb
     assert_same_history(unbroken_tiny_run, tmp_path / "stopped", None)
 
 
+def test_a_start_killed_before_its_first_checkpoint_is_taken_over_by_the_retry(split_dir, unbroken_tiny_run, tmp_path):
+    # A retried pod's --resume-if-present found checkpoints/ (or a temporary file) and no committed checkpoint:
+    # "not empty", exit 2, the Job failed for good.
+    args = ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(tmp_path / "run")]
+    killed = run_cli(args, env={"_INVESTMENT_RISK_KILL_AT": "before_rename:checkpoints/latest.json"})
+    assert killed.returncode == -9 and (tmp_path / "run" / "checkpoints").is_dir()
+    assert not (tmp_path / "run" / "checkpoints" / "latest.json").exists()
+    retried = run_cli(args + ["--resume-if-present"])
+    assert retried.returncode == 0, retried.stderr
+    assert_same_history(unbroken_tiny_run, tmp_path / "run", None)
+    # A finished run is another matter: a new start into it is still refused
+    again = run_cli(args)
+    assert again.returncode == 2 and "already exists and is not empty" in again.stderr
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before_it(split_dir, unbroken_tiny_run, tmp_path):
+    args = ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(tmp_path / "run")]
+    assert run_cli(args, env={"_INVESTMENT_RISK_KILL_AT_STEP": "17"}).returncode == -9
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000014", "step-00000015"]  # epoch 1 ends at 14
+    # Each checkpoint carries the run's resolved hyperparameters
+    saved = json.loads((checkpoints / "step-00000015" / "training_config.json").read_text())
+    assert saved == json.loads((tmp_path / "run" / "training_config.json").read_text()) and saved["batch_size"] == 8
+    (checkpoints / "step-00000015" / "trainable.safetensors").write_bytes(b"")  # a power cut before it was synced
+    resumed = run_cli(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    events = [json.loads(line) for line in resumed.stdout.splitlines() if line.startswith("{")]
+    assert [e["checkpoint"] for e in events if e["event"] == "checkpoint_unusable"] == ["step-00000015"]
+    assert [e["step"] for e in events if e["event"] == "resumed"] == [14]
+    assert_same_history(unbroken_tiny_run, tmp_path / "run", None)
+
+
+def test_one_process_at_a_time_trains_into_a_run(split_dir, tmp_path):
+    from investment_risk.core.atomic import hold_lock
+    from investment_risk.core.errors import RetryableError
+
+    (tmp_path / "run").mkdir()
+    held = hold_lock(tmp_path / "run" / ".train.lock")  # another trainer, alive
+    try:
+        with pytest.raises(RetryableError, match="another process is training into it"):
+            train(tiny_config(split_dir, tmp_path / "run"))
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".train.lock"]  # it wrote nothing
+
+
+def test_a_full_disk_is_one_line_and_exit_1(split_dir, tmp_path, runner, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr("investment_risk.training.recipe.train", full)
+    result = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and result.output.count("\n") <= 2, result.output
+    assert "Error: I/O error: Error while serializing: I/O error: No space left on device" in result.output
+
+
 def test_a_crash_beside_the_best_model_save_never_leaves_model_ahead_of_the_checkpoint(split_dir, tmp_path,
                                                                                         monkeypatch):
     from safetensors.numpy import load_file

@@ -14,6 +14,7 @@ import signal
 from typing import Any
 
 import click
+from safetensors import SafetensorError
 
 from .. import __version__
 from ..core.errors import InvestmentRiskError, Terminated
@@ -60,6 +61,10 @@ class App(click.Group):
                 raise _failed(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc) or
                               exc.__class__.__name__, 2) from None
             raise _failed(f"I/O error: {exc}", 1) from None
+        except SafetensorError as exc:  # safetensors reports the OS's errors (a full disk) as its own
+            text = _one_line(str(exc))
+            raise _failed(f"I/O error: {text}" if "os error" in text else f"unreadable safetensors file: {text}",
+                          1 if "os error" in text else 2) from None
         except Terminated:
             get_logger().warning("terminated", signal="SIGTERM", exit_code=1)
             click.echo("Terminated.", err=True)

@@ -33,23 +33,49 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _lock(fd: int, wait: bool) -> bool:
-    """Lock the open file `fd` exclusively; False when another holds it (or the filesystem has no locks).
+HELD = (errno.EAGAIN, errno.EACCES, errno.EINTR)  # another open file holds the lock
+NO_LOCKS = (errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP)  # the filesystem has none
+
+
+def _set_lock(fd: int, wait: bool) -> None:
+    """Lock the open file `fd` exclusively (an OSError when it cannot be).
 
     The lock belongs to this open file, not to the process (an OFD lock; flock where the platform has none), so
     the kernel drops it when its holder dies, SIGKILL included, and a writer that reopens its temporary file by
     path (pyarrow, matplotlib) does not lose it on close, as it would a classic POSIX lock."""
+    if hasattr(fcntl, "F_OFD_SETLK"):
+        request = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)  # struct flock: the whole file
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, request)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+
+
+def _lock(fd: int, wait: bool) -> bool:
+    """`_set_lock`; False when another holds the lock (or the filesystem has no locks)."""
     try:
-        if hasattr(fcntl, "F_OFD_SETLK"):
-            request = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)  # struct flock: the whole file
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, request)
-        else:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        _set_lock(fd, wait)
     except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EINTR, errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP):
+        if exc.errno in HELD + NO_LOCKS:
             return False
         raise
     return True
+
+
+def hold_lock(path: Path) -> int | None:
+    """Open `path` (made if missing) and hold its exclusive lock while the returned descriptor stays open (the
+    kernel drops it when the process dies). None where the filesystem has no locks; BlockingIOError when another
+    process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        _set_lock(fd, wait=False)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in HELD:
+            raise BlockingIOError(exc.errno, f"{path} is locked by another process") from None
+        if exc.errno in NO_LOCKS:
+            return None
+        raise
+    return fd
 
 
 def _kernel_id() -> str:
@@ -156,6 +182,7 @@ def write_dir_atomic(dest: str | Path, fill: Callable[[Path], Any]) -> Path:
     work = Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
     try:
         fill(work)
+        _fsync_tree(work)  # the files' data on disk before the rename names them (a power cut after it keeps them)
         work.chmod(DIR_MODE)
         old = dest.parent / f".{dest.name}-old"
         shutil.rmtree(old, ignore_errors=True)
@@ -167,6 +194,17 @@ def write_dir_atomic(dest: str | Path, fill: Callable[[Path], Any]) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return dest
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(folder))
 
 
 def write_text_atomic(text: str, dest: str | Path, first_wins: bool = False) -> Path:

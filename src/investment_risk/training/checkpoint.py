@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..core.atomic import read_json, write_dir_atomic, write_json_atomic
-from ..core.errors import InputError
+from ..core.errors import InputError, unreadable
 
 KEEP = 2
 
@@ -38,8 +39,10 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    state: dict[str, Any], extra_tensors: dict[str, torch.Tensor]) -> Path:
+                    state: dict[str, Any], extra_tensors: dict[str, torch.Tensor], run_config: Path) -> Path:
+    """A checkpoint of `step`, with a copy of the run's resolved hyperparameters (`run_config`) beside it."""
     def fill(work: Path) -> None:
+        shutil.copyfile(run_config, work / run_config.name)
         save_file(trainable_state(model), str(work / "trainable.safetensors"))
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)
         rng = {"rng.torch": torch.get_rng_state()}
@@ -58,14 +61,17 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     return final
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    pointer = root / "latest.json"
-    if not pointer.exists():
-        return None
-    path = root / read_json(pointer)["checkpoint"]
-    if not (path / "state.json").exists():
-        raise InputError(f"{pointer}: names {path.name}, which is missing or incomplete")
-    return path
+def resumable_checkpoints(root: Path) -> list[Path]:
+    """The checkpoints a resume may start from, in the order to try them: the one latest.json names, then the
+    others newest first (one found damaged falls back to the one before it)."""
+    found = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    named = None
+    if (root / "latest.json").exists():
+        try:
+            named = root / read_json(root / "latest.json")["checkpoint"]
+        except (InputError, KeyError, TypeError):
+            pass  # a damaged pointer: the folders are still there to try
+    return ([named] if named in found else []) + [p for p in found if p != named]
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -74,13 +80,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     missing = [name for name in ("trainable.safetensors", "state.safetensors", "state.json") if not (path / name).exists()]
     if missing:
         raise InputError(f"checkpoint {path} is incomplete: missing {', '.join(missing)} (pickle files are never loaded)")
+    try:
+        trainable, tensors = load_file(str(path / "trainable.safetensors")), load_file(str(path / "state.safetensors"))
+    except (OSError, SafetensorError) as exc:  # cut short by a full disk or a power cut before it was synced
+        raise unreadable(f"checkpoint {path}", exc, "damaged") from None
+    meta = read_json(path / "state.json")
     params = dict(model.named_parameters())
-    for name, value in load_file(str(path / "trainable.safetensors")).items():
+    for name, value in trainable.items():
         if name not in params:
             raise InputError(f"{path}: checkpoint holds {name}, which this model does not have")
         params[name].data.copy_(value.to(params[name].device))
-    meta = read_json(path / "state.json")
-    tensors = load_file(str(path / "state.safetensors"))
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):

@@ -34,7 +34,7 @@ from ..modeling.predict import pick_device
 from ..modeling.tokens import length_grouped_batches, to_device
 from .config import TrainConfig, plan_steps
 from .data import SplitData
-from .run_dir import check_out_dir, save_run_config
+from .run_dir import CONFIG_FILE, claimed_out_dir, save_run_config
 
 
 @dataclass
@@ -132,7 +132,7 @@ def setup(config: TrainConfig, resume: bool) -> Session:
 
     from ..modeling.presets import load_tokenizer, resolve_base_model
 
-    out = check_out_dir(config, resume)
+    out = Path(config.out)  # claimed by train()
     device = pick_device(config.device)
     base = resolve_base_model(config.base_model)
     tokenizer = load_tokenizer(base.path)
@@ -188,17 +188,26 @@ def compile_blocks(model: Any) -> None:
 def start_or_resume(session: Session, resume: bool) -> tuple[TrainState, Sums]:
     import torch
 
-    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .checkpoint import load_checkpoint, resumable_checkpoints
 
     device = session.device
     state = TrainState()
     sums = Sums(epoch_preds=torch.zeros((session.train_data.table.num_rows, NUM_DIMENSIONS), device=device),
                 running=torch.zeros((), device=device), token_loss=torch.zeros(2, device=device))
-    if resume and (latest := latest_checkpoint(session.checkpoints)) is not None:
-        saved, extra = load_checkpoint(latest, session.model, session.optimizer, session.scheduler, device)
-        state, sums = TrainState.from_json(saved), Sums(**extra)
-        get_logger().info("resumed", checkpoint=latest.name, epoch=state.epoch, batch=state.batch, step=state.step)
+    candidates = resumable_checkpoints(session.checkpoints) if resume else []
+    for candidate in candidates:
+        try:
+            saved, extra = load_checkpoint(candidate, session.model, session.optimizer, session.scheduler, device)
+            state, sums = TrainState.from_json(saved), Sums(**extra)
+        except InputError as exc:  # each load restores everything: a partial one is overwritten by the next
+            get_logger().warning("checkpoint_unusable", checkpoint=candidate.name, reason=str(exc))
+            continue
+        get_logger().info("resumed", checkpoint=candidate.name, epoch=state.epoch, batch=state.batch, step=state.step)
         restore_best_model(session, state)
+        return state, sums
+    if candidates:
+        raise InputError(f"--resume: no checkpoint in {session.checkpoints} can be loaded (each is logged as "
+                         "checkpoint_unusable); start a new run in another --out")
     return state, sums
 
 
@@ -206,7 +215,7 @@ def checkpoint(session: Session, state: TrainState, sums: Sums) -> None:
     from .checkpoint import save_checkpoint
 
     save_checkpoint(session.checkpoints, state.step, session.model, session.optimizer, session.scheduler,
-                    state.to_json(), sums.tensors())
+                    state.to_json(), sums.tensors(), session.out / CONFIG_FILE)
 
 
 def _kill_point() -> int | None:
@@ -402,23 +411,23 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train, checkpoint and write the run package. Returns the training metadata."""
     from ..modeling.networks import parameter_counts
 
-    session = setup(config, resume)
-    state, sums = start_or_resume(session, resume)
-    total_params, trainable_params = parameter_counts(session.model)
-    get_logger().info("training_start", mode=config.mode, base_model=config.base_model, device=str(session.device),
-                      train_examples=session.train_data.table.num_rows, val_examples=session.val_data.table.num_rows,
-                      parameters=total_params, trainable_parameters=trainable_params,
-                      steps_per_epoch=session.steps_per_epoch, total_steps=session.total_steps,
-                      warmup_steps=session.warmup)
-    session.segment_start = time.monotonic()
-    done_before = (state.epoch - 1) * session.batches_per_epoch + state.batch  # a resumed run's earlier batches
-    with Progress(total=session.batches_per_epoch * config.epochs, what="train", unit="batches",
-                  already_done=done_before) as bar:
-        with checkpoint_on_sigterm(session):
+    with claimed_out_dir(config, resume):
+        session = setup(config, resume)
+        state, sums = start_or_resume(session, resume)
+        total_params, trainable_params = parameter_counts(session.model)
+        get_logger().info("training_start", mode=config.mode, base_model=config.base_model, device=str(session.device),
+                          train_examples=session.train_data.table.num_rows, val_examples=session.val_data.table.num_rows,
+                          parameters=total_params, trainable_parameters=trainable_params,
+                          steps_per_epoch=session.steps_per_epoch, total_steps=session.total_steps,
+                          warmup_steps=session.warmup)
+        session.segment_start = time.monotonic()
+        done_before = (state.epoch - 1) * session.batches_per_epoch + state.batch  # a resumed run's earlier batches
+        with Progress(total=session.batches_per_epoch * config.epochs, what="train", unit="batches",
+                      already_done=done_before) as bar, checkpoint_on_sigterm(session):
             while state.epoch <= config.epochs:
                 epoch_started, tokens_before = time.monotonic(), state.tokens
                 run_epoch(session, state, sums, bar)
                 end_of_epoch(session, state, sums, epoch_started, tokens_before)
                 if session.stop_requested:  # the end of an epoch: end_of_epoch has just checkpointed
                     raise stopped(state)
-    return finish(session, state)
+        return finish(session, state)

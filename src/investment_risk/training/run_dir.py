@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..core.atomic import read_json, write_json_atomic
-from ..core.errors import InputError
+from ..core.atomic import hold_lock, read_json, write_json_atomic
+from ..core.errors import InputError, RetryableError
+from ..core.logs import get_logger
 from ..modeling.description import sha256_file
 from .config import TrainConfig, resume_problem
 
 CONFIG_FILE = "training_config.json"
 SPLITS = ("train", "val")
-# What a start leaves in --out before its first checkpoint: a start that failed there (bad data, a killed pod) has
-# trained nothing, so a new start may take the folder over.
-BEFORE_FIRST_CHECKPOINT = frozenset({CONFIG_FILE, "cache"})
+LOCK_FILE = ".train.lock"
+# What a start leaves in --out before its first checkpoint is committed (named in checkpoints/latest.json): a start
+# that failed there (bad data, a killed pod, a full disk) has trained nothing, so a new start may take the folder
+# over. Hidden names are temporary files and folders a killed writer left, and the lock.
+BEFORE_FIRST_CHECKPOINT = frozenset({CONFIG_FILE, "cache", "checkpoints"})
 
 
 def data_sha256(data_dir: Path) -> dict[str, str]:
@@ -45,9 +52,34 @@ def check_out_dir(config: TrainConfig, resume: bool) -> Path:
     if resume:
         if refusal := resume_refusal(config):
             raise InputError(f"--resume: {refusal}")
-    elif out.exists() and any(p.name not in BEFORE_FIRST_CHECKPOINT for p in out.iterdir()):
+    elif out.exists() and (has_checkpoint(out) or any(p.name not in BEFORE_FIRST_CHECKPOINT and not p.name.startswith(".")
+                                                      for p in out.iterdir())):
         raise InputError(f"--out {out} already exists and is not empty; pass --resume to continue it or choose another")
     return out
+
+
+@contextlib.contextmanager
+def claimed_out_dir(config: TrainConfig, resume: bool) -> Iterator[Path]:
+    """--out locked for this run (until the block ends, or the process dies), then checked (`check_out_dir`); a new
+    run takes over what an uncommitted start left there."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = hold_lock(out / LOCK_FILE)  # also the first write: a read-only --out stops here, not at a checkpoint
+    except BlockingIOError:
+        raise RetryableError(f"--out {out}: another process is training into it (it holds {LOCK_FILE}); two writers "
+                             "would overwrite each other's checkpoints") from None
+    if lock is None:
+        get_logger().warning("run_dir_unlocked", out=str(out), reason="the filesystem refused a lock: make sure one "
+                             "process at a time trains into this --out")
+    try:
+        check_out_dir(config, resume)
+        if not resume:  # check_out_dir found no committed checkpoint: what is in checkpoints/ a killed start left
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        yield out
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def save_run_config(config: TrainConfig) -> None:
