@@ -284,6 +284,19 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before_it(split_dir, unbroke
     assert_same_history(unbroken_tiny_run, tmp_path / "run", None)
 
 
+def test_a_resume_on_changed_base_weights_is_refused(split_dir, tmp_path):
+    from investment_risk.modeling.presets import resolve_base_model
+
+    base = tmp_path / "base"
+    shutil.copytree(resolve_base_model("tiny-qwen2").path, base)
+    args = ["train", *TINY_TRAIN_ARGS, "--base-model", str(base), "--data", str(split_dir), "--out", str(tmp_path / "r")]
+    assert run_cli(args, env={"_INVESTMENT_RISK_KILL_AT_STEP": "7"}).returncode == -9
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # the same size, written again: the file may hold other weights
+    resumed = run_cli(args + ["--resume"])
+    assert resumed.returncode == 2 and "its weights changed" in resumed.stderr, resumed.stderr
+
+
 def test_one_process_at_a_time_trains_into_a_run(split_dir, tmp_path):
     from investment_risk.core.atomic import hold_lock
     from investment_risk.core.errors import RetryableError

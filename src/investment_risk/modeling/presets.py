@@ -61,6 +61,16 @@ def _config_revision(path: Path) -> str:
     return "sha256:" + hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:16]
 
 
+def _local_revision(path: Path) -> str:
+    """A local directory's config and its weight files' names, sizes and modification times: weights replaced in
+    place give another revision (a hub snapshot is named by its commit instead)."""
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for weights in sorted(path.glob("*.safetensors")):
+        stat = weights.stat()
+        digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return "sha256:" + digest.hexdigest()[:16]
+
+
 def resolve_base_model(name: str, need_weights: bool = True) -> BaseModel:
     """A preset, a local directory, or a hub id found in the local cache; never a download."""
     if name == "minilm":
@@ -81,7 +91,7 @@ def resolve_base_model(name: str, need_weights: bool = True) -> BaseModel:
     if local.is_dir():
         if not (local / "config.json").exists():
             raise InputError(f"base model directory {local} has no config.json")
-        return _checked(BaseModel(name, local.resolve(), _config_revision(local)), need_weights)
+        return _checked(BaseModel(name, local.resolve(), _local_revision(local)), need_weights)
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 

@@ -34,7 +34,7 @@ from ..modeling.predict import pick_device
 from ..modeling.tokens import length_grouped_batches, to_device
 from .config import TrainConfig, plan_steps
 from .data import SplitData
-from .run_dir import CONFIG_FILE, claimed_out_dir, save_run_config
+from .run_dir import CONFIG_FILE, check_same_base, claimed_out_dir, save_run_config
 
 
 @dataclass
@@ -136,8 +136,10 @@ def setup(config: TrainConfig, resume: bool) -> Session:
     device = pick_device(config.device)
     base = resolve_base_model(config.base_model)
     tokenizer = load_tokenizer(base.path)
-    if not resume:
-        save_run_config(config)
+    if resume:
+        check_same_base(config, base.revision)
+    else:
+        save_run_config(config, base.revision)
     task = make_task(config, tokenizer)
     train_data, val_data = task.prepare(out / "cache")
 

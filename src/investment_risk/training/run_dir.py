@@ -82,9 +82,20 @@ def claimed_out_dir(config: TrainConfig, resume: bool) -> Iterator[Path]:
             os.close(lock)
 
 
-def save_run_config(config: TrainConfig) -> None:
-    """The resolved hyperparameters and the data's sha256, written when a run starts (a resumed run keeps its own)."""
+def save_run_config(config: TrainConfig, base_revision: str) -> None:
+    """The resolved hyperparameters, the data's sha256 and the base model's revision, written when a run starts (a
+    resumed run keeps its own)."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    saved: dict[str, Any] = {**config.to_json(), "data_sha256": data_sha256(Path(config.data))}
+    saved: dict[str, Any] = {**config.to_json(), "data_sha256": data_sha256(Path(config.data)),
+                             "base_model_revision": base_revision}
     write_json_atomic(saved, out / CONFIG_FILE)
+
+
+def check_same_base(config: TrainConfig, base_revision: str) -> None:
+    """A resumed run continues on the base weights it started on (the adapter was fitted to them)."""
+    started = read_json(Path(config.out) / CONFIG_FILE).get("base_model_revision")
+    if started is not None and started != base_revision:
+        raise InputError(f"--resume: {config.out} was started on base model {config.base_model} at revision "
+                         f"{started}; it is now {base_revision} (its weights changed): start a new run in another "
+                         "--out")
