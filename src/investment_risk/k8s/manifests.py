@@ -211,10 +211,11 @@ def _pod_spec(container: dict[str, Any], settings: JobSettings, gpu: bool) -> di
 
 def _failure_policy(container: str) -> dict[str, Any]:
     return {"rules": [
+        # A pod evicted or preempted (node drain, spot reclaim) did nothing wrong: retry without counting it, first
+        # (rules apply in order), whatever its stopped process exited with.
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         # Exit 2 is bad input or usage: retrying cannot help, so the whole Job fails at once.
         {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": [2]}},
-        # A pod evicted or preempted (node drain, spot reclaim) did nothing wrong: retry without counting it.
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]}
 
 
@@ -256,6 +257,14 @@ def stage_job(name: str, base_model: str, settings: JobSettings) -> dict[str, An
     }
 
 
+EXPORT_CPU_MEMORY_GI = 16
+
+
+def _gi(quantity: str) -> float:
+    units = {"Ki": 2**-20, "Mi": 2**-10, "Gi": 1, "Ti": 2**10}
+    return float(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else float(quantity) / 2**30
+
+
 def export_job(name: str, run: str, out: str, settings: JobSettings, extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """Merge, export and prove a training run into the model directory scoring reads: on a GPU the fp16 graph the
     CUDA scorer runs, its parity measured there; on CPUs the fp32 graph and the measured CPU engine. `--extra-arg`s
@@ -267,6 +276,10 @@ def export_job(name: str, run: str, out: str, settings: JobSettings, extra_args:
     args = ["export", "--run", run, "--out", out, *(["--dtype", "fp16", "--device", "cuda"] if gpu else []),
             *extra_args]
     container = _container("export", args, settings, gpu=True)
+    if not gpu and _gi(settings.hardware.memory) < EXPORT_CPU_MEMORY_GI:
+        # A CPU export of Qwen2.5-1.5B peaked at 12.3 GiB (README): a scoring pod's memory would kill it.
+        for kind in ("requests", "limits"):
+            container["resources"][kind]["memory"] = f"{EXPORT_CPU_MEMORY_GI}Gi"
     return {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(name, settings, "export", queue=True),
         "spec": {"backoffLimit": 2, "activeDeadlineSeconds": settings.deadline_s, "ttlSecondsAfterFinished": settings.ttl_s,
