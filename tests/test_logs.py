@@ -63,7 +63,7 @@ def test_ordinary_values_survive():
     event = {"event": "token_count", "tokens": 10, "tokens_per_second": 5.0, "path": "/data/x.parquet",
              # Job names and the paths made of them hold "sk-" or "hf_" inside a word, not at its start.
              "out": "/data/scored/investment-risk-nightly-29420730", "job": "investment-risk-score-1764979200",
-             "run": "/models/runs/graph_hf_exported_weights_v2",
+             "run": "/models/runs/graph_hf_exportedweightsv2long",
              "token_path": "/var/run/secrets-free/path", "gateway": "http://pushgateway:9091/a:b@c"}
     assert redact_secrets(None, "info", dict(event)) == event
 

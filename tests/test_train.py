@@ -252,6 +252,64 @@ def test_sigterm_checkpoints_at_the_step_under_way_and_the_resume_matches_an_unb
     assert_same_history(unbroken_tiny_run, tmp_path / "stopped", None)
 
 
+def test_sigterm_at_an_epochs_last_step_stops_after_its_validation_and_checkpoint(split_dir, unbroken_tiny_run, tmp_path):
+    args = ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(tmp_path / "stopped")]
+    stopped = run_cli(args, env={"_INVESTMENT_RISK_KILL_AT_STEP": "14", "_INVESTMENT_RISK_KILL_SIGNAL": "TERM"})
+    assert stopped.returncode == 1, stopped.stderr  # epoch 1 ends at step 14
+    events = [json.loads(line) for line in stopped.stdout.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events if e["event"] in ("epoch_done", "checkpointed_on_sigterm")] == [
+        "epoch_done", "checkpointed_on_sigterm"]
+    assert json.loads((tmp_path / "stopped" / "checkpoints" / "latest.json").read_text())["step"] == 14
+    assert run_cli(args + ["--resume"]).returncode == 0
+    assert_same_history(unbroken_tiny_run, tmp_path / "stopped", None)
+
+
+def test_a_storage_hiccup_on_the_checkpoint_pointer_is_retried_never_a_new_start(tiny_run, monkeypatch):
+    import errno
+
+    from investment_risk.core.errors import RetryableError
+    from investment_risk.training.run_dir import has_checkpoint
+
+    out, _, _ = tiny_run
+    real_stat = Path.stat
+
+    def stale(path, *args, **kwargs):
+        if path.name == "latest.json":
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real_stat(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "stat", stale)
+    with pytest.raises(RetryableError, match="latest.json: I/O error"):
+        has_checkpoint(out)  # Path.exists() says False on any error (3.12+): --resume-if-present would start anew
+
+
+def test_a_resume_whose_checkpoint_folders_are_gone_is_refused(split_dir, tmp_path):
+    args = ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(tmp_path / "r")]
+    assert run_cli(args, env={"_INVESTMENT_RISK_KILL_AT_STEP": "7"}).returncode == -9
+    for folder in (tmp_path / "r" / "checkpoints").glob("step-*"):
+        shutil.rmtree(folder)
+    resumed = run_cli(args + ["--resume-if-present"])  # it trained from step 0 over the run's files
+    assert resumed.returncode == 2 and "no checkpoint folder is left" in resumed.stderr, resumed.stderr
+
+
+def test_a_fall_back_behind_a_best_epoch_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from investment_risk.training.recipe import TrainState, fell_back
+
+    (tmp_path / "checkpoints" / "step-00000028").mkdir(parents=True)
+    (tmp_path / "training_history.json").write_text(json.dumps(
+        [{"epoch": 1, "val": {"mae": 2.0}}, {"epoch": 2, "val": {"mae": 1.5}}]))
+    session = SimpleNamespace(out=tmp_path)
+    state = TrainState(epoch=2, best_val_mae=2.0, best_epoch=1)  # step 25, mid epoch 2: model/ holds epoch 2's best
+    damaged = [tmp_path / "checkpoints" / "step-00000028"]
+    with pytest.raises(InputError, match="precedes epoch 2, whose weights model/ holds"):
+        fell_back(session, state, tmp_path / "checkpoints" / "step-00000025", damaged)
+    assert damaged[0].exists()  # nothing removed when refused
+    state.best_val_mae = 1.0  # epoch 2 was no better: model/ still holds epoch 1's, and the fall-back goes on
+    fell_back(session, state, tmp_path / "checkpoints" / "step-00000025", damaged)
+    assert not damaged[0].exists()
+
+
 def test_a_start_killed_before_its_first_checkpoint_is_taken_over_by_the_retry(split_dir, unbroken_tiny_run, tmp_path):
     # A retried pod's --resume-if-present found checkpoints/ (or a temporary file) and no committed checkpoint:
     # "not empty", exit 2, the Job failed for good.
@@ -601,7 +659,7 @@ def test_the_optimiser_settings_come_from_the_command_line(runner, split_dir, tm
     from investment_risk.training import recipe
 
     seen = []
-    monkeypatch.setattr(recipe, "train", lambda config, resume: seen.append(config) or {"best_val_mae": 1.0,
+    monkeypatch.setattr(recipe, "train", lambda config, **resume: seen.append(config) or {"best_val_mae": 1.0,
                                                                                         "best_epoch": 1})
     base = ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(tmp_path / "run")]
     result = runner.invoke(main, [*base, "--weight-decay", "0", "--max-grad-norm", "0.5", "--log-every", "3"])

@@ -17,7 +17,7 @@ import click
 from safetensors import SafetensorError
 
 from .. import __version__
-from ..core.errors import InvestmentRiskError, Terminated
+from ..core.errors import InvestmentRiskError, Terminated, os_errno
 from ..core.logs import bind, configure_logging, get_logger, new_run_id, redact_text
 from . import data, demo, evaluate, export, jobs, report, score, train
 from .options import ENV_PREFIX, option
@@ -61,10 +61,10 @@ class App(click.Group):
                 raise _failed(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc) or
                               exc.__class__.__name__, 2) from None
             raise _failed(f"I/O error: {exc}", 1) from None
-        except SafetensorError as exc:  # safetensors reports the OS's errors (a full disk) as its own
-            text = _one_line(str(exc))
-            raise _failed(f"I/O error: {text}" if "os error" in text else f"unreadable safetensors file: {text}",
-                          1 if "os error" in text else 2) from None
+        except SafetensorError as exc:  # safetensors reports the OS's errors (a full disk) in its own
+            if (code := os_errno(exc)) is None:  # a file that is not safetensors
+                raise _failed(f"safetensors: {exc}", 2) from None
+            raise _failed(f"I/O error: {exc}", 2 if code in _PATH_ERRORS else 1) from None
         except Terminated:
             get_logger().warning("terminated", signal="SIGTERM", exit_code=1)
             click.echo("Terminated.", err=True)

@@ -65,14 +65,13 @@ def train_command(resume: bool, resume_if_present: bool, dry_run: bool, **option
     bind(stage="train")
     options["max_length"] = options["max_length"] or 0
     config = TrainConfig(**{k: str(v) if isinstance(v, Path) else v for k, v in options.items()})
-    resume = resume or (resume_if_present and has_checkpoint(Path(config.out)))
     if dry_run:
-        report = plan(config, resume)
+        report = plan(config, resume or (resume_if_present and has_checkpoint(Path(config.out))))
         get_logger().info("dry_run", **report)
         if output.on_terminal():
             click.echo("\n".join(f"{key:<26} {value}" for key, value in report.items()))
         return
-    metadata = train(config, resume=resume)
+    metadata = train(config, resume=resume, resume_if_present=resume_if_present)  # decided under --out's lock
     if output.on_terminal():  # training_done, already logged, carries the same figures
         click.echo(f"best val MAE {metadata['best_val_mae']:.4f} (epoch {metadata['best_epoch']}) -> {config.out}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 from pathlib import Path
 
 
@@ -36,10 +37,22 @@ TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EA
                               errno.ENETUNREACH, errno.ECONNRESET, errno.EHOSTUNREACH})
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def os_errno(exc: BaseException) -> int | None:
+    """The OS error number behind `exc`: an OSError's, or the one a Rust library (safetensors) wrote into its
+    message as "(os error N)"."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno
+    match = _OS_ERROR.search(str(exc))
+    return int(match.group(1)) if match else None
+
+
 def unreadable(path: str | Path, exc: BaseException, what: str) -> InvestmentRiskError:
     """The error for a failed read of `path`: a storage hiccup is retried (exit 1), anything else names the file
     and what is wrong with it (exit 2)."""
     detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # the path is named already
-    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+    if os_errno(exc) in TRANSIENT_ERRNOS:
         return RetryableError(f"{path}: I/O error while reading ({detail}); a retry may succeed")
     return InputError(f"{path}: {what} ({detail})")

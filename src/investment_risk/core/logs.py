@@ -27,12 +27,13 @@ _SECRET_KEY = re.compile(
     r"((^|[_-])(token|api[_-]?key|authori[sz]ation|credentials?|private[_-]?key|passwd)$)|password|secret", re.I
 )
 # Values that look like credentials wherever they appear (inside longer strings too).
-# A prefix counts at the start of a word only: "investment-risk-nightly-29420730" holds "sk-" and is a Job name.
+# A prefix counts at the start of a word only: "investment-risk-nightly-29420730" holds "sk-" and is a Job name,
+# "graph_hf_exportedweightsv2long" holds "hf_" and is a file name.
 _SECRET_VALUE = re.compile(
-    r"((?<![A-Za-z0-9])hf_[A-Za-z0-9]{16,}"  # Hugging Face tokens
-    r"|(?<![A-Za-z0-9])gh[pousr]_[A-Za-z0-9]{20,}"  # GitHub tokens
-    r"|(?<![A-Za-z0-9])sk-[A-Za-z0-9_-]{16,}"  # OpenAI-style keys
-    r"|(?<![A-Za-z0-9])AKIA[0-9A-Z]{16}"  # AWS access key ids
+    r"((?<![A-Za-z0-9_])hf_[A-Za-z0-9]{16,}"  # Hugging Face tokens
+    r"|(?<![A-Za-z0-9_])gh[pousr]_[A-Za-z0-9]{20,}"  # GitHub tokens
+    r"|(?<![A-Za-z0-9_])sk-[A-Za-z0-9_-]{16,}"  # OpenAI-style keys
+    r"|(?<![A-Za-z0-9_])AKIA[0-9A-Z]{16}"  # AWS access key ids
     r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWTs (Kubernetes service-account tokens)
     r"|(?<=Bearer )[A-Za-z0-9._~+/=-]{8,}"
     r"|(?<=[?&]token=)[^&\s]+|(?<=[?&]key=)[^&\s]+"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import shutil
 import subprocess
 import uuid
@@ -20,20 +19,7 @@ from typing import Any
 
 from ..core.errors import ConfigError
 from ..core.logs import get_logger
-
-_QUANTITY = re.compile(r"^([0-9.]+)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
-_FACTORS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-
-
-def quantity(value: Any, what: str) -> float:
-    """A Kubernetes quantity ("2", "500m", "8Gi") as a number (cores, or bytes)."""
-    match = _QUANTITY.match(str(value))
-    if not match:
-        raise ConfigError(f"{what}: {value!r} is not a Kubernetes quantity")
-    number, unit = float(match.group(1)), match.group(2)
-    return number / 1000 if unit == "m" else number * _FACTORS[unit]
-
+from .manifests import quantity
 
 def _docker() -> str:
     found = shutil.which("docker")

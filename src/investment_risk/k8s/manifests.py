@@ -25,7 +25,18 @@ KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 DAY = 86400
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+_FACTORS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity(value: Any, what: str) -> float:
+    """A Kubernetes quantity ("2", "500m", "8Gi") as a number (cores, or bytes)."""
+    match = _QUANTITY.match(str(value))
+    if not match:
+        raise ConfigError(f"{what}: {value!r} is not a Kubernetes quantity")
+    number, unit = float(match.group(1)), match.group(2)
+    return number / 1000 if unit == "m" else number * _FACTORS[unit]
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,7 @@ class JobSettings:
         if self.queue is not None and not _NAME.match(self.queue):
             raise ConfigError(f"--queue {self.queue!r} is not a valid Kueue queue name")
         for flag, size in (("--data-size", self.data_size), ("--models-size", self.models_size)):
-            if not _QUANTITY.match(size) or not float(re.match(r"[0-9.]+", size).group()) > 0:
+            if not _QUANTITY.match(size) or size.endswith("m") or not quantity(size, flag) > 0:
                 raise ConfigError(f"{flag} {size!r} is not a storage quantity above zero (like 200Gi or 1Ti)")
         if self.storage_class is not None and not _SUBDOMAIN.match(self.storage_class):
             raise ConfigError(f"--storage-class {self.storage_class!r} is not a valid StorageClass name")
@@ -260,11 +271,6 @@ def stage_job(name: str, base_model: str, settings: JobSettings) -> dict[str, An
 EXPORT_CPU_MEMORY_GI = 16
 
 
-def _gi(quantity: str) -> float:
-    units = {"Ki": 2**-20, "Mi": 2**-10, "Gi": 1, "Ti": 2**10}
-    return float(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else float(quantity) / 2**30
-
-
 def export_job(name: str, run: str, out: str, settings: JobSettings, extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """Merge, export and prove a training run into the model directory scoring reads: on a GPU the fp16 graph the
     CUDA scorer runs, its parity measured there; on CPUs the fp32 graph and the measured CPU engine. `--extra-arg`s
@@ -276,7 +282,7 @@ def export_job(name: str, run: str, out: str, settings: JobSettings, extra_args:
     args = ["export", "--run", run, "--out", out, *(["--dtype", "fp16", "--device", "cuda"] if gpu else []),
             *extra_args]
     container = _container("export", args, settings, gpu=True)
-    if not gpu and _gi(settings.hardware.memory) < EXPORT_CPU_MEMORY_GI:
+    if not gpu and quantity(settings.hardware.memory, "memory") < EXPORT_CPU_MEMORY_GI * 2**30:
         # A CPU export of Qwen2.5-1.5B peaked at 12.3 GiB (README): a scoring pod's memory would kill it.
         for kind in ("requests", "limits"):
             container["resources"][kind]["memory"] = f"{EXPORT_CPU_MEMORY_GI}Gi"

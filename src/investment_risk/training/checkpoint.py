@@ -82,7 +82,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         raise InputError(f"checkpoint {path} is incomplete: missing {', '.join(missing)} (pickle files are never loaded)")
     try:
         trainable, tensors = load_file(str(path / "trainable.safetensors")), load_file(str(path / "state.safetensors"))
-    except (OSError, SafetensorError) as exc:  # cut short by a full disk or a power cut before it was synced
+    except (OSError, SafetensorError) as exc:  # cut short by a full disk or a power cut (a storage hiccup: retried)
         raise unreadable(f"checkpoint {path}", exc, "damaged") from None
     meta = read_json(path / "state.json")
     params = dict(model.named_parameters())

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.atomic import write_json_atomic
+from ..core.atomic import read_json, write_json_atomic
 from ..core.faults import kill_now
 from ..core.errors import ConfigError, InputError, Terminated
 from ..core.logs import Progress, get_logger
@@ -34,7 +35,7 @@ from ..modeling.predict import pick_device
 from ..modeling.tokens import length_grouped_batches, to_device
 from .config import TrainConfig, plan_steps
 from .data import SplitData
-from .run_dir import CONFIG_FILE, check_same_base, claimed_out_dir, save_run_config
+from .run_dir import CONFIG_FILE, check_same_base, claimed_out_dir, has_checkpoint, save_run_config
 
 
 @dataclass
@@ -197,13 +198,18 @@ def start_or_resume(session: Session, resume: bool) -> tuple[TrainState, Sums]:
     sums = Sums(epoch_preds=torch.zeros((session.train_data.table.num_rows, NUM_DIMENSIONS), device=device),
                 running=torch.zeros((), device=device), token_loss=torch.zeros(2, device=device))
     candidates = resumable_checkpoints(session.checkpoints) if resume else []
-    for candidate in candidates:
+    if resume and not candidates and has_checkpoint(session.out):
+        raise InputError(f"--resume: {session.checkpoints / 'latest.json'} names a checkpoint, but no checkpoint "
+                         "folder is left: start a new run in another --out")
+    for tried, candidate in enumerate(candidates):
         try:
             saved, extra = load_checkpoint(candidate, session.model, session.optimizer, session.scheduler, device)
             state, sums = TrainState.from_json(saved), Sums(**extra)
         except InputError as exc:  # each load restores everything: a partial one is overwritten by the next
             get_logger().warning("checkpoint_unusable", checkpoint=candidate.name, reason=str(exc))
             continue
+        if tried:
+            fell_back(session, state, candidate, candidates[:tried])
         get_logger().info("resumed", checkpoint=candidate.name, epoch=state.epoch, batch=state.batch, step=state.step)
         restore_best_model(session, state)
         return state, sums
@@ -211,6 +217,23 @@ def start_or_resume(session: Session, resume: bool) -> tuple[TrainState, Sums]:
         raise InputError(f"--resume: no checkpoint in {session.checkpoints} can be loaded (each is logged as "
                          "checkpoint_unusable); start a new run in another --out")
     return state, sums
+
+
+def fell_back(session: Session, state: TrainState, used: Path, damaged: list[Path]) -> None:
+    """Resuming from an older checkpoint than the newest: refused where an epoch after it was saved to model/ as
+    the best (model/ would hold weights no state describes if its rerun came out otherwise, as on a GPU); the
+    damaged checkpoints are removed (else keeping the newest two could keep them and drop the good one)."""
+    history = read_json(session.out / "training_history.json") if (session.out / "training_history.json").exists() else []
+    best = state.best_val_mae if state.best_val_mae is not None else math.inf
+    ahead = [h["epoch"] for h in history if h["epoch"] >= state.epoch and h["val"]["mae"] < best]
+    if ahead:
+        raise InputError(f"--resume: {', '.join(p.name for p in damaged)} damaged, and {used.name} (epoch "
+                         f"{state.epoch}) precedes epoch {ahead[0]}, whose weights model/ holds as the best: start a "
+                         "new run in another --out")
+    for path in damaged:
+        shutil.rmtree(path, ignore_errors=True)
+        get_logger().warning("checkpoint_removed", checkpoint=path.name, reason="damaged; resumed from an older one")
+
 
 
 def checkpoint(session: Session, state: TrainState, sums: Sums) -> None:
@@ -409,11 +432,12 @@ def fit_run_calibration(session: Session, state: TrainState) -> dict[str, Any]:
                 d: {"raw": before[f"{d}_mae"], "calibrated": after[f"{d}_mae"]} for d in DIMENSIONS}}
 
 
-def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train, checkpoint and write the run package. Returns the training metadata."""
+def train(config: TrainConfig, resume: bool = False, resume_if_present: bool = False) -> dict[str, Any]:
+    """Train, checkpoint and write the run package (`resume_if_present`: continue --out if it holds a checkpoint,
+    else start it). Returns the training metadata."""
     from ..modeling.networks import parameter_counts
 
-    with claimed_out_dir(config, resume):
+    with claimed_out_dir(config, resume, resume_if_present) as resume:
         session = setup(config, resume)
         state, sums = start_or_resume(session, resume)
         total_params, trainable_params = parameter_counts(session.model)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.atomic import hold_lock, read_json, write_json_atomic
-from ..core.errors import InputError, RetryableError
+from ..core.errors import InputError, RetryableError, unreadable
 from ..core.logs import get_logger
 from ..modeling.description import sha256_file
 from .config import TrainConfig, resume_problem
@@ -32,8 +32,16 @@ def data_sha256(data_dir: Path) -> dict[str, str]:
 
 
 def has_checkpoint(out: Path) -> bool:
-    """Whether --out holds a run that trained (a retried pod's `--resume-if-present` continues only such a run)."""
-    return (out / "checkpoints" / "latest.json").exists()
+    """Whether --out holds a run that trained (a retried pod's `--resume-if-present` continues only such a run).
+    Only a missing file says no: a storage hiccup is an error, never a new start over a trained run."""
+    pointer = out / "checkpoints" / "latest.json"
+    try:
+        pointer.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise unreadable(pointer, exc, "cannot be checked") from None
+    return True
 
 
 def resume_refusal(config: TrainConfig) -> str:
@@ -59,10 +67,16 @@ def check_out_dir(config: TrainConfig, resume: bool) -> Path:
 
 
 @contextlib.contextmanager
-def claimed_out_dir(config: TrainConfig, resume: bool) -> Iterator[Path]:
-    """--out locked for this run (until the block ends, or the process dies), then checked (`check_out_dir`); a new
-    run takes over what an uncommitted start left there."""
+def claimed_out_dir(config: TrainConfig, resume: bool, if_present: bool = False) -> Iterator[bool]:
+    """--out locked for this run (until the block ends, or the process dies) and checked (`check_out_dir`); yields
+    whether the run resumes: `resume`, or with `if_present` whether --out holds a checkpoint, decided under the
+    lock. A new run takes over what an uncommitted start left there."""
     out = Path(config.out)
+
+    def resuming() -> bool:
+        return resume or (if_present and has_checkpoint(out))
+
+    check_out_dir(config, resuming())  # before anything is made: a mistyped --out is refused and left as it was
     out.mkdir(parents=True, exist_ok=True)
     try:
         lock = hold_lock(out / LOCK_FILE)  # also the first write: a read-only --out stops here, not at a checkpoint
@@ -73,10 +87,11 @@ def claimed_out_dir(config: TrainConfig, resume: bool) -> Iterator[Path]:
         get_logger().warning("run_dir_unlocked", out=str(out), reason="the filesystem refused a lock: make sure one "
                              "process at a time trains into this --out")
     try:
-        check_out_dir(config, resume)
-        if not resume:  # check_out_dir found no committed checkpoint: what is in checkpoints/ a killed start left
+        resumed = resuming()  # again, under the lock: the process that held it may have committed a checkpoint
+        check_out_dir(config, resumed)
+        if not resumed and lock is not None:  # no committed checkpoint: what checkpoints/ holds, a killed start left
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        yield out
+        yield resumed
     finally:
         if lock is not None:
             os.close(lock)
