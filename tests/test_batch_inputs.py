@@ -130,7 +130,7 @@ def test_scored_files_are_never_read_back_as_articles(exported, folder, tmp_path
     # --out inside an input folder: tonight's batch would be whole, tomorrow's would read tonight's part files.
     result = runner.invoke(main, ["score", "--model", str(model), "--input", str(folder),
                                   "--out", str(folder / "scored" / "night-1")])
-    assert result.exit_code == 2 and f"is inside the input folder {folder}" in result.output, result.output
+    assert result.exit_code == 2 and f"is inside the input folder {folder}: the next run would read" in result.output
     assert not (folder / "scored").exists()
     # An earlier night's output that a glob matches is named, not scored as articles (nor rejected row by row).
     score(ScoreConfig(model=model, inputs=(str(folder),), out=tmp_path / "nights" / "1"))

@@ -30,7 +30,7 @@ def test_synth_then_split_with_json_logs(runner, tmp_path):
     result = runner.invoke(main, ["data", "split", "--input", str(out), "--out", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
     assert {p.name for p in (tmp_path / "d").iterdir()} == {"train.parquet", "val.parquet", "test.parquet",
-                                                            "split_summary.json"}
+                                                            "_dropped.parquet", "split_summary.json"}
 
 
 def test_synth_jsonl_output(runner, tmp_path):

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -224,6 +225,14 @@ def read_json(path: str | Path) -> Any:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise unreadable(path, exc, "unreadable") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_parquet_atomic(table: Any, dest: str | Path, **kwargs: Any) -> Path:

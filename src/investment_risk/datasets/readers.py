@@ -67,8 +67,11 @@ def _has_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
-def _supported(path: Path) -> bool:
-    return path.suffix.lower() in PARQUET_SUFFIXES + JSONL_SUFFIXES
+def _supported(path: Path, named: bool = True) -> bool:
+    """A Parquet or JSONL file; a `.json` one only where it is `named` (a path, or a glob ending in .json): in a
+    folder, .json files are metadata (a split's split_summary.json, a model's model.json), not JSON Lines."""
+    suffix = path.suffix.lower()
+    return suffix in PARQUET_SUFFIXES + JSONL_SUFFIXES and (named or suffix != ".json")
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -79,7 +82,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         if not text.strip():  # Path("") is the current directory: an unset variable would score all of it
             raise InputError("an empty path was given as input (name a file, directory or glob)")
         if _has_glob(text):
-            matches = sorted(p for p in _glob_files(text) if _supported(p))
+            matches = sorted(p for p in _glob_files(text) if _supported(p, named=text.lower().endswith(".json")))
             if not matches:
                 raise InputError(f"{text}: no Parquet or JSONL file matches this pattern")
             found.extend(matches)
@@ -103,6 +106,16 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
             raise InputError(f"{str(path)!r}: the file name is not valid UTF-8; rename it") from None
     # One file named twice (a folder and a path inside it, a relative and an absolute path) is listed once.
     return sorted({path.resolve(): path for path in reversed(found)}.values())
+
+
+def refuse_out_inside_inputs(inputs: Sequence[str | Path], out: Path) -> None:
+    """An output folder inside an input folder: the next run would read what this one writes as input."""
+    target = out.resolve()
+    for text in inputs:
+        folder = Path(text)
+        if folder.is_dir() and target.is_relative_to(folder.resolve()):
+            raise InputError(f"--out {out} is inside the input folder {text}: the next run would read its files "
+                             "as input; put --out outside the inputs")
 
 
 def _refuse(exc: OSError) -> None:
@@ -192,7 +205,7 @@ def _directory_files(root: Path) -> list[Path]:
             continue
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
-        found += [Path(folder) / f for f in files if not f.startswith(("_", ".")) and _supported(Path(f))]
+        found += [Path(folder) / f for f in files if not f.startswith(("_", ".")) and _supported(Path(f), named=False)]
     return sorted(_regular_files(found))
 
 
@@ -517,7 +530,7 @@ def read_articles(inputs: Sequence[str | Path], labels: Sequence[str] = (), batc
                   unique_ids: bool = False) -> pa.Table:
     """Read small labelled inputs (training data) strictly: the first problem row is an error naming file and row.
     `unique_ids`: an id seen twice is one too (an article counted twice in a metric or a calibration)."""
-    tables = []
+    tables, sources = [], []
     first_seen: dict[str, str] = {}
     for path in expand_inputs(inputs):
         for batch in iter_file_batches(path, batch_rows, labels):
@@ -531,12 +544,29 @@ def read_articles(inputs: Sequence[str | Path], labels: Sequence[str] = (), batc
                                      "(data split de-duplicates)")
             if batch.table.num_rows:
                 tables.append(normalise_types(batch.table, labels))
+                sources.append(path)
     if not tables:
         raise InputError(f"{', '.join(map(str, inputs))}: no rows")
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowException as exc:
-        raise InputError(f"{', '.join(map(str, inputs))}: files disagree on their schema ({exc})") from None
+        raise InputError(_schema_clash(tables, sources) or f"{', '.join(map(str, inputs))}: files disagree on "
+                         f"their schema ({exc})") from None
+
+
+def _schema_clash(tables: Sequence[pa.Table], sources: Sequence[Path]) -> str:
+    """Which two files give a column types that do not combine, and the column."""
+    first: dict[str, tuple[pa.DataType, Path]] = {}
+    for table, source in zip(tables, sources):
+        for column in table.schema:
+            seen = first.setdefault(column.name, (column.type, source))
+            try:
+                pa.unify_schemas([pa.schema([pa.field(column.name, seen[0])]), pa.schema([column])],
+                                 promote_options="permissive")
+            except pa.ArrowException:
+                return (f"{seen[1]} and {source} disagree on column {column.name!r} ({seen[0]} vs {column.type}): give "
+                        "it one type in every file")
+    return ""
 
 
 def normalise_types(table: pa.Table, labels: Sequence[str] = ()) -> pa.Table:

@@ -24,13 +24,17 @@ from ..core.logs import get_logger
 from ..core.metrics import regression_metrics
 from ..core.spec import DIMENSIONS, default_spec
 from ..datasets.readers import label_matrix, read_articles
+from ..datasets.split import check_split_file
 from ..modeling.calibration import CALIBRATION_FILE, MIN_ROWS, fit_calibration
-from ..modeling.description import describe_model, load_reference, model_version, sha256_file
+from ..core.atomic import sha256_file
+from ..modeling.description import describe_model, load_reference, model_version
 from .evaluate import raw_scores
 
 
 def recalibrate(model_path: Path, data: Path, batch_size: int = 32, device: str = "auto") -> dict[str, Any]:
     model = describe_model(model_path)
+    if Path(data).is_file():  # a split's file must be the one its summary describes
+        check_split_file(Path(data))
     table = read_articles([data], labels=DIMENSIONS, unique_ids=True)  # a row without all eight labels is an error
     # Only the rows scoring applies the map to: prefiltered noise never gets a model score.
     scored = ~default_spec().prefiltered(table)

@@ -15,6 +15,7 @@ from ..core.logs import get_logger
 from ..core.metrics import regression_metrics
 from ..core.spec import DIMENSIONS, default_spec
 from ..datasets.readers import label_matrix, read_articles
+from ..datasets.split import check_split_file
 from ..modeling.description import ModelDescription, describe_model
 from ..modeling.loading import load_runner
 from ..modeling.predict import predict
@@ -81,6 +82,8 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
     model = describe_model(run_dir)
     if explain_generation and not model.is_instruction:
         raise ConfigError(f"--explain: {run_dir} is no instruction run (only those generate reasoning)")
+    if Path(data).is_file():  # a split's file must be the one its summary describes
+        check_split_file(Path(data))
     table = read_articles([data], labels=DIMENSIONS, unique_ids=True)
     raw, runner, tokenizer, rows = raw_scores(model, table, device_name, batch_size)
     extra: dict[str, Any] = {}

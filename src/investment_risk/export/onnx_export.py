@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..core.atomic import write_dir_atomic, write_json_atomic
+from ..core.atomic import sha256_file, write_dir_atomic, write_json_atomic
 from ..core.errors import ConfigError, InputError, RetryableError
 from ..core.logs import Progress, get_logger
 from ..core.spec import DIMENSIONS, default_spec
 from ..core.drift import REFERENCE_FILE, make_reference
 from ..modeling.calibration import CALIBRATION_FILE, Calibration, load_calibration
 from ..modeling.description import (CPU_ENGINES, DYNAMIC_INT8_FILE, TWIN_FILES, describe_model, model_digest,
-                                    model_version, onnx_files, sha256_file)
+                                    model_version, onnx_files)
 from ..modeling.onnx_runtime import OnnxRunner
 from ..modeling.loading import scoring_module
 from ..modeling.presets import CAUSAL_TYPES

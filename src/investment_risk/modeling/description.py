@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.atomic import read_json
+from ..core.atomic import read_json, sha256_file
 from ..core.errors import InputError
 from ..core.drift import REFERENCE_FILE, check_reference
 from ..core.spec import DIMENSIONS
@@ -29,14 +29,6 @@ DYNAMIC_INT8_FILE = "model.int8-dynamic.onnx"  # ONNX Runtime's dynamic int8 twi
 CPU_ENGINES = ("onnxruntime", "onnxruntime-int8", "openvino-int8", "openvino-bf16", "openvino-f32")
 # The file beside model.onnx that an engine runs instead of it: made at export as a candidate, shipped only if chosen.
 TWIN_FILES = {"onnxruntime-int8": DYNAMIC_INT8_FILE, "openvino-int8": INT8_FILE}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def onnx_files(model_dir: Path) -> list[Path]:

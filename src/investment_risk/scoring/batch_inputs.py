@@ -18,7 +18,7 @@ from typing import Any
 from ..core.atomic import read_json, remove_abandoned, write_json_atomic
 from ..core.errors import InputError, unreadable
 from ..core.logs import get_logger
-from ..datasets.readers import expand_inputs
+from ..datasets.readers import expand_inputs, refuse_out_inside_inputs
 from .ledger import input_root, read_ledger
 from .units import Unit, list_units
 
@@ -57,12 +57,7 @@ def _check_apart(inputs: Sequence[str], files: Sequence[Path], out: Path) -> Non
     """Inputs and outputs kept apart: a scored part file read back as input is scored (or rejected) as articles.
     An --out inside an input folder is refused before its first batch; a scored file matched some other way (a
     glob, an earlier night's output beside the inputs) when it is listed."""
-    target = out.resolve()
-    for text in inputs:
-        folder = Path(text)
-        if folder.is_dir() and target.is_relative_to(folder.resolve()):
-            raise InputError(f"--out {out} is inside the input folder {text}: its scored files would be read as "
-                             "articles by the next batch; put --out outside the inputs")
+    refuse_out_inside_inputs(inputs, out)
     for path in files:
         if _SCORED_NAME.fullmatch(path.name) and (owner := _scoring_output(path.parent)):
             raise InputError(f"{path}: a scored file of the scoring output {owner}, not articles: leave that folder "

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..core.atomic import write_json_atomic
 from ..core.errors import InputError, unreadable
-from ..modeling.description import sha256_file
+from ..core.atomic import sha256_file
 from .units import Unit
 
 LEDGER_FORMAT = 1

@@ -11,6 +11,7 @@ import numpy as np
 from ..core.errors import InputError
 from ..core.spec import DIMENSIONS
 from ..datasets.readers import label_matrix, read_articles
+from ..datasets.split import check_split_file
 from ..modeling.tokens import article_texts, encode, encode_cached
 from .config import TrainConfig
 
@@ -32,6 +33,7 @@ def read_split(data_dir: Path, name: str) -> Any:
     path = data_dir / f"{name}.parquet"
     if not path.exists():
         raise InputError(f"{path}: no such file (--data must be a directory made by 'data split')")
+    check_split_file(path)
     return read_articles([path], labels=DIMENSIONS)
 
 

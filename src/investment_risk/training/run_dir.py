@@ -9,10 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..core.atomic import hold_lock, read_json, write_json_atomic
+from ..core.atomic import hold_lock, read_json, sha256_file, write_json_atomic
 from ..core.errors import InputError, RetryableError, unreadable
 from ..core.logs import get_logger
-from ..modeling.description import sha256_file
 from .config import TrainConfig, resume_problem
 
 CONFIG_FILE = "training_config.json"
