@@ -108,6 +108,15 @@ def test_ranking_quality_is_perfect_for_the_true_order_and_drops_for_a_reversed_
     assert unranked["recall_at_k"] == pytest.approx(1 / 3) and unranked["ndcg_at_k"] < 0.2
 
 
+def test_ranking_quality_of_tied_strengths_does_not_depend_on_row_order():
+    # A calibrated model gives many equal strengths: which tied row came first in the file decided recall (0 or 1)
+    pred, truth = np.array([5.0, 5.0, 1.0]), np.array([1.0, 9.0, 0.0])
+    for order in ([0, 1, 2], [1, 0, 2], [2, 1, 0]):
+        quality = ranking_quality(pred[order], truth[order], 1)
+        assert quality["recall_at_k"] == pytest.approx(0.5)  # its expected value over the tie's orders
+        assert quality["ndcg_at_k"] == pytest.approx((1 + 9) / 2 / 9)  # sklearn's ndcg_score: 0.556
+
+
 def test_decision_metrics_on_labels_themselves_are_perfect():
     labels = np.stack([c.to_numpy(zero_copy_only=False) for c in
                        generate(SynthConfig(rows=200, seed=3)).select(list(DIMENSIONS)).columns], axis=1)

@@ -63,16 +63,49 @@ def spearman(pred: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
 
 def ranking_quality(pred_strength: np.ndarray, true_strength: np.ndarray, k: int) -> dict[str, float | int]:
     """Recall@k: the share of the labels' top k that the model's top k holds. NDCG@k: the model's order scored
-    with the labels' signal strength as the gain, over the best order's. A row without a strength (-inf: a
+    with the labels' signal strength as the gain, over the best order's. Ties (a calibrated model gives many equal
+    strengths) are taken in every order alike, as sklearn's ndcg_score does, so neither metric depends on the rows'
+    order: both are their expected value over the tied rows' orders. A row without a strength (-inf: a
     prefiltered one) is never in the model's list, however short that leaves it."""
     k = min(k, len(pred_strength))
-    order = np.argsort(-pred_strength, kind="stable")
-    model_top = order[np.isfinite(pred_strength[order])][:k]
-    true_top = np.argsort(-true_strength, kind="stable")[:k]
+    if not k:
+        return {"k": 0, "recall_at_k": 0.0, "ndcg_at_k": 0.0}
+    ranked = np.isfinite(pred_strength)
+    recall = float((_top_k_chance(pred_strength, k, ranked) * _top_k_chance(true_strength, k)).sum()) / k
     discount = 1.0 / np.log2(np.arange(2, k + 2))
-    ideal = float((true_strength[true_top] * discount).sum())
-    return {"k": int(k), "recall_at_k": len(set(model_top) & set(true_top)) / k if k else 0.0,
-            "ndcg_at_k": float((true_strength[model_top] * discount[:len(model_top)]).sum()) / ideal if ideal > 0 else 0.0}
+    ideal = float((np.sort(true_strength)[::-1][:k] * discount).sum())
+    gains = _tied_gains(pred_strength[ranked], true_strength[ranked])[:k]
+    return {"k": int(k), "recall_at_k": recall,
+            "ndcg_at_k": float((gains * discount[:len(gains)]).sum()) / ideal if ideal > 0 else 0.0}
+
+
+def _groups(values: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The rows in descending order of `values` and the [start, end) of each run of equal values in it."""
+    order = np.argsort(-values, kind="stable")
+    ordered = values[order]
+    starts = [0, *np.flatnonzero(ordered[1:] != ordered[:-1]) + 1]
+    return order, list(zip(starts, [*starts[1:], len(values)]))
+
+
+def _top_k_chance(values: np.ndarray, k: int, eligible: np.ndarray | None = None) -> np.ndarray:
+    """Each row's chance of being in the top k when ties are ordered at random (1 above the k-th value, the share
+    of the places left within the tie at it, 0 below); rows not `eligible` never are."""
+    chance = np.zeros(len(values))
+    rows = np.flatnonzero(eligible) if eligible is not None else np.arange(len(values))
+    order, groups = _groups(values[rows])
+    for start, end in groups:
+        if start < k:
+            chance[rows[order[start:end]]] = (min(end, k) - start) / (end - start)
+    return chance
+
+
+def _tied_gains(pred: np.ndarray, gain: np.ndarray) -> np.ndarray:
+    """The expected gain at each place of the model's list: within a tie, the tied rows' mean."""
+    order, groups = _groups(pred)
+    out = np.empty(len(pred))
+    for start, end in groups:
+        out[start:end] = gain[order[start:end]].mean()
+    return out
 
 
 def decision_metrics(pred: np.ndarray, labels: np.ndarray, spec: FilterSpec, k: int,

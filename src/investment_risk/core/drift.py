@@ -81,7 +81,8 @@ def recalibrated_reference(reference: dict[str, Any], calibrate: Callable[[np.nd
     spec = default_spec()
     scores = spec.clip(calibrate(raw))
     tiers, _ = spec.assign_tiers(scores)
-    return make_reference(scores, [str(t) for t in tiers], "validation split, recalibrated", True, raw)
+    redone = make_reference(scores, [str(t) for t in tiers], "validation split, recalibrated", True, raw)
+    return {**redone, **({"engine": reference["engine"]} if "engine" in reference else {})}
 
 
 def check_reference(raw: Any, where: str) -> dict[str, Any]:

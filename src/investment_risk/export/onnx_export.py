@@ -28,8 +28,8 @@ from ..core.drift import REFERENCE_FILE, make_reference
 from ..modeling.calibration import CALIBRATION_FILE, Calibration, load_calibration
 from ..modeling.description import (CPU_ENGINES, DYNAMIC_INT8_FILE, TWIN_FILES, describe_model, model_digest,
                                     model_version, onnx_files)
+from ..modeling.loading import cpu_runner, scoring_module
 from ..modeling.onnx_runtime import OnnxRunner
-from ..modeling.loading import scoring_module
 from ..modeling.presets import CAUSAL_TYPES
 from ..modeling.predict import TorchRunner, padded_batches, predict, token_budget_for
 from ..modeling.tokens import article_texts, encode
@@ -144,10 +144,12 @@ def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], reque
 
 
 def write_reference(work: Path, tokenizer: Any, metadata: dict[str, Any], calibration: Calibration | None,
-                    device: str) -> dict[str, Any] | None:
-    """The score distribution batches are compared with for drift: the validation split's predictions from the
-    exported graph on `device`, calibrated as scoring will, as histograms and tier shares (None without a validation
-    split). Articles the prefilter calls noise are left out, as a batch's model-scored rows leave them out."""
+                    device: str, cpu_engine: str | None = None) -> dict[str, Any] | None:
+    """The score distribution batches are compared with for drift: the validation split's predictions as scoring
+    will give them (on CPUs from the `cpu_engine` export chose: the same articles through the fp32 graph gave an int8
+    model's nights a PSI and tier shift of their own; on a GPU from the graph on CUDA), calibrated as scoring will,
+    as histograms and tier shares (None without a validation split). Articles the prefilter calls noise are left
+    out, as a batch's model-scored rows leave them out."""
     from ..datasets.readers import read_articles
 
     val = Path(metadata.get("config", {}).get("data", "")) / "val.parquet"
@@ -163,12 +165,15 @@ def write_reference(work: Path, tokenizer: Any, metadata: dict[str, Any], calibr
     if not rows:
         get_logger().warning("reference_skipped", reason="every validation article is prefiltered noise")
         return None
-    raw = spec.clip(predict(graph_runner(work / "model.onnx", device), rows, tokenizer.pad_token_id,
-                            token_budget=token_budget_for(device), progress="drift reference"))
+    runner = (cpu_runner(work / "model.onnx", cpu_engine) if cpu_engine and device != "cuda"
+              else graph_runner(work / "model.onnx", device))
+    raw = spec.clip(predict(runner, rows, tokenizer.pad_token_id, token_budget=token_budget_for(device),
+                            progress="drift reference"))
     scores = calibration.apply(raw) if calibration is not None else raw
     tiers, _ = spec.assign_tiers(scores)
     reference = make_reference(scores, [str(t) for t in tiers], "validation split, calibrated" if calibration else
                                "validation split", calibration is not None, raw)
+    reference["engine"] = runner.provider
     write_json_atomic(reference, work / REFERENCE_FILE)
     return {"file": REFERENCE_FILE, "rows": reference["rows"], "source": reference["source"]}
 
@@ -391,7 +396,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         # On the export's device: through the CPU provider a 1.5B graph makes this the export's longest step.
         steps.step("drift reference")
         reference = write_reference(work, tokenizer, metadata, load_calibration(run_dir / "model"),
-                                    "cpu" if dtype == "int8" else device)
+                                    "cpu" if dtype == "int8" else device, made["cpu_engine"]["engine"])
         steps.step("digests and model.json")
         digests = model_digest(work)
         spec = default_spec()

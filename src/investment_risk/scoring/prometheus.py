@@ -13,6 +13,7 @@ from typing import Any
 
 from ..core.atomic import write_text_atomic
 from ..core.logs import get_logger
+from ..core.spec import default_spec
 
 PUSH_JOB = "investment-risk-score"
 PUSH_ATTEMPTS = 3
@@ -52,7 +53,8 @@ def registry_for(metrics: dict[str, Any], scope: str) -> Any:
                                                       ["reason"], registry=registry)  # declared on a night without any
     for reason, count in metrics.get("reject_reasons", {}).items():
         counter("investment_risk_reject_rows", "Rejected rows by reason.", count, reason=reason)
-    tiers = metrics.get("tier_counts", {})
+    # Every tier the spec names, a night without REDs too: its share reads 0, not a gap the panel draws across.
+    tiers = {**dict.fromkeys(default_spec().tier_names, 0), **metrics.get("tier_counts", {})}
     total = sum(tiers.values())
     for tier, count in tiers.items():
         counter("investment_risk_tier_rows", "Scored rows by tier.", count, tier=tier)
