@@ -152,9 +152,9 @@ def check_split_file(path: Path) -> None:
     files leaves a new train beside the old val and test: the same articles in two splits)."""
     summary_path = path.parent / SUMMARY_FILE
     name = path.name.removesuffix(".parquet")
-    if name not in SPLITS or not summary_path.exists():  # a file, or a split made by other means
+    if name not in SPLITS or not summary_path.exists():  # another file, or a split made by hand
         return
     expected = read_json(summary_path).get("sha256", {}).get(name)
     if expected is not None and sha256_file(path) != expected:
         raise InputError(f"{path}: not the file {summary_path} describes (a `data split` cut short, or a file "
-                         "replaced by hand): run `data split` again")
+                         "replaced by hand): run `data split` again, or delete the summary to use files made by hand")
