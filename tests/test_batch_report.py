@@ -62,3 +62,29 @@ def test_a_broken_part_file_is_named_not_a_traceback(exported, articles, tmp_pat
     (tmp_path / "scored" / "part-00000.parquet").write_bytes(b"junk")
     result = runner.invoke(main, ["report", "batch", "--scored", str(tmp_path / "scored"), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "part-00000.parquet: not a readable part file" in result.output, result.output
+
+
+def test_a_partial_or_damaged_batch_is_reported_as_such(exported, split_dir, tmp_path, runner):
+    _, model, _ = exported
+    out = tmp_path / "partial"
+    score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"),), out=out, shard_index=0, shard_count=2))
+    result = runner.invoke(main, ["report", "batch", "--scored", str(out), "--out", str(tmp_path / "r1")])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r1" / "batch_report.html").read_text()
+    assert "the batch is incomplete (1 of 2 shards done)" in page and "No reference in this model" not in page
+    # report drift measures whole batches only, as the merge does
+    result = runner.invoke(main, ["report", "drift", "--reference", str(model), "--current", str(out),
+                                  "--out", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "the batch is incomplete (1 of 2 shards done)" in result.output, result.output
+    # A part file gone: the page would count rows no file holds
+    (out / "part-00000.parquet").unlink()
+    result = runner.invoke(main, ["report", "batch", "--scored", str(out), "--out", str(tmp_path / "r2")])
+    assert result.exit_code == 2 and "part-00000.parquet: missing" in result.output, result.output
+    # A damaged metrics.json: one line, exit 2 (a KeyError or TypeError traceback, exit 1, before)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for damage in ({"rows_scored": None}, {"tier_counts": {"RED": "5"}}):
+        (out / "metrics.json").write_text(json.dumps({**metrics, **damage}))
+        for args in (["batch", "--scored", str(out), "--out", str(tmp_path / "r3")],
+                     ["drift", "--reference", str(model), "--current", str(out), "--out", str(tmp_path / "d3")]):
+            result = runner.invoke(main, ["report", *args])
+            assert result.exit_code == 2 and "not a merged metrics file" in result.output, (damage, args, result.output)

@@ -90,3 +90,14 @@ def test_out_of_range_values_are_clipped_and_vector_fills_gaps():
     assert parsed.scores == {"macro_risk_severity": 10.0, "credit_market_stress": 0.0}
     vector = parsed.vector()
     assert vector[:2] == [10.0, 0.0] and all(math.isnan(v) for v in vector[2:])
+
+
+def test_a_parse_counts_what_it_cannot_read_and_never_raises():
+    good = format_target("Reason.", [3.0] * 8)
+    # A note in braces after the JSON hid the scores (the last object was taken, and it was no JSON)
+    noted = parse_generation(good + "\nNote: {see above}")
+    assert noted.scores == parse_generation(good).scores and noted.problems == ["trailing text after the JSON"]
+    # Integers a float cannot hold, or Python will not read: a problem, not an OverflowError that ended --explain
+    for digits in (400, 5000):
+        parsed = parse_generation('R\n{"macro_risk_severity": ' + "9" * digits + "}")
+        assert parsed.problems and not parsed.complete

@@ -64,8 +64,10 @@ def test_evaluate_head_and_constrained_generation(instruction_run, small_split, 
     report = json.loads((tmp_path / "e.json").read_text())
     assert report["head_mae"] == report["mae"] > 0 and report["decoding"] == "constrained"
     # two epochs on 35 rows teach no format, yet every answer parses: the grammar rules out malformed output
-    assert report["parse_rate"] == 1.0 and report["generated_rows"] == report["rows"] and not report["parse_problems"]
-    assert report["generated_mae"] is not None and len(report["explanations"]) == report["rows"]
+    # Generated for the rows the head is judged on (prefiltered noise has no scores), so the two MAEs compare
+    judged = report["rows"] - report["rows_prefiltered"]
+    assert report["parse_rate"] == 1.0 and report["generated_rows"] == judged and not report["parse_problems"]
+    assert report["generated_mae"] is not None and len(report["explanations"]) == judged == len(report["explanation_ids"])
     [event] = [e for e in assert_json_stdout(result) if e["event"] == "evaluated"]
     assert event["parse_rate"] == 1.0
 
@@ -73,16 +75,24 @@ def test_evaluate_head_and_constrained_generation(instruction_run, small_split, 
 def test_free_generation_reports_what_went_wrong(instruction_run, small_split, runner, tmp_path):
     out, _ = instruction_run
     result = runner.invoke(main, ["evaluate", "--model", str(out), "--data", str(small_split / "test.parquet"), "--explain",
-                                  "--free-generation", "--max-new-tokens", "24", "--out", str(tmp_path / "e.json"),
+                                  "--free-generation", "--max-new-tokens", "100", "--out", str(tmp_path / "e.json"),
                                   "--device", "cpu"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "e.json").read_text())
-    assert report["decoding"] == "free" and len(report["explanations"]) == report["rows"]
+    assert report["decoding"] == "free" and len(report["explanations"]) == report["rows"] - report["rows_prefiltered"]
     # The report's figures are those of its own texts, parsed again here.
     parsed = [parse_generation(text) for text in report["explanations"]]
     assert report["parse_rate"] == sum(p.complete for p in parsed) / len(parsed)
     assert report["generated_rows"] == sum(not any(np.isnan(p.vector())) for p in parsed)
     assert sum(report["parse_problems"].values()) == sum(len(p.problems) for p in parsed)
+
+
+def test_a_token_budget_too_small_for_the_json_is_refused(instruction_run, small_split, runner):
+    # Every answer was cut inside its JSON: parse rate 0, read as a model that failed the format.
+    out, _ = instruction_run
+    result = runner.invoke(main, ["evaluate", "--model", str(out), "--data", str(small_split / "test.parquet"), "--explain",
+                                  "--max-new-tokens", "24", "--device", "cpu"])
+    assert result.exit_code == 2 and "--max-new-tokens 24: the scores' JSON alone takes" in result.output, result.output
 
 
 def test_trained_embeddings_are_saved_and_restored(instruction_run):
@@ -174,3 +184,14 @@ def test_export_refuses_instruction_runs(instruction_run, tmp_path, runner):
     out, _ = instruction_run
     result = runner.invoke(main, ["export", "--run", str(out), "--out", str(tmp_path / "m")])
     assert result.exit_code == 2 and "score an instruction run with --backend torch" in result.output
+
+
+def test_a_dry_run_builds_the_prompts_and_refuses_a_max_length_that_leaves_no_room(small_split, tmp_path, runner):
+    # It said yes (counting bare articles) to a --max-length the run then refused
+    args = ["train", "--mode", "instruction", "--base-model", "tiny-qwen2", "--data", str(small_split), "--dry-run"]
+    result = runner.invoke(main, [*args, "--out", str(tmp_path / "a"), "--max-length", "64"])
+    assert result.exit_code == 2 and "no room for the article within --max-length 64" in result.output, result.output
+    result = runner.invoke(main, [*args, "--out", str(tmp_path / "b"), "--max-length", "1024"])
+    assert result.exit_code == 0, result.output
+    [report] = [e for e in assert_json_stdout(result) if e["event"] == "dry_run"]
+    assert report["train_mean_tokens"] > 64  # instruction, article and target, not the article alone

@@ -96,9 +96,17 @@ def _read_metrics(scored: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     batch's scores not comparable with it)."""
     merged = read_merged_metrics(scored)
     reference = None
-    if not merged.get("drift_skipped"):
-        for shard in sorted((scored / "metrics").glob("part-*.json")):
-            reference = read_json(shard).get("reference") or reference
+    for shard in sorted((scored / "metrics").glob("part-*.json")):
+        metrics = read_json(shard)
+        if not isinstance(metrics, dict):
+            raise InputError(f"{shard}: not a shard's metrics (score its shard again)")
+        part = scored / f"{shard.stem}.parquet"
+        if not part.exists():  # the page would count rows no file holds
+            raise InputError(f"{part}: missing, though {shard.name} says the shard was scored: score it again")
+        reference = metrics.get("reference") or reference
+    if merged.get("drift_skipped") or (reference is not None and
+                                       bool(reference.get("calibrated")) != bool(merged.get("calibrated"))):
+        reference = None  # raw scores against a calibrated reference would draw the calibration as drift
     return merged, reference
 
 
@@ -125,6 +133,8 @@ def write_batch_report(scored: Path, out: Path, top_k: int = 20) -> dict[str, An
     drift = merged.get("drift")
     skipped = merged.get("drift_skipped")
     drift_html = (f"<p>Drift not measured: {html.escape(skipped)}.</p>" if skipped else
+                  f"<p>Drift not measured: the batch is incomplete ({merged['shards']} of {merged['shard_count']} "
+                  "shards done); a part of a night is no sample of it.</p>" if not merged.get("complete") else
                   "<p>No reference in this model: drift not measured.</p>")
     if drift:
         drift_rows = [[d, fmt(v, ".4f"), "DRIFT" if d in drift["drifted_dimensions"] else ""] for d, v in drift["psi"].items()]

@@ -23,17 +23,35 @@ def read_merged_metrics(scored: Path) -> dict[str, Any]:
         raise InputError(f"{scored}: not a scoring output directory (no metrics.json; run score or score-merge)")
     try:
         merged = json.loads(path.read_text())
-        if not isinstance(merged["rows_in"], int) or not isinstance(merged["tier_counts"], dict) or any(
-                len(merged["score_histograms"][d]) != len(SCORE_EDGES) - 1 for d in DIMENSIONS):
-            raise ValueError("rows_in, tier_counts or score_histograms malformed")
+        if not isinstance(merged, dict):
+            raise ValueError("not an object")
+        if bad := [k for k in MERGED_COUNTS if not _count(merged[k])]:
+            raise ValueError(f"{', '.join(bad)} not a count")
+        if not isinstance(merged["tier_counts"], dict) or not all(map(_count, merged["tier_counts"].values())):
+            raise ValueError("tier_counts malformed")
+        if not isinstance(merged["batch_latency_ms"], dict) or any(
+                len(merged["score_histograms"][d]) != len(SCORE_EDGES) - 1 or not all(map(_count, merged["score_histograms"][d]))
+                for d in DIMENSIONS):
+            raise ValueError("batch_latency_ms or score_histograms malformed")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a merged metrics file ({exc.__class__.__name__}: {exc})") from None
     return merged
 
 
+# What the reports read of a merged metrics.json, checked once here (a damaged file was a traceback, exit 1).
+MERGED_COUNTS = ("rows_in", "rows_scored", "rows_rejected", "rows_prefiltered", "shards", "shard_count")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def batch_distribution(scored: Path) -> dict[str, Any]:
     """A finished scoring directory's merged score histograms and tier counts (model-scored rows), reference-shaped."""
     merged = read_merged_metrics(scored)
+    if not merged.get("complete"):  # as the merge: one shard of a night is no sample of it
+        raise InputError(f"{scored}: the batch is incomplete ({merged['shards']} of {merged['shard_count']} shards "
+                         "done): drift is measured on a whole batch; run it once score-merge says complete")
     histograms = {d: [int(c) for c in merged["score_histograms"][d]] for d in DIMENSIONS}
     counts = model_tier_counts(merged["tier_counts"], merged.get("rows_prefiltered", 0))
     total = sum(counts.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,16 +27,24 @@ def explain(instruction_model: Any, tokenizer: Any, rows: list[np.ndarray], devi
             constrained: bool) -> dict[str, Any]:
     """Generated reasoning + JSON for each prompt, parsed tolerantly: parse rate, problems, the generated scores."""
     from ..modeling.generation import generate_explanations
-    from ..modeling.prompts import parse_generation
+    from ..modeling.prompts import format_target, parse_generation
 
+    needed = len(tokenizer(format_target("", [10.0] * len(DIMENSIONS)), add_special_tokens=False)["input_ids"])
+    if max_new_tokens < needed:  # every answer would be cut inside its JSON: a parse rate of 0 that says nothing
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: the scores' JSON alone takes {needed} tokens; give "
+                          "more, with room for the reasoning before it")
     texts = generate_explanations(instruction_model, tokenizer, rows, device, max_new_tokens, constrained)
     parsed = [parse_generation(t) for t in texts]
     return {
         "decoding": "constrained" if constrained else "free", "explanations": texts,
         "parse_rate": sum(p.complete for p in parsed) / len(parsed) if parsed else None,
-        "parse_problems": dict(Counter(problem.split(" = ")[0] for p in parsed for problem in p.problems)),
+        # Counted by kind: "macro_risk_severity = 12 is outside [0, 10]" as "... is outside [0, 10]".
+        "parse_problems": dict(Counter(_VALUE.sub("", problem) for p in parsed for problem in p.problems)),
         "generated": np.array([p.vector() for p in parsed], dtype=np.float64),
     }
+
+
+_VALUE = re.compile(r" = \S+")
 
 
 def plot_confusion(decisions: dict[str, Any], dest: Path) -> None:
@@ -86,18 +95,21 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
         check_split_file(Path(data))
     table = read_articles([data], labels=DIMENSIONS, unique_ids=True)
     raw, runner, tokenizer, rows = raw_scores(model, table, device_name, batch_size)
-    extra: dict[str, Any] = {}
-    if explain_generation:
-        extra = explain(runner.forward.inner, tokenizer, rows, runner.device, max_new_tokens, constrained)
     spec = default_spec()
-    pred = model.calibrated(raw, calibration)
-    labels = label_matrix(table)
     # As `score` decides: a prefiltered article is NOISE with no scores, so it is left out of the MAE and counts
     # as a NOISE prediction in the decisions; evaluate and a scored batch of the same file agree.
     prefiltered = spec.prefiltered(table)
     scored = ~prefiltered
     if not scored.any():
         raise InputError(f"{data}: every row is prefiltered as noise; there is no score to evaluate")
+    extra: dict[str, Any] = {}
+    if explain_generation:  # the rows the head is judged on, so that the two MAEs compare
+        explained = np.flatnonzero(scored)
+        extra = explain(runner.forward.inner, tokenizer, [rows[i] for i in explained], runner.device,
+                        max_new_tokens, constrained)
+        extra["explanation_ids"] = [str(table.column("id")[i]) for i in explained]
+    pred = model.calibrated(raw, calibration)
+    labels = label_matrix(table)
     # The baseline predicts the training mean; without the training run, the mean of these labels stands in.
     trained_mean = model.train_label_mean
     mean = np.asarray(trained_mean if trained_mean is not None else labels.mean(axis=0), dtype=np.float32)
@@ -134,7 +146,7 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
         ok = ~np.isnan(generated).any(axis=1)
         result.update(extra)
         result["generated_rows"] = int(ok.sum())
-        result["generated_mae"] = (float(np.abs(generated[ok] - labels[ok]).mean()) if ok.any() else None)
+        result["generated_mae"] = (float(np.abs(generated[ok] - labels[scored][ok]).mean()) if ok.any() else None)
         result["head_mae"] = result["mae"]
     if out is not None:
         write_json_atomic(result, out)

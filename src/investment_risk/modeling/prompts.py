@@ -121,7 +121,7 @@ _OBJECT = re.compile(r"\{[^{}]*\}", re.S)
 
 
 def parse_generation(text: str) -> ParsedScores:
-    """Never raises. Takes the last JSON object in the text; missing keys, non-numbers, values outside [0, 10] and
+    """Never raises. Takes the last JSON object in the text that holds a score key (else the last); missing keys, non-numbers, values outside [0, 10] and
     unparseable JSON are reported in `problems` (out-of-range values are clipped and kept)."""
     result = ParsedScores()
     candidates = list(_OBJECT.finditer(text or ""))
@@ -129,17 +129,14 @@ def parse_generation(text: str) -> ParsedScores:
         result.problems.append("no JSON object")
         result.reasoning = (text or "").strip()
         return result
-    match = candidates[-1]
+    # The last object that reads as scores: a note in braces after the JSON must not hide it.
+    loaded = [(match, _load(match.group(0))) for match in candidates]
+    match, obj = next(((m, o) for m, o in reversed(loaded) if isinstance(o, dict) and set(o) & set(DIMENSIONS)),
+                      loaded[-1])
     result.reasoning = text[:match.start()].strip()
-    raw = match.group(0)
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError:
-        try:  # common slips: single quotes, trailing commas
-            obj = json.loads(re.sub(r",\s*}", "}", raw.replace("'", '"')))
-        except json.JSONDecodeError as exc:
-            result.problems.append(f"invalid JSON ({exc.msg})")
-            return result
+    if isinstance(obj, str):
+        result.problems.append(obj)
+        return result
     if not isinstance(obj, dict):
         result.problems.append("JSON is not an object")
         return result
@@ -148,18 +145,16 @@ def parse_generation(text: str) -> ParsedScores:
             result.problems.append(f"missing {dim}")
             continue
         value = obj[dim]
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                result.problems.append(f"{dim} is not a number")
-                continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        try:  # a 400-digit integer overflows a float
+            number = float(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError, OverflowError):
+            number = math.nan
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or not math.isfinite(number):
             result.problems.append(f"{dim} is not a number")
             continue
-        if not 0.0 <= float(value) <= 10.0:
+        if not 0.0 <= number <= 10.0:
             result.problems.append(f"{dim} = {value} is outside [0, 10]")
-        result.scores[dim] = min(max(float(value), 0.0), 10.0)
+        result.scores[dim] = min(max(number, 0.0), 10.0)
     extra = sorted(set(obj) - set(DIMENSIONS))
     if extra:
         result.problems.append(f"unexpected keys {', '.join(map(str, extra))}")
@@ -167,6 +162,18 @@ def parse_generation(text: str) -> ParsedScores:
     if trailing:
         result.problems.append("trailing text after the JSON")
     return result
+
+
+def _load(raw: str) -> Any:
+    """A JSON object's text as Python, or a string saying why it is not JSON."""
+    for attempt in (raw, re.sub(r",\s*}", "}", raw.replace("'", '"'))):  # common slips: single quotes, trailing commas
+        try:
+            return json.loads(attempt)
+        except json.JSONDecodeError as exc:
+            why = f"invalid JSON ({exc.msg})"
+        except ValueError:  # an integer past Python's 4,300-digit limit
+            why = "invalid JSON (a number too long to read)"
+    return why
 
 
 # What a well-formed answer looks like: one paragraph with no brace or newline, a newline, then the eight keys in

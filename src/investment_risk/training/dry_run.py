@@ -45,8 +45,16 @@ def dry_run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         "warmup_steps": plan.warmup,
     }
     if tokenizer is not None:
-        for name, table in (("train", train_table), ("val", val_table)):
-            lengths = np.array([len(t) for t in encode(tokenizer, article_texts(table), config.max_length, truncation=config.truncation)])
+        if config.mode == "instruction":  # every prompt built as the run builds them: one with no room fails here too
+            from .instruction import InstructionTask
+
+            splits = InstructionTask(config, tokenizer).prepare(None)
+            token_lengths = {name: data.lengths for name, data in zip(("train", "val"), splits)}
+        else:
+            token_lengths = {name: np.array([len(t) for t in encode(tokenizer, article_texts(table), config.max_length,
+                                                                     truncation=config.truncation)])
+                             for name, table in (("train", train_table), ("val", val_table))}
+        for name, lengths in token_lengths.items():
             report[f"{name}_tokens"] = int(lengths.sum())
             report[f"{name}_mean_tokens"] = round(float(lengths.mean()), 1)
             report[f"{name}_truncated_share"] = round(float((lengths >= config.max_length).mean()), 4)
