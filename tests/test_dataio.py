@@ -224,6 +224,22 @@ def test_atomic_writers_set_modes_and_sync_the_directory(tmp_path, monkeypatch):
     assert (tmp_path / "d" / "model").stat().st_mode & 0o777 == atomic.DIR_MODE
 
 
+def test_a_directory_is_replaced_in_one_step_where_the_kernel_can(tmp_path, monkeypatch):
+    # Two renames left /models/current missing between them (and for good, if killed there): a scorer starting
+    # then failed with exit 2. renameat2's exchange swaps the two directories at once.
+    from investment_risk.core import atomic
+
+    dest = tmp_path / "current"
+    atomic.write_dir_atomic(dest, lambda work: (work / "model.json").write_text("old"))
+    monkeypatch.setattr(Path, "rename", lambda *a: pytest.fail("swapped by hand where the kernel swaps"))
+    atomic.write_dir_atomic(dest, lambda work: (work / "model.json").write_text("new"))
+    assert (dest / "model.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["current"]
+    monkeypatch.undo()
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)  # NFS: no exchange, the swap by hand still works
+    atomic.write_dir_atomic(dest, lambda work: (work / "model.json").write_text("newer"))
+    assert (dest / "model.json").read_text() == "newer" and sorted(p.name for p in tmp_path.iterdir()) == ["current"]
+
+
 def test_a_directory_half_built_by_a_killed_attempt_is_removed_by_the_next_write(tmp_path):
     from investment_risk.core import atomic
 

@@ -185,6 +185,9 @@ def write_dir_atomic(dest: str | Path, fill: Callable[[Path], Any]) -> Path:
         fill(work)
         _fsync_tree(work)  # the files' data on disk before the rename names them (a power cut after it keeps them)
         work.chmod(DIR_MODE)
+        if dest.exists() and exchange(work, dest):  # `work` now holds the old directory, removed below
+            fsync_dir(dest.parent)
+            return dest
         old = dest.parent / f".{dest.name}-old"
         shutil.rmtree(old, ignore_errors=True)
         if dest.exists():
@@ -195,6 +198,32 @@ def write_dir_atomic(dest: str | Path, fill: Callable[[Path], Any]) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return dest
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+_NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV}
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE): a reader of `b` (a scorer opening
+    /models/current while an export replaces it) finds the old or the new directory, never none, and a kill cannot
+    leave it missing, as between the two renames of a swap by hand. False where the C library, the kernel or the
+    filesystem cannot (NFS, macOS): the caller swaps by hand."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _NO_EXCHANGE:
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def _fsync_tree(root: Path) -> None:
