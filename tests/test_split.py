@@ -4,6 +4,7 @@ import unicodedata
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from structlog.testing import capture_logs
 
 from investment_risk.core.errors import ConfigError, InputError
 from investment_risk.datasets.split import SplitConfig, content_key, deduplicate, run_split
@@ -61,7 +62,9 @@ def test_republished_copies_share_a_content_key_and_teasers_do_not():
 def test_which_copy_of_an_id_survives_does_not_depend_on_order_and_each_drop_is_recorded():
     rows = article_rows(4)
     rows.append({**rows[1], "content": "A different body.", "macro_risk_severity": 9.0})
-    forward, dropped = deduplicate(pa.Table.from_pylist(rows))
+    with capture_logs() as logs:
+        forward, dropped = deduplicate(pa.Table.from_pylist(rows))
+    assert [(e["ids"], e["count"]) for e in logs if e["event"] == "conflicting_labels"] == [(["a1"], 1)]
     backward, _ = deduplicate(pa.Table.from_pylist(rows[::-1]))
     assert forward.num_rows == 4 and forward.to_pylist() == backward.to_pylist()
     assert dropped == [{"id": "a1", "reason": "duplicate_id", "kept_id": "a1"}]

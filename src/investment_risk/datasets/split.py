@@ -24,7 +24,7 @@ from ..core.atomic import read_json, sha256_file, write_json_atomic, write_parqu
 from ..core.errors import ConfigError, InputError
 from ..core.logs import get_logger
 from ..core.spec import DIMENSIONS
-from .readers import read_articles, refuse_out_inside_inputs
+from .readers import label_matrix, read_articles, refuse_out_inside_inputs
 
 SPLITS = ("train", "val", "test")
 SUMMARY_FILE = "split_summary.json"
@@ -72,32 +72,26 @@ def deduplicate(table: pa.Table) -> tuple[pa.Table, list[dict[str, str]]]:
     not depend on the input's order. Returns the kept rows (sorted by id) and a record of each dropped one."""
     ids = [str(i) for i in table.column("id").to_pylist()]
     keys = [content_key(t, c) for t, c in zip(table.column("title").to_pylist(), table.column("content").to_pylist())]
+    labels = label_matrix(table)
     kept_by_id: dict[str, int] = {}
     kept_by_key: dict[str, str] = {}
     keep: list[int] = []
     dropped: list[dict[str, str]] = []
+    conflicting: set[str] = set()
     for i in sorted(range(table.num_rows), key=lambda i: (ids[i], keys[i])):
         if ids[i] in kept_by_id:
             dropped.append({"id": ids[i], "reason": "duplicate_id", "kept_id": ids[i]})
+            if not np.allclose(labels[i], labels[kept_by_id[ids[i]]]):
+                conflicting.add(ids[i])
         elif keys[i] in kept_by_key:
             dropped.append({"id": ids[i], "reason": "duplicate_content", "kept_id": kept_by_key[keys[i]]})
         else:
             kept_by_id[ids[i]], kept_by_key[keys[i]] = i, ids[i]
             keep.append(i)
-    conflicting = _conflicting_labels(table, ids, kept_by_id, dropped)
     if conflicting:
-        get_logger().warning("conflicting_labels", ids=conflicting[:20], count=len(conflicting),
+        get_logger().warning("conflicting_labels", ids=sorted(conflicting)[:20], count=len(conflicting),
                              reason="an id given twice with other labels: the row with the smaller content key is kept")
     return table.take(pa.array(keep, type=pa.int64())), dropped
-
-
-def _conflicting_labels(table: pa.Table, ids: list[str], kept: dict[str, int], dropped: list[dict[str, str]]) -> list[str]:
-    twice = {d["id"] for d in dropped if d["reason"] == "duplicate_id"}
-    if not twice:
-        return []
-    labels = np.stack([table.column(d).to_numpy(zero_copy_only=False) for d in DIMENSIONS], axis=1)
-    return sorted(id_ for id_ in twice
-                  if any(not np.allclose(labels[i], labels[kept[id_]]) for i, x in enumerate(ids) if x == id_))
 
 
 def _sizes(n: int, config: SplitConfig) -> tuple[int, int]:

@@ -107,7 +107,8 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
         explained = np.flatnonzero(scored)
         extra = explain(runner.forward.inner, tokenizer, [rows[i] for i in explained], runner.device,
                         max_new_tokens, constrained)
-        extra["explanation_ids"] = [str(table.column("id")[i]) for i in explained]
+        ids = table.column("id").to_pylist()
+        extra["explanation_ids"] = [ids[i] for i in explained]
     pred = model.calibrated(raw, calibration)
     labels = label_matrix(table)
     # The baseline predicts the training mean; without the training run, the mean of these labels stands in.

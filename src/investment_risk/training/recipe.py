@@ -124,8 +124,6 @@ def make_task(config: TrainConfig, tokenizer: Any) -> Any:
     return DistillationTask(config, tokenizer)
 
 
-
-
 def setup(config: TrainConfig, resume: bool) -> Session:
     """Data, model, optimizer (the head at a larger rate) and the linear warm-up/decay schedule."""
     import torch
@@ -233,7 +231,6 @@ def fell_back(session: Session, state: TrainState, used: Path, damaged: list[Pat
     for path in damaged:
         shutil.rmtree(path, ignore_errors=True)
         get_logger().warning("checkpoint_removed", checkpoint=path.name, reason="damaged; resumed from an older one")
-
 
 
 def checkpoint(session: Session, state: TrainState, sums: Sums) -> None:
