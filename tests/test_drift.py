@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
 from investment_risk.cli import main
-from investment_risk.core.drift import REFERENCE_FILE, SCORE_EDGES, psi, score_histograms
+from investment_risk.core.drift import REFERENCE_FILE, SCORE_EDGES, drift, psi, psi_noise, score_histograms
 from investment_risk.core.spec import DIMENSIONS
 from investment_risk.modeling.description import describe_model
 from investment_risk.scoring.pipeline import ScoreConfig, score
@@ -29,19 +31,51 @@ def test_psi_is_near_zero_for_the_same_distribution_and_large_for_a_shift():
     assert psi([0] * 10, b[DIMENSIONS[0]]) is None
 
 
+def test_a_small_batch_from_the_same_distribution_is_not_flagged_and_a_shifted_one_is():
+    rng = np.random.default_rng(1)
+    reference = {"histograms": score_histograms(rng.normal(4, 1.5, size=(400, 8)).clip(0, 10)), "tier_shares": {}}
+    false_alarms = 0
+    for _ in range(20):  # fifty articles a night from the reference's own distribution
+        night = rng.normal(4, 1.5, size=(50, 8)).clip(0, 10)
+        result = drift(reference, score_histograms(night), {}, threshold=0.2)
+        assert result["rows"] == 50
+        false_alarms += sum(v > 0.2 for v in result["psi"].values())  # what the threshold alone would flag
+        assert result["drifted_dimensions"] == []
+    assert false_alarms > 20  # the threshold alone flagged drift on most nights
+    shifted = rng.normal(4, 1.5, size=(50, 8)).clip(0, 10)
+    shifted[:, 0] = (shifted[:, 0] + 4).clip(0, 10)
+    result = drift(reference, score_histograms(shifted), {}, threshold=0.2)
+    assert result["drifted_dimensions"] == [DIMENSIONS[0]]
+    assert result["psi"][DIMENSIONS[0]] > result["psi_noise"][DIMENSIONS[0]] > 0.2
+    # Noise shrinks as the batch grows, and the same counts give the same answer.
+    hist = reference["histograms"][DIMENSIONS[0]]
+    assert psi_noise(hist, 50) > psi_noise(hist, 500) > psi_noise(hist, 5000)
+    assert psi_noise(hist, 50) == psi_noise(hist, 50) and psi_noise([0] * 10, 50) is None
+
+
 def test_export_stores_the_reference_and_the_merge_measures_drift(exported, split_dir, tmp_path):
-    _, model, info = exported
+    _, exported_model, info = exported
     assert info["reference"]["rows"] > 0 and REFERENCE_FILE in info["sha256"]
-    reference = json.loads((model / REFERENCE_FILE).read_text())
+    reference = json.loads((exported_model / REFERENCE_FILE).read_text())
     assert reference["edges"] == SCORE_EDGES and set(reference["histograms"]) == set(DIMENSIONS)
-    assert describe_model(model).reference == reference
+    assert describe_model(exported_model).reference == reference
+    # A reference whose first dimension sat in the top bin: tonight's scores of it are elsewhere, a real shift.
+    model = tmp_path / "model"
+    shutil.copytree(exported_model, model)
+    histogram = reference["histograms"][DIMENSIONS[0]]
+    reference["histograms"][DIMENSIONS[0]] = [0] * (len(histogram) - 1) + [sum(histogram)]
+    (model / REFERENCE_FILE).write_text(json.dumps(reference))
+    info = json.loads((model / "model.json").read_text())
+    info["sha256"][REFERENCE_FILE] = hashlib.sha256((model / REFERENCE_FILE).read_bytes()).hexdigest()
+    (model / "model.json").write_text(json.dumps(info))
     with capture_logs() as logs:
-        merged = score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"),), out=tmp_path / "out",
-                                   psi_threshold=1e-6))
+        merged = score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"),), out=tmp_path / "out"))
     result = merged["drift"]
-    assert set(result["psi"]) == set(DIMENSIONS) and result["psi_threshold"] == 1e-6
+    assert set(result["psi"]) == set(DIMENSIONS) == set(result["psi_noise"])
+    # The shifted dimension, and no other: a few dozen rows put others over the threshold by sampling alone.
+    assert result["drifted_dimensions"] == [DIMENSIONS[0]]
     drifted = [e["dimension"] for e in logs if e["event"] == "drift_detected"]
-    assert drifted and drifted == result["drifted_dimensions"]  # every flagged dimension is named in a warning
+    assert drifted == result["drifted_dimensions"]  # every flagged dimension is named in a warning
     assert all(e["log_level"] == "warning" for e in logs if e["event"] == "drift_detected")
     assert merged["prefilter_rate"] is not None and merged["reject_rate"] == 0
 

@@ -102,6 +102,8 @@ def test_the_textfile_beside_the_output_is_valid_exposition(exported, split_dir,
     families = {f.name: f for f in text_string_to_metric_families((tmp_path / "out" / "metrics.prom").read_text())}
     assert families["investment_risk_rows"].type == "counter" and families["investment_risk_rows"].documentation
     assert {s.labels["dimension"] for s in families["investment_risk_score_psi"].samples} == set(merged["drift"]["psi"])
+    drifted = {s.labels["dimension"]: s.value for s in families["investment_risk_score_drifted"].samples}
+    assert drifted == {d: float(d in merged["drift"]["drifted_dimensions"]) for d in merged["drift"]["psi"]}
 
 
 def test_a_batchs_latency_percentiles_pool_every_shards_calls(exported, articles, tmp_path):

@@ -22,6 +22,10 @@ SCORE_BINS = len(SCORE_EDGES) - 1
 PSI_FLOOR = 1e-4  # the share an empty bin counts as
 DEFAULT_PSI_THRESHOLD = 0.2
 REFERENCE_FILE = "reference.json"
+NOISE_DRAWS = 4000  # same-distribution samples behind psi_noise
+# The quantile of their PSI that a dimension must pass: 1 % over all eight dimensions a night (Bonferroni), so a
+# batch with no drift raises drift_detected on about one night in a hundred, not one in twelve.
+NOISE_QUANTILE = 1 - 0.01 / 8
 
 
 def score_histograms(scores: np.ndarray) -> dict[str, list[int]]:
@@ -120,14 +124,33 @@ def calibration_mismatch(reference: dict[str, Any], calibrated: bool | None) -> 
     return ""
 
 
+def psi_noise(reference: list[int] | np.ndarray, rows: int, draws: int = NOISE_DRAWS) -> float | None:
+    """The PSI that sampling alone gives (its NOISE_QUANTILE): a reference and a batch of `rows` drawn from the same
+    distribution (the reference's shares) and compared as `psi` does. A small batch leaves bins empty and meets a
+    large PSI with no drift at all (50 rows: median 0.26 against a 400-row reference), so a dimension is flagged
+    only above this as well as above the threshold. Seeded: the same counts give the same answer every time."""
+    ref = np.asarray(reference, dtype=np.int64)
+    if ref.sum() == 0 or rows <= 0:
+        return None
+    rng = np.random.default_rng(0)
+    p = ref / ref.sum()
+    a = np.maximum(rng.multinomial(int(ref.sum()), p, size=draws) / ref.sum(), PSI_FLOOR)
+    b = np.maximum(rng.multinomial(rows, p, size=draws) / rows, PSI_FLOOR)
+    return float(np.quantile(((b - a) * np.log(b / a)).sum(axis=1), NOISE_QUANTILE))
+
+
 def drift(reference: dict[str, Any], histograms: dict[str, list[int]], tier_counts: dict[str, int],
           threshold: float = DEFAULT_PSI_THRESHOLD) -> dict[str, Any]:
-    """PSI per dimension against the reference, the dimensions over `threshold`, and the tier-share shift."""
+    """PSI per dimension against the reference, the dimensions over both `threshold` and the PSI of sampling noise
+    at this batch's size, and the tier-share shift."""
     per_dim = {dim: psi(reference["histograms"][dim], histograms[dim]) for dim in DIMENSIONS}
+    noise = {dim: psi_noise(reference["histograms"][dim], int(sum(histograms[dim]))) for dim in DIMENSIONS}
     current = shares(tier_counts)
     tiers = sorted(set(current) | set(reference.get("tier_shares", {})))
     shift = {t: current.get(t, 0.0) - reference.get("tier_shares", {}).get(t, 0.0) for t in tiers}
-    return {"psi": per_dim, "psi_threshold": threshold,
-            "drifted_dimensions": [d for d, v in per_dim.items() if v is not None and v > threshold],
+    return {"psi": per_dim, "psi_threshold": threshold, "psi_noise": noise, "psi_noise_quantile": NOISE_QUANTILE,
+            "drifted_dimensions": [d for d, v in per_dim.items()
+                                   if v is not None and v > threshold and v > (noise[d] or 0.0)],
+            "rows": max(int(sum(h)) for h in histograms.values()),
             "tier_shares": current, "reference_tier_shares": reference.get("tier_shares", {}), "tier_share_shift": shift,
             "reference_rows": reference.get("rows"), "reference_source": reference.get("source")}

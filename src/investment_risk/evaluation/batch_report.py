@@ -137,9 +137,12 @@ def write_batch_report(scored: Path, out: Path, top_k: int = 20) -> dict[str, An
                   "shards done); a part of a night is no sample of it.</p>" if not merged.get("complete") else
                   "<p>No reference in this model: drift not measured.</p>")
     if drift:
-        drift_rows = [[d, fmt(v, ".4f"), "DRIFT" if d in drift["drifted_dimensions"] else ""] for d, v in drift["psi"].items()]
-        drift_html = (f"<p>PSI threshold {drift['psi_threshold']}; reference: {html.escape(str(drift['reference_source']))}"
-                      f" ({drift['reference_rows']} rows).</p>" + _table(["dimension", "PSI", ""], drift_rows))
+        noise = drift.get("psi_noise", {})  # absent from batches merged before it was measured
+        drift_rows = [[d, fmt(v, ".4f"), fmt(noise.get(d), ".4f"), "DRIFT" if d in drift["drifted_dimensions"] else ""]
+                      for d, v in drift["psi"].items()]
+        drift_html = (f"<p>PSI threshold {drift['psi_threshold']}, and above the PSI that sampling alone gives at this "
+                      f"batch's size (noise); reference: {html.escape(str(drift['reference_source']))}"
+                      f" ({drift['reference_rows']} rows).</p>" + _table(["dimension", "PSI", "noise", ""], drift_rows))
     top_rows = [[r["id"], r["signal_tier"], f"{r['signal_strength']:.2f}",
                  *(f"{r[d]:.1f}" for d in DIMENSIONS)] for r in top.to_pylist()]
     rejects = [[reason, n] for reason, n in merged.get("reject_reasons", {}).items()]

@@ -97,11 +97,15 @@ def plot_histograms(reference: dict[str, Any], current: dict[str, Any], psi: dic
 def drift_markdown(result: dict[str, Any], reference_name: str, current_name: str) -> str:
     lines = ["# Score drift", "", f"Reference: {reference_name} ({result['reference_rows']} rows, "
              f"{result['reference_source']}). Current: {current_name}.", "",
-             f"PSI above {result['psi_threshold']} flags a dimension (< 0.1 stable, 0.1-0.25 moderate, > 0.25 shifted).",
-             "", "| dimension | PSI | flag |", "|---|---|---|"]
+             f"PSI above {result['psi_threshold']} flags a dimension (< 0.1 stable, 0.1-0.25 moderate, > 0.25 shifted),",
+             f"when it is also above what sampling alone gives at {result['rows']} rows (the noise column: the "
+             f"{result['psi_noise_quantile']:.5g} quantile of the PSI of same-distribution samples of these sizes).",
+             "", "| dimension | PSI | noise | flag |", "|---|---|---|---|"]
     for dim, value in result["psi"].items():
         flag = "**drift**" if dim in result["drifted_dimensions"] else ""
-        lines.append(f"| {dim} | {'n/a' if value is None else f'{value:.4f}'} | {flag} |")
+        noise = result["psi_noise"][dim]
+        lines.append(f"| {dim} | {'n/a' if value is None else f'{value:.4f}'} | "
+                     f"{'n/a' if noise is None else f'{noise:.4f}'} | {flag} |")
     lines += ["", "| tier | reference share | current share | shift |", "|---|---|---|---|"]
     for tier, shift in result["tier_share_shift"].items():
         lines.append(f"| {tier} | {result['reference_tier_shares'].get(tier, 0):.3f} | "

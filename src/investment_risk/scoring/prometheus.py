@@ -79,9 +79,14 @@ def registry_for(metrics: dict[str, Any], scope: str) -> Any:
         gauge("investment_risk_batch_complete", "1 when every shard of the batch is done.", int(bool(metrics.get("complete"))))
         gauge("investment_risk_prefilter_rate", "Prefiltered rows over rows in.", metrics.get("prefilter_rate"))
         gauge("investment_risk_reject_rate", "Rejected rows over rows in.", metrics.get("reject_rate"))
-        for dim, value in metrics.get("drift", {}).get("psi", {}).items():
+        drift = metrics.get("drift", {})
+        for dim, value in drift.get("psi", {}).items():
             gauge("investment_risk_score_psi", "Population stability index of the batch's scores against the model's "
                   "reference.", value, dimension=dim)
+            gauge("investment_risk_score_psi_noise", "The PSI that sampling alone gives at the batch's size (drift_detected needs more).",
+                  drift.get("psi_noise", {}).get(dim), dimension=dim)
+            gauge("investment_risk_score_drifted", "1 when the dimension's PSI is over the threshold and the noise.",
+                  int(dim in drift.get("drifted_dimensions", [])), dimension=dim)
     if scope != "batch" or metrics.get("complete"):  # a night half done has not succeeded: its age keeps growing
         gauge("investment_risk_last_success_timestamp_seconds", "When the shard, or the whole batch, finished.",
               time.time())
