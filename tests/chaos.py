@@ -1,14 +1,15 @@
 """Fault injection for the scorer: SIGKILL at random moments and at named commit points, rerun, check.
 
 A cycle scores a multi-file input (3 Parquet files with several row groups, a JSONL file with bad lines) into a
-fresh directory as 2 shards: one shard's first run is killed (at a random moment, or at a named point: between the
-rejects' and the part's renames, after the part's rename and before `_done`, while writing metrics), every shard is
-then rerun to completion, and the invariants are checked. Every fifth cycle instead races two scorers on the same
+fresh directory as 2 shards, taking a checkpoint after every read batch: one shard's first run is killed (at a
+random moment, or at a named point: between the rejects' and the part's renames, after the part's rename and before
+`_done`, while writing metrics, after a checkpoint, between a segment and the checkpoint naming it), every shard is
+then rerun to completion (reading on from its checkpoint), and the invariants are checked. Every fifth cycle instead races two scorers on the same
 shard (a replaced pod that is still running). Invariants:
 - every input row appears exactly once across the part files and the rejects;
 - every visible output file is a whole Parquet/JSON file; `_done` exists only beside a whole part file;
 - metrics.json agrees with the files (rows in, scored, rejected; complete);
-- no temporary file is left behind once every shard has rerun.
+- no temporary file, and no checkpoint, is left behind once every shard has rerun.
 
     python -m tests.chaos --cycles 200 --out bench-results/chaos.json     (make chaos)
 
@@ -41,6 +42,8 @@ POINTS = [
     "before_rename:metrics/part-0000{shard}.prom",  # the Prometheus textfile, through the same atomic writer
     "before_done:part-0000{shard}",
     "after_rename:_done/part-0000{shard}",  # done, merge not yet
+    "after_checkpoint:part-0000{shard}",  # a checkpoint taken: the rerun reads on from it
+    "before_rename:part-0000{shard}/state.json",  # a segment written, the checkpoint naming it not yet
 ]
 
 
@@ -63,7 +66,7 @@ def make_inputs(root: Path, seed: int = 5) -> tuple[Path, int]:
 def score_cmd(model: Path, inputs: Path, out: Path, shard: int) -> list[str]:
     return [sys.executable, "-m", "investment_risk", "--log-format", "json", "score", "--model", str(model),
             "--input", str(inputs), "--out", str(out), "--shard-index", str(shard), "--shard-count", str(SHARDS),
-            "--device", "cpu"]
+            "--device", "cpu", "--checkpoint-seconds", "0"]
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None, kill_after: float | None = None) -> int:
@@ -105,6 +108,8 @@ def check(out: Path, total_rows: int, input_ids: set[str]) -> list[str]:
         problems.append(f"{len(input_ids - seen)} input ids lost")
     for shard in range(SHARDS):
         name = f"part-{shard:05d}"
+        if (out / "_progress" / name).exists():
+            problems.append(f"shard {shard}'s checkpoints are left behind")
         if not (out / "_done" / name).exists():
             problems.append(f"shard {shard} has no _done marker")
         elif f"{name}.parquet" not in tables:

@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
+
+from investment_risk.scoring.pipeline import ScoreConfig, score
 
 from . import chaos
 from .conftest import TINY_TRAIN_ARGS, assert_same_history
@@ -92,6 +95,12 @@ def test_sigterm_removes_what_was_half_written_and_exits_1(exported, articles, t
     assert done.returncode == 1, done.stderr
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert events[-1]["event"] == "terminated" and events[-1]["signal"] == "SIGTERM"
-    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    # neither the part, nor its temporary file, nor a marker: only the batch's listing, which the retry scores
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "_progress" not in p.parts)
+    # neither the part, nor its temporary file, nor a marker: the batch's listing, which the retry scores, and the
+    # shard's checkpoint, which holds every row: the retry only joins its segments
     assert left == ["_inputs.json"], left
+    assert not list((out / "_progress").rglob(".*.tmp"))
+    with capture_logs() as logs:
+        merged = score(ScoreConfig(model=model, inputs=(str(articles),), out=out))
+    assert [e for e in logs if e["event"] == "shard_resumed"] and merged["complete"] and merged["invariant_holds"]
+    assert not [e for e in logs if e["event"] == "shard_checkpoint" and e["segments"] > 2]  # nothing scored again

@@ -43,6 +43,9 @@ from .options import ENV_PREFIX, option
 @option("--pushgateway", default="", show_default=False,
         help="Prometheus Pushgateway URL: the shard pushes its metrics when it finishes, and the batch's after the "
              "merge (a failed push is logged, never fatal). Empty: no push.")
+@option("--checkpoint-seconds", type=click.FloatRange(min=0), default=300, show_default=True,
+        help="Take a checkpoint at the first read batch's end this long after the last one (and on SIGTERM): a "
+             "stopped shard's rerun reads on from it. 0: after every read batch.")
 @option("--force", is_flag=True, help="Redo a shard that is already done.")
 # `--input a.parquet b.parquet` (the contract's --input PATH..., an unquoted glob the shell expanded): the paths after
 # the first are arguments, and inputs as much as --input's.
@@ -50,7 +53,7 @@ from .options import ENV_PREFIX, option
 def score_command(model: Path, inputs: tuple[str, ...], more_inputs: tuple[str, ...], out: Path, shard_index: int,
                   shard_count: int, backend: str, device: str, keep_columns: str, token_budget: int | None,
                   cpu_engine: str, no_calibration: bool, ledger: Path | None, psi_threshold: float, pushgateway: str,
-                  force: bool) -> None:
+                  checkpoint_seconds: float, force: bool) -> None:
     """Score articles into OUT/part-<shard>.parquet with rejects, metrics and a _done marker."""
     from ..scoring.pipeline import ScoreConfig, score
 
@@ -63,7 +66,8 @@ def score_command(model: Path, inputs: tuple[str, ...], more_inputs: tuple[str, 
     merged = score(ScoreConfig(model=model, inputs=inputs, out=out, shard_index=shard_index, shard_count=shard_count,
                                backend=backend, device=device, force=force, keep_columns=keep, token_budget=token_budget,
                                cpu_engine=cpu_engine, calibration=not no_calibration, ledger=ledger,
-                               psi_threshold=psi_threshold, pushgateway=pushgateway or None))
+                               psi_threshold=psi_threshold, pushgateway=pushgateway or None,
+                               checkpoint_seconds=checkpoint_seconds))
     output.summary(f"{out}: {merged['rows_in']} rows in, {merged['rows_scored']} scored, {merged['rows_rejected']} rejected "
             f"({merged['shards']}/{merged['shard_count']} shards done)", "score_summary", out=str(out),
             **{k: merged.get(k) for k in ("rows_in", "rows_scored", "rows_rejected", "shards", "shard_count")})

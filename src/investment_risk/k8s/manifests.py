@@ -231,6 +231,7 @@ def _failure_policy(container: str) -> dict[str, Any]:
 
 
 TRAIN_GRACE_S = 180
+SCORE_GRACE_S = 90
 
 
 def train_job(spec: TrainSpec, settings: JobSettings) -> dict[str, Any]:
@@ -314,13 +315,16 @@ def _score_job_spec(spec: ScoreSpec, settings: JobSettings) -> dict[str, Any]:
     args = ["score", "--model", spec.model, *[a for path in spec.inputs for a in ("--input", path)], "--out", spec.out,
             "--shard-count", str(spec.shards), "--backend", spec.backend, *spec.extra_args]
     container = _container("score", args, settings, gpu=True)
+    pod = _pod_spec(container, settings, gpu=True)
+    # SIGTERM lets the model call under way (a large one on CPUs takes many seconds) finish and a checkpoint land.
+    pod["terminationGracePeriodSeconds"] = SCORE_GRACE_S
     return {
         "completionMode": "Indexed", "completions": spec.shards, "parallelism": spec.parallelism or spec.shards,
         # Each shard retries on its own; one bad shard does not stop the others unless more than allowed fail.
         "backoffLimitPerIndex": spec.retries_per_shard, "maxFailedIndexes": spec.max_failed_shards,
         "activeDeadlineSeconds": settings.deadline_s, "ttlSecondsAfterFinished": settings.ttl_s,
         "podFailurePolicy": _failure_policy("score"),
-        "template": {"metadata": {"labels": _labels("score")}, "spec": _pod_spec(container, settings, gpu=True)},
+        "template": {"metadata": {"labels": _labels("score")}, "spec": pod},
     }
 
 

@@ -6,7 +6,7 @@
 
 Every input row ends in exactly one of the part file (scored or prefiltered) and the rejects file. Outputs are
 written to temporary names and renamed; the `_done` marker is written last, so a rerun skips a finished shard and
-redoes an unfinished one whole.
+reads an unfinished one on from its last checkpoint (progress.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import math
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import pyarrow as pa
 
 from ..core.atomic import atomic_path, remove_abandoned, write_json_atomic
 from ..core.drift import DEFAULT_PSI_THRESHOLD, check_threshold
-from ..core.errors import ConfigError, InputError
+from ..core.errors import ConfigError, InputError, Terminated
 from ..core.faults import fault_point
 from ..core.logs import Progress, bind, get_logger
 from ..core.spec import DIMENSIONS, NUM_DIMENSIONS, default_spec
@@ -35,6 +36,7 @@ from ..modeling.description import ModelDescription, describe_model
 from ..modeling.predict import predict, token_budget_for
 from .batch_inputs import shard_inputs
 from .ledger import input_root
+from .progress import Position, ShardProgress, StopRequest, discard_checkpoints
 from .prometheus import push, write_textfile
 from .shard_metrics import ShardMetrics, broken_shard, done_shard_counts, merge_metrics
 from .units import Unit, done_marker, parquet_rows, part_name, remove_shards_from, shard_files, shard_outputs
@@ -64,6 +66,7 @@ class ScoreConfig:
     ledger: Path | None = None  # incremental: score only units this ledger does not list; the merge adds them
     psi_threshold: float = DEFAULT_PSI_THRESHOLD  # the merge warns about each dimension whose PSI is above it
     pushgateway: str | None = None  # Prometheus Pushgateway URL: the shard's and the batch's metrics go there
+    checkpoint_seconds: float = 300.0  # a checkpoint at the first read batch's end this long after the last one
 
     def __post_init__(self) -> None:
         if self.shard_count < 1:
@@ -72,6 +75,8 @@ class ScoreConfig:
             raise ConfigError(f"--shard-index {self.shard_index} must be in [0, --shard-count {self.shard_count})")
         if not self.inputs:
             raise ConfigError("--input: give at least one file, directory or glob")
+        if not self.checkpoint_seconds >= 0:
+            raise ConfigError(f"--checkpoint-seconds must be >= 0, got {self.checkpoint_seconds}")
         try:
             check_threshold(self.psi_threshold)
         except ValueError as exc:
@@ -93,6 +98,7 @@ class Prepared:
     tokens: list[np.ndarray]
     labels: np.ndarray | None  # (rows, 8), NaN where a row has no usable label
     labels_unusable: np.ndarray | None = None  # per row: label values that are not a number in the score range
+    position: Position = Position()  # where reading stands once this batch is scored
 
 
 def _reject_reasons(batch: Batch) -> dict[int, str]:
@@ -108,7 +114,8 @@ def _reject_reasons(batch: Batch) -> dict[int, str]:
     return reasons
 
 
-def prepare(batch: Batch, tokenizer: Any, model: ModelDescription, has_labels: bool) -> Prepared:
+def prepare(batch: Batch, tokenizer: Any, model: ModelDescription, has_labels: bool,
+            position: Position = Position()) -> Prepared:
     spec = default_spec()
     rejects = _reject_reasons(batch)
     titles, contents = batch.table.column("title").to_pylist(), batch.table.column("content").to_pylist()
@@ -124,9 +131,9 @@ def prepare(batch: Batch, tokenizer: Any, model: ModelDescription, has_labels: b
             model_rows.append(i)
     tokens = model.token_rows(tokenizer, [titles[i] for i in model_rows], [contents[i] for i in model_rows])
     if not has_labels:
-        return Prepared(batch, rejects, prefiltered, model_rows, tokens, None)
+        return Prepared(batch, rejects, prefiltered, model_rows, tokens, None, position=position)
     labels, unusable = usable_labels(batch.table, spec)
-    return Prepared(batch, rejects, prefiltered, model_rows, tokens, labels, unusable)
+    return Prepared(batch, rejects, prefiltered, model_rows, tokens, labels, unusable, position)
 
 
 def usable_labels(table: Any, spec: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -171,26 +178,33 @@ class ShardScorer:
         self.model = model
         self.pad_id = model.pad_id(tokenizer)
         self.columns_seen: set[str] = set()  # to name a --keep-columns column that no input had
+        self.batches_scored = 0  # read batches, by this run
         self.spec = default_spec()
         on_gpu = "cuda" in str(getattr(runner, "provider", "")).lower()  # CUDAExecutionProvider, torch-cuda
         self.token_budget = config.token_budget or token_budget_for("cuda" if on_gpu else "cpu")
 
-    def _read(self, units: Sequence[Unit]) -> Iterator[Batch]:
-        for unit in units:
+    def _read(self, units: Sequence[Unit], start: Position) -> Iterator[tuple[Position, Batch]]:
+        """The shard's read batches from `start` on, each with the position once it is done (a resumed shard
+        reads the batches of its unit before `start` again, which costs no model call, and skips them)."""
+        for index in range(start.unit, len(units)):
+            unit = units[index]
             columns = None
             if not is_jsonl(unit.path):
                 names = parquet_schema(unit.path).names
                 columns = [c for c in names if c in (*REQUIRED_COLUMNS, *DIMENSIONS, *self.config.keep_columns)]
             groups = None if unit.row_group is None else [unit.row_group]
-            yield from iter_file_batches(unit.path, self.config.read_rows, columns=columns, lenient=True,
-                                         row_groups=groups)
+            batches = iter_file_batches(unit.path, self.config.read_rows, columns=columns, lenient=True,
+                                        row_groups=groups)
+            for number, batch in enumerate(batches, start=1):
+                if index > start.unit or number > start.batch:
+                    yield Position(index, number), batch
 
-    def _producer(self, units: Sequence[Unit], out: queue.Queue, stop: threading.Event) -> None:
+    def _producer(self, units: Sequence[Unit], start: Position, out: queue.Queue, stop: threading.Event) -> None:
         """Reads, validates and tokenises ahead of the model, on its own thread (fast tokenizers drop the GIL)."""
         try:
-            for batch in self._read(units):
+            for position, batch in self._read(units, start):
                 has_labels = all(d in batch.table.column_names for d in DIMENSIONS)
-                item = prepare(batch, self.tokenizer, self.model, has_labels)
+                item = prepare(batch, self.tokenizer, self.model, has_labels, position)
                 while not stop.is_set():
                     try:
                         out.put(item, timeout=0.5)
@@ -203,7 +217,18 @@ class ShardScorer:
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             out.put(exc)
 
-    def run(self, units: Sequence[Unit], total_rows: int | None) -> ShardMetrics:
+    def fingerprint(self, units: Sequence[Unit]) -> dict[str, Any]:
+        """What decides the rows a shard writes: a checkpoint resumes only the same work."""
+        config = self.config
+        return {"model_version": self.model.model_version, "provider": str(getattr(self.runner, "provider", "?")),
+                "calibrated": config.calibration and self.model.calibration is not None,
+                "filter": [self.spec.name, self.spec.version], "keep_columns": list(config.keep_columns),
+                "read_rows": config.read_rows, "shard": [config.shard_index, config.shard_count],
+                "units": [[str(unit.path), unit.row_group, unit.rows] for unit in units]}
+
+    def run(self, units: Sequence[Unit], total_rows: int | None, progress: ShardProgress | None = None) -> ShardMetrics:
+        """Score the shard's units into its part and rejects files; with `progress`, from its last checkpoint on,
+        taking new ones as it goes."""
         calibrated = self.config.calibration and self.model.calibration is not None
         metrics = ShardMetrics(shard=self.config.shard_index, shard_count=self.config.shard_count,
                                model_version=self.model.model_version, backend=self.config.backend,
@@ -212,29 +237,41 @@ class ShardScorer:
         # Rows in, from the input side: Parquet footers now, JSONL rows as they are read.
         metrics.rows_in = sum(unit.rows or 0 for unit in units)
         part, rejects = shard_files(self.config.out, self.config.shard_index)
+        metadata = provenance(self.model, calibrated, self.config.shard_index, self.config.shard_count)
+        resumed = progress.resume() if progress and not self.config.force else None
+        if progress and self.config.force:
+            progress.clear()
+        seen_ids: dict[str, str] = {}  # id -> where it was first scored
+        start, segment = Position(), 0
+        if resumed:
+            metrics.resume(resumed.metrics)
+            seen_ids, start, segment = resumed.seen_ids, resumed.position, resumed.segments[-1] + 1
+            self.columns_seen.update(resumed.columns_seen)
         items: queue.Queue = queue.Queue(maxsize=4)
         stop = threading.Event()
-        producer = threading.Thread(target=self._producer, args=(units, items, stop), daemon=True, name="tokenise")
+        producer = threading.Thread(target=self._producer, args=(units, start, items, stop), daemon=True,
+                                    name="tokenise")
         producer.start()
-        seen_ids: dict[str, str] = {}  # id -> where it was first scored
+        done_rows = metrics.rows_prefiltered + metrics.rows_model + sum(metrics.reject_reasons.values())
         try:
-            # Both files are renamed into place only if the whole shard succeeds (the rejects first: a kill between
-            # the renames leaves no marker, so a rerun redoes the shard).
-            with atomic_path(part) as part_tmp, atomic_path(rejects) as rejects_tmp:
-                writer = ShardWriter(part_tmp, rejects_tmp, provenance(
-                    self.model, calibrated, self.config.shard_index, self.config.shard_count))
-                try:
-                    with Progress(total=total_rows, what="score", unit="rows") as progress:
-                        while (item := items.get()) is not None:
-                            if isinstance(item, BaseException):
-                                raise item
-                            self._score_batch(item, writer, metrics, seen_ids)
-                            progress.update(item.batch.table.num_rows)
-                except BaseException:
-                    stop.set()
-                    writer.close()
-                    raise
-                writer.close(part_schema(self.config.keep_columns))
+            with Progress(total=total_rows, what="score", unit="rows", already_done=done_rows) as bar, \
+                    StopRequest().catching() as stop_request:
+                while True:
+                    targets = progress.segment_files(segment) if progress else (part, rejects)
+                    position = self._write_segment(items, targets, metadata, metrics, seen_ids, bar, stop_request,
+                                                   checkpoints=progress is not None)
+                    if progress:  # at the end too: a kill while the segments are joined leaves only the join to do
+                        progress.commit(segment, position or Position(len(units)), metrics.state(), seen_ids,
+                                        self.columns_seen)
+                        segment += 1
+                    if position is None:  # read to the end
+                        break
+                    if stop_request.requested:
+                        get_logger().warning("checkpointed_on_sigterm", unit=position.unit, batch=position.batch,
+                                             reason="SIGTERM: stopped at a read batch's end; a rerun reads on from it")
+                        raise Terminated()
+            if progress:
+                progress.join(part, rejects, part_schema(self.config.keep_columns), metadata)
         finally:
             stop.set()
             producer.join(timeout=5)
@@ -247,6 +284,36 @@ class ShardScorer:
                                  reason="no input of this shard has them; their output columns are null")
         metrics.finish()
         return metrics
+
+    def _write_segment(self, items: queue.Queue, targets: tuple[Path, Path], metadata: dict[str, str],
+                       metrics: ShardMetrics, seen_ids: dict[str, str], bar: Progress, stop_request: StopRequest,
+                       checkpoints: bool) -> Position | None:
+        """Score read batches into the part and rejects files `targets`, each renamed into place whole (the rejects
+        first: a kill between the renames leaves the part missing, so the shard is not taken for done), until the
+        reading ends (None) or, with `checkpoints`, one is due (where reading stands)."""
+        began = time.monotonic()
+        position = None
+        with atomic_path(targets[0]) as part_tmp, atomic_path(targets[1]) as rejects_tmp:
+            writer = ShardWriter(part_tmp, rejects_tmp, metadata)
+            try:
+                while (item := items.get()) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    self._score_batch(item, writer, metrics, seen_ids)
+                    bar.update(item.batch.table.num_rows)
+                    self.batches_scored += 1
+                    fault_point(f"read_batch_scored:{part_name(self.config.shard_index)}:{self.batches_scored}")
+                    if stop_request.requested and not checkpoints:
+                        raise Terminated()
+                    if checkpoints and (stop_request.requested
+                                        or time.monotonic() - began >= self.config.checkpoint_seconds):
+                        position = item.position
+                        break
+            except BaseException:
+                writer.close()
+                raise
+            writer.close(part_schema(self.config.keep_columns))
+        return position
 
     @staticmethod
     def _reject_duplicates(item: Prepared, ids_col: list[Any], seen_ids: dict[str, str], metrics: ShardMetrics,
@@ -360,6 +427,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
             log.info("shard_skipped", reason="already done (pass --force to redo)", marker=str(marker))
             for dest in shard_outputs(out, config.shard_index):  # what a killed twin (a replaced pod) left half-written
                 remove_abandoned(dest)
+            discard_checkpoints(out, config.shard_index)  # a kill between the marker and their removal left them
             return merge_metrics(out)
         log.warning("shard_redone", reason=f"marked done, but {problem}")
     model = describe_model(config.model)  # a model that cannot score stops the shard before it lists the batch
@@ -371,7 +439,27 @@ def score(config: ScoreConfig) -> dict[str, Any]:
              provider=runner.provider, model_version=model.model_version)
     if marker.exists():
         marker.unlink()  # redone (--force, or lost rows): not done until the new marker lands
-    metrics = ShardScorer(config, runner, tokenizer, model).run(units, total)
+    scorer = ShardScorer(config, runner, tokenizer, model)
+    progress = ShardProgress.claim(out, config.shard_index, scorer.fingerprint(units))
+    marked = False
+    try:
+        metrics = scorer.run(units, total, progress)
+        shard_metrics = _finish_shard(config, metrics, shard_entries)
+        marked = True
+    finally:
+        if progress:
+            progress.release(remove=marked)  # its checkpoints go once the marker is in place
+    push(shard_metrics, f"{config.shard_index:05d}", config.pushgateway)
+    merged = merge_metrics(out)
+    push(merged, "batch", config.pushgateway)
+    return merged
+
+
+def _finish_shard(config: ScoreConfig, metrics: ShardMetrics, shard_entries: Any) -> dict[str, Any]:
+    """The shard's metrics (JSON and Prometheus text), then its `_done` marker, last. Returns the metrics."""
+    log = get_logger()
+    out = config.out
+    marker = done_marker(out, config.shard_index)
     if shard_entries is not None:  # what this shard scored, for the merge to add to the ledger once all are done
         metrics.ledger = {"path": str(config.ledger), "input_root": input_root(config.inputs), "units": shard_entries}
     metrics_dir = out / "metrics"
@@ -385,10 +473,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     log.info("shard_done", rows_in=metrics.rows_in, scored=metrics.rows_scored, rejected=metrics.rows_rejected,
              prefiltered=metrics.rows_prefiltered, blank_lines=metrics.blank_lines,
              rows_per_second=as_dict["rows_per_second"], invariant_holds=as_dict["invariant_holds"])
-    push(as_dict, group, config.pushgateway)
-    merged = merge_metrics(out)
-    push(merged, "batch", config.pushgateway)
-    return merged
+    return as_dict
 
 
 def _count_rows(units: Sequence[Unit]) -> int | None:

@@ -10,7 +10,7 @@ import datetime as dt
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,12 @@ def _between(pooled: float | None, shards: list[float]) -> float | None:
     if pooled is None or not shards:
         return pooled
     return min(max(pooled, min(shards)), max(shards))
+
+
+# Set by each run from its settings and model, never restored from a checkpoint.
+RUN_FIELDS = frozenset({"shard", "shard_count", "model_version", "backend", "provider", "ledger", "reference",
+                        "psi_threshold", "calibrated", "started", "kept_columns_absent"})
+COUNTERS = frozenset({"reject_reasons", "tier_counts", "tier_pairs"})
 
 
 @dataclass
@@ -134,6 +140,23 @@ class ShardMetrics:
 
     def finish(self) -> None:
         self.seconds = time.monotonic() - self.started
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (JSON): the counts and sums so far and the seconds spent (the model's reference
+        and the run's settings come from the resumed run)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RUN_FIELDS}
+        out["seconds"] = time.monotonic() - self.started
+        return out
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's `state`: its time counts, the gap until this run started does not."""
+        for name, value in state.items():
+            if name == "seconds":
+                self.started = time.monotonic() - float(value)
+            elif name in COUNTERS:
+                setattr(self, name, Counter(value))
+            elif name not in RUN_FIELDS:
+                setattr(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
         out = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,11 @@ def done_marker(out: Path, shard: int) -> Path:
     return out / "_done" / part_name(shard)
 
 
+def progress_dir(out: Path, shard: int) -> Path:
+    """Where a shard keeps its checkpoints while it runs (progress.py)."""
+    return out / "_progress" / part_name(shard)
+
+
 def shard_outputs(out: Path, shard: int) -> tuple[Path, ...]:
     """Every file a shard writes: its part and rejects files, its metrics (JSON and Prometheus), its marker."""
     name = part_name(shard)
@@ -65,12 +71,13 @@ def shard_outputs(out: Path, shard: int) -> tuple[Path, ...]:
 def remove_shards_from(out: Path, count: int) -> list[int]:
     """Remove the shards numbered `count` and above (their marker first): what a batch scored again with a smaller
     --shard-count (--force) leaves of the old one, which no shard of the new count would replace. Returns them."""
-    found = {int(p.name[5:10]) for folder in (out, out / "rejects", out / "metrics", out / "_done")
+    found = {int(p.name[5:10]) for folder in (out, out / "rejects", out / "metrics", out / "_done", out / "_progress")
              for p in folder.glob("part-[0-9][0-9][0-9][0-9][0-9]*")}
     stale = sorted(shard for shard in found if shard >= count)
     for shard in stale:
         for path in reversed(shard_outputs(out, shard)):
             path.unlink(missing_ok=True)
+        shutil.rmtree(progress_dir(out, shard), ignore_errors=True)  # its checkpoints
     return stale
 
 
