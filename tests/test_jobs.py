@@ -14,10 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from click.testing import CliRunner
 from structlog.testing import capture_logs
 
 from investment_risk.cli import main
-from investment_risk.k8s.manifests import JobSettings, build, default_base, to_yaml
+from investment_risk.k8s.manifests import SCORE_GRACE_S, JobSettings, build, default_base, to_yaml
 from investment_risk.scoring.pipeline import ScoreConfig, score
 from investment_risk.core.spec import DIMENSIONS
 from investment_risk.datasets.synth import SynthConfig, generate
@@ -184,7 +185,7 @@ def test_rendered_jobs_validate_for_every_kind_and_profile(tmp_path, runner):
             result = runner.invoke(main, ["jobs", "render", kind, "--profile", profile, "--queue", "batch",
                                           "--out", out, "--name", f"{kind}-{profile}", "--run", "/models/runs/r"])
             assert result.exit_code == 0, result.output
-            texts.append(result.output)
+            texts.append(result.stdout)
     validate("---\n".join(texts), tmp_path)
 
 
@@ -233,6 +234,8 @@ def test_pods_follow_the_restricted_profile_and_failure_policy():
     assert pod_specs(docs)["train-gpu"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 120
     indexed = pod_specs(docs)["score-gpu"]
     assert indexed["completionMode"] == "Indexed" and indexed["completions"] == 4
+    # ... and a stopped scoring pod finishes its model call and takes a checkpoint: more than the default 30 s
+    assert indexed["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
     assert indexed["backoffLimitPerIndex"] >= 1 and indexed["maxFailedIndexes"] == 0
     cron = next(d for d in base if d["kind"] == "CronJob")["spec"]
     assert cron["concurrencyPolicy"] == "Forbid" and cron["startingDeadlineSeconds"] > 0 and cron["timeZone"]
@@ -763,7 +766,7 @@ def test_run_local_stops_its_pods_when_it_is_stopped(fake_docker, tmp_path, runn
     result = runner.invoke(main, ["jobs", "run-local", "--runtime", "docker", "--manifest", str(tmp_path / "job.yaml"),
                                   "--mount", f"/data={tmp_path / 'data'}", "--mount", f"/models={tmp_path / 'models'}"])
     assert result.exit_code == 1, result.output
-    assert sum(1 for c in docker_calls(fake_docker) if c[:3] == ["stop", "--time", "30"]) == 2  # SIGTERM first
+    assert sum(1 for c in docker_calls(fake_docker) if c[:3] == ["stop", "--time", str(SCORE_GRACE_S)]) == 2  # SIGTERM first
 
 
 def test_run_local_stops_pods_at_the_active_deadline(fake_docker, tmp_path, runner, monkeypatch):
@@ -780,7 +783,7 @@ def test_run_local_stops_pods_at_the_active_deadline(fake_docker, tmp_path, runn
                                   "--mount", f"/data={tmp_path / 'data'}", "--mount", f"/models={tmp_path / 'models'}"])
     assert result.exit_code == 1 and "DeadlineExceeded" in result.output, result.output
     assert time.monotonic() - started < 60  # the pods (sleeping 120 s) were stopped, not waited for
-    assert sum(1 for c in docker_calls(fake_docker) if c[:3] == ["stop", "--time", "30"]) == 2  # SIGTERM first
+    assert sum(1 for c in docker_calls(fake_docker) if c[:3] == ["stop", "--time", str(SCORE_GRACE_S)]) == 2  # SIGTERM first
 
 
 def test_render_refuses_what_the_api_server_or_the_merge_would_not_take(runner, tmp_path):
@@ -796,3 +799,11 @@ def test_render_refuses_what_the_api_server_or_the_merge_would_not_take(runner, 
     assert result.exit_code == 2 and "--out /data/scored/nightly: a nightly run needs a folder of its own" in result.output
     result = runner.invoke(main, ["jobs", "render", "shared", "--models-size", "0"])
     assert result.exit_code == 2 and "--models-size '0'" in result.output, result.output
+
+
+def test_render_all_names_a_jobs_own_option_it_ignores_and_takes_the_storage_ones():
+    result = CliRunner().invoke(main, ["jobs", "render", "all", "--schedule", "0 1 * * *"])
+    assert result.exit_code == 0 and "--schedule ignored" in result.stderr, result.stderr
+    assert "0 1 * * *" not in result.stdout and "30 2 * * *" in result.stdout  # the YAML alone on stdout
+    result = CliRunner().invoke(main, ["jobs", "render", "all", "--storage-class", "efs"])
+    assert result.exit_code == 0 and "storageClassName: efs" in result.stdout and not result.stderr

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from ..core.errors import ConfigError
 from ..core.logs import bind, redact_event, redact_text
@@ -65,7 +66,8 @@ job_options = stacked(
 # How to reach the cluster (submit takes --namespace from settings_options).
 connection_options = stacked(
     option("--kubeconfig", type=click.Path(dir_okay=False, path_type=Path), default=None,
-       help="Kubeconfig file (default: in-cluster config in a pod, else $KUBECONFIG or ~/.kube/config)."),
+       help="Kubeconfig file (default: $KUBECONFIG where it names a file, else in-cluster config in a pod, else "
+            "~/.kube/config)."),
     option("--context", default=None, help="Kubeconfig context."),
 )
 cluster_options = stacked(connection_options, option("--namespace", default="investment-risk", show_default=True))
@@ -108,6 +110,13 @@ def render_command(kind: str, image: str, namespace: str, profile: str, queue: s
 
     settings = _settings(image, namespace, profile, queue, pull_policy, storage_class=storage_class,
                          data_size=data_size, models_size=models_size)
+    context = click.get_current_context()
+    given = [name for name in (*params, "with_shared")
+             if context.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+    if kind in ("all", "shared") and given:  # the base's Jobs take their defaults: say so, stdout is the YAML
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        click.echo(f"warning: {flags} ignored: options of one Job; `jobs render {kind}` takes the image, namespace, "
+                   "profile, queue, pull policy and storage options only", err=True)
     if kind == "all":
         docs = [d for file_docs in default_base(settings).values() for d in file_docs]
     elif kind == "shared":

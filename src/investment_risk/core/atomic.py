@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import unreadable
+from .errors import InputError, unreadable
 from .faults import fault_point
 from .logs import get_logger
 
@@ -171,15 +171,47 @@ def _link_unless_present(tmp: Path, dest: Path) -> None:
             os.replace(tmp, dest)
 
 
-def write_dir_atomic(dest: str | Path, fill: Callable[[Path], Any]) -> Path:
+def write_dir_atomic(dest: str | Path, fill: Callable[[Path], Any], exclusive: bool = False) -> Path:
     """Build a directory with `fill(path)` beside `dest`, then swap it in; a failure leaves `dest` as it was.
     What an attempt killed outright (SIGKILL, out of memory) left half-built is removed by the next write of the
-    same `dest`: each destination has one writer, and a 1.5B model's export leaves gigabytes."""
+    same `dest` (a 1.5B model's export leaves gigabytes). `exclusive`: writers that nothing else keeps apart (two
+    exports to one --out) hold `.NAME.lock` beside it from start to swap, and a second one is refused (InputError)
+    rather than left to delete the first one's work under it."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if not exclusive:
+        return _write_dir(dest, fill)
+    lock_path = dest.parent / f".{dest.name}.lock"
+    try:
+        lock = hold_lock(lock_path)
+        # The holder before us removes the file as it lets go: a lock on a name that no longer leads to it keeps
+        # nobody out.
+        if lock is not None and not _still_named(lock, lock_path):
+            os.close(lock)
+            raise BlockingIOError
+    except BlockingIOError:
+        raise InputError(f"{dest}: another process is writing it now (it holds {lock_path.name}); wait for it to "
+                         "finish, or write elsewhere") from None
+    try:
+        return _write_dir(dest, fill)
+    finally:
+        if lock is not None:
+            lock_path.unlink(missing_ok=True)  # before letting go, so the name only ever leads to a held lock
+            os.close(lock)
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd`."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _write_dir(dest: Path, fill: Callable[[Path], Any]) -> Path:
     prefix = f".{dest.name}.partial-"
     for leftover in dest.parent.glob(f"{glob.escape(prefix)}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+        _remove_tree(leftover)
     work = Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
     try:
         fill(work)
@@ -189,15 +221,23 @@ def write_dir_atomic(dest: str | Path, fill: Callable[[Path], Any]) -> Path:
             fsync_dir(dest.parent)
             return dest
         old = dest.parent / f".{dest.name}-old"
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_tree(old)
         if dest.exists():
             dest.rename(old)
         work.rename(dest)
         fsync_dir(dest.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_tree(old)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        _remove_tree(work)
     return dest
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a directory, or the symbolic link a swap left in its place (`dest` was a link: rmtree skips links)."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 _RENAME_EXCHANGE, _AT_FDCWD = 2, -100

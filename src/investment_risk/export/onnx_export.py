@@ -250,6 +250,23 @@ def torch_fp32_scores(module: Any, device: str, rows: list[np.ndarray], pad_id: 
                    progress="validation, PyTorch fp32")
 
 
+def check_out_dir(run_dir: Path, out_dir: Path, force: bool) -> None:
+    """`--out` is replaced whole at the end (--force): it must be neither the run, nor inside it or around it, nor
+    the working directory or above it, and what --force replaces must be an exported model."""
+    out, run, here = out_dir.resolve(), run_dir.resolve(), Path.cwd().resolve()
+    if out == run or out in run.parents or run in out.parents:
+        raise ConfigError(f"--out {out_dir} is, holds or lies inside the training run {run_dir}: export elsewhere "
+                          "(replacing it would delete the run)")
+    if out == here or out in here.parents:
+        raise ConfigError(f"--out {out_dir} is the working directory or above it: export into a folder of its own")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not force:
+            raise InputError(f"--out {out_dir} already exists and is not empty (pass --force to replace it)")
+        if not (out_dir / "model.json").is_file():
+            raise InputError(f"--out {out_dir} holds no model.json, so it is not an exported model that --force "
+                             "replaces: remove it yourself, or export elsewhere")
+
+
 def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = False,
                cpu_engine: str = "auto", device: str = "cpu") -> dict[str, Any]:
     import torch
@@ -257,14 +274,16 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
     log = get_logger()
     if dtype not in ("fp32", "fp16", "bf16", "int8"):
         raise ConfigError(f"--dtype {dtype}: supported are fp32, fp16, bf16 and int8")
+    if cpu_engine not in ("auto", "onnxruntime") and dtype != "fp32":
+        raise ConfigError(f"--cpu-engine {cpu_engine}: engines are measured and chosen for --dtype fp32 exports; "
+                          f"a --dtype {dtype} graph runs on ONNX Runtime")
     if dtype == "bf16" and device != "cuda":
         raise ConfigError("--dtype bf16 needs --device cuda: ONNX Runtime has no bf16 CPU kernels, so the graph can "
                           "only be proved on a GPU (the CPU engines run the fp32 file in bf16 instead)")
     if device == "cuda" and (missing := cuda_missing()):
         error = RetryableError if missing == NO_GPU else ConfigError
         raise error(f"--device cuda: needs a CUDA device and onnxruntime-gpu ({missing})")
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise InputError(f"--out {out_dir} already exists and is not empty (pass --force to replace it)")
+    check_out_dir(run_dir, out_dir, force)
     if describe_model(run_dir).is_instruction:
         raise ConfigError(f"{run_dir}: export takes distillation runs; score an instruction run with --backend torch")
     module, tokenizer, metadata = scoring_module(run_dir)
@@ -297,8 +316,12 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         if not np.isfinite(parity[f"{dtype}_max_abs_diff"]) or not np.isfinite(check.get("val_mae", 0.0)):
             raise ParityError(f"the {dtype} graph of {run_dir} gives non-finite scores (an overflow in {dtype}); "
                               f"nothing was written to {out_dir}")
-        # A GPU graph is asked for speed: it must keep the accuracy bar every reduced-precision CPU engine is held to.
-        if dtype in ("fp16", "bf16") and check.get("val_mae_delta", 0.0) > MAE_TOLERANCE:
+        # A reduced graph is asked for speed: it keeps the accuracy bar every reduced-precision CPU engine is held to.
+        if "val_mae_delta" not in check:
+            check["val_mae_checked"] = False
+            log.warning("reduced_precision_unchecked", dtype=dtype, reason="the run's validation split is gone: "
+                        "no validation MAE bounds this graph's error, only its max |Δ| on the parity rows is known")
+        elif check["val_mae_delta"] > MAE_TOLERANCE:
             raise ParityError(f"the {dtype} graph of {run_dir} scores the validation split "
                               f"{check['val_mae_delta']:.4f} worse (MAE) than fp32 (limit {MAE_TOLERANCE}); "
                               f"nothing was written to {out_dir}")
@@ -388,6 +411,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
                 "fusions": fusions, "fused_operators": fused, "cpu_engine": engines}
 
     def build(work: Path) -> None:
+        check_out_dir(run_dir, out_dir, force)  # again, under --out's lock: an export that finished meanwhile
         made = decoder_graph(work) if decoder else dynamo_graph(work)
         tokenizer_files = sorted({Path(f).name for f in tokenizer.save_pretrained(work) if Path(f).is_file()})
         calibration = run_dir / "model" / CALIBRATION_FILE
@@ -428,7 +452,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         # (not needed for a decoder's GPU graph on a GPU, checked against PyTorch bf16 there: minutes for 1.5B on CPU).
         torch_fp32 = (None if decoder and device == "cuda" else
                       predict(TorchRunner(module, torch.device("cpu")), rows, pad_id, batches=batches))
-        write_dir_atomic(out_dir, build)
+        write_dir_atomic(out_dir, build, exclusive=True)
     log.info("exported", out=str(out_dir), model_version=info["model_version"], dtype=dtype,
              cpu_engine=info["cpu_engine"]["engine"])
     return info

@@ -16,11 +16,18 @@ EMBEDDINGS_FILE = "token_embeddings.safetensors"  # instruction runs trained wit
 
 
 def _run_metadata(run_dir: Path) -> dict[str, Any]:
+    """A run's training_metadata.json, once the files that loading it reads are known to be there."""
     meta_path = run_dir / "training_metadata.json"
     if not meta_path.exists() or not (run_dir / "model" / "adapter_model.safetensors").exists():
         raise InputError(f"{run_dir}: not a training run (needs training_metadata.json and "
                          "model/adapter_model.safetensors; pickle files are never loaded)")
-    return read_json(meta_path)
+    metadata = read_json(meta_path)
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("model_name"), str):
+        raise InputError(f"{meta_path}: no model_name (the base model the run trained): the file is damaged")
+    needed = ("adapter_config.json", "tokenizer.json", "tokenizer_config.json")
+    if missing := [name for name in needed if not (run_dir / "model" / name).exists()]:
+        raise InputError(f"{run_dir / 'model'}: {', '.join(missing)} missing: the run is incomplete or damaged")
+    return metadata
 
 
 def load_run_model(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, dict[str, Any]]:
@@ -171,6 +178,9 @@ def load_runner(model: ModelDescription, backend: str, device: str = "auto", thr
             get_logger().warning("cuda_unavailable", provider="CUDAExecutionProvider", used="CPU",
                                  reason="ONNX Runtime has its CUDA provider but no GPU is visible")
         engine = model.cpu_engine if cpu_engine == "auto" else cpu_engine
+        if model.dtype != "fp32" and engine != "onnxruntime":
+            raise ConfigError(f"--cpu-engine {engine}: {model.path} is a {model.dtype} graph, which runs on ONNX "
+                              "Runtime (onnxruntime); the other engines read an fp32 export's file")
         usable, why = cpu_engine_usable(engine)
         if not usable:
             if cpu_engine != "auto":
