@@ -276,6 +276,8 @@ def test_calibrate_refits_an_exported_model_with_a_new_version(calibrated, runne
     # The drift reference was made of the old calibration's scores: redone with the new one, the validation split
     # it was made from still shows no drift (the old one gave PSI of several units on every dimension).
     assert after.reference["source"] == "validation split, recalibrated"
+    entry = json.loads((model / "model.json").read_text())["reference"]  # model.json's distributions: the new ones
+    assert entry["histograms"] == after.reference["histograms"] and entry["tier_shares"] == after.reference["tier_shares"]
     result = runner.invoke(main, ["score", "--model", str(model), "--input", str(root / "data" / "val.parquet"),
                                   "--out", str(tmp_path / "scored")])
     assert result.exit_code == 0, result.output

@@ -59,6 +59,9 @@ def test_export_stores_the_reference_and_the_merge_measures_drift(exported, spli
     reference = json.loads((exported_model / REFERENCE_FILE).read_text())
     assert reference["edges"] == SCORE_EDGES and set(reference["histograms"]) == set(DIMENSIONS)
     assert describe_model(exported_model).reference == reference
+    # model.json holds the score distributions too (the contract), the raw scores only the file
+    assert {k: info["reference"][k] for k in ("edges", "histograms", "tier_shares", "rows")} == {
+        k: reference[k] for k in ("edges", "histograms", "tier_shares", "rows")} and "raw_scores" not in info["reference"]
     # A reference whose first dimension sat in the top bin: tonight's scores of it are elsewhere, a real shift.
     model = tmp_path / "model"
     shutil.copytree(exported_model, model)

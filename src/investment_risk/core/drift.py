@@ -75,6 +75,13 @@ def make_reference(scores: np.ndarray, tiers: list[str], source: str, calibrated
             "raw_scores": np.asarray(raw, dtype=np.float32).tolist()}
 
 
+def reference_entry(reference: dict[str, Any]) -> dict[str, Any]:
+    """What model.json says of its reference: the score distributions themselves (small: ten bins a dimension, the
+    tier shares) beside where the whole file is; the raw scores stay in the file."""
+    keep = ("rows", "source", "calibrated", "engine", "edges", "histograms", "tier_shares")
+    return {"file": REFERENCE_FILE, **{key: reference[key] for key in keep if key in reference}}
+
+
 def recalibrated_reference(reference: dict[str, Any], calibrate: Callable[[np.ndarray], np.ndarray]
                            ) -> dict[str, Any] | None:
     """The reference as a new calibration would have made it: its raw scores through `calibrate`. None for a

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..core.atomic import atomic_path, read_json
-from ..core.drift import REFERENCE_FILE, recalibrated_reference
+from ..core.drift import REFERENCE_FILE, recalibrated_reference, reference_entry
 from ..core.errors import InputError
 from ..core.logs import get_logger
 from ..core.metrics import regression_metrics
@@ -84,7 +84,7 @@ def _replace_exported(model_dir: Path, text: str, calibrate: Callable[[np.ndarra
             reference_tmp = files.enter_context(atomic_path(model_dir / REFERENCE_FILE))
             reference_tmp.write_text(json.dumps(reference, indent=2) + "\n")
             digests[REFERENCE_FILE] = sha256_file(reference_tmp)
-            info["reference"] = {"file": REFERENCE_FILE, "rows": reference["rows"], "source": reference["source"]}
+            info["reference"] = reference_entry(reference)
         elif old_reference:
             info["reference"] = None
         meta_tmp = files.enter_context(atomic_path(model_dir / "model.json"))

@@ -24,7 +24,7 @@ from ..core.atomic import sha256_file, write_dir_atomic, write_json_atomic
 from ..core.errors import ConfigError, InputError, RetryableError
 from ..core.logs import Progress, get_logger
 from ..core.spec import DIMENSIONS, default_spec
-from ..core.drift import REFERENCE_FILE, make_reference
+from ..core.drift import REFERENCE_FILE, make_reference, reference_entry
 from ..modeling.calibration import CALIBRATION_FILE, Calibration, load_calibration
 from ..modeling.description import (CPU_ENGINES, DYNAMIC_INT8_FILE, TWIN_FILES, describe_model, model_digest,
                                     model_version, onnx_files)
@@ -175,7 +175,7 @@ def write_reference(work: Path, tokenizer: Any, metadata: dict[str, Any], calibr
                                "validation split", calibration is not None, raw)
     reference["engine"] = runner.provider
     write_json_atomic(reference, work / REFERENCE_FILE)
-    return {"file": REFERENCE_FILE, "rows": reference["rows"], "source": reference["source"]}
+    return reference_entry(reference)
 
 
 def graph_runner(path: Path, device: str) -> Any:
