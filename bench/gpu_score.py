@@ -164,6 +164,7 @@ def onnx_cuda(rows: list[np.ndarray], batches: list[tuple[np.ndarray, np.ndarray
 
     from investment_risk.export.decoder_graph import build_decoder_graph, decoder_checkpoint
     from investment_risk.export.graph_passes import export_graph, fuse_graph, to_fp16
+    from investment_risk.modeling.loading import in_bf16
     from investment_risk.modeling.tokens import length_batches, pad_batch
     from investment_risk.modeling.predict import GPU_TOKEN_BUDGET, PaddedBatch
 
@@ -172,7 +173,7 @@ def onnx_cuda(rows: list[np.ndarray], batches: list[tuple[np.ndarray, np.ndarray
         return
     pad = tokenizer.pad_token_id
     module = Scores(build(torch.float32, pad).to("cpu")).eval()
-    reference = copy.deepcopy(module).to(DEVICE, dtype=torch.bfloat16)
+    reference = in_bf16(copy.deepcopy(module), DEVICE)  # rotary frequencies kept in fp32, as the graphs keep them
     with torch.inference_mode():
         wants = [reference(torch.from_numpy(ids).to(DEVICE), torch.from_numpy(mask).to(DEVICE)).float().cpu().numpy()
                  for ids, mask in batches[:3]]

@@ -94,7 +94,7 @@ def test_a_shard_stopped_part_way_reads_on_from_its_checkpoint(exported, duplica
                 "tier_counts", "reject_reasons", "score_histograms", "batches", "mae", "invariant_holds"):
         assert metrics[key] == metrics_whole[key], key
     assert resumed["rows_in"] == whole["rows_in"] and metrics["seconds"] > 0
-    assert not (tmp_path / "broken" / CHECKPOINTS).exists()  # gone once the marker is in place
+    assert not (tmp_path / "broken" / "_progress").exists()  # gone once the marker is in place
 
 
 def test_a_checkpoint_of_other_work_is_not_used(exported, articles, tmp_path, monkeypatch):
@@ -160,3 +160,30 @@ def test_sigterm_takes_a_checkpoint_at_the_batchs_end_and_exits_1(exported, arti
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert "shard_resumed" in again.stdout and not (out / CHECKPOINTS).exists()
+
+
+def test_checkpoints_of_a_larger_shard_count_and_a_lockless_filesystem_leave_nothing(exported, articles, tmp_path,
+                                                                                      monkeypatch):
+    import errno
+
+    from investment_risk.core import atomic
+
+    _, model, _ = exported
+    settings = {"model": model, "inputs": (str(articles),), "read_rows": 16, "checkpoint_seconds": 0}
+    with monkeypatch.context() as patch:  # shard 2 of 3 stopped part-way, then the batch redone as 2 shards
+        crash_after(patch, 2)
+        with pytest.raises(Crash):
+            score(ScoreConfig(out=tmp_path / "out", shard_index=2, shard_count=3, **settings))
+    assert (tmp_path / "out" / "_progress" / "part-00002" / "state.json").exists()
+    for shard in (0, 1):
+        merged = score(ScoreConfig(out=tmp_path / "out", shard_index=shard, shard_count=2, **settings))
+    assert merged["complete"] and not (tmp_path / "out" / "_progress").exists()
+
+    def no_locks(fd, wait):
+        raise OSError(errno.ENOLCK, "no locks")
+
+    monkeypatch.setattr(atomic, "_set_lock", no_locks)
+    with capture_logs() as logs:
+        merged = score(ScoreConfig(out=tmp_path / "lockless", **settings))
+    assert [e for e in logs if e["event"] == "shard_checkpoints_off"] and merged["complete"]
+    assert not (tmp_path / "lockless" / "_progress").exists()

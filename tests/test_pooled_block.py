@@ -207,3 +207,35 @@ def test_torch_scoring_pools_and_export_does_not(exported):
     assert any(hasattr(m, POSITIONS) for m in runner.forward.modules())  # score --backend torch
     module, _, _ = scoring_module(run)  # what export traces: the graph pass pools the graph instead
     assert not any(hasattr(m, POSITIONS) for m in module.modules())
+
+
+def test_bf16_keeps_the_rotary_frequencies_in_fp32(tiny):
+    """Cast whole, the rotary frequencies round to bf16 and every angle drifts with the position (the ONNX graphs
+    keep them in fp32, so PyTorch bf16 as their reference differed by it): in_bf16 casts the rest."""
+    from types import SimpleNamespace
+
+    from investment_risk.modeling.loading import in_bf16
+    from investment_risk.modeling.onnx_runtime import load_cuda_libraries
+
+    base, tokenizer = tiny
+    model = regression_model(base, tokenizer).eval()
+    frequencies = {n: b.clone() for n, b in model.named_buffers() if n.endswith("inv_freq")}
+    assert frequencies and any(not torch.equal(b.to(torch.bfloat16).float(), b) for b in frequencies.values())
+    kept = in_bf16(copy.deepcopy(model), "cpu")
+    assert all(p.dtype == torch.bfloat16 for p in kept.parameters())
+    buffers = dict(kept.named_buffers())
+    assert all(torch.equal(buffers[n], b) and buffers[n].dtype == torch.float32 for n, b in frequencies.items())
+    ids, mask = batch(tokenizer)
+    with torch.inference_mode():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        got = kept(input_ids=ids, attention_mask=mask).logits.float()
+    assert torch.allclose(got, want, atol=0.05)
+    # The CUDA libraries' loader is a best effort: it asks ONNX Runtime to preload them, and a failure is not fatal.
+    calls = []
+
+    def preload():
+        calls.append("preload")
+        raise OSError("no CUDA here")
+
+    load_cuda_libraries(SimpleNamespace(preload_dlls=preload))
+    assert calls == ["preload"]

@@ -28,7 +28,7 @@ from ..core.drift import REFERENCE_FILE, make_reference, reference_entry
 from ..modeling.calibration import CALIBRATION_FILE, Calibration, load_calibration
 from ..modeling.description import (CPU_ENGINES, DYNAMIC_INT8_FILE, TWIN_FILES, describe_model, model_digest,
                                     model_version, onnx_files)
-from ..modeling.loading import cpu_runner, scoring_module
+from ..modeling.loading import cpu_runner, in_bf16, scoring_module
 from ..modeling.onnx_runtime import OnnxRunner
 from ..modeling.presets import CAUSAL_TYPES
 from ..modeling.predict import TorchRunner, padded_batches, predict, token_budget_for
@@ -200,7 +200,7 @@ def torch_bf16_on_gpu(module: Any, rows: list[np.ndarray], batches: list[np.ndar
     import torch
 
     cuda = torch.device("cuda")
-    module = module.to(cuda, dtype=torch.bfloat16)
+    module = in_bf16(module, cuda)
     return predict(TorchRunner(module, cuda), rows, pad_id, batches=batches), "torch-bf16-cuda"
 
 

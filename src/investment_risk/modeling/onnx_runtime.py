@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import ConfigError, RetryableError
+from ..core.logs import get_logger
 from .predict import PaddedBatch
 
 
@@ -56,6 +58,22 @@ def session_options(cuda: bool, threads: int | None = None) -> Any:
     return options
 
 
+def load_cuda_libraries(ort: Any) -> None:
+    """Load the CUDA libraries ONNX Runtime's CUDA provider links against (cuBLAS, cuDNN, the CUDA runtime) before
+    its session starts: they come with PyTorch's nvidia packages, which no library path names, so the provider
+    finds them only once torch has loaded them (ONNX Runtime's documented order: torch first) or once
+    `onnxruntime.preload_dlls()` has found them beside it. Without either, ONNX Runtime falls back to the CPU."""
+    try:
+        importlib.import_module("torch")  # loads its CUDA libraries into the process
+    except ImportError:
+        pass
+    if hasattr(ort, "preload_dlls"):  # onnxruntime >= 1.21
+        try:
+            ort.preload_dlls()
+        except Exception as exc:  # noqa: BLE001 - a best effort; the fallback check below names what failed
+            get_logger().debug("cuda_preload_failed", error=str(exc))
+
+
 class OnnxRunner:
     """A runner (see predict.py) over an ONNX file on the best provider for `device`: the one way ONNX Runtime runs
     here, for the scorer and for the export's measurements alike."""
@@ -67,6 +85,8 @@ class OnnxRunner:
         want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in available
         if device == "cuda" and not want_cuda:
             raise ConfigError(f"--device cuda: ONNX Runtime has no CUDA provider here (available: {', '.join(available)})")
+        if want_cuda:
+            load_cuda_libraries(ort)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(graph), session_options(want_cuda, threads), providers=providers)
         self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"

@@ -36,7 +36,7 @@ from ..modeling.description import ModelDescription, describe_model
 from ..modeling.predict import predict, token_budget_for
 from .batch_inputs import shard_inputs
 from .ledger import input_root
-from .progress import Position, ShardProgress, StopRequest, discard_checkpoints
+from .progress import Position, SeenIds, ShardProgress, StopRequest, discard_checkpoints, discard_stale_checkpoints
 from .prometheus import push, write_textfile
 from .shard_metrics import ShardMetrics, broken_shard, done_shard_counts, merge_metrics
 from .units import Unit, done_marker, parquet_rows, part_name, remove_shards_from, shard_files, shard_outputs
@@ -241,7 +241,7 @@ class ShardScorer:
         resumed = progress.resume() if progress and not self.config.force else None
         if progress and self.config.force:
             progress.clear()
-        seen_ids: dict[str, str] = {}  # id -> where it was first scored
+        seen_ids = SeenIds()  # id -> where it was first scored
         start, segment = Position(), 0
         if resumed:
             metrics.resume(resumed.metrics)
@@ -440,6 +440,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     if marker.exists():
         marker.unlink()  # redone (--force, or lost rows): not done until the new marker lands
     scorer = ShardScorer(config, runner, tokenizer, model)
+    discard_stale_checkpoints(out, config.shard_count)
     progress = ShardProgress.claim(out, config.shard_index, scorer.fingerprint(units))
     marked = False
     try:

@@ -48,6 +48,18 @@ class Position:
     batch: int = 0
 
 
+class SeenIds(dict):
+    """The ids a shard scored (id -> where it first was), and those added since the last checkpoint took them."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.fresh: list[tuple[str, str]] = []
+
+    def __setitem__(self, key: str, value: str) -> None:
+        super().__setitem__(key, value)
+        self.fresh.append((key, value))
+
+
 @dataclass
 class Resumed:
     """What the last checkpoint holds: where to read on from, the segments so far, the metrics and ids so far."""
@@ -55,7 +67,7 @@ class Resumed:
     position: Position
     segments: list[int]
     metrics: dict[str, Any]
-    seen_ids: dict[str, str]
+    seen_ids: SeenIds
     columns_seen: list[str] = field(default_factory=list)
 
 
@@ -67,7 +79,6 @@ class ShardProgress:
         self.fingerprint = fingerprint
         self._lock_fd = lock_fd
         self.segments: list[int] = []  # committed, in order
-        self._ids_committed = 0  # how many of the shard's seen ids are in committed segments
 
     @classmethod
     def claim(cls, out: Path, shard: int, fingerprint: dict[str, Any]) -> ShardProgress | None:
@@ -81,7 +92,9 @@ class ShardProgress:
             get_logger().warning("shard_checkpoints_off", reason="another scorer holds this shard's checkpoints; "
                                  "scoring it whole without them")
             return None
-        if fd is None:
+        if fd is None:  # nothing can have been written here without a lock: leave no trace
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+            _remove_empty(folder, folder.parent)
             get_logger().info("shard_checkpoints_off", reason="the output's filesystem has no file locks")
             return None
         return cls(folder, fingerprint, fd)
@@ -105,12 +118,12 @@ class ShardProgress:
             if state.get("fingerprint") != self.fingerprint:
                 raise InputError("made by other work (model, engine, inputs or settings differ)")
             segments = [int(s) for s in state["segments"]]
-            seen: dict[str, str] = {}
+            seen = SeenIds()
             for segment in segments:
                 for file in (*self.segment_files(segment), self._ids_file(segment)):
                     pq.ParquetFile(file).metadata  # each is whole (a footer), or the checkpoint is not used
                 ids = pq.read_table(self._ids_file(segment))
-                seen.update(zip(ids.column("id").to_pylist(), ids.column("where").to_pylist()))
+                seen.update(zip(ids.column("id").to_pylist(), ids.column("where").to_pylist()))  # not fresh
             resumed = Resumed(Position(*state["position"]), segments, state["metrics"], seen,
                               state.get("columns_seen", []))
         except (InputError, OSError, pa.ArrowException, KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -119,15 +132,15 @@ class ShardProgress:
             self.clear()
             return None
         self._remove_uncommitted(segments)
-        self.segments, self._ids_committed = segments, len(seen)
+        self.segments = segments
         get_logger().info("shard_resumed", unit=resumed.position.unit, batch=resumed.position.batch,
                           segments=len(segments), rows_done=resumed.metrics.get("rows_model", 0))
         return resumed
 
-    def commit(self, segment: int, position: Position, metrics: dict[str, Any], seen_ids: dict[str, str],
+    def commit(self, segment: int, position: Position, metrics: dict[str, Any], seen_ids: SeenIds,
                columns_seen: Sequence[str]) -> None:
         """Add the segment just written to the checkpoint: its new ids, then the state naming it (the commit)."""
-        new = list(seen_ids.items())[self._ids_committed:]
+        new = seen_ids.fresh
         write_parquet_atomic(pa.table({"id": pa.array([i for i, _ in new], type=pa.string()),
                                        "where": pa.array([w for _, w in new], type=pa.string())}),
                              self._ids_file(segment))
@@ -135,7 +148,7 @@ class ShardProgress:
         write_json_atomic({"fingerprint": self.fingerprint, "position": [position.unit, position.batch],
                            "segments": self.segments, "metrics": metrics, "columns_seen": sorted(columns_seen)},
                           self.folder / STATE_FILE)
-        self._ids_committed = len(seen_ids)
+        seen_ids.fresh = []
         get_logger().info("shard_checkpoint", unit=position.unit, batch=position.batch, segments=len(self.segments))
         fault_point(f"after_checkpoint:{self.folder.name}")
 
@@ -164,7 +177,24 @@ class ShardProgress:
         """Let go of the lock; `remove`: the shard is done (its marker in place), the folder goes first."""
         if remove:
             shutil.rmtree(self.folder, ignore_errors=True)
+            _remove_empty(self.folder.parent)
         os.close(self._lock_fd)
+
+
+def _remove_empty(*folders: Path) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another shard's checkpoints), or gone
+            pass
+
+
+def discard_stale_checkpoints(out: Path, shard_count: int) -> None:
+    """Remove the checkpoints of shards numbered `shard_count` and above: a batch begun with more shards and
+    redone with fewer leaves them, and no shard of this count would resume or remove them."""
+    for folder in sorted((out / "_progress").glob("part-[0-9][0-9][0-9][0-9][0-9]")):
+        if int(folder.name[5:]) >= shard_count:
+            discard_checkpoints(out, int(folder.name[5:]))
 
 
 def discard_checkpoints(out: Path, shard: int) -> None:
@@ -177,6 +207,7 @@ def discard_checkpoints(out: Path, shard: int) -> None:
     except BlockingIOError:
         return
     shutil.rmtree(folder, ignore_errors=True)
+    _remove_empty(folder.parent)
     if fd is not None:
         os.close(fd)
 
