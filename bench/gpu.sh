@@ -33,6 +33,7 @@ export PYTHONPATH="$PWD/src:$PWD/bench:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONU
 nvidia_libs=$(python3 -c 'import glob, os, site
 print(":".join(sorted({os.path.dirname(p) for s in site.getsitepackages() for p in glob.glob(s + "/nvidia/**/lib*.so*", recursive=True)})))' 2>/dev/null)
 export LD_LIBRARY_PATH="${nvidia_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+rm -f /tmp/ort-session-provider  # a warm machine's, from the last call: the probe below writes this call's
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   # A real session: with libraries missing, ONNX Runtime lists its CUDA provider yet runs on the CPU. Once without
@@ -68,4 +69,8 @@ case $step in
   *) echo "bench/gpu.sh: step must be score, train, export or compile, not '$step'" >&2; exit 2 ;;
 esac
 limit=$(( limit - SECONDS ))  # what the installs and the probe took comes off the step, inside the call's limit
+if (( limit < 30 )); then  # `timeout 0` would mean no limit at all, and a negative one an error
+  echo "bench/gpu.sh: ${limit}s left of STEP_LIMIT_S after the installs: too little for $step" >&2
+  exit 3
+fi
 timeout --signal=INT --kill-after=20 "$limit" python3 "${args[@]}" "${@:2}" 2>&1 | tee "$out/$step.log" | tail -60

@@ -9,7 +9,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from investment_risk.cli import main
-from investment_risk.core.atomic import write_dir_atomic
+from investment_risk.core.atomic import locked_dir, write_dir_atomic
 from investment_risk.core.errors import InputError
 
 
@@ -99,14 +99,16 @@ def test_two_writers_of_one_directory_are_kept_apart(tmp_path):
         assert holder.stdout.readline().strip() == "held"
         partial = tmp_path / ".model.partial-live"  # the live writer's work: not a leftover to remove
         partial.mkdir()
-        with pytest.raises(InputError, match="another process is writing it"):
-            write_dir_atomic(dest, lambda work: (work / "a").write_text("x"), exclusive=True)
+        with pytest.raises(InputError, match="another process is writing it"), locked_dir(dest):
+            write_dir_atomic(dest, lambda work: (work / "a").write_text("x"))
         assert partial.exists() and not dest.exists()
     finally:
         holder.kill()
         holder.wait()
-    write_dir_atomic(dest, lambda work: (work / "a").write_text("x"), exclusive=True)
+    with locked_dir(dest):
+        write_dir_atomic(dest, lambda work: (work / "a").write_text("x"))
     assert (dest / "a").read_text() == "x" and not partial.exists()  # a dead writer's work goes
+    assert not (tmp_path / ".model.lock").exists()  # removed as it is let go
 
 
 def test_replacing_a_symbolic_link_leaves_no_stray_link(tmp_path):

@@ -171,33 +171,45 @@ def _link_unless_present(tmp: Path, dest: Path) -> None:
             os.replace(tmp, dest)
 
 
-def write_dir_atomic(dest: str | Path, fill: Callable[[Path], Any], exclusive: bool = False) -> Path:
+def write_dir_atomic(dest: str | Path, fill: Callable[[Path], Any]) -> Path:
     """Build a directory with `fill(path)` beside `dest`, then swap it in; a failure leaves `dest` as it was.
     What an attempt killed outright (SIGKILL, out of memory) left half-built is removed by the next write of the
-    same `dest` (a 1.5B model's export leaves gigabytes). `exclusive`: writers that nothing else keeps apart (two
-    exports to one --out) hold `.NAME.lock` beside it from start to swap, and a second one is refused (InputError)
-    rather than left to delete the first one's work under it."""
+    same `dest` (a 1.5B model's export leaves gigabytes): one writer at a time, which `locked_dir` ensures where
+    nothing else does."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if not exclusive:
-        return _write_dir(dest, fill)
+    return _write_dir(dest, fill)
+
+
+@contextlib.contextmanager
+def locked_dir(dest: str | Path) -> Iterator[None]:
+    """Hold `.NAME.lock` beside `dest` for the block: a second writer of the same directory (two exports to one
+    --out) is refused at once (InputError) rather than left to delete the first one's work under it."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     lock_path = dest.parent / f".{dest.name}.lock"
     try:
-        lock = hold_lock(lock_path)
-        # The holder before us removes the file as it lets go: a lock on a name that no longer leads to it keeps
-        # nobody out.
-        if lock is not None and not _still_named(lock, lock_path):
-            os.close(lock)
-            raise BlockingIOError
+        lock = hold_named_lock(lock_path)
     except BlockingIOError:
         raise InputError(f"{dest}: another process is writing it now (it holds {lock_path.name}); wait for it to "
                          "finish, or write elsewhere") from None
     try:
-        return _write_dir(dest, fill)
+        yield
     finally:
+        lock_path.unlink(missing_ok=True)  # before letting go, so the name only ever leads to a held lock
         if lock is not None:
-            lock_path.unlink(missing_ok=True)  # before letting go, so the name only ever leads to a held lock
             os.close(lock)
+
+
+def hold_named_lock(path: Path) -> int | None:
+    """`hold_lock` on a lock file that its holder removes as it lets go: a lock taken on a file the name no longer
+    leads to keeps nobody out, so it is taken again on the new one. BlockingIOError while another holds it."""
+    for _ in range(10):
+        fd = hold_lock(path)
+        if fd is None or _still_named(fd, path):
+            return fd
+        os.close(fd)
+    raise BlockingIOError(f"{path}: taken by others each time")
 
 
 def _still_named(fd: int, path: Path) -> bool:

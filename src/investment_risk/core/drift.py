@@ -43,8 +43,13 @@ def psi(reference: list[int] | np.ndarray, current: list[int] | np.ndarray) -> f
     ref, cur = np.asarray(reference, dtype=np.float64), np.asarray(current, dtype=np.float64)
     if ref.sum() == 0 or cur.sum() == 0:
         return None
-    p, q = np.maximum(ref / ref.sum(), PSI_FLOOR), np.maximum(cur / cur.sum(), PSI_FLOOR)
-    return float(((q - p) * np.log(q / p)).sum())
+    return float(_psi_of_shares(ref / ref.sum(), cur / cur.sum()))
+
+
+def _psi_of_shares(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """PSI of bin shares along the last axis, an empty bin counted as PSI_FLOOR."""
+    p, q = np.maximum(p, PSI_FLOOR), np.maximum(q, PSI_FLOOR)
+    return ((q - p) * np.log(q / p)).sum(axis=-1)
 
 
 def shares(counts: dict[str, int]) -> dict[str, float]:
@@ -141,9 +146,9 @@ def psi_noise(reference: list[int] | np.ndarray, rows: int, draws: int = NOISE_D
         return None
     rng = np.random.default_rng(0)
     p = ref / ref.sum()
-    a = np.maximum(rng.multinomial(int(ref.sum()), p, size=draws) / ref.sum(), PSI_FLOOR)
-    b = np.maximum(rng.multinomial(rows, p, size=draws) / rows, PSI_FLOOR)
-    return float(np.quantile(((b - a) * np.log(b / a)).sum(axis=1), NOISE_QUANTILE))
+    a = rng.multinomial(int(ref.sum()), p, size=draws) / ref.sum()
+    b = rng.multinomial(rows, p, size=draws) / rows
+    return float(np.quantile(_psi_of_shares(a, b), NOISE_QUANTILE))
 
 
 def drift(reference: dict[str, Any], histograms: dict[str, list[int]], tier_counts: dict[str, int],

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..core.atomic import sha256_file, write_dir_atomic, write_json_atomic
+from ..core.atomic import locked_dir, sha256_file, write_dir_atomic, write_json_atomic
 from ..core.errors import ConfigError, InputError, RetryableError
 from ..core.logs import Progress, get_logger
 from ..core.spec import DIMENSIONS, default_spec
@@ -269,6 +269,14 @@ def check_out_dir(run_dir: Path, out_dir: Path, force: bool) -> None:
 
 def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = False,
                cpu_engine: str = "auto", device: str = "cpu") -> dict[str, Any]:
+    """Export `run_dir` into `out_dir` (model.json's contents returned), holding --out's lock from the start."""
+    check_out_dir(run_dir, out_dir, force)  # a mistyped --out is refused before anything is loaded or locked
+    with locked_dir(out_dir):
+        return _export_run(run_dir, out_dir, dtype, force, cpu_engine, device)
+
+
+def _export_run(run_dir: Path, out_dir: Path, dtype: str, force: bool, cpu_engine: str, device: str
+                ) -> dict[str, Any]:
     import torch
 
     log = get_logger()
@@ -283,7 +291,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
     if device == "cuda" and (missing := cuda_missing()):
         error = RetryableError if missing == NO_GPU else ConfigError
         raise error(f"--device cuda: needs a CUDA device and onnxruntime-gpu ({missing})")
-    check_out_dir(run_dir, out_dir, force)
+    check_out_dir(run_dir, out_dir, force)  # again, under the lock: an export that finished meanwhile
     if describe_model(run_dir).is_instruction:
         raise ConfigError(f"{run_dir}: export takes distillation runs; score an instruction run with --backend torch")
     module, tokenizer, metadata = scoring_module(run_dir)
@@ -411,7 +419,6 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
                 "fusions": fusions, "fused_operators": fused, "cpu_engine": engines}
 
     def build(work: Path) -> None:
-        check_out_dir(run_dir, out_dir, force)  # again, under --out's lock: an export that finished meanwhile
         made = decoder_graph(work) if decoder else dynamo_graph(work)
         tokenizer_files = sorted({Path(f).name for f in tokenizer.save_pretrained(work) if Path(f).is_file()})
         calibration = run_dir / "model" / CALIBRATION_FILE
@@ -452,7 +459,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         # (not needed for a decoder's GPU graph on a GPU, checked against PyTorch bf16 there: minutes for 1.5B on CPU).
         torch_fp32 = (None if decoder and device == "cuda" else
                       predict(TorchRunner(module, torch.device("cpu")), rows, pad_id, batches=batches))
-        write_dir_atomic(out_dir, build, exclusive=True)
+        write_dir_atomic(out_dir, build)
     log.info("exported", out=str(out_dir), model_version=info["model_version"], dtype=dtype,
              cpu_engine=info["cpu_engine"]["engine"])
     return info

@@ -70,7 +70,8 @@ def load_cuda_libraries(ort: Any) -> None:
     if hasattr(ort, "preload_dlls"):  # onnxruntime >= 1.21
         try:
             ort.preload_dlls()
-        except Exception as exc:  # noqa: BLE001 - a best effort; the fallback check below names what failed
+        except Exception as exc:  # noqa: BLE001 - a best effort (torch may have loaded them): if the provider
+            # still fails, ONNX Runtime's own error names the library and OnnxRunner refuses the CPU fallback
             get_logger().debug("cuda_preload_failed", error=str(exc))
 
 

@@ -29,6 +29,7 @@ from ..core.drift import DEFAULT_PSI_THRESHOLD, check_threshold
 from ..core.errors import ConfigError, InputError, Terminated
 from ..core.faults import fault_point
 from ..core.logs import Progress, bind, get_logger
+from ..core.signals import StopRequest
 from ..core.spec import DIMENSIONS, NUM_DIMENSIONS, default_spec
 from ..datasets.readers import (JSON_TEXT, REQUIRED_COLUMNS, Batch, is_jsonl, iter_file_batches,
                                 parquet_schema)
@@ -36,7 +37,7 @@ from ..modeling.description import ModelDescription, describe_model
 from ..modeling.predict import predict, token_budget_for
 from .batch_inputs import shard_inputs
 from .ledger import input_root
-from .progress import Position, SeenIds, ShardProgress, StopRequest, discard_checkpoints, discard_stale_checkpoints
+from .progress import Position, SeenIds, ShardProgress, discard_checkpoints, discard_stale_checkpoints
 from .prometheus import push, write_textfile
 from .shard_metrics import ShardMetrics, broken_shard, done_shard_counts, merge_metrics
 from .units import Unit, done_marker, parquet_rows, part_name, remove_shards_from, shard_files, shard_outputs
@@ -241,7 +242,7 @@ class ShardScorer:
         resumed = progress.resume() if progress and not self.config.force else None
         if progress and self.config.force:
             progress.clear()
-        seen_ids = SeenIds()  # id -> where it was first scored
+        seen_ids = SeenIds() if progress else {}  # id -> where it was first scored (SeenIds: and since the checkpoint)
         start, segment = Position(), 0
         if resumed:
             metrics.resume(resumed.metrics)

@@ -16,12 +16,9 @@ joined in order, as one unbroken run writes them; the folder goes once the `_don
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core.atomic import atomic_path, hold_lock, read_json, write_json_atomic, write_parquet_atomic
+from ..core.atomic import atomic_path, hold_named_lock, read_json, write_json_atomic, write_parquet_atomic
 from ..core.errors import InputError
 from ..core.faults import fault_point
 from ..core.logs import get_logger
@@ -87,7 +84,7 @@ class ShardProgress:
         folder = progress_dir(out, shard)
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            fd = hold_lock(folder / LOCK_FILE)
+            fd = hold_named_lock(folder / LOCK_FILE)  # a finishing scorer removes the folder, its lock file too
         except BlockingIOError:
             get_logger().warning("shard_checkpoints_off", reason="another scorer holds this shard's checkpoints; "
                                  "scoring it whole without them")
@@ -203,34 +200,10 @@ def discard_checkpoints(out: Path, shard: int) -> None:
     if not folder.is_dir():
         return
     try:
-        fd = hold_lock(folder / LOCK_FILE)
+        fd = hold_named_lock(folder / LOCK_FILE)
     except BlockingIOError:
         return
     shutil.rmtree(folder, ignore_errors=True)
     _remove_empty(folder.parent)
     if fd is not None:
         os.close(fd)
-
-
-class StopRequest:
-    """SIGTERM while the shard is scored: the batch under way finishes, a checkpoint is taken, then the scorer stops
-    (exit 1), so the retried pod reads on from that batch. Outside the main thread signals cannot be caught here,
-    and SIGTERM raises where it lands, as elsewhere."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    @contextlib.contextmanager
-    def catching(self) -> Iterator[StopRequest]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-
-        def request(_signum: int, _frame: Any) -> None:
-            self.requested = True
-
-        previous = signal.signal(signal.SIGTERM, request)
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGTERM, previous)

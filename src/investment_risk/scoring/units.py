@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,13 +70,12 @@ def shard_outputs(out: Path, shard: int) -> tuple[Path, ...]:
 def remove_shards_from(out: Path, count: int) -> list[int]:
     """Remove the shards numbered `count` and above (their marker first): what a batch scored again with a smaller
     --shard-count (--force) leaves of the old one, which no shard of the new count would replace. Returns them."""
-    found = {int(p.name[5:10]) for folder in (out, out / "rejects", out / "metrics", out / "_done", out / "_progress")
+    found = {int(p.name[5:10]) for folder in (out, out / "rejects", out / "metrics", out / "_done")
              for p in folder.glob("part-[0-9][0-9][0-9][0-9][0-9]*")}
     stale = sorted(shard for shard in found if shard >= count)
     for shard in stale:
         for path in reversed(shard_outputs(out, shard)):
             path.unlink(missing_ok=True)
-        shutil.rmtree(progress_dir(out, shard), ignore_errors=True)  # its checkpoints
     return stale
 
 

@@ -10,15 +10,11 @@ checkpoint, so `--resume` ends with the same history as an unbroken run.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +25,7 @@ from ..core.atomic import read_json, write_json_atomic
 from ..core.faults import kill_now
 from ..core.errors import ConfigError, InputError, Terminated
 from ..core.logs import Progress, get_logger
+from ..core.signals import StopRequest
 from ..core.metrics import regression_metrics
 from ..core.spec import DIMENSIONS, NUM_DIMENSIONS, default_spec
 from ..modeling.predict import pick_device
@@ -100,7 +97,9 @@ class Session:
     wall_mark: float = field(default_factory=time.monotonic)  # wall_seconds counts from here
     segment_start: float = field(default_factory=time.monotonic)  # train_seconds counts from here
     last_log: tuple[float, int] = (0.0, 0)  # (monotonic time, state.tokens) at the last train_step line
-    stop_requested: bool = False  # SIGTERM came while the epochs ran: checkpoint at the next step's end and stop
+    # SIGTERM while the epochs run: the step under way finishes, a checkpoint, then stop (the train Job's grace
+    # period leaves time for a validation pass)
+    stop: StopRequest = field(default_factory=StopRequest)
 
     @property
     def checkpoints(self) -> Path:
@@ -285,31 +284,12 @@ def run_epoch(session: Session, state: TrainState, sums: Sums, bar: Progress) ->
             log_step(session, state, sums)
         if kill_at is not None and state.step == kill_at:
             kill_now()
-        stopping = session.stop_requested
+        stopping = session.stop.requested
         if (stopping or state.step % config.checkpoint_steps == 0) and state.batch < len(batches):
             session.bank_time(state)
             checkpoint(session, state, sums)
             if stopping:  # (at an epoch's last step, end_of_epoch checkpoints and train() stops after it)
                 raise stopped(state)
-
-
-@contextlib.contextmanager
-def checkpoint_on_sigterm(session: Session) -> Iterator[None]:
-    """While the epochs run, SIGTERM (a pod preempted, evicted or drained) lets the step under way finish, then the
-    loop checkpoints and stops (exit 1): the retried pod resumes from there, not from the last periodic checkpoint
-    up to --checkpoint-steps earlier. The train Job's grace period leaves time for a validation pass."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
-        return
-
-    def request_stop(_signum: int, _frame: Any) -> None:
-        session.stop_requested = True
-
-    previous = signal.signal(signal.SIGTERM, request_stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def stopped(state: TrainState) -> Terminated:
@@ -446,11 +426,11 @@ def train(config: TrainConfig, resume: bool = False, resume_if_present: bool = F
         session.segment_start = time.monotonic()
         done_before = (state.epoch - 1) * session.batches_per_epoch + state.batch  # a resumed run's earlier batches
         with Progress(total=session.batches_per_epoch * config.epochs, what="train", unit="batches",
-                      already_done=done_before) as bar, checkpoint_on_sigterm(session):
+                      already_done=done_before) as bar, session.stop.catching():
             while state.epoch <= config.epochs:
                 epoch_started, tokens_before = time.monotonic(), state.tokens
                 run_epoch(session, state, sums, bar)
                 end_of_epoch(session, state, sums, epoch_started, tokens_before)
-                if session.stop_requested:  # the end of an epoch: end_of_epoch has just checkpointed
+                if session.stop.requested:  # the end of an epoch: end_of_epoch has just checkpointed
                     raise stopped(state)
         return finish(session, state)
