@@ -927,6 +927,11 @@ def test_input_takes_several_paths_after_one_flag(exported, articles, tmp_path, 
                                   str(articles / "c.jsonl")], env={"INVESTMENT_RISK_INPUT": str(articles / "a.parquet")})
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "env" / "metrics.json").read_text())["rows_in"] == 40
+    # the variable alone lists several, separated by whitespace (as the README says)
+    result = runner.invoke(main, ["score", "--model", str(model), "--out", str(tmp_path / "env2")],
+                           env={"INVESTMENT_RISK_INPUT": f"{articles / 'a.parquet'} {articles / 'c.jsonl'}"})
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "env2" / "metrics.json").read_text())["rows_in"] == 140
 
 
 def test_metrics_and_merge_command(exported, articles, tmp_path, runner):
