@@ -401,3 +401,40 @@ def test_evaluation_data_with_an_id_twice_is_named(tmp_path):
     assert read_articles([tmp_path / "labelled.parquet"]).num_rows == 6  # split reads them all, then de-duplicates
     with pytest.raises(InputError, match=rf"labelled.parquet row 5: id '{ids[2]}' again \(first at .*row 2\)"):
         read_articles([tmp_path / "labelled.parquet"], unique_ids=True)
+
+
+def test_a_folder_or_glob_refuses_compressed_articles_and_names_what_it_skips(tmp_path):
+    import gzip
+
+    from structlog.testing import capture_logs
+
+    rows = "".join(json.dumps(r) + "\n" for r in article_rows(3, labels=False))
+    (tmp_path / "a.jsonl").write_text(rows)
+    (tmp_path / "notes.csv").write_text("x\n")
+    (tmp_path / "split_summary.json").write_text("{}")  # a folder's .json is metadata: skipped without a word
+    with capture_logs() as logs:
+        assert expand_inputs([str(tmp_path)]) == [tmp_path / "a.jsonl"]
+    [skipped] = [e for e in logs if e["event"] == "inputs_skipped"]
+    assert skipped["files"] == [str(tmp_path / "notes.csv")] and skipped["log_level"] == "warning"
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as handle:  # its rows would be lost without a word
+        handle.write(rows)
+    for given in (str(tmp_path), str(tmp_path / "*")):
+        with pytest.raises(InputError, match="b.jsonl.gz: a compressed article file is not read"):
+            expand_inputs([given])
+
+
+def test_data_given_twice_is_refused_and_split_reads_every_input(tmp_path):
+    from click.testing import CliRunner
+
+    from investment_risk.cli import main
+
+    for name, start in (("a", 0), ("b", 40)):
+        pq.write_table(pa.Table.from_pylist(article_rows(40, start=start)), tmp_path / f"{name}.parquet")
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path), "--data", str(tmp_path / "a.parquet"),
+                                       "--data", str(tmp_path / "b.parquet")])
+    assert result.exit_code == 2 and "--data was given more than once" in result.output, result.output
+    # `data split --input` repeats: every file's rows (Click kept the last and dropped the first's before)
+    result = CliRunner().invoke(main, ["data", "split", "--input", str(tmp_path / "a.parquet"), "--input",
+                                       str(tmp_path / "b.parquet"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "split_summary.json").read_text())["rows_in"] == 80

@@ -139,6 +139,9 @@ def test_the_export_job_writes_the_gpu_graph_on_a_gpu_and_the_measured_cpu_one_o
     assert gpu["args"] == ["export", "--run", "/models/runs/r1", "--out", "/models/current", "--dtype", "fp16",
                            "--device", "cuda", "--force"]
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # another --dtype replaces the profile's: the CLI refuses an option given twice
+    bf16 = container("--out", "/models/current", "--extra-arg", "--dtype", "--extra-arg", "bf16")
+    assert bf16["args"][-4:] == ["--device", "cuda", "--dtype", "bf16"] and bf16["args"].count("--dtype") == 1
     cpu = container("--profile", "cpu")
     assert cpu["args"] == ["export", "--run", "/models/runs/r1", "--out", "/models/exports/exp-1"]
     assert "nvidia.com/gpu" not in cpu["resources"]["limits"]

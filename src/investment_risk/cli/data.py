@@ -35,19 +35,19 @@ def data_synth(rows: int, seed: int, out: Path) -> None:
 
 
 @data.command("split")
-@option("--input", "input_", type=str, required=True, envvar=ENV_PREFIX + "INPUT",
-        help="Labelled articles: a Parquet/JSONL file, a directory or a glob.")
+@option("--input", "inputs", type=str, required=True, multiple=True, envvar=ENV_PREFIX + "INPUT",
+        help="Labelled articles: a Parquet/JSONL file, a directory or a glob; repeat it for more.")
 @option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
         help="Output directory for train.parquet, val.parquet, test.parquet and split_summary.json.")
 @option("--val", type=float, default=0.1, show_default=True, help="Share of unique rows for validation.")
 @option("--test", type=float, default=0.1, show_default=True, help="Share of unique rows for testing.")
 @option("--seed", type=click.IntRange(min=0), default=42, show_default=True, help="Random seed of the shuffle.")
-def data_split(input_: str, out: Path, val: float, test: float, seed: int) -> None:
+def data_split(inputs: tuple[str, ...], out: Path, val: float, test: float, seed: int) -> None:
     """De-duplicate (by id and normalised content) and split into train/val/test."""
     from ..datasets.split import SplitConfig, run_split
 
     bind(stage="split")
-    result = run_split([input_], out, SplitConfig(val=val, test=test, seed=seed))
+    result = run_split(list(inputs), out, SplitConfig(val=val, test=test, seed=seed))
     rows = result["rows"]
     output.summary(f"train={rows['train']} val={rows['val']} test={rows['test']} -> {out}", "split_summary",
             out=str(out), **{f"{name}_rows": rows[name] for name in ("train", "val", "test")})

@@ -14,7 +14,7 @@ from .options import option
 @click.command("evaluate")
 @option("--model", "model", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
         help="A training run directory, or an exported model directory (scored with ONNX Runtime).")
-@option("--data", type=click.Path(dir_okay=False, path_type=Path), required=True, help="A labelled Parquet/JSONL file.")
+@option("--data", once=True, type=click.Path(dir_okay=False, path_type=Path), required=True, help="A labelled Parquet/JSONL file.")
 @option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the metrics as JSON here.")
 @option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -42,7 +42,7 @@ def evaluate_command(model: Path, data: Path, out: Path | None, batch_size: int,
 @click.command("calibrate")
 @option("--model", "model", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
         help="A training run or an exported model directory.")
-@option("--data", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@option("--data", once=True, type=click.Path(dir_okay=False, path_type=Path), required=True,
         help="A labelled Parquet/JSONL file (new data, not the training split).")
 @option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

@@ -13,12 +13,30 @@ ENV_PREFIX = "INVESTMENT_RISK_"
 class EnvOption(click.Option):
     """Every option can also come from INVESTMENT_RISK_<OPTION> (the contract's rule, not Click's nested prefix)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, once: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("show_envvar", True)
         super().__init__(*args, **kwargs)
+        self.once = once  # given twice is an error, not the last one winning (the data a command reads)
         flags = [opt for opt in self.opts if opt.startswith("--")]
         if self.envvar is None and flags:  # named after the flag the user types, not the Python parameter
             self.envvar = ENV_PREFIX + max(flags, key=len)[2:].replace("-", "_").upper()
+
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        if not self.once:  # a repeated setting (--epochs 2 --epochs 3) is an override: the last one wins
+            return
+        # Click keeps the last of a repeated one-value option without a word: `--data a --data b` read b alone.
+        parsed = {id(p): p for opt in self.opts for p in (parser._long_opt.get(opt), parser._short_opt.get(opt)) if p}
+        for entry in parsed.values():
+            store = entry.process
+
+            def once(value: Any, state: Any, store: Any = store) -> None:
+                if self.name in state.opts:
+                    raise click.UsageError(f"{'/'.join(self.opts)} was given more than once; it takes one value", ctx)
+                store(value, state)
+
+            entry.process = once
 
 
 option = functools.partial(click.option, cls=EnvOption)

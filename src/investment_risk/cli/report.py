@@ -33,7 +33,7 @@ def report_compare(run_a: Path, run_b: Path, out: Path) -> None:
 
 
 @report.command("dimensions")
-@option("--data", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True,
+@option("--data", once=True, type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True,
         help="A labelled Parquet/JSONL file.")
 @option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for the report.")
 def report_dimensions(data: Path, out: Path) -> None:

@@ -18,7 +18,7 @@ from .options import option
              "(a causal LM), with a score head beside it.")
 @option("--base-model", required=True,
         help="Preset (qwen2.5-1.5b, minilm, tiny-qwen2), a local model directory, or a hub id in the local cache.")
-@option("--data", type=click.Path(file_okay=False, path_type=Path), required=True,
+@option("--data", once=True, type=click.Path(file_okay=False, path_type=Path), required=True,
         help="Directory with train.parquet and val.parquet (from 'data split').")
 @option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory to create.")
 @option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..core.errors import InputError, unreadable
+from ..core.logs import get_logger
 from ..core.spec import DIMENSIONS, default_spec
 
 REQUIRED_COLUMNS = ("id", "title", "content")
@@ -32,6 +33,7 @@ OPTIONAL_STRING_COLUMNS = ("source", "url", "published_at", "language", "reasoni
 PASS_THROUGH_COLUMNS = ("source", "url", "published_at", "language")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")  # not read: a folder's batch.jsonl.gz is refused
 DEFAULT_BATCH_ROWS = 1024
 
 
@@ -74,6 +76,23 @@ def _supported(path: Path, named: bool = True) -> bool:
     return suffix in PARQUET_SUFFIXES + JSONL_SUFFIXES and (named or suffix != ".json")
 
 
+def _screen(candidates: Sequence[Path], where: str, named: bool) -> list[Path]:
+    """The article files among a folder's or a glob's `candidates`. A compressed article file is refused (exit 2:
+    skipped, its rows would be lost without a word); other files are skipped with a warning naming them."""
+    keep, skipped = [], []
+    for path in candidates:
+        if _supported(path, named):
+            keep.append(path)
+        elif path.suffix.lower() in COMPRESSED_SUFFIXES and _supported(Path(path.stem)):
+            raise InputError(f"{path}: a compressed article file is not read; decompress it")
+        elif path.suffix.lower() != ".json":  # a folder's .json files are metadata (split_summary.json, model.json)
+            skipped.append(path)
+    if skipped:
+        get_logger().warning("inputs_skipped", input=where, files=[str(p) for p in skipped[:10]], count=len(skipped),
+                             reason="not a Parquet or JSONL file")
+    return keep
+
+
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     """Files, directories (their Parquet/JSONL files, recursively) and globs -> a sorted, de-duplicated file list."""
     found: list[Path] = []
@@ -82,12 +101,12 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         if not text.strip():  # Path("") is the current directory: an unset variable would score all of it
             raise InputError("an empty path was given as input (name a file, directory or glob)")
         if _has_glob(text):
-            matches = sorted(p for p in _glob_files(text) if _supported(p, named=text.lower().endswith(".json")))
+            matches = sorted(_screen(_glob_files(text), text, named=text.lower().endswith(".json")))
             if not matches:
                 raise InputError(f"{text}: no Parquet or JSONL file matches this pattern")
             found.extend(matches)
         elif Path(text).is_dir():
-            matches = _directory_files(Path(text))
+            matches = sorted(_regular_files(_screen(_directory_files(Path(text)), text, named=False)))
             if not matches:
                 raise InputError(f"{text}: directory holds no .parquet or .jsonl file")
             found.extend(matches)
@@ -194,7 +213,7 @@ def _glob_walk(folder: Path, parts: tuple[str, ...], found: list[Path], seen: se
 
 
 def _directory_files(root: Path) -> list[Path]:
-    """The Parquet and JSONL files under `root`, recursively, skipping `_`/`.` names (markers, temporary files). A
+    """The files under `root`, recursively, skipping `_`/`.` names (markers, temporary files). A
     subdirectory that cannot be listed is an error: skipping it would drop its rows without a word."""
 
     found, seen = [], set()
@@ -205,8 +224,8 @@ def _directory_files(root: Path) -> list[Path]:
             continue
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
-        found += [Path(folder) / f for f in files if not f.startswith(("_", ".")) and _supported(Path(f), named=False)]
-    return sorted(_regular_files(found))
+        found += [Path(folder) / f for f in files if not f.startswith(("_", "."))]
+    return sorted(found)
 
 
 def _string_type(t: pa.DataType) -> bool:

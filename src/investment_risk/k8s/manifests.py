@@ -274,14 +274,16 @@ EXPORT_CPU_MEMORY_GI = 16
 
 def export_job(name: str, run: str, out: str, settings: JobSettings, extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """Merge, export and prove a training run into the model directory scoring reads: on a GPU the fp16 graph the
-    CUDA scorer runs, its parity measured there; on CPUs the fp32 graph and the measured CPU engine. `--extra-arg`s
-    come last, so they can name another --dtype."""
+    CUDA scorer runs, its parity measured there; on CPUs the fp32 graph and the measured CPU engine. An
+    `--extra-arg` may name another --dtype or --device: it replaces the profile's (an option is given once)."""
     check_name(name)
     if not run or not out:
         raise ConfigError("export needs --run (the training run directory) and --out (the model directory to write)")
     gpu = settings.hardware.gpus > 0
-    args = ["export", "--run", run, "--out", out, *(["--dtype", "fp16", "--device", "cuda"] if gpu else []),
-            *extra_args]
+    named = {arg.split("=")[0] for arg in extra_args}
+    defaults = [arg for flag, value in (("--dtype", "fp16"), ("--device", "cuda")) if gpu and flag not in named
+                for arg in (flag, value)]
+    args = ["export", "--run", run, "--out", out, *defaults, *extra_args]
     container = _container("export", args, settings, gpu=True)
     if not gpu and quantity(settings.hardware.memory, "memory") < EXPORT_CPU_MEMORY_GI * 2**30:
         # A CPU export of Qwen2.5-1.5B peaked at 12.3 GiB (README): a scoring pod's memory would kill it.
