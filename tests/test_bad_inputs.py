@@ -80,6 +80,12 @@ def _bad_utf8(d: Path) -> list[str]:
     return [str(jsonl(d / "u.jsonl", [json.dumps(r) for r in rows(2)] + [b'{"id": "u", "title": "\xff\xfe bad"}']))]
 
 
+def _repeated_keys(d: Path) -> list[str]:
+    # which id is the article's is a guess: json.loads took the last ("9") and scored it without a word
+    line = '{"id": "1", "title": "t", "content": "some words", "id": "9"}'
+    return [str(jsonl(d / "k.jsonl", [json.dumps(r) for r in rows(2)] + [line]))]
+
+
 def _nul(d: Path) -> list[str]:
     return [str(parquet(d / "nul.parquet", rows(2) + [{"id": "nul", "title": "a\x00b", "content": "c\x00\x00d"}]))]
 
@@ -238,6 +244,7 @@ CASES = [
     Case("huge string", _huge, rows_in=3, rejects={"over the 1000000-byte limit": 1}),
     Case("invalid UTF-8 in JSONL", _bad_utf8, rows_in=3, rejects={"invalid UTF-8": 1}),
     Case("NUL bytes", _nul, rows_in=3),
+    Case("a JSONL key given twice", _repeated_keys, rows_in=3, rejects={"invalid JSON": 1}),
     Case("mixed types in JSONL", _mixed_types, rows_in=5, rejects={"expected a string": 2}, scored_ids=("17",)),
     Case("null and blank ids", _null_ids, rows_in=4, rejects={"id is null or empty": 2}),
     Case("duplicate ids", _duplicate_ids, rows_in=5, rejects={"duplicate id": 2}),

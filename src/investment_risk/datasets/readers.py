@@ -485,13 +485,26 @@ def _iter_jsonl(path: Path, batch_rows: int, labels: Sequence[str], lenient: boo
         yield flush()
 
 
+def _one_value_a_key(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once: with two ids (or two titles) which one is the article's is a
+    guess, and json.loads would take the last without a word."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"key {key!r} appears twice")
+            seen.add(key)
+    return obj
+
+
 def _parse_line(raw: bytes) -> tuple[dict[str, Any], str | None]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         return {}, f"invalid UTF-8 ({exc.reason} at byte {exc.start})"
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_one_value_a_key)
         if _SURROGATE_ESCAPE.search(text):  # a lone one decodes but cannot be written as UTF-8
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
     except json.JSONDecodeError as exc:
