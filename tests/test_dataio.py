@@ -438,3 +438,13 @@ def test_data_given_twice_is_refused_and_split_reads_every_input(tmp_path):
                                        str(tmp_path / "b.parquet"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "split_summary.json").read_text())["rows_in"] == 80
+
+
+def test_invalid_utf8_in_any_text_column_read_is_a_row_problem(tmp_path):
+    """A kept column is written on as it came: invalid UTF-8 there made a part file no reader could open."""
+    table = pa.table({"id": ["a", "b"], "title": ["t", "t"], "content": ["c", "c"],
+                      "meta": pa.array([b"fine", b"x\xffy"], pa.binary()).cast(pa.string(), safe=False)})
+    pq.write_table(table, tmp_path / "m.parquet")
+    [batch] = iter_file_batches(tmp_path / "m.parquet", lenient=True)
+    assert batch.problems == {1: "column 'meta' is not valid UTF-8 (invalid start byte at byte 1)"}
+    batch.table.validate(full=True)  # what is written on is valid

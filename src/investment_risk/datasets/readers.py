@@ -292,10 +292,11 @@ def as_plain_strings(table: pa.Table) -> pa.Table:
 
 def invalid_text_rows(table: pa.Table) -> tuple[pa.Table, dict[int, str]]:
     """Rows whose text columns are not valid UTF-8 (Parquet does not check what a writer stored as a string): each
-    a row problem naming the column and byte, its value nulled so that the rest of the batch can be read."""
+    a row problem naming the column and byte, its value nulled so that the rest of the batch can be read. Every
+    text column read counts, a kept one too: written on as it came, it made a part file no reader could open."""
     problems: dict[int, str] = {}
-    for name in (*REQUIRED_COLUMNS, *OPTIONAL_STRING_COLUMNS):
-        if name not in table.column_names or not _string_type(table.schema.field(name).type):
+    for name in table.column_names:
+        if not _string_type(table.schema.field(name).type):
             continue
         column = table.column(name)
         try:
