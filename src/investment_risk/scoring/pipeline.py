@@ -180,6 +180,7 @@ class ShardScorer:
         self.pad_id = model.pad_id(tokenizer)
         self.columns_seen: set[str] = set()  # to name a --keep-columns column that no input had
         self.batches_scored = 0  # read batches, by this run
+        self.calibrated = config.calibration and model.calibration is not None  # the scores go through it
         self.spec = default_spec()
         on_gpu = "cuda" in str(getattr(runner, "provider", "")).lower()  # CUDAExecutionProvider, torch-cuda
         self.token_budget = config.token_budget or token_budget_for("cuda" if on_gpu else "cpu")
@@ -222,7 +223,7 @@ class ShardScorer:
         """What decides the rows a shard writes: a checkpoint resumes only the same work."""
         config = self.config
         return {"model_version": self.model.model_version, "provider": str(getattr(self.runner, "provider", "?")),
-                "calibrated": config.calibration and self.model.calibration is not None,
+                "calibrated": self.calibrated,
                 "filter": [self.spec.name, self.spec.version], "keep_columns": list(config.keep_columns),
                 "read_rows": config.read_rows, "shard": [config.shard_index, config.shard_count],
                 "units": [[str(unit.path), unit.row_group, unit.rows] for unit in units]}
@@ -230,15 +231,14 @@ class ShardScorer:
     def run(self, units: Sequence[Unit], total_rows: int | None, progress: ShardProgress | None = None) -> ShardMetrics:
         """Score the shard's units into its part and rejects files; with `progress`, from its last checkpoint on,
         taking new ones as it goes."""
-        calibrated = self.config.calibration and self.model.calibration is not None
         metrics = ShardMetrics(shard=self.config.shard_index, shard_count=self.config.shard_count,
                                model_version=self.model.model_version, backend=self.config.backend,
                                provider=getattr(self.runner, "provider", "?"), reference=self.model.reference,
-                               psi_threshold=self.config.psi_threshold, calibrated=calibrated)
+                               psi_threshold=self.config.psi_threshold, calibrated=self.calibrated)
         # Rows in, from the input side: Parquet footers now, JSONL rows as they are read.
         metrics.rows_in = sum(unit.rows or 0 for unit in units)
         part, rejects = shard_files(self.config.out, self.config.shard_index)
-        metadata = provenance(self.model, calibrated, self.config.shard_index, self.config.shard_count)
+        metadata = provenance(self.model, self.calibrated, self.config.shard_index, self.config.shard_count)
         resumed = progress.resume() if progress and not self.config.force else None
         if progress and self.config.force:
             progress.clear()

@@ -173,9 +173,18 @@ class ShardProgress:
     def release(self, remove: bool) -> None:
         """Let go of the lock; `remove`: the shard is done (its marker in place), the folder goes first."""
         if remove:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            _remove_empty(self.folder.parent)
-        os.close(self._lock_fd)
+            _remove_and_let_go(self.folder, self._lock_fd)
+        else:
+            os.close(self._lock_fd)
+
+
+def _remove_and_let_go(folder: Path, fd: int | None) -> None:
+    """Remove a shard's checkpoints, their lock file with them, before letting go of the lock: the name then only
+    ever leads to a held lock."""
+    shutil.rmtree(folder, ignore_errors=True)
+    _remove_empty(folder.parent)
+    if fd is not None:
+        os.close(fd)
 
 
 def _remove_empty(*folders: Path) -> None:
@@ -203,7 +212,4 @@ def discard_checkpoints(out: Path, shard: int) -> None:
         fd = hold_named_lock(folder / LOCK_FILE)
     except BlockingIOError:
         return
-    shutil.rmtree(folder, ignore_errors=True)
-    _remove_empty(folder.parent)
-    if fd is not None:
-        os.close(fd)
+    _remove_and_let_go(folder, fd)
