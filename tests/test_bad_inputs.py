@@ -133,6 +133,25 @@ def _zero_rows(d: Path) -> list[str]:
     return [str(d)]
 
 
+def _zero_rows_without_columns(d: Path) -> list[str]:
+    # No row group is any shard's unit: the file's columns were checked by no one, and it scored as "0 rows".
+    parquet(d / "zero.parquet", [], schema=pa.schema([("id", pa.string()), ("headline", pa.string())]))
+    parquet(d / "ok.parquet", rows(2))
+    return [str(d)]
+
+
+def _parquet_named_jsonl(d: Path) -> list[str]:
+    # Read as lines, a Parquet file was a column of "invalid UTF-8" rejects and a shard that succeeded.
+    parquet(d / "ok.parquet", rows(2))
+    (d / "night.jsonl").write_bytes((d / "ok.parquet").read_bytes())
+    return [str(d / "night.jsonl")]
+
+
+def _csv_named_jsonl(d: Path) -> list[str]:
+    (d / "export.jsonl").write_text("id,title,content\n1,Rates rise,Central bank lifts rates\n")
+    return [str(d / "export.jsonl")]
+
+
 def _zero_bytes(d: Path) -> list[str]:
     (d / "empty.parquet").write_bytes(b"")
     return [str(d / "empty.parquet")]
@@ -253,6 +272,11 @@ CASES = [
     Case("non-English text", _non_english, rows_in=3),
     Case("HTML-laden content", _html, rows_in=1),
     Case("0-row Parquet file beside a good one", _zero_rows, rows_in=2),
+    Case("0-row Parquet file without the article columns", _zero_rows_without_columns, 2,
+         "zero.parquet: missing required column(s) title, content"),
+    Case("a Parquet file named .jsonl", _parquet_named_jsonl, 2,
+         "night.jsonl: not JSON Lines: no JSON object in its only line (line 1: invalid UTF-8"),
+    Case("a CSV file named .jsonl", _csv_named_jsonl, 2, "export.jsonl: not JSON Lines: no JSON object in its 2 lines (line 1: invalid JSON"),
     Case("0-byte Parquet file", _zero_bytes, 2, "empty file (0 bytes)"),
     Case("0-byte JSONL file beside a good one", _zero_byte_jsonl, rows_in=2),
     Case("unreadable permissions", _unreadable, 2, "locked.parquet"),

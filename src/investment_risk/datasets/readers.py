@@ -453,6 +453,12 @@ def _iter_jsonl(path: Path, batch_rows: int, labels: Sequence[str], lenient: boo
     first_line, json_suffix = True, path.suffix.lower() == ".json"
 
     def flush() -> Batch:
+        if start == 0 and rows and len(bad) == len(rows):
+            # No line of the file's first batch is an article: the file is not JSON Lines (a Parquet or CSV file
+            # named .jsonl), a whole-file problem as a Parquet file without the columns is, not a reject a line.
+            what = f"its first {len(rows)} lines" if len(rows) == batch_rows else \
+                "its only line" if len(rows) == 1 else f"its {len(rows)} lines"
+            raise InputError(f"{path}: not JSON Lines: no JSON object in {what} (line {lines[0]}: {bad[0]})")
         batch = _jsonl_table(path, start, rows, labels)
         batch.problems.update(bad)
         batch.unreadable_rows = len(bad)

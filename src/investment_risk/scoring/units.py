@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.errors import InputError
-from ..datasets.readers import is_jsonl, parquet_schema
+from ..datasets.readers import check_schema, is_jsonl, parquet_schema
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,9 @@ def list_units(files: Sequence[Path]) -> list[Unit]:
         if is_jsonl(path):
             units.append(Unit(path, None))
             continue
-        parquet_schema(path)  # a corrupt file fails here, naming itself, in every shard alike
+        # A corrupt file, or one without the article columns, fails here, naming itself, in every shard alike: a
+        # file of no row groups is no shard's unit, so no shard would read (and check) it.
+        check_schema(path, parquet_schema(path))
         try:
             metadata = pq.ParquetFile(path).metadata
         except (pa.ArrowException, OSError) as exc:
