@@ -323,6 +323,95 @@ def test_a_broken_calibration_in_a_run_stops_scoring_with_exit_2(calibrated, run
     assert result.exit_code == 2 and CALIBRATION_FILE in result.output and "monotone" in result.output
 
 
+class Killed(BaseException):
+    """A SIGKILL, as a test can take one: no handler of the code under test catches it."""
+
+
+@pytest.mark.parametrize("point", ["before_rename:*/.replace-journal.json", "after_rename:*/.replace-journal.json",
+                                   "after_rename:*/calibration.json", "after_rename:*/reference.json"])
+def test_a_calibrate_killed_between_its_renames_leaves_the_old_model_or_the_new_one(calibrated, tmp_path, point,
+                                                                                     monkeypatch):
+    # The three files were renamed one after another: a kill between them left a model.json whose sha256 matched
+    # neither set, which no command could read again and calibrate could not redo (only a re-export mended it).
+    from investment_risk.core import faults
+    from investment_risk.evaluation.calibrate import recalibrate
+
+    root, _, _ = calibrated
+    data = root / "data" / "val.parquet"
+    unbroken, model = tmp_path / "unbroken", tmp_path / "model"
+    shutil.copytree(root / "model", unbroken)
+    shutil.copytree(root / "model", model)
+    old, new = describe_model(model).model_version, recalibrate(unbroken, data, device="cpu")["model_version"]
+
+    def kill() -> None:
+        raise Killed
+
+    monkeypatch.setattr(faults, "kill_now", kill)
+    monkeypatch.setenv("_INVESTMENT_RISK_KILL_AT", point)
+    with pytest.raises(Killed):
+        recalibrate(model, data, device="cpu")
+    monkeypatch.delenv("_INVESTMENT_RISK_KILL_AT")
+    survived = describe_model(model)  # what every reader does first: a journal is rolled forward
+    assert survived.model_version == (old if point.startswith("before") else new)
+    for name in ("calibration.json", "reference.json", "model.json"):
+        assert (model / name).read_bytes() == ((root / "model" if point.startswith("before") else unbroken) / name
+                                               ).read_bytes(), name
+    assert recalibrate(model, data, device="cpu")["model_version"] == new  # and calibrate runs again
+    assert sorted(p.name for p in model.iterdir() if p.name.startswith(".")) == []
+
+
+def test_calibrating_a_run_gives_it_a_new_version_and_records_the_refit(calibrated, runner, tmp_path):
+    # A run's version was its name alone: batches scored before and after a refit could not be told apart, and a
+    # merge of shards scored on both sides of it called itself one model's batch.
+    root, _, _ = calibrated
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    before = describe_model(run).model_version
+    assert before.startswith("run:run@")
+    result = runner.invoke(main, ["calibrate", "--model", str(run), "--data", str(root / "data" / "test.parquet")])
+    assert result.exit_code == 0, result.output
+    after = describe_model(run).model_version
+    assert after != before and after.startswith("run:run@")
+    recorded = json.loads((run / "training_metadata.json").read_text())
+    assert recorded["recalibrated"]["model_version"] == after and recorded["recalibrated"]["split"] == "refit"
+    assert recorded["calibration"]["fitted"]  # what training fitted stays on record beside it
+
+
+def test_in_sample_figures_are_named_as_such(calibrated, runner, tmp_path):
+    # Calibrating on the training split, or evaluating on the split the model or its calibration was fitted on,
+    # gave figures that read as a new data's without a word.
+    root, _, _ = calibrated
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    seen = {}
+    for split in ("train", "val", "test"):
+        out = tmp_path / f"{split}.json"
+        result = runner.invoke(main, ["evaluate", "--model", str(run), "--data", str(root / "data" / f"{split}.parquet"),
+                                      "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        seen[split] = json.loads(out.read_text())["in_sample"]
+        assert ("evaluated_in_sample" in result.output) == bool(seen[split])
+    assert seen == {"train": ["trained on it"], "val": ["calibration fitted on it"], "test": []}
+    result = runner.invoke(main, ["calibrate", "--model", str(run), "--data", str(root / "data" / "train.parquet")])
+    assert result.exit_code == 0 and "calibration_on_training_data" in result.output, result.output
+    result = runner.invoke(main, ["evaluate", "--model", str(run), "--data", str(root / "data" / "train.parquet"),
+                                  "--out", str(tmp_path / "again.json")])
+    assert json.loads((tmp_path / "again.json").read_text())["in_sample"] == ["trained on it", "calibration fitted on it"]
+    result = runner.invoke(main, ["evaluate", "--model", str(run), "--data", str(root / "data" / "train.parquet"),
+                                  "--out", str(tmp_path / "off.json"), "--no-calibration"])
+    assert json.loads((tmp_path / "off.json").read_text())["in_sample"] == ["trained on it"]
+
+
+def test_evaluate_refuses_an_out_it_cannot_write_before_it_scores(calibrated, runner, tmp_path):
+    root, _, _ = calibrated
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "x.json"  # it scored every row, then said only "afile: File exists"
+    result = runner.invoke(main, ["evaluate", "--model", str(root / "model"), "--data",
+                                  str(root / "data" / "test.parquet"), "--out", str(out)])
+    assert result.exit_code == 2 and f"--out {out}: {tmp_path / 'afile'} is a file" in result.output, result.output
+    assert '"progress' not in result.output  # refused before any scoring
+
+
 # --- dimension redundancy --------------------------------------------------------------------------------------
 
 def test_report_dimensions_finds_a_redundant_pair(runner, tmp_path):
@@ -340,6 +429,19 @@ def test_report_dimensions_finds_a_redundant_pair(runner, tmp_path):
     assert sum(analysis["explained_variance"]) == pytest.approx(1.0, abs=1e-3)
     for name in ("dimensions.md", "dimension_correlations.png", "dimension_variance.png"):
         assert (tmp_path / "dims" / name).stat().st_size > 0
+    assert not analysis["too_few_rows"] and "Too few rows" not in (tmp_path / "dims" / "dimensions.md").read_text()
+
+
+def test_report_dimensions_says_when_a_handful_of_rows_cannot_tell(runner, tmp_path):
+    # Three rows gave 18 of 28 pairs "strongly correlated" and a first component explaining nearly everything.
+    pq.write_table(generate(SynthConfig(rows=3, seed=5)), tmp_path / "few.parquet")
+    result = runner.invoke(main, ["report", "dimensions", "--data", str(tmp_path / "few.parquet"),
+                                  "--out", str(tmp_path / "dims")])
+    assert result.exit_code == 0, result.output
+    assert "dimensions_too_few_rows" in result.output
+    analysis = json.loads((tmp_path / "dims" / "dimensions.json").read_text())
+    assert analysis["too_few_rows"] and analysis["chance_r"] == 1.0  # 2/sqrt(3) > 1: any correlation at all
+    assert "Too few rows to read much into" in (tmp_path / "dims" / "dimensions.md").read_text()
 
 
 def test_head_tail_truncation_keeps_both_ends(tmp_path):

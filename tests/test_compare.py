@@ -62,3 +62,25 @@ def test_a_damaged_or_diverged_run_is_named_not_a_traceback_or_a_tie(two_runs, t
     result = runner.invoke(main, ["report", "compare", str(two_runs[0]), str(tmp_path / "diverged"), "--out",
                                   str(tmp_path / "o")])
     assert "epoch 1 has no finite val mae" in result.output
+
+
+def test_compare_says_when_the_runs_were_validated_on_different_splits(two_runs, tmp_path, runner):
+    # "Winner by val MAE" over two different val sets was declared without a caveat.
+    import shutil
+
+    a, b = two_runs
+    result = runner.invoke(main, ["report", "compare", str(a), str(b), "--out", str(tmp_path / "same")])
+    [event] = [e for e in assert_json_stdout(result) if e["event"] == "comparison_written"]
+    assert event["same_val_split"] is True
+    report = (tmp_path / "same" / "comparison_report.md").read_text()
+    assert "| val MAE, calibrated (in-sample) |" in report and "Not like for like" not in report
+    other = tmp_path / "other"
+    shutil.copytree(b, other)
+    config = json.loads((other / "training_config.json").read_text())
+    config["data_sha256"]["val"] = "0" * 64  # validated on another split
+    (other / "training_config.json").write_text(json.dumps(config))
+    result = runner.invoke(main, ["report", "compare", str(a), str(other), "--out", str(tmp_path / "differ")])
+    assert result.exit_code == 0, result.output
+    events = {e["event"]: e for e in assert_json_stdout(result)}
+    assert events["comparison_written"]["same_val_split"] is False and "comparison_not_like_for_like" in events
+    assert "Not like for like" in (tmp_path / "differ" / "comparison_report.md").read_text()

@@ -842,6 +842,23 @@ def test_an_unreadable_metrics_file_breaks_its_shard_and_a_rerun_redoes_it(expor
     assert merged["complete"] and merged["invariant_holds"] and merged["rows_in"] == 240
 
 
+def test_a_merge_of_shards_scored_by_different_models_says_so(exported, articles, tmp_path, runner):
+    # A model recalibrated between two shards' runs: the merge listed both versions and said nothing.
+    _, model, _ = exported
+    out = tmp_path / "mixed"
+    for shard in (0, 1):
+        score(ScoreConfig(model=model, inputs=(str(articles),), out=out, shard_index=shard, shard_count=2))
+    metrics = json.loads((out / "metrics" / "part-00001.json").read_text())
+    metrics["model_version"] = "recalibrated0000"
+    (out / "metrics" / "part-00001.json").write_text(json.dumps(metrics))
+    result = runner.invoke(main, ["score-merge", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    [warning] = [e for e in assert_json_stdout(result) if e["event"] == "model_versions_mixed"]
+    merged = json.loads((out / "metrics.json").read_text())
+    assert len(merged["model_versions"]) == 2 and warning["model_versions"] == merged["model_versions"]
+    assert not merged.get("drift", {}).get("psi")
+
+
 def test_an_unreadable_part_breaks_its_shard_not_the_merge(exported, articles, tmp_path, runner):
     _, model, _ = exported
     out = tmp_path / "torn"

@@ -27,7 +27,7 @@ def report_compare(run_a: Path, run_b: Path, out: Path) -> None:
 
     bind(stage="report")
     result = write_comparison(run_a, run_b, out)
-    get_logger().info("comparison_written", out=str(out), winner=result["winner"])
+    get_logger().info("comparison_written", out=str(out), winner=result["winner"], same_val_split=result["same_val_split"])
     if output.on_terminal():
         click.echo(f"winner by val MAE: {result['winner']} -> {out / 'comparison_report.md'}")
 

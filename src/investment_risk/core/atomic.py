@@ -193,6 +193,13 @@ def locked_dir(dest: str | Path) -> Iterator[None]:
     except BlockingIOError:
         raise InputError(f"{dest}: another process is writing it now (it holds {lock_path.name}); wait for it to "
                          "finish, or write elsewhere") from None
+    except OSError as exc:  # a writable model folder mounted in a read-only one (a pod's /models/current)
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        get_logger().warning("lock_unavailable", path=str(lock_path), reason=exc.strerror,
+                             consequence="a second writer of the same directory is not kept out")
+        yield
+        return
     try:
         yield
     finally:
@@ -287,6 +294,70 @@ def _fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(folder))
+
+
+REPLACE_JOURNAL = ".replace-journal.json"
+
+
+def replace_files_together(folder: Path, contents: dict[str, str | None]) -> None:
+    """Replace several files of `folder` as one change (a model's calibration, its drift reference and the
+    model.json that hashes them): a kill at any point leaves the old files, or the new ones once any reader or
+    writer of the folder calls `finish_replace`, never a mix. Each new file is staged whole, then a journal naming
+    them is written (the commit point), then each is renamed into place and the journal removed. None removes the
+    file. The caller holds the folder's lock (`locked_dir`): staged files of a dead writer are swept here."""
+    finish_replace(folder)
+    for leftover in folder.glob(".*.staged-*"):  # a writer killed before its journal: its change never happened
+        leftover.unlink(missing_ok=True)
+    staged: dict[str, str | None] = {}
+    for name, text in contents.items():
+        if text is None:
+            staged[name] = None
+            continue
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.staged-", dir=folder)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, FILE_MODE)
+        staged[name] = Path(tmp).name
+    fsync_dir(folder)
+    write_json_atomic({"files": staged}, folder / REPLACE_JOURNAL)
+    finish_replace(folder)
+
+
+def finish_replace(folder: Path) -> bool:
+    """Roll forward a `replace_files_together` whose writer died after its journal; False when there is none.
+    Safe beside a live writer of the same change (both rename the same staged files to the same names)."""
+    journal = folder / REPLACE_JOURNAL
+    if not journal.exists():
+        return False
+    for name, staged in read_json(journal)["files"].items():
+        if staged is None:
+            (folder / name).unlink(missing_ok=True)
+            continue
+        try:
+            os.replace(folder / staged, folder / name)
+        except FileNotFoundError:  # renamed already, by an earlier try or beside us
+            continue
+        fault_point(f"after_rename:{folder.name}/{name}")
+    fsync_dir(folder)
+    journal.unlink(missing_ok=True)
+    fsync_dir(folder)
+    return True
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """An output file that can be written: not a folder, under a folder (not a file) that can be written. Checked
+    before the work, so that a typo costs a second, not the minutes of work whose result it would lose."""
+    if path.is_dir():
+        raise InputError(f"{option} {path}: is a directory; name a file")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"{option} {path}: {folder} is a file, not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path}: {folder} is not writable")
 
 
 def write_text_atomic(text: str, dest: str | Path, first_wins: bool = False) -> Path:

@@ -12,9 +12,13 @@ from typing import Any
 import numpy as np
 
 from ..core.atomic import write_text_atomic
+from ..core.logs import get_logger
 from ..core.spec import DIMENSIONS
 
 STRONG_CORRELATION = 0.7
+# Below this many articles a correlation is mostly chance: |r| up to about 2/sqrt(n) arises between independent
+# labels (0.37 at 30 rows, 1.0 at 4), and the first component of a handful of rows explains nearly everything.
+FEW_ROWS = 30
 
 
 def dimension_analysis(labels: np.ndarray) -> dict[str, Any]:
@@ -36,7 +40,9 @@ def dimension_analysis(labels: np.ndarray) -> dict[str, Any]:
     return {"rows": int(len(labels)), "correlation": [[None if np.isnan(v) else round(float(v), 4) for v in row]
                                                        for row in corr],
             "explained_variance": [round(v, 4) for v in explained], "strong_pairs": sorted(pairs, key=lambda p: -abs(p["r"])),
-            "constant_dimensions": [d for d, ok in zip(DIMENSIONS, varying) if not ok]}
+            "constant_dimensions": [d for d, ok in zip(DIMENSIONS, varying) if not ok],
+            "chance_r": round(min(1.0, 2 / np.sqrt(len(labels))), 4) if len(labels) else None,
+            "too_few_rows": len(labels) < FEW_ROWS}
 
 
 def plot_dimensions(analysis: dict[str, Any], heatmap: Path, variance: Path) -> None:
@@ -73,6 +79,10 @@ def dimensions_markdown(analysis: dict[str, Any], heading: str = "#") -> str:
              f"{analysis['rows']} labelled articles. The first principal component of the standardised labels explains "
              f"{explained[0]:.0%} of their variance" if explained else "Too few rows for principal components",
              ""]
+    if analysis.get("too_few_rows"):
+        lines += [f"**Too few rows to read much into:** below {FEW_ROWS} articles, correlations up to about "
+                  f"{analysis['chance_r']:.2f} (2/sqrt(n)) arise by chance between independent labels, and the first "
+                  "component of so few rows explains most of their variance whatever the labels mean.", ""]
     if explained:
         lines += ["| component | explained | cumulative |", "|---|---|---|"]
         lines += [f"| {i + 1} | {v:.3f} | {c:.3f} |" for i, (v, c) in enumerate(zip(explained, np.cumsum(explained)))]
@@ -103,4 +113,7 @@ def report_label_dimensions(data: Path, out: Path) -> dict[str, Any]:
 
     analysis = write_dimension_report(label_matrix(read_articles([data], labels=DIMENSIONS)), out)
     write_json_atomic(analysis, out / "dimensions.json")
+    if analysis["too_few_rows"]:
+        get_logger().warning("dimensions_too_few_rows", data=str(data), rows=analysis["rows"], needed=FEW_ROWS,
+                             chance_r=analysis["chance_r"])
     return analysis

@@ -8,8 +8,10 @@ from typing import Any
 
 from ..core.atomic import read_json, write_text_atomic
 from ..core.errors import InputError
+from ..core.logs import get_logger
 from ..core.plots import pyplot, save_figure
 from ..core.spec import DIMENSIONS
+from ..modeling.description import run_data_sha256
 
 
 def load_run_summary(run: Path) -> dict[str, Any]:
@@ -67,10 +69,19 @@ def compare_runs(run_a: Path, run_b: Path) -> dict[str, Any]:
                         "max_tokens": run["metadata"].get("max_length"),
                         "train_val_gap": best["val"]["mae"] - best["train"]["mae"],
                         "dimensions_won": won_a if key == "a" else won_b}
+        calibration = run["metadata"].get("calibration") or {}
+        overall[key]["val_mae_calibrated_in_sample"] = (calibration.get("val_mae_calibrated")
+                                                        if calibration.get("fitted") else None)
     mae_a, mae_b = overall["a"]["val_mae"], overall["b"]["val_mae"]
     winner = "A" if mae_a < mae_b else "B" if mae_b < mae_a else "tie"
+    val_a, val_b = (run_data_sha256(Path(run["run"])).get("val") for run in (a, b))
+    same_val = None if not (val_a and val_b) else val_a == val_b
+    if same_val is False:
+        get_logger().warning("comparison_not_like_for_like", runs=[a["run"], b["run"]],
+                             reason="the runs were validated on different val splits: their val MAEs measure "
+                                    "different articles; compare them with `evaluate` on one labelled file")
     return {"a": {"run": a["run"], "label": a["label"]}, "b": {"run": b["run"], "label": b["label"]},
-            "overall": overall, "winner": winner, "per_dimension": per_dimension}
+            "overall": overall, "winner": winner, "per_dimension": per_dimension, "same_val_split": same_val}
 
 
 def comparison_markdown(result: dict[str, Any]) -> str:
@@ -80,12 +91,20 @@ def comparison_markdown(result: dict[str, Any]) -> str:
         "# Mode comparison", "", f"- A: {a['label']} — `{a['run']}`", f"- B: {b['label']} — `{b['run']}`", "",
         "## Overall (best epoch, validation)", "", "| metric | A | B |", "|---|---|---|",
         f"| val MAE | {o['a']['val_mae']:.4f} | {o['b']['val_mae']:.4f} |",
+        f"| val MAE, calibrated (in-sample) | {_maybe(o['a']['val_mae_calibrated_in_sample'])} | "
+        f"{_maybe(o['b']['val_mae_calibrated_in_sample'])} |",
         f"| val RMSE | {o['a']['val_rmse']:.4f} | {o['b']['val_rmse']:.4f} |",
         f"| max tokens | {o['a']['max_tokens']} | {o['b']['max_tokens']} |",
         f"| train/val gap (MAE) | {o['a']['train_val_gap']:+.4f} | {o['b']['train_val_gap']:+.4f} |",
         f"| dimensions won | {o['a']['dimensions_won']} | {o['b']['dimensions_won']} |",
         f"| winner | {'**A**' if result['winner'] == 'A' else ''} | {'**B**' if result['winner'] == 'B' else ''} |",
         "", f"Winner by val MAE: **{winner}**.", "",
+        "The val MAE is training's: raw scores (before calibration) on every row of the validation split, the "
+        "prefiltered ones too (`evaluate` leaves those out). The calibrated figure is in-sample: each run's "
+        "calibration was fitted on that same split.", "",
+        *(["**Not like for like: the runs were validated on different val splits** (their `training_config.json` "
+           "data_sha256 differ), so their val MAEs measure different articles. Compare them with `evaluate` on one "
+           "labelled file.", ""] if result.get("same_val_split") is False else []),
         "## Per dimension (val MAE)", "", "| dimension | A | B | gap (B vs A) | winner |", "|---|---|---|---|---|",
     ]
     for row in result["per_dimension"]:
@@ -94,6 +113,10 @@ def comparison_markdown(result: dict[str, Any]) -> str:
     lines += ["", "Plots: `mode_comparison_mae.png`, `mode_comparison_per_dimension.png`, "
               "`mode_comparison_improvement.png`."]
     return "\n".join(lines) + "\n"
+
+
+def _maybe(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def plot_comparison(result: dict[str, Any], out: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.atomic import write_json_atomic
+from ..core.atomic import check_output_file, write_json_atomic
 from ..core.decisions import decision_metrics, format_decisions
 from ..core.errors import ConfigError, InputError
 from ..core.logs import get_logger
@@ -17,7 +17,7 @@ from ..core.metrics import regression_metrics
 from ..core.spec import DIMENSIONS, default_spec
 from ..datasets.readers import label_matrix, read_articles
 from ..datasets.split import check_split_file
-from ..modeling.description import ModelDescription, describe_model
+from ..modeling.description import ModelDescription, describe_model, in_sample
 from ..modeling.loading import load_runner
 from ..modeling.predict import predict
 from ..modeling.presets import load_tokenizer
@@ -88,6 +88,8 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
     stand beside them. Decision metrics: tiers, rank correlation, Recall@k / NDCG@k of signal strength."""
     if top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {top_k}")
+    if out is not None:  # before minutes of scoring, not after them
+        check_output_file(out, "--out")
     model = describe_model(run_dir)
     if explain_generation and not model.is_instruction:
         raise ConfigError(f"--explain: {run_dir} is no instruction run (only those generate reasoning)")
@@ -131,7 +133,13 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
         "calibration": ("applied" if calibration and model.calibration is not None
                         else "off (--no-calibration)" if model.calibration is not None else "none fitted"),
         "truncation": model.truncation, "decisions": decisions,
+        # What of the model has seen this file already: its metrics here are optimistic ([] for new data).
+        "in_sample": [seen for seen in in_sample(model, data) if calibration or seen == "trained on it"],
     }
+    if result["in_sample"]:
+        get_logger().warning("evaluated_in_sample", data=str(data), model=str(run_dir), seen=result["in_sample"],
+                             reason="metrics on articles the model or its calibration was fitted on are optimistic; "
+                                    "evaluate on the test split or new labelled articles")
     if result["calibration"] != "none fitted":
         # The other side of the comparison: without calibration when it was applied, with it when turned off.
         other = model.calibrated(raw, not calibration)

@@ -7,6 +7,7 @@ An exported directory is checked against the sha256 in its model.json before any
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from ..core.atomic import read_json, sha256_file
-from ..core.errors import InputError
+from ..core.atomic import REPLACE_JOURNAL, finish_replace, read_json, sha256_file
 from ..core.drift import REFERENCE_FILE, check_reference
+from ..core.errors import InputError
+from ..core.logs import get_logger
 from ..core.spec import DIMENSIONS
 from .calibration import CALIBRATION_FILE, Calibration, load_calibration
 from .tokens import TRUNCATIONS
 
 INPUT_FORMATS = ("article", "instruction")
+RUN_CONFIG_FILE = "training_config.json"  # a run's resolved hyperparameters and its data's sha256
 INT8_FILE = "model.int8.onnx"  # the static int8 (NNCF, QDQ) twin of model.onnx, for openvino-int8
 DYNAMIC_INT8_FILE = "model.int8-dynamic.onnx"  # ONNX Runtime's dynamic int8 twin, for onnxruntime-int8
 # The engines that can score an exported model on CPUs (loading.cpu_runner), ONNX Runtime fp32 first: the reference
@@ -124,9 +127,38 @@ def _run(path: Path) -> ModelDescription:
     return ModelDescription(
         path=path, exported=False, input_format=_input_format(metadata),
         max_length=int(metadata.get("prompt_max_length") or metadata["max_length"]), pad_token_id=None,
-        model_version=f"run:{path.name}", source_run=path, tokenizer_dir=path / "model",
+        model_version=run_version(path), source_run=path, tokenizer_dir=path / "model",
         train_label_mean=_label_mean(metadata, path / "training_metadata.json"), truncation=str(metadata.get("truncation", "head")),
         calibration=load_calibration(path / "model"))
+
+
+def run_data_sha256(run: Path) -> dict[str, str]:
+    """The sha256 of the split files a run trained and validated on ({} when its config is not there)."""
+    saved = run / RUN_CONFIG_FILE
+    digests = read_json(saved).get("data_sha256") if saved.is_file() else None
+    return dict(digests) if isinstance(digests, dict) else {}
+
+
+def in_sample(model: ModelDescription, data: Path) -> list[str]:
+    """What of `model` has seen the labelled file `data` already: its training ("trained on it": the run's train
+    split) and its calibration ("calibration fitted on it": the validation split training fitted it on, or the file
+    `calibrate` refitted it on). Metrics on such a file are optimistic; [] for new data."""
+    if not Path(data).is_file():
+        return []
+    digest = sha256_file(Path(data))
+    splits = {split for split, known in run_data_sha256(model.source_run).items() if known == digest}
+    seen = ["trained on it"] if "train" in splits else []
+    fitted_on = model.calibration.fitted_on if model.calibration is not None else {}
+    if fitted_on.get("sha256") == digest or (fitted_on.get("split") == "val" and "val" in splits):
+        seen.append("calibration fitted on it")
+    return seen
+
+
+def run_version(run: Path) -> str:
+    """A run's model_version: its name, and its calibration's sha256 when it has one (a run `calibrate` refitted
+    scores differently: its scored files and merged metrics must say which calibration made them)."""
+    calibration = run / "model" / CALIBRATION_FILE
+    return f"run:{run.name}" + (f"@{sha256_file(calibration)[:12]}" if calibration.exists() else "")
 
 
 def _exported(path: Path) -> ModelDescription:
@@ -145,6 +177,22 @@ def _exported(path: Path) -> ModelDescription:
         reference=load_reference(path), dtype=str(info.get("dtype", "fp32")))
 
 
+def _finish_interrupted_change(model_dir: Path) -> None:
+    """A `calibrate` killed while it replaced the model's files (calibration, reference, model.json) left a journal:
+    its new files go into place now, as one, rather than leave a model whose sha256 no longer match."""
+    try:
+        if finish_replace(model_dir):
+            get_logger().warning("interrupted_change_completed", model=str(model_dir),
+                                 reason="a calibrate was killed while it replaced the model's files: its new "
+                                        "calibration, reference and model.json are now in place")
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise InputError(f"{model_dir}: a calibrate was killed while it replaced the model's files ({REPLACE_JOURNAL} "
+                         f"is there) and they cannot be completed here ({exc.strerror}): open the model once where "
+                         "it is writable (any command that reads it completes them)") from None
+
+
 def load_reference(model_dir: Path) -> dict[str, Any] | None:
     """The exported model's score reference (None when it has none: exported without a validation split)."""
     path = model_dir / REFERENCE_FILE
@@ -161,6 +209,7 @@ def read_model_json(model_dir: Path) -> dict[str, Any]:
     meta_path = model_dir / "model.json"
     if not meta_path.exists():
         raise InputError(f"{model_dir}: not an exported model (no model.json)")
+    _finish_interrupted_change(model_dir)
     info = read_json(meta_path)
     actual = model_digest(model_dir)
     expected = info.get("sha256")

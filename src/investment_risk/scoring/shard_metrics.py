@@ -344,6 +344,10 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
         merged["shard_counts"] = counts
         get_logger().warning("shard_counts_mixed", out=str(out_dir), shard_counts=counts)
     merged["model_versions"] = sorted({s["model_version"] for s in shards})
+    if len(merged["model_versions"]) > 1:  # a model exported or recalibrated while the batch ran: mixed scores
+        get_logger().warning("model_versions_mixed", out=str(out_dir), model_versions=merged["model_versions"],
+                             consequence="the batch's scores come from different models or calibrations; drift "
+                                         "is not computed (score it again with --force for one)")
     calibrations = {bool(s.get("calibrated", False)) for s in shards}
     merged["calibrated"] = calibrations.pop() if len(calibrations) == 1 else None  # None: shards of both kinds
     merged["real_token_share"] = round(merged["real_tokens"] / merged["padded_tokens"], 4) if merged["padded_tokens"] else None

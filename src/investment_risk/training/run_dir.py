@@ -12,9 +12,10 @@ from typing import Any
 from ..core.atomic import hold_lock, read_json, sha256_file, write_json_atomic
 from ..core.errors import InputError, RetryableError, unreadable
 from ..core.logs import get_logger
+from ..modeling.description import RUN_CONFIG_FILE
 from .config import TrainConfig, resume_problem
 
-CONFIG_FILE = "training_config.json"
+CONFIG_FILE = RUN_CONFIG_FILE
 SPLITS = ("train", "val")
 LOCK_FILE = ".train.lock"
 # What a start leaves in --out before its first checkpoint is committed (named in checkpoints/latest.json): a start
