@@ -360,6 +360,29 @@ def test_a_calibrate_killed_between_its_renames_leaves_the_old_model_or_the_new_
     assert sorted(p.name for p in model.iterdir() if p.name.startswith(".")) == []
 
 
+def test_a_model_read_while_calibrate_replaces_its_files_is_read_again(calibrated, tmp_path, monkeypatch):
+    # model.json read, then the files swapped under the reader before it hashed them: "re-export the model".
+    from investment_risk.evaluation.calibrate import recalibrate
+    from investment_risk.modeling import description
+
+    root, _, _ = calibrated
+    unbroken, model = tmp_path / "unbroken", tmp_path / "model"
+    shutil.copytree(root / "model", unbroken)
+    shutil.copytree(root / "model", model)
+    new = recalibrate(unbroken, root / "data" / "val.parquet", device="cpu")["model_version"]
+    hash_files, swapped = description.model_digest, []
+
+    def swapped_first(model_dir):
+        if not swapped:  # the writer's renames land between the reader's two steps
+            for name in ("calibration.json", "reference.json", "model.json"):
+                shutil.copy(unbroken / name, model / name)
+            swapped.append(True)
+        return hash_files(model_dir)
+
+    monkeypatch.setattr(description, "model_digest", swapped_first)
+    assert describe_model(model).model_version == new
+
+
 def test_calibrating_a_run_gives_it_a_new_version_and_records_the_refit(calibrated, runner, tmp_path):
     # A run's version was its name alone: batches scored before and after a refit could not be told apart, and a
     # merge of shards scored on both sides of it called itself one model's batch.
