@@ -368,6 +368,8 @@ LOG = "\n".join([
 def test_submit_status_logs_cancel(fake, tmp_path, runner, monkeypatch):
     result = jobs_cli(runner, fake, tmp_path, "submit", "score", "--name", "nightly-1", "--shards", "3", "--profile", "cpu")
     assert result.exit_code == 0, result.output
+    [event] = assert_json_stdout(result)  # a script reads the Job's name from stdout (it went to stderr as text)
+    assert (event["event"], event["job"], event["kind"]) == ("job_created", "nightly-1", "score")
     created = fake.requests("post", "batch/v1/jobs")[0].data
     assert created["spec"]["completionMode"] == "Indexed" and created["spec"]["completions"] == 3
     fake.seed_status(NS, "nightly-1", {"active": 1, "succeeded": 2, "failed": 1, "completedIndexes": "0,2",
@@ -393,11 +395,14 @@ def test_submit_status_logs_cancel(fake, tmp_path, runner, monkeypatch):
     lines = result.stdout.splitlines()
     assert lines[0] == "nightly-1-1-abc: 2026-11-26 01:00:00 INFO    stage=score shard=1 shard_start rows=10"
     assert lines[2] == "nightly-1-1-abc: a plain line"
+    fake.seed_pod(NS, "nightly-1", "nightly-1-2-def", "Pending", WAITING, index=2, waiting="ImagePullBackOff")
     result = jobs_cli(runner, fake, tmp_path, "status", "nightly-1")
     assert result.stdout.startswith("nightly-1: Running  completions 2/3")
+    assert "completed indexes: 0,2" in result.stdout and "pod nightly-1-2-def: Pending waiting: ImagePullBackOff" \
+        in result.stdout, result.stdout
     monkeypatch.undo()
     result = jobs_cli(runner, fake, tmp_path, "cancel", "nightly-1")
-    assert result.exit_code == 0 and not result.stdout and "cancelled" in result.stderr, result.output
+    assert result.exit_code == 0 and [e["event"] for e in assert_json_stdout(result)] == ["job_cancelled"]
     assert fake.requests("delete", "batch/v1/jobs")[0].data["propagationPolicy"] == "Background"
     result = jobs_cli(runner, fake, tmp_path, "status", "nightly-1")
     assert result.exit_code == 2 and "not found" in result.output
@@ -407,6 +412,7 @@ def test_pod_log_lines_are_redacted_like_our_own(fake, tmp_path, runner, monkeyp
     token = "hf_" + "Q" * 34
     leaky = "\n".join([json.dumps({"event": "loaded", "hf_token": "plain-secret", "note": f"with {token}"}),
                        f"Traceback: HF_TOKEN={token} password=hunter2 tokens_per_second=12", ""])
+    assert jobs_cli(runner, fake, tmp_path, "submit", "train", "--name", "leaky").exit_code == 0
     fake.seed_pod(NS, "leaky", "leaky-0-x", "Running", leaky, index=0)
     for terminal in (False, True):
         monkeypatch.setattr("investment_risk.cli.output.on_terminal", lambda: terminal)
@@ -445,10 +451,10 @@ def test_submit_wait_follows_the_logs_and_exits_with_the_outcome(fake, tmp_path,
                       "--timeout", "30")
     thread.join()
     assert result.exit_code == exit_code, result.output
-    events = assert_json_stdout(result)  # the pods' lines, each with its pod; the outcome goes to stderr
+    events = assert_json_stdout(result)  # the pods' lines, each with its pod, then the outcome
     done = [e for e in events if e["event"] == "shard_done"]
     assert sorted(e["pod"] for e in done) == ["train-1-0-x", "train-1-1-x"]  # each pod's lines once, however many polls
-    assert "job train-1:" in result.stderr
+    assert (events[-1]["event"], events[-1]["job"], events[-1]["exit_code"]) == ("job_finished", "train-1", exit_code)
 
 
 def test_cluster_errors_are_clear(fake, tmp_path, runner):
@@ -533,7 +539,8 @@ def test_a_pod_whose_log_cannot_be_read_is_skipped_and_the_others_are_followed()
         if pod == "lost":  # on a node the API server cannot reach
             raise ApiException(status=500, reason="Internal Server Error")
         return "2026-12-01T00:00:01.5Z hello\n"
-    cluster = SimpleNamespace(namespace=NS, core=SimpleNamespace(read_namespaced_pod_log=read))
+    cluster = SimpleNamespace(namespace=NS, core=SimpleNamespace(read_namespaced_pod_log=read),
+                              request_timeout=lambda: (1.0, 1.0))
     with capture_logs() as logs:
         assert list(LogFollower().new_lines(cluster, "j", ["lost", "ok"])) == [("ok", "hello")]
     assert [(e["event"], e["pod"]) for e in logs] == [("pod_log_unreadable", "lost")]
@@ -554,6 +561,7 @@ def test_a_refused_request_is_exit_2_and_a_taken_name_says_how_to_follow_it(fake
 
 def test_kubeconfig_in_the_environment_wins_over_in_cluster_config(fake, tmp_path, runner, monkeypatch):
     assert jobs_cli(runner, fake, tmp_path, "submit", "train", "--name", "train-1").exit_code == 0
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # as inside any pod (a CI runner's, say)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
     result = runner.invoke(main, ["jobs", "status", "train-1"])
@@ -567,6 +575,77 @@ def test_kubeconfig_in_the_environment_wins_over_in_cluster_config(fake, tmp_pat
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     result = runner.invoke(main, ["jobs", "status", "train-1"])
     assert result.exit_code == 2 and "in-cluster config tried" in result.output, result.output
+
+
+def test_a_kubeconfig_in_home_wins_over_in_cluster_config_as_kubectl_chooses(fake, tmp_path, runner, monkeypatch):
+    # A CI runner's pod with ~/.kube/config: the pod's missing service-account token was all it tried.
+    assert jobs_cli(runner, fake, tmp_path, "submit", "train", "--name", "train-1").exit_code == 0
+    (tmp_path / "home" / ".kube").mkdir(parents=True)
+    shutil.copy(tmp_path / "kubeconfig", tmp_path / "home" / ".kube" / "config")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    result = runner.invoke(main, ["jobs", "status", "train-1"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["jobs", "status", "train-1", "--context", "nosuchctx"])
+    assert result.exit_code == 2 and "--context nosuchctx: no such context in" in result.output, result.output
+
+
+def test_logs_of_a_job_that_is_not_there_is_not_found_and_of_one_without_pods_says_so(fake, tmp_path, runner):
+    result = jobs_cli(runner, fake, tmp_path, "logs", "no-such-job")  # exit 0 and nothing at all, before
+    assert result.exit_code == 2 and "not found" in result.output, result.output
+    assert jobs_cli(runner, fake, tmp_path, "submit", "train", "--name", "train-1").exit_code == 0
+    result = jobs_cli(runner, fake, tmp_path, "logs", "train-1")
+    assert result.exit_code == 0 and [e["event"] for e in assert_json_stdout(result)] == ["no_pod_logs"]
+
+
+def test_two_submits_in_one_second_get_two_jobs_and_an_empty_name_is_refused(fake, tmp_path, runner):
+    for _ in range(2):
+        assert jobs_cli(runner, fake, tmp_path, "submit", "train").exit_code == 0
+    names = [r.data["metadata"]["name"] for r in fake.requests("post", "batch/v1/jobs")]
+    assert len(set(names)) == 2 and all(re.fullmatch(r"investment-risk-train-\d{8}-\d{6}-[0-9a-f]{4}", n) for n in names)
+    result = jobs_cli(runner, fake, tmp_path, "submit", "train", "--name", "")
+    assert result.exit_code == 2 and "--name ''" in result.output and len(fake.requests("post", "batch/v1/jobs")) == 2
+
+
+def test_an_api_server_that_never_answers_cannot_hold_a_command_past_its_timeout(tmp_path, runner):
+    # It accepted the connection and never answered: `jobs wait --timeout 5` still ran after 45 s.
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+    (tmp_path / "kc").write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}], "users": [{"name": "u", "user": {}}]}))
+    started = time.monotonic()
+    hang_up = threading.Timer(15, server.close)  # were the timeout lost again, the test fails rather than hangs
+    hang_up.start()
+    try:
+        result = runner.invoke(main, ["jobs", "wait", "x", "--kubeconfig", str(tmp_path / "kc"), "--timeout", "2",
+                                      "--poll-seconds", "0.5"])
+    finally:
+        hang_up.cancel()
+        server.close()
+    assert result.exit_code == 1 and "still unknown after 2 s" in result.output, result.output
+    assert time.monotonic() - started < 10  # its 2 s, and a poll cut at what was left of them
+
+
+def test_401_says_the_credentials_were_refused_and_a_refused_connection_is_one_short_line(fake, tmp_path, runner):
+    import kmock
+
+    fake.call(lambda: fake.emulator["get", kmock.resource("batch/v1/jobs"), kmock.name("j")] << 401 << {
+        "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 401, "reason": "Unauthorized",
+        "message": "Unauthorized"})
+    result = jobs_cli(runner, fake, tmp_path, "status", "j")
+    assert result.exit_code == 2 and "unauthorized" in result.output and "Role" not in result.output, result.output
+    fake.stop()
+    result = jobs_cli(runner, fake, tmp_path, "status", "x")
+    [error] = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and error.endswith("(connection refused)") and len(error) < 200, result.output
+    assert "Retrying" not in result.output  # the client's own retries printed a warning each
 
 
 # --- run-local: the pod contract without a cluster ---------------------------------------------------------------

@@ -43,7 +43,7 @@ storage_options = stacked(
 
 # What the Job does; paths are as the pod sees them (/data and /models are the PVCs).
 job_options = stacked(
-    option("--name", default=None, help="Job name (default: investment-risk-<kind>-<UTC time>)."),
+    option("--name", default=None, help="Job name (default: investment-risk-<kind>-<UTC time>-<4 random hex>)."),
     option("--mode", type=click.Choice(["distillation", "instruction"]), default="distillation", show_default=True,
            help="train: the training mode."),
     option("--data", default="/data/splits/latest", show_default=True, help="train: the split directory."),
@@ -66,8 +66,8 @@ job_options = stacked(
 # How to reach the cluster (submit takes --namespace from settings_options).
 connection_options = stacked(
     option("--kubeconfig", type=click.Path(dir_okay=False, path_type=Path), default=None,
-       help="Kubeconfig file (default: $KUBECONFIG where it names a file, else in-cluster config in a pod, else "
-            "~/.kube/config)."),
+       help="Kubeconfig file (default: $KUBECONFIG where it names a file, else ~/.kube/config where there is one, "
+            "else in-cluster config in a pod)."),
     option("--context", default=None, help="Kubeconfig context."),
 )
 cluster_options = stacked(connection_options, option("--namespace", default="investment-risk", show_default=True))
@@ -141,7 +141,8 @@ def submit_command(kind: str, image: str, namespace: str, profile: str, queue: s
     manifest = _build(kind, _settings(image, namespace, profile, queue, pull_policy), params)
     cluster = kube.connect(namespace, kubeconfig, context)
     name = kube.submit(cluster, manifest)
-    click.echo(f"job {name} created in namespace {namespace}", err=True)
+    output.summary(f"job {name} created in namespace {namespace}", "job_created", job=name, namespace=namespace,
+                   kind=kind)
     if wait:
         _follow(cluster, name, timeout, poll_seconds)
 
@@ -163,7 +164,9 @@ def _follow(cluster: Any, name: str, timeout: float | None, poll_seconds: float)
 
     status = kube.wait(cluster, name, show, poll_seconds, timeout)
     code = kube.exit_code_for(status)
-    click.echo(f"job {name}: {status['state']} (succeeded {status['succeeded']}, failed {status['failed']})", err=True)
+    output.summary(f"job {name}: {status['state']} (succeeded {status['succeeded']}, failed {status['failed']})",
+                   "job_finished", job=name, state=status["state"], succeeded=status["succeeded"],
+                   failed=status["failed"], exit_code=code)
     if code:
         raise click.exceptions.Exit(code)
 
@@ -180,13 +183,17 @@ def status_command(name: str, kubeconfig: Path | None, context: str | None, name
         return
     click.echo(f"{name}: {status['state']}  completions {status['succeeded']}/{status['completions']}  "
                f"active {status['active']}  failed {status['failed']}")
-    if status["failed_indexes"]:
-        click.echo(f"failed indexes: {status['failed_indexes']}")
+    for key in ("completed_indexes", "failed_indexes"):
+        if status[key]:
+            click.echo(f"{key.replace('_', ' ')}: {status[key]}")
     for c in status["conditions"]:
         click.echo(f"condition {c['type']}: {c['reason'] or ''} {c['message'] or ''}".rstrip())
     for pod in status["pods"]:
+        waiting = pod["waiting"] or {}
         click.echo(f"pod {pod['name']}: {pod['phase']}"
-                   + (f" exit {pod['exit_code']}" if pod["exit_code"] is not None else ""))
+                   + (f" exit {pod['exit_code']}" if pod["exit_code"] is not None else "")
+                   + (f" waiting: {waiting['reason']}" if waiting.get("reason") else "")
+                   + (f" ({waiting['message']})" if waiting.get("message") else ""))
 
 
 @jobs_group.command("logs")
@@ -197,8 +204,11 @@ def status_command(name: str, kubeconfig: Path | None, context: str | None, name
 def logs_command(name: str, kubeconfig: Path | None, context: str | None, namespace: str, tail: int | None,
                  raw: bool) -> None:
     """Every pod's log, the structlog JSON pretty-printed."""
-    for pod, line in kube.pod_logs(kube.connect(namespace, kubeconfig, context), name, tail):
+    lines = kube.pod_logs(kube.connect(namespace, kubeconfig, context), name, tail)
+    for pod, line in lines:
         _echo_log_line(pod, line, raw)
+    if not lines:  # the Job is there (else exit 2): its pods have not started, or have gone
+        output.summary(f"job {name}: no pod has a log yet (`jobs status {name}` says why)", "no_pod_logs", job=name)
 
 
 def _echo_log_line(pod: str, line: str, raw: bool) -> None:
@@ -222,7 +232,7 @@ def _echo_log_line(pod: str, line: str, raw: bool) -> None:
 def cancel_command(name: str, kubeconfig: Path | None, context: str | None, namespace: str) -> None:
     """Delete a Job and its pods (background propagation)."""
     kube.cancel(kube.connect(namespace, kubeconfig, context), name)
-    click.echo(f"job {name} cancelled", err=True)
+    output.summary(f"job {name} cancelled", "job_cancelled", job=name, namespace=namespace)
 
 
 def _mount(value: str) -> tuple[str, Path]:

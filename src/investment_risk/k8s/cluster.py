@@ -25,39 +25,57 @@ class Cluster:
     batch: Any
     core: Any
     namespace: str
+    deadline: float | None = None  # time.monotonic() by which `wait` must end: no call may wait past it
+
+    def request_timeout(self) -> tuple[float, float]:
+        if self.deadline is None:
+            return REQUEST_TIMEOUT
+        left = max(1.0, self.deadline - time.monotonic())
+        return min(REQUEST_TIMEOUT[0], left), min(REQUEST_TIMEOUT[1], left)
+
+
+# Every API call's (connect, read) timeout: a server that accepts and never answers would hold a command, and a
+# `jobs wait --timeout`, for ever. Failed calls are not retried inside the client (its retries printed a warning
+# each): `wait` rides out failed polls itself, and one command's failure is one line, exit 1.
+REQUEST_TIMEOUT = (10.0, 60.0)
 
 
 def connect(namespace: str, kubeconfig: Path | None = None, context: str | None = None) -> Cluster:
-    """The kubeconfig named (--kubeconfig, then $KUBECONFIG, as kubectl reads them), else in-cluster config inside a
-    pod, else ~/.kube/config."""
+    """As kubectl chooses: the kubeconfig named (--kubeconfig, then $KUBECONFIG), else ~/.kube/config where there is
+    one, else in-cluster config inside a pod."""
     import os
 
     import yaml
     from kubernetes import client, config
 
+    env_files = [f for f in os.environ.get("KUBECONFIG", "").split(os.pathsep) if f]
+    # As client-go: a $KUBECONFIG of files none of which exists is no config, and a pod's own one is used
+    named = kubeconfig is not None or any(Path(f).exists() for f in env_files)
+    home = Path(os.path.expanduser(config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION))
+    where = str(kubeconfig or os.environ.get("KUBECONFIG") or home)
     try:
-        env_files = [f for f in os.environ.get("KUBECONFIG", "").split(os.pathsep) if f]
-        # As client-go: a $KUBECONFIG of files none of which exists is no config, and a pod's own one is used
-        named = kubeconfig is not None or context is not None or any(Path(f).exists() for f in env_files)
-        if not named and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        if not named and not home.exists() and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            where = "in-cluster config"
             config.load_incluster_config()
         else:
             # $KUBECONFIG read now: the client reads it once, when it is imported (may be a list, merged as kubectl does)
             config.load_kube_config(config_file=str(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG"),
                                     context=context)
     except (config.ConfigException, OSError) as exc:
-        where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        if context is not None and f"name {context}" in str(exc):
+            raise ConfigError(f"--context {context}: no such context in {where}") from None
         raise ConfigError(f"no cluster configured ({where}: {exc}); pass --kubeconfig, set KUBECONFIG, "
                           "or run inside a pod") from None
     except (yaml.YAMLError, TypeError, AttributeError, KeyError, ValueError) as exc:  # the client's own parse
-        where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
         raise ConfigError(f"{where}: not a kubeconfig ({exc.__class__.__name__}: {exc})") from None
-    api = client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    configuration.retries = False
+    api = client.ApiClient(configuration)
     return Cluster(client.BatchV1Api(api), client.CoreV1Api(api), namespace)
 
 
 @contextlib.contextmanager
-def _api_errors(what: str) -> Iterator[None]:
+def _api_errors(what: str, cluster: Cluster) -> Iterator[None]:
     from kubernetes.client.rest import ApiException
     from urllib3.exceptions import HTTPError
 
@@ -65,7 +83,10 @@ def _api_errors(what: str) -> Iterator[None]:
         yield
     except ApiException as exc:
         reason = _reason(exc)
-        if exc.status in (401, 403):
+        if exc.status == 401:
+            raise ConfigError(f"{what}: unauthorized ({reason}); the cluster refused the credentials, or they have "
+                              "expired: log in again or renew the token") from None
+        if exc.status == 403:
             raise ConfigError(f"{what}: forbidden ({reason}); the submitter needs the Role in k8s/ "
                               "(jobs, pods, pods/log)") from None
         if exc.status == 404:
@@ -77,7 +98,23 @@ def _api_errors(what: str) -> Iterator[None]:
             raise ConfigError(f"{what}: rejected by the API server ({reason})") from None
         raise RetryableError(f"{what}: API server answered {exc.status} ({reason})") from None
     except HTTPError as exc:
-        raise RetryableError(f"{what}: cannot reach the cluster ({exc.__class__.__name__}: {exc})") from None
+        host = cluster.batch.api_client.configuration.host
+        raise RetryableError(f"{what}: cannot reach the cluster at {host} ({unreachable_reason(exc)})") from None
+
+
+def unreachable_reason(exc: Exception) -> str:
+    """Why a request got no answer, in a few words: "connection refused", "no answer in time"."""
+    from urllib3.exceptions import ReadTimeoutError
+
+    cause = getattr(exc, "reason", None) or exc
+    if isinstance(cause, ReadTimeoutError) or isinstance(exc, ReadTimeoutError):
+        return "no answer in time"
+    text = str(cause)
+    if match := re.search(r"\[Errno -?\d+\] ([^')\]]+)", text):
+        return match.group(1).strip().lower()
+    if "timed out" in text.lower():
+        return "no connection in time"
+    return f"{cause.__class__.__name__}"
 
 
 def _reason(exc: Any) -> str:
@@ -89,16 +126,16 @@ def _reason(exc: Any) -> str:
 
 def submit(cluster: Cluster, manifest: dict[str, Any]) -> str:
     name = manifest["metadata"]["name"]
-    with _api_errors(f"create job {name} in namespace {cluster.namespace}"):
-        cluster.batch.create_namespaced_job(cluster.namespace, manifest)
+    with _api_errors(f"create job {name} in namespace {cluster.namespace}", cluster):
+        cluster.batch.create_namespaced_job(cluster.namespace, manifest, _request_timeout=cluster.request_timeout())
     return name
 
 
 def job_status(cluster: Cluster, name: str) -> dict[str, Any]:
     """The Job's counts and conditions, and each pod's phase and exit code."""
-    with _api_errors(f"job {name} in namespace {cluster.namespace}"):
-        job = cluster.batch.read_namespaced_job(name, cluster.namespace)
-        pods = cluster.core.list_namespaced_pod(cluster.namespace, label_selector=f"{JOB_NAME_LABEL}={name}").items
+    with _api_errors(f"job {name} in namespace {cluster.namespace}", cluster):
+        job = cluster.batch.read_namespaced_job(name, cluster.namespace, _request_timeout=cluster.request_timeout())
+        pods = _job_pods(cluster, name)
     from kubernetes.client import V1JobStatus
 
     status, spec = job.status or V1JobStatus(), job.spec  # a Job the controller has not seen yet has no status
@@ -140,17 +177,24 @@ def exit_code_for(status: dict[str, Any]) -> int:
 def pod_logs(cluster: Cluster, name: str, tail: int | None = None) -> list[tuple[str, str]]:
     """(pod name, line) for each log line of every pod of the Job that has a log yet, pods in name order: the last
     `tail` lines of each, or all."""
-    with _api_errors(f"logs of job {name} in namespace {cluster.namespace}"):
-        pods = cluster.core.list_namespaced_pod(cluster.namespace, label_selector=f"{JOB_NAME_LABEL}={name}").items
+    with _api_errors(f"logs of job {name} in namespace {cluster.namespace}", cluster):
+        # A Job that does not exist is "not found" (exit 2), not a silent empty log
+        cluster.batch.read_namespaced_job(name, cluster.namespace, _request_timeout=cluster.request_timeout())
+        pods = _job_pods(cluster, name)
     return list(LogFollower(tail).new_lines(cluster, name, [p.metadata.name for p in pods]))
+
+
+def _job_pods(cluster: Cluster, name: str) -> list[Any]:
+    return cluster.core.list_namespaced_pod(cluster.namespace, label_selector=f"{JOB_NAME_LABEL}={name}",
+                                            _request_timeout=cluster.request_timeout()).items
 
 
 def cancel(cluster: Cluster, name: str) -> None:
     """Delete the Job; Background propagation lets the garbage collector take its pods too."""
     from kubernetes import client
 
-    with _api_errors(f"cancel job {name} in namespace {cluster.namespace}"):
-        cluster.batch.delete_namespaced_job(name, cluster.namespace,
+    with _api_errors(f"cancel job {name} in namespace {cluster.namespace}", cluster):
+        cluster.batch.delete_namespaced_job(name, cluster.namespace, _request_timeout=cluster.request_timeout(),
                                             body=client.V1DeleteOptions(propagation_policy="Background"))
 
 
@@ -187,7 +231,8 @@ class LogFollower:
                 kwargs["tail_lines"] = self.tail
             started = time.monotonic()
             try:
-                text = cluster.core.read_namespaced_pod_log(pod, cluster.namespace, **kwargs)
+                text = cluster.core.read_namespaced_pod_log(pod, cluster.namespace,
+                                                            _request_timeout=cluster.request_timeout(), **kwargs)
             except ApiException as exc:
                 if exc.status not in (400, 404):  # 400, 404: still waiting to start (pulling, pending), or just gone
                     # A node the API server cannot reach (NotReady after a spot reclaim): the Job's state still counts
@@ -195,7 +240,7 @@ class LogFollower:
                                          reason=_reason(exc))
                 continue
             except HTTPError as exc:
-                get_logger().warning("pod_log_unreadable", job=name, pod=pod, reason=str(exc))
+                get_logger().warning("pod_log_unreadable", job=name, pod=pod, reason=unreachable_reason(exc))
                 continue
             self.read_at[pod] = started
             # Records end at "\n" only: a progress bar's "\r" stays inside its line.
@@ -243,6 +288,8 @@ def wait(cluster: Cluster, name: str, on_line: Callable[[str, str], None], poll_
     reported: set[tuple[str, str]] = set()  # (pod, reason): ErrImagePull and ImagePullBackOff alternate
     failures, state = 0, "unknown"
     started = time.monotonic()
+    if timeout_s is not None:
+        cluster.deadline = started + timeout_s
     while True:
         try:
             status = job_status(cluster, name)

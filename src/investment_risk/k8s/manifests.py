@@ -512,9 +512,12 @@ KINDS = ("stage", "train", "export", "score", "merge", "nightly")
 
 
 def default_name(kind: str) -> str:
+    """investment-risk-KIND-<UTC time>-<4 random hex>: two submits in the same second get two Jobs, not a
+    conflict that points one submitter at the other's Job."""
     import datetime as dt
+    import secrets
 
-    return f"{APP}-{kind}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
+    return f"{APP}-{kind}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 def build(kind: str, settings: JobSettings, *, name: str | None = None, mode: str = "distillation",
@@ -525,7 +528,8 @@ def build(kind: str, settings: JobSettings, *, name: str | None = None, mode: st
     """One manifest of `kind` from command-line parameters (paths are as the pod sees them)."""
     if kind not in KINDS:
         raise ConfigError(f"kind must be one of {', '.join(KINDS)}")
-    name = name or (f"{APP}-nightly" if kind == "nightly" else default_name(kind))
+    if name is None:  # an empty --name is refused by check_name, not replaced
+        name = f"{APP}-nightly" if kind == "nightly" else default_name(kind)
     if kind == "stage":
         return stage_job(name, base_model, settings)
     if kind == "train":
