@@ -245,9 +245,16 @@ def test_evaluate_reports_raw_and_calibrated_with_decision_metrics(calibrated, r
     result = runner.invoke(main, ["evaluate", "--model", str(root / "model"), "--data",
                                   str(root / "data" / "test.parquet"), "--out", str(out), "--top-k", "10"])
     assert result.exit_code == 0, result.output
-    assert_json_stdout(result)
+    events = assert_json_stdout(result)
     report = json.loads(out.read_text())
     assert report["calibration"] == "applied" and report["raw"]["mae"] != report["mae"]
+    # tokenising is long work of its own (minutes for tens of thousands of articles): it reports progress
+    [tokenised] = [e for e in events if e["event"] == "progress_done" and e["what"] == "evaluate: tokenise"]
+    assert tokenised["done"] == tokenised["total"] == report["rows"]
+    # a piped stdout gets every figure the terminal's table shows, not the overall MAE alone
+    [evaluated] = [e for e in events if e["event"] == "evaluated"]
+    for key in ("rmse", "per_dimension", "decisions", "raw", "calibration", "rows_prefiltered", "in_sample"):
+        assert evaluated[key] == report[key], key
     decisions = report["decisions"]
     assert decisions["ranking"]["k"] == 10 and set(decisions["spearman"]) == set(DIMENSIONS)
     assert sum(map(sum, decisions["confusion"])) == report["rows"] and "per_tier" in decisions

@@ -113,6 +113,27 @@ def test_every_option_has_an_env_var():
                 assert names[0] == "INVESTMENT_RISK_" + flag[2:].replace("-", "_").upper(), (command.name, flag)
 
 
+@pytest.mark.parametrize("args", [["data", "synth", "--rows", "5"], ["data", "split", "--input", "x.parquet"],
+                                  ["demo"]])
+def test_a_url_where_a_path_goes_is_refused_not_written_under_a_folder_named_after_it(runner, tmp_path, monkeypatch,
+                                                                                      args):
+    # `--out s3://bucket/x` wrote ./s3:/bucket/x without a word (or ended in pyarrow's traceback, in score).
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(main, [*args, "--out", "s3://bucket/x"])
+    assert result.exit_code == 2 and "s3://bucket/x: a URL; this takes a local or mounted path" in result.output
+    assert not (tmp_path / "s3:").exists()
+    monkeypatch.setenv("INVESTMENT_RISK_OUT", "gs://bucket/y")  # from the environment too
+    result = runner.invoke(main, args)
+    assert result.exit_code == 2 and "gs://bucket/y: a URL" in result.output, result.output
+
+
+def test_an_error_before_a_command_binds_its_stage_still_has_one(runner, tmp_path):
+    result = runner.invoke(main, ["score", "--model", str(tmp_path), "--input", str(tmp_path), "--out",
+                                  str(tmp_path / "o"), "--shard-index", "3", "--shard-count", "2"])
+    [event] = [e for e in map(json.loads, result.stdout.splitlines()) if e["event"] == "command_failed"]
+    assert result.exit_code == 2 and event["stage"] == "score", result.output
+
+
 def test_console_script_logs_json_when_piped(tmp_path):
     import subprocess
     import sys

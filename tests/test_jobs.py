@@ -303,6 +303,13 @@ def test_run_local_refuses_a_malformed_job_in_one_line(tmp_path, runner, edit, m
     assert "Traceback" not in result.output
 
 
+def test_run_local_refuses_a_manifest_that_is_no_text_in_one_line(tmp_path, runner):
+    (tmp_path / "a.parquet").write_bytes(b"PAR1\x80\x81 not text")
+    result = runner.invoke(main, ["jobs", "run-local", "--manifest", str(tmp_path / "a.parquet"),
+                                  "--mount", f"/data={tmp_path}"])
+    assert result.exit_code == 2 and "a.parquet: not a text file" in result.output, result.output
+
+
 # --- image -------------------------------------------------------------------------------------------------------
 
 def checkov() -> str:

@@ -50,6 +50,9 @@ def test_secret_keys_are_redacted(key, value):
     "hf_abcdefghijklmnopqrstuvwxyz123456", "Bearer abcdefghijklmnop", "ghp_abcdefghijklmnopqrstuvwxyz",
     "https://host/path?token=s3cr3tvalue&x=1", "eyJhbGciOiJSUzI1NiIs.eyJpc3MiOiJrdWJlcm5ldGVz.c2lnbmF0dXJlc2ln",
     "http://alice:s3cr3tvalue@pushgateway:9091/",  # a URL's user:password (score --pushgateway)
+    "http://:s3cr3tvalue@pushgateway:9091/",  # no user name
+    "http://alice:p@s3cr3tvalue@pushgateway:9091/",  # an "@" inside the password: it was half left
+    "no local directory 'https:/alice:s3cr3tvalue@hub.example/m'",  # a URL that pathlib made a path of
     "key sk-proj-s3cr3tvalue12345678", "AKIAABCDEFGHIJKLMNOP",
 ])
 def test_token_shaped_values_are_redacted_anywhere(value, capsys):

@@ -124,6 +124,23 @@ def test_prefilter_passes_ordinary_news(title, content):
     assert SPEC.prefilter_reason(title, content) is None
 
 
+def test_the_column_prefilter_gives_each_row_what_the_row_one_does():
+    # The whole-column pass (RE2 in Arrow) only picks the rows to match one by one: it must never miss one.
+    import pyarrow as pa
+
+    titles = ["This coin is going TO THE MOON", None, "Top 5 stocks to buy now", "Top 5 stocks to buy now", "",
+              "Caf\u00e9 shocking", "Fed", "10x your money in a week", "Tip", "\u00c9lan strong buy", "Quiet day"]
+    contents = ["Get in now.", "Don\u2019t miss out on this rally", "Our picks.", "Picks for a recession.", None,
+                "Prices", "The central bank held.", "", "Buy this stock before it skyrockets.",
+                "x" * 5000 + " limited-time offer", "Nothing to see."]
+    rows = [SPEC.prefilter_reason(t, c) for t, c in zip(titles, contents)]
+    assert sum(r is not None for r in rows) == 7  # every kind of hit and miss is in the list
+    chunked = (pa.chunked_array([titles[:4], titles[4:]]), pa.chunked_array([contents[:6], contents[6:]]))
+    for columns in ((pa.array(titles), pa.array(contents)), chunked):
+        assert SPEC.prefilter_reasons(*columns) == rows
+    assert SPEC.prefiltered(pa.table({"title": titles, "content": contents})).tolist() == [r is not None for r in rows]
+
+
 def _raw() -> dict:
     from importlib import resources
     return json.loads(resources.files("investment_risk.core").joinpath("filter_spec.json").read_text())
@@ -138,6 +155,7 @@ def _raw() -> dict:
     (lambda r: r["prefilter"]["clickbait"]["patterns"].append("(unclosed"), "bad prefilter pattern"),
     (lambda r: r.pop("tiers"), "missing key"),
     (lambda r: r["prefilter"]["clickbait"]["patterns"].append("Shocking News"), "lowercase"),
+    (lambda r: r["prefilter"]["clickbait"]["patterns"].append("(?<!not )shocking"), "not a pattern RE2 can run"),
     (lambda r: r["dimensions"].reverse(), "contract's eight"),
     (lambda r: r.update(score_range=[1, 9]), "contract's \\[0.0, 10.0\\]"),
 ])

@@ -53,6 +53,8 @@ def test_the_pipeline_commands_write_only_json_to_a_pipe(runner, tmp_path, expor
         assert result.exit_code == 0, (args, result.output)
         events = assert_json_stdout(result)
         assert events, args  # the summary is there, as events
+        # nor anything on stderr, which a pod's log holds too (NNCF drew its progress bars there in every export)
+        assert not result.stderr, (args, result.stderr)
         seen |= {e["event"] for e in events}
     # The summaries that a terminal shows as text reach a pipe as events with the same figures.
     assert {"synth_written", "split_summary", "dry_run", "training_done", "evaluated", "exported", "score_summary",

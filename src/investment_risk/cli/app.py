@@ -92,7 +92,9 @@ def _failed(text: str, exit_code: int) -> click.ClickException:
 def main(log_format: str, log_level: str) -> None:
     """Eight calibrated capital-preservation risk scores per financial news article."""
     configure_logging(log_format, log_level)
-    bind(run_id=os.environ.get(ENV_PREFIX + "RUN_ID") or new_run_id())
+    # The command's name is the stage until the command binds its own: an error before it did still has one.
+    bind(run_id=os.environ.get(ENV_PREFIX + "RUN_ID") or new_run_id(),
+         stage=click.get_current_context().invoked_subcommand)
 
 
 for command in (data.data, train.train_command, train.stage_model_command, evaluate.evaluate_command,

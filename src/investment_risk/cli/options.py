@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import click
 
 ENV_PREFIX = "INVESTMENT_RISK_"
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class EnvOption(click.Option):
@@ -21,6 +23,16 @@ class EnvOption(click.Option):
         if self.envvar is None and flags:  # named after the flag the user types, not the Python parameter
             self.envvar = ENV_PREFIX + max(flags, key=len)[2:].replace("-", "_").upper()
 
+
+    def process_value(self, ctx: click.Context, value: Any) -> Any:
+        # A path option given a URL (s3://bucket/scored): pathlib reads it as the folder ./s3:/bucket, where a
+        # command wrote without a word, or deep in a library's traceback.
+        if isinstance(self.type, click.Path):
+            for item in value if self.multiple and value is not None else (value,):
+                if isinstance(item, str) and _URL.match(item):
+                    raise click.BadParameter(f"{item}: a URL; this takes a local or mounted path (copy the files "
+                                             "there, or mount the bucket)", ctx, self)
+        return super().process_value(ctx, value)
 
     def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
         super().add_to_parser(parser, ctx)

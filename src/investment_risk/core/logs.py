@@ -37,7 +37,9 @@ _SECRET_VALUE = re.compile(
     r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWTs (Kubernetes service-account tokens)
     r"|(?<=Bearer )[A-Za-z0-9._~+/=-]{8,}"
     r"|(?<=[?&]token=)[^&\s]+|(?<=[?&]key=)[^&\s]+"
-    r"|(?<=://)[^/\s@:]+:[^/\s@]+(?=@))"  # a URL's user:password
+    # A URL's user:password, the user empty too, the password up to the host's "@" (it may hold an "@" itself),
+    # after "://" or after "scheme:/" (what pathlib makes of a URL given where a path goes)
+    r"|(?:(?<=://)|(?<=[A-Za-z]:/))[^/\s@:]*:[^/\s]*(?=@))"
 )
 
 

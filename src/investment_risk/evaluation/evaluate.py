@@ -12,7 +12,7 @@ import numpy as np
 from ..core.atomic import check_output_file, write_json_atomic
 from ..core.decisions import decision_metrics, format_decisions
 from ..core.errors import ConfigError, InputError
-from ..core.logs import get_logger
+from ..core.logs import Progress, get_logger
 from ..core.metrics import regression_metrics
 from ..core.spec import DIMENSIONS, default_spec
 from ..datasets.readers import label_matrix, read_articles
@@ -66,13 +66,23 @@ def plot_confusion(decisions: dict[str, Any], dest: Path) -> None:
     save_figure(fig, dest)
 
 
+TOKENISE_ROWS = 2048
+
+
 def raw_scores(model: ModelDescription, table: Any, device: str, batch_size: int, what: str = "evaluate"
                ) -> tuple[np.ndarray, Any, Any, list[np.ndarray]]:
     """A model's clipped, uncalibrated scores for the articles of `table` (with the runner, the tokenizer and the
     token rows they came from): ONNX Runtime for an exported model, PyTorch for a run."""
     runner = load_runner(model, "onnx" if model.exported else "torch", device)
     tokenizer = load_tokenizer(model.tokenizer_dir)
-    rows = model.token_rows(tokenizer, table.column("title").to_pylist(), table.column("content").to_pylist())
+    titles, contents = table.column("title").to_pylist(), table.column("content").to_pylist()
+    rows: list[np.ndarray] = []
+    # Tens of thousands of long articles take minutes to tokenise: progress events, not silence, meanwhile.
+    with Progress(len(titles), f"{what}: tokenise") as progress:
+        for start in range(0, len(titles), TOKENISE_ROWS):
+            chunk = slice(start, start + TOKENISE_ROWS)
+            rows += model.token_rows(tokenizer, titles[chunk], contents[chunk])
+            progress.update(len(titles[chunk]))
     raw = default_spec().clip(predict(runner, rows, model.pad_id(tokenizer), batch_size=batch_size, progress=what))
     return raw, runner, tokenizer, rows
 
@@ -160,8 +170,9 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
     if out is not None:
         write_json_atomic(result, out)
         plot_confusion(decisions, confusion_plot_path(out))
-    get_logger().info("evaluated", rows=table.num_rows, mae=round(result["mae"], 4), parse_rate=result.get("parse_rate"),
-                      baseline_mae=round(result["baseline_mae"], 4), out=str(out) if out else None)
+    # Every figure the terminal's table shows, for a piped stdout too (the generated texts only in --out)
+    figures = {k: v for k, v in result.items() if k not in ("explanations", "explanation_ids", "run")}
+    get_logger().info("evaluated", **figures, model=str(run_dir), out=str(out) if out else None)
     return result
 
 

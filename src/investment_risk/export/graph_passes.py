@@ -247,8 +247,13 @@ def drop_initializer_shapes(path: Path) -> None:
 
 
 def export_graph(module: Any, example: tuple[Any, ...], path: Path, external: bool) -> None:
+    import logging
+
     import torch
 
+    # "torchvision is not installed. Skipping torchvision::nms" and three more, on stderr at every export (pods'
+    # logs too): torchvision's operators are not ours to export.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     torch.onnx.export(
         module, example, str(path), input_names=["input_ids", "attention_mask"], output_names=["scores"],

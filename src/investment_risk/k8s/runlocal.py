@@ -53,6 +53,8 @@ def load_manifests(path: Path) -> list[dict[str, Any]]:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    except UnicodeDecodeError as exc:  # a Parquet file or an image given by mistake
+        raise ConfigError(f"{path}: not a text file (invalid UTF-8 at byte {exc.start}), so no YAML manifest") from None
     if not all(isinstance(d, dict) and "kind" in d for d in docs):
         raise ConfigError(f"{path}: every document must be a Kubernetes object with a kind")
     return docs

@@ -120,12 +120,13 @@ def prepare(batch: Batch, tokenizer: Any, model: ModelDescription, has_labels: b
     spec = default_spec()
     rejects = _reject_reasons(batch)
     titles, contents = batch.table.column("title").to_pylist(), batch.table.column("content").to_pylist()
+    reasons = spec.prefilter_reasons(batch.table.column("title"), batch.table.column("content"))
     prefiltered: dict[int, str] = {}
     model_rows: list[int] = []
     for i in range(batch.table.num_rows):
         if i in rejects:
             continue
-        reason = spec.prefilter_reason(titles[i], contents[i])
+        reason = reasons[i]
         if reason:
             prefiltered[i] = reason
         else:
