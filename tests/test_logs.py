@@ -133,6 +133,7 @@ def test_named_steps_are_counted_named_while_running_and_timed_at_the_end(monkey
             progress.step("graph")
             raise RuntimeError("out of memory")
     assert captured[-1]["done"] == 0 and "graph" in captured[-1]["step_seconds"]
+    assert captured[-1]["event"] == "progress_stopped"  # not "done": it was interrupted (SIGINT gave done: 0/10000)
 
 
 @pytest.mark.parametrize("text, secret", [

@@ -238,8 +238,9 @@ class Progress:
             self._heartbeat.join()
         if self._bar is not None:
             self._bar.close()
+        event = "progress_done" if exc[0] is None else "progress_stopped"  # an interrupted loop is not done
         if self.current is None:
-            self._emit("progress_done")
+            self._emit(event)
             return
         self._close_step(finished=exc[0] is None)  # a failed step keeps its seconds but is not done
-        self._emit("progress_done", step_seconds=self.step_seconds)
+        self._emit(event, step_seconds=self.step_seconds)
