@@ -131,7 +131,7 @@ def test_an_error_before_a_command_binds_its_stage_still_has_one(runner, tmp_pat
     result = runner.invoke(main, ["score", "--model", str(tmp_path), "--input", str(tmp_path), "--out",
                                   str(tmp_path / "o"), "--shard-index", "3", "--shard-count", "2"])
     [event] = [e for e in map(json.loads, result.stdout.splitlines()) if e["event"] == "command_failed"]
-    assert result.exit_code == 2 and event["stage"] == "score", result.output
+    assert result.exit_code == 2 and event["stage"] == "score" and event["shard"] == 3, result.output
 
 
 def test_console_script_logs_json_when_piped(tmp_path):

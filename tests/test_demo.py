@@ -15,7 +15,12 @@ def test_demo_runs_the_whole_loop(runner, tmp_path):
         assert (out / name).exists(), name
     metrics = json.loads((out / "scored" / "metrics.json").read_text())
     assert metrics["rows_in"] == 150 and metrics["invariant_holds"]
-    [event] = [e for e in assert_json_stdout(result) if e["event"] == "demo_summary"]
+    events = assert_json_stdout(result)
+    # Each line names the demo's stage it came from; only the scoring stage's lines carry a shard
+    assert {e["stage"] for e in events if e["event"] == "shard_done"} == {"demo:score"}
+    assert all(("shard" in e) == (e["stage"] == "demo:score") for e in events), \
+        [(e["event"], e["stage"]) for e in events if ("shard" in e) != (e["stage"] == "demo:score")]
+    [event] = [e for e in events if e["event"] == "demo_summary"]
     lines = event["lines"]
     assert any(line.startswith("val MAE") and "predict-the-mean" in line for line in lines)
     assert any("rows/s" in line and "tiers:" in line for line in lines)

@@ -57,6 +57,7 @@ def score_command(model: Path, inputs: tuple[str, ...], more_inputs: tuple[str, 
     """Score articles into OUT/part-<shard>.parquet with rejects, metrics and a _done marker."""
     from ..scoring.pipeline import ScoreConfig, score
 
+    bind(shard=shard_index)  # this command's every line is the shard's, its error and summary too
     if more_inputs and click.get_current_context().get_parameter_source("inputs") is ParameterSource.ENVIRONMENT:
         inputs = ()  # paths on the command line override INVESTMENT_RISK_INPUT, as --input does
     inputs = (*inputs, *more_inputs)

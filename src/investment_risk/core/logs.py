@@ -138,6 +138,15 @@ def bind(**values: Any) -> None:
     structlog.contextvars.bind_contextvars(**values)
 
 
+def bound(**values: Any) -> Any:
+    """`bind` for a block only: the values before it come back after it."""
+    return structlog.contextvars.bound_contextvars(**values)
+
+
+def current_stage() -> str | None:
+    return structlog.contextvars.get_contextvars().get("stage")
+
+
 def get_logger(**initial: Any) -> Any:
     return structlog.get_logger(**initial)
 

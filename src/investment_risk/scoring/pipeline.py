@@ -28,7 +28,7 @@ from ..core.atomic import atomic_path, remove_abandoned, write_json_atomic
 from ..core.drift import DEFAULT_PSI_THRESHOLD, check_threshold
 from ..core.errors import ConfigError, InputError, Terminated
 from ..core.faults import fault_point
-from ..core.logs import Progress, bind, get_logger
+from ..core.logs import Progress, bound, current_stage, get_logger
 from ..core.signals import StopRequest
 from ..core.spec import DIMENSIONS, NUM_DIMENSIONS, default_spec
 from ..datasets.readers import (JSON_TEXT, REQUIRED_COLUMNS, Batch, is_jsonl, iter_file_batches,
@@ -409,12 +409,18 @@ class ShardScorer:
 
 
 def score(config: ScoreConfig) -> dict[str, Any]:
-    """Score this shard (unless already done) and merge every finished shard's metrics into OUT/metrics.json."""
+    """Score this shard (unless already done) and merge every finished shard's metrics into OUT/metrics.json.
+    Its events carry the shard, and the caller's stage (the demo's `demo:score`) or `score`; after it, the
+    caller's lines do not (the demo's report is no shard's)."""
+    with bound(stage=current_stage() or "score", shard=config.shard_index):
+        return _score(config)
+
+
+def _score(config: ScoreConfig) -> dict[str, Any]:
     from ..modeling.loading import load_runner
     from ..modeling.presets import load_tokenizer
 
     log = get_logger()
-    bind(stage="score", shard=config.shard_index)
     out = config.out
     marker = done_marker(out, config.shard_index)
     # Before the skip: shard 0 of 1 done is not shard 0 of 2 done (a finished shard would hide the mismatch).
