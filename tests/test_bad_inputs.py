@@ -147,6 +147,13 @@ def _parquet_named_jsonl(d: Path) -> list[str]:
     return [str(d / "night.jsonl")]
 
 
+def _one_truncated_line(d: Path) -> list[str]:
+    # One bad object is its row's reject however few rows its file has (not "not JSON Lines", exit 2)
+    jsonl(d / "a.jsonl", [json.dumps(r) for r in rows(2)])
+    (d / "b.jsonl").write_text('{"id": "t1", "title": "cut off", "cont\n')
+    return [str(d)]
+
+
 def _csv_named_jsonl(d: Path) -> list[str]:
     (d / "export.jsonl").write_text("id,title,content\n1,Rates rise,Central bank lifts rates\n")
     return [str(d / "export.jsonl")]
@@ -276,6 +283,7 @@ CASES = [
          "zero.parquet: missing required column(s) title, content"),
     Case("a Parquet file named .jsonl", _parquet_named_jsonl, 2,
          "night.jsonl: not JSON Lines: no JSON object in its only line (line 1: invalid UTF-8"),
+    Case("a JSONL file of one truncated line", _one_truncated_line, rows_in=3, rejects={"invalid JSON": 1}),
     Case("a CSV file named .jsonl", _csv_named_jsonl, 2, "export.jsonl: not JSON Lines: no JSON object in its 2 lines (line 1: invalid JSON"),
     Case("0-byte Parquet file", _zero_bytes, 2, "empty file (0 bytes)"),
     Case("0-byte JSONL file beside a good one", _zero_byte_jsonl, rows_in=2),

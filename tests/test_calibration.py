@@ -367,8 +367,11 @@ def test_a_calibrate_killed_between_its_renames_leaves_the_old_model_or_the_new_
     assert sorted(p.name for p in model.iterdir() if p.name.startswith(".")) == []
 
 
-def test_a_model_read_while_calibrate_replaces_its_files_is_read_again(calibrated, tmp_path, monkeypatch):
-    # model.json read, then the files swapped under the reader before it hashed them: "re-export the model".
+@pytest.mark.parametrize("step", ["model_digest", "load_calibration"])
+def test_a_model_whose_calibrate_lands_while_it_is_read_is_read_again(calibrated, tmp_path, monkeypatch, step):
+    # A calibrate's renames landing between the reader's steps: after model.json was read and before the files
+    # were hashed, the model was refused ("re-export the model"); after the hash and before the calibration was
+    # parsed, the description paired the old model_version with the new calibration.
     from investment_risk.evaluation.calibrate import recalibrate
     from investment_risk.modeling import description
 
@@ -377,17 +380,42 @@ def test_a_model_read_while_calibrate_replaces_its_files_is_read_again(calibrate
     shutil.copytree(root / "model", unbroken)
     shutil.copytree(root / "model", model)
     new = recalibrate(unbroken, root / "data" / "val.parquet", device="cpu")["model_version"]
-    hash_files, swapped = description.model_digest, []
+    original, swapped = getattr(description, step), []
 
-    def swapped_first(model_dir):
-        if not swapped:  # the writer's renames land between the reader's two steps
+    def calibrate_lands_first(directory):
+        if not swapped:
             for name in ("calibration.json", "reference.json", "model.json"):
                 shutil.copy(unbroken / name, model / name)
             swapped.append(True)
-        return hash_files(model_dir)
+        return original(directory)
 
-    monkeypatch.setattr(description, "model_digest", swapped_first)
-    assert describe_model(model).model_version == new
+    monkeypatch.setattr(description, step, calibrate_lands_first)
+    read = describe_model(model)
+    assert swapped and read.model_version == new and read.calibration.fitted_on["split"] == "refit"
+
+
+def test_a_reader_finishing_an_old_journal_leaves_a_newer_one_alone(tmp_path, monkeypatch):
+    # A reader that rolled a change forward and then removed the journal by name removed the next change's: that
+    # calibrate reported its new version while the model kept the old one.
+    from investment_risk.core import atomic
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    atomic.replace_files_together(folder, {"a.json": "1", "b.json": "1"})
+    (folder / ".a.json.staged-x").write_text("2")
+    atomic.write_json_atomic({"files": {"a.json": ".a.json.staged-x"}}, folder / atomic.REPLACE_JOURNAL)
+    apply = atomic._apply_journal
+
+    def next_change_lands_meanwhile(target, files):
+        apply(target, files)
+        atomic.write_json_atomic({"files": {"b.json": None}}, target / atomic.REPLACE_JOURNAL)
+
+    monkeypatch.setattr(atomic, "_apply_journal", next_change_lands_meanwhile)
+    assert atomic.finish_replace(folder) and (folder / "a.json").read_text() == "2"
+    monkeypatch.undo()
+    assert (folder / atomic.REPLACE_JOURNAL).exists()  # the newer journal stays, for its writer or the next reader
+    assert atomic.finish_replace(folder) and not (folder / "b.json").exists()
+    assert not atomic.finish_replace(folder)  # none left
 
 
 def test_calibrating_a_run_gives_it_a_new_version_and_records_the_refit(calibrated, runner, tmp_path):

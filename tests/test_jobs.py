@@ -553,6 +553,22 @@ def test_a_pod_whose_log_cannot_be_read_is_skipped_and_the_others_are_followed()
     assert [(e["event"], e["pod"]) for e in logs] == [("pod_log_unreadable", "lost")]
 
 
+def test_log_reads_stop_at_the_waits_deadline():
+    # Ten pods whose log reads each hung for their timeout took `jobs wait --timeout 3` to 16 s.
+    from investment_risk.k8s.cluster import LogFollower
+
+    reads = []
+
+    def read(pod, namespace, **kwargs):
+        reads.append(pod)
+        time.sleep(0.2)  # an answer that comes only at the request's timeout
+        return ""
+    cluster = SimpleNamespace(namespace=NS, core=SimpleNamespace(read_namespaced_pod_log=read),
+                              request_timeout=lambda: (1.0, 1.0), deadline=time.monotonic() + 0.5)
+    assert list(LogFollower().new_lines(cluster, "j", [f"p{i}" for i in range(10)])) == []
+    assert 2 <= len(reads) <= 4
+
+
 def test_a_refused_request_is_exit_2_and_a_taken_name_says_how_to_follow_it(fake, tmp_path, runner):
     import kmock
 

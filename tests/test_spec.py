@@ -139,6 +139,14 @@ def test_the_column_prefilter_gives_each_row_what_the_row_one_does():
     for columns in ((pa.array(titles), pa.array(contents)), chunked):
         assert SPEC.prefilter_reasons(*columns) == rows
     assert SPEC.prefiltered(pa.table({"title": titles, "content": contents})).tolist() == [r is not None for r in rows]
+    # Text as pandas and Polars write it (large_string), as a view, or a column of nulls: it crashed on all three
+    for kind in (pa.large_string(), pa.string_view()):
+        assert SPEC.prefilter_reasons(pa.array(titles, kind), pa.array(contents, kind)) == rows
+    assert SPEC.prefilter_reasons(pa.nulls(2), pa.array(["You won't believe it", "A quiet day"])) == [
+        "clickbait: 'you won't believe'", None]
+    # "İ": Python lowercased it to "i" and a combining dot (a word boundary), Arrow to "i": the two disagreed
+    odd = ["\u0130shocking news", "Best \u0130TOP 5 stocks", "K\u0130100x gains"]
+    assert SPEC.prefilter_reasons(pa.array(odd), pa.array([""] * 3)) == [SPEC.prefilter_reason(t, "") for t in odd]
 
 
 def _raw() -> dict:

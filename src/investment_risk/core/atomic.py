@@ -302,9 +302,10 @@ REPLACE_JOURNAL = ".replace-journal.json"
 def replace_files_together(folder: Path, contents: dict[str, str | None]) -> None:
     """Replace several files of `folder` as one change (a model's calibration, its drift reference and the
     model.json that hashes them): a kill at any point leaves the old files, or the new ones once any reader or
-    writer of the folder calls `finish_replace`, never a mix. Each new file is staged whole, then a journal naming
-    them is written (the commit point), then each is renamed into place and the journal removed. None removes the
-    file. The caller holds the folder's lock (`locked_dir`): staged files of a dead writer are swept here."""
+    writer of the folder calls `finish_replace`, never a mix. Each new file is staged whole under a name of its
+    own, then a journal naming them is written (the commit point), then each is renamed into place and the journal
+    removed. None removes the file. The caller holds the folder's lock (`locked_dir`): staged files of a dead
+    writer are swept here."""
     finish_replace(folder)
     for leftover in folder.glob(".*.staged-*"):  # a writer killed before its journal: its change never happened
         leftover.unlink(missing_ok=True)
@@ -321,17 +322,43 @@ def replace_files_together(folder: Path, contents: dict[str, str | None]) -> Non
         os.chmod(tmp, FILE_MODE)
         staged[name] = Path(tmp).name
     fsync_dir(folder)
-    write_json_atomic({"files": staged}, folder / REPLACE_JOURNAL)
-    finish_replace(folder)
+    journal = write_json_atomic({"files": staged}, folder / REPLACE_JOURNAL)
+    try:
+        identity: tuple[int, int] | None = _identity(journal)
+    except FileNotFoundError:  # a reader rolled it forward already
+        identity = None
+    _apply_journal(folder, staged)
+    if identity is not None:
+        _drop_journal(journal, identity)
 
 
 def finish_replace(folder: Path) -> bool:
     """Roll forward a `replace_files_together` whose writer died after its journal; False when there is none.
-    Safe beside a live writer of the same change (both rename the same staged files to the same names)."""
+    Safe beside a live writer of the same change (both rename the same staged files to the same names: what one
+    renamed the other finds gone) and beside the next one (only the journal read is removed, never a newer one)."""
     journal = folder / REPLACE_JOURNAL
-    if not journal.exists():
+    try:
+        with open(journal, "rb") as handle:
+            identity = _identity(handle.fileno())
+            text = handle.read()
+    except FileNotFoundError:  # none, or its writer finished meanwhile
         return False
-    for name, staged in read_json(journal)["files"].items():
+    try:
+        files = json.loads(text)["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise unreadable(journal, exc, "not a journal this package wrote") from None
+    _apply_journal(folder, files)
+    _drop_journal(journal, identity)
+    return True
+
+
+def _identity(target: Path | int) -> tuple[int, int]:
+    stat = os.fstat(target) if isinstance(target, int) else os.stat(target)
+    return stat.st_dev, stat.st_ino
+
+
+def _apply_journal(folder: Path, files: dict[str, str | None]) -> None:
+    for name, staged in files.items():
         if staged is None:
             (folder / name).unlink(missing_ok=True)
             continue
@@ -341,9 +368,16 @@ def finish_replace(folder: Path) -> bool:
             continue
         fault_point(f"after_rename:{folder.name}/{name}")
     fsync_dir(folder)
+
+
+def _drop_journal(journal: Path, identity: tuple[int, int]) -> None:
+    try:
+        if _identity(journal) != identity:  # a newer change's journal: its writer removes it
+            return
+    except FileNotFoundError:
+        return
     journal.unlink(missing_ok=True)
-    fsync_dir(folder)
-    return True
+    fsync_dir(journal.parent)
 
 
 def check_output_file(path: Path, option: str) -> None:

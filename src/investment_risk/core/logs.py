@@ -37,9 +37,10 @@ _SECRET_VALUE = re.compile(
     r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWTs (Kubernetes service-account tokens)
     r"|(?<=Bearer )[A-Za-z0-9._~+/=-]{8,}"
     r"|(?<=[?&]token=)[^&\s]+|(?<=[?&]key=)[^&\s]+"
-    # A URL's user:password, the user empty too, the password up to the host's "@" (it may hold an "@" itself),
+    # A URL's user:password, the user empty or an e-mail address, the password up to the host's "@" (it may hold
+    # an "@" itself; not past a query's "?" or a fragment's "#"),
     # after "://" or after "scheme:/" (what pathlib makes of a URL given where a path goes)
-    r"|(?:(?<=://)|(?<=[A-Za-z]:/))[^/\s@:]*:[^/\s]*(?=@))"
+    r"|(?:(?<=://)|(?<=[A-Za-z]:/))[^/\s:]*:[^/\s?#]*(?=@))"
 )
 
 

@@ -147,7 +147,9 @@ class FilterSpec:
 
     def prefilter_reason(self, title: str | None, content: str | None) -> str | None:
         """Why an article is noise before any model sees it ('category: matched text'), or None."""
-        text = f"{title or ''}\n{content or ''}".lower().replace("\u2019", "'")  # a typographic apostrophe too
+        # A typographic apostrophe counts as one; "İ" as "I" (Python lowercases it to "i" and a combining dot,
+        # Arrow to "i": the column scan must see what this sees)
+        text = f"{title or ''}\n{content or ''}".replace("\u0130", "I").lower().replace("\u2019", "'")
         if self.any_prefilter is not None and not self.any_prefilter.search(text):
             return None
         reasons = [r for r in (c.match(text) for c in self.prefilter) if r]
@@ -157,13 +159,16 @@ class FilterSpec:
         """`prefilter_reason` of every row of two Arrow string columns. RE2, in Arrow's C++ over the whole column,
         finds the few rows any category could match (Python's re took 2 ms for a 4,000-character article, longer
         than a GPU takes to score it); only those are matched one by one for their reasons."""
+        import pyarrow as pa
         import pyarrow.compute as pc
 
         n = len(titles)
         if self.any_prefilter is None or n == 0:
             return [None] * n
-        text = pc.binary_join_element_wise(pc.fill_null(titles, ""), pc.fill_null(contents, ""), "\n")
-        text = pc.replace_substring(pc.utf8_lower(text), "\u2019", "'")
+        # Plain strings, whatever the file held (large_string from pandas or Polars, a view, an all-null column)
+        titles, contents = (pc.fill_null(column.cast(pa.string()), "") for column in (titles, contents))
+        text = pc.binary_join_element_wise(titles, contents, "\n")
+        text = pc.replace_substring(pc.utf8_lower(pc.replace_substring(text, "\u0130", "I")), "\u2019", "'")
         candidates = pc.match_substring_regex(text, self.any_prefilter.pattern)
         reasons: list[str | None] = [None] * n
         for i in np.flatnonzero(pc.fill_null(candidates, False).to_numpy(zero_copy_only=False)):

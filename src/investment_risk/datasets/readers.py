@@ -451,11 +451,13 @@ def _iter_jsonl(path: Path, batch_rows: int, labels: Sequence[str], lenient: boo
     blank = 0
     start = 0
     first_line, json_suffix = True, path.suffix.lower() == ".json"
+    object_like = False  # a line of the first batch begins as a JSON object
 
     def flush() -> Batch:
-        if start == 0 and rows and len(bad) == len(rows):
-            # No line of the file's first batch is an article: the file is not JSON Lines (a Parquet or CSV file
-            # named .jsonl), a whole-file problem as a Parquet file without the columns is, not a reject a line.
+        if start == 0 and rows and len(bad) == len(rows) and not object_like:
+            # No line of the file's first batch is, or begins as, a JSON object: the file is not JSON Lines (a
+            # Parquet or CSV file named .jsonl), a whole-file problem as a Parquet file without the columns is, not
+            # a reject a line. A truncated or otherwise bad object is its row's reject, however few rows there are.
             what = f"its first {len(rows)} lines" if len(rows) == batch_rows else \
                 "its only line" if len(rows) == 1 else f"its {len(rows)} lines"
             raise InputError(f"{path}: not JSON Lines: no JSON object in {what} (line {lines[0]}: {bad[0]})")
@@ -476,6 +478,7 @@ def _iter_jsonl(path: Path, batch_rows: int, labels: Sequence[str], lenient: boo
                 raise InputError(f"{path}: a JSON array, not JSON Lines (one object per line); convert it first, "
                                  "e.g. with jq -c '.[]'")
             first_line = False
+            object_like = object_like or raw.lstrip().startswith(b"{")
             obj, reason = _parse_line(raw)
             if reason is not None:
                 if not lenient:

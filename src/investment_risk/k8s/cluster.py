@@ -223,7 +223,10 @@ class LogFollower:
 
         from ..core.logs import get_logger
 
+        deadline = getattr(cluster, "deadline", None)
         for pod in sorted(pods):
+            if deadline is not None and time.monotonic() >= deadline:  # `wait --timeout` is up: the rest can wait
+                return
             kwargs: dict[str, Any] = {"timestamps": True}
             if pod in self.read_at:
                 kwargs["since_seconds"] = int(time.monotonic() - self.read_at[pod]) + LOG_MARGIN_S
@@ -312,7 +315,7 @@ def wait(cluster: Cluster, name: str, on_line: Callable[[str, str], None], poll_
             return status
         if timeout_s is not None and time.monotonic() - started > timeout_s:
             raise RetryableError(f"job {name}: still {state} after {timeout_s:.0f} s")
-        time.sleep(poll_s)
+        time.sleep(poll_s if timeout_s is None else max(0.0, min(poll_s, started + timeout_s - time.monotonic())))
 
 
 def pretty_log_line(line: str) -> str:

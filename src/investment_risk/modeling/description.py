@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from .tokens import TRUNCATIONS
 
 INPUT_FORMATS = ("article", "instruction")
 RUN_CONFIG_FILE = "training_config.json"  # a run's resolved hyperparameters and its data's sha256
+JOURNAL_WAIT_S = 10.0  # how long a read-only reader waits for a live calibrate to finish its renames
 INT8_FILE = "model.int8.onnx"  # the static int8 (NNCF, QDQ) twin of model.onnx, for openvino-int8
 DYNAMIC_INT8_FILE = "model.int8-dynamic.onnx"  # ONNX Runtime's dynamic int8 twin, for onnxruntime-int8
 # The engines that can score an exported model on CPUs (loading.cpu_runner), ONNX Runtime fp32 first: the reference
@@ -162,7 +164,14 @@ def run_version(run: Path) -> str:
 
 
 def _exported(path: Path) -> ModelDescription:
-    info = read_model_json(path)
+    for attempt in range(2):
+        info = read_model_json(path)
+        calibration, reference = load_calibration(path), load_reference(path)
+        # The calibration and reference read are the ones hashed (a calibrate may have replaced them in between)
+        if _unchanged(path, info, (CALIBRATION_FILE, REFERENCE_FILE)):
+            break
+        if attempt:
+            raise InputError(f"{path}: its calibration changed while it was read, twice; try again")
     if info.get("input_format", "article") not in INPUT_FORMATS:
         raise InputError(f"{path / 'model.json'}: input_format {info['input_format']!r} is not one of "
                          f"{', '.join(INPUT_FORMATS)}")
@@ -173,8 +182,14 @@ def _exported(path: Path) -> ModelDescription:
         pad_token_id=info.get("pad_token_id"), model_version=str(info["model_version"]), source_run=source,
         tokenizer_dir=path, train_label_mean=_label_mean(run_meta, source / "training_metadata.json"),
         cpu_engine=(info.get("cpu_engine") or {}).get("engine", "onnxruntime"),
-        truncation=str(info.get("truncation", "head")), calibration=load_calibration(path),
-        reference=load_reference(path), dtype=str(info.get("dtype", "fp32")))
+        truncation=str(info.get("truncation", "head")), calibration=calibration,
+        reference=reference, dtype=str(info.get("dtype", "fp32")))
+
+
+def _unchanged(path: Path, info: dict[str, Any], names: tuple[str, ...]) -> bool:
+    digests = info.get("sha256") or {}
+    return all((path / name).exists() == (name in digests) and
+               (name not in digests or sha256_file(path / name) == digests[name]) for name in names)
 
 
 def _finish_interrupted_change(model_dir: Path) -> None:
@@ -188,9 +203,15 @@ def _finish_interrupted_change(model_dir: Path) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-        raise InputError(f"{model_dir}: a calibrate was killed while it replaced the model's files ({REPLACE_JOURNAL} "
-                         f"is there) and they cannot be completed here ({exc.strerror}): open the model once where "
-                         "it is writable (any command that reads it completes them)") from None
+        # A read-only reader beside a live calibrate: its journal goes within moments of its renames
+        deadline = time.monotonic() + JOURNAL_WAIT_S
+        while (model_dir / REPLACE_JOURNAL).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if (model_dir / REPLACE_JOURNAL).exists():
+            raise InputError(f"{model_dir}: a calibrate was killed while it replaced the model's files "
+                             f"({REPLACE_JOURNAL} is there) and they cannot be completed here ({exc.strerror}): "
+                             "open the model once where it is writable (any command that reads it completes them)"
+                             ) from None
 
 
 def load_reference(model_dir: Path) -> dict[str, Any] | None:
