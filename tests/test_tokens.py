@@ -90,3 +90,35 @@ def _framing(tokenizer):
     from investment_risk.modeling.tokens import _special_tokens
 
     return _special_tokens(tokenizer)
+
+
+@pytest.mark.parametrize("base_name", ["tiny-qwen2", "minilm"])
+def test_a_long_text_cut_before_tokenising_gives_the_whole_texts_first_tokens(base_name):
+    # encode cuts a long text at a word's end near 6 characters a token, then at the 16-character bound, then
+    # tokenises it whole: whichever it took, the ids are those of the whole text, truncated.
+    import random
+
+    from investment_risk.modeling.tokens import TEXT
+
+    tokenizer = load_tokenizer(resolve_base_model(base_name).path)
+    rng = random.Random(7)
+    words = ["Spreads", "widened", "40bp,", "the", "Fed's", "balance-sheet", "2024-11-27", "«liquidité»", "中文",
+             "🙂", "don't", "(CDS)", "$3.2tn", "\n\n", "  ", "\t", "<|endoftext|>", "[SEP]", "9" * 12]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(300, 1500))) for _ in range(40)]
+    texts += ["x" * 9000, "1 " * 5000, "abc  " * 1500, "word " * 700 + "end", "a" * 3000 + " b" * 10, ""]
+    for max_length in (64, 512):
+        whole = [np.asarray(tokenizer(t, truncation=True, max_length=max_length, **TEXT)["input_ids"]) for t in texts]
+        for text, got, want in zip(texts, encode(tokenizer, texts, max_length), whole):
+            np.testing.assert_array_equal(got, want, err_msg=f"{max_length} {text[:40]!r}")
+
+
+def test_the_first_cut_falls_at_a_words_end_within_its_limit():
+    # Tokenizers split before " word", so a text cut there keeps every piece before the cut whole; cut mid-word
+    # (or mid-run of spaces) the last piece could tokenise differently from the whole text's.
+    from investment_risk.modeling.tokens import _at_word_end
+
+    assert _at_word_end("short", 10) is None  # not longer than the limit: not cut
+    assert _at_word_end("alpha beta gamma delta", 13) == "alpha beta"  # not "alpha beta ga"
+    assert _at_word_end("alpha   beta gamma", 9) == "alpha"  # before the run of spaces, not inside it
+    assert _at_word_end("alpha beta", 5) == "alpha" and _at_word_end("alpha beta", 4) is None  # none within it
+    assert _at_word_end("x" * 50, 10) is None  # no word end at all: the next bound, or the whole text

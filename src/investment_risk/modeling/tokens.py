@@ -15,6 +15,10 @@ from typing import Any
 import numpy as np
 
 CHARS_PER_TOKEN_BOUND = 16  # cut text before tokenising; re-tokenise in full when the cut might have mattered
+# A first, closer cut (news runs 4-5.5 characters a token), made at a word's end: most long articles are tokenised
+# from 3,072 characters instead of 8,192, the Rust tokenizer being most of scoring's host time (1.1 ms of 1.2 ms
+# an article of 4,000 characters); a text the cut leaves short of max_length goes on to the bound above.
+FIRST_CUT_CHARS_PER_TOKEN = 6
 # Article text is data: "<|endoftext|>" or "[SEP]" written in it is tokenised as the characters it is, never as the
 # special token (which would end or pool the sequence where the text says, and the pad id would hide real tokens).
 TEXT = {"split_special_tokens": True}
@@ -46,16 +50,41 @@ def encode(tokenizer: Any, texts: Sequence[str], max_length: int, chunk: int = 5
     if truncation != "head":
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, not {truncation!r}")
     out: list[np.ndarray] = []
-    limit = max_length * CHARS_PER_TOKEN_BOUND
     for start in range(0, len(texts), chunk):
         part = list(texts[start:start + chunk])
-        cut = [t[:limit] for t in part]
-        ids = tokenizer(cut, truncation=True, max_length=max_length, add_special_tokens=True, **TEXT)["input_ids"]
-        for text, row in zip(part, ids):
-            if len(row) < max_length and len(text) > limit:  # the cut text ran short: do it exactly
-                row = tokenizer(text, truncation=True, max_length=max_length, **TEXT)["input_ids"]
-            out.append(np.asarray(row, dtype=np.int32))
+        rows = _head_rows(tokenizer, part, max_length, [_at_word_end(t, max_length * FIRST_CUT_CHARS_PER_TOKEN)
+                                                        for t in part])
+        if redo := [i for i, row in enumerate(rows) if row is None]:
+            limit = max_length * CHARS_PER_TOKEN_BOUND
+            again = _head_rows(tokenizer, [part[i] for i in redo], max_length,
+                               [part[i][:limit] if len(part[i]) > limit else None for i in redo])
+            for i, row in zip(redo, again):  # still short: the whole text, exactly
+                rows[i] = row if row is not None else np.asarray(
+                    tokenizer(part[i], truncation=True, max_length=max_length, **TEXT)["input_ids"], dtype=np.int32)
+        out += rows
     return out
+
+
+def _at_word_end(text: str, limit: int) -> str | None:
+    """`text` cut before the last space that follows a non-space within `limit` characters, or None where it is
+    not longer. Tokenizers split text at such a space (BERT's at every space, byte-level BPE before " word"), so
+    every piece before the cut is the whole text's, and so are its tokens."""
+    if len(text) <= limit:
+        return None
+    k = text.rfind(" ", 0, limit + 1)
+    while k > 0 and text[k - 1].isspace():
+        k = text.rfind(" ", 0, k)
+    return text[:k] if k > 0 else None
+
+
+def _head_rows(tokenizer: Any, texts: list[str], max_length: int, cuts: list[str | None]
+               ) -> list[np.ndarray | None]:
+    """The first max_length tokens of each text, from its cut where it has one; None where the cut ran short of
+    max_length (the tokens past it might have mattered)."""
+    given = [text if cut is None else cut for text, cut in zip(texts, cuts)]
+    ids = tokenizer(given, truncation=True, max_length=max_length, add_special_tokens=True, **TEXT)["input_ids"]
+    return [None if cut is not None and len(row) < max_length else np.asarray(row, dtype=np.int32)
+            for cut, row in zip(cuts, ids)]
 
 
 def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
