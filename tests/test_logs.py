@@ -54,6 +54,8 @@ def test_secret_keys_are_redacted(key, value):
     "http://alice:p@s3cr3tvalue@pushgateway:9091/",  # an "@" inside the password: it was half left
     "no local directory 'https:/alice:s3cr3tvalue@hub.example/m'",  # a URL that pathlib made a path of
     "postgres://alice@corp.com:s3cr3tvalue@db:5432/x",  # an e-mail address as the user
+    "postgresql://app:s3cr3tvalue#x@db:5432/risk", "https://user:s3cr3tvalue?x@host/x",  # a "#" or "?" inside
+    "s3:/user:s3cr3tvalue@bucket/key",  # pathlib's s3:// (a digit before ":/")
     "key sk-proj-s3cr3tvalue12345678", "AKIAABCDEFGHIJKLMNOP",
 ])
 def test_token_shaped_values_are_redacted_anywhere(value, capsys):
@@ -69,7 +71,8 @@ def test_ordinary_values_survive():
              "out": "/data/scored/investment-risk-nightly-29420730", "job": "investment-risk-score-1764979200",
              "run": "/models/runs/graph_hf_exportedweightsv2long",
              "token_path": "/var/run/secrets-free/path", "gateway": "http://pushgateway:9091/a:b@c",
-             "api": "https://api.example.com:443?email=a@b.com", "repo": "ssh://git@github.com:22/x@y"}
+             "api": "https://api.example.com:443?email=a@b.com", "repo": "ssh://git@github.com:22/x@y",
+             "mail": "https://host:8443#to=a@b.com"}
     assert redact_secrets(None, "info", dict(event)) == event
 
 

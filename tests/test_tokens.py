@@ -120,5 +120,40 @@ def test_the_first_cut_falls_at_a_words_end_within_its_limit():
     assert _at_word_end("short", 10) is None  # not longer than the limit: not cut
     assert _at_word_end("alpha beta gamma delta", 13) == "alpha beta"  # not "alpha beta ga"
     assert _at_word_end("alpha   beta gamma", 9) == "alpha"  # before the run of spaces, not inside it
-    assert _at_word_end("alpha beta", 5) == "alpha" and _at_word_end("alpha beta", 4) is None  # none within it
-    assert _at_word_end("x" * 50, 10) is None  # no word end at all: the next bound, or the whole text
+    assert _at_word_end("alpha beta", 5) == "alpha" and _at_word_end("alpha beta", 4) == ""  # none within it
+    assert _at_word_end("x" * 50, 10) == ""  # no word end: an empty cut, which runs short, so the next bound
+
+
+def test_a_long_text_without_a_word_end_is_not_tokenised_whole():
+    # A CJK article or a minified blob has no " " to cut at: it went to the whole text (0.5-2 s for 200k-2M
+    # characters) instead of the 8,192-character bound.
+    tokenizer = load_tokenizer(resolve_base_model("tiny-qwen2").path)
+    seen = []
+    real = tokenizer.__class__.__call__
+
+    def spy(self, text, *args, **kwargs):
+        seen.extend(len(t) for t in (text if isinstance(text, list) else [text]))
+        return real(self, text, *args, **kwargs)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(tokenizer.__class__, "__call__", spy):
+        [row] = encode(tokenizer, ["\u4e2d\u6587" * 100_000], 64)
+    assert len(row) == 64 and max(seen) <= 64 * 16, seen
+
+
+def test_a_bert_word_over_100_characters_at_the_bound_is_not_cut_into_pieces():
+    # BERT reads a word of over 100 characters as one [UNK]; the bound cut inside one, leaving word pieces where
+    # the whole text has [UNK] (a text whose first cut ran short, so that the bound decided).
+    from investment_risk.modeling.tokens import TEXT
+
+    tokenizer = load_tokenizer(resolve_base_model("minilm").path)
+    head = ""
+    while len(head) < 8192 - 690:  # one [UNK] a word: few tokens for many characters, so the first cut runs short
+        head += "f" * 120 + " "
+    filler = ""
+    while len(head + filler) < 8192 - 50:
+        filler += "qz "
+    text = head + filler + "qzqzqzqzqz" * 20 + " end"  # a 200-character word across the bound, near token 491
+    want = tokenizer(text, truncation=True, max_length=512, **TEXT)["input_ids"]
+    np.testing.assert_array_equal(encode(tokenizer, [text], 512)[0], want)

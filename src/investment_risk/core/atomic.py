@@ -322,14 +322,10 @@ def replace_files_together(folder: Path, contents: dict[str, str | None]) -> Non
         os.chmod(tmp, FILE_MODE)
         staged[name] = Path(tmp).name
     fsync_dir(folder)
-    journal = write_json_atomic({"files": staged}, folder / REPLACE_JOURNAL)
-    try:
-        identity: tuple[int, int] | None = _identity(journal)
-    except FileNotFoundError:  # a reader rolled it forward already
-        identity = None
+    text = json.dumps({"files": staged}) + "\n"
+    journal = write_text_atomic(text, folder / REPLACE_JOURNAL)
     _apply_journal(folder, staged)
-    if identity is not None:
-        _drop_journal(journal, identity)
+    _drop_journal(journal, text.encode())
 
 
 def finish_replace(folder: Path) -> bool:
@@ -338,9 +334,7 @@ def finish_replace(folder: Path) -> bool:
     renamed the other finds gone) and beside the next one (only the journal read is removed, never a newer one)."""
     journal = folder / REPLACE_JOURNAL
     try:
-        with open(journal, "rb") as handle:
-            identity = _identity(handle.fileno())
-            text = handle.read()
+        text = journal.read_bytes()
     except FileNotFoundError:  # none, or its writer finished meanwhile
         return False
     try:
@@ -348,13 +342,8 @@ def finish_replace(folder: Path) -> bool:
     except (ValueError, KeyError, TypeError) as exc:
         raise unreadable(journal, exc, "not a journal this package wrote") from None
     _apply_journal(folder, files)
-    _drop_journal(journal, identity)
+    _drop_journal(journal, text)
     return True
-
-
-def _identity(target: Path | int) -> tuple[int, int]:
-    stat = os.fstat(target) if isinstance(target, int) else os.stat(target)
-    return stat.st_dev, stat.st_ino
 
 
 def _apply_journal(folder: Path, files: dict[str, str | None]) -> None:
@@ -370,9 +359,11 @@ def _apply_journal(folder: Path, files: dict[str, str | None]) -> None:
     fsync_dir(folder)
 
 
-def _drop_journal(journal: Path, identity: tuple[int, int]) -> None:
+def _drop_journal(journal: Path, text: bytes) -> None:
+    """Remove the journal whose `text` was applied, never a newer change's (its staged names, unique to each
+    change, make the text differ; an inode number does not: ext4 gives a new file the one just freed)."""
     try:
-        if _identity(journal) != identity:  # a newer change's journal: its writer removes it
+        if journal.read_bytes() != text:  # a newer change's journal: its writer, or the next reader, applies it
             return
     except FileNotFoundError:
         return

@@ -38,9 +38,9 @@ _SECRET_VALUE = re.compile(
     r"|(?<=Bearer )[A-Za-z0-9._~+/=-]{8,}"
     r"|(?<=[?&]token=)[^&\s]+|(?<=[?&]key=)[^&\s]+"
     # A URL's user:password, the user empty or an e-mail address, the password up to the host's "@" (it may hold
-    # an "@" itself; not past a query's "?" or a fragment's "#"),
+    # an "@", "?" or "#" itself; a host:port before a query's "?" is no password),
     # after "://" or after "scheme:/" (what pathlib makes of a URL given where a path goes)
-    r"|(?:(?<=://)|(?<=[A-Za-z]:/))[^/\s:]*:[^/\s?#]*(?=@))"
+    r"|(?:(?<=://)|(?<=[A-Za-z0-9]:/))[^/\s:]*:(?!\d*[?#])[^/\s]*(?=@))"
 )
 
 

@@ -198,8 +198,9 @@ def _finish_interrupted_change(model_dir: Path) -> None:
     try:
         if finish_replace(model_dir):
             get_logger().warning("interrupted_change_completed", model=str(model_dir),
-                                 reason="a calibrate was killed while it replaced the model's files: its new "
-                                        "calibration, reference and model.json are now in place")
+                                 reason="a calibrate's change of the model's files was under way (its writer killed, "
+                                        "or finishing beside this reader): its new calibration, reference and "
+                                        "model.json are now in place")
     except OSError as exc:
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise

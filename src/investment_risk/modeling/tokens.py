@@ -56,8 +56,11 @@ def encode(tokenizer: Any, texts: Sequence[str], max_length: int, chunk: int = 5
                                                         for t in part])
         if redo := [i for i, row in enumerate(rows) if row is None]:
             limit = max_length * CHARS_PER_TOKEN_BOUND
+            # at a word's end again (a cut inside a word of over 100 characters made BERT's [UNK] word pieces);
+            # a text with none in 8,192 characters (CJK, one long token) mid-word, as before, not whole
+            cuts = [_at_word_end(part[i], limit) for i in redo]
             again = _head_rows(tokenizer, [part[i] for i in redo], max_length,
-                               [part[i][:limit] if len(part[i]) > limit else None for i in redo])
+                               [part[i][:limit] if cut == "" else cut for i, cut in zip(redo, cuts)])
             for i, row in zip(redo, again):  # still short: the whole text, exactly
                 rows[i] = row if row is not None else np.asarray(
                     tokenizer(part[i], truncation=True, max_length=max_length, **TEXT)["input_ids"], dtype=np.int32)
@@ -66,15 +69,16 @@ def encode(tokenizer: Any, texts: Sequence[str], max_length: int, chunk: int = 5
 
 
 def _at_word_end(text: str, limit: int) -> str | None:
-    """`text` cut before the last space that follows a non-space within `limit` characters, or None where it is
-    not longer. Tokenizers split text at such a space (BERT's at every space, byte-level BPE before " word"), so
-    every piece before the cut is the whole text's, and so are its tokens."""
+    """`text` cut before the last space that follows a non-space within `limit` characters; None where it is not
+    longer, "" where it has no such space (an empty cut runs short: the next bound takes it). Tokenizers split
+    text at such a space (BERT's at every space, byte-level BPE before " word"), so every piece before the cut is
+    the whole text's, and so are its tokens."""
     if len(text) <= limit:
         return None
     k = text.rfind(" ", 0, limit + 1)
     while k > 0 and text[k - 1].isspace():
         k = text.rfind(" ", 0, k)
-    return text[:k] if k > 0 else None
+    return text[:k] if k > 0 else ""
 
 
 def _head_rows(tokenizer: Any, texts: list[str], max_length: int, cuts: list[str | None]
