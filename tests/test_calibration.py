@@ -394,6 +394,42 @@ def test_a_model_whose_calibrate_lands_while_it_is_read_is_read_again(calibrated
     assert swapped and read.model_version == new and read.calibration.fitted_on["split"] == "refit"
 
 
+@pytest.mark.parametrize("point, readable", [("after_rename:*/model.json", True),
+                                             ("after_rename:*/.replace-journal.json", False)])
+def test_a_read_only_reader_of_a_killed_calibrate(calibrated, tmp_path, monkeypatch, point, readable):
+    # On a read-only mount a reader cannot finish the change: a journal whose renames were all done (killed before
+    # removing it) is no obstacle, the files are the new set; one with renames to do is refused in one line.
+    import errno
+
+    from investment_risk.core import faults
+    from investment_risk.evaluation.calibrate import recalibrate
+    from investment_risk.modeling import description
+
+    root, _, _ = calibrated
+    model = tmp_path / "model"
+    shutil.copytree(root / "model", model)
+
+    def kill() -> None:
+        raise Killed
+
+    monkeypatch.setattr(faults, "kill_now", kill)
+    monkeypatch.setenv("_INVESTMENT_RISK_KILL_AT", point)
+    with pytest.raises(Killed):
+        recalibrate(model, root / "data" / "val.parquet", device="cpu")
+    monkeypatch.delenv("_INVESTMENT_RISK_KILL_AT")
+
+    def read_only(folder):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(description, "finish_replace", read_only)
+    monkeypatch.setattr(description, "JOURNAL_WAIT_S", 0.3)
+    if readable:
+        assert describe_model(model).calibration.fitted_on["split"] == "refit"
+    else:
+        with pytest.raises(InputError, match="cannot be completed here"):
+            describe_model(model)
+
+
 def test_a_reader_finishing_an_old_journal_leaves_a_newer_one_alone(tmp_path, monkeypatch):
     # A reader that rolled a change forward and then removed the journal by name removed the next change's: that
     # calibrate reported its new version while the model kept the old one.

@@ -346,6 +346,18 @@ def finish_replace(folder: Path) -> bool:
     return True
 
 
+def replace_pending(folder: Path) -> bool:
+    """Whether a journal's change still has something to do: a staged file to rename, a file to remove. A journal
+    whose writer was killed after its last rename and before removing it has none: its files are the new set."""
+    try:
+        files = json.loads((folder / REPLACE_JOURNAL).read_bytes())["files"]
+    except FileNotFoundError:
+        return False
+    except (ValueError, KeyError, TypeError) as exc:
+        raise unreadable(folder / REPLACE_JOURNAL, exc, "not a journal this package wrote") from None
+    return any((folder / (staged or name)).exists() for name, staged in files.items())
+
+
 def _apply_journal(folder: Path, files: dict[str, str | None]) -> None:
     for name, staged in files.items():
         if staged is None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.atomic import REPLACE_JOURNAL, finish_replace, read_json, sha256_file
+from ..core.atomic import REPLACE_JOURNAL, finish_replace, read_json, replace_pending, sha256_file
 from ..core.drift import REFERENCE_FILE, check_reference
 from ..core.errors import InputError
 from ..core.logs import get_logger
@@ -204,11 +204,12 @@ def _finish_interrupted_change(model_dir: Path) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-        # A read-only reader beside a live calibrate: its journal goes within moments of its renames
+        # A read-only reader beside a live calibrate: its renames are done within moments. A journal left with
+        # nothing to do (its writer killed after the last rename) is no obstacle: the files are the new set.
         deadline = time.monotonic() + JOURNAL_WAIT_S
-        while (model_dir / REPLACE_JOURNAL).exists() and time.monotonic() < deadline:
+        while replace_pending(model_dir) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if (model_dir / REPLACE_JOURNAL).exists():
+        if replace_pending(model_dir):
             raise InputError(f"{model_dir}: a calibrate was killed while it replaced the model's files "
                              f"({REPLACE_JOURNAL} is there) and they cannot be completed here ({exc.strerror}): "
                              "open the model once where it is writable (any command that reads it completes them)"
