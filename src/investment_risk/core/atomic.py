@@ -35,6 +35,7 @@ def fsync_dir(path: Path) -> None:
 
 
 HELD = (errno.EAGAIN, errno.EACCES, errno.EINTR)  # another open file holds the lock
+READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)  # a path this process may read but not write
 NO_LOCKS = (errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP)  # the filesystem has none
 
 
@@ -194,7 +195,7 @@ def locked_dir(dest: str | Path) -> Iterator[None]:
         raise InputError(f"{dest}: another process is writing it now (it holds {lock_path.name}); wait for it to "
                          "finish, or write elsewhere") from None
     except OSError as exc:  # a writable model folder mounted in a read-only one (a pod's /models/current)
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if exc.errno not in READ_ONLY:
             raise
         get_logger().warning("lock_unavailable", path=str(lock_path), reason=exc.strerror,
                              consequence="a second writer of the same directory is not kept out")
@@ -332,30 +333,33 @@ def finish_replace(folder: Path) -> bool:
     """Roll forward a `replace_files_together` whose writer died after its journal; False when there is none.
     Safe beside a live writer of the same change (both rename the same staged files to the same names: what one
     renamed the other finds gone) and beside the next one (only the journal read is removed, never a newer one)."""
-    journal = folder / REPLACE_JOURNAL
-    try:
-        text = journal.read_bytes()
-    except FileNotFoundError:  # none, or its writer finished meanwhile
+    if (journal := _read_journal(folder)) is None:  # none, or its writer finished meanwhile
         return False
-    try:
-        files = json.loads(text)["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise unreadable(journal, exc, "not a journal this package wrote") from None
+    text, files = journal
     _apply_journal(folder, files)
-    _drop_journal(journal, text)
+    _drop_journal(folder / REPLACE_JOURNAL, text)
     return True
 
 
 def replace_pending(folder: Path) -> bool:
     """Whether a journal's change still has something to do: a staged file to rename, a file to remove. A journal
     whose writer was killed after its last rename and before removing it has none: its files are the new set."""
-    try:
-        files = json.loads((folder / REPLACE_JOURNAL).read_bytes())["files"]
-    except FileNotFoundError:
+    if (journal := _read_journal(folder)) is None:
         return False
+    return any((folder / (staged or name)).exists() for name, staged in journal[1].items())
+
+
+def _read_journal(folder: Path) -> tuple[bytes, dict[str, str | None]] | None:
+    """The journal's text and the files it names (name -> staged name, None: remove), or None without one."""
+    path = folder / REPLACE_JOURNAL
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return text, json.loads(text)["files"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise unreadable(folder / REPLACE_JOURNAL, exc, "not a journal this package wrote") from None
-    return any((folder / (staged or name)).exists() for name, staged in files.items())
+        raise unreadable(path, exc, "not a journal this package wrote") from None
 
 
 def _apply_journal(folder: Path, files: dict[str, str | None]) -> None:

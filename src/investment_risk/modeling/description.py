@@ -7,7 +7,6 @@ An exported directory is checked against the sha256 in its model.json before any
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import time
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.atomic import REPLACE_JOURNAL, finish_replace, read_json, replace_pending, sha256_file
+from ..core.atomic import READ_ONLY, REPLACE_JOURNAL, finish_replace, read_json, replace_pending, sha256_file
 from ..core.drift import REFERENCE_FILE, check_reference
 from ..core.errors import InputError
 from ..core.logs import get_logger
@@ -202,7 +201,7 @@ def _finish_interrupted_change(model_dir: Path) -> None:
                                         "or finishing beside this reader): its new calibration, reference and "
                                         "model.json are now in place")
     except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if exc.errno not in READ_ONLY:
             raise
         # A read-only reader beside a live calibrate: its renames are done within moments. A journal left with
         # nothing to do (its writer killed after the last rename) is no obstacle: the files are the new set.
