@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..core.atomic import atomic_path, locked_dir, read_json, replace_files_together, sha256_file, write_json_atomic
+from ..core.atomic import atomic_path, locked_dir, read_json, replace_files_together, write_json_atomic
 from ..core.drift import REFERENCE_FILE, recalibrated_reference, reference_entry
 from ..core.errors import InputError
 from ..core.logs import get_logger
@@ -27,7 +27,8 @@ from ..core.spec import DIMENSIONS, default_spec
 from ..datasets.readers import label_matrix, read_articles
 from ..datasets.split import check_split_file
 from ..modeling.calibration import CALIBRATION_FILE, MIN_ROWS, fit_calibration
-from ..modeling.description import describe_model, in_sample, load_reference, model_version, run_version
+from ..modeling.description import (data_sha256, describe_model, in_sample, load_reference, model_version,
+                                    run_version)
 from .evaluate import raw_scores
 
 
@@ -47,7 +48,8 @@ def _recalibrate(model_path: Path, data: Path, batch_size: int, device: str) -> 
     if table.num_rows < MIN_ROWS:
         raise InputError(f"{data}: {table.num_rows} labelled rows the prefilter lets through; calibrate needs at "
                          f"least {MIN_ROWS}")
-    if "trained on it" in in_sample(model, data):
+    digest = data_sha256(data)
+    if "trained on it" in in_sample(model, digest):
         # The model's errors on articles it learned are smaller than on new ones: the map would under-correct.
         get_logger().warning("calibration_on_training_data", data=str(data), model=str(model_path),
                              reason="the model was trained on this file; calibrate on labelled articles it has not "
@@ -55,8 +57,8 @@ def _recalibrate(model_path: Path, data: Path, batch_size: int, device: str) -> 
     labels = label_matrix(table)
     raw, _, _, _ = raw_scores(model, table, device, batch_size, what="calibrate")
     fitted_on = {"data": str(data), "split": "refit", "rows_prefiltered_left_out": left_out}
-    if Path(data).is_file():  # so that evaluate can tell metrics on this very file are in-sample
-        fitted_on["sha256"] = sha256_file(Path(data))
+    if digest is not None:  # so that evaluate can tell metrics on this very file are in-sample
+        fitted_on["sha256"] = digest
     calibration = fit_calibration(raw, labels, fitted_on)
     target = model.path if model.exported else model.path / "model"
     text = json.dumps(calibration.to_json(), indent=2) + "\n"

@@ -17,7 +17,7 @@ from ..core.metrics import regression_metrics
 from ..core.spec import DIMENSIONS, default_spec
 from ..datasets.readers import label_matrix, read_articles
 from ..datasets.split import check_split_file
-from ..modeling.description import ModelDescription, describe_model, in_sample
+from ..modeling.description import ModelDescription, data_sha256, describe_model, in_sample
 from ..modeling.loading import load_runner
 from ..modeling.predict import predict
 from ..modeling.presets import load_tokenizer
@@ -144,7 +144,7 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
                         else "off (--no-calibration)" if model.calibration is not None else "none fitted"),
         "truncation": model.truncation, "decisions": decisions,
         # What of the model has seen this file already: its metrics here are optimistic ([] for new data).
-        "in_sample": [seen for seen in in_sample(model, data) if calibration or seen == "trained on it"],
+        "in_sample": [seen for seen in in_sample(model, data_sha256(data)) if calibration or seen == "trained on it"],
     }
     if result["in_sample"]:
         get_logger().warning("evaluated_in_sample", data=str(data), model=str(run_dir), seen=result["in_sample"],

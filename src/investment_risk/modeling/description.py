@@ -140,13 +140,17 @@ def run_data_sha256(run: Path) -> dict[str, str]:
     return dict(digests) if isinstance(digests, dict) else {}
 
 
-def in_sample(model: ModelDescription, data: Path) -> list[str]:
-    """What of `model` has seen the labelled file `data` already: its training ("trained on it": the run's train
-    split) and its calibration ("calibration fitted on it": the validation split training fitted it on, or the file
-    `calibrate` refitted it on). Metrics on such a file are optimistic; [] for new data."""
-    if not Path(data).is_file():
+def data_sha256(data: Path) -> str | None:
+    """The sha256 of a labelled file (None for a folder or glob of them), to tell whether a model has seen it."""
+    return sha256_file(Path(data)) if Path(data).is_file() else None
+
+
+def in_sample(model: ModelDescription, digest: str | None) -> list[str]:
+    """What of `model` has seen the labelled file of sha256 `digest` already: its training ("trained on it": the
+    run's train split) and its calibration ("calibration fitted on it": the validation split training fitted it on,
+    or the file `calibrate` refitted it on). Metrics on such a file are optimistic; [] for new data."""
+    if digest is None:
         return []
-    digest = sha256_file(Path(data))
     splits = {split for split, known in run_data_sha256(model.source_run).items() if known == digest}
     seen = ["trained on it"] if "train" in splits else []
     fitted_on = model.calibration.fitted_on if model.calibration is not None else {}
