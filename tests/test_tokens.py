@@ -111,6 +111,19 @@ def test_a_long_text_cut_before_tokenising_gives_the_whole_texts_first_tokens(ba
         for text, got, want in zip(texts, encode(tokenizer, texts, max_length), whole):
             np.testing.assert_array_equal(got, want, err_msg=f"{max_length} {text[:40]!r}")
 
+    # head-tail: the whole text's first quarter of the budget and its last tokens, framed as the tokenizer frames
+    # one sequence (for a text within twice the 16-character bound, which nothing cuts before tokenising)
+    prefix, suffix = _framing(tokenizer)
+    for max_length in (64, 512):
+        budget = max_length - len(prefix) - len(suffix)
+        for text, got in zip(texts, encode(tokenizer, texts, max_length, truncation="head-tail")):
+            if len(text) > 2 * 16 * max_length:
+                continue
+            ids = tokenizer(text, add_special_tokens=False, **TEXT)["input_ids"]
+            if len(ids) > budget:
+                ids = ids[:budget // 4] + ids[len(ids) - (budget - budget // 4):]
+            np.testing.assert_array_equal(got, prefix + ids + suffix, err_msg=f"head-tail {max_length} {text[:40]!r}")
+
 
 def test_the_first_cut_falls_at_a_words_end_within_its_limit():
     # Tokenizers split before " word", so a text cut there keeps every piece before the cut whole; cut mid-word
@@ -127,17 +140,19 @@ def test_the_first_cut_falls_at_a_words_end_within_its_limit():
 def test_a_long_text_without_a_word_end_is_not_tokenised_whole():
     # A CJK article or a minified blob has no " " to cut at: it went to the whole text (0.5-2 s for 200k-2M
     # characters) instead of the 8,192-character bound.
-    tokenizer = load_tokenizer(resolve_base_model("tiny-qwen2").path)
-    seen = []
-    real = tokenizer.__class__.__call__
-
-    def spy(self, text, *args, **kwargs):
-        seen.extend(len(t) for t in (text if isinstance(text, list) else [text]))
-        return real(self, text, *args, **kwargs)
-
     import unittest.mock
 
-    with unittest.mock.patch.object(tokenizer.__class__, "__call__", spy):
+    from investment_risk.modeling import tokens
+
+    tokenizer = load_tokenizer(resolve_base_model("tiny-qwen2").path)
+    seen = []
+    real = tokens._token_ids
+
+    def spy(tokenizer, texts, *args, **kwargs):
+        seen.extend(len(t) for t in texts)
+        return real(tokenizer, texts, *args, **kwargs)
+
+    with unittest.mock.patch.object(tokens, "_token_ids", spy):
         [row] = encode(tokenizer, ["\u4e2d\u6587" * 100_000], 64)
     assert len(row) == 64 and max(seen) <= 64 * 16, seen
 
