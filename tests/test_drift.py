@@ -81,6 +81,9 @@ def test_export_stores_the_reference_and_the_merge_measures_drift(exported, spli
     assert drifted == result["drifted_dimensions"]  # every flagged dimension is named in a warning
     assert all(e["log_level"] == "warning" for e in logs if e["event"] == "drift_detected")
     assert merged["prefilter_rate"] is not None and merged["reject_rate"] == 0
+    # Each shard's metrics carry the reference's distributions, not its raw scores (a row per validation article)
+    shard = json.loads(next((tmp_path / "out" / "metrics").glob("part-*.json")).read_text())
+    assert shard["reference"]["histograms"] == reference["histograms"] and "raw_scores" not in shard["reference"]
 
 
 def test_the_validation_split_scored_as_a_batch_does_not_drift_from_the_reference(exported, split_dir, tmp_path):
@@ -121,6 +124,24 @@ def test_report_drift_against_the_model_and_bad_inputs(exported, split_dir, tmp_
     result = runner.invoke(main, ["report", "drift", "--reference", str(model), "--current", str(split_dir),
                                   "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "not a scoring output directory" in result.output
+    # A damaged `calibrated` was a KeyError traceback and exit 1 (retried as if the cluster were at fault)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "batch", damaged)
+    metrics = json.loads((damaged / "metrics.json").read_text())
+    (damaged / "metrics.json").write_text(json.dumps({**metrics, "calibrated": "true"}))
+    result = runner.invoke(main, ["report", "drift", "--reference", str(model), "--current", str(damaged),
+                                  "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "calibrated is 'true'" in result.output, result.output
+    # Every row prefiltered: no distribution, so no PSI (the merge measures none), not a -100 % tier shift
+    noise = tmp_path / "noise.jsonl"
+    noise.write_text("".join(json.dumps({"id": str(i), "title": "This coin is going to the moon", "content": "Get in now."})
+                             + "\n" for i in range(3)))
+    score(ScoreConfig(model=model, inputs=(str(noise),), out=tmp_path / "noise"))
+    for reference, current in ((model, tmp_path / "noise"), (tmp_path / "noise", tmp_path / "batch")):
+        result = runner.invoke(main, ["report", "drift", "--reference", str(reference), "--current", str(current),
+                                      "--out", str(tmp_path / "x")])
+        assert result.exit_code == 2 and f"{tmp_path / 'noise'}: no model-scored rows" in result.output, result.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_psi_threshold_outside_the_range_is_refused(exported, split_dir, tmp_path, runner):

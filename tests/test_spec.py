@@ -57,6 +57,15 @@ def test_tier_boundaries(kw, expected):
     assert tier(**kw) == expected
 
 
+def test_labels_are_tiered_in_their_own_precision():
+    # A float64 label of 6.99999999 is under RED's 7; cast to float32 first, it was 7.0 and RED, which skewed the
+    # tier confusion and RED recall of evaluate and of scored batches with labels. Scores (float32) as written.
+    labels = scores().astype(np.float64)
+    labels[0, 0] = 6.99999999
+    assert SPEC.assign_tiers(labels)[0][0] == "YELLOW"
+    assert SPEC.assign_tiers(labels.astype(np.float32))[0][0] == "RED"
+
+
 def test_prefilter_noise_beats_everything():
     assert tier(prefiltered=True, macro=10, credit=10, systemic=10) == "NOISE"
     assert tier(prefiltered=False, macro=10, credit=10, systemic=10) == "RED"

@@ -33,6 +33,8 @@ def read_merged_metrics(scored: Path) -> dict[str, Any]:
                 len(merged["score_histograms"][d]) != len(SCORE_EDGES) - 1 or not all(map(_count, merged["score_histograms"][d]))
                 for d in DIMENSIONS):
             raise ValueError("batch_latency_ms or score_histograms malformed")
+        if merged.get("calibrated") is not None and not isinstance(merged["calibrated"], bool):
+            raise ValueError(f"calibrated is {merged['calibrated']!r}, not true, false or null")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a merged metrics file ({exc.__class__.__name__}: {exc})") from None
     return merged
@@ -124,6 +126,10 @@ def write_drift_report(reference_path: Path, current_path: Path, out: Path,
     current = batch_distribution(current_path)
     if mismatch := calibration_mismatch(reference, current["calibrated"]):
         raise InputError(f"{current_path} against {reference_path}: {mismatch}; compare batches scored alike")
+    for path, side in ((reference_path, reference), (current_path, current)):
+        if not any(sum(side["histograms"][d]) for d in DIMENSIONS):  # all prefiltered or rejected: no distribution
+            raise InputError(f"{path}: no model-scored rows, so no score distribution to compare (as the merge, "
+                             "which measures no drift for such a batch)")
     result = drift(reference, current["histograms"], current["tier_counts"], threshold)
     out.mkdir(parents=True, exist_ok=True)
     plot_histograms(reference, current, result["psi"], out / "drift_histograms.png")

@@ -21,7 +21,8 @@ from ..core.atomic import read_json, write_json_atomic
 from ..core.errors import InputError, RetryableError
 from ..core.logs import get_logger
 from ..core.decisions import tier_report
-from ..core.drift import DEFAULT_PSI_THRESHOLD, SCORE_BINS, SCORE_EDGES, calibration_mismatch, drift, model_tier_counts
+from ..core.drift import (DEFAULT_PSI_THRESHOLD, SCORE_BINS, SCORE_EDGES, calibration_mismatch, drift, model_tier_counts,
+                          reference_entry)
 from ..core.spec import DIMENSIONS, default_spec
 from .prometheus import write_textfile
 from .units import parquet_rows, part_name, shard_files
@@ -185,7 +186,8 @@ class ShardMetrics:
         if self.ledger is not None:
             out["ledger"] = self.ledger
         if self.reference is not None:
-            out["reference"], out["psi_threshold"] = self.reference, self.psi_threshold
+            # its distributions, not its raw scores (a row per validation article, in every shard's file)
+            out["reference"], out["psi_threshold"] = reference_entry(self.reference), self.psi_threshold
         out["calibrated"] = self.calibrated
         return out
 
