@@ -44,6 +44,30 @@ def test_isotonic_calibration_stretches_shrunk_scores_back_and_stays_monotone(tm
     assert np.array_equal(load_calibration(tmp_path).apply(raw), calibrated)
 
 
+def test_calibration_error_sees_shrunk_scores_that_bias_and_mae_miss():
+    # A regressor shrunk towards the mean is unbiased on average while its 8s are the oracle's 10s: the binned
+    # calibration error says so (about a quarter of the spread), and falls to near 0 once the map is applied.
+    from investment_risk.core.metrics import calibration_metrics
+
+    rng = np.random.default_rng(1)
+    labels = rng.uniform(0, 10, size=(2000, 8))
+    raw = 5 + 0.5 * (labels - 5)
+    before = calibration_metrics(raw, labels)
+    assert all(abs(m["bias"]) < 0.15 for m in before["per_dimension"].values())
+    assert 1.0 < before["calibration_error"] < 1.5
+    # the reliability diagram's points: bins of one point of the scale, every row in one, the mean label beyond
+    # the mean score above the middle (shrunk) and below it under the middle
+    points = before["reliability"][DIMENSIONS[0]]
+    assert sum(p["rows"] for p in points) == len(labels) and all(p["high"] - p["low"] == 1 for p in points)
+    assert all((p["mean_label"] > p["mean_score"]) == (p["mean_score"] > 5) for p in points)
+    after = calibration_metrics(fit_calibration(raw, labels, {"split": "test"}).apply(raw), labels)
+    assert after["calibration_error"] < 0.1 * before["calibration_error"]
+    assert calibration_metrics(labels, labels)["calibration_error"] == 0
+    # a score of exactly 10 falls in the last bin, as in the score histograms
+    top = calibration_metrics(np.full((3, 8), 10.0), np.full((3, 8), 9.0))["reliability"][DIMENSIONS[0]]
+    assert top == [{"low": 9.0, "high": 10.0, "rows": 3, "mean_score": 10.0, "mean_label": 9.0}]
+
+
 def test_a_calibration_fitted_on_float32_neighbours_and_a_near_zero_score_loads_back(tmp_path):
     """Model outputs are float32: 5.0 and the next float32 up, or 3e-7 beside the 0 the fit prepends, must stay
     distinct breakpoints, or the file fails its own strictly-increasing check and the model cannot be used."""
@@ -157,6 +181,10 @@ def test_training_fits_the_calibration_and_reports_it(calibrated):
     assert fitted_on["rows"] == val.num_rows - left_out
     summary = (root / "run" / "training_reports" / "training_summary.txt").read_text()
     assert "Calibration" in summary and "calibrated=" in summary
+    # the calibration's own figure, raw and after the map (in-sample: isotonic on its fitting rows is near 0)
+    record = metadata["calibration"]
+    assert record["val_calibration_error_calibrated"] < record["val_calibration_error_raw"]
+    assert "Val calibration error" in summary
     reports = root / "run" / "training_reports"
     assert (reports / "dimension_correlations.png").stat().st_size > 0
     assert "Dimension redundancy" in (reports / "dimensions.md").read_text()
@@ -253,8 +281,14 @@ def test_evaluate_reports_raw_and_calibrated_with_decision_metrics(calibrated, r
     assert tokenised["done"] == tokenised["total"] == report["rows"]
     # a piped stdout gets every figure the terminal's table shows, not the overall MAE alone
     [evaluated] = [e for e in events if e["event"] == "evaluated"]
-    for key in ("rmse", "per_dimension", "decisions", "raw", "calibration", "rows_prefiltered", "in_sample"):
+    for key in ("rmse", "per_dimension", "decisions", "raw", "calibration", "rows_prefiltered", "in_sample",
+                "calibration_error"):
         assert evaluated[key] == report[key], key
+    # calibration is judged by its own figure too, on both sides, and drawn beside --out
+    assert set(report["per_dimension"][DIMENSIONS[0]]) >= {"bias", "calibration_error"}
+    assert report["raw"]["calibration_error"] != report["calibration_error"]
+    assert set(report["reliability"]) == set(DIMENSIONS) and "reliability" not in evaluated
+    assert (tmp_path / "eval-reliability.png").stat().st_size > 0
     decisions = report["decisions"]
     assert decisions["ranking"]["k"] == 10 and set(decisions["spearman"]) == set(DIMENSIONS)
     assert sum(map(sum, decisions["confusion"])) == report["rows"] and "per_tier" in decisions
@@ -272,7 +306,9 @@ def test_calibrate_refits_an_exported_model_with_a_new_version(calibrated, runne
     # Refitted on the validation split, which holds prefiltered noise (the test split has none)
     result = runner.invoke(main, ["calibrate", "--model", str(model), "--data", str(root / "data" / "val.parquet")])
     assert result.exit_code == 0, result.output
-    assert [e["event"] for e in assert_json_stdout(result)][-1] == "calibrated"
+    [calibrated_event] = [e for e in assert_json_stdout(result) if e["event"] == "calibrated"]
+    assert calibrated_event == assert_json_stdout(result)[-1]
+    assert calibrated_event["calibration_error_calibrated_in_sample"] < calibrated_event["calibration_error_raw"]
     after = describe_model(model)  # model.json's sha256 matches the new file
     assert after.model_version != before and after.calibration is not None
     fitted_on = json.loads((model / CALIBRATION_FILE).read_text())["fitted_on"]

@@ -465,6 +465,14 @@ def test_evaluate_reports_mae_and_baseline(tiny_run, split_dir, tmp_path, runner
     per_dim = np.abs(np.stack([predicted[ids[i]] for i in rows]) - labels[rows]).mean(axis=0)
     for d, dim in enumerate(DIMENSIONS):
         assert report["per_dimension"][dim]["mae"] == pytest.approx(per_dim[d], abs=1e-4)
+    # bias and the calibration error are those of the same predictions
+    errors = np.stack([predicted[ids[i]] for i in rows]) - labels[rows]
+    for d, dim in enumerate(DIMENSIONS):
+        assert report["per_dimension"][dim]["bias"] == pytest.approx(errors[:, d].mean(), abs=1e-4)
+        bins = np.minimum(np.floor(np.stack([predicted[ids[i]] for i in rows])[:, d]), 9)
+        gaps = [abs(errors[bins == b, d].mean()) * (bins == b).sum() for b in np.unique(bins)]
+        assert report["per_dimension"][dim]["calibration_error"] == pytest.approx(sum(gaps) / len(rows), abs=1e-4)
+    assert "cal.err" in result.output and (tmp_path / "eval-reliability.png").exists()
     assert len(rows) == modelled.sum() > 0
     assert report["mae"] != pytest.approx(report["baseline_mae"], abs=1e-6)
 

@@ -55,4 +55,6 @@ def calibrate_command(model: Path, data: Path, batch_size: int, device: str) -> 
     result = recalibrate(model, data, batch_size, device)
     if output.on_terminal():  # the `calibrated` event carries the same on a piped stdout
         click.echo(f"{result['file']}: refitted on {result['rows']} rows (MAE raw {result['mae_raw']:.3f}, calibrated "
-                   f"in-sample {result['mae_calibrated_in_sample']:.3f}); model_version {result['model_version']}")
+                   f"in-sample {result['mae_calibrated_in_sample']:.3f}; calibration error raw "
+                   f"{result['calibration_error_raw']:.3f}, calibrated in-sample "
+                   f"{result['calibration_error_calibrated_in_sample']:.3f}); model_version {result['model_version']}")

@@ -22,7 +22,7 @@ from ..core.atomic import atomic_path, locked_dir, read_json, replace_files_toge
 from ..core.drift import REFERENCE_FILE, recalibrated_reference, reference_entry
 from ..core.errors import InputError
 from ..core.logs import get_logger
-from ..core.metrics import regression_metrics
+from ..core.metrics import calibration_metrics, regression_metrics
 from ..core.spec import DIMENSIONS, default_spec
 from ..datasets.readers import label_matrix, read_articles
 from ..datasets.split import check_split_file
@@ -72,7 +72,10 @@ def _recalibrate(model_path: Path, data: Path, batch_size: int, device: str) -> 
         _record_in_run(model.path, fitted_on, int(len(labels)), before["mae"], after["mae"], version)
     result = {"model": str(model_path), "data": str(data), "rows": int(len(labels)), "file": str(target / CALIBRATION_FILE),
               "previous_model_version": model.model_version, "model_version": version,
-              "mae_raw": before["mae"], "mae_calibrated_in_sample": after["mae"]}
+              "mae_raw": before["mae"], "mae_calibrated_in_sample": after["mae"],
+              "calibration_error_raw": calibration_metrics(raw, labels)["calibration_error"],
+              "calibration_error_calibrated_in_sample": calibration_metrics(calibration.apply(raw), labels)[
+                  "calibration_error"]}
     get_logger().info("calibrated", **result)
     return result
 

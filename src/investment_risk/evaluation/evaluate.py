@@ -13,7 +13,7 @@ from ..core.atomic import check_output_file, write_json_atomic
 from ..core.decisions import decision_metrics, format_decisions
 from ..core.errors import ConfigError, InputError
 from ..core.logs import Progress, get_logger
-from ..core.metrics import regression_metrics
+from ..core.metrics import calibration_metrics, regression_metrics
 from ..core.spec import DIMENSIONS, default_spec
 from ..datasets.readers import label_matrix, read_articles
 from ..datasets.split import check_split_file
@@ -127,6 +127,7 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
     trained_mean = model.train_label_mean
     mean = np.asarray(trained_mean if trained_mean is not None else labels.mean(axis=0), dtype=np.float32)
     model_metrics = regression_metrics(pred[scored], labels[scored])
+    calibration_figures = calibration_metrics(pred[scored], labels[scored])
     decisions = decision_metrics(pred, labels, spec, top_k, prefiltered)
     baseline = regression_metrics(np.broadcast_to(mean, labels.shape)[scored], labels[scored])
     result: dict[str, Any] = {
@@ -135,8 +136,10 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
         "baseline_mae": baseline["mae"], "baseline_rmse": baseline["rmse"],
         "mae_vs_baseline": model_metrics["mae"] / baseline["mae"] if baseline["mae"] else None,
         "per_dimension": {d: {"mae": model_metrics[f"{d}_mae"], "rmse": model_metrics[f"{d}_rmse"],
-                              "baseline_mae": baseline[f"{d}_mae"], "baseline_rmse": baseline[f"{d}_rmse"]}
+                              "baseline_mae": baseline[f"{d}_mae"], "baseline_rmse": baseline[f"{d}_rmse"],
+                              **calibration_figures["per_dimension"][d]}
                           for d in DIMENSIONS},
+        "calibration_error": calibration_figures["calibration_error"],
         "baseline": ("predict the training-set mean of each dimension" if trained_mean is not None
                      else "predict the evaluated labels' own mean (the training run was not found)"),
         "backend": "onnx" if model.exported else "torch", "provider": runner.provider,
@@ -155,8 +158,10 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
         other = model.calibrated(raw, not calibration)
         other_metrics = regression_metrics(other[scored], labels[scored])
         other_decisions = decision_metrics(other, labels, spec, top_k, prefiltered)
+        other_calibration = calibration_metrics(other[scored], labels[scored])
         result["raw" if calibration else "if_calibrated"] = {
             "mae": other_metrics["mae"], "rmse": other_metrics["rmse"],
+            "calibration_error": other_calibration["calibration_error"],
             "per_dimension_mae": {d: other_metrics[f"{d}_mae"] for d in DIMENSIONS},
             "red_recall": other_decisions.get("red_recall"), "tier_accuracy": other_decisions["tier_accuracy"],
             "ranking": other_decisions["ranking"]}
@@ -167,11 +172,14 @@ def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, batch_size:
         result["generated_rows"] = int(ok.sum())
         result["generated_mae"] = (float(np.abs(generated[ok] - labels[scored][ok]).mean()) if ok.any() else None)
         result["head_mae"] = result["mae"]
+    result["reliability"] = calibration_figures["reliability"]
     if out is not None:
         write_json_atomic(result, out)
         plot_confusion(decisions, confusion_plot_path(out))
-    # Every figure the terminal's table shows, for a piped stdout too (the generated texts only in --out)
-    figures = {k: v for k, v in result.items() if k not in ("explanations", "explanation_ids", "run")}
+        plot_reliability(result["reliability"], reliability_plot_path(out))
+    # Every figure the terminal's table shows, for a piped stdout too (the generated texts and the reliability
+    # diagram's points only in --out)
+    figures = {k: v for k, v in result.items() if k not in ("explanations", "explanation_ids", "run", "reliability")}
     get_logger().info("evaluated", **figures, model=str(run_dir), out=str(out) if out else None)
     return result
 
@@ -180,12 +188,40 @@ def confusion_plot_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}-tiers.png")
 
 
+def reliability_plot_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}-reliability.png")
+
+
+def plot_reliability(reliability: dict[str, list[dict[str, float]]], dest: Path) -> None:
+    """Mean label against mean score in each score bin, per dimension: calibrated scores lie on the diagonal."""
+    from ..core.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 4, figsize=(15, 7.5), sharex=True, sharey=True)
+    for ax, dim in zip(axes.flat, DIMENSIONS):
+        points = reliability[dim]
+        ax.plot([0, 10], [0, 10], color="grey", linewidth=0.8, linestyle="--")
+        ax.scatter([p["mean_score"] for p in points], [p["mean_label"] for p in points],
+                   s=[12 + 120 * p["rows"] / max(q["rows"] for q in points) for p in points], color="tab:blue")
+        ax.set_title(dim.replace("_", " "), fontsize=9)
+        ax.set_xlim(0, 10)
+        ax.set_ylim(0, 10)
+    for ax in axes[1]:
+        ax.set_xlabel("mean score in the bin")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("mean label")
+    fig.suptitle("Reliability: mean label per score bin (point size: rows); on the diagonal when calibrated")
+    fig.tight_layout()
+    save_figure(fig, dest)
+
+
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"{'dimension':<28} {'MAE':>7} {'RMSE':>7} {'base MAE':>9} {'base RMSE':>10}"]
+    lines = [f"{'dimension':<28} {'MAE':>7} {'RMSE':>7} {'base MAE':>9} {'base RMSE':>10} {'bias':>7} {'cal.err':>8}"]
     for dim, m in result["per_dimension"].items():
-        lines.append(f"{dim:<28} {m['mae']:>7.3f} {m['rmse']:>7.3f} {m['baseline_mae']:>9.3f} {m['baseline_rmse']:>10.3f}")
+        lines.append(f"{dim:<28} {m['mae']:>7.3f} {m['rmse']:>7.3f} {m['baseline_mae']:>9.3f} {m['baseline_rmse']:>10.3f} "
+                     f"{m['bias']:>+7.3f} {m['calibration_error']:>8.3f}")
     lines.append(f"{'overall':<28} {result['mae']:>7.3f} {result['rmse']:>7.3f} {result['baseline_mae']:>9.3f} "
-                 f"{result['baseline_rmse']:>10.3f}")
+                 f"{result['baseline_rmse']:>10.3f} {'':>7} {result['calibration_error']:>8.3f}")
     lines.append(f"rows={result['rows']} (prefiltered, no scores: {result['rows_prefiltered']})  "
                  f"MAE / baseline MAE = {result['mae_vs_baseline']:.3f}  "
                  f"calibration: {result['calibration']}")
@@ -193,7 +229,8 @@ def format_table(result: dict[str, Any]) -> str:
         if key in result:
             other = result[key]
             red = "n/a" if other["red_recall"] is None else f"{other['red_recall']:.3f}"
-            lines.append(f"{label}: MAE {other['mae']:.3f}, RMSE {other['rmse']:.3f}, RED recall {red}")
+            lines.append(f"{label}: MAE {other['mae']:.3f}, RMSE {other['rmse']:.3f}, calibration error "
+                         f"{other['calibration_error']:.3f}, RED recall {red}")
     lines.append(format_decisions(result["decisions"]))
     if "parse_rate" in result:
         generated = result["generated_mae"]

@@ -26,7 +26,7 @@ from ..core.faults import kill_now
 from ..core.errors import ConfigError, InputError, Terminated
 from ..core.logs import Progress, get_logger
 from ..core.signals import StopRequest
-from ..core.metrics import regression_metrics
+from ..core.metrics import calibration_metrics, regression_metrics
 from ..core.spec import DIMENSIONS, NUM_DIMENSIONS, default_spec
 from ..modeling.predict import pick_device
 from ..modeling.tokens import length_grouped_batches, to_device
@@ -403,9 +403,14 @@ def fit_run_calibration(session: Session, state: TrainState) -> dict[str, Any]:
         return {"fitted": False, "reason": str(exc)}
     write_json_atomic(calibration.to_json(), session.out / "model" / CALIBRATION_FILE)
     before, after = regression_metrics(raw, labels), regression_metrics(calibration.apply(raw), labels)
-    get_logger().info("calibration_fitted", val_mae_raw=round(before["mae"], 4), val_mae_calibrated=round(after["mae"], 4))
+    error_before = calibration_metrics(raw, labels)["calibration_error"]
+    error_after = calibration_metrics(calibration.apply(raw), labels)["calibration_error"]
+    get_logger().info("calibration_fitted", val_mae_raw=round(before["mae"], 4), val_mae_calibrated=round(after["mae"], 4),
+                      val_calibration_error_raw=round(error_before, 4),
+                      val_calibration_error_calibrated=round(error_after, 4))
     return {"fitted": True, "file": f"model/{CALIBRATION_FILE}", "val_mae_raw": before["mae"],
-            "val_mae_calibrated": after["mae"], "per_dimension": {
+            "val_mae_calibrated": after["mae"], "val_calibration_error_raw": error_before,
+            "val_calibration_error_calibrated": error_after, "per_dimension": {
                 d: {"raw": before[f"{d}_mae"], "calibrated": after[f"{d}_mae"]} for d in DIMENSIONS}}
 
 

@@ -82,6 +82,10 @@ def summary_text(history: list[dict[str, Any]], metadata: dict[str, Any]) -> str
     if calibration.get("fitted"):
         lines += ["", "Calibration (isotonic per dimension, fitted on the best epoch's val predictions; in-sample):",
                   f"  Val MAE raw={calibration['val_mae_raw']:.4f} calibrated={calibration['val_mae_calibrated']:.4f}"]
+        if "val_calibration_error_raw" in calibration:  # runs before it was recorded have none
+            lines.append(f"  Val calibration error (binned |mean score - mean label|) "
+                         f"raw={calibration['val_calibration_error_raw']:.4f} "
+                         f"calibrated={calibration['val_calibration_error_calibrated']:.4f}")
         lines += [f"  {dim:<28} raw={m['raw']:.4f} calibrated={m['calibrated']:.4f}"
                   for dim, m in calibration["per_dimension"].items()]
     elif calibration:
