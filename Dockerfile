@@ -45,21 +45,27 @@ ENV PATH=/opt/venv/bin:$PATH \
     TRITON_CACHE_DIR=/cache/triton \
     TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
     CUDA_CACHE_PATH=/cache/nv \
+    ORT_DISABLE_TELEMETRY=1 \
     INVESTMENT_RISK_LOG_FORMAT=json
-# Only the interpreter at run time (and the OpenMP runtime torch's CPU kernels link): no pip, compilers or apt lists.
+# The interpreter, the OpenMP runtime torch's CPU kernels link, and what `train --compile` builds its kernels with:
+# a C/C++ compiler and Python's headers (Triton compiles its CUDA driver stub with them, Inductor its CPU kernels,
+# after checksumming its precompiled header with the openssl command).
+# No pip, make, git or apt lists.
 # hadolint ignore=DL3008
 RUN --mount=type=secret,id=ca,required=false \
     if [ -s /run/secrets/ca ]; then printf 'Acquire::https::CAInfo "/run/secrets/ca";\n' > /etc/apt/apt.conf.d/99ca; fi \
     && apt-get update \
-    && apt-get install -y --no-install-recommends python3 libgomp1 \
+    && apt-get install -y --no-install-recommends python3 libgomp1 g++ python3-dev openssl \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log /etc/apt/apt.conf.d/99ca \
     && groupadd --gid 10001 app \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin app \
-    && mkdir -p /cache /work \
-    && chown 10001:10001 /cache /work
+    && mkdir -p /cache \
+    && chown 10001:10001 /cache
 COPY --from=build /opt/venv /opt/venv
 VOLUME ["/cache"]
-WORKDIR /work
+# The working directory is the writable /tmp: a relative path (`demo`'s default demo-output) lands there, not on the
+# read-only root.
+WORKDIR /tmp
 USER 10001:10001
 ENTRYPOINT ["investment-risk"]
 CMD ["--help"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -352,6 +353,25 @@ def test_calibrate_refuses_unlabelled_or_too_small_data(calibrated, runner, tmp_
     for name, message in (("nolabels.parquet", "missing required column"), ("few.parquet", f"at least {MIN_ROWS}")):
         result = runner.invoke(main, ["calibrate", "--model", str(root / "run"), "--data", str(tmp_path / name)])
         assert result.exit_code == 2 and message in result.output and name in result.output, result.output
+
+
+def test_calibrate_of_a_model_it_cannot_write_stops_before_scoring(calibrated, runner, tmp_path, monkeypatch):
+    # A model on a read-only mount: the scoring ran for minutes, then the first staged file failed (EROFS)
+    import os
+
+    from investment_risk.core import atomic
+    from investment_risk.evaluation import calibrate
+
+    root, _, _ = calibrated
+    model = tmp_path / "model"
+    shutil.copytree(root / "model", model)
+    real_access = os.access
+    monkeypatch.setattr(atomic.os, "access", lambda path, mode: (real_access(path, mode) and not (
+        Path(path) == model and mode & os.W_OK)))
+    scored = []
+    monkeypatch.setattr(calibrate, "raw_scores", lambda *args, **kwargs: scored.append(args))
+    result = runner.invoke(main, ["calibrate", "--model", str(model), "--data", str(root / "data" / "val.parquet")])
+    assert result.exit_code == 2 and f"{model} is not writable" in result.output and scored == [], result.output
 
 
 def test_a_broken_calibration_in_a_run_stops_scoring_with_exit_2(calibrated, runner, tmp_path):

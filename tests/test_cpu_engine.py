@@ -261,3 +261,29 @@ def test_nncf_writes_nothing_to_stdout():
     assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
     streams = [h.stream for h in logger.handlers if type(h) is logging.StreamHandler]  # NNCF's own
     assert streams and all(stream is sys.__stderr__ for stream in streams)
+
+
+def test_the_int8_quantiser_stages_its_copy_of_the_graph_beside_the_output(exported, tmp_path, monkeypatch):
+    # ONNX Runtime's quantiser saves the whole fp32 graph in a temporary folder: in /tmp, a pod's memory-backed 4Gi,
+    # a Qwen2.5-1.5B export's 6.2 GB got the pod evicted. Beside the output instead, removed after.
+    import shutil
+    import tempfile
+
+    from investment_risk.export.graph_passes import quantize_dynamic_int8
+
+    _, model, _ = exported
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(model / "model.onnx", work / "model.onnx")
+    staged = []
+    real = tempfile.TemporaryDirectory
+
+    def spy(*args, **kwargs):
+        staged.append(tempfile.gettempdir())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", spy)
+    before = tempfile.tempdir
+    quantize_dynamic_int8(work / "model.onnx", work / "model.int8.onnx", external=False)
+    assert staged and all(path.startswith(str(work) + "/") for path in staged), staged
+    assert sorted(p.name for p in work.iterdir()) == ["model.int8.onnx", "model.onnx"] and tempfile.tempdir == before

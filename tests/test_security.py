@@ -137,3 +137,22 @@ def test_run_local_refuses_paths_that_climb_out_of_a_mount(tmp_path, runner):
     result = runner.invoke(main, ["jobs", "run-local", "--manifest", str(tmp_path / "job.yaml"),
                                   "--mount", f"/data={tmp_path / 'data'}", "--mount", f"/models={tmp_path / 'models'}"])
     assert result.exit_code == 2 and "climbs out of the mount /data" in result.output, result.output
+
+
+def test_the_runtimes_send_no_telemetry(exported, tmp_path):
+    """ONNX Runtime (every ONNX session) and OpenVINO (its import) start telemetry that writes an id under HOME and
+    calls Microsoft's and Google's collectors: a pod has no network for it, and a user's data is theirs. With the
+    package imported first, neither writes anything under HOME (where both keep their ids)."""
+    _, model, _ = exported
+    home = tmp_path / "home"
+    home.mkdir()
+    code = ("import os, sys, time\n"
+            "import investment_risk\n"
+            "import onnxruntime\n"
+            f"onnxruntime.InferenceSession({str(model / 'model.onnx')!r}, providers=['CPUExecutionProvider'])\n"
+            "try:\n    import openvino\n    openvino.Core()\nexcept ImportError:\n    pass\n"
+            "print(os.environ['ORT_DISABLE_TELEMETRY'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "CI")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "HOME": str(home)},
+                          check=True)
+    assert done.stdout.split() == ["1"] and list(home.rglob("*")) == [], sorted(map(str, home.rglob("*")))

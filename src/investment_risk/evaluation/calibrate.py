@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..core.atomic import atomic_path, locked_dir, read_json, replace_files_together, write_json_atomic
+from ..core.atomic import (atomic_path, check_output_file, locked_dir, read_json, replace_files_together,
+                           write_json_atomic)
 from ..core.drift import REFERENCE_FILE, recalibrated_reference, reference_entry
 from ..core.errors import InputError
 from ..core.logs import get_logger
@@ -39,6 +40,8 @@ def recalibrate(model_path: Path, data: Path, batch_size: int = 32, device: str 
 
 def _recalibrate(model_path: Path, data: Path, batch_size: int, device: str) -> dict[str, Any]:
     model = describe_model(model_path)
+    target = model.path if model.exported else model.path / "model"
+    check_output_file(target / CALIBRATION_FILE, "--model")  # a read-only model fails now, not after the scoring
     if Path(data).is_file():  # a split's file must be the one its summary describes
         check_split_file(Path(data))
     table = read_articles([data], labels=DIMENSIONS, unique_ids=True)  # a row without all eight labels is an error
@@ -60,7 +63,6 @@ def _recalibrate(model_path: Path, data: Path, batch_size: int, device: str) -> 
     if digest is not None:  # so that evaluate can tell metrics on this very file are in-sample
         fitted_on["sha256"] = digest
     calibration = fit_calibration(raw, labels, fitted_on)
-    target = model.path if model.exported else model.path / "model"
     text = json.dumps(calibration.to_json(), indent=2) + "\n"
     before, after = regression_metrics(raw, labels), regression_metrics(calibration.apply(raw), labels)
     if model.exported:

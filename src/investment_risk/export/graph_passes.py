@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -218,7 +219,12 @@ def quantize_dynamic_int8(source: Path, out: Path, external: bool, padding_mask_
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantiser advises pre-processing on the root logger at every call
+    scratch, previous = None, tempfile.tempdir
     try:
+        # The quantiser saves a whole copy of the graph in a temporary folder: beside the output (the export's work
+        # folder, on its volume), not in /tmp, which a pod keeps in memory (4Gi; a 1.5B graph is 6.2 GB).
+        scratch = tempfile.mkdtemp(prefix=".quantise-", dir=out.parent)
+        tempfile.tempdir = scratch
         quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
                          nodes_to_exclude=pooled_nodes(source),
                          per_channel=True, reduce_range=True, use_external_data_format=external,
@@ -226,6 +232,9 @@ def quantize_dynamic_int8(source: Path, out: Path, external: bool, padding_mask_
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
         root.setLevel(level)
+        tempfile.tempdir = previous
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     if padding_mask_only:
         branch_on_padding(out)
 
