@@ -88,3 +88,35 @@ def test_a_partial_or_damaged_batch_is_reported_as_such(exported, split_dir, tmp
                      ["drift", "--reference", str(model), "--current", str(out), "--out", str(tmp_path / "d3")]):
             result = runner.invoke(main, ["report", *args])
             assert result.exit_code == 2 and "not a merged metrics file" in result.output, (damage, args, result.output)
+
+
+def test_the_page_lists_only_the_shards_the_merge_counted_and_says_why_drift_is_missing(exported, split_dir, tmp_path,
+                                                                                      runner):
+    # A --force redo with another --shard-count, part-way: parts of both counts in OUT. The top list read every
+    # part file and showed articles twice; a night the model scored no row of said "No reference in this model".
+    import pyarrow.parquet as pq
+
+    _, model, _ = exported
+    out = tmp_path / "mixed"
+    inputs = (str(split_dir / "test.parquet"),)
+    for index in (0, 1):
+        score(ScoreConfig(model=model, inputs=inputs, out=out, shard_index=index, shard_count=2))
+    shutil.copy(out / "part-00000.parquet", out / "part-00002.parquet")  # a shard of 3 (its marker never written)
+    metrics = json.loads((out / "metrics" / "part-00000.json").read_text())
+    (out / "metrics" / "part-00002.json").write_text(json.dumps({**metrics, "shard": 2, "shard_count": 3}))
+    rows = sum(pq.read_table(out / f"part-0000{i}.parquet").num_rows for i in (0, 1))
+    result = runner.invoke(main, ["report", "batch", "--scored", str(out), "--out", str(tmp_path / "r"),
+                                  "--top-k", str(rows + 50)])
+    assert result.exit_code == 0, result.output
+    ids = re.findall(r"<tr><td>([^<]*)</td><td>(?:RED|YELLOW|GREEN|BLUE|NOISE)</td>",
+                     (tmp_path / "r" / "batch_report.html").read_text())
+    assert ids and len(ids) == len(set(ids)), ids
+    # every row prefiltered: the model has a reference, it just scored nothing
+    noise = tmp_path / "noise.jsonl"
+    noise.write_text("".join(json.dumps({"id": str(i), "title": "This coin is going to the moon", "content": "Get in now."})
+                             + "\n" for i in range(3)))
+    score(ScoreConfig(model=model, inputs=(str(noise),), out=tmp_path / "noise"))
+    result = runner.invoke(main, ["report", "batch", "--scored", str(tmp_path / "noise"), "--out", str(tmp_path / "n")])
+    page = (tmp_path / "n" / "batch_report.html").read_text()
+    assert result.exit_code == 0 and "No reference in this model" not in page
+    assert "the model scored no row of the batch" in page

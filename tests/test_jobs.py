@@ -747,6 +747,8 @@ def test_run_local_runs_a_cronjob_as_the_job_it_creates(tmp_path):
     args, env = pod_spec(job, docs, 1)
     assert env["JOB_NAME"] == cron["metadata"]["name"] and env["JOB_COMPLETION_INDEX"] == "1"
     assert args[args.index("--out") + 1] == f"/data/scored/{cron['metadata']['name']}" and "--ledger" in args
+    # the nightly's metrics are the group its dashboard and alerts read; an ad-hoc batch's go elsewhere
+    assert args[args.index("--metrics-group") + 1] == "nightly"
 
 
 @pytest.mark.parametrize("edit, codes, reason, failed, succeeded", [

@@ -3,6 +3,8 @@ port), and a Pushgateway that is down never fails a shard."""
 
 from __future__ import annotations
 
+import datetime as dt
+import os
 import shutil
 import socket
 import subprocess
@@ -17,6 +19,7 @@ from structlog.testing import capture_logs
 from investment_risk.cli import main
 from investment_risk.scoring import prometheus
 from investment_risk.scoring.pipeline import ScoreConfig, score
+from investment_risk.scoring.shard_metrics import MERGE_LOCK, merge_metrics, merge_until_complete
 
 PUSHGATEWAY = shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway"
 
@@ -60,10 +63,11 @@ def test_each_shard_and_the_batch_push_their_metrics(exported, split_dir, tmp_pa
                                    shard_index=shard, shard_count=2, pushgateway=pushgateway))
     got = scrape(pushgateway)
     job = ("job", prometheus.PUSH_JOB)
-    shard_rows = sum(got[("investment_risk_rows_total", tuple(sorted([job, ("outcome", "in"), ("shard", s)])))]
+    group = ("batch_group", prometheus.DEFAULT_METRICS_GROUP)
+    shard_rows = sum(got[("investment_risk_rows_total", tuple(sorted([job, group, ("outcome", "in"), ("shard", s)])))]
                      for s in ("00000", "00001"))
     assert shard_rows == merged["rows_in"] > 0
-    batch = tuple(sorted([job, ("shard", "batch")]))
+    batch = tuple(sorted([job, group, ("shard", "batch")]))
     assert got[("investment_risk_batch_complete", batch)] == 1
     assert got[("investment_risk_rows_total", tuple(sorted([*batch, ("outcome", "scored")])))] == merged["rows_scored"]
     psi = {dict(labels)["dimension"]: value for (name, labels), value in got.items() if name == "investment_risk_score_psi"}
@@ -74,6 +78,11 @@ def test_each_shard_and_the_batch_push_their_metrics(exported, split_dir, tmp_pa
     # The next night, half done: it is not a success, and the dashboard's "hours since the last batch" keeps counting
     # from the last whole one.
     finished = got[("investment_risk_last_success_timestamp_seconds", batch)]
+    # ... which is when its last shard finished, not when it was merged: merged again later, it is no new success
+    assert finished == dt.datetime.fromisoformat(merged["finished_at"]).timestamp()
+    time.sleep(1.1)
+    merge_until_complete(tmp_path / "out", 2, gateway=pushgateway)
+    assert scrape(pushgateway)[("investment_risk_last_success_timestamp_seconds", batch)] == finished
     score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"),), out=tmp_path / "next",
                       shard_index=0, shard_count=2, pushgateway=pushgateway))
     got = scrape(pushgateway)
@@ -81,6 +90,53 @@ def test_each_shard_and_the_batch_push_their_metrics(exported, split_dir, tmp_pa
     assert got[("investment_risk_last_success_timestamp_seconds", batch)] == finished
     partial = generate_latest(prometheus.registry_for({"complete": False}, "batch")).decode()
     assert "investment_risk_last_success" not in partial and "investment_risk_batch_complete 0" in partial
+    assert "_created" not in (tmp_path / "out" / "metrics.prom").read_text()  # no second series per counter
+
+
+def test_the_nightly_and_an_adhoc_batch_push_to_groups_of_their_own(exported, split_dir, tmp_path, pushgateway,
+                                                                     runner):
+    # An ad-hoc backfill pushed to the nightly's groups: it reset the stale-batch alert's clock, and its partial
+    # merges set the nightly's batch_complete to 0 and showed its rows as tonight's.
+    _, model, _ = exported
+    inputs = (str(split_dir / "test.parquet"),)
+    nightly = score(ScoreConfig(model=model, inputs=inputs, out=tmp_path / "night", metrics_group="nightly",
+                                pushgateway=pushgateway))
+    score(ScoreConfig(model=model, inputs=inputs, out=tmp_path / "backfill", shard_count=2, pushgateway=pushgateway))
+    got = scrape(pushgateway)
+
+    def batch(group):
+        return tuple(sorted([("job", prometheus.PUSH_JOB), ("batch_group", group), ("shard", "batch")]))
+
+    assert got[("investment_risk_batch_complete", batch("nightly"))] == 1
+    assert got[("investment_risk_batch_complete", batch("adhoc"))] == 0
+    assert got[("investment_risk_rows_total", tuple(sorted([*batch("nightly"), ("outcome", "in")])))] == nightly["rows_in"]
+    assert nightly["metrics_group"] == "nightly"
+    for bad in ("Nightly", "night ly", "-x", ""):
+        result = runner.invoke(main, ["score", "--model", str(model), "--input", inputs[0], "--out",
+                                      str(tmp_path / "bad"), "--metrics-group", bad])
+        assert result.exit_code == 2 and "--metrics-group" in result.output, (bad, result.output)
+
+
+def test_merges_take_turns_so_a_partial_push_cannot_land_after_the_whole_one(exported, split_dir, tmp_path):
+    # Every finishing shard merges and pushes: a partial merge whose push was slow (retried) landed after the
+    # complete merge's and left the gateway saying the finished night was incomplete. A merge waits for the one
+    # under way (OUT/.merge.lock) and pushes inside its turn.
+    import threading
+
+    from investment_risk.core.atomic import hold_lock
+
+    _, model, _ = exported
+    out = tmp_path / "out"
+    score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"),), out=out))
+    held = hold_lock(out / MERGE_LOCK)  # a merge under way
+    merged = []
+    waiting = threading.Thread(target=lambda: merged.append(merge_metrics(out)))
+    waiting.start()
+    waiting.join(timeout=1.0)
+    assert waiting.is_alive() and merged == []
+    os.close(held)
+    waiting.join(timeout=30)
+    assert merged and merged[0]["complete"]
 
 
 def test_a_pushgateway_that_is_down_is_logged_and_scoring_succeeds(exported, split_dir, tmp_path, runner):

@@ -43,6 +43,9 @@ from .options import ENV_PREFIX, option
 @option("--pushgateway", default="", show_default=False,
         help="Prometheus Pushgateway URL: the shard pushes its metrics when it finishes, and the batch's after the "
              "merge (a failed push is logged, never fatal). Empty: no push.")
+@option("--metrics-group", default="adhoc", show_default=True,
+        help="The batch_group label of the pushed metrics (the nightly CronJob's is nightly, what its dashboard and "
+             "alerts read): a batch of another group leaves the nightly's series alone.")
 @option("--checkpoint-seconds", type=click.FloatRange(min=0), default=300, show_default=True,
         help="Take a checkpoint at the first read batch's end this long after the last one (and on SIGTERM): a "
              "stopped shard's rerun reads on from it. 0: after every read batch.")
@@ -53,7 +56,7 @@ from .options import ENV_PREFIX, option
 def score_command(model: Path, inputs: tuple[str, ...], more_inputs: tuple[str, ...], out: Path, shard_index: int,
                   shard_count: int, backend: str, device: str, keep_columns: str, token_budget: int | None,
                   cpu_engine: str, no_calibration: bool, ledger: Path | None, psi_threshold: float, pushgateway: str,
-                  checkpoint_seconds: float, force: bool) -> None:
+                  metrics_group: str, checkpoint_seconds: float, force: bool) -> None:
     """Score articles into OUT/part-<shard>.parquet with rejects, metrics and a _done marker."""
     from ..scoring.pipeline import ScoreConfig, score
 
@@ -68,7 +71,7 @@ def score_command(model: Path, inputs: tuple[str, ...], more_inputs: tuple[str, 
                                backend=backend, device=device, force=force, keep_columns=keep, token_budget=token_budget,
                                cpu_engine=cpu_engine, calibration=not no_calibration, ledger=ledger,
                                psi_threshold=psi_threshold, pushgateway=pushgateway or None,
-                               checkpoint_seconds=checkpoint_seconds))
+                               metrics_group=metrics_group, checkpoint_seconds=checkpoint_seconds))
     output.summary(f"{out}: {merged['rows_in']} rows in, {merged['rows_scored']} scored, {merged['rows_rejected']} rejected "
             f"({merged['shards']}/{merged['shard_count']} shards done)", "score_summary", out=str(out),
             **{k: merged.get(k) for k in ("rows_in", "rows_scored", "rows_rejected", "shards", "shard_count")})
@@ -84,12 +87,10 @@ def score_command(model: Path, inputs: tuple[str, ...], more_inputs: tuple[str, 
 @option("--pushgateway", default="", help="Prometheus Pushgateway URL: push the batch's metrics there. Empty: no push.")
 def score_merge_command(out: Path, expect_shards: int | None, wait_seconds: float, pushgateway: str) -> None:
     """Merge the finished shards' metrics into OUT/metrics.json and OUT/metrics.prom (the Jobs' last step)."""
-    from ..scoring.prometheus import push
     from ..scoring.shard_metrics import merge_until_complete
 
     bind(stage="merge")
-    merged = merge_until_complete(out, expect_shards, wait_seconds)
-    push(merged, "batch", pushgateway or None)
+    merged = merge_until_complete(out, expect_shards, wait_seconds, gateway=pushgateway or None)
     fields = {k: merged[k] for k in ("shards", "rows_in", "rows_scored", "rows_rejected", "tier_counts")}
     get_logger().info("metrics_merged", invariant_holds=merged["invariant_holds"], **fields)
     if output.on_terminal():

@@ -209,6 +209,39 @@ def locked_dir(dest: str | Path) -> Iterator[None]:
             os.close(lock)
 
 
+@contextlib.contextmanager
+def in_turn(path: Path, wait_s: float) -> Iterator[None]:
+    """Run the block holding the lock file `path`, after whoever holds it now: blocks of concurrent processes run
+    one after the other, in the order they took it. Past `wait_s` (a holder stuck) the block runs anyway, logged;
+    where the file cannot be made or locked (read-only, no locks) it runs at once."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    except OSError as exc:
+        if exc.errno not in READ_ONLY:
+            raise
+        yield
+        return
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                _set_lock(fd, wait=False)
+                break
+            except OSError as exc:
+                if exc.errno in NO_LOCKS:
+                    break
+                if exc.errno not in HELD:
+                    raise
+                if time.monotonic() >= deadline:
+                    get_logger().warning("turn_not_awaited", lock=str(path), waited_s=wait_s,
+                                         consequence="runs beside the holder, which has not let go")
+                    break
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
 def hold_named_lock(path: Path) -> int | None:
     """`hold_lock` on a lock file that its holder removes as it lets go: a lock taken on a file the name no longer
     leads to keeps nobody out, so it is taken again on the new one. BlockingIOError while another holds it."""

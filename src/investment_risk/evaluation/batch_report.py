@@ -81,9 +81,8 @@ def _read_part(path: Path, columns: list[str]) -> pa.Table:
         raise InputError(f"{path}: not a readable part file ({exc}): score its shard again") from None
 
 
-def top_articles(scored: Path, k: int) -> pa.Table:
-    """The k rows with the highest signal strength across the part files."""
-    parts = sorted(scored.glob("part-*.parquet"))
+def top_articles(parts: list[Path], k: int) -> pa.Table:
+    """The k rows with the highest signal strength across the part files `parts`."""
     columns = ["id", "signal_tier", "signal_strength", *DIMENSIONS]
     tables = [_read_part(p, columns) for p in parts]
     table = pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
@@ -91,37 +90,45 @@ def top_articles(scored: Path, k: int) -> pa.Table:
     return table.sort_by([("signal_strength", "descending"), ("id", "ascending")]).slice(0, k)
 
 
-def _read_metrics(scored: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The merged metrics, and the model's reference as the shards carried it (none where the merge found the
-    batch's scores not comparable with it)."""
+def _read_metrics(scored: Path) -> tuple[dict[str, Any], dict[str, Any] | None, list[Path]]:
+    """The merged metrics, the model's reference as the shards carried it (none where the merge found the batch's
+    scores not comparable with it) and the part files the merge counted: done shards of the batch's shard count
+    (not a shard killed before its marker, nor one of another --shard-count, whose rows another part holds too)."""
     merged = read_merged_metrics(scored)
     reference = None
+    parts = []
+    done = set(merged.get("shards_done") or [])
     for shard in sorted((scored / "metrics").glob("part-*.json")):
         metrics = read_json(shard)
         if not isinstance(metrics, dict):
             raise InputError(f"{shard}: not a shard's metrics (score its shard again)")
+        if metrics.get("shard") not in done or metrics.get("shard_count") != merged["shard_count"]:
+            continue
         part = scored / f"{shard.stem}.parquet"
         if not part.exists():  # the page would count rows no file holds
             raise InputError(f"{part}: missing, though {shard.name} says the shard was scored: score it again")
+        parts.append(part)
         reference = metrics.get("reference") or reference
     if merged.get("drift_skipped") or (reference is not None and
                                        bool(reference.get("calibrated")) != bool(merged.get("calibrated"))):
         reference = None  # raw scores against a calibrated reference would draw the calibration as drift
-    return merged, reference
+    return merged, reference, parts
 
 
 def write_batch_report(scored: Path, out: Path, top_k: int = 20) -> dict[str, Any]:
     if top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {top_k}")
-    merged, reference = _read_metrics(scored)
-    top = top_articles(scored, top_k)
+    merged, reference, parts = _read_metrics(scored)
+    top = top_articles(parts, top_k)
     fmt = lambda v, spec="": "n/a" if v is None else format(v, spec)  # noqa: E731
     accounting = [["rows in", merged["rows_in"]], ["scored", merged["rows_scored"]],
                   ["rejected", merged["rows_rejected"]], ["prefiltered (NOISE, no model call)", merged["rows_prefiltered"]],
                   ["JSONL blank lines skipped", merged.get("blank_lines", 0)],
                   ["rows in = scored + rejected", "yes" if merged["invariant_holds"] else
                    f"NO (shards {merged['invariant_broken_shards']})"],
-                  ["shards done", f"{merged['shards']} of {merged['shard_count']}"]]
+                  ["shards done", f"{merged['shards']} of {merged['shard_count']}" + (
+                      f" (scored with --shard-count {', '.join(map(str, merged['shard_counts']))}: not one batch)"
+                      if merged.get("shard_counts") else "")]]
     throughput = [["rows per second (sum over shards)", merged.get("rows_per_second_sum")],
                   ["model call p95 (ms, every shard's calls)", fmt(merged["batch_latency_ms"].get("p95"), ".1f")],
                   ["model call p95 (ms, worst shard)", fmt(merged["batch_latency_ms"].get("p95_max"), ".1f")],

@@ -361,6 +361,7 @@ def merge_job(name: str, out: str, shards: int, settings: JobSettings) -> dict[s
 
 
 NIGHTLY_LEDGER = f"{DATA_MOUNT}/scored/ledger.json"
+NIGHTLY_METRICS_GROUP = "nightly"
 
 
 # A CronJob's schedule: the five fields of cron (minute hour day-of-month month day-of-week), or a macro.
@@ -416,6 +417,8 @@ def nightly_cronjob(spec: ScoreSpec, settings: JobSettings, schedule: str = "30 
                           f"(the default is {DATA_MOUNT}/scored/$(JOB_NAME))")
     if "--ledger" not in spec.extra_args:
         spec = replace(spec, extra_args=(*spec.extra_args, "--ledger", NIGHTLY_LEDGER))
+    if "--metrics-group" not in spec.extra_args:  # the group the dashboard and the alerts read
+        spec = replace(spec, extra_args=(*spec.extra_args, "--metrics-group", NIGHTLY_METRICS_GROUP))
     job_spec = _score_job_spec(spec, settings)
     job_meta = {"labels": _meta(spec.name, settings, "nightly", queue=True)["labels"]}
     return {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -38,7 +39,7 @@ from ..modeling.predict import predict, token_budget_for
 from .batch_inputs import shard_inputs
 from .ledger import input_root
 from .progress import Position, SeenIds, ShardProgress, discard_checkpoints, discard_stale_checkpoints
-from .prometheus import push, write_textfile
+from .prometheus import DEFAULT_METRICS_GROUP, METRICS_GROUP_PATTERN, push, write_textfile
 from .shard_metrics import ShardMetrics, broken_shard, done_shard_counts, merge_metrics
 from .units import Unit, done_marker, parquet_rows, part_name, remove_shards_from, shard_files, shard_outputs
 from .writer import REJECT_SCHEMA, ShardWriter, kept_columns, part_schema, provenance
@@ -68,6 +69,7 @@ class ScoreConfig:
     psi_threshold: float = DEFAULT_PSI_THRESHOLD  # the merge warns about each dimension whose PSI is above it
     pushgateway: str | None = None  # Prometheus Pushgateway URL: the shard's and the batch's metrics go there
     checkpoint_seconds: float = 300.0  # a checkpoint at the first read batch's end this long after the last one
+    metrics_group: str = DEFAULT_METRICS_GROUP  # the Pushgateway's batch_group label: nightly, or ad hoc
 
     def __post_init__(self) -> None:
         if self.shard_count < 1:
@@ -76,6 +78,9 @@ class ScoreConfig:
             raise ConfigError(f"--shard-index {self.shard_index} must be in [0, --shard-count {self.shard_count})")
         if not self.inputs:
             raise ConfigError("--input: give at least one file, directory or glob")
+        if not re.fullmatch(METRICS_GROUP_PATTERN, self.metrics_group):
+            raise ConfigError(f"--metrics-group {self.metrics_group!r}: lower-case letters, digits, '-' and '_', "
+                              "at most 63, starting and ending with a letter or digit")
         if not self.checkpoint_seconds >= 0:
             raise ConfigError(f"--checkpoint-seconds must be >= 0, got {self.checkpoint_seconds}")
         try:
@@ -235,7 +240,8 @@ class ShardScorer:
         metrics = ShardMetrics(shard=self.config.shard_index, shard_count=self.config.shard_count,
                                model_version=self.model.model_version, backend=self.config.backend,
                                provider=getattr(self.runner, "provider", "?"), reference=self.model.reference,
-                               psi_threshold=self.config.psi_threshold, calibrated=self.calibrated)
+                               psi_threshold=self.config.psi_threshold, calibrated=self.calibrated,
+                               metrics_group=self.config.metrics_group)
         # Rows in, from the input side: Parquet footers now, JSONL rows as they are read.
         metrics.rows_in = sum(unit.rows or 0 for unit in units)
         part, rejects = shard_files(self.config.out, self.config.shard_index)
@@ -459,9 +465,7 @@ def _score(config: ScoreConfig) -> dict[str, Any]:
         if progress:
             progress.release(remove=marked)  # its checkpoints go once the marker is in place
     push(shard_metrics, f"{config.shard_index:05d}", config.pushgateway)
-    merged = merge_metrics(out)
-    push(merged, "batch", config.pushgateway)
-    return merged
+    return merge_metrics(out, config.pushgateway)
 
 
 def _finish_shard(config: ScoreConfig, metrics: ShardMetrics, shard_entries: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ the metrics are its shadow.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,10 @@ from ..core.logs import get_logger
 from ..core.spec import default_spec
 
 PUSH_JOB = "investment-risk-score"
+# Each kind of batch has its own Pushgateway groups (`batch_group`): an ad-hoc backfill replaced the nightly's
+# series, reset the stale-batch alert's clock and showed its numbers as tonight's.
+DEFAULT_METRICS_GROUP = "adhoc"
+METRICS_GROUP_PATTERN = r"[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?"
 PUSH_ATTEMPTS = 3
 PUSH_TIMEOUT_S = 5.0
 OUTCOMES = ("in", "scored", "rejected", "prefiltered", "model")
@@ -23,8 +28,9 @@ OUTCOMES = ("in", "scored", "rejected", "prefiltered", "model")
 
 def registry_for(metrics: dict[str, Any], scope: str) -> Any:
     """A registry holding one shard's metrics (scope "00003") or the merged batch's (scope "batch")."""
-    from prometheus_client import CollectorRegistry, Counter, Gauge
+    from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 
+    disable_created_metrics()  # a counter's `_created` series would double what is pushed, and nothing reads it
     registry = CollectorRegistry()
 
     def gauge(name: str, text: str, value: Any, **labels: str) -> None:
@@ -88,8 +94,11 @@ def registry_for(metrics: dict[str, Any], scope: str) -> Any:
             gauge("investment_risk_score_drifted", "1 when the dimension's PSI is over the threshold and the noise.",
                   int(dim in drift.get("drifted_dimensions", [])), dimension=dim)
     if scope != "batch" or metrics.get("complete"):  # a night half done has not succeeded: its age keeps growing
+        # when it finished (a batch: its last shard), not when it was merged: merging an old batch again is no
+        # success of tonight's
+        finished = metrics.get("finished_at")
         gauge("investment_risk_last_success_timestamp_seconds", "When the shard, or the whole batch, finished.",
-              time.time())
+              dt.datetime.fromisoformat(finished).timestamp() if finished else time.time())
     return registry
 
 
@@ -102,14 +111,15 @@ def write_textfile(metrics: dict[str, Any], scope: str, dest: Path) -> None:
 
 
 def push(metrics: dict[str, Any], scope: str, gateway: str | None) -> bool:
-    """Push to the Pushgateway, grouped by job and shard; retried, logged, never raised. True when it got there."""
+    """Push to the Pushgateway, grouped by job, batch group and shard; retried, logged, never raised. True when it
+    got there."""
     if not gateway:
         return False
     from prometheus_client import push_to_gateway, pushadd_to_gateway
 
     log = get_logger()
     registry = registry_for(metrics, scope)
-    grouping = {"shard": scope}
+    grouping = {"batch_group": metrics.get("metrics_group", DEFAULT_METRICS_GROUP), "shard": scope}
     # A partial batch replaces only what it measured: the last whole batch's success time (and PSI) stay in the group.
     send = pushadd_to_gateway if scope == "batch" and not metrics.get("complete") else push_to_gateway
     for attempt in range(1, PUSH_ATTEMPTS + 1):

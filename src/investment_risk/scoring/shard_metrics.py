@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..core.atomic import read_json, write_json_atomic
+from ..core.atomic import in_turn, read_json, write_json_atomic
 from ..core.errors import InputError, RetryableError
 from ..core.logs import get_logger
 from ..core.decisions import tier_report
 from ..core.drift import (DEFAULT_PSI_THRESHOLD, SCORE_BINS, SCORE_EDGES, calibration_mismatch, drift, model_tier_counts,
                           reference_entry)
 from ..core.spec import DIMENSIONS, default_spec
-from .prometheus import write_textfile
+from .prometheus import DEFAULT_METRICS_GROUP, push, write_textfile
 from .units import parquet_rows, part_name, shard_files
 
 LATENCY_EDGES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
@@ -65,7 +65,7 @@ def _between(pooled: float | None, shards: list[float]) -> float | None:
 
 # Set by each run from its settings and model, never restored from a checkpoint.
 RUN_FIELDS = frozenset({"shard", "shard_count", "model_version", "backend", "provider", "ledger", "reference",
-                        "psi_threshold", "calibrated", "started", "kept_columns_absent"})
+                        "psi_threshold", "calibrated", "started", "kept_columns_absent", "metrics_group"})
 COUNTERS = frozenset({"reject_reasons", "tier_counts", "tier_pairs"})
 
 
@@ -99,6 +99,7 @@ class ShardMetrics:
     reference: dict[str, Any] | None = None  # the model's score reference, for the merge's drift
     psi_threshold: float | None = None
     calibrated: bool = False  # the scores went through the model's calibration
+    metrics_group: str = DEFAULT_METRICS_GROUP  # the Pushgateway's batch_group: nightly, or an ad-hoc batch
     started: float = field(default_factory=time.monotonic)
     started_at: str = field(default_factory=_now)
     seconds: float = 0.0
@@ -189,6 +190,7 @@ class ShardMetrics:
             # its distributions, not its raw scores (a row per validation article, in every shard's file)
             out["reference"], out["psi_threshold"] = reference_entry(self.reference), self.psi_threshold
         out["calibrated"] = self.calibrated
+        out["metrics_group"] = self.metrics_group
         return out
 
 
@@ -230,8 +232,12 @@ def batch_drift(shards: list[dict[str, Any]], merged: dict[str, Any]) -> dict[st
     a warning names each dimension over the threshold. Only over the model-scored rows (prefiltered NOISE is not a
     prediction). Empty when the model has no reference or the shards used different models."""
     references = [s["reference"] for s in shards if "reference" in s]
-    if not references or len(merged["model_versions"]) != 1 or not merged["rows_model"]:
+    if not references:
         return {}
+    if len(merged["model_versions"]) != 1:
+        return {"drift_skipped": "the batch's shards were scored by different models or calibrations"}
+    if not merged["rows_model"]:
+        return {"drift_skipped": "the model scored no row of the batch (every one prefiltered or rejected)"}
     if reason := calibration_mismatch(references[0], merged["calibrated"]):
         get_logger().info("drift_skipped", reason=reason)
         return {"drift_skipped": reason}
@@ -248,17 +254,26 @@ def _done_shards(out_dir: Path) -> set[str]:
     return {p.name for p in (out_dir / "_done").glob("part-[0-9][0-9][0-9][0-9][0-9]")}
 
 
-def merge_metrics(out_dir: Path) -> dict[str, Any]:
-    """Merge every finished shard's metrics into OUT/metrics.json (and metrics.prom); safe to run at any time.
+def merge_metrics(out_dir: Path, gateway: str | None = None) -> dict[str, Any]:
+    """Merge every finished shard's metrics into OUT/metrics.json (and metrics.prom), and push them to `gateway`;
+    safe to run at any time.
 
     Shards finish concurrently and each merges: a merge that a shard finished during is done again, so a writer
-    that saw fewer shards can never be the last word."""
-    for _ in range(10):
-        done = _done_shards(out_dir)
-        merged = _merge_once(out_dir, done)
-        if _done_shards(out_dir) == done:
-            break
+    that saw fewer shards can never be the last word; and merges take turns (OUT/.merge.lock) with their pushes,
+    so a partial merge's push, slow or retried, cannot land after the complete one's and say the night is
+    unfinished."""
+    with in_turn(out_dir / MERGE_LOCK, MERGE_TURN_WAIT_S):
+        for _ in range(10):
+            done = _done_shards(out_dir)
+            merged = _merge_once(out_dir, done)
+            if _done_shards(out_dir) == done:
+                break
+        push(merged, "batch", gateway)
     return merged
+
+
+MERGE_LOCK = ".merge.lock"
+MERGE_TURN_WAIT_S = 120.0  # a merge takes seconds, its push at most 3 tries of 5 s
 
 
 def rows_on_disk(out_dir: Path, shard: int) -> tuple[int | None, int | None]:
@@ -350,6 +365,8 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
         get_logger().warning("model_versions_mixed", out=str(out_dir), model_versions=merged["model_versions"],
                              consequence="the batch's scores come from different models or calibrations; drift "
                                          "is not computed (score it again with --force for one)")
+    groups = sorted({s.get("metrics_group", DEFAULT_METRICS_GROUP) for s in shards})
+    merged["metrics_group"] = groups[0] if len(groups) == 1 else "mixed"  # pushed beside neither group's batches
     calibrations = {bool(s.get("calibrated", False)) for s in shards}
     merged["calibrated"] = calibrations.pop() if len(calibrations) == 1 else None  # None: shards of both kinds
     merged["real_token_share"] = round(merged["real_tokens"] / merged["padded_tokens"], 4) if merged["padded_tokens"] else None
@@ -392,6 +409,8 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
             get_logger().info("ledger_updated", ledger=path, units=len(units), added=added)
     merged["invariant_holds"] = not broken
     merged["invariant_broken_shards"] = sorted(broken)
+    # when its last shard finished: the batch's success time, however late (or often) it is merged
+    merged["finished_at"] = max((s["finished_at"] for s in shards if s.get("finished_at")), default=None)
     merged["merged_at"] = _now()
     if shards:
         write_json_atomic(merged, out_dir / "metrics.json")
@@ -400,16 +419,17 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
 
 
 def merge_until_complete(out_dir: Path, expect_shards: int | None, wait_seconds: float = 0.0,
-                         poll_seconds: float = 30.0) -> dict[str, Any]:
+                         poll_seconds: float = 30.0, gateway: str | None = None) -> dict[str, Any]:
     """Merge once every expected shard is done: at least `expect_shards`, and every shard of the count the done
-    shards were scored with. Waits up to `wait_seconds`; a directory not made yet counts as no shard done."""
+    shards were scored with, then push it to `gateway`. Waits up to `wait_seconds`; a directory not made yet
+    counts as no shard done."""
     deadline = time.monotonic() + wait_seconds
     while True:
         merged = merge_metrics(out_dir) if out_dir.is_dir() else {"shards": 0, "shard_count": 0}
         needed = max(expect_shards or 0, merged["shard_count"], 1)
         broken = merged.get("invariant_broken_shards")
         if merged["shards"] >= needed and merged.get("complete"):
-            return merged
+            return merge_metrics(out_dir, gateway) if gateway else merged
         if time.monotonic() >= deadline:
             if broken:
                 why = f"shards {broken} no longer add up (rows or metrics lost since they were scored): score them again"
