@@ -372,6 +372,11 @@ def test_calibrate_of_a_model_it_cannot_write_stops_before_scoring(calibrated, r
     monkeypatch.setattr(calibrate, "raw_scores", lambda *args, **kwargs: scored.append(args))
     result = runner.invoke(main, ["calibrate", "--model", str(model), "--data", str(root / "data" / "val.parquet")])
     assert result.exit_code == 2 and f"{model} is not writable" in result.output and scored == [], result.output
+    # a run: its model/ writable, the run's folder (training_metadata.json records the refit) not
+    model = tmp_path / "run"
+    shutil.copytree(root / "run", model)
+    result = runner.invoke(main, ["calibrate", "--model", str(model), "--data", str(root / "data" / "val.parquet")])
+    assert result.exit_code == 2 and f"{model} is not writable" in result.output and scored == [], result.output
 
 
 def test_a_broken_calibration_in_a_run_stops_scoring_with_exit_2(calibrated, runner, tmp_path):

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from investment_risk.cli import main
-from investment_risk.scoring import prometheus
+from investment_risk.scoring import prometheus, shard_metrics
 from investment_risk.scoring.pipeline import ScoreConfig, score
 from investment_risk.scoring.shard_metrics import MERGE_LOCK, merge_metrics, merge_until_complete
 
@@ -81,7 +81,9 @@ def test_each_shard_and_the_batch_push_their_metrics(exported, split_dir, tmp_pa
     # ... which is when its last shard finished, not when it was merged: merged again later, it is no new success
     assert finished == dt.datetime.fromisoformat(merged["finished_at"]).timestamp()
     time.sleep(1.1)
-    merge_until_complete(tmp_path / "out", 2, gateway=pushgateway)
+    with capture_logs() as logs:
+        merge_until_complete(tmp_path / "out", 2, gateway=pushgateway)
+    assert [e["group"] for e in logs if e["event"] == "metrics_pushed"] == ["batch"]  # merged and pushed once
     assert scrape(pushgateway)[("investment_risk_last_success_timestamp_seconds", batch)] == finished
     score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"),), out=tmp_path / "next",
                       shard_index=0, shard_count=2, pushgateway=pushgateway))
@@ -117,7 +119,7 @@ def test_the_nightly_and_an_adhoc_batch_push_to_groups_of_their_own(exported, sp
         assert result.exit_code == 2 and "--metrics-group" in result.output, (bad, result.output)
 
 
-def test_merges_take_turns_so_a_partial_push_cannot_land_after_the_whole_one(exported, split_dir, tmp_path):
+def test_merges_take_turns_so_a_partial_push_cannot_land_after_the_whole_one(exported, split_dir, tmp_path, monkeypatch):
     # Every finishing shard merges and pushes: a partial merge whose push was slow (retried) landed after the
     # complete merge's and left the gateway saying the finished night was incomplete. A merge waits for the one
     # under way (OUT/.merge.lock) and pushes inside its turn.
@@ -137,6 +139,19 @@ def test_merges_take_turns_so_a_partial_push_cannot_land_after_the_whole_one(exp
     os.close(held)
     waiting.join(timeout=30)
     assert merged and merged[0]["complete"]
+    # A merge that waited its time in vain (a holder stuck) pushes only a complete batch: its partial push could
+    # land after the complete one
+    partial = tmp_path / "partial"
+    score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"),), out=partial, shard_count=2))
+    held = hold_lock(partial / MERGE_LOCK)
+    monkeypatch.setattr(shard_metrics, "MERGE_TURN_WAIT_S", 0.2)
+    try:
+        with capture_logs() as logs:
+            merge_metrics(partial, gateway=f"http://127.0.0.1:{free_port()}")
+    finally:
+        os.close(held)
+    events = [e["event"] for e in logs]
+    assert "turn_not_awaited" in events and not [e for e in events if e.startswith("metrics_push")], events
 
 
 def test_a_pushgateway_that_is_down_is_logged_and_scoring_succeeds(exported, split_dir, tmp_path, runner):

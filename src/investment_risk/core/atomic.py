@@ -210,36 +210,39 @@ def locked_dir(dest: str | Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def in_turn(path: Path, wait_s: float) -> Iterator[None]:
-    """Run the block holding the lock file `path`, after whoever holds it now: blocks of concurrent processes run
-    one after the other, in the order they took it. Past `wait_s` (a holder stuck) the block runs anyway, logged;
-    where the file cannot be made or locked (read-only, no locks) it runs at once."""
+def in_turn(path: Path, wait_s: float) -> Iterator[bool]:
+    """Run the block holding the lock file `path`, once whoever holds it lets go: blocks of concurrent processes
+    run one at a time. Yields whether it holds the lock: False past `wait_s` (a holder stuck: logged, the block runs
+    beside it) and where the file cannot be made or locked (read-only, no locks: the block runs at once)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     except OSError as exc:
         if exc.errno not in READ_ONLY:
             raise
-        yield
-        return
+        fd = None
     try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                _set_lock(fd, wait=False)
-                break
-            except OSError as exc:
-                if exc.errno in NO_LOCKS:
-                    break
-                if exc.errno not in HELD:
-                    raise
-                if time.monotonic() >= deadline:
-                    get_logger().warning("turn_not_awaited", lock=str(path), waited_s=wait_s,
-                                         consequence="runs beside the holder, which has not let go")
-                    break
-                time.sleep(0.05)
-        yield
+        yield fd is not None and _wait_for_lock(fd, path, wait_s)
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
+
+
+def _wait_for_lock(fd: int, path: Path, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            _set_lock(fd, wait=False)
+            return True
+        except OSError as exc:
+            if exc.errno in NO_LOCKS:
+                return False
+            if exc.errno not in HELD:
+                raise
+        if time.monotonic() >= deadline:
+            get_logger().warning("turn_not_awaited", lock=str(path), waited_s=wait_s,
+                                 consequence="runs beside the holder, which has not let go")
+            return False
+        time.sleep(0.05)
 
 
 def hold_named_lock(path: Path) -> int | None:

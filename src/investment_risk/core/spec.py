@@ -122,9 +122,9 @@ class FilterSpec:
 
         Precedence: prefilter hit, then the rules in file order, then the default tier.
         """
-        scores = np.asarray(scores)
-        if scores.dtype != np.float64:  # labels keep their precision: 6.99999999 is under 7, in float32 it is 7
-            scores = scores.astype(np.float32)
+        # float32, as scores are written and labels are read (a float64 label of 6.99999999 is 7.0 in every
+        # command alike: evaluate's labels come float32 from the readers, a scored batch's as its file holds them)
+        scores = np.asarray(scores, dtype=np.float32)
         if scores.ndim != 2 or scores.shape[1] != len(self.dimensions):
             raise ValueError(f"scores must have shape (n, {len(self.dimensions)}), got {scores.shape}")
         n = scores.shape[0]

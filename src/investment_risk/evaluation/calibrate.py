@@ -41,7 +41,8 @@ def recalibrate(model_path: Path, data: Path, batch_size: int = 32, device: str 
 def _recalibrate(model_path: Path, data: Path, batch_size: int, device: str) -> dict[str, Any]:
     model = describe_model(model_path)
     target = model.path if model.exported else model.path / "model"
-    check_output_file(target / CALIBRATION_FILE, "--model")  # a read-only model fails now, not after the scoring
+    for written in (target / CALIBRATION_FILE, *(() if model.exported else (model.path / "training_metadata.json",))):
+        check_output_file(written, "--model")  # a read-only model fails now, not after the scoring
     if Path(data).is_file():  # a split's file must be the one its summary describes
         check_split_file(Path(data))
     table = read_articles([data], labels=DIMENSIONS, unique_ids=True)  # a row without all eight labels is an error

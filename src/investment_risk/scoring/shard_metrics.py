@@ -254,21 +254,22 @@ def _done_shards(out_dir: Path) -> set[str]:
     return {p.name for p in (out_dir / "_done").glob("part-[0-9][0-9][0-9][0-9][0-9]")}
 
 
-def merge_metrics(out_dir: Path, gateway: str | None = None) -> dict[str, Any]:
-    """Merge every finished shard's metrics into OUT/metrics.json (and metrics.prom), and push them to `gateway`;
-    safe to run at any time.
+def merge_metrics(out_dir: Path, gateway: str | None = None, push_partial: bool = True) -> dict[str, Any]:
+    """Merge every finished shard's metrics into OUT/metrics.json (and metrics.prom), and push them to `gateway`
+    (a partial batch's only with `push_partial`); safe to run at any time.
 
     Shards finish concurrently and each merges: a merge that a shard finished during is done again, so a writer
     that saw fewer shards can never be the last word; and merges take turns (OUT/.merge.lock) with their pushes,
     so a partial merge's push, slow or retried, cannot land after the complete one's and say the night is
-    unfinished."""
-    with in_turn(out_dir / MERGE_LOCK, MERGE_TURN_WAIT_S):
+    unfinished (a merge that could not wait its turn pushes only a complete batch)."""
+    with in_turn(out_dir / MERGE_LOCK, MERGE_TURN_WAIT_S) as in_order:
         for _ in range(10):
             done = _done_shards(out_dir)
             merged = _merge_once(out_dir, done)
             if _done_shards(out_dir) == done:
                 break
-        push(merged, "batch", gateway)
+        if merged.get("complete") or (push_partial and in_order):
+            push(merged, "batch", gateway)
     return merged
 
 
@@ -425,11 +426,13 @@ def merge_until_complete(out_dir: Path, expect_shards: int | None, wait_seconds:
     counts as no shard done."""
     deadline = time.monotonic() + wait_seconds
     while True:
-        merged = merge_metrics(out_dir) if out_dir.is_dir() else {"shards": 0, "shard_count": 0}
+        # pushed once complete: the shards pushed the partial merges as they finished
+        merged = merge_metrics(out_dir, gateway, push_partial=False) if out_dir.is_dir() else {"shards": 0,
+                                                                                                "shard_count": 0}
         needed = max(expect_shards or 0, merged["shard_count"], 1)
         broken = merged.get("invariant_broken_shards")
         if merged["shards"] >= needed and merged.get("complete"):
-            return merge_metrics(out_dir, gateway) if gateway else merged
+            return merged
         if time.monotonic() >= deadline:
             if broken:
                 why = f"shards {broken} no longer add up (rows or metrics lost since they were scored): score them again"
