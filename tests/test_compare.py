@@ -74,6 +74,16 @@ def test_compare_says_when_the_runs_were_validated_on_different_splits(two_runs,
     assert event["same_val_split"] is True
     report = (tmp_path / "same" / "comparison_report.md").read_text()
     assert "| val MAE, calibrated (in-sample) |" in report and "Not like for like" not in report
+    # and how far each run's raw scores are from calibrated, as training recorded it (these runs' val splits are
+    # too small to fit a calibration: n/a; one that fitted it shows its figure)
+    assert "| val calibration error, raw | n/a | n/a |" in report
+    fitted = tmp_path / "fitted"
+    shutil.copytree(a, fitted)
+    metadata = json.loads((fitted / "training_metadata.json").read_text())
+    metadata["calibration"] = {"fitted": True, "val_mae_calibrated": 0.5, "val_calibration_error_raw": 0.4321}
+    (fitted / "training_metadata.json").write_text(json.dumps(metadata))
+    runner.invoke(main, ["report", "compare", str(fitted), str(b), "--out", str(tmp_path / "fitted-cmp")])
+    assert "| val calibration error, raw | 0.4321 | n/a |" in (tmp_path / "fitted-cmp" / "comparison_report.md").read_text()
     other = tmp_path / "other"
     shutil.copytree(b, other)
     config = json.loads((other / "training_config.json").read_text())

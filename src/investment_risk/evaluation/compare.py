@@ -72,6 +72,8 @@ def compare_runs(run_a: Path, run_b: Path) -> dict[str, Any]:
         calibration = run["metadata"].get("calibration") or {}
         overall[key]["val_mae_calibrated_in_sample"] = (calibration.get("val_mae_calibrated")
                                                         if calibration.get("fitted") else None)
+        # how far the raw scores are from calibrated (runs trained before it was recorded: None)
+        overall[key]["val_calibration_error_raw"] = calibration.get("val_calibration_error_raw")
     mae_a, mae_b = overall["a"]["val_mae"], overall["b"]["val_mae"]
     winner = "A" if mae_a < mae_b else "B" if mae_b < mae_a else "tie"
     val_a, val_b = (run_data_sha256(Path(run["run"])).get("val") for run in (a, b))
@@ -93,6 +95,8 @@ def comparison_markdown(result: dict[str, Any]) -> str:
         f"| val MAE | {o['a']['val_mae']:.4f} | {o['b']['val_mae']:.4f} |",
         f"| val MAE, calibrated (in-sample) | {_maybe(o['a']['val_mae_calibrated_in_sample'])} | "
         f"{_maybe(o['b']['val_mae_calibrated_in_sample'])} |",
+        f"| val calibration error, raw | {_maybe(o['a']['val_calibration_error_raw'])} | "
+        f"{_maybe(o['b']['val_calibration_error_raw'])} |",
         f"| val RMSE | {o['a']['val_rmse']:.4f} | {o['b']['val_rmse']:.4f} |",
         f"| max tokens | {o['a']['max_tokens']} | {o['b']['max_tokens']} |",
         f"| train/val gap (MAE) | {o['a']['train_val_gap']:+.4f} | {o['b']['train_val_gap']:+.4f} |",
