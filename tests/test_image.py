@@ -130,10 +130,12 @@ def test_a_relative_output_path_is_written_in_the_pods_working_directory(volumes
 def test_train_compile_runs_in_the_pod(pipeline, volumes):
     # torch.compile builds its kernels with a C/C++ compiler and Python's headers (Inductor's CPU kernels here,
     # Triton's CUDA driver stub on a GPU): without them `--extra-arg --compile` failed with a traceback, exit 1,
-    # which the Job retried. The ConfigMap keeps the kernels on /models for the next pod.
+    # which the Job retried. The train container's env keeps the kernels on /models for the next pod.
+    [job] = [d for d in yaml.safe_load_all(render("train", "--profile", "cpu")) if d]
+    env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
     done = pod(volumes, "train", "--base-model", "tiny-qwen2", "--data", "/data/splits", "--out",
                "/models/runs/compiled", "--epochs", "1", "--batch-size", "8", "--max-length", "64", "--device", "cpu",
-               "--compile")
+               "--compile", container_env={k: v for k, v in env.items() if k.endswith("CACHE_DIR")})
     events = ok(done)
     assert "training_done" in [e["event"] for e in events], events[-3:]
     assert any((volumes["models"] / "compile-cache").rglob("*.so"))

@@ -241,6 +241,11 @@ def train_job(spec: TrainSpec, settings: JobSettings) -> dict[str, Any]:
     args = ["train", "--mode", spec.mode, "--base-model", spec.base_model, "--data", spec.data, "--out", spec.out,
             "--resume-if-present", *spec.extra_args]
     container = _container("train", args, settings, gpu=True)
+    # torch.compile's kernels (`--extra-arg --compile`) kept on the models PVC: a retried or resumed pod, and the next
+    # training run, load them instead of compiling again. The training pod's alone: torch makes the folder when
+    # transformers is imported, so in the ConfigMap every PyTorch pod failed where /models is mounted read-only.
+    container["env"] += [{"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{MODELS_MOUNT}/compile-cache/torchinductor"},
+                         {"name": "TRITON_CACHE_DIR", "value": f"{MODELS_MOUNT}/compile-cache/triton"}]
     pod = _pod_spec(container, settings, gpu=True)
     # SIGTERM lets the step under way (or an epoch's validation) finish and a checkpoint land before the SIGKILL.
     pod["terminationGracePeriodSeconds"] = TRAIN_GRACE_S
@@ -458,10 +463,6 @@ def shared_resources(settings: JobSettings) -> list[dict[str, Any]]:
              "HF_HOME": f"{MODELS_MOUNT}/huggingface", "INVESTMENT_RISK_CACHE": f"{CACHE_MOUNT}/investment-risk",
              "HF_HUB_OFFLINE": "1", "HF_TOKEN_PATH": f"{HF_TOKEN_DIR}/token", "TOKENIZERS_PARALLELISM": "false",
              "MPLCONFIGDIR": "/tmp/matplotlib",
-             # torch.compile's kernels (`train --compile`) kept on the models PVC: a retried or resumed pod, and the
-             # next training run, load them instead of compiling again (the image's default is the pod's /cache).
-             "TORCHINDUCTOR_CACHE_DIR": f"{MODELS_MOUNT}/compile-cache/torchinductor",
-             "TRITON_CACHE_DIR": f"{MODELS_MOUNT}/compile-cache/triton",
              # The Prometheus Pushgateway the scoring Jobs push to, e.g. http://pushgateway.monitoring:9091 (empty: none).
              "INVESTMENT_RISK_PUSHGATEWAY": "",
          }},
