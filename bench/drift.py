@@ -81,8 +81,9 @@ def main(model: Path, out: Path) -> dict:
                 pushed.append(time.perf_counter() - started)
 
         import investment_risk.scoring.pipeline as pipeline
+        import investment_risk.scoring.shard_metrics as shard_metrics
 
-        pipeline.push = timed_push
+        pipeline.push = shard_metrics.push = timed_push  # the shard's push, and the batch's (made by the merge)
         started = time.perf_counter()
         score(ScoreConfig(model=model, inputs=(str(work / "fresh"),), out=work / "scored-pushed",
                           pushgateway=f"http://127.0.0.1:{port}"))
