@@ -65,7 +65,8 @@ def _recalibrate(model_path: Path, data: Path, batch_size: int, device: str) -> 
         fitted_on["sha256"] = digest
     calibration = fit_calibration(raw, labels, fitted_on)
     text = json.dumps(calibration.to_json(), indent=2) + "\n"
-    before, after = regression_metrics(raw, labels), regression_metrics(calibration.apply(raw), labels)
+    calibrated = calibration.apply(raw)
+    before, after = regression_metrics(raw, labels), regression_metrics(calibrated, labels)
     if model.exported:
         version = _replace_exported(model.path, text, calibration.apply)
     else:
@@ -77,8 +78,7 @@ def _recalibrate(model_path: Path, data: Path, batch_size: int, device: str) -> 
               "previous_model_version": model.model_version, "model_version": version,
               "mae_raw": before["mae"], "mae_calibrated_in_sample": after["mae"],
               "calibration_error_raw": calibration_metrics(raw, labels)["calibration_error"],
-              "calibration_error_calibrated_in_sample": calibration_metrics(calibration.apply(raw), labels)[
-                  "calibration_error"]}
+              "calibration_error_calibrated_in_sample": calibration_metrics(calibrated, labels)["calibration_error"]}
     get_logger().info("calibrated", **result)
     return result
 

@@ -256,8 +256,6 @@ def drop_initializer_shapes(path: Path) -> None:
 
 
 def export_graph(module: Any, example: tuple[Any, ...], path: Path, external: bool) -> None:
-    import logging
-
     import torch
 
     # "torchvision is not installed. Skipping torchvision::nms" and three more, on stderr at every export (pods'

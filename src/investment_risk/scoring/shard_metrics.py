@@ -230,7 +230,8 @@ def tier_metrics(pairs: Counter | dict[str, int]) -> dict[str, Any]:
 def batch_drift(shards: list[dict[str, Any]], merged: dict[str, Any]) -> dict[str, Any]:
     """The batch against its model's score reference (carried by every shard): PSI per dimension, tier-share shift;
     a warning names each dimension over the threshold. Only over the model-scored rows (prefiltered NOISE is not a
-    prediction). Empty when the model has no reference or the shards used different models."""
+    prediction). Empty when the model has no reference; `drift_skipped` with the reason when the batch's scores
+    cannot be held against it (several models, no model-scored row, raw against calibrated)."""
     references = [s["reference"] for s in shards if "reference" in s]
     if not references:
         return {}

@@ -402,9 +402,10 @@ def fit_run_calibration(session: Session, state: TrainState) -> dict[str, Any]:
         get_logger().warning("calibration_skipped", reason=str(exc))
         return {"fitted": False, "reason": str(exc)}
     write_json_atomic(calibration.to_json(), session.out / "model" / CALIBRATION_FILE)
-    before, after = regression_metrics(raw, labels), regression_metrics(calibration.apply(raw), labels)
+    calibrated = calibration.apply(raw)
+    before, after = regression_metrics(raw, labels), regression_metrics(calibrated, labels)
     error_before = calibration_metrics(raw, labels)["calibration_error"]
-    error_after = calibration_metrics(calibration.apply(raw), labels)["calibration_error"]
+    error_after = calibration_metrics(calibrated, labels)["calibration_error"]
     get_logger().info("calibration_fitted", val_mae_raw=round(before["mae"], 4), val_mae_calibrated=round(after["mae"], 4),
                       val_calibration_error_raw=round(error_before, 4),
                       val_calibration_error_calibrated=round(error_after, 4))
