@@ -117,3 +117,17 @@ def test_replacing_a_symbolic_link_leaves_no_stray_link(tmp_path):
     write_dir_atomic(tmp_path / "current", lambda work: (work / "a").write_text("x"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v1"]
     assert (tmp_path / "current").is_dir() and not (tmp_path / "current").is_symlink()
+
+
+def test_a_decoder_graph_without_a_validation_split_counts_the_steps_it_takes(exported, tmp_path, monkeypatch):
+    from investment_risk.export import onnx_export
+
+    run, _, _ = exported
+    monkeypatch.setattr(onnx_export, "_val_split", lambda metadata: tmp_path / "gone" / "val.parquet")
+    with capture_logs() as logs:
+        info = onnx_export.export_run(run, tmp_path / "m", dtype="fp16")
+    assert info["parity"]["fp16"]["val_mae_checked"] is False and info["reference"] is None
+    done = [e for e in logs if e["event"] == "progress_done" and e["what"] == "export"][-1]
+    assert list(done["step_seconds"]) == ["PyTorch scores for parity", "model builder graph", "fp16 parity",
+                                          "drift reference", "digests and model.json"]
+    assert done["done"] == done["total"] == 5

@@ -313,10 +313,12 @@ def test_pytorch_weights_are_freed_before_the_graph_work_that_needs_the_room(exp
         info = export_run(run, tmp_path / "m", dtype=dtype, cpu_engine="onnxruntime")
     assert held and sizes == [0]
     # The minutes between loops come as named steps, each timed in the last progress event.
-    steps = [e for e in logs if e["event"] == "progress_done" and e["what"] == "export"][-1]["step_seconds"]
+    done = [e for e in logs if e["event"] == "progress_done" and e["what"] == "export"][-1]
     middle = {"fp16": ["validation scores, PyTorch fp32", "model builder graph", "fp16 parity"],
               "fp32": ["torch.onnx export", "fusions for ONNX Runtime", "CPU engines measured"]}[dtype]
-    assert list(steps) == ["PyTorch scores for parity", *middle, "drift reference", "digests and model.json"]
+    assert list(done["step_seconds"]) == ["PyTorch scores for parity", *middle, "drift reference",
+                                          "digests and model.json"]
+    assert done["done"] == done["total"] == len(done["step_seconds"])  # events say how many steps are left
     assert info["parity"]["fp16_max_abs_diff"] < 0.05 if dtype == "fp16" else \
         info["parity"]["fp32_fused_max_abs_diff"] <= 1e-3
 
@@ -469,8 +471,13 @@ def test_fusion_leaves_out_the_rules_that_need_a_kv_cache(tmp_path, monkeypatch)
 
 def test_int8_export_records_its_parity_and_scores(exported, tmp_path, articles):
     run, _, _ = exported
-    info = export_run(run, tmp_path / "int8", dtype="int8")
+    with capture_logs() as logs:
+        info = export_run(run, tmp_path / "int8", dtype="int8")
     assert info["dtype"] == "int8" and 0 < info["parity"]["int8_max_abs_diff"] < 0.5
+    done = [e for e in logs if e["event"] == "progress_done" and e["what"] == "export"][-1]
+    assert list(done["step_seconds"])[1:4] == ["torch.onnx export", "fusions for ONNX Runtime",
+                                               "int8 conversion and parity"]
+    assert done["done"] == done["total"] == 6
     assert [p.name for p in (tmp_path / "int8").glob("*.onnx*")] == ["model.onnx"]
     assert "If" not in op_types(tmp_path / "int8" / "model.onnx")  # a decoder's mask is causal too: always applied
     merged = score(ScoreConfig(model=tmp_path / "int8", inputs=(str(articles / "a.parquet"),), out=tmp_path / "s"))

@@ -78,12 +78,26 @@ def parity_rows(tokenizer: Any, metadata: dict[str, Any]) -> tuple[list[np.ndarr
 MEASURE_ROWS = 256  # validation rows each CPU engine scores when export picks the default
 
 
+def _val_split(metadata: dict[str, Any]) -> Path:
+    return Path(metadata.get("config", {}).get("data", "")) / "val.parquet"
+
+
+def export_steps(decoder: bool, dtype: str, has_val: bool) -> list[str]:
+    """The export's named steps, in order: its progress events count them (a step `done` of `total`)."""
+    if decoder:  # the model builder's graph
+        middle = [*(["validation scores, PyTorch fp32"] if has_val else []), "model builder graph", f"{dtype} parity"]
+    else:  # the dynamo route
+        middle = ["torch.onnx export", "fusions for ONNX Runtime",
+                  "CPU engines measured" if dtype == "fp32" else f"{dtype} conversion and parity"]
+    return ["PyTorch scores for parity", *middle, "drift reference", "digests and model.json"]
+
+
 def measurement_rows(tokenizer: Any, metadata: dict[str, Any]) -> tuple[list[np.ndarray], np.ndarray | None]:
     """The run's validation articles (tokenised as the scorer will) and their labels; None when the split is gone."""
     from ..core.spec import DIMENSIONS
     from ..datasets.readers import label_matrix, read_articles
 
-    val = Path(metadata.get("config", {}).get("data", "")) / "val.parquet"
+    val = _val_split(metadata)
     if not val.exists():
         return [], None
     table = read_articles([val], labels=DIMENSIONS)
@@ -152,7 +166,7 @@ def write_reference(work: Path, tokenizer: Any, metadata: dict[str, Any], calibr
     out, as a batch's model-scored rows leave them out."""
     from ..datasets.readers import read_articles
 
-    val = Path(metadata.get("config", {}).get("data", "")) / "val.parquet"
+    val = _val_split(metadata)
     if not val.exists():
         get_logger().warning("reference_skipped", reason="the run's validation split is gone: no drift reference")
         return None
@@ -453,7 +467,8 @@ def _export_run(run_dir: Path, out_dir: Path, dtype: str, force: bool, cpu_engin
 
     # A 1.5B model's export runs for minutes between its loops (the graph export, fusion, conversions): the
     # heartbeat names the step, and the last event gives each step's seconds.
-    with Progress(None, "export", unit="steps") as steps:
+    plan = export_steps(decoder, dtype, has_val=_val_split(metadata).exists())
+    with Progress(len(plan), "export", unit="steps") as steps:
         steps.step("PyTorch scores for parity")
         # PyTorch's scores on the parity rows, through the same inference path as every graph checked against them
         # (not needed for a decoder's GPU graph on a GPU, checked against PyTorch bf16 there: minutes for 1.5B on CPU).
