@@ -5,7 +5,9 @@ PyTorch fp32 eager and bf16 autocast (the model as transformers runs it, and wit
 `score --backend torch` runs it), ONNX Runtime fp32 on the unfused dynamo graph, on the fused one and on
 the older TorchScript + ONNX Runtime optimizer graph, ONNX Runtime int8 (dynamic, after fusion), OpenVINO f32 and
 bf16, OpenVINO on the static int8 (NNCF) graph, and the product's default CPU path (the engine export chose, as
-`score` runs it without flags), timed in interleaved rounds. rows/s, ratios, and each engine's val MAE beside fp32's.
+`score` runs it without flags), timed in interleaved rounds. rows/s, ratios, and each engine's val MAE beside fp32's
+(on clipped raw scores, as export's rule reads them: `score` then applies the model's calibration, which was fitted
+on this same split, to whichever engine's scores; so the delta is the engine's own error, calibration aside).
 Beside them the fp32 roofline: the machine's fp32 matrix-multiply peak, the model's arithmetic per row, and so the
 most any fp32 engine could gain over PyTorch fp32 eager here; and the int8 roofline, the same for ONNX Runtime's
 dynamic int8 (its int8 kernels' best speed on the model's projection shapes, nothing else costing time).
@@ -289,16 +291,17 @@ def engines_at(root: Path, max_length: int, rows_n: int) -> dict:
 
 def _worker(args: tuple) -> float:
     """One scoring process on its share of the rows, one thread: seconds for its share, timed from a start shared by
-    every worker (after loading). Each is held to its own core, as a one-CPU pod would be: left free, the engines'
-    own thread pinning (OpenVINO's) put every worker on the same core."""
-    model_path, engine, rows, pad_id, budget, start_at, core = args
+    every worker (the barrier, once each has loaded and run its share once: warm on every shape, as the one process
+    on all cores is). Each is held to its own core, as a one-CPU pod would be: left free, the engines' own thread
+    pinning (OpenVINO's) put every worker on the same core."""
+    model_path, engine, rows, pad_id, budget, ready, core = args
     os.sched_setaffinity(0, {core})
     from investment_risk.modeling.loading import cpu_runner
     from investment_risk.modeling.predict import predict
 
     runner = cpu_runner(Path(model_path), engine, threads=1)
-    predict(runner, rows[:8], pad_id, token_budget=budget)
-    time.sleep(max(0.0, start_at - time.time()))
+    predict(runner, rows, pad_id, token_budget=budget)
+    ready.wait()
     started = time.perf_counter()
     predict(runner, rows, pad_id, token_budget=budget)
     return time.perf_counter() - started
@@ -311,21 +314,24 @@ def settings(model_dir: Path, engine: str, rows: list, pad_id: int) -> dict:
     import multiprocessing
 
     from investment_risk.modeling.loading import cpu_runner
-    from investment_risk.modeling.predict import predict
+    from investment_risk.modeling.predict import predict, token_budget_for
 
     threads = len(os.sched_getaffinity(0))
+    budget = token_budget_for("cpu")  # the scorer's: the sweep above is where budgets are compared
     runner = cpu_runner(model_dir / "model.onnx", engine, threads)
     budgets = {str(budget): budget for budget in (2048, 4096, 8192, 16384, 32768)}
     by_budget = interleaved({name: runner for name in budgets}, rows, pad_id, budgets=budgets)
     out: dict = {"engine": engine, "token_budget_rows_per_second": {b: round(r, 1) for b, (r, _) in by_budget.items()}}
     shares = [rows[i::threads] for i in range(threads)]
-    start_at = time.time() + 60  # every worker loaded and warm by then
-    with ProcessPoolExecutor(threads, mp_context=multiprocessing.get_context("spawn")) as pool:
-        seconds = list(pool.map(_worker, [(str(model_dir / "model.onnx"), engine, share, pad_id, 16384, start_at, core)
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(threads, mp_context=context) as pool:
+        ready = manager.Barrier(threads)  # every worker loaded and warm
+        seconds = list(pool.map(_worker, [(str(model_dir / "model.onnx"), engine, share, pad_id, budget, ready, core)
                                           for core, share in zip(sorted(os.sched_getaffinity(0)), shares)]))
+    out["token_budget"] = budget
     out["one_process_per_core_rows_per_second"] = round(len(rows) / max(seconds), 1)
     started = time.perf_counter()
-    predict(runner, rows, pad_id, token_budget=16384)
+    predict(runner, rows, pad_id, token_budget=budget)
     out["one_process_all_cores_rows_per_second"] = round(len(rows) / (time.perf_counter() - started), 1)
     if engine.startswith("openvino"):  # throughput streams (the default) vs one latency stream
         modes = interleaved({"streams": runner, "latency": cpu_runner(model_dir / "model.onnx", engine, threads,

@@ -1,9 +1,13 @@
 """CPU scoring benchmark: every engine side by side, length bucketing, memory, tokenizer speed.
 
-(a) ONNX Runtime vs PyTorch eager on the same minilm model, same rows, same batching: rows/s and their ratio.
-(b) Real-token share of length-bucketed batches vs padding every row to max length (512), on the synthetic spread.
+(a) `score --backend onnx` (model.onnx on the engine export chose; its provider is recorded), ONNX Runtime named
+    (`--cpu-engine onnxruntime`) on the fp32 graph and on the int8 export, vs `--backend torch` (PyTorch eager) on
+    the same minilm model, same rows, same batching: rows/s and their ratios.
+(b) Real-token share of length-bucketed batches (the CPU scorer's token budget) vs padding every row to max length,
+    on the synthetic spread, at 128 and 512 tokens.
 (c) Peak RSS scoring 10k vs 200k rows with a tiny-qwen2 model (each in its own process): their ratio.
-(d) Tokenizer throughput (articles/s, tokens/s) at 512 tokens: our cut-then-tokenise vs tokenising whole articles.
+(d) Tokenizer throughput (articles/s, tokens/s) at 512 tokens: `encode` (cut, then the Rust tokenizer's batch
+    call) vs whole articles through the same call (what the cut saves) and through the tokenizer's Python call.
 (e) Every CPU engine at 128 and 512 tokens (bench/cpu_engines.py): PyTorch fp32 and bf16 autocast, ONNX Runtime fp32
     unfused and fused, int8, OpenVINO f32 and bf16, the default CPU path; `score` default vs `--backend torch`;
     and the fp32 roofline: this machine's fp32 matrix-multiply peak, each fp32 engine's share of it; the int8
@@ -51,39 +55,56 @@ def backend_speed(model: Path, articles: Path, root: Path) -> dict:
     from investment_risk.scoring.pipeline import ScoreConfig, score
 
     out = {}
-    for backend, path in (("onnx", model), ("onnx_int8", model.with_name(model.name + "-int8")), ("torch", model)):
+    int8 = model.with_name(model.name + "-int8")
+    for name, backend, path, engine in (("onnx", "onnx", model, "auto"), ("onnxruntime", "onnx", model, "onnxruntime"),
+                                        ("onnx_int8", "onnx", int8, "onnxruntime"), ("torch", "torch", model, "auto")):
         started = time.perf_counter()
-        score(ScoreConfig(model=path, inputs=(str(articles),), out=root / f"speed-{backend}", backend=backend.split("_")[0]))
+        score(ScoreConfig(model=path, inputs=(str(articles),), out=root / f"speed-{name}", backend=backend,
+                          cpu_engine=engine))
         seconds = time.perf_counter() - started
-        shard = json.loads((root / f"speed-{backend}" / "metrics" / "part-00000.json").read_text())
-        out[backend] = {"rows_per_second": shard["rows_per_second"], "model_rows_per_second": shard["model_rows_per_second"],
-                        "wall_s": round(seconds, 1), "batches": shard["batches"],
-                        "batch_latency_ms_p50": shard["batch_latency_ms"]["p50"]}
+        shard = json.loads((root / f"speed-{name}" / "metrics" / "part-00000.json").read_text())
+        out[name] = {"provider": shard["provider"], "rows_per_second": shard["rows_per_second"],
+                     "model_rows_per_second": shard["model_rows_per_second"],
+                     "wall_s": round(seconds, 1), "batches": shard["batches"],
+                     "batch_latency_ms_p50": shard["batch_latency_ms"]["p50"]}
+    # `score --backend onnx` against `--backend torch` (the engine export chose, since #12), then ONNX Runtime's own
     out["ort_vs_torch_ratio"] = round(out["onnx"]["model_rows_per_second"] / out["torch"]["model_rows_per_second"], 2)
+    out["onnxruntime_fp32_vs_torch_ratio"] = round(out["onnxruntime"]["model_rows_per_second"]
+                                                   / out["torch"]["model_rows_per_second"], 2)
     out["ort_int8_vs_torch_ratio"] = round(out["onnx_int8"]["model_rows_per_second"]
                                            / out["torch"]["model_rows_per_second"], 2)
     return out
 
 
 def token_shares(articles: Path) -> dict:
+    """Real tokens over the tokens the model calls carry, batched as `score` batches them on a CPU (read batches of
+    2048 rows, the CPU token budget, 256 rows at most), and padded to max length; the 512-token figures at the top."""
     from investment_risk.modeling.tokens import article_text, encode
+    from investment_risk.modeling.predict import token_budget_for
     from investment_risk.modeling.presets import load_tokenizer, resolve_base_model
     from investment_risk.modeling.tokens import length_batches
+    from investment_risk.scoring.pipeline import ScoreConfig
 
+    defaults = ScoreConfig(model=Path("."), inputs=("-",), out=Path("."))
+    read_rows, budget, max_rows = defaults.read_rows, token_budget_for("cpu"), defaults.max_batch_rows
     table = pq.read_table(articles)
     tokenizer = load_tokenizer(resolve_base_model("minilm").path)
     texts = [article_text(t, c) for t, c in zip(table.column("title").to_pylist(), table.column("content").to_pylist())]
-    lengths = np.array([len(r) for r in encode(tokenizer, texts, 512)])
-    real = int(lengths.sum())
-    bucketed = sum(len(b) * int(lengths[b].max()) for start in range(0, len(lengths), 2048)
-                   for b in [start + x for x in length_batches(lengths[start:start + 2048], 16384, 256)])
-    return {"real_token_share_bucketed": round(real / bucketed, 4),
-            "real_token_share_padded": round(real / (len(lengths) * 512), 4),
-            "mean_tokens": round(float(lengths.mean()), 1), "truncated_share": round(float((lengths >= 512).mean()), 4)}
+    out: dict = {"token_budget": budget}
+    for max_length in (128, 512):
+        lengths = np.array([len(r) for r in encode(tokenizer, texts, max_length)])
+        real = int(lengths.sum())
+        bucketed = sum(len(b) * int(lengths[b].max()) for start in range(0, len(lengths), read_rows)
+                       for b in [start + x for x in length_batches(lengths[start:start + read_rows], budget, max_rows)])
+        out[str(max_length)] = {"real_token_share_bucketed": round(real / bucketed, 4),
+                                "real_token_share_padded": round(real / (len(lengths) * max_length), 4),
+                                "mean_tokens": round(float(lengths.mean()), 1),
+                                "truncated_share": round(float((lengths >= max_length).mean()), 4)}
+    return {**out["512"], "real_token_share_by_length": out}
 
 
 def tokenizer_speed(articles: Path) -> dict:
-    from investment_risk.modeling.tokens import article_text, encode
+    from investment_risk.modeling.tokens import _token_ids, article_text, encode
     from investment_risk.modeling.presets import load_tokenizer, resolve_base_model
 
     table = pq.read_table(articles)
@@ -95,10 +116,14 @@ def tokenizer_speed(articles: Path) -> dict:
         rows = encode(tokenizer, texts, 512)
         cut = time.perf_counter() - started
         started = time.perf_counter()
-        tokenizer(texts, truncation=True, max_length=512)
+        _token_ids(tokenizer, texts, 512)  # encode's own call on the whole texts: only the cut differs
         whole = time.perf_counter() - started
+        started = time.perf_counter()
+        tokenizer(texts, truncation=True, max_length=512)
+        call = time.perf_counter() - started
         out[name] = {"articles_per_second": round(len(texts) / cut), "tokens_per_second": round(sum(map(len, rows)) / cut),
-                     "articles_per_second_whole_text": round(len(texts) / whole)}
+                     "articles_per_second_whole_text": round(len(texts) / whole),
+                     "articles_per_second_tokenizer_call": round(len(texts) / call)}
     return out
 
 
@@ -183,18 +208,21 @@ def main() -> None:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     b = results["backends_minilm_128_tokens"]
-    rows = [("ONNX Runtime model rows/s (minilm, 128 tok)", b["onnx"]["model_rows_per_second"]),
+    rows = [(f"--backend onnx model rows/s (minilm, 128 tok; {b['onnx']['provider']})", b["onnx"]["model_rows_per_second"]),
             ("PyTorch eager model rows/s (same rows, batches)", b["torch"]["model_rows_per_second"]),
+            ("ONNX Runtime fp32 model rows/s", b["onnxruntime"]["model_rows_per_second"]),
             ("ONNX Runtime int8 model rows/s", b["onnx_int8"]["model_rows_per_second"]),
-            ("ort_vs_torch_ratio (target >= 2)", results["ort_vs_torch_ratio"]),
+            ("ort_vs_torch_ratio (--backend onnx; target >= 2)", results["ort_vs_torch_ratio"]),
+            ("onnxruntime_fp32_vs_torch_ratio", b["onnxruntime_fp32_vs_torch_ratio"]),
             ("ort_int8_vs_torch_ratio", b["ort_int8_vs_torch_ratio"]),
             ("real_token_share_bucketed (target >= 0.9)", results["real_token_share_bucketed"]),
             ("real_token_share_padded (pad to 512)", results["real_token_share_padded"]),
             ("peak RSS MiB, 10k rows", round(results["rss"]["10k"]["peak_rss_mib"], 1)),
             ("peak RSS MiB, 200k rows", round(results["rss"]["200k"]["peak_rss_mib"], 1)),
             ("rss_growth_ratio (target <= 1.1)", results["rss_growth_ratio"])]
-    rows += [(f"tokenizer {k} articles/s at 512 (cut / whole)", f"{v['articles_per_second']} / "
-              f"{v['articles_per_second_whole_text']}") for k, v in results["tokenizer_512"].items()]
+    rows += [(f"tokenizer {k} articles/s at 512 (cut / whole / HF call)", f"{v['articles_per_second']} / "
+              f"{v['articles_per_second_whole_text']} / {v['articles_per_second_tokenizer_call']}")
+             for k, v in results["tokenizer_512"].items()]
     for label, value in rows:
         print(f"{label:<52} {value}")
     print(f"-> {out}")

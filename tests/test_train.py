@@ -69,6 +69,9 @@ def test_run_package_is_complete(tiny_run):
         assert (reports / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (reports / "training_summary.txt").read_text()
     assert "Overall metrics" in summary
+    # The training labels' redundancy, as dimensions.md gives it (a small run: flagged as too few rows or not)
+    redundancy = summary.split("Dimension redundancy of the training labels (dimensions.md):\n", 1)[1]
+    assert "First principal component:" in redundancy and "Pairs with |r| > 0.7:" in redundancy
     for dim in DIMENSIONS:
         assert any(line.strip().startswith(dim) and "Train=" in line and "Val=" in line and "Gap=" in line
                    for line in summary.splitlines())

@@ -11,6 +11,7 @@ import numpy as np
 from ..core.atomic import atomic_path, write_text_atomic
 from ..core.plots import pyplot, save_figure
 from ..core.spec import DIMENSIONS
+from ..datasets.dimensions import FEW_ROWS, STRONG_CORRELATION, write_dimension_report
 
 
 def plot_overall(history: list[dict[str, Any]], dest: Path) -> None:
@@ -59,7 +60,9 @@ def plot_losses(history: list[dict[str, Any]], step_losses: list[list[float]], s
     save_figure(fig, dest)
 
 
-def summary_text(history: list[dict[str, Any]], metadata: dict[str, Any]) -> str:
+def summary_text(history: list[dict[str, Any]], metadata: dict[str, Any],
+                 redundancy: dict[str, Any] | None = None) -> str:
+    """The run in plain text; `redundancy`: the training labels' dimension analysis, when there is one."""
     best = next(h for h in history if h["epoch"] == metadata.get("best_epoch", history[-1]["epoch"]))
     lines = [
         f"Training summary ({metadata['training_mode']}, {metadata['model_name']})",
@@ -90,6 +93,17 @@ def summary_text(history: list[dict[str, Any]], metadata: dict[str, Any]) -> str
                   for dim, m in calibration["per_dimension"].items()]
     elif calibration:
         lines += ["", f"Calibration: not fitted ({calibration.get('reason')})"]
+    if redundancy is not None:
+        lines += ["", "Dimension redundancy of the training labels (dimensions.md):"]
+        if redundancy["explained_variance"]:
+            lines.append(f"  First principal component: {redundancy['explained_variance'][0]:.0%} of the standardised "
+                         f"labels' variance ({redundancy['rows']} articles)")
+        pairs = redundancy["strong_pairs"]
+        lines.append(f"  Pairs with |r| > {STRONG_CORRELATION}: " + (", ".join(
+            f"{p['a']} / {p['b']} ({p['r']:.2f})" for p in pairs) if pairs else "none"))
+        if redundancy["too_few_rows"]:
+            lines.append(f"  Too few rows to read much into (below {FEW_ROWS}: chance alone gives |r| up to "
+                         f"{redundancy['chance_r']:.2f})")
     return "\n".join(lines) + "\n"
 
 
@@ -155,13 +169,12 @@ def write_training_reports(run_dir: Path, history: list[dict[str, Any]], metadat
                            step_losses: list[list[float]], train_labels: np.ndarray | None = None) -> Path:
     reports = run_dir / "training_reports"
     reports.mkdir(parents=True, exist_ok=True)
+    redundancy = None
     if train_labels is not None:  # the redundancy of the eight labels this run learned from
-        from ..datasets.dimensions import write_dimension_report
-
-        write_dimension_report(train_labels, reports, heading="##")
+        redundancy = write_dimension_report(train_labels, reports, heading="##")
     plot_overall(history, reports / "overall_metrics.png")
     plot_per_dimension(history, reports / "per_dimension_mae.png")
     plot_losses(history, step_losses, metadata["steps_per_epoch"], reports / "loss_curves.png")
-    write_text_atomic(summary_text(history, metadata), reports / "training_summary.txt")
+    write_text_atomic(summary_text(history, metadata, redundancy), reports / "training_summary.txt")
     word_report(history, metadata, reports, reports / "training_report.docx")
     return reports
