@@ -299,8 +299,12 @@ def _worker(args: tuple) -> float:
     from investment_risk.modeling.loading import cpu_runner
     from investment_risk.modeling.predict import predict
 
-    runner = cpu_runner(Path(model_path), engine, threads=1)
-    predict(runner, rows, pad_id, token_budget=budget)
+    try:
+        runner = cpu_runner(Path(model_path), engine, threads=1)
+        predict(runner, rows, pad_id, token_budget=budget)
+    except BaseException:
+        ready.abort()  # the other workers stop waiting (BrokenBarrierError) and this error comes through
+        raise
     ready.wait()
     started = time.perf_counter()
     predict(runner, rows, pad_id, token_budget=budget)
