@@ -85,8 +85,7 @@ def token_shares(articles: Path) -> dict:
     from investment_risk.modeling.tokens import length_batches
     from investment_risk.scoring.pipeline import ScoreConfig
 
-    defaults = ScoreConfig(model=Path("."), inputs=("-",), out=Path("."))
-    read_rows, budget, max_rows = defaults.read_rows, token_budget_for("cpu"), defaults.max_batch_rows
+    read_rows, budget, max_rows = ScoreConfig.read_rows, token_budget_for("cpu"), ScoreConfig.max_batch_rows
     table = pq.read_table(articles)
     tokenizer = load_tokenizer(resolve_base_model("minilm").path)
     texts = [article_text(t, c) for t, c in zip(table.column("title").to_pylist(), table.column("content").to_pylist())]

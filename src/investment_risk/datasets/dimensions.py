@@ -73,6 +73,12 @@ def plot_dimensions(analysis: dict[str, Any], heatmap: Path, variance: Path) -> 
     save_figure(fig, variance)
 
 
+def strong_pairs_line(analysis: dict[str, Any]) -> str:
+    pairs = analysis["strong_pairs"]
+    return f"Pairs with |r| > {STRONG_CORRELATION}: " + (", ".join(
+        f"{p['a']} / {p['b']} ({p['r']:.2f})" for p in pairs) if pairs else "none")
+
+
 def dimensions_markdown(analysis: dict[str, Any], heading: str = "#") -> str:
     explained = analysis["explained_variance"]
     lines = [f"{heading} Dimension redundancy", "",
@@ -87,9 +93,7 @@ def dimensions_markdown(analysis: dict[str, Any], heading: str = "#") -> str:
         lines += ["| component | explained | cumulative |", "|---|---|---|"]
         lines += [f"| {i + 1} | {v:.3f} | {c:.3f} |" for i, (v, c) in enumerate(zip(explained, np.cumsum(explained)))]
         lines.append("")
-    pairs = analysis["strong_pairs"]
-    lines.append(f"Pairs with |r| > {STRONG_CORRELATION}: " + (", ".join(
-        f"{p['a']} / {p['b']} ({p['r']:.2f})" for p in pairs) if pairs else "none"))
+    lines.append(strong_pairs_line(analysis))
     if analysis["constant_dimensions"]:
         lines.append(f"Constant (no variance, left out): {', '.join(analysis['constant_dimensions'])}")
     lines += ["", "![label correlations](dimension_correlations.png)", "",

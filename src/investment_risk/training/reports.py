@@ -11,7 +11,7 @@ import numpy as np
 from ..core.atomic import atomic_path, write_text_atomic
 from ..core.plots import pyplot, save_figure
 from ..core.spec import DIMENSIONS
-from ..datasets.dimensions import FEW_ROWS, STRONG_CORRELATION, write_dimension_report
+from ..datasets.dimensions import FEW_ROWS, strong_pairs_line, write_dimension_report
 
 
 def plot_overall(history: list[dict[str, Any]], dest: Path) -> None:
@@ -98,9 +98,7 @@ def summary_text(history: list[dict[str, Any]], metadata: dict[str, Any],
         if redundancy["explained_variance"]:
             lines.append(f"  First principal component: {redundancy['explained_variance'][0]:.0%} of the standardised "
                          f"labels' variance ({redundancy['rows']} articles)")
-        pairs = redundancy["strong_pairs"]
-        lines.append(f"  Pairs with |r| > {STRONG_CORRELATION}: " + (", ".join(
-            f"{p['a']} / {p['b']} ({p['r']:.2f})" for p in pairs) if pairs else "none"))
+        lines.append(f"  {strong_pairs_line(redundancy)}")
         if redundancy["too_few_rows"]:
             lines.append(f"  Too few rows to read much into (below {FEW_ROWS}: chance alone gives |r| up to "
                          f"{redundancy['chance_r']:.2f})")
