@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from investment_risk.scoring.pipeline import ScoreConfig, ShardScorer, score
+from investment_risk.scoring.progress import SeenIds
 
 EXE = str(Path(sys.executable).parent / "investment-risk")
 CHECKPOINTS = Path("_progress") / "part-00000"
@@ -187,3 +189,34 @@ def test_checkpoints_of_a_larger_shard_count_and_a_lockless_filesystem_leave_not
         merged = score(ScoreConfig(out=tmp_path / "lockless", **settings))
     assert [e for e in logs if e["event"] == "shard_checkpoints_off"] and merged["complete"]
     assert not (tmp_path / "lockless" / "_progress").exists()
+
+
+def test_seen_ids_keep_each_place_and_hand_each_id_to_one_checkpoint():
+    seen = SeenIds()
+    seen.add("a", "x.parquet", 0)
+    seen.add("b", "y.jsonl", 2**40 - 1)  # the largest row the packing holds
+    first = seen.take_fresh()
+    seen.add("c", "x.parquet", 7)
+    assert first.to_pydict() == {"id": ["a", "b"], "file": ["x.parquet", "y.jsonl"], "row": [0, 2**40 - 1]}
+    assert seen.take_fresh().to_pydict() == {"id": ["c"], "file": ["x.parquet"], "row": [7]}
+    assert seen.take_fresh().num_rows == 0
+    resumed = SeenIds()
+    resumed.load(pa.concat_tables([first, pa.table({"id": ["c"], "file": ["x.parquet"], "row": [7]})]))
+    assert ("b" in resumed, "z" in resumed, resumed.where("b")) == (True, False, f"y.jsonl row {2**40 - 1}")
+    assert resumed.take_fresh().num_rows == 0  # what a checkpoint held is not written again
+    resumed.add("d", "z.parquet", 3)
+    assert resumed.take_fresh().column("id").to_pylist() == ["d"]
+
+
+def test_seen_ids_hold_a_big_shards_ids_in_little_memory():
+    """One entry per scored row stays in memory for the whole shard: the place may not cost a string per row."""
+    ids = [f"article-{i:08d}" for i in range(50_000)]
+    tracemalloc.start()
+    try:
+        seen = SeenIds()
+        for i, id_ in enumerate(ids):
+            seen.add(id_, f"part-{i // 10_000:05d}.parquet", i)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held / len(ids) < 100  # bytes an entry, the id's own string aside (a string place and a list: ~180)

@@ -249,7 +249,7 @@ class ShardScorer:
         resumed = progress.resume() if progress and not self.config.force else None
         if progress and self.config.force:
             progress.clear()
-        seen_ids = SeenIds() if progress else {}  # id -> where it was first scored (SeenIds: and since the checkpoint)
+        seen_ids = SeenIds()
         start, segment = Position(), 0
         if resumed:
             metrics.resume(resumed.metrics)
@@ -294,7 +294,7 @@ class ShardScorer:
         return metrics
 
     def _write_segment(self, items: queue.Queue, targets: tuple[Path, Path], metadata: dict[str, str],
-                       metrics: ShardMetrics, seen_ids: dict[str, str], bar: Progress, stop_request: StopRequest,
+                       metrics: ShardMetrics, seen_ids: SeenIds, bar: Progress, stop_request: StopRequest,
                        checkpoints: bool) -> Position | None:
         """Score read batches into the part and rejects files `targets`, each renamed into place whole (the rejects
         first: a kill between the renames leaves the part missing, so the shard is not taken for done), until the
@@ -324,7 +324,7 @@ class ShardScorer:
         return position
 
     @staticmethod
-    def _reject_duplicates(item: Prepared, ids_col: list[Any], seen_ids: dict[str, str], metrics: ShardMetrics,
+    def _reject_duplicates(item: Prepared, ids_col: list[Any], seen_ids: SeenIds, metrics: ShardMetrics,
                            earlier_only: bool = False) -> None:
         """A second row with an id already scored in this shard is rejected, never scored twice. `earlier_only`:
         only ids that earlier batches scored (before the model call, which they then cost nothing); otherwise the
@@ -336,10 +336,10 @@ class ShardScorer:
                 continue
             if id_ in seen_ids:
                 # The id goes after the colon, so metrics group all duplicates under one reason.
-                item.reject_reasons[i] = f"duplicate id (first seen at {seen_ids[id_]}): {id_!r}"
+                item.reject_reasons[i] = f"duplicate id (first seen at {seen_ids.where(id_)}): {id_!r}"
                 duplicates.add(i)
             elif not earlier_only:
-                seen_ids[id_] = f"{batch.path.name} row {batch.row_number(i)}"
+                seen_ids.add(id_, batch.path.name, batch.row_number(i))
         if duplicates:
             metrics.duplicate_ids += len(duplicates)
             pairs = [(r, t) for r, t in zip(item.model_rows, item.tokens) if r not in duplicates]
@@ -361,7 +361,7 @@ class ShardScorer:
         item.model_rows, item.tokens = [r for r, _ in pairs], [t for _, t in pairs]
         return raw[finite]
 
-    def _score_batch(self, item: Prepared, writer: ShardWriter, metrics: ShardMetrics, seen_ids: dict[str, str]) -> None:
+    def _score_batch(self, item: Prepared, writer: ShardWriter, metrics: ShardMetrics, seen_ids: SeenIds) -> None:
         batch = item.batch
         n = batch.table.num_rows
         if is_jsonl(batch.path):

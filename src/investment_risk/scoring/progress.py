@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Sequence
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,16 +46,52 @@ class Position:
     batch: int = 0
 
 
-class SeenIds(dict):
-    """The ids a shard scored (id -> where it first was), and those added since the last checkpoint took them."""
+class SeenIds:
+    """The ids a shard scored, each with where it first was. A shard holds one entry per row it scored, so each is
+    kept small: the place is the file's index and the row packed in one int, and those added since the last
+    checkpoint are the dict's newest entries (nothing is ever removed), not a second list."""
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.fresh: list[tuple[str, str]] = []
+    _ROW_BITS = 40  # rows per file below 2**40; the file's index above them
 
-    def __setitem__(self, key: str, value: str) -> None:
-        super().__setitem__(key, value)
-        self.fresh.append((key, value))
+    def __init__(self) -> None:
+        self._places: dict[str, int] = {}
+        self._files: list[str] = []
+        self._file_index: dict[str, int] = {}
+        self._committed = 0  # the first this many entries are in a checkpoint
+
+    def __len__(self) -> int:
+        return len(self._places)
+
+    def __contains__(self, id_: object) -> bool:
+        return id_ in self._places
+
+    def add(self, id_: str, file: str, row: int) -> None:
+        index = self._file_index.setdefault(file, len(self._files))
+        if index == len(self._files):
+            self._files.append(file)
+        self._places[id_] = index << self._ROW_BITS | row
+
+    def where(self, id_: str) -> str:
+        file, row = self._unpack(self._places[id_])
+        return f"{file} row {row}"
+
+    def _unpack(self, place: int) -> tuple[str, int]:
+        return self._files[place >> self._ROW_BITS], place & ((1 << self._ROW_BITS) - 1)
+
+    def take_fresh(self) -> pa.Table:
+        """The entries since the last checkpoint, as its ids file holds them; they count as committed from now."""
+        fresh = list(islice(self._places.items(), self._committed, None))
+        self._committed = len(self._places)
+        places = [self._unpack(place) for _, place in fresh]
+        return pa.table({"id": pa.array([id_ for id_, _ in fresh], type=pa.string()),
+                         "file": pa.array([file for file, _ in places], type=pa.string()),
+                         "row": pa.array([row for _, row in places], type=pa.int64())})
+
+    def load(self, table: pa.Table) -> None:
+        """Entries from a checkpoint's ids file: committed already."""
+        for id_, file, row in zip(*(table.column(c).to_pylist() for c in ("id", "file", "row"))):
+            self.add(id_, file, row)
+        self._committed = len(self._places)
 
 
 @dataclass
@@ -119,8 +156,7 @@ class ShardProgress:
             for segment in segments:
                 for file in (*self.segment_files(segment), self._ids_file(segment)):
                     pq.ParquetFile(file).metadata  # each is whole (a footer), or the checkpoint is not used
-                ids = pq.read_table(self._ids_file(segment))
-                seen.update(zip(ids.column("id").to_pylist(), ids.column("where").to_pylist()))  # not fresh
+                seen.load(pq.read_table(self._ids_file(segment)))
             resumed = Resumed(Position(*state["position"]), segments, state["metrics"], seen,
                               state.get("columns_seen", []))
         except (InputError, OSError, pa.ArrowException, KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -137,15 +173,11 @@ class ShardProgress:
     def commit(self, segment: int, position: Position, metrics: dict[str, Any], seen_ids: SeenIds,
                columns_seen: Sequence[str]) -> None:
         """Add the segment just written to the checkpoint: its new ids, then the state naming it (the commit)."""
-        new = seen_ids.fresh
-        write_parquet_atomic(pa.table({"id": pa.array([i for i, _ in new], type=pa.string()),
-                                       "where": pa.array([w for _, w in new], type=pa.string())}),
-                             self._ids_file(segment))
+        write_parquet_atomic(seen_ids.take_fresh(), self._ids_file(segment))
         self.segments.append(segment)
         write_json_atomic({"fingerprint": self.fingerprint, "position": [position.unit, position.batch],
                            "segments": self.segments, "metrics": metrics, "columns_seen": sorted(columns_seen)},
                           self.folder / STATE_FILE)
-        seen_ids.fresh = []
         get_logger().info("shard_checkpoint", unit=position.unit, batch=position.batch, segments=len(self.segments))
         fault_point(f"after_checkpoint:{self.folder.name}")
 
