@@ -119,6 +119,39 @@ def test_the_nightly_and_an_adhoc_batch_push_to_groups_of_their_own(exported, sp
         assert result.exit_code == 2 and "--metrics-group" in result.output, (bad, result.output)
 
 
+def test_a_complete_batch_removes_the_shard_groups_a_bigger_night_left(exported, split_dir, tmp_path, pushgateway):
+    # A night of 3 shards, then one of 2: shard 00002's group kept last night's rows, which a sum over the shards
+    # counted again. Other batch groups and jobs are not touched, and a batch half done removes nothing.
+    from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+
+    _, model, _ = exported
+    inputs = (str(split_dir / "test.parquet"),)
+
+    def night(out, shards, only=None):
+        for shard in range(shards) if only is None else (only,):
+            score(ScoreConfig(model=model, inputs=inputs, out=out, shard_index=shard, shard_count=shards,
+                              metrics_group="shrinking", pushgateway=pushgateway))
+
+    def shard_groups(group):
+        return {dict(labels).get("shard") for (_, labels), _ in scrape(pushgateway).items()
+                if ("batch_group", group) in labels and ("job", prometheus.PUSH_JOB) in labels}
+
+    registry = CollectorRegistry()
+    Gauge("investment_risk_other", "another group's series", registry=registry).set(1)
+    for job, group in ((prometheus.PUSH_JOB, "other"), ("another-job", "shrinking")):
+        push_to_gateway(pushgateway, job=job, registry=registry, grouping_key={"batch_group": group, "shard": "00002"})
+    night(tmp_path / "first", 3)
+    assert shard_groups("shrinking") == {"00000", "00001", "00002", "batch"}
+    night(tmp_path / "second", 2, only=0)
+    assert shard_groups("shrinking") == {"00000", "00001", "00002", "batch"}  # not complete: nothing removed
+    with capture_logs() as logs:
+        night(tmp_path / "second", 2, only=1)
+    assert shard_groups("shrinking") == {"00000", "00001", "batch"}
+    assert shard_groups("other") == {"00002"}
+    assert any(("job", "another-job") in labels for (_, labels), _ in scrape(pushgateway).items())
+    assert [e["shards"] for e in logs if e["event"] == "metrics_stale_groups_removed"] == [["00002"]]
+
+
 def test_merges_take_turns_so_a_partial_push_cannot_land_after_the_whole_one(exported, split_dir, tmp_path, monkeypatch):
     # Every finishing shard merges and pushes: a partial merge whose push was slow (retried) landed after the
     # complete merge's and left the gateway saying the finished night was incomplete. A merge waits for the one

@@ -2,13 +2,15 @@
 finishes, and written as a text file beside the output (prometheus_client's registry, push and textfile writer).
 
 A push that fails is logged and retried a few times, and never fails the shard: the Parquet output is the product,
-the metrics are its shadow.
+the metrics are its shadow. A complete batch removes the shard groups a night with more shards left behind.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +135,31 @@ def push(metrics: dict[str, Any], scope: str, gateway: str | None) -> bool:
             if attempt < PUSH_ATTEMPTS:
                 time.sleep(0.5 * 2 ** (attempt - 1))
     return False
+
+
+def remove_stale_shard_groups(group: str, shard_count: int, gateway: str | None) -> list[str]:
+    """Delete the batch group's shard groups numbered `shard_count` and above: a night scored with more shards
+    pushed them, no shard of tonight's count replaces them, and a query over the shards would count their rows
+    again. Logged, never raised; returns the shards removed."""
+    if not gateway:
+        return []
+    from prometheus_client import delete_from_gateway
+
+    log = get_logger()
+    url = gateway if "://" in gateway else f"http://{gateway}"  # as prometheus_client reads it
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/api/v1/metrics", timeout=PUSH_TIMEOUT_S) as response:
+            groups = [g.get("labels", {}) for g in json.load(response).get("data", [])]
+        stale = sorted(labels["shard"] for labels in groups
+                       if labels.get("job") == PUSH_JOB and labels.get("batch_group") == group
+                       and labels.get("shard", "").isdigit() and int(labels["shard"]) >= shard_count)
+        for shard in stale:
+            delete_from_gateway(gateway, job=PUSH_JOB, grouping_key={"batch_group": group, "shard": shard},
+                                timeout=PUSH_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - like a push: logged, never fatal
+        log.warning("metrics_stale_groups_not_removed", gateway=gateway, batch_group=group,
+                    error=f"{exc.__class__.__name__}: {exc}"[:300])
+        return []
+    if stale:
+        log.info("metrics_stale_groups_removed", gateway=gateway, batch_group=group, shards=stale)
+    return stale

@@ -24,7 +24,7 @@ from ..core.decisions import tier_report
 from ..core.drift import (DEFAULT_PSI_THRESHOLD, SCORE_BINS, SCORE_EDGES, calibration_mismatch, drift, model_tier_counts,
                           reference_entry)
 from ..core.spec import DIMENSIONS, default_spec
-from .prometheus import DEFAULT_METRICS_GROUP, push, write_textfile
+from .prometheus import DEFAULT_METRICS_GROUP, push, remove_stale_shard_groups, write_textfile
 from .units import parquet_rows, part_name, shard_files
 
 LATENCY_EDGES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
@@ -270,7 +270,10 @@ def merge_metrics(out_dir: Path, gateway: str | None = None, push_partial: bool 
             if _done_shards(out_dir) == done:
                 break
         if merged.get("complete") or (push_partial and in_order):
-            push(merged, "batch", gateway)
+            pushed = push(merged, "batch", gateway)
+            if pushed and merged.get("complete"):
+                remove_stale_shard_groups(merged.get("metrics_group", DEFAULT_METRICS_GROUP), merged["shard_count"],
+                                          gateway)
     return merged
 
 
