@@ -380,9 +380,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results/cpu-engines.json")
     args = parser.parse_args()
     from investment_risk.core.logs import configure_logging
+    from investment_risk.modeling.loading import cpu_profile
 
     configure_logging("json", "WARNING")
-    results: dict = {}
+    results: dict = {"cpu": cpu_profile()}  # the engines rank differently on other CPUs
     with tempfile.TemporaryDirectory() as tmp:
         for length in (int(x) for x in args.lengths.split(",")):
             root = Path(tmp) / str(length)

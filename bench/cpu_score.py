@@ -161,9 +161,10 @@ def main() -> None:
         return
     from investment_risk.core.logs import configure_logging
     from investment_risk.datasets.synth import SynthConfig, write_synthetic
+    from investment_risk.modeling.loading import cpu_profile
 
     configure_logging("json", "WARNING")
-    results: dict = {"cpus": len(os.sched_getaffinity(0))}
+    results: dict = {"cpus": len(os.sched_getaffinity(0)), "cpu": cpu_profile()}  # figures hold for this CPU only
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_synthetic(SynthConfig(rows=ROWS_SPEED, seed=3), root / "speed" / "articles.parquet")

@@ -146,6 +146,40 @@ def test_an_engine_that_cannot_run_here_falls_back_with_a_warning(exported, tmp_
         loading.load_runner(describe_model(copy), "onnx", "cpu", cpu_engine="openvino-bf16")
 
 
+def test_a_cpus_profile_is_its_model_its_engine_units_and_its_cores(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n"
+                       "flags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_tile amx_int8 amx_bf16 avx512_bf16\n\n"
+                       "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: fpu\n")
+    profile = loading.cpu_profile(cpuinfo)
+    assert profile["model"] == "Intel(R) Xeon(R) Platinum 8481C"
+    assert profile["features"] == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"]
+    assert profile["cores"] >= 1
+    assert loading.cpu_profile(tmp_path / "absent")["features"] == []
+
+
+def test_an_engine_measured_on_a_cpu_with_other_units_is_used_and_said_so(exported, tmp_path, monkeypatch):
+    import shutil
+    _, model, _ = exported
+    assert json.loads((model / "model.json").read_text())["cpu_engine"]["measured_on"] == loading.cpu_profile()
+    with capture_logs() as logs:
+        loading.load_runner(describe_model(model), "onnx", "cpu")
+    assert not [e for e in logs if e["event"] == "cpu_engine_measured_elsewhere"]  # measured on this very CPU
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    meta = json.loads((copy / "model.json").read_text())
+    xeon = {"model": "Intel(R) Xeon(R) Platinum 8481C", "features": ["avx2", "avx512f", "amx_int8"], "cores": 2}
+    meta["cpu_engine"]["measured_on"] = xeon
+    (copy / "model.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(loading, "cpu_profile", lambda: {"model": "AMD EPYC", "features": ["avx2"], "cores": 2})
+    with capture_logs() as logs:
+        runner = loading.load_runner(describe_model(copy), "onnx", "cpu")
+        loading.load_runner(describe_model(copy), "onnx", "cpu", cpu_engine="onnxruntime")  # named: no warning
+    warned = [e for e in logs if e["event"] == "cpu_engine_measured_elsewhere"]
+    assert len(warned) == 1 and warned[0]["measured_on"] == xeon and warned[0]["here"]["features"] == ["avx2"]
+    assert warned[0]["engine"] == meta["cpu_engine"]["engine"] and runner is not None  # still the model's choice
+
+
 def test_a_cuda_provider_without_a_gpu_scores_on_the_cpu_and_says_so(exported, monkeypatch):
     import onnxruntime as ort
 

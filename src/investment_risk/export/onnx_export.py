@@ -28,7 +28,7 @@ from ..core.drift import REFERENCE_FILE, make_reference, reference_entry
 from ..modeling.calibration import CALIBRATION_FILE, Calibration, load_calibration
 from ..modeling.description import (CPU_ENGINES, DYNAMIC_INT8_FILE, TWIN_FILES, describe_model, model_digest,
                                     model_version, onnx_files)
-from ..modeling.loading import cpu_runner, in_bf16, scoring_module
+from ..modeling.loading import cpu_profile, cpu_runner, in_bf16, scoring_module
 from ..modeling.onnx_runtime import OnnxRunner
 from ..modeling.presets import CAUSAL_TYPES
 from ..modeling.predict import TorchRunner, padded_batches, predict, token_budget_for
@@ -151,7 +151,7 @@ def _pick_cpu_engine(path: Path, tokenizer: Any, metadata: dict[str, Any], reque
             for unused in path.parent.glob(f"{name}*"):
                 unused.unlink()
     get_logger().info("cpu_engine_chosen", engine=engine, why=why)
-    chosen = {"engine": engine, "why": why, "rows": len(rows), "measured": measured}
+    chosen = {"engine": engine, "why": why, "rows": len(rows), "measured": measured, "measured_on": cpu_profile()}
     if engine in TWIN_FILES:
         chosen["fused_operators"] = fused_operator_counts(path.with_name(TWIN_FILES[engine]))
     return chosen

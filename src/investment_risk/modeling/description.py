@@ -63,6 +63,7 @@ class ModelDescription:
     tokenizer_dir: Path
     train_label_mean: tuple[float, ...] | None  # the predict-the-mean baseline, when the run is here
     cpu_engine: str = "onnxruntime"  # what scores the exported file on CPUs (chosen by measurement at export)
+    cpu_engine_measured_on: dict[str, Any] | None = None  # the CPU export measured the engines on (loading.cpu_profile)
     truncation: str = "head"  # how a long article is cut to max_length, as in training
     calibration: Calibration | None = None  # the per-dimension map from raw to calibrated scores, when fitted
     reference: dict[str, Any] | None = None  # exported models: the validation scores' distribution, for drift
@@ -185,6 +186,7 @@ def _exported(path: Path) -> ModelDescription:
         pad_token_id=info.get("pad_token_id"), model_version=str(info["model_version"]), source_run=source,
         tokenizer_dir=path, train_label_mean=_label_mean(run_meta, source / "training_metadata.json"),
         cpu_engine=(info.get("cpu_engine") or {}).get("engine", "onnxruntime"),
+        cpu_engine_measured_on=(info.get("cpu_engine") or {}).get("measured_on"),
         truncation=str(info.get("truncation", "head")), calibration=calibration,
         reference=reference, dtype=str(info.get("dtype", "fp32")))
 

@@ -126,6 +126,44 @@ def cpu_engine_usable(engine: str) -> tuple[bool, str]:
     return True, ""
 
 
+# The units the CPU engines' speeds turn on (AVX2 vs AVX-512, VNNI for int8, AVX-512 BF16 / AMX for bf16 and int8).
+ENGINE_CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def cpu_profile(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """This CPU as the CPU engines' speeds depend on it: its model, which of ENGINE_CPU_FEATURES it has, and the
+    cores this process may use."""
+    from .onnx_runtime import usable_cpus
+
+    model, flags = "unknown", set()
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags":  # the first CPU's; a machine's CPUs are alike
+                flags = set(value.split())
+                break
+    except OSError:  # not Linux, or no /proc: nothing to compare, and nothing is warned of
+        pass
+    return {"model": model, "features": [f for f in ENGINE_CPU_FEATURES if f in flags], "cores": usable_cpus()}
+
+
+def _warn_if_measured_elsewhere(model: ModelDescription, engine: str) -> None:
+    """Export measured the engines on its own machine's CPU. On one with other units the ranking can turn
+    (OpenVINO's static int8 ran 4.7x PyTorch with VNNI and AMX, and slower than ONNX Runtime fp32 on AVX2): say so,
+    as the scorer cannot measure here without the validation split."""
+    measured_on = model.cpu_engine_measured_on
+    here = cpu_profile()
+    if not measured_on or measured_on.get("features") == here["features"] or here["model"] == "unknown":
+        return
+    from ..core.logs import get_logger
+
+    get_logger().warning("cpu_engine_measured_elsewhere", engine=engine, measured_on=measured_on, here=here,
+                         reason="export chose the CPU engine on a CPU with other vector units; another engine may be "
+                                "faster here: export on this kind of CPU, or name one with --cpu-engine")
+
+
 def cpu_runner(model_path: Path, engine: str, threads: int | None = None, streams: int | None = None) -> Any:
     """A runner for an exported model.onnx on the CPU with the named engine, which may read a twin file beside it
     (OpenVINO: `streams`, None for its own choice)."""
@@ -189,6 +227,8 @@ def load_runner(model: ModelDescription, backend: str, device: str = "auto", thr
 
             get_logger().warning("cpu_engine_fallback", wanted=engine, used="onnxruntime", reason=why)
             engine = "onnxruntime"
+        elif cpu_engine == "auto":
+            _warn_if_measured_elsewhere(model, engine)
         return cpu_runner(model.path / "model.onnx", engine, threads)
     if backend != "torch":
         raise ConfigError(f"--backend must be onnx or torch, not {backend!r}")
