@@ -195,6 +195,8 @@ def test_seen_ids_keep_each_place_and_hand_each_id_to_one_checkpoint():
     seen = SeenIds()
     seen.add("a", "x.parquet", 0)
     seen.add("b", "y.jsonl", 2**40 - 1)  # the largest row the packing holds
+    with pytest.raises(ValueError, match="y.jsonl: row 1099511627776 is beyond"):
+        seen.add("c", "y.jsonl", 2**40)  # would have run into the file's bits
     first = seen.take_fresh()
     seen.add("c", "x.parquet", 7)
     assert first.to_pydict() == {"id": ["a", "b"], "file": ["x.parquet", "y.jsonl"], "row": [0, 2**40 - 1]}

@@ -667,7 +667,7 @@ def test_bad_rows_become_rejects_with_reasons(exported, tmp_path):
     assert set(parts.column("id").to_pylist()) == {"ok-1", "other-lang", "bigint", "emoji"}
     assert "id is null" in reasons[1] and "both null or empty" in reasons[2]
     assert "expected a string" in reasons[3] and "invalid JSON" in reasons[4] and "1000000-byte limit" in reasons[5]
-    assert reasons[6] == "duplicate id (first seen at mixed.jsonl row 0): 'ok-1'"
+    assert reasons[6] == f"duplicate id (first seen at {path} row 0): 'ok-1'"  # the whole path: names repeat by day
     assert merged["reject_reasons"]["duplicate id"] == 1
     assert merged["reject_reasons"]["article over the 1000000-byte limit"] == 1  # one key, whatever the size
     assert set(rejects.column("source_file").to_pylist()) == {str(path)}

@@ -127,12 +127,14 @@ def cpu_engine_usable(engine: str) -> tuple[bool, str]:
 
 
 # The units the CPU engines' speeds turn on (AVX2 vs AVX-512, VNNI for int8, AVX-512 BF16 / AMX for bf16 and int8).
-ENGINE_CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+ENGINE_CPU_FEATURES = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
 def cpu_profile(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
-    """This CPU as the CPU engines' speeds depend on it: its model, which of ENGINE_CPU_FEATURES it has, and the
-    cores this process may use."""
+    """This CPU as the CPU engines' speeds depend on it: its architecture and model, which of ENGINE_CPU_FEATURES
+    it has, and the cores this process may use."""
+    import platform
+
     from .onnx_runtime import usable_cpus
 
     model, flags = "unknown", set()
@@ -144,9 +146,10 @@ def cpu_profile(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
             elif key.strip() == "flags":  # the first CPU's; a machine's CPUs are alike
                 flags = set(value.split())
                 break
-    except OSError:  # not Linux, or no /proc: nothing to compare, and nothing is warned of
+    except OSError:  # not Linux, or no /proc: the architecture alone says what it is
         pass
-    return {"model": model, "features": [f for f in ENGINE_CPU_FEATURES if f in flags], "cores": usable_cpus()}
+    return {"arch": platform.machine(), "model": model, "features": [f for f in ENGINE_CPU_FEATURES if f in flags],
+            "cores": usable_cpus()}
 
 
 def _warn_if_measured_elsewhere(model: ModelDescription, engine: str) -> None:
@@ -155,7 +158,7 @@ def _warn_if_measured_elsewhere(model: ModelDescription, engine: str) -> None:
     as the scorer cannot measure here without the validation split."""
     measured_on = model.cpu_engine_measured_on
     here = cpu_profile()
-    if not measured_on or measured_on.get("features") == here["features"] or here["model"] == "unknown":
+    if not measured_on or [measured_on.get(k) for k in ("arch", "features")] == [here["arch"], here["features"]]:
         return
     from ..core.logs import get_logger
 

@@ -339,7 +339,7 @@ class ShardScorer:
                 item.reject_reasons[i] = f"duplicate id (first seen at {seen_ids.where(id_)}): {id_!r}"
                 duplicates.add(i)
             elif not earlier_only:
-                seen_ids.add(id_, batch.path.name, batch.row_number(i))
+                seen_ids.add(id_, str(batch.path), batch.row_number(i))
         if duplicates:
             metrics.duplicate_ids += len(duplicates)
             pairs = [(r, t) for r, t in zip(item.model_rows, item.tokens) if r not in duplicates]

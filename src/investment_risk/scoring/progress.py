@@ -66,6 +66,8 @@ class SeenIds:
         return id_ in self._places
 
     def add(self, id_: str, file: str, row: int) -> None:
+        if not 0 <= row < 1 << self._ROW_BITS:
+            raise ValueError(f"{file}: row {row} is beyond the {self._ROW_BITS}-bit rows a shard's ids keep")
         index = self._file_index.setdefault(file, len(self._files))
         if index == len(self._files):
             self._files.append(file)

@@ -137,10 +137,12 @@ def push(metrics: dict[str, Any], scope: str, gateway: str | None) -> bool:
     return False
 
 
-def remove_stale_shard_groups(group: str, shard_count: int, gateway: str | None) -> list[str]:
-    """Delete the batch group's shard groups numbered `shard_count` and above: a night scored with more shards
-    pushed them, no shard of tonight's count replaces them, and a query over the shards would count their rows
-    again. Logged, never raised; returns the shards removed."""
+def remove_stale_shard_groups(group: str, shard_count: int, started: float, gateway: str | None) -> list[str]:
+    """Delete the batch group's shard groups numbered `shard_count` and above and last pushed before the batch
+    began (`started`, a Unix time): an earlier night scored with more shards pushed them, no shard of this
+    count replaces them, and a query over the shards would count their rows again. Groups pushed since are
+    another batch's under way (a re-merged old night must not remove tonight's). Logged, never raised; returns
+    the shards removed."""
     if not gateway:
         return []
     from prometheus_client import delete_from_gateway
@@ -149,10 +151,10 @@ def remove_stale_shard_groups(group: str, shard_count: int, gateway: str | None)
     url = gateway if "://" in gateway else f"http://{gateway}"  # as prometheus_client reads it
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/api/v1/metrics", timeout=PUSH_TIMEOUT_S) as response:
-            groups = [g.get("labels", {}) for g in json.load(response).get("data", [])]
-        stale = sorted(labels["shard"] for labels in groups
-                       if labels.get("job") == PUSH_JOB and labels.get("batch_group") == group
-                       and labels.get("shard", "").isdigit() and int(labels["shard"]) >= shard_count)
+            groups = json.load(response).get("data", [])
+        stale = sorted(labels["shard"] for g in groups if (labels := g.get("labels", {})).get("job") == PUSH_JOB
+                       and labels.get("batch_group") == group and labels.get("shard", "").isdigit()
+                       and int(labels["shard"]) >= shard_count and _pushed_at(g) < started)
         for shard in stale:
             delete_from_gateway(gateway, job=PUSH_JOB, grouping_key={"batch_group": group, "shard": shard},
                                 timeout=PUSH_TIMEOUT_S)
@@ -163,3 +165,11 @@ def remove_stale_shard_groups(group: str, shard_count: int, gateway: str | None)
     if stale:
         log.info("metrics_stale_groups_removed", gateway=gateway, batch_group=group, shards=stale)
     return stale
+
+
+def _pushed_at(group: dict[str, Any]) -> float:
+    """When the Pushgateway last changed the group (its own push_time_seconds); unknown counts as now: kept."""
+    try:
+        return float(group["push_time_seconds"]["metrics"][0]["value"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return time.time()

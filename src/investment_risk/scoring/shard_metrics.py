@@ -271,9 +271,9 @@ def merge_metrics(out_dir: Path, gateway: str | None = None, push_partial: bool 
                 break
         if merged.get("complete") or (push_partial and in_order):
             pushed = push(merged, "batch", gateway)
-            if pushed and merged.get("complete"):
-                remove_stale_shard_groups(merged.get("metrics_group", DEFAULT_METRICS_GROUP), merged["shard_count"],
-                                          gateway)
+            if pushed and merged.get("complete") and "metrics_groups" not in merged and merged.get("started_at"):
+                remove_stale_shard_groups(merged["metrics_group"], merged["shard_count"],
+                                          dt.datetime.fromisoformat(merged["started_at"]).timestamp(), gateway)
     return merged
 
 
@@ -372,6 +372,8 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
                                          "is not computed (score it again with --force for one)")
     groups = sorted({s.get("metrics_group", DEFAULT_METRICS_GROUP) for s in shards})
     merged["metrics_group"] = groups[0] if len(groups) == 1 else "mixed"  # pushed beside neither group's batches
+    if len(groups) > 1:
+        merged["metrics_groups"] = groups
     calibrations = {bool(s.get("calibrated", False)) for s in shards}
     merged["calibrated"] = calibrations.pop() if len(calibrations) == 1 else None  # None: shards of both kinds
     merged["real_token_share"] = round(merged["real_tokens"] / merged["padded_tokens"], 4) if merged["padded_tokens"] else None
@@ -415,6 +417,7 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
     merged["invariant_holds"] = not broken
     merged["invariant_broken_shards"] = sorted(broken)
     # when its last shard finished: the batch's success time, however late (or often) it is merged
+    merged["started_at"] = min((s["started_at"] for s in shards if s.get("started_at")), default=None)
     merged["finished_at"] = max((s["finished_at"] for s in shards if s.get("finished_at")), default=None)
     merged["merged_at"] = _now()
     if shards:
