@@ -159,6 +159,24 @@ def test_a_complete_batch_removes_the_shard_groups_a_bigger_night_left(exported,
     assert [e["shards"] for e in logs if e["event"] == "metrics_stale_groups_removed"] == [["00002"]]
 
 
+def test_a_batch_of_mixed_groups_removes_nothing(exported, split_dir, tmp_path, pushgateway):
+    # Its shards pushed to two groups and its merge to neither: "mixed" is no group of its, even one a user named so.
+    from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+
+    _, model, _ = exported
+    registry = CollectorRegistry()
+    Gauge("investment_risk_other", "another group's series", registry=registry).set(1)
+    push_to_gateway(pushgateway, job=prometheus.PUSH_JOB, registry=registry,
+                    grouping_key={"batch_group": "mixed", "shard": "00005"})
+    time.sleep(1.1)  # shards record their start to the second
+    for shard, group in enumerate(("left", "right")):
+        merged = score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"),), out=tmp_path / "out",
+                                   shard_index=shard, shard_count=2, metrics_group=group, pushgateway=pushgateway))
+    assert merged["complete"] and merged["metrics_group"] == "mixed"
+    assert any(("batch_group", "mixed") in labels and ("shard", "00005") in labels
+               for (_, labels), _ in scrape(pushgateway).items())
+
+
 def test_merges_take_turns_so_a_partial_push_cannot_land_after_the_whole_one(exported, split_dir, tmp_path, monkeypatch):
     # Every finishing shard merges and pushes: a partial merge whose push was slow (retried) landed after the
     # complete merge's and left the gateway saying the finished night was incomplete. A merge waits for the one

@@ -158,7 +158,7 @@ def _warn_if_measured_elsewhere(model: ModelDescription, engine: str) -> None:
     as the scorer cannot measure here without the validation split."""
     measured_on = model.cpu_engine_measured_on
     here = cpu_profile()
-    if not measured_on or [measured_on.get(k) for k in ("arch", "features")] == [here["arch"], here["features"]]:
+    if not measured_on or all(measured_on.get(key, here[key]) == here[key] for key in ("arch", "features")):
         return
     from ..core.logs import get_logger
 
