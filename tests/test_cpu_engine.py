@@ -150,11 +150,11 @@ def test_an_engine_that_cannot_run_here_falls_back_with_a_warning(exported, tmp_
 def test_a_cpus_profile_is_its_model_its_engine_units_and_its_cores(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n"
-                       "flags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_tile amx_int8 amx_bf16 avx512_bf16\n\n"
+                       "flags\t\t: fpu sse2 avx2 avx_vnni avx512f avx512_vnni amx_tile amx_int8 amx_bf16 avx512_bf16\n\n"
                        "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: fpu\n")
     profile = loading.cpu_profile(cpuinfo)
     assert profile["model"] == "Intel(R) Xeon(R) Platinum 8481C" and profile["arch"] == platform.machine()
-    assert profile["features"] == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"]
+    assert profile["features"] == ["avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"]
     assert profile["cores"] >= 1
     assert loading.cpu_profile(tmp_path / "absent")["features"] == []
 
@@ -170,12 +170,12 @@ def test_an_engine_measured_on_a_cpu_with_other_units_is_used_and_said_so(export
     shutil.copytree(model, copy)
     meta = json.loads((copy / "model.json").read_text())
     epyc = {"arch": "x86_64", "model": "AMD EPYC", "features": ["avx2"], "cores": 2}
-    monkeypatch.setattr(loading, "cpu_profile", lambda: epyc)
     xeon = {"arch": "x86_64", "model": "Intel(R) Xeon(R) Platinum 8481C", "features": ["avx2", "avx512f", "amx_int8"],
             "cores": 2}
-    graviton = {"arch": "aarch64", "model": "unknown", "features": [], "cores": 2}  # no x86 flags at all
-    for measured_on, warns in ((xeon, True), ({**epyc, "model": "AMD EPYC 9R14", "cores": 8}, False),
-                               (graviton, True)):
+    graviton = {"arch": "aarch64", "model": "unknown", "features": [], "cores": 2}  # no x86 flags, no model name
+    for here, measured_on, warns in ((epyc, xeon, True), (epyc, {**epyc, "model": "AMD EPYC 9R14", "cores": 8}, False),
+                                     (graviton, {**graviton, "arch": "x86_64"}, True), (graviton, graviton, False)):
+        monkeypatch.setattr(loading, "cpu_profile", lambda here=here: here)
         meta["cpu_engine"]["measured_on"] = measured_on
         (copy / "model.json").write_text(json.dumps(meta))
         with capture_logs() as logs:
@@ -183,7 +183,7 @@ def test_an_engine_measured_on_a_cpu_with_other_units_is_used_and_said_so(export
             loading.load_runner(describe_model(copy), "onnx", "cpu", cpu_engine="onnxruntime")  # named: no warning
         warned = [e for e in logs if e["event"] == "cpu_engine_measured_elsewhere"]
         assert len(warned) == warns, measured_on  # the units and the architecture count, not the model or cores
-        assert not warns or (warned[0]["measured_on"], warned[0]["here"]) == (measured_on, epyc)
+        assert not warns or (warned[0]["measured_on"], warned[0]["here"]) == (measured_on, here)
         assert runner.provider  # the model's choice still runs
 
 
