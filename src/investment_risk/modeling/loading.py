@@ -154,8 +154,9 @@ def cpu_profile(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
 
 def _warn_if_measured_elsewhere(model: ModelDescription, engine: str) -> None:
     """Export measured the engines on its own machine's CPU. On one with other units the ranking can turn
-    (OpenVINO's static int8 ran 4.7x PyTorch with VNNI and AMX, and slower than ONNX Runtime fp32 on AVX2): say so,
-    as the scorer cannot measure here without the validation split."""
+    (OpenVINO's static int8 ran 5.2x PyTorch fp32 at 128 tokens on a Xeon with VNNI and AMX, and slower than ONNX
+    Runtime fp32 on an AVX2-only EPYC: README): say so, as the scorer cannot measure here without the validation
+    split."""
     measured_on = model.cpu_engine_measured_on
     here = cpu_profile()
     if not measured_on or all(measured_on.get(key, here[key]) == here[key] for key in ("arch", "features")):
