@@ -158,8 +158,10 @@ def _warn_if_measured_elsewhere(model: ModelDescription, engine: str) -> None:
     Runtime fp32 on an AVX2-only EPYC: README): say so, as the scorer cannot measure here without the validation
     split."""
     measured_on = model.cpu_engine_measured_on
+    if not measured_on:
+        return
     here = cpu_profile()
-    if not measured_on or all(measured_on.get(key, here[key]) == here[key] for key in ("arch", "features")):
+    if all(measured_on.get(key, here[key]) == here[key] for key in ("arch", "features")):
         return
     from ..core.logs import get_logger
 

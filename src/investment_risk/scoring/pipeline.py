@@ -330,6 +330,7 @@ class ShardScorer:
         only ids that earlier batches scored (before the model call, which they then cost nothing); otherwise the
         first row of this batch that is not rejected (its scores finite) takes the id."""
         batch = item.batch
+        file = str(batch.path)
         duplicates = set()
         for i, id_ in enumerate(ids_col):
             if i in item.reject_reasons:
@@ -339,7 +340,7 @@ class ShardScorer:
                 item.reject_reasons[i] = f"duplicate id (first seen at {seen_ids.where(id_)}): {id_!r}"
                 duplicates.add(i)
             elif not earlier_only:
-                seen_ids.add(id_, str(batch.path), batch.row_number(i))
+                seen_ids.add(id_, file, batch.row_number(i))
         if duplicates:
             metrics.duplicate_ids += len(duplicates)
             pairs = [(r, t) for r, t in zip(item.model_rows, item.tokens) if r not in duplicates]

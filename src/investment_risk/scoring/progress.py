@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Sequence
-from itertools import islice
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +58,6 @@ class SeenIds:
         self._files: list[str] = []
         self._file_index: dict[str, int] = {}
         self._committed = 0  # the first this many entries are in a checkpoint
-
-    def __len__(self) -> int:
-        return len(self._places)
 
     def __contains__(self, id_: object) -> bool:
         return id_ in self._places

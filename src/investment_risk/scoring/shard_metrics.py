@@ -416,8 +416,8 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
             get_logger().info("ledger_updated", ledger=path, units=len(units), added=added)
     merged["invariant_holds"] = not broken
     merged["invariant_broken_shards"] = sorted(broken)
-    # when its last shard finished: the batch's success time, however late (or often) it is merged
     merged["started_at"] = min((s["started_at"] for s in shards if s.get("started_at")), default=None)
+    # when its last shard finished: the batch's success time, however late (or often) it is merged
     merged["finished_at"] = max((s["finished_at"] for s in shards if s.get("finished_at")), default=None)
     merged["merged_at"] = _now()
     if shards:
