@@ -14,6 +14,7 @@ from investment_risk.cli import main
 from investment_risk.export.graph_passes import fused_operator_counts
 from investment_risk.export.pooling import ATTENTION_OPS
 from investment_risk.export.onnx_export import export_run
+from investment_risk.modeling.description import TWIN_FILES, describe_model
 from investment_risk.modeling.description import read_model_json as verify_model_dir
 from investment_risk.scoring.pipeline import ScoreConfig, score
 from investment_risk.scoring.units import list_units, shard_units
@@ -926,13 +927,18 @@ def test_torch_backend_matches_onnx(exported, articles, tmp_path):
     score(ScoreConfig(model=model, inputs=inputs, out=tmp_path / "default"))
     score(ScoreConfig(model=model, inputs=inputs, out=tmp_path / "torch", backend="torch"))
     b, _ = read_out(tmp_path / "torch")
-    # fp32 ONNX Runtime matches PyTorch to 1e-3; the default CPU engine (bf16 where export chose it) to 0.05.
-    for name, atol in (("onnx", 1e-3), ("default", 0.05)):
+    # fp32 ONNX Runtime matches PyTorch to 1e-3; the default CPU engine (bf16 where export chose it) to 0.05. An
+    # int8 engine is chosen by speed where it is a hair faster (OpenVINO's int8 twin against its f32 on an AVX2
+    # CPU: 909 against 912 rows/s), and its rows stray further (0.051 seen): to 0.1 a row, and on average within
+    # the tolerance export admits it under (MAE_TOLERANCE).
+    engine = describe_model(model).cpu_engine
+    for name, atol in (("onnx", 1e-3), ("default", 0.1 if engine in TWIN_FILES else 0.05)):
         a, _ = read_out(tmp_path / name)
         for dim in DIMENSIONS:
             x = a.column(dim).to_numpy(zero_copy_only=False)
             y = b.column(dim).to_numpy(zero_copy_only=False)
-            assert np.allclose(x, y, atol=atol, equal_nan=True), (name, dim, np.nanmax(np.abs(x - y)))
+            assert np.allclose(x, y, atol=atol, equal_nan=True), (name, engine, dim, np.nanmax(np.abs(x - y)))
+            assert np.nanmean(np.abs(x - y)) <= MAE_TOLERANCE, (name, engine, dim)
     metrics = json.loads((tmp_path / "torch" / "metrics" / "part-00000.json").read_text())
     assert metrics["backend"] == "torch" and metrics["provider"] == "torch-cpu"
 
