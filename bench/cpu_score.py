@@ -19,7 +19,6 @@ Prints a table and writes bench-results/cpu.json. Targets: ratio >= 2, bucketed 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -164,7 +163,7 @@ def main() -> None:
     from investment_risk.modeling.loading import cpu_profile
 
     configure_logging("json", "WARNING")
-    results: dict = {"cpus": len(os.sched_getaffinity(0)), "cpu": cpu_profile()}  # figures hold for this CPU only
+    results: dict = {"cpu": cpu_profile()}  # figures hold for this CPU only
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_synthetic(SynthConfig(rows=ROWS_SPEED, seed=3), root / "speed" / "articles.parquet")

@@ -911,6 +911,30 @@ def test_render_refuses_what_the_api_server_or_the_merge_would_not_take(runner, 
     assert result.exit_code == 2 and "--models-size '0'" in result.output, result.output
 
 
+def test_render_refuses_a_path_the_pod_would_refuse_or_misread(runner):
+    """An empty path would read as the pod's working directory (a merge Job then waits a day for shards there); a
+    URL or a path given twice fails in the pod only after scheduling and the image pull."""
+    for command, message in ((["merge", "--out", ""], "--out: an empty path"),
+                             (["train", "--data", ""], "--data: an empty path"),
+                             (["train", "--out", " "], "--out: an empty path"),
+                             (["export", "--run", "/models/runs/r", "--out", ""], "--out: an empty path"),
+                             (["score", "--out", "s3://bucket/scored"], "s3://bucket/scored: a URL"),
+                             (["score", "--input", "gs://bucket/in"], "gs://bucket/in: a URL"),
+                             (["train", "--data", "/data/a", "--data", "/data/b"], "--data was given more than once")):
+        result = runner.invoke(main, ["jobs", "render", *command, "--name", "j"])
+        assert result.exit_code == 2 and message in result.output, (command, result.output)
+
+
+@pytest.mark.parametrize("extra", [["--ledger=/data/backfill/ledger.json", "--metrics-group=backfill"],
+                                   ["--ledger", "/data/backfill/ledger.json", "--metrics-group", "backfill"]])
+def test_nightly_keeps_the_ledger_and_group_an_extra_arg_names_in_either_form(extra):
+    cron = build("nightly", JobSettings(), extra_args=tuple(extra))
+    args = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    # a second CronJob (a backfill) sharing the nightly's ledger would skip its units; its own group keeps the
+    # nightly's dashboard and alerts to the nightly
+    assert args[-len(extra):] == extra and "nightly" not in args and "/data/scored/ledger.json" not in args
+
+
 def test_render_all_names_a_jobs_own_option_it_ignores_and_takes_the_storage_ones():
     result = CliRunner().invoke(main, ["jobs", "render", "all", "--schedule", "0 1 * * *"])
     assert result.exit_code == 0 and "--schedule ignored" in result.stderr, result.stderr

@@ -41,20 +41,25 @@ storage_options = stacked(
     option("--models-size", default="100Gi", show_default=True, help="Size of the models PVC (/models)."),
 )
 
-# What the Job does; paths are as the pod sees them (/data and /models are the PVCs).
+# What the Job does; paths are as the pod sees them (/data and /models are the PVCs), refused here as the pod's
+# command would refuse them (a URL, a path given twice), not after its image pull.
 job_options = stacked(
     option("--name", default=None, help="Job name (default: investment-risk-<kind>-<UTC time>-<4 random hex>)."),
     option("--mode", type=click.Choice(["distillation", "instruction"]), default="distillation", show_default=True,
            help="train: the training mode."),
-    option("--data", default="/data/splits/latest", show_default=True, help="train: the split directory."),
-    option("--run", default=None, help="export: the training run directory (e.g. /models/runs/NAME)."),
+    option("--data", once=True, type=click.Path(), default="/data/splits/latest", show_default=True,
+           help="train: the split directory."),
+    option("--run", once=True, type=click.Path(), default=None,
+           help="export: the training run directory (e.g. /models/runs/NAME)."),
     option("--base-model", default="qwen2.5-1.5b", show_default=True,
            help="train: preset or path; stage: the hub model to fetch."),
-    option("--model", default="/models/current", show_default=True, help="score: the exported model directory."),
-    option("--input", "inputs", multiple=True, default=("/data/incoming",), show_default=True,
+    option("--model", once=True, type=click.Path(), default="/models/current", show_default=True,
+           help="score: the exported model directory."),
+    option("--input", "inputs", type=click.Path(), multiple=True, default=("/data/incoming",), show_default=True,
            help="score: input files, directories or globs; repeat for more."),
-    option("--out", default=None, help="Output: the run directory (train), the model directory (export; default "
-                                        "/models/exports/NAME) or the scoring directory (score, merge)."),
+    option("--out", once=True, type=click.Path(), default=None,
+           help="Output: the run directory (train), the model directory (export; default /models/exports/NAME) or "
+                "the scoring directory (score, merge)."),
     option("--shards", type=click.IntRange(min=1), default=4, show_default=True, help="score: completions."),
     option("--parallelism", type=click.IntRange(min=1), default=None, help="score: pods at once (default: all)."),
     option("--backend", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True),

@@ -123,6 +123,19 @@ class TrainSpec:
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
 
+def named_options(args: tuple[str, ...]) -> set[str]:
+    """The options a list of --extra-arg values sets, written either way: `--flag value` or `--flag=value`."""
+    return {arg.split("=", 1)[0] for arg in args if arg.startswith("--")}
+
+
+def check_paths(**paths: tuple[str, ...] | str | None) -> None:
+    """Refuse an empty path (`--out ""`): in the pod it reads as its working directory, or waits for hours on it."""
+    empty = [f"--{flag.replace('_', '-')}" for flag, values in paths.items()
+             for value in ((values,) if isinstance(values, str) else values or ()) if not value.strip()]
+    if empty:
+        raise ConfigError(f"{', '.join(dict.fromkeys(empty))}: an empty path")
+
+
 def check_name(name: str, what: str = "--name") -> str:
     # Indexed Job pods are named <job>-<index>-<random>: keep room under the 63-character label limit.
     if not _NAME.match(name) or len(name) > 52:
@@ -285,7 +298,7 @@ def export_job(name: str, run: str, out: str, settings: JobSettings, extra_args:
     if not run or not out:
         raise ConfigError("export needs --run (the training run directory) and --out (the model directory to write)")
     gpu = settings.hardware.gpus > 0
-    named = {arg.split("=")[0] for arg in extra_args}
+    named = named_options(extra_args)
     defaults = [arg for flag, value in (("--dtype", "fp16"), ("--device", "cuda")) if gpu and flag not in named
                 for arg in (flag, value)]
     args = ["export", "--run", run, "--out", out, *defaults, *extra_args]
@@ -313,11 +326,9 @@ def _score_job_spec(spec: ScoreSpec, settings: JobSettings) -> dict[str, Any]:
         raise ConfigError(f"--shards {spec.shards}: an Indexed Job has at most {MAX_COMPLETIONS} completions")
     if not spec.inputs:
         raise ConfigError("--input is required")
-    if empty := [name for name, values in (("--input", spec.inputs), ("--model", (spec.model,)), ("--out", (spec.out,)))
-                 if any(not value.strip() for value in values)]:
-        raise ConfigError(f"{', '.join(empty)}: an empty path")
+    check_paths(input=spec.inputs, model=spec.model, out=spec.out)
     # The Job gives each pod its shard: an --extra-arg that sets these would score another batching than it waits for
-    if taken := sorted({arg.split("=")[0] for arg in spec.extra_args} & SHARDING_OPTIONS):
+    if taken := sorted(named_options(spec.extra_args) & SHARDING_OPTIONS):
         raise ConfigError(f"--extra-arg {', '.join(taken)}: the Job sets it itself (use --shards)")
     args = ["score", "--model", spec.model, *[a for path in spec.inputs for a in ("--input", path)], "--out", spec.out,
             "--shard-count", str(spec.shards), "--backend", spec.backend, *spec.extra_args]
@@ -420,9 +431,10 @@ def nightly_cronjob(spec: ScoreSpec, settings: JobSettings, schedule: str = "30 
     if "$(JOB_NAME)" not in spec.out:  # one fixed folder: from the second night on, every shard is "already done"
         raise ConfigError(f"--out {spec.out}: a nightly run needs a folder of its own; include $(JOB_NAME) "
                           f"(the default is {DATA_MOUNT}/scored/$(JOB_NAME))")
-    if "--ledger" not in spec.extra_args:
+    named = named_options(spec.extra_args)
+    if "--ledger" not in named:
         spec = replace(spec, extra_args=(*spec.extra_args, "--ledger", NIGHTLY_LEDGER))
-    if "--metrics-group" not in spec.extra_args:  # the group the dashboard and the alerts read
+    if "--metrics-group" not in named:  # the group the dashboard and the alerts read
         spec = replace(spec, extra_args=(*spec.extra_args, "--metrics-group", NIGHTLY_METRICS_GROUP))
     job_spec = _score_job_spec(spec, settings)
     job_meta = {"labels": _meta(spec.name, settings, "nightly", queue=True)["labels"]}
@@ -534,6 +546,7 @@ def build(kind: str, settings: JobSettings, *, name: str | None = None, mode: st
         raise ConfigError(f"kind must be one of {', '.join(KINDS)}")
     if name is None:  # an empty --name is refused by check_name, not replaced
         name = f"{APP}-nightly" if kind == "nightly" else default_name(kind)
+    check_paths(data=data, model=model, input=inputs, out=out, run=run)  # given empty, not replaced by a default
     if kind == "stage":
         return stage_job(name, base_model, settings)
     if kind == "train":
