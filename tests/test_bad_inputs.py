@@ -47,6 +47,7 @@ class Case:
     command: str = "score"
     scored_ids: tuple[str, ...] = ()  # batch: ids that must be in the part files
     blank_lines: int = 0  # batch: JSONL blank lines skipped (not rows)
+    options: tuple[str, ...] = ()  # more options of the command
 
 
 def _truncated(d: Path) -> list[str]:
@@ -248,6 +249,27 @@ def _duplicate_columns(d: Path) -> list[str]:
     return [str(d / "twice.parquet")]
 
 
+def _kept_column_twice(d: Path) -> list[str]:
+    table = pa.Table.from_arrays([pa.array(["a"]), pa.array(["t"]), pa.array(["c"]), pa.array(["x"]), pa.array([2])],
+                                 names=["id", "title", "content", "extra", "extra"])
+    pq.write_table(table, d / "kept.parquet")
+    return [str(d / "kept.parquet")]
+
+
+def _reasoning_of_any_kind(d: Path) -> list[str]:
+    # Scoring never reads the oracle's reasoning: its type is no reason to reject an article, in JSONL or Parquet.
+    jsonl(d / "r.jsonl", [json.dumps({**r, "reasoning": value}) for r, value in zip(rows(2, "j"), (5, {"x": 1}))])
+    pq.write_table(pa.table({"id": ["p0"], "title": [GOOD["title"]], "content": [GOOD["content"]],
+                             "reasoning": pa.array([{"x": 1}])}), d / "r.parquet")
+    return [str(d)]
+
+
+def _glob_characters_in_a_name(d: Path) -> list[str]:
+    # A pattern that matches nothing names the file itself, as the shell passes it.
+    parquet(d / "batch[1].parquet", rows(2))
+    return [str(d / "batch[1].parquet")]
+
+
 def _labels(value) -> Callable[[Path], list[str]]:
     def build(d: Path) -> list[str]:
         from investment_risk.core.spec import DIMENSIONS
@@ -302,6 +324,10 @@ CASES = [
     Case("optional columns of any kind", _optional_columns_of_any_kind, rows_in=3, scored_ids=("j0", "j1", "p0")),
     Case("a JSON array in a .json file", _json_array, 2, "a.json: a JSON array, not JSON Lines"),
     Case("a column twice in Parquet", _duplicate_columns, 2, "twice.parquet: column(s) id appear more than once"),
+    Case("a kept column twice in Parquet", _kept_column_twice, 2,
+         "kept.parquet: column(s) extra appear more than once", options=("--keep-columns", "extra")),
+    Case("reasoning of any kind", _reasoning_of_any_kind, rows_in=3, scored_ids=("j0", "j1", "p0")),
+    Case("a file name with glob characters", _glob_characters_in_a_name, rows_in=2, scored_ids=("r0", "r1")),
     Case("label out of range", _labels(12.5), 2, "outside [0, 10]", command="evaluate"),
     Case("label NaN", _labels(float("nan")), 2, "null or NaN", command="evaluate"),
     Case("label as a string", _labels("high"), 2, "macro_risk_severity", command="evaluate"),
@@ -322,7 +348,7 @@ def test_bad_input(case: Case, exported, tmp_path, runner):
     else:
         args = ["score", "--model", str(model), *[a for i in inputs for a in ("--input", i)], "--out", str(out),
                 "--device", "cpu"]
-    result = runner.invoke(main, args)
+    result = runner.invoke(main, [*args, *case.options])
     assert result.exit_code == case.exit_code, result.output
     if case.exit_code:
         error = [line for line in result.output.splitlines() if line.startswith("Error:")]
@@ -369,12 +395,37 @@ def test_a_bad_optional_label_in_jsonl_leaves_the_good_ones_of_its_batch_usable(
         assert unusable.tolist() == [1] * 5 if isinstance(values[0], str) else [0, 1, 0, 0, 0], values
 
 
+def test_an_integer_label_past_a_floats_range_is_unusable_not_the_batchs_end(tmp_path):
+    from investment_risk.core.spec import DIMENSIONS, default_spec
+    from investment_risk.datasets.readers import iter_file_batches
+    from investment_risk.scoring.pipeline import usable_labels
+
+    labelled = [{**r, **{d: 5 for d in DIMENSIONS}} for r in rows(3)]
+    labelled[1]["macro_risk_severity"], labelled[2]["credit_market_stress"] = 10**400, -10**400
+    [batch] = iter_file_batches(jsonl(tmp_path / "l.jsonl", [json.dumps(r) for r in labelled]), lenient=True)
+    labels, unusable = usable_labels(batch.table, default_spec())
+    assert unusable.tolist() == [0, 1, 1] and labels[0, 0] == 5.0
+
+
+def test_a_kept_binary_value_reads_the_same_whatever_its_batch_holds():
+    from investment_risk.datasets.readers import Batch
+    from investment_risk.scoring.writer import kept_columns
+
+    def kept(values: list) -> list:
+        batch = Batch(Path("b.parquet"), 0, pa.table({"blob": pa.array(values, type=pa.binary())}), {})
+        return kept_columns(batch, list(range(len(values))), ["blob"])["blob"].to_pylist()
+
+    assert kept([b"ok", None]) == ["ok", None]
+    assert kept([b"\xff\x00", b"ok", None]) == ["\\xff\x00", "ok", None]  # invalid UTF-8 escaped, the rest as cast
+
+
 def test_a_jsonl_line_that_opens_with_a_bracket_is_that_rows_reject_and_an_unread_doubled_column_is_fine(tmp_path):
     from investment_risk.datasets.readers import iter_file_batches
 
-    path = jsonl(tmp_path / "log.jsonl", ["[2026-12-01] not an article", json.dumps(rows(1)[0])])
+    path = jsonl(tmp_path / "log.jsonl", ["[2026-12-01] not an article", json.dumps(rows(1)[0]), '{"id": "cut", "ti'])
     [batch] = iter_file_batches(path, lenient=True)
-    assert list(batch.problems) == [0] and "invalid JSON" in batch.problems[0]
+    assert list(batch.problems) == [0, 2] and "invalid JSON" in batch.problems[0]
+    assert batch.problems[2] == "invalid JSON (Unterminated string starting at column 15)"  # in its line, not the next
     table = pa.Table.from_arrays([pa.array(["a"]), pa.array(["t"]), pa.array(["c"]), pa.array([1]), pa.array([2])],
                                  names=["id", "title", "content", "extra", "extra"])
     pq.write_table(table, tmp_path / "extra.parquet")

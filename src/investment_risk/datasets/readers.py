@@ -101,11 +101,12 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         if not text.strip():  # Path("") is the current directory: an unset variable would score all of it
             raise InputError("an empty path was given as input (name a file, directory or glob)")
         if _has_glob(text):
-            matches = sorted(_screen(_glob_files(text), text, named=text.lower().endswith(".json")))
-            if not matches:
+            if matches := sorted(_screen(_glob_files(text), text, named=text.lower().endswith(".json"))):
+                found.extend(matches)
+                continue
+            if not os.path.lexists(text):  # else the name itself, as a shell passes a pattern matching nothing
                 raise InputError(f"{text}: no Parquet or JSONL file matches this pattern")
-            found.extend(matches)
-        elif Path(text).is_dir():
+        if Path(text).is_dir():
             matches = sorted(_regular_files(_screen(_directory_files(Path(text)), text, named=False)))
             if not matches:
                 raise InputError(f"{text}: directory holds no .parquet or .jsonl file")
@@ -247,10 +248,13 @@ def _numeric_type(t: pa.DataType) -> bool:
     return pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_decimal(t)
 
 
-def check_schema(path: Path, schema: pa.Schema, labels: Sequence[str] = ()) -> None:
-    """Whole-file problems: a required column missing or of the wrong type (integer ids are fine: they cast)."""
+def check_schema(path: Path, schema: pa.Schema, labels: Sequence[str] = (), read: Sequence[str] | None = None) -> None:
+    """Whole-file problems: a required column missing or of the wrong type (integer ids are fine: they cast). Of
+    the other columns only those the caller reads (`read`; None: every column some stage reads) must appear once
+    and have a text form: scoring leaves `reasoning` unread, so its type is no reason to refuse the file."""
     names = set(schema.names)
-    read = {*REQUIRED_COLUMNS, *OPTIONAL_STRING_COLUMNS, *labels, *DIMENSIONS}  # a doubled other column is unread
+    known = {*REQUIRED_COLUMNS, *OPTIONAL_STRING_COLUMNS, *labels, *DIMENSIONS}
+    read = {*REQUIRED_COLUMNS, *labels, *(known if read is None else read)}  # a doubled unread column is no matter
     if twice := sorted({n for n in schema.names if n in read and schema.names.count(n) > 1}):
         raise InputError(f"{path}: column(s) {', '.join(twice)} appear more than once")
     missing = [c for c in (*REQUIRED_COLUMNS, *labels) if c not in names]
@@ -263,7 +267,7 @@ def check_schema(path: Path, schema: pa.Schema, labels: Sequence[str] = ()) -> N
         expected = "string or integer" if name == "id" else "string"
         raise InputError(f"{path}: column '{name}' has type {t}, expected {expected}")
     for name in set(OPTIONAL_STRING_COLUMNS) - set(PASS_THROUGH_COLUMNS):  # read as text where used
-        if name in names and not _castable_to_string(schema.field(name).type):
+        if name in names and name in read and not _castable_to_string(schema.field(name).type):
             raise InputError(f"{path}: column '{name}' has type {schema.field(name).type}, which has no text form")
     for name in labels:
         t = schema.field(name).type
@@ -380,8 +384,10 @@ JSON_TEXT = {b"investment_risk.json_text": b"1"}
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Sequence[str]) -> Batch:
-    """Rows -> a typed table. A value of the wrong type becomes null and a row problem (JSONL has no schema)."""
+def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Sequence[str],
+                 read: Sequence[str] | None = None) -> Batch:
+    """Rows -> a typed table. A value of the wrong type becomes null and a row problem (JSONL has no schema); an
+    optional text column the caller does not read (`read`, as for `check_schema`) is no row's problem."""
     problems: dict[int, str] = {}
     for i, row in enumerate(rows):
         # A row without a required key is that row's reject however its neighbours look (an unreadable line's
@@ -389,7 +395,7 @@ def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Seq
         if missing := [c for c in (*REQUIRED_COLUMNS, *labels) if c not in row]:
             problems[i] = f"no {', '.join(repr(c) for c in missing)} key"
     names = list(dict.fromkeys(k for row in rows for k in row))
-    string_cols = set(REQUIRED_COLUMNS + OPTIONAL_STRING_COLUMNS)
+    string_cols = {*REQUIRED_COLUMNS, *(c for c in OPTIONAL_STRING_COLUMNS if read is None or c in read)}
     columns: dict[str, pa.Array] = {}
     json_text: set[str] = set()
     for name in names:
@@ -440,7 +446,8 @@ def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Seq
     return Batch(path, start, pa.Table.from_arrays(list(columns.values()), schema=pa.schema(fields)), problems)
 
 
-def _iter_jsonl(path: Path, batch_rows: int, labels: Sequence[str], lenient: bool = False) -> Iterator[Batch]:
+def _iter_jsonl(path: Path, batch_rows: int, labels: Sequence[str], lenient: bool = False,
+                read: Sequence[str] | None = None) -> Iterator[Batch]:
     """JSON lines in bounded batches. A bad line is an error, or with `lenient` an empty row with its reason.
 
     Blank lines are not rows: they are skipped and counted in `Batch.blank_lines` (a final batch with no rows
@@ -461,7 +468,7 @@ def _iter_jsonl(path: Path, batch_rows: int, labels: Sequence[str], lenient: boo
             what = f"its first {len(rows)} lines" if len(rows) == batch_rows else \
                 "its only line" if len(rows) == 1 else f"its {len(rows)} lines"
             raise InputError(f"{path}: not JSON Lines: no JSON object in {what} (line {lines[0]}: {bad[0]})")
-        batch = _jsonl_table(path, start, rows, labels)
+        batch = _jsonl_table(path, start, rows, labels, read)
         batch.problems.update(bad)
         batch.unreadable_rows = len(bad)
         batch.line_numbers, batch.blank_lines = lines, blank
@@ -510,7 +517,7 @@ def _one_value_a_key(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _parse_line(raw: bytes) -> tuple[dict[str, Any], str | None]:
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").rstrip("\r\n")  # else a line cut short is "at column 1" of the next
     except UnicodeDecodeError as exc:
         return {}, f"invalid UTF-8 ({exc.reason} at byte {exc.start})"
     try:
@@ -535,14 +542,15 @@ def iter_file_batches(path: Path, batch_rows: int = DEFAULT_BATCH_ROWS, labels: 
                       row_groups: Sequence[int] | None = None) -> Iterator[Batch]:
     """Bounded batches of one file, schema-checked; row problems are attached, not raised.
 
+    `columns`: the columns the caller reads (None: all); Parquet reads only these, JSONL checks only these types.
     `lenient` (scoring): an unparseable JSONL line becomes a row problem instead of an error.
     `row_groups`: read only these Parquet row groups (a shard's share of the file).
     """
     try:
         if is_jsonl(path):
-            batches = _iter_jsonl(path, batch_rows, labels, lenient)
+            batches = _iter_jsonl(path, batch_rows, labels, lenient, columns)
         else:
-            check_schema(path, parquet_schema(path), labels)
+            check_schema(path, parquet_schema(path), labels, columns)
             batches = _iter_parquet(path, batch_rows, columns, row_groups)
         for batch in batches:
             if is_jsonl(path):

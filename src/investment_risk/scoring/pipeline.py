@@ -32,8 +32,7 @@ from ..core.faults import fault_point
 from ..core.logs import Progress, bound, current_stage, get_logger
 from ..core.signals import StopRequest
 from ..core.spec import DIMENSIONS, NUM_DIMENSIONS, default_spec
-from ..datasets.readers import (JSON_TEXT, REQUIRED_COLUMNS, Batch, is_jsonl, iter_file_batches,
-                                parquet_schema)
+from ..datasets.readers import JSON_TEXT, Batch, is_jsonl, iter_file_batches, parquet_schema
 from ..modeling.description import ModelDescription, describe_model
 from ..modeling.predict import predict, token_budget_for
 from .batch_inputs import shard_inputs
@@ -41,7 +40,7 @@ from .ledger import input_root
 from .progress import Position, SeenIds, ShardProgress, discard_checkpoints, discard_stale_checkpoints
 from .prometheus import DEFAULT_METRICS_GROUP, METRICS_GROUP_PATTERN, push, write_textfile
 from .shard_metrics import ShardMetrics, broken_shard, done_shard_counts, merge_metrics
-from .units import Unit, done_marker, parquet_rows, part_name, remove_shards_from, shard_files, shard_outputs
+from .units import READ_COLUMNS, Unit, done_marker, parquet_rows, part_name, remove_shards_from, shard_files, shard_outputs
 from .writer import REJECT_SCHEMA, ShardWriter, kept_columns, part_schema, provenance
 
 MAX_ARTICLE_BYTES = 1_000_000
@@ -172,7 +171,10 @@ def _json_number(text: str | None) -> float:
     if text is None:
         return math.nan
     value = json.loads(text)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    try:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an integer past a float's range: out of [0, 10] like any other
+        return math.inf if value > 0 else -math.inf
 
 
 class ShardScorer:
@@ -196,10 +198,9 @@ class ShardScorer:
         reads the batches of its unit before `start` again, which costs no model call, and skips them)."""
         for index in range(start.unit, len(units)):
             unit = units[index]
-            columns = None
-            if not is_jsonl(unit.path):
-                names = parquet_schema(unit.path).names
-                columns = [c for c in names if c in (*REQUIRED_COLUMNS, *DIMENSIONS, *self.config.keep_columns)]
+            columns = [*READ_COLUMNS, *self.config.keep_columns]
+            if not is_jsonl(unit.path):  # the file's own names, each as often as it has it (check_schema's doubles)
+                columns = [c for c in parquet_schema(unit.path).names if c in columns]
             groups = None if unit.row_group is None else [unit.row_group]
             batches = iter_file_batches(unit.path, self.config.read_rows, columns=columns, lenient=True,
                                         row_groups=groups)

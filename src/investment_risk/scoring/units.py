@@ -10,7 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.errors import InputError
-from ..datasets.readers import check_schema, is_jsonl, parquet_schema
+from ..core.spec import DIMENSIONS
+from ..datasets.readers import REQUIRED_COLUMNS, check_schema, is_jsonl, parquet_schema
+
+READ_COLUMNS = (*REQUIRED_COLUMNS, *DIMENSIONS)  # what scoring reads of every file (and --keep-columns)
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ def list_units(files: Sequence[Path]) -> list[Unit]:
             continue
         # A corrupt file, or one without the article columns, fails here, naming itself, in every shard alike: a
         # file of no row groups is no shard's unit, so no shard would read (and check) it.
-        check_schema(path, parquet_schema(path))
+        check_schema(path, parquet_schema(path), read=READ_COLUMNS)
         try:
             metadata = pq.ParquetFile(path).metadata
         except (pa.ArrowException, OSError) as exc:

@@ -82,7 +82,16 @@ def kept_columns(batch: Batch, rows: Sequence[int], keep: Sequence[str]) -> dict
         column = batch.table.column(name).take(index)
         try:
             out[name] = as_text(column)
-        except (pa.ArrowException, NotImplementedError):
-            out[name] = pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()],
-                                 type=pa.string())
+        except (pa.ArrowException, NotImplementedError):  # no cast, or one value refused it: value by value
+            out[name] = pa.array([_value_text(v) for v in column.to_pylist()], type=pa.string())
     return out
+
+
+def _value_text(value: Any) -> str | None:
+    """One kept value as text, the same whatever its batch holds: bytes as the cast gives them (invalid UTF-8
+    escaped, b"\\xff" as "\\xff"), anything else without a text cast (a struct, a list) as JSON."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return json.dumps(value, default=str)
