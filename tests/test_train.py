@@ -217,6 +217,15 @@ def test_tokens_are_cached_once_per_run(tiny_run, monkeypatch):
     monkeypatch.setattr(batching, "encode", lambda *a, **k: pytest.fail("tokenised twice"))
     again = batching.encode_cached(tokenizer, texts, 64, out / "cache" / "t.safetensors")
     assert [a.tolist() for a in again] == [f.tolist() for f in first]
+    # a damaged cache is tokenised again (and written whole), not a run stuck until someone deletes it
+    (out / "cache" / "t.safetensors").write_bytes(b"\x08\x00")
+    monkeypatch.undo()
+    with capture_logs() as logs:
+        rebuilt = batching.encode_cached(tokenizer, texts, 64, out / "cache" / "t.safetensors")
+    assert [r.tolist() for r in rebuilt] == [f.tolist() for f in first]
+    assert [e["event"] for e in logs] == ["token_cache_unusable"]
+    assert [a.tolist() for a in batching.encode_cached(tokenizer, texts, 64, out / "cache" / "t.safetensors")] == \
+        [f.tolist() for f in first]
 
 
 def run_cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
@@ -236,6 +245,35 @@ def test_resume_after_kill_matches_an_unbroken_run(split_dir, unbroken_tiny_run,
     assert_same_history(unbroken_tiny_run, tmp_path / "broken", None)
     metadata = json.loads((tmp_path / "broken" / "training_metadata.json").read_text())
     assert metadata["wall_time_s"] >= metadata["train_seconds"]  # both count the killed process's banked time
+    # epoch 2 was cut at step 17 and resumed from step 15: its tokens are those of the whole epoch, not the rest
+    whole = json.loads((unbroken_tiny_run / "training_metadata.json").read_text())
+    assert metadata["epoch_tokens"] == whole["epoch_tokens"] and len(metadata["epoch_seconds"]) == 2
+
+
+def test_resuming_a_finished_run_changes_nothing(split_dir, unbroken_tiny_run, tmp_path):
+    """A retried train pod (`--resume-if-present`) over a finished run: it ends at once, and a `calibrate` refit
+    done since stays (finish done again put the training calibration back and dropped `recalibrated`)."""
+    out = tmp_path / "run"
+    shutil.copytree(unbroken_tiny_run, out)
+    metadata = json.loads((out / "training_metadata.json").read_text())
+    (out / "training_metadata.json").write_text(json.dumps({**metadata, "recalibrated": {"rows": 1}}))
+    (out / "model" / "calibration.json").write_text('{"refit": true}')  # this small run fitted none: a refit's
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = run_cli(["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(out), "--resume-if-present"])
+    assert again.returncode == 0, again.stderr
+    events = [json.loads(line)["event"] for line in again.stdout.splitlines() if line.startswith("{")]
+    assert "training_already_complete" in events and "epoch_done" not in events
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_max_length_past_the_base_models_positions_is_one_line(runner, split_dir, tmp_path):
+    args = [a if a != "64" else "4096" for a in TINY_TRAIN_ARGS]  # tiny-qwen2 has 2,048 positions
+    for extra in (["--dry-run"], []):
+        result = runner.invoke(main, ["train", *args, "--data", str(split_dir), "--out", str(tmp_path / "x"), *extra])
+        assert result.exit_code == 2, result.output
+        assert "--max-length 4096: base model 'tiny-qwen2' has 2048 positions" in result.output
+        assert not [p.name for p in (tmp_path / "x").glob("[!.]*")]  # nothing but the run's lock
 
 
 def test_sigterm_checkpoints_at_the_step_under_way_and_the_resume_matches_an_unbroken_run(split_dir, unbroken_tiny_run,
@@ -328,7 +366,10 @@ def test_a_start_killed_before_its_first_checkpoint_is_taken_over_by_the_retry(s
     assert again.returncode == 2 and "already exists and is not empty" in again.stderr
 
 
-def test_a_damaged_checkpoint_falls_back_to_the_one_before_it(split_dir, unbroken_tiny_run, tmp_path):
+@pytest.mark.parametrize("damaged, content", [("trainable.safetensors", b""),  # a power cut before it was synced
+                                               ("state.json", b"{}")])  # whole JSON, without what it must hold
+def test_a_damaged_checkpoint_falls_back_to_the_one_before_it(split_dir, unbroken_tiny_run, tmp_path, damaged,
+                                                              content):
     args = ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(tmp_path / "run")]
     assert run_cli(args, env={"_INVESTMENT_RISK_KILL_AT_STEP": "17"}).returncode == -9
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -336,7 +377,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before_it(split_dir, unbroke
     # Each checkpoint carries the run's resolved hyperparameters
     saved = json.loads((checkpoints / "step-00000015" / "training_config.json").read_text())
     assert saved == json.loads((tmp_path / "run" / "training_config.json").read_text()) and saved["batch_size"] == 8
-    (checkpoints / "step-00000015" / "trainable.safetensors").write_bytes(b"")  # a power cut before it was synced
+    (checkpoints / "step-00000015" / damaged).write_bytes(content)
     resumed = run_cli(args + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr
     events = [json.loads(line) for line in resumed.stdout.splitlines() if line.startswith("{")]

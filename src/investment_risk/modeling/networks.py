@@ -7,7 +7,7 @@ from typing import Any
 
 from ..core.errors import ConfigError
 from ..core.spec import NUM_DIMENSIONS
-from .presets import CAUSAL_TYPES, BaseModel, load_config, quiet_libraries
+from .presets import BaseModel, check_causal, load_config, quiet_libraries
 
 # LoRA targets per architecture: every attention and MLP projection.
 LORA_TARGETS: dict[str, Any] = {
@@ -118,9 +118,7 @@ def causal_lm(base: Any, dtype: Any = None, meta: bool = False, train_embeddings
         config = AutoConfig.from_pretrained(base.path, trust_remote_code=False)
     except (ValueError, KeyError) as exc:  # an unknown architecture, or one that would need remote code
         raise ConfigError(f"base model {base.name!r} at {base.path}: {str(exc).splitlines()[0]}") from None
-    if config.model_type not in CAUSAL_TYPES:
-        raise ConfigError(f"--mode instruction needs a causal language model ({', '.join(CAUSAL_TYPES)}); "
-                          f"{base.name} is {config.model_type!r}")
+    check_causal(base, config.model_type)
     if meta:
         with torch.device("meta"):
             lm = get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(config.model_type, "CAUSAL_LM"))

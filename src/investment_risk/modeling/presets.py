@@ -148,6 +148,25 @@ def _checked(base: BaseModel, need_weights: bool) -> BaseModel:
     return base
 
 
+def check_base(base: BaseModel, mode: str, max_length: int) -> None:
+    """What the base model's config.json refuses before any data is read: instruction mode on an encoder, or a
+    --max-length past the positions the model was built for (past a BERT's 512 its position table ends: a shape
+    error minutes into the run, after the tokenising, which no retry mends)."""
+    config = json.loads((base.path / "config.json").read_text())
+    if mode == "instruction":
+        check_causal(base, config.get("model_type"))
+    limit = config.get("max_position_embeddings")
+    if isinstance(limit, int) and max_length > limit:
+        raise ConfigError(f"--max-length {max_length}: base model {base.name!r} has {limit} positions; use at most "
+                          f"{limit}")
+
+
+def check_causal(base: BaseModel, model_type: str | None) -> None:
+    if model_type not in CAUSAL_TYPES:
+        raise ConfigError(f"--mode instruction needs a causal language model ({', '.join(CAUSAL_TYPES)}); "
+                          f"{base.name} is {model_type!r}")
+
+
 def load_config(base: BaseModel, pad_token_id: int | None = None) -> Any:
     from transformers import AutoConfig
 

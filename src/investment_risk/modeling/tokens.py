@@ -156,13 +156,18 @@ def encode_cached(tokenizer: Any, texts: Sequence[str], max_length: int, cache_f
         h.update(b"\x00")
     key = h.hexdigest()
     if cache_file.exists():
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(cache_file, "np") as handle:
-            if handle.metadata().get("key") == key:
-                arrays = load_file(cache_file)
-                ids, offsets = arrays["ids"], arrays["offsets"]
-                return [ids[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+        try:
+            with safe_open(cache_file, "np") as handle:
+                if (handle.metadata() or {}).get("key") == key:
+                    arrays = load_file(cache_file)
+                    ids, offsets = arrays["ids"], arrays["offsets"]
+                    return [ids[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+        except (SafetensorError, OSError, KeyError) as exc:  # a damaged cache is only a cache: tokenise again
+            from ..core.logs import get_logger
+
+            get_logger().warning("token_cache_unusable", path=str(cache_file), reason=str(exc))
     rows = encode(tokenizer, texts, max_length, truncation=truncation)
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(r) for r in rows])

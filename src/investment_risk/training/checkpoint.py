@@ -90,18 +90,22 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         if name not in params:
             raise InputError(f"{path}: checkpoint holds {name}, which this model does not have")
         params[name].data.copy_(value.to(params[name].device))
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    for index, values in meta["optimizer"]["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
+    try:  # a state.json that parses but lacks what it must hold is as damaged as a cut-short one
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        for index, values in meta["optimizer"]["scalars"].items():
+            state.setdefault(int(index), {}).update(values)
+        optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        scheduler.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        saved_state = meta["state"]
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise InputError(f"checkpoint {path}: damaged ({type(exc).__name__}: {exc})") from None
     cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     extra = {k[len("extra."):]: v.to(device) for k, v in tensors.items() if k.startswith("extra.")}
-    return meta["state"], extra
+    return saved_state, extra

@@ -20,11 +20,12 @@ def dry_run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     device; loads no weights, writes nothing."""
     from ..modeling.networks import causal_lm, parameter_counts, regression_model
     from ..modeling.predict import pick_device
-    from ..modeling.presets import load_tokenizer, resolve_base_model
+    from ..modeling.presets import check_base, load_tokenizer, resolve_base_model
 
     check_out_dir(config, resume)
     device = pick_device(config.device)  # --device cuda on a node without a GPU fails here as the run would
     base = resolve_base_model(config.base_model, need_weights=False)
+    check_base(base, config.mode, config.max_length)
     tokenizer = load_tokenizer(base.path) if base.has_tokenizer else None
     train_table, val_table = read_split(Path(config.data), "train"), read_split(Path(config.data), "val")
     check_batch_fits(Path(config.data), train_table.num_rows, config.batch_size)

@@ -34,6 +34,8 @@ from .config import TrainConfig, plan_steps
 from .data import SplitData
 from .run_dir import CONFIG_FILE, check_same_base, claimed_out_dir, has_checkpoint, save_run_config
 
+METADATA_FILE = "training_metadata.json"  # the run package's last file: with it the run is finished
+
 
 @dataclass
 class TrainState:
@@ -52,6 +54,8 @@ class TrainState:
     since_log: int = 0  # micro-batches since the last train_step line
     epoch_seconds: list[float] = field(default_factory=list)
     epoch_tokens: list[int] = field(default_factory=list)
+    # where the epoch in progress began (loop seconds, tokens): a resumed epoch counts its part before the stop too
+    epoch_start: tuple[float, int] | None = None
     best_val_predictions: list[list[float]] | None = None  # the best epoch's, to fit the calibration on
 
     def to_json(self) -> dict[str, Any]:
@@ -105,6 +109,10 @@ class Session:
     def checkpoints(self) -> Path:
         return self.out / "checkpoints"
 
+    def loop_seconds(self, state: TrainState) -> float:
+        """Seconds in the training loop across resumes: those banked in the state and this segment's."""
+        return state.train_seconds + time.monotonic() - self.segment_start
+
     def bank_time(self, state: TrainState) -> None:
         """Add the time since the last bank to the state (as a checkpoint is written: what a resume continues)."""
         now = time.monotonic()
@@ -128,11 +136,12 @@ def setup(config: TrainConfig, resume: bool) -> Session:
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from ..modeling.presets import load_tokenizer, resolve_base_model
+    from ..modeling.presets import check_base, load_tokenizer, resolve_base_model
 
     out = Path(config.out)  # claimed by train()
     device = pick_device(config.device)
     base = resolve_base_model(config.base_model)
+    check_base(base, config.mode, config.max_length)
     tokenizer = load_tokenizer(base.path)
     if resume:
         check_same_base(config, base.revision)
@@ -208,7 +217,8 @@ def start_or_resume(session: Session, resume: bool) -> tuple[TrainState, Sums]:
         if tried:
             fell_back(session, state, candidate, candidates[:tried])
         get_logger().info("resumed", checkpoint=candidate.name, epoch=state.epoch, batch=state.batch, step=state.step)
-        restore_best_model(session, state)
+        if not finished(session, state):
+            restore_best_model(session, state)
         return state, sums
     if candidates:
         raise InputError(f"--resume: no checkpoint in {session.checkpoints} can be loaded (each is logged as "
@@ -305,8 +315,7 @@ def log_step(session: Session, state: TrainState, sums: Sums) -> None:
     sums.running.zero_()
     state.since_log = 0
     state.step_losses.append([state.step, mean_loss])
-    now = time.monotonic()
-    seconds = now - session.segment_start + state.train_seconds
+    now, seconds = time.monotonic(), session.loop_seconds(state)
     (then, tokens_then), session.last_log = session.last_log, (now, state.tokens)
     # Since the start (compilation and all) and since the last line (the rate the run is going at now).
     get_logger().info("train_step", epoch=state.epoch, step=state.step, total_steps=session.total_steps,
@@ -324,15 +333,17 @@ def diverged(session: Session, state: TrainState, what: str) -> ConfigError:
                        f"(now {config.head_lr_multiplier:g})")
 
 
-def end_of_epoch(session: Session, state: TrainState, sums: Sums, epoch_started: float, tokens_before: int) -> None:
+def end_of_epoch(session: Session, state: TrainState, sums: Sums) -> None:
     """Train metrics from the epoch's own predictions, a validation pass, the best model kept, a checkpoint."""
     data, val = session.train_data, session.val_data
     if session.device.type == "cuda":
         import torch
 
         torch.cuda.synchronize()  # the epoch's last steps may still be queued on the GPU
-    state.epoch_seconds.append(round(time.monotonic() - epoch_started, 3))
+    started_s, tokens_before = state.epoch_start or (0.0, 0)
+    state.epoch_seconds.append(round(session.loop_seconds(state) - started_s, 3))
     state.epoch_tokens.append(state.tokens - tokens_before)
+    state.epoch_start = None
     # Metrics of the scores as every later stage gives them, clipped to the score range (the best epoch is chosen
     # on them): a head's raw output below 0 or above 10 is never a score.
     clip = default_spec().clip
@@ -364,6 +375,12 @@ def end_of_epoch(session: Session, state: TrainState, sums: Sums, epoch_started:
         session.task.save(session.model, session.out / "model")
 
 
+def finished(session: Session, state: TrainState) -> bool:
+    """Every epoch done and the run package written (its metadata last): a resume (a retried train pod's) has
+    nothing to do, and doing `finish` again would put the training calibration back over a `calibrate` refit."""
+    return state.epoch > session.config.epochs and (session.out / METADATA_FILE).exists()
+
+
 def restore_best_model(session: Session, state: TrainState) -> None:
     """Resuming from the checkpoint taken at the end of the best epoch: its weights are the best model, whose save
     that checkpoint precedes and a kill may have stopped. Saving them again costs seconds and is the same file."""
@@ -377,8 +394,8 @@ def finish(session: Session, state: TrainState) -> dict[str, Any]:
 
     metadata = build_metadata(session, state)
     metadata["calibration"] = fit_run_calibration(session, state)
-    write_json_atomic(metadata, session.out / "training_metadata.json")
     write_training_reports(session.out, state.history, metadata, state.step_losses, session.train_data.labels)
+    write_json_atomic(metadata, session.out / METADATA_FILE)  # last: with it the run is finished (`finished`)
     get_logger().info("training_done", out=str(session.out), best_val_mae=metadata["best_val_mae"],
                       best_epoch=state.best_epoch, wall_time_s=metadata["wall_time_s"],
                       tokens_per_second=metadata["tokens_per_second"])
@@ -423,6 +440,9 @@ def train(config: TrainConfig, resume: bool = False, resume_if_present: bool = F
     with claimed_out_dir(config, resume, resume_if_present) as resume:
         session = setup(config, resume)
         state, sums = start_or_resume(session, resume)
+        if finished(session, state):
+            get_logger().info("training_already_complete", out=str(session.out), best_epoch=state.best_epoch)
+            return read_json(session.out / METADATA_FILE)
         total_params, trainable_params = parameter_counts(session.model)
         get_logger().info("training_start", mode=config.mode, base_model=config.base_model, device=str(session.device),
                           train_examples=session.train_data.table.num_rows, val_examples=session.val_data.table.num_rows,
@@ -434,9 +454,10 @@ def train(config: TrainConfig, resume: bool = False, resume_if_present: bool = F
         with Progress(total=session.batches_per_epoch * config.epochs, what="train", unit="batches",
                       already_done=done_before) as bar, session.stop.catching():
             while state.epoch <= config.epochs:
-                epoch_started, tokens_before = time.monotonic(), state.tokens
+                if state.epoch_start is None or state.batch == 0:  # else resumed inside it: from where it began
+                    state.epoch_start = (session.loop_seconds(state), state.tokens)
                 run_epoch(session, state, sums, bar)
-                end_of_epoch(session, state, sums, epoch_started, tokens_before)
+                end_of_epoch(session, state, sums)
                 if session.stop.requested:  # the end of an epoch: end_of_epoch has just checkpointed
                     raise stopped(state)
         return finish(session, state)
