@@ -327,6 +327,8 @@ CASES = [
     Case("a kept column twice in Parquet", _kept_column_twice, 2,
          "kept.parquet: column(s) extra appear more than once", options=("--keep-columns", "extra")),
     Case("reasoning of any kind", _reasoning_of_any_kind, rows_in=3, scored_ids=("j0", "j1", "p0")),
+    Case("reasoning of any kind, kept", _reasoning_of_any_kind, rows_in=3, scored_ids=("j0", "j1", "p0"),
+         options=("--keep-columns", "reasoning")),
     Case("a file name with glob characters", _glob_characters_in_a_name, rows_in=2, scored_ids=("r0", "r1")),
     Case("label out of range", _labels(12.5), 2, "outside [0, 10]", command="evaluate"),
     Case("label NaN", _labels(float("nan")), 2, "null or NaN", command="evaluate"),
@@ -431,6 +433,13 @@ def test_a_jsonl_line_that_opens_with_a_bracket_is_that_rows_reject_and_an_unrea
     pq.write_table(table, tmp_path / "extra.parquet")
     [batch] = iter_file_batches(tmp_path / "extra.parquet", columns=["id", "title", "content"])
     assert batch.table.num_rows == 1 and not batch.problems
+    # kept, it is read: the batch's listing refuses the file, before any shard wrote a row
+    from investment_risk.core.errors import InputError
+    from investment_risk.scoring.units import READ_COLUMNS, list_units
+
+    assert len(list_units([tmp_path / "extra.parquet"])) == 1
+    with pytest.raises(InputError, match="extra.parquet: column.s. extra appear more than once"):
+        list_units([tmp_path / "extra.parquet"], read=(*READ_COLUMNS, "extra"))
 
 
 def test_a_malformed_model_json_is_one_line_naming_it(exported, tmp_path, runner):

@@ -267,6 +267,19 @@ def test_resuming_a_finished_run_changes_nothing(split_dir, unbroken_tiny_run, t
     assert after == before
 
 
+@pytest.mark.parametrize("model_type, positions, usable", [("bert", 512, 512), ("roberta", 514, 512), ("qwen2", 32768, 32768)])
+def test_the_usable_positions_of_each_architecture(tmp_path, model_type, positions, usable):
+    from investment_risk.core.errors import ConfigError
+    from investment_risk.modeling.presets import BaseModel, check_base
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "max_position_embeddings": positions,
+                                                      "pad_token_id": 1}))
+    base = BaseModel("b", tmp_path, "r")
+    check_base(base, "distillation", usable)
+    with pytest.raises(ConfigError, match=f"has {usable} positions"):
+        check_base(base, "distillation", usable + 1)
+
+
 def test_a_max_length_past_the_base_models_positions_is_one_line(runner, split_dir, tmp_path):
     args = [a if a != "64" else "4096" for a in TINY_TRAIN_ARGS]  # tiny-qwen2 has 2,048 positions
     for extra in (["--dry-run"], []):
@@ -367,7 +380,8 @@ def test_a_start_killed_before_its_first_checkpoint_is_taken_over_by_the_retry(s
 
 
 @pytest.mark.parametrize("damaged, content", [("trainable.safetensors", b""),  # a power cut before it was synced
-                                               ("state.json", b"{}")])  # whole JSON, without what it must hold
+                                               ("state.json", b"{}"),  # whole JSON, without what it must hold
+                                               ("state.json", None)])  # its training state emptied
 def test_a_damaged_checkpoint_falls_back_to_the_one_before_it(split_dir, unbroken_tiny_run, tmp_path, damaged,
                                                               content):
     args = ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(tmp_path / "run")]
@@ -377,6 +391,9 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before_it(split_dir, unbroke
     # Each checkpoint carries the run's resolved hyperparameters
     saved = json.loads((checkpoints / "step-00000015" / "training_config.json").read_text())
     assert saved == json.loads((tmp_path / "run" / "training_config.json").read_text()) and saved["batch_size"] == 8
+    if content is None:
+        saved = json.loads((checkpoints / "step-00000015" / damaged).read_text())
+        content = json.dumps({**saved, "state": {}}).encode()
     (checkpoints / "step-00000015" / damaged).write_bytes(content)
     resumed = run_cli(args + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr

@@ -42,7 +42,7 @@ storage_options = stacked(
 )
 
 # What the Job does; paths are as the pod sees them (/data and /models are the PVCs), refused here as the pod's
-# command would refuse them (a URL, a path given twice), not after its image pull.
+# command would refuse them (a URL, a path given twice, an empty one), not after its image pull.
 job_options = stacked(
     option("--name", default=None, help="Job name (default: investment-risk-<kind>-<UTC time>-<4 random hex>)."),
     option("--mode", type=click.Choice(["distillation", "instruction"]), default="distillation", show_default=True,
@@ -55,7 +55,8 @@ job_options = stacked(
            help="train: preset or path; stage: the hub model to fetch."),
     option("--model", once=True, type=click.Path(), default="/models/current", show_default=True,
            help="score: the exported model directory."),
-    option("--input", "inputs", type=click.Path(), multiple=True, default=("/data/incoming",), show_default=True,
+    # not a click.Path: its environment value would split at ':' rather than at whitespace, as every other's does
+    option("--input", "inputs", multiple=True, default=("/data/incoming",), show_default=True,
            help="score: input files, directories or globs; repeat for more."),
     option("--out", once=True, type=click.Path(), default=None,
            help="Output: the run directory (train), the model directory (export; default /models/exports/NAME) or "

@@ -31,6 +31,8 @@ REQUIRED_COLUMNS = ("id", "title", "content")
 OPTIONAL_STRING_COLUMNS = ("source", "url", "published_at", "language", "reasoning")
 # Of those, the ones no stage reads as text (kept as they are): any value is fine, a JSONL one kept as its text.
 PASS_THROUGH_COLUMNS = ("source", "url", "published_at", "language")
+# The one a stage reads as text (instruction training): checked by the readers of labelled data, never by scoring
+LABEL_TEXT_COLUMNS = tuple(c for c in OPTIONAL_STRING_COLUMNS if c not in PASS_THROUGH_COLUMNS)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")  # not read: a folder's batch.jsonl.gz is refused
@@ -250,10 +252,12 @@ def _numeric_type(t: pa.DataType) -> bool:
 
 def check_schema(path: Path, schema: pa.Schema, labels: Sequence[str] = (), read: Sequence[str] | None = None) -> None:
     """Whole-file problems: a required column missing or of the wrong type (integer ids are fine: they cast). Of
-    the other columns only those the caller reads (`read`; None: every column some stage reads) must appear once
-    and have a text form: scoring leaves `reasoning` unread, so its type is no reason to refuse the file."""
+    the other columns only those the caller reads must appear once: `read`, as scoring gives them (the article's,
+    the labels, the kept ones, any type: none is read as text), or None for every column some stage reads, and then
+    `reasoning` must have a text form too."""
     names = set(schema.names)
     known = {*REQUIRED_COLUMNS, *OPTIONAL_STRING_COLUMNS, *labels, *DIMENSIONS}
+    text = LABEL_TEXT_COLUMNS if read is None else ()
     read = {*REQUIRED_COLUMNS, *labels, *(known if read is None else read)}  # a doubled unread column is no matter
     if twice := sorted({n for n in schema.names if n in read and schema.names.count(n) > 1}):
         raise InputError(f"{path}: column(s) {', '.join(twice)} appear more than once")
@@ -266,8 +270,8 @@ def check_schema(path: Path, schema: pa.Schema, labels: Sequence[str] = (), read
             continue
         expected = "string or integer" if name == "id" else "string"
         raise InputError(f"{path}: column '{name}' has type {t}, expected {expected}")
-    for name in set(OPTIONAL_STRING_COLUMNS) - set(PASS_THROUGH_COLUMNS):  # read as text where used
-        if name in names and name in read and not _castable_to_string(schema.field(name).type):
+    for name in text:
+        if name in names and not _castable_to_string(schema.field(name).type):
             raise InputError(f"{path}: column '{name}' has type {schema.field(name).type}, which has no text form")
     for name in labels:
         t = schema.field(name).type
@@ -386,8 +390,8 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Sequence[str],
                  read: Sequence[str] | None = None) -> Batch:
-    """Rows -> a typed table. A value of the wrong type becomes null and a row problem (JSONL has no schema); an
-    optional text column the caller does not read (`read`, as for `check_schema`) is no row's problem."""
+    """Rows -> a typed table. A value of the wrong type becomes null and a row problem (JSONL has no schema);
+    `reasoning` is checked as text only for a caller that reads every column (`read` None, as for `check_schema`)."""
     problems: dict[int, str] = {}
     for i, row in enumerate(rows):
         # A row without a required key is that row's reject however its neighbours look (an unreadable line's
@@ -395,7 +399,7 @@ def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Seq
         if missing := [c for c in (*REQUIRED_COLUMNS, *labels) if c not in row]:
             problems[i] = f"no {', '.join(repr(c) for c in missing)} key"
     names = list(dict.fromkeys(k for row in rows for k in row))
-    string_cols = {*REQUIRED_COLUMNS, *(c for c in OPTIONAL_STRING_COLUMNS if read is None or c in read)}
+    string_cols = {*REQUIRED_COLUMNS, *PASS_THROUGH_COLUMNS, *(LABEL_TEXT_COLUMNS if read is None else ())}
     columns: dict[str, pa.Array] = {}
     json_text: set[str] = set()
     for name in names:

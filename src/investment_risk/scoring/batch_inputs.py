@@ -20,20 +20,21 @@ from ..core.errors import InputError, unreadable
 from ..core.logs import get_logger
 from ..datasets.readers import expand_inputs, refuse_out_inside_inputs
 from .ledger import input_root, read_ledger
-from .units import Unit, list_units
+from .units import READ_COLUMNS, Unit, list_units
 
 INPUTS_FILE = "_inputs.json"
 INPUTS_FORMAT = 1
 
 
-def shard_inputs(out: Path, inputs: Sequence[str], ledger: Path | None, shard_index: int, shard_count: int
-                 ) -> tuple[list[Unit], list[dict[str, Any]] | None]:
+def shard_inputs(out: Path, inputs: Sequence[str], ledger: Path | None, shard_index: int, shard_count: int,
+                 read: Sequence[str] = READ_COLUMNS) -> tuple[list[Unit], list[dict[str, Any]] | None]:
     """This shard's units (`units[I::N]` of the batch's listing) and, with a ledger, their ledger entries: of the
-    units no earlier batch scored when the batch was listed. Each unit's file must be as the listing saw it."""
+    units no earlier batch scored when the batch was listed. Each unit's file must be as the listing saw it.
+    `read`: the columns scoring reads (its kept ones too), checked in every Parquet file as the batch is listed."""
     path = out / INPUTS_FILE
     remove_abandoned(path)  # a listing whose writer was killed before it landed
-    if not path.exists():
-        write_json_atomic(_listing(inputs, ledger, out), path, first_wins=True)  # a twin may have listed first
+    if not path.exists():  # a twin may have listed first
+        write_json_atomic(_listing(inputs, ledger, out, read), path, first_wins=True)
     recorded = read_json(path)
     root = input_root(inputs)
     if recorded.get("format") != INPUTS_FORMAT or not isinstance(recorded.get("units"), list):
@@ -87,12 +88,12 @@ def _check_unchanged(record: dict[str, Any], listed_at: str) -> None:
                          "(a batch scores its files as they were listed)")
 
 
-def _listing(inputs: Sequence[str], ledger: Path | None, out: Path) -> dict[str, Any]:
+def _listing(inputs: Sequence[str], ledger: Path | None, out: Path, read: Sequence[str]) -> dict[str, Any]:
     import datetime as dt
 
     files = expand_inputs(inputs)
     _check_apart(inputs, files, out)
-    units = list_units(files)
+    units = list_units(files, read)
     entries, known = None, 0
     if ledger is not None:
         book = read_ledger(ledger, input_root(inputs))

@@ -449,7 +449,8 @@ def _score(config: ScoreConfig) -> dict[str, Any]:
     model = describe_model(config.model)  # a model that cannot score stops the shard before it lists the batch
     tokenizer = load_tokenizer(model.tokenizer_dir)
     runner = load_runner(model, config.backend, config.device, config.threads, config.cpu_engine)
-    units, shard_entries = shard_inputs(out, config.inputs, config.ledger, config.shard_index, config.shard_count)
+    units, shard_entries = shard_inputs(out, config.inputs, config.ledger, config.shard_index, config.shard_count,
+                                        read=(*READ_COLUMNS, *config.keep_columns))
     total = _count_rows(units)
     log.info("shard_start", files=len({unit.path for unit in units}), units=len(units), rows=total, backend=config.backend,
              provider=runner.provider, model_version=model.model_version)

@@ -25,7 +25,7 @@ class Unit:
     rows: int | None = None  # known from Parquet metadata; None for JSONL until read
 
 
-def list_units(files: Sequence[Path]) -> list[Unit]:
+def list_units(files: Sequence[Path], read: Sequence[str] = READ_COLUMNS) -> list[Unit]:
     units: list[Unit] = []
     for path in files:
         if is_jsonl(path):
@@ -33,7 +33,7 @@ def list_units(files: Sequence[Path]) -> list[Unit]:
             continue
         # A corrupt file, or one without the article columns, fails here, naming itself, in every shard alike: a
         # file of no row groups is no shard's unit, so no shard would read (and check) it.
-        check_schema(path, parquet_schema(path), read=READ_COLUMNS)
+        check_schema(path, parquet_schema(path), read=read)
         try:
             metadata = pq.ParquetFile(path).metadata
         except (pa.ArrowException, OSError) as exc:

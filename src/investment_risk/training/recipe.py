@@ -63,6 +63,8 @@ class TrainState:
 
     @classmethod
     def from_json(cls, saved: dict[str, Any]) -> "TrainState":
+        if not isinstance(saved, dict) or not {"epoch", "batch", "step"} <= saved.keys():  # else a resume at step 0
+            raise InputError("the checkpoint's training state is damaged (no epoch, batch and step)")
         return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
 
 
