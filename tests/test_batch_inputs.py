@@ -79,11 +79,24 @@ def test_force_with_a_smaller_shard_count_leaves_one_batch(exported, folder, tmp
     assert merge_until_complete(out, expect_shards=2)["rows_in"] == sum(expected.values())
 
 
-def test_a_partial_batch_reports_no_drift(exported, folder, tmp_path):
+def test_a_partial_batch_reports_no_drift(exported, folder, tmp_path, monkeypatch):
     _, model, _ = exported
     out = tmp_path / "out"
     partial = score(ScoreConfig(model=model, inputs=(str(folder),), out=out, shard_index=0, shard_count=2))
     assert not partial["complete"] and "drift" not in partial
+    # A merge Job waiting for the other shard says how far the batch is while it waits, not only when it gives up
+    from functools import partial as bind_args
+
+    from structlog.testing import capture_logs
+
+    from investment_risk.core.logs import Progress
+    from investment_risk.scoring import shard_metrics
+
+    monkeypatch.setattr(shard_metrics, "Progress", bind_args(Progress, interval_s=0.05))
+    with capture_logs() as logs, pytest.raises(RetryableError, match="1 of 2 shards are done"):
+        merge_until_complete(out, expect_shards=2, wait_seconds=0.6, poll_seconds=0.1)
+    waiting = [e for e in logs if e["event"] == "progress" and e["what"] == "merge_wait"]
+    assert waiting and all(e["done"] == 1 and e["total"] == 2 for e in waiting)
     whole = score(ScoreConfig(model=model, inputs=(str(folder),), out=out, shard_index=1, shard_count=2))
     assert whole["complete"] and set(whole["drift"]["psi"]) == set(partial["score_histograms"]) - {"edges"}
 

@@ -76,6 +76,11 @@ def test_a_partial_or_damaged_batch_is_reported_as_such(exported, split_dir, tmp
     result = runner.invoke(main, ["report", "drift", "--reference", str(model), "--current", str(out),
                                   "--out", str(tmp_path / "d")])
     assert result.exit_code == 2 and "the batch is incomplete (1 of 2 shards done)" in result.output, result.output
+    # A shard's metrics file gone: the page would count its rows and leave out its articles without a word
+    (out / "metrics" / "part-00000.json").rename(tmp_path / "kept.json")
+    result = runner.invoke(main, ["report", "batch", "--scored", str(out), "--out", str(tmp_path / "r2")])
+    assert result.exit_code == 2 and "part-00000.json: missing, though metrics.json counts shard 0" in result.output
+    (tmp_path / "kept.json").rename(out / "metrics" / "part-00000.json")
     # A part file gone: the page would count rows no file holds
     (out / "part-00000.parquet").unlink()
     result = runner.invoke(main, ["report", "batch", "--scored", str(out), "--out", str(tmp_path / "r2")])

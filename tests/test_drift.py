@@ -124,6 +124,18 @@ def test_report_drift_against_the_model_and_bad_inputs(exported, split_dir, tmp_
     result = runner.invoke(main, ["report", "drift", "--reference", str(model), "--current", str(split_dir),
                                   "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "not a scoring output directory" in result.output
+    # Another model's scores (or this model's before a recalibration), or a batch of several: the PSI would
+    # measure the model, not the articles; the merge measures no drift for a mixed batch either
+    for versions, message in ((["other"], "compare batches of one model version"),
+                              (["a", "b"], "several model versions (a, b)")):
+        other = tmp_path / f"other-{len(versions)}"
+        shutil.copytree(tmp_path / "batch", other)
+        metrics = json.loads((other / "metrics.json").read_text())
+        (other / "metrics.json").write_text(json.dumps({**metrics, "model_versions": versions}))
+        for reference, current in ((model, other), (tmp_path / "batch", other), (other, tmp_path / "batch")):
+            result = runner.invoke(main, ["report", "drift", "--reference", str(reference), "--current",
+                                          str(current), "--out", str(tmp_path / "x")])
+            assert result.exit_code == 2 and message in result.output, (reference, current, result.output)
     # A damaged `calibrated` was a KeyError traceback and exit 1 (retried as if the cluster were at fault)
     damaged = tmp_path / "damaged"
     shutil.copytree(tmp_path / "batch", damaged)

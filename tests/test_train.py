@@ -514,6 +514,8 @@ def test_evaluate_reports_mae_and_baseline(tiny_run, split_dir, tmp_path, runner
     assert report["baseline_mae"] == pytest.approx(expected_baseline, rel=1e-5)
     assert report["rows"] == test.num_rows and set(report["per_dimension"]) == set(DIMENSIONS)
     assert "overall" in result.output and "base MAE" in result.output
+    from investment_risk.evaluation.evaluate import format_table
+    assert "MAE / baseline MAE = n/a" in format_table({**report, "mae_vs_baseline": None})  # labels the mean hits
     # The model's MAE is that of the run's own predictions (the torch scorer, read back), not the mean's.
     scored = tmp_path / "scored"
     assert runner.invoke(main, ["score", "--model", str(out), "--input", str(split_dir / "test.parquet"),

@@ -97,12 +97,14 @@ def _read_metrics(scored: Path) -> tuple[dict[str, Any], dict[str, Any] | None, 
     merged = read_merged_metrics(scored)
     reference = None
     parts = []
-    done = set(merged.get("shards_done") or [])
-    for shard in sorted((scored / "metrics").glob("part-*.json")):
+    for number in sorted(set(merged.get("shards_done") or [])):  # each shard the merge counted, its file or exit 2
+        shard = scored / "metrics" / f"part-{number:05d}.json"
+        if not shard.exists():  # the page would count rows and leave out their top articles without a word
+            raise InputError(f"{shard}: missing, though metrics.json counts shard {number} done: score it again")
         metrics = read_json(shard)
         if not isinstance(metrics, dict):
             raise InputError(f"{shard}: not a shard's metrics (score its shard again)")
-        if metrics.get("shard") not in done or metrics.get("shard_count") != merged["shard_count"]:
+        if metrics.get("shard") != number or metrics.get("shard_count") != merged["shard_count"]:
             continue
         part = scored / f"{shard.stem}.parquet"
         if not part.exists():  # the page would count rows no file holds

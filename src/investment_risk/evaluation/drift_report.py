@@ -63,16 +63,31 @@ def batch_distribution(scored: Path) -> dict[str, Any]:
             "tier_counts": counts, "metrics": merged}
 
 
-def load_reference_of(path: Path) -> dict[str, Any]:
-    """An exported model's reference, or a scored batch as one."""
+def load_reference_of(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """An exported model's reference, or a scored batch as one; with the model versions whose scores it holds."""
     if (path / "model.json").exists():
-        reference = describe_model(path).reference
-        if reference is None:
+        model = describe_model(path)
+        if model.reference is None:
             raise InputError(f"{path}: this model has no score reference (exported without a validation split)")
-        return reference
+        return model.reference, [model.model_version]
     if (path / "metrics.json").exists():
-        return batch_distribution(path)
+        batch = batch_distribution(path)
+        return batch, list(batch["metrics"].get("model_versions") or [])
     raise InputError(f"--reference {path}: neither an exported model (model.json) nor a scoring output (metrics.json)")
+
+
+def check_same_model(reference_path: Path, reference_versions: list[str], current_path: Path,
+                     current_versions: list[str]) -> None:
+    """Drift compares one model's scores over two sets of articles: scores of another model, or of the same model
+    recalibrated since (a new model_version), differ by the model, and the PSI would flag that as drift."""
+    for path, versions in ((reference_path, reference_versions), (current_path, current_versions)):
+        if len(versions) > 1:
+            raise InputError(f"{path}: scored by several model versions ({', '.join(versions)}), so its scores are no "
+                             "one model's (as the merge, which measures no drift for it); score it again with one")
+    if reference_versions and current_versions and reference_versions != current_versions:
+        raise InputError(f"{current_path} was scored by model {current_versions[0]}, {reference_path} holds the "
+                         f"scores of {reference_versions[0]}: compare batches of one model version (score the batch "
+                         "with the reference's model, or take a batch that model scored as the reference)")
 
 
 def plot_histograms(reference: dict[str, Any], current: dict[str, Any], psi: dict[str, float | None], dest: Path) -> None:
@@ -122,8 +137,10 @@ def write_drift_report(reference_path: Path, current_path: Path, out: Path,
         check_threshold(threshold)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    reference = load_reference_of(reference_path)
+    reference, reference_versions = load_reference_of(reference_path)
     current = batch_distribution(current_path)
+    check_same_model(reference_path, reference_versions, current_path,
+                     list(current["metrics"].get("model_versions") or []))
     if mismatch := calibration_mismatch(reference, current["calibrated"]):
         raise InputError(f"{current_path} against {reference_path}: {mismatch}; compare batches scored alike")
     for path, side in ((reference_path, reference), (current_path, current)):

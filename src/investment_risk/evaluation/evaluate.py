@@ -215,6 +215,10 @@ def plot_reliability(reliability: dict[str, list[dict[str, float]]], dest: Path)
     save_figure(fig, dest)
 
 
+def _ratio(value: float | None) -> str:
+    return "n/a (the baseline is exact)" if value is None else f"{value:.3f}"
+
+
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"{'dimension':<28} {'MAE':>7} {'RMSE':>7} {'base MAE':>9} {'base RMSE':>10} {'bias':>7} {'cal.err':>8}"]
     for dim, m in result["per_dimension"].items():
@@ -223,7 +227,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"{'overall':<28} {result['mae']:>7.3f} {result['rmse']:>7.3f} {result['baseline_mae']:>9.3f} "
                  f"{result['baseline_rmse']:>10.3f} {'':>7} {result['calibration_error']:>8.3f}")
     lines.append(f"rows={result['rows']} (prefiltered, no scores: {result['rows_prefiltered']})  "
-                 f"MAE / baseline MAE = {result['mae_vs_baseline']:.3f}  "
+                 f"MAE / baseline MAE = {_ratio(result['mae_vs_baseline'])}  "
                  f"calibration: {result['calibration']}")
     for key, label in (("raw", "raw (uncalibrated)"), ("if_calibrated", "with calibration")):
         if key in result:

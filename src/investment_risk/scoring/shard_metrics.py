@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from contextlib import nullcontext
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -19,7 +20,7 @@ import pyarrow as pa
 
 from ..core.atomic import in_turn, read_json, write_json_atomic
 from ..core.errors import InputError, RetryableError
-from ..core.logs import get_logger
+from ..core.logs import Progress, get_logger
 from ..core.decisions import tier_report
 from ..core.drift import (DEFAULT_PSI_THRESHOLD, SCORE_BINS, SCORE_EDGES, calibration_mismatch, drift, model_tier_counts,
                           reference_entry)
@@ -432,20 +433,25 @@ def merge_until_complete(out_dir: Path, expect_shards: int | None, wait_seconds:
     shards were scored with, then push it to `gateway`. Waits up to `wait_seconds`; a directory not made yet
     counts as no shard done."""
     deadline = time.monotonic() + wait_seconds
-    while True:
-        # pushed once complete: the shards pushed the partial merges as they finished
-        merged = merge_metrics(out_dir, gateway, push_partial=False) if out_dir.is_dir() else {"shards": 0,
-                                                                                                "shard_count": 0}
-        needed = max(expect_shards or 0, merged["shard_count"], 1)
-        broken = merged.get("invariant_broken_shards")
-        if merged["shards"] >= needed and merged.get("complete"):
-            return merged
-        if time.monotonic() >= deadline:
-            if broken:
-                why = f"shards {broken} no longer add up (rows or metrics lost since they were scored): score them again"
-            elif counts := merged.get("shard_counts"):
-                why = f"its done shards were scored with --shard-count {counts}: redo every shard with one count"
-            else:
-                why = f"{merged['shards']} of {needed} shards are done"
-            raise RetryableError(f"{out_dir}: {why}")
-        time.sleep(min(poll_seconds, max(deadline - time.monotonic(), 0.0)))
+    # a merge Job waits hours for the shards: its log says how many are done at least every 30 s meanwhile
+    with Progress(total=expect_shards, what="merge_wait", unit="shards") if wait_seconds > 0 else nullcontext() as waiting:
+        while True:
+            # pushed once complete: the shards pushed the partial merges as they finished
+            merged = merge_metrics(out_dir, gateway, push_partial=False) if out_dir.is_dir() else {"shards": 0,
+                                                                                                    "shard_count": 0}
+            needed = max(expect_shards or 0, merged["shard_count"], 1)
+            if waiting is not None:
+                waiting.total = needed
+                waiting.update(merged["shards"] - waiting.done)
+            broken = merged.get("invariant_broken_shards")
+            if merged["shards"] >= needed and merged.get("complete"):
+                return merged
+            if time.monotonic() >= deadline:
+                if broken:
+                    why = f"shards {broken} no longer add up (rows or metrics lost since they were scored): score them again"
+                elif counts := merged.get("shard_counts"):
+                    why = f"its done shards were scored with --shard-count {counts}: redo every shard with one count"
+                else:
+                    why = f"{merged['shards']} of {needed} shards are done"
+                raise RetryableError(f"{out_dir}: {why}")
+            time.sleep(min(poll_seconds, max(deadline - time.monotonic(), 0.0)))
