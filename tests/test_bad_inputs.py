@@ -409,6 +409,19 @@ def test_an_integer_label_past_a_floats_range_is_unusable_not_the_batchs_end(tmp
     assert unusable.tolist() == [0, 1, 1] and labels[0, 0] == 5.0
 
 
+def test_a_kept_jsonl_reasoning_reads_the_same_whatever_its_batch_holds(tmp_path):
+    from investment_risk.datasets.readers import iter_file_batches
+    from investment_risk.scoring.units import READ_COLUMNS
+    from investment_risk.scoring.writer import kept_columns
+
+    path = jsonl(tmp_path / "r.jsonl", [json.dumps({**r, "reasoning": v}) for r, v in zip(rows(2), ("plain", {"k": 1}))])
+    [batch] = iter_file_batches(path, columns=[*READ_COLUMNS, "reasoning"], lenient=True)
+    assert not batch.problems  # scoring reads no reasoning: an object there rejects no article
+    assert kept_columns(batch, [0, 1], ["reasoning"])["reasoning"].to_pylist() == ["plain", '{"k": 1}']
+    [batch] = iter_file_batches(path, lenient=True)  # a reader of labelled data: reasoning is its text
+    assert list(batch.problems) == [1] and "'reasoning' is an object, expected a string" in batch.problems[1]
+
+
 def test_a_kept_binary_value_reads_the_same_whatever_its_batch_holds():
     from investment_risk.datasets.readers import Batch
     from investment_risk.scoring.writer import kept_columns

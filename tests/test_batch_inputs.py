@@ -95,8 +95,9 @@ def test_a_partial_batch_reports_no_drift(exported, folder, tmp_path, monkeypatc
     monkeypatch.setattr(shard_metrics, "Progress", bind_args(Progress, interval_s=0.05))
     with capture_logs() as logs, pytest.raises(RetryableError, match="1 of 2 shards are done"):
         merge_until_complete(out, expect_shards=2, wait_seconds=0.6, poll_seconds=0.1)
-    waiting = [e for e in logs if e["event"] == "progress" and e["what"] == "merge_wait"]
-    assert waiting and all(e["done"] == 1 and e["total"] == 2 for e in waiting)
+    waiting = [e for e in logs if e["event"] in ("progress", "progress_stopped") and e["what"] == "merge_wait"]
+    assert waiting and all(e["done"] == 1 and e["total"] == 2 and e["rate"] == 0 for e in waiting)  # 1 done before
+    assert waiting[-1]["event"] == "progress_stopped"  # it gave up: not "done"
     whole = score(ScoreConfig(model=model, inputs=(str(folder),), out=out, shard_index=1, shard_count=2))
     assert whole["complete"] and set(whole["drift"]["psi"]) == set(partial["score_histograms"]) - {"edges"}
 

@@ -87,7 +87,8 @@ def test_a_partial_or_damaged_batch_is_reported_as_such(exported, split_dir, tmp
     assert result.exit_code == 2 and "part-00000.parquet: missing" in result.output, result.output
     # A damaged metrics.json: one line, exit 2 (a KeyError or TypeError traceback, exit 1, before)
     metrics = json.loads((out / "metrics.json").read_text())
-    for damage in ({"rows_scored": None}, {"tier_counts": {"RED": "5"}}):
+    for damage in ({"rows_scored": None}, {"tier_counts": {"RED": "5"}}, {"model_versions": 5},
+                   {"shards_done": ["0"]}):
         (out / "metrics.json").write_text(json.dumps({**metrics, **damage}))
         for args in (["batch", "--scored", str(out), "--out", str(tmp_path / "r3")],
                      ["drift", "--reference", str(model), "--current", str(out), "--out", str(tmp_path / "d3")]):

@@ -919,6 +919,7 @@ def test_render_refuses_a_path_the_pod_would_refuse_or_misread(runner):
                              (["train", "--out", " "], "--out: an empty path"),
                              (["export", "--run", "/models/runs/r", "--out", ""], "--out: an empty path"),
                              (["score", "--out", "s3://bucket/scored"], "s3://bucket/scored: a URL"),
+                             (["score", "--input", "gs://bucket/in"], "gs://bucket/in: a URL"),
                              (["train", "--data", "/data/a", "--data", "/data/b"], "--data was given more than once")):
         result = runner.invoke(main, ["jobs", "render", *command, "--name", "j"])
         assert result.exit_code == 2 and message in result.output, (command, result.output)

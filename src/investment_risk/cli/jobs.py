@@ -17,7 +17,7 @@ from ..core.errors import ConfigError
 from ..core.logs import bind, redact_event, redact_text
 from ..k8s import cluster as kube
 from . import output
-from .options import option, stacked
+from .options import RepeatedPath, option, stacked
 
 
 # Where and how the pods run.
@@ -55,8 +55,7 @@ job_options = stacked(
            help="train: preset or path; stage: the hub model to fetch."),
     option("--model", once=True, type=click.Path(), default="/models/current", show_default=True,
            help="score: the exported model directory."),
-    # not a click.Path: its environment value would split at ':' rather than at whitespace, as every other's does
-    option("--input", "inputs", multiple=True, default=("/data/incoming",), show_default=True,
+    option("--input", "inputs", type=RepeatedPath(), multiple=True, default=("/data/incoming",), show_default=True,
            help="score: input files, directories or globs; repeat for more."),
     option("--out", once=True, type=click.Path(), default=None,
            help="Output: the run directory (train), the model directory (export; default /models/exports/NAME) or "

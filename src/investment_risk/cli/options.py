@@ -51,6 +51,13 @@ class EnvOption(click.Option):
             entry.process = once
 
 
+class RepeatedPath(click.Path):
+    """A path option given once per path: its environment value lists them separated by whitespace, as every
+    repeatable option's does (click.Path's would split at ':'), and a URL among them is refused as in any path."""
+
+    envvar_list_splitter = None
+
+
 option = functools.partial(click.option, cls=EnvOption)
 
 

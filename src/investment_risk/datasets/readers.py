@@ -391,7 +391,7 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Sequence[str],
                  read: Sequence[str] | None = None) -> Batch:
     """Rows -> a typed table. A value of the wrong type becomes null and a row problem (JSONL has no schema);
-    `reasoning` is checked as text only for a caller that reads every column (`read` None, as for `check_schema`)."""
+    `reasoning` must be text only for a caller that reads every column (`read` None, as for `check_schema`)."""
     problems: dict[int, str] = {}
     for i, row in enumerate(rows):
         # A row without a required key is that row's reject however its neighbours look (an unreadable line's
@@ -399,7 +399,9 @@ def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Seq
         if missing := [c for c in (*REQUIRED_COLUMNS, *labels) if c not in row]:
             problems[i] = f"no {', '.join(repr(c) for c in missing)} key"
     names = list(dict.fromkeys(k for row in rows for k in row))
-    string_cols = {*REQUIRED_COLUMNS, *PASS_THROUGH_COLUMNS, *(LABEL_TEXT_COLUMNS if read is None else ())}
+    string_cols = set(REQUIRED_COLUMNS + OPTIONAL_STRING_COLUMNS)
+    # kept as they come (a non-string as its JSON text, in its own row only): reasoning too where no stage reads it
+    pass_through = set(PASS_THROUGH_COLUMNS) | (set(LABEL_TEXT_COLUMNS) if read is not None else set())
     columns: dict[str, pa.Array] = {}
     json_text: set[str] = set()
     for name in names:
@@ -413,7 +415,7 @@ def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Seq
                 ok = value is None or (
                     isinstance(value, (int, float)) and not isinstance(value, bool) if want_number else isinstance(value, str)
                 )
-                if not ok and name in PASS_THROUGH_COLUMNS:  # a number, a NewsAPI-style source object
+                if not ok and name in pass_through:  # a number, a NewsAPI-style source object
                     value, ok = json.dumps(value, ensure_ascii=False), True
                 if not ok:
                     kind = _JSON_KINDS.get(type(value), type(value).__name__)

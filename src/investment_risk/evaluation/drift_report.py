@@ -35,6 +35,11 @@ def read_merged_metrics(scored: Path) -> dict[str, Any]:
             raise ValueError("batch_latency_ms or score_histograms malformed")
         if merged.get("calibrated") is not None and not isinstance(merged["calibrated"], bool):
             raise ValueError(f"calibrated is {merged['calibrated']!r}, not true, false or null")
+        if not (isinstance(merged.get("model_versions", []), list)
+                and all(isinstance(v, str) for v in merged.get("model_versions", []))):
+            raise ValueError("model_versions is not a list of versions")
+        if not (isinstance(merged.get("shards_done", []), list) and all(map(_count, merged.get("shards_done", [])))):
+            raise ValueError("shards_done is not a list of shard numbers")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a merged metrics file ({exc.__class__.__name__}: {exc})") from None
     return merged

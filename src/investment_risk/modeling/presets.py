@@ -157,7 +157,8 @@ def check_base(base: BaseModel, mode: str, max_length: int) -> None:
         check_causal(base, config.get("model_type"))
     limit = config.get("max_position_embeddings")
     if isinstance(limit, int) and config.get("model_type") == "roberta":  # its positions begin after the pad id
-        limit -= int(config.get("pad_token_id", 1)) + 1
+        pad = config.get("pad_token_id")
+        limit -= (pad if isinstance(pad, int) else 1) + 1
     if isinstance(limit, int) and max_length > limit:
         raise ConfigError(f"--max-length {max_length}: base model {base.name!r} has {limit} positions; use at most "
                           f"{limit}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from contextlib import nullcontext
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -430,28 +429,37 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
 def merge_until_complete(out_dir: Path, expect_shards: int | None, wait_seconds: float = 0.0,
                          poll_seconds: float = 30.0, gateway: str | None = None) -> dict[str, Any]:
     """Merge once every expected shard is done: at least `expect_shards`, and every shard of the count the done
-    shards were scored with, then push it to `gateway`. Waits up to `wait_seconds`; a directory not made yet
-    counts as no shard done."""
+    shards were scored with, then push it to `gateway`. Waits up to `wait_seconds`, logging how many shards are
+    done at least every 30 s meanwhile (a merge Job waits hours); a directory not made yet counts as no shard done."""
     deadline = time.monotonic() + wait_seconds
-    # a merge Job waits hours for the shards: its log says how many are done at least every 30 s meanwhile
-    with Progress(total=expect_shards, what="merge_wait", unit="shards") if wait_seconds > 0 else nullcontext() as waiting:
-        while True:
-            # pushed once complete: the shards pushed the partial merges as they finished
-            merged = merge_metrics(out_dir, gateway, push_partial=False) if out_dir.is_dir() else {"shards": 0,
-                                                                                                    "shard_count": 0}
-            needed = max(expect_shards or 0, merged["shard_count"], 1)
-            if waiting is not None:
-                waiting.total = needed
-                waiting.update(merged["shards"] - waiting.done)
-            broken = merged.get("invariant_broken_shards")
+
+    def merged_now() -> tuple[dict[str, Any], int]:
+        # pushed once complete: the shards pushed the partial merges as they finished
+        merged = merge_metrics(out_dir, gateway, push_partial=False) if out_dir.is_dir() else {"shards": 0,
+                                                                                                "shard_count": 0}
+        return merged, max(expect_shards or 0, merged["shard_count"], 1)
+
+    merged, needed = merged_now()
+    if merged["shards"] >= needed and merged.get("complete"):
+        return merged
+    if wait_seconds <= 0:
+        raise _incomplete(out_dir, merged, needed)
+    with Progress(total=needed, what="merge_wait", unit="shards", already_done=merged["shards"]) as waiting:
+        while time.monotonic() < deadline:
+            time.sleep(min(poll_seconds, max(deadline - time.monotonic(), 0.0)))
+            merged, needed = merged_now()
+            waiting.total = needed
+            waiting.update(merged["shards"] - waiting.done)
             if merged["shards"] >= needed and merged.get("complete"):
                 return merged
-            if time.monotonic() >= deadline:
-                if broken:
-                    why = f"shards {broken} no longer add up (rows or metrics lost since they were scored): score them again"
-                elif counts := merged.get("shard_counts"):
-                    why = f"its done shards were scored with --shard-count {counts}: redo every shard with one count"
-                else:
-                    why = f"{merged['shards']} of {needed} shards are done"
-                raise RetryableError(f"{out_dir}: {why}")
-            time.sleep(min(poll_seconds, max(deadline - time.monotonic(), 0.0)))
+        raise _incomplete(out_dir, merged, needed)
+
+
+def _incomplete(out_dir: Path, merged: dict[str, Any], needed: int) -> RetryableError:
+    if broken := merged.get("invariant_broken_shards"):
+        why = f"shards {broken} no longer add up (rows or metrics lost since they were scored): score them again"
+    elif counts := merged.get("shard_counts"):
+        why = f"its done shards were scored with --shard-count {counts}: redo every shard with one count"
+    else:
+        why = f"{merged['shards']} of {needed} shards are done"
+    return RetryableError(f"{out_dir}: {why}")
