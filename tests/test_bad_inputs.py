@@ -460,7 +460,12 @@ def test_a_malformed_model_json_is_one_line_naming_it(exported, tmp_path, runner
 
     _, model, _ = exported
     for edit, message in ((lambda info: info.pop("max_length"), "no 'max_length' field"),
-                          (lambda info: info.update(truncation="middle"), "truncation 'middle' is not one of")):
+                          (lambda info: info.update(truncation="middle"), "truncation 'middle' is not one of"),
+                          # not hashed, so a hand edit: scored under another version's name, or a traceback
+                          (lambda info: info.update(model_version="deadbeefdeadbeef"), "is not the one its files'"),
+                          (lambda info: info.update(max_length=0), "max_length 0 is not a token count"),
+                          (lambda info: info.update(pad_token_id="x"), "pad_token_id 'x' is not a token id"),
+                          (lambda info: info["cpu_engine"].update(measured_on="x"), "cpu_engine is not what")):
         broken = tmp_path / "model"
         shutil.rmtree(broken, ignore_errors=True)
         shutil.copytree(model, broken)

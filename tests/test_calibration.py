@@ -338,6 +338,8 @@ def test_calibrate_drops_a_reference_it_cannot_redo(calibrated, runner, tmp_path
     (model / "reference.json").write_text(json.dumps(reference))
     info = json.loads((model / "model.json").read_text())
     info["sha256"]["reference.json"] = __import__("hashlib").sha256((model / "reference.json").read_bytes()).hexdigest()
+    from investment_risk.modeling.description import model_version
+    info["model_version"] = model_version(info["sha256"])  # as that export wrote them
     (model / "model.json").write_text(json.dumps(info))
     result = runner.invoke(main, ["calibrate", "--model", str(model), "--data", str(root / "data" / "test.parquet")])
     assert result.exit_code == 0, result.output

@@ -126,8 +126,11 @@ def parity_rows_of(model):
     from investment_risk.export.onnx_export import parity_rows
     from investment_risk.modeling.presets import load_tokenizer
 
-    meta = json.loads((describe_model(model).source_run / "training_metadata.json").read_text())
-    return parity_rows(load_tokenizer(model), meta)
+    from investment_risk.modeling.loading import run_splits
+
+    run = describe_model(model).source_run
+    meta = json.loads((run / "training_metadata.json").read_text())
+    return parity_rows(load_tokenizer(model), {**meta, "splits": run_splits(run, meta)})
 
 
 def test_an_engine_that_cannot_run_here_falls_back_with_a_warning(exported, tmp_path, monkeypatch):

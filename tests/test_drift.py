@@ -70,6 +70,8 @@ def test_export_stores_the_reference_and_the_merge_measures_drift(exported, spli
     (model / REFERENCE_FILE).write_text(json.dumps(reference))
     info = json.loads((model / "model.json").read_text())
     info["sha256"][REFERENCE_FILE] = hashlib.sha256((model / REFERENCE_FILE).read_bytes()).hexdigest()
+    from investment_risk.modeling.description import model_version
+    info["model_version"] = model_version(info["sha256"])  # as an export with this reference writes it
     (model / "model.json").write_text(json.dumps(info))
     with capture_logs() as logs:
         merged = score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"),), out=tmp_path / "out"))

@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 
 from investment_risk.cli import main
 from investment_risk.core.atomic import locked_dir, write_dir_atomic
-from investment_risk.core.errors import InputError
+from investment_risk.core.errors import ConfigError, InputError
 
 
 def test_out_over_or_inside_the_run_is_refused_and_the_run_kept(exported, tmp_path, runner, monkeypatch):
@@ -35,6 +35,17 @@ def test_force_replaces_an_exported_model_only(exported, tmp_path, runner):
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
 
 
+def test_a_cpu_engine_that_cannot_run_here_is_refused_before_the_export(exported, tmp_path, monkeypatch):
+    from investment_risk.export import onnx_export
+
+    run, _, _ = exported
+    monkeypatch.setattr(onnx_export, "cpu_engine_usable", lambda engine: (False, "this CPU has no native bf16 units"))
+    monkeypatch.setattr(onnx_export, "scoring_module", lambda *a, **k: pytest.fail("the model was loaded first"))
+    with pytest.raises(ConfigError, match=r"--cpu-engine openvino-bf16: cannot run here \(this CPU has no native"):
+        onnx_export.export_run(run, tmp_path / "m", cpu_engine="openvino-bf16")
+    assert not (tmp_path / "m").exists()
+
+
 def test_cpu_engine_with_a_reduced_dtype_is_refused(exported, tmp_path, runner):
     run, _, _ = exported
     result = runner.invoke(main, ["export", "--run", str(run), "--out", str(tmp_path / "m"), "--dtype", "int8",
@@ -43,8 +54,13 @@ def test_cpu_engine_with_a_reduced_dtype_is_refused(exported, tmp_path, runner):
 
 
 @pytest.mark.parametrize("damage, named", [("model_name", "no model_name"), ("adapter_config.json", "adapter_config.json"),
-                                           ("tokenizer.json", "tokenizer.json")])
+                                           ("tokenizer.json", "tokenizer.json"),
+                                           ("{adapter_config.json", "the adapter does not load"),
+                                           ("{tokenizer.json", "its tokenizer files do not load"),
+                                           ("-adapter_model.safetensors", "weights its adapter config names are missing")])
 def test_a_damaged_run_is_named_not_a_traceback(exported, tmp_path, runner, damage, named):
+    from safetensors.torch import load_file, save_file
+
     run, _, _ = exported
     broken = tmp_path / "run"
     shutil.copytree(run, broken)
@@ -52,6 +68,12 @@ def test_a_damaged_run_is_named_not_a_traceback(exported, tmp_path, runner, dama
         meta = json.loads((broken / "training_metadata.json").read_text())
         del meta["model_name"]
         (broken / "training_metadata.json").write_text(json.dumps(meta))
+    elif damage.startswith("{"):  # cut short
+        (broken / "model" / damage[1:]).write_text("{")
+    elif damage.startswith("-"):  # a layer's weights gone: PEFT warns and loads a model without them
+        path = broken / "model" / damage[1:]
+        weights = load_file(str(path))
+        save_file({k: v for k, v in weights.items() if "layers.1." not in k}, str(path))
     else:
         (broken / "model" / damage).unlink()
     result = runner.invoke(main, ["export", "--run", str(broken), "--out", str(tmp_path / "m")])
@@ -66,6 +88,29 @@ def test_an_int8_graph_is_held_to_the_accuracy_bar(exported, tmp_path, runner, m
     result = runner.invoke(main, ["export", "--run", str(run), "--out", str(tmp_path / "m"), "--dtype", "int8"])
     assert result.exit_code == 1 and "int8 graph" in result.output and "worse (MAE)" in result.output, result.output
     assert not (tmp_path / "m").exists()
+
+
+def test_export_reads_the_splits_the_run_trained_on_and_no_other(exported, split_dir, tmp_path, monkeypatch):
+    """The reference, the engine choice, the int8 bar and its calibration are the run's own split's: a split found
+    under the same (relative) name from another directory was measured as if it were."""
+    import pyarrow.parquet as pq
+
+    from investment_risk.modeling.loading import run_splits
+    from investment_risk.training.config import TrainConfig
+
+    run, _, _ = exported
+    metadata = json.loads((run / "training_metadata.json").read_text())
+    assert run_splits(run, metadata) == {"train": split_dir / "train.parquet", "val": split_dir / "val.parquet"}
+    other = tmp_path / "other"
+    shutil.copytree(split_dir, other)
+    pq.write_table(pq.read_table(other / "val.parquet").slice(1), other / "val.parquet")
+    with capture_logs() as logs:
+        found = run_splits(run, {**metadata, "config": {**metadata["config"], "data": str(other)}})
+    assert found == {"train": other / "train.parquet", "val": None}
+    assert [e["split"] for e in logs if e["event"] == "run_split_changed"] == ["val"]
+    assert run_splits(run, {**metadata, "config": {}}) == {"train": None, "val": None}  # not ./val.parquet
+    monkeypatch.chdir(tmp_path)  # a run records its --data whole, wherever export runs from
+    assert TrainConfig(mode="distillation", base_model="tiny-qwen2", data="d", out="r").data == str(tmp_path / "d")
 
 
 def test_a_reduced_graph_without_labels_says_it_was_not_checked(exported, tmp_path, monkeypatch):
@@ -123,7 +168,7 @@ def test_a_decoder_graph_without_a_validation_split_counts_the_steps_it_takes(ex
     from investment_risk.export import onnx_export
 
     run, _, _ = exported
-    monkeypatch.setattr(onnx_export, "_val_split", lambda metadata: tmp_path / "gone" / "val.parquet")
+    monkeypatch.setattr(onnx_export, "run_splits", lambda run_dir, metadata: {"train": None, "val": None})
     with capture_logs() as logs:
         info = onnx_export.export_run(run, tmp_path / "m", dtype="fp16")
     assert info["parity"]["fp16"]["val_mae_checked"] is False and info["reference"] is None

@@ -28,7 +28,7 @@ from ..core.drift import REFERENCE_FILE, make_reference, reference_entry
 from ..modeling.calibration import CALIBRATION_FILE, Calibration, load_calibration
 from ..modeling.description import (CPU_ENGINES, DYNAMIC_INT8_FILE, TWIN_FILES, describe_model, model_digest,
                                     model_version, onnx_files)
-from ..modeling.loading import cpu_profile, cpu_runner, in_bf16, scoring_module
+from ..modeling.loading import cpu_engine_usable, cpu_profile, cpu_runner, in_bf16, run_splits, scoring_module
 from ..modeling.onnx_runtime import OnnxRunner
 from ..modeling.presets import CAUSAL_TYPES
 from ..modeling.predict import TorchRunner, padded_batches, predict, token_budget_for
@@ -59,9 +59,8 @@ def parity_rows(tokenizer: Any, metadata: dict[str, Any]) -> tuple[list[np.ndarr
     import pyarrow.parquet as pq
 
     max_length = int(metadata["max_length"])
-    data = Path(metadata.get("config", {}).get("data", ""))
-    tables = [pq.read_table(data / f"{name}.parquet", columns=["title", "content"])
-              for name in ("val", "train") if (data / f"{name}.parquet").exists()]
+    tables = [pq.read_table(path, columns=["title", "content"])
+              for name in ("val", "train") if (path := run_split(metadata, name)) is not None]
     texts = article_texts(pa.concat_tables(tables))[:PARITY_ROWS] if tables else []
     texts = [t[: 40 + 37 * i] if i % 2 else t for i, t in enumerate(texts)]
     rows = encode(tokenizer, texts, max_length, truncation=metadata.get("truncation", "head"))
@@ -78,8 +77,9 @@ def parity_rows(tokenizer: Any, metadata: dict[str, Any]) -> tuple[list[np.ndarr
 MEASURE_ROWS = 256  # validation rows each CPU engine scores when export picks the default
 
 
-def _val_split(metadata: dict[str, Any]) -> Path:
-    return Path(metadata.get("config", {}).get("data", "")) / "val.parquet"
+def run_split(metadata: dict[str, Any], name: str) -> Path | None:
+    """The run's `name` split as export_run found it (`run_splits`: there, and the file the run trained on)."""
+    return metadata["splits"][name]
 
 
 def export_steps(decoder: bool, dtype: str, has_val: bool) -> list[str]:
@@ -97,8 +97,8 @@ def measurement_rows(tokenizer: Any, metadata: dict[str, Any]) -> tuple[list[np.
     from ..core.spec import DIMENSIONS
     from ..datasets.readers import label_matrix, read_articles
 
-    val = _val_split(metadata)
-    if not val.exists():
+    val = run_split(metadata, "val")
+    if val is None:
         return [], None
     table = read_articles([val], labels=DIMENSIONS)
     table = table.slice(0, MEASURE_ROWS)
@@ -166,8 +166,8 @@ def write_reference(work: Path, tokenizer: Any, metadata: dict[str, Any], calibr
     out, as a batch's model-scored rows leave them out."""
     from ..datasets.readers import read_articles
 
-    val = _val_split(metadata)
-    if not val.exists():
+    val = run_split(metadata, "val")
+    if val is None:
         get_logger().warning("reference_skipped", reason="the run's validation split is gone: no drift reference")
         return None
     spec = default_spec()
@@ -299,6 +299,8 @@ def _export_run(run_dir: Path, out_dir: Path, dtype: str, force: bool, cpu_engin
     if cpu_engine not in ("auto", "onnxruntime") and dtype != "fp32":
         raise ConfigError(f"--cpu-engine {cpu_engine}: engines are measured and chosen for --dtype fp32 exports; "
                           f"a --dtype {dtype} graph runs on ONNX Runtime")
+    if cpu_engine != "auto" and device != "cuda" and not (usable := cpu_engine_usable(cpu_engine))[0]:
+        raise ConfigError(f"--cpu-engine {cpu_engine}: cannot run here ({usable[1]})")  # before minutes of export
     if dtype == "bf16" and device != "cuda":
         raise ConfigError("--dtype bf16 needs --device cuda: ONNX Runtime has no bf16 CPU kernels, so the graph can "
                           "only be proved on a GPU (the CPU engines run the fp32 file in bf16 instead)")
@@ -309,6 +311,7 @@ def _export_run(run_dir: Path, out_dir: Path, dtype: str, force: bool, cpu_engin
     if describe_model(run_dir).is_instruction:
         raise ConfigError(f"{run_dir}: export takes distillation runs; score an instruction run with --backend torch")
     module, tokenizer, metadata = scoring_module(run_dir)
+    metadata = {**metadata, "splits": run_splits(run_dir, metadata)}
     model_type = getattr(module.inner.config, "model_type", "")
     decoder = builds_decoder_graph(model_type, dtype)
     encoder = model_type not in CAUSAL_TYPES  # its attention is masked for padding alone
@@ -467,7 +470,7 @@ def _export_run(run_dir: Path, out_dir: Path, dtype: str, force: bool, cpu_engin
 
     # A 1.5B model's export runs for minutes between its loops (the graph export, fusion, conversions): the
     # heartbeat names the step, and the last event gives each step's seconds.
-    plan = export_steps(decoder, dtype, has_val=_val_split(metadata).exists())
+    plan = export_steps(decoder, dtype, has_val=run_split(metadata, "val") is not None)
     with Progress(len(plan), "export", unit="steps") as steps:
         steps.step("PyTorch scores for parity")
         # PyTorch's scores on the parity rows, through the same inference path as every graph checked against them

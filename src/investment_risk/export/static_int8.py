@@ -71,8 +71,8 @@ def calibration_rows(tokenizer: Any, metadata: dict[str, Any]) -> list[np.ndarra
     """Training articles tokenised as the scorer will: calibration never sees the validation rows it is judged on."""
     from ..datasets.readers import read_articles
 
-    train = Path(metadata.get("config", {}).get("data", "")) / "train.parquet"
-    if not train.exists():
+    train = metadata["splits"]["train"]  # as export_run found it (`run_splits`)
+    if train is None:
         return []
     table = read_articles([train]).slice(0, CALIBRATION_ROWS)
     return encode(tokenizer, article_texts(table), int(metadata["max_length"]),

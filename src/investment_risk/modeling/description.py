@@ -179,16 +179,32 @@ def _exported(path: Path) -> ModelDescription:
     if info.get("input_format", "article") not in INPUT_FORMATS:
         raise InputError(f"{path / 'model.json'}: input_format {info['input_format']!r} is not one of "
                          f"{', '.join(INPUT_FORMATS)}")
+    if problem := _model_json_problem(info):  # not hashed, so checked: a hand edit scored under a false name
+        raise InputError(f"{path / 'model.json'}: {problem}; re-export the model")
     source = Path(info["source_run"])
     run_meta = read_json(source / "training_metadata.json") if (source / "training_metadata.json").exists() else None
     return ModelDescription(
-        path=path, exported=True, input_format=info.get("input_format", "article"), max_length=int(info["max_length"]),
+        path=path, exported=True, input_format=info.get("input_format", "article"), max_length=info["max_length"],
         pad_token_id=info.get("pad_token_id"), model_version=str(info["model_version"]), source_run=source,
         tokenizer_dir=path, train_label_mean=_label_mean(run_meta, source / "training_metadata.json"),
         cpu_engine=(info.get("cpu_engine") or {}).get("engine", "onnxruntime"),
         cpu_engine_measured_on=(info.get("cpu_engine") or {}).get("measured_on"),
         truncation=str(info.get("truncation", "head")), calibration=calibration,
         reference=reference, dtype=str(info.get("dtype", "fp32")))
+
+
+def _model_json_problem(info: dict[str, Any]) -> str:
+    """What in model.json (whose files' sha256 read_model_json checked) no export writes."""
+    if info.get("model_version") != model_version(info["sha256"]):
+        return f"model_version {info.get('model_version')!r} is not the one its files' sha256 give"
+    if "max_length" in info and not (isinstance(info["max_length"], int) and 8 <= info["max_length"] <= 32768):
+        return f"max_length {info.get('max_length')!r} is not a token count in [8, 32768]"
+    if info.get("pad_token_id") is not None and not isinstance(info["pad_token_id"], int):
+        return f"pad_token_id {info['pad_token_id']!r} is not a token id"
+    engine = info.get("cpu_engine") or {}
+    if not isinstance(engine, dict) or not isinstance(engine.get("measured_on", {}), (dict, type(None))):
+        return "cpu_engine is not what export writes (an engine and where it was measured)"
+    return ""
 
 
 def _unchanged(path: Path, info: dict[str, Any], names: tuple[str, ...]) -> bool:

@@ -30,10 +30,30 @@ def _run_metadata(run_dir: Path) -> dict[str, Any]:
     return metadata
 
 
+def run_splits(run_dir: Path, metadata: dict[str, Any]) -> dict[str, Path | None]:
+    """The run's train and val split files as it trained on them, or None for one gone or changed since: the file
+    its --data names (a path relative to where training ran, in a run from before runs recorded it whole) must
+    hold the sha256 the run recorded, or another split found under that name would stand in for it unnoticed."""
+    from ..core.atomic import sha256_file
+    from ..core.logs import get_logger
+
+    data = metadata.get("config", {}).get("data")
+    config = run_dir / "training_config.json"
+    recorded = (read_json(config).get("data_sha256") or {}) if config.exists() else {}
+    splits: dict[str, Path | None] = {}
+    for name in ("train", "val"):
+        path = Path(data) / f"{name}.parquet" if data else None
+        if path is not None and path.is_file() and name in recorded and sha256_file(path) != recorded[name]:
+            get_logger().warning("run_split_changed", split=name, path=str(path),
+                                 reason="not the file the run trained on (another sha256): left out, as if gone")
+            path = None
+        splits[name] = path if path is not None and path.is_file() else None
+    return splits
+
+
 def load_run_model(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     """A trained run's best model (base + adapter + head), its tokenizer and its metadata."""
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     model_dir = run_dir / "model"
@@ -45,16 +65,38 @@ def load_run_model(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, dict[str
     model = AutoModelForSequenceClassification.from_pretrained(
         base.path, config=config, use_safetensors=True, trust_remote_code=False, dtype=dtype or torch.float32,
     )
-    model = PeftModel.from_pretrained(model, model_dir, is_trainable=False)
+    model = load_adapter(model, model_dir)
     model.eval()
     return model, tokenizer, metadata
+
+
+def load_adapter(model: Any, model_dir: Path) -> Any:
+    """The run's adapter on `model`. A damaged one is the run's fault (exit 2), and one missing weights its config
+    names is never loaded as a model without them: PEFT only warns, and an export's parity passes on it (PyTorch
+    and the graph share the loss)."""
+    import warnings
+
+    from peft import PeftModel
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = PeftModel.from_pretrained(model, model_dir, is_trainable=False)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise InputError(f"{model_dir}: the adapter does not load ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    for warning in caught:
+        if "missing adapter keys" in str(warning.message):
+            raise InputError(f"{model_dir / 'adapter_model.safetensors'}: weights its adapter config names are "
+                             f"missing ({str(warning.message).splitlines()[0][:200]}): the run is damaged")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return model
 
 
 def load_instruction_run(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     """A trained instruction run: InstructionModel (adapter + head loaded), tokenizer, metadata."""
     import torch
 
-    from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -66,12 +108,15 @@ def load_instruction_run(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, di
     tokenizer = load_tokenizer(run_dir / "model")
     lm = AutoModelForCausalLM.from_pretrained(base.path, use_safetensors=True, trust_remote_code=False,
                                               dtype=dtype or torch.float32)
-    lm = PeftModel.from_pretrained(lm, run_dir / "model", is_trainable=False)
+    lm = load_adapter(lm, run_dir / "model")
     if (run_dir / "model" / EMBEDDINGS_FILE).exists():
         with torch.no_grad():
             lm.get_input_embeddings().weight.copy_(load_file(str(run_dir / "model" / EMBEDDINGS_FILE))["weight"])
     model = InstructionModel(lm, AutoConfig.from_pretrained(base.path).hidden_size)
-    model.head.load_state_dict(load_file(str(run_dir / "model" / HEAD_FILE)))
+    try:
+        model.head.load_state_dict(load_file(str(run_dir / "model" / HEAD_FILE)))
+    except RuntimeError as exc:  # another shape, or missing keys
+        raise InputError(f"{run_dir / 'model' / HEAD_FILE}: does not fit the model ({str(exc).splitlines()[0]})") from None
     return model.eval(), tokenizer, metadata
 
 

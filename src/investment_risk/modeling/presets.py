@@ -199,10 +199,14 @@ def load_tokenizer(path: Path) -> Any:
     is_tokenizer = isinstance(named_class, type) and issubclass(named_class, transformers.PreTrainedTokenizerBase)
     if named_class is not None and not is_tokenizer:  # AutoTokenizer would call its from_pretrained: a model loader
         raise InputError(f"{config}: tokenizer_class {named!r} is not a tokenizer class")
-    if is_tokenizer and not (Path(path) / "config.json").exists():
-        tokenizer = named_class.from_pretrained(path)
-    else:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    try:
+        if is_tokenizer and not (Path(path) / "config.json").exists():
+            tokenizer = named_class.from_pretrained(path)
+        else:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError) as exc:  # a damaged tokenizer.json: the files' fault, not a retry's
+        raise InputError(f"{path}: its tokenizer files do not load ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     if tokenizer is None:
         raise InputError(f"{path}: no tokenizer found")
     if tokenizer.pad_token is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
@@ -43,6 +44,8 @@ class TrainConfig:
     truncation: str = "head"  # distillation: a long article keeps its start ("head") or its start and end ("head-tail")
 
     def __post_init__(self) -> None:
+        # recorded whole: export reads the run's splits from another working directory than training's
+        object.__setattr__(self, "data", str(Path(self.data).absolute()))
         if not self.max_length:
             object.__setattr__(self, "max_length", 1024 if self.mode == "instruction" else 512)
         checks = [
