@@ -55,9 +55,10 @@ def test_cpu_engine_with_a_reduced_dtype_is_refused(exported, tmp_path, runner):
 
 @pytest.mark.parametrize("damage, named", [("model_name", "no model_name"), ("adapter_config.json", "adapter_config.json"),
                                            ("tokenizer.json", "tokenizer.json"),
-                                           ("{adapter_config.json", "the adapter does not load"),
+                                           ("{adapter_config.json", "adapter_model.safetensors) does not load (JSONDecodeError"),
                                            ("{tokenizer.json", "its tokenizer files do not load"),
-                                           ("-adapter_model.safetensors", "weights its adapter config names are missing")])
+                                           ("-adapter_model.safetensors", "weights its adapter config names are missing"),
+                                           ("{adapter_model.safetensors", "adapter_model.safetensors")])
 def test_a_damaged_run_is_named_not_a_traceback(exported, tmp_path, runner, damage, named):
     from safetensors.torch import load_file, save_file
 

@@ -299,7 +299,7 @@ def _export_run(run_dir: Path, out_dir: Path, dtype: str, force: bool, cpu_engin
     if cpu_engine not in ("auto", "onnxruntime") and dtype != "fp32":
         raise ConfigError(f"--cpu-engine {cpu_engine}: engines are measured and chosen for --dtype fp32 exports; "
                           f"a --dtype {dtype} graph runs on ONNX Runtime")
-    if cpu_engine != "auto" and device != "cuda" and not (usable := cpu_engine_usable(cpu_engine))[0]:
+    if cpu_engine != "auto" and not (usable := cpu_engine_usable(cpu_engine))[0]:
         raise ConfigError(f"--cpu-engine {cpu_engine}: cannot run here ({usable[1]})")  # before minutes of export
     if dtype == "bf16" and device != "cuda":
         raise ConfigError("--dtype bf16 needs --device cuda: ONNX Runtime has no bf16 CPU kernels, so the graph can "

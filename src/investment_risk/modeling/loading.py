@@ -77,13 +77,15 @@ def load_adapter(model: Any, model_dir: Path) -> Any:
     import warnings
 
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            model = PeftModel.from_pretrained(model, model_dir, is_trainable=False)
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise InputError(f"{model_dir}: the adapter does not load ({type(exc).__name__}: "
+        try:  # read onto the CPU, where the base is: a GPU's error (out of memory) is no damage of the run's
+            model = PeftModel.from_pretrained(model, model_dir, is_trainable=False, torch_device="cpu")
+        except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+            raise InputError(f"{model_dir}: the adapter (adapter_config.json, adapter_model.safetensors) does not "
+                             f"load ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     for warning in caught:
         if "missing adapter keys" in str(warning.message):
@@ -113,9 +115,11 @@ def load_instruction_run(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, di
         with torch.no_grad():
             lm.get_input_embeddings().weight.copy_(load_file(str(run_dir / "model" / EMBEDDINGS_FILE))["weight"])
     model = InstructionModel(lm, AutoConfig.from_pretrained(base.path).hidden_size)
+    from safetensors import SafetensorError
+
     try:
         model.head.load_state_dict(load_file(str(run_dir / "model" / HEAD_FILE)))
-    except RuntimeError as exc:  # another shape, or missing keys
+    except (RuntimeError, SafetensorError) as exc:  # another shape, missing keys, a file cut short
         raise InputError(f"{run_dir / 'model' / HEAD_FILE}: does not fit the model ({str(exc).splitlines()[0]})") from None
     return model.eval(), tokenizer, metadata
 
