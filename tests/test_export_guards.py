@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
@@ -51,6 +52,17 @@ def test_cpu_engine_with_a_reduced_dtype_is_refused(exported, tmp_path, runner):
     result = runner.invoke(main, ["export", "--run", str(run), "--out", str(tmp_path / "m"), "--dtype", "int8",
                                   "--cpu-engine", "openvino-bf16"])
     assert result.exit_code == 2 and "--cpu-engine openvino-bf16" in result.output, result.output
+
+
+def test_a_storage_hiccup_while_a_run_loads_is_retried_not_called_damage():
+    from safetensors import SafetensorError
+
+    from investment_risk.core.errors import RetryableError, damaged
+
+    hiccup = damaged(Path("run/model"), SafetensorError("Error while deserializing header: (os error 5)"), "x")
+    assert isinstance(hiccup, RetryableError) and hiccup.exit_code == 1
+    broken = damaged(Path("run/model"), ValueError("bad\nmore"), "does not load")
+    assert isinstance(broken, InputError) and str(broken) == "run/model: does not load (ValueError: bad)"
 
 
 @pytest.mark.parametrize("damage, named", [("model_name", "no model_name"), ("adapter_config.json", "adapter_config.json"),

@@ -56,3 +56,12 @@ def unreadable(path: str | Path, exc: BaseException, what: str) -> InvestmentRis
     if os_errno(exc) in TRANSIENT_ERRNOS:
         return RetryableError(f"{path}: I/O error while reading ({detail}); a retry may succeed")
     return InputError(f"{path}: {what} ({detail})")
+
+
+def damaged(path: str | Path, exc: BaseException, what: str) -> InvestmentRiskError:
+    """The error for a library's failure to load `path`: a storage hiccup is retried (exit 1, as `unreadable`);
+    anything else is the file's damage, named with the error's kind and first line (exit 2)."""
+    if os_errno(exc) in TRANSIENT_ERRNOS:
+        return unreadable(path, exc, what)
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return InputError(f"{path}: {what} ({type(exc).__name__}: {first})")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.atomic import read_json
-from ..core.errors import ConfigError, InputError
+from ..core.errors import ConfigError, InputError, damaged
 from .description import CPU_ENGINES, TWIN_FILES, ModelDescription
 from .presets import load_config, load_tokenizer, quiet_libraries, resolve_base_model
 
@@ -84,9 +84,8 @@ def load_adapter(model: Any, model_dir: Path) -> Any:
         try:  # read onto the CPU, where the base is: a GPU's error (out of memory) is no damage of the run's
             model = PeftModel.from_pretrained(model, model_dir, is_trainable=False, torch_device="cpu")
         except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
-            raise InputError(f"{model_dir}: the adapter (adapter_config.json, adapter_model.safetensors) does not "
-                             f"load ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+            raise damaged(model_dir, exc, "the adapter (adapter_config.json, adapter_model.safetensors) does not "
+                          "load") from None
     for warning in caught:
         if "missing adapter keys" in str(warning.message):
             raise InputError(f"{model_dir / 'adapter_model.safetensors'}: weights its adapter config names are "
@@ -99,6 +98,7 @@ def load_instruction_run(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, di
     """A trained instruction run: InstructionModel (adapter + head loaded), tokenizer, metadata."""
     import torch
 
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -115,12 +115,10 @@ def load_instruction_run(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, di
         with torch.no_grad():
             lm.get_input_embeddings().weight.copy_(load_file(str(run_dir / "model" / EMBEDDINGS_FILE))["weight"])
     model = InstructionModel(lm, AutoConfig.from_pretrained(base.path).hidden_size)
-    from safetensors import SafetensorError
-
     try:
         model.head.load_state_dict(load_file(str(run_dir / "model" / HEAD_FILE)))
     except (RuntimeError, SafetensorError) as exc:  # another shape, missing keys, a file cut short
-        raise InputError(f"{run_dir / 'model' / HEAD_FILE}: does not fit the model ({str(exc).splitlines()[0]})") from None
+        raise damaged(run_dir / "model" / HEAD_FILE, exc, "does not fit the model") from None
     return model.eval(), tokenizer, metadata
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ConfigError, InputError, RetryableError
+from ..core.errors import ConfigError, InputError, RetryableError, damaged
 from ..core.spec import NUM_DIMENSIONS
 
 PRESETS = {
@@ -204,9 +204,8 @@ def load_tokenizer(path: Path) -> Any:
             tokenizer = named_class.from_pretrained(path)
         else:
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (ValueError, KeyError, TypeError) as exc:  # a damaged tokenizer.json: the files' fault, not a retry's
-        raise InputError(f"{path}: its tokenizer files do not load ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    except (ValueError, KeyError, TypeError) as exc:  # a damaged tokenizer.json
+        raise damaged(path, exc, "its tokenizer files do not load") from None
     if tokenizer is None:
         raise InputError(f"{path}: no tokenizer found")
     if tokenizer.pad_token is None:
