@@ -65,7 +65,7 @@ def batch_distribution(scored: Path) -> dict[str, Any]:
     return {"source": f"batch {scored}", "calibrated": merged.get("calibrated", False),
             "rows": int(merged.get("rows_model", total)), "edges": SCORE_EDGES,
             "histograms": histograms, "tier_shares": {t: n / total for t, n in sorted(counts.items())} if total else {},
-            "tier_counts": counts, "metrics": merged}
+            "tier_counts": counts, "model_versions": list(merged.get("model_versions") or []), "metrics": merged}
 
 
 def load_reference_of(path: Path) -> tuple[dict[str, Any], list[str]]:
@@ -77,7 +77,7 @@ def load_reference_of(path: Path) -> tuple[dict[str, Any], list[str]]:
         return model.reference, [model.model_version]
     if (path / "metrics.json").exists():
         batch = batch_distribution(path)
-        return batch, list(batch["metrics"].get("model_versions") or [])
+        return batch, batch["model_versions"]
     raise InputError(f"--reference {path}: neither an exported model (model.json) nor a scoring output (metrics.json)")
 
 
@@ -144,8 +144,7 @@ def write_drift_report(reference_path: Path, current_path: Path, out: Path,
         raise ConfigError(str(exc)) from None
     reference, reference_versions = load_reference_of(reference_path)
     current = batch_distribution(current_path)
-    check_same_model(reference_path, reference_versions, current_path,
-                     list(current["metrics"].get("model_versions") or []))
+    check_same_model(reference_path, reference_versions, current_path, current["model_versions"])
     if mismatch := calibration_mismatch(reference, current["calibrated"]):
         raise InputError(f"{current_path} against {reference_path}: {mismatch}; compare batches scored alike")
     for path, side in ((reference_path, reference), (current_path, current)):

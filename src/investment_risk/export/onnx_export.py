@@ -28,7 +28,8 @@ from ..core.drift import REFERENCE_FILE, make_reference, reference_entry
 from ..modeling.calibration import CALIBRATION_FILE, Calibration, load_calibration
 from ..modeling.description import (CPU_ENGINES, DYNAMIC_INT8_FILE, TWIN_FILES, describe_model, model_digest,
                                     model_version, onnx_files)
-from ..modeling.loading import cpu_engine_usable, cpu_profile, cpu_runner, in_bf16, run_splits, scoring_module
+from ..modeling.loading import (cpu_engine_usable, cpu_profile, cpu_runner, in_bf16, run_split, run_splits,
+                                scoring_module)
 from ..modeling.onnx_runtime import OnnxRunner
 from ..modeling.presets import CAUSAL_TYPES
 from ..modeling.predict import TorchRunner, padded_batches, predict, token_budget_for
@@ -75,11 +76,6 @@ def parity_rows(tokenizer: Any, metadata: dict[str, Any]) -> tuple[list[np.ndarr
 
 
 MEASURE_ROWS = 256  # validation rows each CPU engine scores when export picks the default
-
-
-def run_split(metadata: dict[str, Any], name: str) -> Path | None:
-    """The run's `name` split as export_run found it (`run_splits`: there, and the file the run trained on)."""
-    return metadata["splits"][name]
 
 
 def export_steps(decoder: bool, dtype: str, has_val: bool) -> list[str]:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..core.logs import get_logger
+from ..modeling.loading import run_split
 from ..modeling.predict import padded_batches
 from ..modeling.tokens import article_texts, encode, sorted_batches
 from .pooling import pooled_nodes
@@ -71,7 +72,7 @@ def calibration_rows(tokenizer: Any, metadata: dict[str, Any]) -> list[np.ndarra
     """Training articles tokenised as the scorer will: calibration never sees the validation rows it is judged on."""
     from ..datasets.readers import read_articles
 
-    train = metadata["splits"]["train"]  # as export_run found it (`run_splits`)
+    train = run_split(metadata, "train")
     if train is None:
         return []
     table = read_articles([train]).slice(0, CALIBRATION_ROWS)

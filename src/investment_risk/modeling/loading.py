@@ -43,12 +43,20 @@ def run_splits(run_dir: Path, metadata: dict[str, Any]) -> dict[str, Path | None
     splits: dict[str, Path | None] = {}
     for name in ("train", "val"):
         path = Path(data) / f"{name}.parquet" if data else None
-        if path is not None and path.is_file() and name in recorded and sha256_file(path) != recorded[name]:
+        if path is None or not path.is_file():
+            splits[name] = None
+        elif name in recorded and sha256_file(path) != recorded[name]:
             get_logger().warning("run_split_changed", split=name, path=str(path),
                                  reason="not the file the run trained on (another sha256): left out, as if gone")
-            path = None
-        splits[name] = path if path is not None and path.is_file() else None
+            splits[name] = None
+        else:
+            splits[name] = path
     return splits
+
+
+def run_split(metadata: dict[str, Any], name: str) -> Path | None:
+    """The run's `name` split as export found it (`run_splits`, set once in its metadata as "splits")."""
+    return metadata["splits"][name]
 
 
 def load_run_model(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, dict[str, Any]]:

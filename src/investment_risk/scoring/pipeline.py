@@ -70,6 +70,11 @@ class ScoreConfig:
     checkpoint_seconds: float = 300.0  # a checkpoint at the first read batch's end this long after the last one
     metrics_group: str = DEFAULT_METRICS_GROUP  # the Pushgateway's batch_group label: nightly, or ad hoc
 
+    @property
+    def read_columns(self) -> tuple[str, ...]:
+        """What scoring reads of an input file: the article, the labels, the kept columns."""
+        return (*READ_COLUMNS, *self.keep_columns)
+
     def __post_init__(self) -> None:
         if self.shard_count < 1:
             raise ConfigError(f"--shard-count must be >= 1, got {self.shard_count}")
@@ -198,7 +203,7 @@ class ShardScorer:
         reads the batches of its unit before `start` again, which costs no model call, and skips them)."""
         for index in range(start.unit, len(units)):
             unit = units[index]
-            columns = [*READ_COLUMNS, *self.config.keep_columns]
+            columns = list(self.config.read_columns)
             if not is_jsonl(unit.path):  # the file's own names, each as often as it has it (check_schema's doubles)
                 columns = [c for c in parquet_schema(unit.path).names if c in columns]
             groups = None if unit.row_group is None else [unit.row_group]
@@ -450,7 +455,7 @@ def _score(config: ScoreConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(model.tokenizer_dir)
     runner = load_runner(model, config.backend, config.device, config.threads, config.cpu_engine)
     units, shard_entries = shard_inputs(out, config.inputs, config.ledger, config.shard_index, config.shard_count,
-                                        read=(*READ_COLUMNS, *config.keep_columns))
+                                        read=config.read_columns)
     total = _count_rows(units)
     log.info("shard_start", files=len({unit.path for unit in units}), units=len(units), rows=total, backend=config.backend,
              provider=runner.provider, model_version=model.model_version)
