@@ -37,3 +37,10 @@ def test_demo_runs_the_whole_loop(runner, tmp_path):
     assert "was trained on other data" in restarted["reason"]
     second = json.loads((out / "run" / "training_metadata.json").read_text())
     assert second["train_examples"] > first["train_examples"]
+
+
+def test_demo_refuses_a_base_model_that_is_not_here_before_any_work(runner, tmp_path):
+    out = tmp_path / "demo"
+    result = runner.invoke(main, ["demo", "--out", str(out), "--base-model", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "not found offline" in result.output, result.output
+    assert not out.exists()

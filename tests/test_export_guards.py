@@ -69,7 +69,8 @@ def test_a_storage_hiccup_while_a_run_loads_is_retried_not_called_damage():
                                            ("tokenizer.json", "tokenizer.json"),
                                            ("{adapter_config.json", "adapter_model.safetensors) does not load (JSONDecodeError"),
                                            ("{tokenizer.json", "its tokenizer files do not load"),
-                                           ("-adapter_model.safetensors", "weights its adapter config names are missing"),
+                                           ("-layers.1.", "weights its adapter config names are missing"),
+                                           ("-score.", "does not load (KeyError: 'base_model.model.score.weight')"),
                                            ("{adapter_model.safetensors", "adapter_model.safetensors")])
 def test_a_damaged_run_is_named_not_a_traceback(exported, tmp_path, runner, damage, named):
     from safetensors.torch import load_file, save_file
@@ -83,10 +84,10 @@ def test_a_damaged_run_is_named_not_a_traceback(exported, tmp_path, runner, dama
         (broken / "training_metadata.json").write_text(json.dumps(meta))
     elif damage.startswith("{"):  # cut short
         (broken / "model" / damage[1:]).write_text("{")
-    elif damage.startswith("-"):  # a layer's weights gone: PEFT warns and loads a model without them
-        path = broken / "model" / damage[1:]
+    elif damage.startswith("-"):  # a layer's weights gone (PEFT only warns), or the head's
+        path = broken / "model" / "adapter_model.safetensors"
         weights = load_file(str(path))
-        save_file({k: v for k, v in weights.items() if "layers.1." not in k}, str(path))
+        save_file({k: v for k, v in weights.items() if damage[1:] not in k}, str(path))
     else:
         (broken / "model" / damage).unlink()
     result = runner.invoke(main, ["export", "--run", str(broken), "--out", str(tmp_path / "m")])

@@ -31,12 +31,15 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     from .datasets.synth import SynthConfig, write_synthetic
     from .evaluation.evaluate import evaluate_run
     from .export.onnx_export import export_run
+    from .modeling.presets import check_base, resolve_base_model
     from .scoring.pipeline import ScoreConfig, score
     from .training.config import TrainConfig
     from .training.recipe import train
     from .training.run_dir import resume_refusal
 
     log = get_logger()
+    # A base model that is not here, or that cannot take the demo's settings, is refused before minutes of work.
+    check_base(resolve_base_model(config.base_model), "distillation", config.max_length)
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
