@@ -161,8 +161,8 @@ def test_the_stage_job_alone_reaches_the_hub_and_needs_no_gpu(runner):
     assert "nvidia.com/gpu" not in container["resources"]["limits"] and "tolerations" not in pod
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/models", "/var/run/secrets/huggingface"}
     assert job["spec"]["podFailurePolicy"]["rules"][1]["onExitCodes"]["values"] == [2]
-    for kind in ("train", "export", "score", "merge", "nightly"):  # every other pod stays offline
-        result = runner.invoke(main, ["jobs", "render", kind, "--out", "/data/scored/$(JOB_NAME)", "--run", "/models/runs/r"])
+    for kind, paths in KIND_PATHS.items():  # every other pod stays offline
+        result = runner.invoke(main, ["jobs", "render", kind, *paths])
         assert result.exit_code == 0 and "HF_HUB_OFFLINE" not in result.output, result.output
 
 
@@ -180,13 +180,19 @@ def test_shared_pvcs_take_a_storage_class_and_sizes(runner):
         assert result.exit_code == 2 and message in result.output, result.output
 
 
+# The path options each kind's Job takes, as the pod sees them.
+KIND_PATHS = {"train": ("--out", "/models/runs/x"), "export": ("--run", "/models/runs/r"),
+              "score": ("--out", "/data/scored/x"), "merge": ("--out", "/data/scored/x"),
+              "nightly": ("--out", "/data/scored/$(JOB_NAME)")}
+
+
 def test_rendered_jobs_validate_for_every_kind_and_profile(tmp_path, runner):
     texts = []
-    for kind in ("stage", "train", "export", "score", "merge", "nightly", "shared", "all"):
+    for kind, paths in {"stage": (), **KIND_PATHS, "shared": (), "all": ()}.items():
         for profile in ("gpu", "cpu"):
-            out = "/data/scored/$(JOB_NAME)" if kind == "nightly" else "/data/scored/x"
-            result = runner.invoke(main, ["jobs", "render", kind, "--profile", profile, "--queue", "batch",
-                                          "--out", out, "--name", f"{kind}-{profile}", "--run", "/models/runs/r"])
+            name = () if kind in ("shared", "all") else ("--name", f"{kind}-{profile}")
+            result = runner.invoke(main, ["jobs", "render", kind, "--profile", profile, "--queue", "batch", *paths,
+                                          *name])
             assert result.exit_code == 0, result.output
             texts.append(result.stdout)
     validate("---\n".join(texts), tmp_path)
@@ -928,6 +934,33 @@ def test_render_refuses_a_path_the_pod_would_refuse_or_misread(runner):
                            env={"INVESTMENT_RISK_INPUT": "/data/a /data/b:c"})
     args = yaml.safe_load(result.output)["spec"]["template"]["spec"]["containers"][0]["args"]
     assert [args[i + 1] for i, a in enumerate(args) if a == "--input"] == ["/data/a", "/data/b:c"]
+
+
+def test_render_parses_the_pods_command_as_the_image_will(runner):
+    """A relative path lands in the pod's /tmp and is deleted with it while the Job succeeds; an --extra-arg that
+    names a URL, a typo or an option the Job already sets fails only in the pod (or silently wins)."""
+    for command, message in (
+            (["score", "--out", "scored/batch1"], "--out scored/batch1: a relative path"),
+            (["train", "--out", "runs/t1"], "--out runs/t1: a relative path"),
+            (["score", "--extra-arg", "--input=s3://bucket/new"], "--input s3://bucket/new: a URL"),
+            (["score", "--extra-arg", "--ledger=ledger.json"], "--ledger ledger.json: a relative path"),
+            (["score", "--extra-arg", "--model", "--extra-arg", "/models/other"], "--model is given twice"),
+            (["train", "--extra-arg", "--data=/x"], "--data was given more than once"),
+            (["score", "--extra-arg", "--forcee"], "No such option '--forcee'"),
+            (["score", "--extra-arg", "--token-budget=12"], "12 is not in the range"),
+            (["stage", "--extra-arg", "--revision"], "No such option '--revision'"),
+            (["train", "--shards", "8", "--backend", "torch"], "--shards, --backend: not an option of a train Job"),
+            (["merge", "--out", "/data/s", "--model", "/models/m"], "--model: not an option of a merge Job")):
+        result = runner.invoke(main, ["jobs", "render", *command, "--name", "j"])
+        assert result.exit_code == 2 and message in result.output, (command, result.output)
+    # what the pod's command takes goes through: the merge's too (it was dropped)
+    for kind, paths, passed in (("merge", ["--out", "/data/s"], ["--pushgateway", "http://pg:9091"]),
+                                ("score", [], ["--force", "--input=/data/more", "/data/other"])):
+        extra = [arg for value in passed for arg in ("--extra-arg", value)]
+        result = runner.invoke(main, ["jobs", "render", kind, "--name", "j", *paths, *extra])
+        assert result.exit_code == 0, result.output
+        args = yaml.safe_load(result.output)["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[-len(passed):] == passed, args
 
 
 @pytest.mark.parametrize("extra", [["--ledger=/data/backfill/ledger.json", "--metrics-group=backfill"],

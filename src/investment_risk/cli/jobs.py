@@ -17,7 +17,7 @@ from ..core.errors import ConfigError
 from ..core.logs import bind, redact_event, redact_text
 from ..k8s import cluster as kube
 from . import output
-from .options import RepeatedPath, option, stacked
+from .options import RepeatedPath, is_url, option, stacked
 
 
 # Where and how the pods run.
@@ -86,12 +86,66 @@ def _settings(image: str, namespace: str, profile: str, queue: str | None, pull_
                        **storage)
 
 
+# The job options each kind's pod command takes (every kind takes --name and --extra-arg).
+KIND_OPTIONS = {"stage": {"base_model"}, "train": {"mode", "data", "base_model", "out"}, "export": {"run", "out"},
+                "score": {"model", "inputs", "out", "shards", "parallelism", "backend"}, "merge": {"out", "shards"},
+                "nightly": {"model", "inputs", "out", "shards", "parallelism", "backend", "schedule", "time_zone"}}
+
+
 def _build(kind: str, settings: Any, params: dict[str, Any]) -> dict[str, Any]:
     from ..k8s.manifests import build
 
+    context = click.get_current_context()
+    unused = [name for name in params if name not in KIND_OPTIONS[kind] | {"name", "extra_args"}
+              and context.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+    if unused:  # `render train --shards 8` rendered a Job without it, and said nothing
+        flag = {param.name: param.opts[0] for param in context.command.params}
+        taken = sorted(flag[name] for name in KIND_OPTIONS[kind] | {"name", "extra_args"})
+        raise ConfigError(f"{', '.join(flag[name] for name in unused)}: not an option of a {kind} Job (it takes "
+                          f"{', '.join(taken)})")
     params["inputs"] = tuple(params["inputs"])
     params["extra_args"] = tuple(params["extra_args"])
-    return build(kind, settings, **params)
+    manifest = build(kind, settings, **params)
+    check_pod_command(manifest)
+    return manifest
+
+
+def check_pod_command(manifest: dict[str, Any]) -> None:
+    """Parse the pod's command as the image's CLI will, so that what it would refuse is refused now, not after the
+    image pull: an unknown option, one given twice (by the Job and again by --extra-arg, where the last would
+    silently win), a URL, a value of the wrong kind; and a relative path, which in a pod lands in its /tmp and is
+    deleted with it (the Job still succeeds). Existence is the pod's to check: its volumes are not here."""
+    from .app import main
+
+    job = manifest["spec"].get("jobTemplate", manifest)
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    command = main.commands[args[0]]
+    context = click.Context(command, info_name=args[0])
+    try:
+        values, extra, order = command.make_parser(context).parse_args(list(args[1:]))
+        if extra:
+            raise click.UsageError(f"unexpected argument {extra[0]!r}")
+        for param in order:
+            if not param.multiple and order.count(param) > 1:
+                raise click.UsageError(f"{param.opts[0]} is given twice (by the Job and by --extra-arg): set it "
+                                       "with the jobs option")
+        for param in dict.fromkeys(order):
+            value = values.get(param.name)
+            if not isinstance(value, (str, bool, list, tuple)):  # an argument not given (Click's unset marker)
+                continue
+            label = param.opts[0] if isinstance(param, click.Option) else "the argument"
+            if not isinstance(param.type, click.Path):
+                param.type_cast_value(context, value)
+                continue
+            for path in value if param.multiple or param.nargs == -1 else (value,):
+                if is_url(path):
+                    raise click.UsageError(f"{label} {path}: a URL; a pod reads its mounted volumes")
+                if not path.startswith("/"):
+                    raise click.UsageError(f"{label} {path}: a relative path, which in the pod is under its "
+                                           "/tmp and deleted with it; give the path as the pod sees it (/data/..., "
+                                           "/models/...)")
+    except click.ClickException as exc:
+        raise ConfigError(f"the pod's command `investment-risk {args[0]}`: {exc.format_message()}") from None
 
 
 @click.group("jobs")

@@ -12,6 +12,10 @@ ENV_PREFIX = "INVESTMENT_RISK_"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
+def is_url(value: Any) -> bool:
+    return isinstance(value, str) and bool(_URL.match(value))
+
+
 class EnvOption(click.Option):
     """Every option can also come from INVESTMENT_RISK_<OPTION> (the contract's rule, not Click's nested prefix)."""
 
@@ -29,7 +33,7 @@ class EnvOption(click.Option):
         # command wrote without a word, or deep in a library's traceback.
         if isinstance(self.type, click.Path):
             for item in value if self.multiple and value is not None else (value,):
-                if isinstance(item, str) and _URL.match(item):
+                if is_url(item):
                     raise click.BadParameter(f"{item}: a URL; this takes a local or mounted path (copy the files "
                                              "there, or mount the bucket)", ctx, self)
         return super().process_value(ctx, value)

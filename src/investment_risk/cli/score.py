@@ -12,13 +12,13 @@ from ..core.logs import bind, get_logger
 from ..modeling.description import CPU_ENGINES
 from ..modeling.predict import CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET
 from . import output
-from .options import ENV_PREFIX, option
+from .options import ENV_PREFIX, RepeatedPath, option
 
 
 @click.command("score")
 @option("--model", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
         help="An exported model directory (or, with --backend torch, a training run).")
-@option("--input", "inputs", multiple=True, envvar=ENV_PREFIX + "INPUT",
+@option("--input", "inputs", type=RepeatedPath(), multiple=True, envvar=ENV_PREFIX + "INPUT",
         help="Parquet/JSONL files, directories or quoted globs; repeat it, or list more paths after it.")
 @option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output directory.")
 @option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
@@ -52,7 +52,7 @@ from .options import ENV_PREFIX, option
 @option("--force", is_flag=True, help="Redo a shard that is already done.")
 # `--input a.parquet b.parquet` (the contract's --input PATH..., an unquoted glob the shell expanded): the paths after
 # the first are arguments, and inputs as much as --input's.
-@click.argument("more_inputs", nargs=-1, metavar="[PATH]...")
+@click.argument("more_inputs", nargs=-1, type=click.Path(), metavar="[PATH]...")
 def score_command(model: Path, inputs: tuple[str, ...], more_inputs: tuple[str, ...], out: Path, shard_index: int,
                   shard_count: int, backend: str, device: str, keep_columns: str, token_budget: int | None,
                   cpu_engine: str, no_calibration: bool, ledger: Path | None, psi_threshold: float, pushgateway: str,

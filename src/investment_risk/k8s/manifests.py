@@ -272,12 +272,12 @@ def train_job(spec: TrainSpec, settings: JobSettings) -> dict[str, Any]:
     }
 
 
-def stage_job(name: str, base_model: str, settings: JobSettings) -> dict[str, Any]:
+def stage_job(name: str, base_model: str, settings: JobSettings, extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """Fetch the base model into the models PVC's Hugging Face cache (the pods' HF_HOME), once, before training:
     the one pod that reaches the hub, so the ConfigMap's HF_HUB_OFFLINE is lifted for it alone."""
     check_name(name)
     small = replace(settings, profile="cpu")  # a download: no accelerator
-    container = _container("stage", ["stage-model", "--base-model", base_model], small, gpu=False)
+    container = _container("stage", ["stage-model", "--base-model", base_model, *extra_args], small, gpu=False)
     container["env"].append({"name": "HF_HUB_OFFLINE", "value": "0"})
     return {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(name, settings, "stage", queue=True),
@@ -296,7 +296,7 @@ def export_job(name: str, run: str, out: str, settings: JobSettings, extra_args:
     `--extra-arg` may name another --dtype or --device: it replaces the profile's (an option is given once)."""
     check_name(name)
     if not run or not out:
-        raise ConfigError("export needs --run (the training run directory) and --out (the model directory to write)")
+        raise ConfigError("export needs --run (the training run directory, e.g. /models/runs/NAME)")
     gpu = settings.hardware.gpus > 0
     named = named_options(extra_args)
     defaults = [arg for flag, value in (("--dtype", "fp16"), ("--device", "cuda")) if gpu and flag not in named
@@ -357,14 +357,15 @@ MERGE_REQUESTS = {"cpu": "250m", "memory": "1Gi", "ephemeral-storage": "2Gi"}
 MERGE_LIMITS = {"cpu": "1", "memory": "2Gi"}
 
 
-def merge_job(name: str, out: str, shards: int, settings: JobSettings) -> dict[str, Any]:
+def merge_job(name: str, out: str, shards: int, settings: JobSettings,
+              extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """The last step: merge the shards' metrics; exits 1 (and is retried) until all shards are done."""
     check_name(name)
     small = replace(settings, profile="cpu")  # merging reads JSON: no accelerator
     # The pod waits for the shards itself (the Job's backoff would give up after minutes, scoring takes hours).
     wait = str(max(settings.deadline_s - 600, 60))
-    container = _container("merge", ["score-merge", "--out", out, "--expect-shards", str(shards), "--wait-seconds", wait],
-                           small, gpu=False)
+    container = _container("merge", ["score-merge", "--out", out, "--expect-shards", str(shards), "--wait-seconds", wait,
+                                     *extra_args], small, gpu=False)
     # It polls small JSON files for hours: reserve a fraction of a scoring pod, allow a burst for the merge itself.
     container["resources"]["requests"].update(MERGE_REQUESTS)
     container["resources"]["limits"].update(MERGE_LIMITS)
@@ -548,7 +549,7 @@ def build(kind: str, settings: JobSettings, *, name: str | None = None, mode: st
         name = f"{APP}-nightly" if kind == "nightly" else default_name(kind)
     check_paths(data=data, model=model, input=inputs, out=out, run=run)  # given empty, not replaced by a default
     if kind == "stage":
-        return stage_job(name, base_model, settings)
+        return stage_job(name, base_model, settings, extra_args)
     if kind == "train":
         return train_job(TrainSpec(name, mode, data, out or f"{MODELS_MOUNT}/runs/{name}", base_model, extra_args), settings)
     if kind == "export":
@@ -560,7 +561,7 @@ def build(kind: str, settings: JobSettings, *, name: str | None = None, mode: st
     if kind == "merge":
         if out is None:
             raise ConfigError("merge needs --out: the scoring output directory to merge")
-        return merge_job(name, out, shards, settings)
+        return merge_job(name, out, shards, settings, extra_args)
     return nightly_cronjob(spec, settings, schedule, time_zone)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..core.atomic import in_turn, read_json, write_json_atomic
-from ..core.errors import InputError, RetryableError
+from ..core.errors import ConfigError, InputError, RetryableError
 from ..core.logs import Progress, get_logger
 from ..core.decisions import tier_report
 from ..core.drift import (DEFAULT_PSI_THRESHOLD, SCORE_BINS, SCORE_EDGES, calibration_mismatch, drift, model_tier_counts,
@@ -437,6 +437,11 @@ def merge_until_complete(out_dir: Path, expect_shards: int | None, wait_seconds:
         # pushed once complete: the shards pushed the partial merges as they finished
         merged = merge_metrics(out_dir, gateway, push_partial=False) if out_dir.is_dir() else {"shards": 0,
                                                                                                 "shard_count": 0}
+        if merged.get("complete") and (expect_shards or 0) > merged["shard_count"]:
+            # every shard of the count the batch was scored with is done: no more will come (a day's wait, then
+            # retries, for a merge Job rendered with another --shards)
+            raise ConfigError(f"{out_dir}: the batch is complete with {merged['shard_count']} shards (scored with "
+                              f"--shard-count {merged['shard_count']}), not the {expect_shards} expected")
         return merged, max(expect_shards or 0, merged["shard_count"], 1)
 
     merged, needed = merged_now()
