@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from structlog.testing import capture_logs
 
 from investment_risk.cli import main
+from investment_risk.core.errors import ConfigError
 from investment_risk.k8s.manifests import SCORE_GRACE_S, JobSettings, build, default_base, to_yaml
 from investment_risk.scoring.pipeline import ScoreConfig, score
 from investment_risk.core.spec import DIMENSIONS
@@ -739,9 +740,16 @@ def test_run_local_maps_each_path_once_and_option_values_too(tmp_path):
         default_base()["shared.yaml"] + [build("score", JobSettings(), name="investment-risk-score")]))
     job = next(d for d in docs if d["kind"] == "Job")
     job["spec"]["template"]["spec"]["containers"][0]["args"] += ["--cache=$(INVESTMENT_RISK_CACHE)", "--x=/data/y"]
-    mounts = {"/data": tmp_path / "data", "/cache": tmp_path / "scratch" / "cache", "/tmp": tmp_path / "scratch" / "tmp"}
+    mounts = {"/data": tmp_path / "data", "/models": tmp_path / "models", "/cache": tmp_path / "scratch" / "cache",
+              "/tmp": tmp_path / "scratch" / "tmp"}
     args, env = map_to_local(*pod_spec(job, docs, 2), mounts)  # as ProcessRuntime.start maps them
     assert f"--cache={tmp_path}/scratch/cache/investment-risk" in args and f"--x={tmp_path}/data/y" in args
+    # a path under no volume is on the pod's read-only root: refused here, where it would write to this machine
+    for outside in ("/scored-outside/x", "--out=/etc/x"):
+        job["spec"]["template"]["spec"]["containers"][0]["args"].append(outside)
+        with pytest.raises(ConfigError, match="under none of the pod's volumes"):
+            map_to_local(*pod_spec(job, docs, 2), mounts)
+        job["spec"]["template"]["spec"]["containers"][0]["args"].pop()
     assert env["INVESTMENT_RISK_CACHE"] == f"{tmp_path}/scratch/cache/investment-risk"
     assert env["JOB_COMPLETION_INDEX"] == "2" and env["JOB_NAME"] == job["metadata"]["name"]
 
@@ -796,7 +804,7 @@ def test_run_local_pods_get_their_own_environment_not_this_shells(tmp_path, monk
     monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 30)
     monkeypatch.setenv("_INVESTMENT_RISK_KILL_AT", "after_rename:*")  # a test hook: kept
     started = []
-    monkeypatch.setattr(runlocal.subprocess, "Popen", lambda args, env: started.append(env))
+    monkeypatch.setattr(runlocal.subprocess, "Popen", lambda args, env, cwd: started.append({**env, "cwd": cwd}))
     docs = docs_of(to_yaml(default_base()["shared.yaml"] + [build("score", JobSettings(), name="investment-risk-score")]))
     job = next(d for d in docs if d["kind"] == "Job")
     pods = runlocal.ProcessRuntime(job, {"/data": tmp_path / "data", "/models": tmp_path / "models"}, tmp_path)
@@ -806,6 +814,7 @@ def test_run_local_pods_get_their_own_environment_not_this_shells(tmp_path, monk
     assert env["JOB_COMPLETION_INDEX"] == "1" and env["_INVESTMENT_RISK_KILL_AT"] == "after_rename:*"
     assert env["INVESTMENT_RISK_RUN_ID"] == "investment-risk-score"  # every shard's lines carry the Job's name
     assert env["HOME"] == env["TMPDIR"] == pods.tmp and env["PATH"] == os.environ["PATH"]
+    assert env["cwd"] == pods.tmp  # the image's working directory: a relative path lands in the pod's /tmp
 
 
 # --- run-local --runtime docker: the pod spec as `docker run` arguments (a recording stand-in for the client) -------

@@ -163,11 +163,14 @@ def map_to_local(args: list[str], env: dict[str, str], mounts: dict[str, Path]) 
 
 
 def _map_arg(arg: str, mounts: dict[str, Path]) -> str:
-    """A path argument, or the value of `--option=/path`, mapped to its local directory."""
-    if arg.startswith("-") and "=" in arg:
-        option, value = arg.split("=", 1)
-        return f"{option}={_map_path(value, mounts)}"
-    return _map_path(arg, mounts)
+    """A path argument, or the value of `--option=/path`, mapped to its local directory. An absolute path under no
+    mount is refused: in a pod it is on the image's read-only root, where the command fails (here it would write
+    into this machine's own folders, and pass)."""
+    option, value = arg.split("=", 1) if arg.startswith("-") and "=" in arg else ("", arg)
+    if value.startswith("/") and _map_path(value, mounts) == value:
+        raise ConfigError(f"path {value!r} is under none of the pod's volumes ({', '.join(sorted(mounts))}): in a "
+                          "pod it is on the read-only root filesystem")
+    return f"{option}={_map_path(value, mounts)}" if option else _map_path(value, mounts)
 
 
 def _mounts(job: dict[str, Any], given: dict[str, Path], scratch: Path) -> dict[str, Path]:
@@ -211,7 +214,8 @@ class ProcessRuntime:
     def start(self, index: int | None, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         args, env = map_to_local(args, env, self.mapped)
         # HOME and TMPDIR as the image sets them: under the pod's /tmp.
-        return subprocess.Popen([sys.executable, "-m", "investment_risk", *args],
+        # The working directory too, as the image's: a relative path lands in the pod's /tmp, as in a pod.
+        return subprocess.Popen([sys.executable, "-m", "investment_risk", *args], cwd=self.tmp,
                                 env={**host_environment(), "HOME": self.tmp, **env, "TMPDIR": self.tmp})
 
     def stop(self, index: int | None, process: subprocess.Popen) -> None:
