@@ -49,13 +49,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     INVESTMENT_RISK_LOG_FORMAT=json
 # The interpreter, the OpenMP runtime torch's CPU kernels link, and what `train --compile` builds its kernels with:
 # a C/C++ compiler and Python's headers (Triton compiles its CUDA driver stub with them, Inductor its CPU kernels,
-# after checksumming its precompiled header with the openssl command).
+# after checksumming its precompiled header with the openssl command). The CA bundle: the stage Job's download from
+# the hub verifies TLS against the system's store alone (httpx's ssl context; no certifi fallback).
 # No pip, make, git or apt lists.
 # hadolint ignore=DL3008
 RUN --mount=type=secret,id=ca,required=false \
     if [ -s /run/secrets/ca ]; then printf 'Acquire::https::CAInfo "/run/secrets/ca";\n' > /etc/apt/apt.conf.d/99ca; fi \
     && apt-get update \
-    && apt-get install -y --no-install-recommends python3 libgomp1 g++ python3-dev openssl \
+    && apt-get install -y --no-install-recommends python3 libgomp1 g++ python3-dev openssl ca-certificates \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log /etc/apt/apt.conf.d/99ca \
     && groupadd --gid 10001 app \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin app \

@@ -141,6 +141,12 @@ def test_train_compile_runs_in_the_pod(pipeline, volumes):
     assert any((volumes["models"] / "compile-cache").rglob("*.so"))
 
 
+def test_the_pod_has_a_ca_store_to_verify_the_hubs_tls(volumes):
+    done = pod(volumes, "-c", "import ssl; print(ssl.create_default_context().cert_store_stats()['x509_ca'])",
+               entrypoint="python3")
+    assert done.returncode == 0 and int(done.stdout) > 0, done.stderr[-2000:]
+
+
 def test_the_stage_pod_reaches_for_the_hub_only_when_told_to(volumes):
     # The stage Job's container lifts the ConfigMap's HF_HUB_OFFLINE; this pod has no network, so the hub cannot be
     # reached: exit 1, which the Job retries. Every other pod keeps the ConfigMap's offline mode: exit 2.

@@ -348,6 +348,9 @@ def test_dockerfile_lints_clean_and_locks_one_cuda_stack():
     assert re.search(r"^USER \d+:\d+$", dockerfile, re.M) and 'ENTRYPOINT ["investment-risk"]' in dockerfile
     assert "--require-hashes" in dockerfile and "HF_HOME=/cache/" in dockerfile and dockerfile.count("FROM ") >= 2
     assert "HF_TOKEN" not in dockerfile.replace("HF_TOKEN_PATH", "")  # no token at build time
+    # the stage Job verifies the hub's TLS against the system store: the final stage needs the CA bundle too
+    final_stage = dockerfile.rsplit("\nFROM ", 1)[1]
+    assert re.search(r"apt-get install [^&]*\bca-certificates\b", final_stage), final_stage
     lock = (ROOT / "docker" / "requirements.lock").read_text()
     pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^\s\\]+)", lock, re.M))
     assert "onnxruntime" not in pins and "onnxruntime-gpu" in pins  # one runtime, the CUDA one
