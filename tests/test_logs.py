@@ -154,6 +154,12 @@ def test_free_text_loses_the_values_of_secret_named_keys(text, secret):
     assert secret not in logs.redact_text(text) and logs.REDACTED in logs.redact_text(text)
 
 
+def test_a_redacted_json_line_is_still_json():
+    # `jobs logs --raw` on a terminal prints pods' lines through redact_text: "api_key":*** would not parse
+    line = json.dumps({"event": "x", "api_key": "sk-" + "a" * 30, "hf_token": "plain-secret", "n": 1})
+    assert json.loads(logs.redact_text(line)) == {"event": "x", "api_key": "***", "hf_token": "***", "n": 1}
+
+
 @pytest.mark.parametrize("text", [
     "tokens_per_second=12 token_count=5 num_tokens: 7 tokenizer: qwen",
     "Error: /var/run/secrets/huggingface/token: Permission denied",  # a file named token, not a key

@@ -57,7 +57,13 @@ _SECRET_ASSIGNMENT = re.compile(
 def redact_text(text: str) -> str:
     """Token-shaped substrings, and values given to secret-named keys, replaced: for text that leaves through other
     channels than the logger (error lines, pods' output)."""
-    return _SECRET_ASSIGNMENT.sub(lambda m: m.group(1) + REDACTED, _SECRET_VALUE.sub(REDACTED, text))
+    return _SECRET_ASSIGNMENT.sub(_redacted_assignment, _SECRET_VALUE.sub(REDACTED, text))
+
+
+def _redacted_assignment(match: re.Match) -> str:
+    # a quoted value keeps its quotes: a JSON line (`jobs logs --raw`) stays JSON
+    quote = match.group(2)[0] if match.group(2)[0] in "\"'" else ""
+    return match.group(1) + quote + REDACTED + quote
 
 
 def redact_event(event: Mapping[str, Any]) -> dict[str, Any]:
