@@ -526,6 +526,20 @@ def test_wait_follows_an_existing_job_through_a_rotated_log_and_names_a_pod_that
     assert reads and any("sinceSeconds" in getattr(r, "params", {}) for r in reads)  # not the whole log every poll
 
 
+def test_wait_on_a_job_cancelled_meanwhile_says_it_was_deleted(fake, tmp_path, runner):
+    assert jobs_cli(runner, fake, tmp_path, "submit", "score", "--name", "night-2").exit_code == 0
+    from investment_risk.k8s import cluster as kube
+
+    # another shell's `jobs cancel` (through the API, not a second CliRunner: they would share sys.stdout)
+    thread = threading.Timer(0.5, lambda: kube.cancel(kube.connect(NS, tmp_path / "kubeconfig", None), "night-2"))
+    thread.start()
+    result = jobs_cli(runner, fake, tmp_path, "wait", "night-2", "--poll-seconds", "0.1", "--timeout", "30")
+    thread.join()
+    events = assert_json_stdout(result)
+    assert result.exit_code == 1 and "job_deleted" in [e["event"] for e in events], result.output
+    assert events[-1]["event"] == "job_finished" and events[-1]["state"] == "Deleted"
+
+
 def test_wait_rides_out_failed_polls_and_says_when_it_gives_up(monkeypatch):
     from investment_risk.core.errors import RetryableError
     from investment_risk.k8s import cluster as kube

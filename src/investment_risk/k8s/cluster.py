@@ -90,7 +90,7 @@ def _api_errors(what: str, cluster: Cluster) -> Iterator[None]:
             raise ConfigError(f"{what}: forbidden ({reason}); the submitter needs the Role in k8s/ "
                               "(jobs, pods, pods/log)") from None
         if exc.status == 404:
-            raise ConfigError(f"{what}: not found ({reason})") from None
+            raise NotFoundError(f"{what}: not found ({reason})") from None
         if exc.status == 409:
             raise ConfigError(f"{what}: already exists ({reason}); choose another --name, or follow that Job with "
                               "`jobs wait NAME`") from None
@@ -100,6 +100,10 @@ def _api_errors(what: str, cluster: Cluster) -> Iterator[None]:
     except HTTPError as exc:
         host = cluster.batch.api_client.configuration.host
         raise RetryableError(f"{what}: cannot reach the cluster at {host} ({unreachable_reason(exc)})") from None
+
+
+class NotFoundError(ConfigError):
+    """The API server has no such object (exit 2 where it was named; a Job followed until then was deleted)."""
 
 
 def unreachable_reason(exc: Exception) -> str:
@@ -289,7 +293,7 @@ def wait(cluster: Cluster, name: str, on_line: Callable[[str, str], None], poll_
 
     log, follower = get_logger(), LogFollower()
     reported: set[tuple[str, str]] = set()  # (pod, reason): ErrImagePull and ImagePullBackOff alternate
-    failures, state = 0, "unknown"
+    failures, state, seen = 0, "unknown", None
     started = time.monotonic()
     if timeout_s is not None:
         cluster.deadline = started + timeout_s
@@ -298,7 +302,13 @@ def wait(cluster: Cluster, name: str, on_line: Callable[[str, str], None], poll_
             status = job_status(cluster, name)
             for pod, line in follower.new_lines(cluster, name, [p["name"] for p in status["pods"]]):  # pods listed once
                 on_line(pod, line)
-            failures, state = 0, status["state"]
+            failures, state, seen = 0, status["state"], status
+        except NotFoundError:
+            if seen is None:  # never there: a wrong name
+                raise
+            # cancelled (`jobs cancel`, kubectl delete) while followed: it will not finish
+            log.warning("job_deleted", job=name)
+            return {**seen, "state": "Deleted"}
         except RetryableError as exc:
             failures += 1
             if failures >= POLL_FAILURES:
