@@ -225,6 +225,43 @@ def test_a_pushgateway_that_is_down_is_logged_and_scoring_succeeds(exported, spl
     assert (tmp_path / "out" / "_done" / "part-00000").exists()
 
 
+def test_a_pushgateway_behind_basic_auth_gets_the_urls_credentials(exported, split_dir, tmp_path):
+    """urllib read `user:password@` as part of the host name: a gateway behind basic auth was never reached."""
+    import base64
+    import http.server
+    import threading
+
+    seen = []
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            seen.append((self.command, self.path, self.headers.get("Authorization")))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = b'{"status": "success", "data": []}' if self.command == "GET" else b""
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_PUT = do_POST = do_DELETE = answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _, model, _ = exported
+    gateway = f"http://ops:p%40ss@127.0.0.1:{server.server_address[1]}"
+    with capture_logs() as logs:
+        score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"),), out=tmp_path / "out",
+                          pushgateway=gateway))
+    server.shutdown()
+    assert [e["event"] for e in logs].count("metrics_pushed") == 2, [e for e in logs if "metrics" in e["event"]]
+    expected = "Basic " + base64.b64encode(b"ops:p@ss").decode()
+    assert {method for method, _, _ in seen} >= {"PUT", "GET"} and all(auth == expected for _, _, auth in seen), seen
+    assert not any("p%40ss" in str(e) or "p@ss" in str(e) for e in logs)  # the password is in no log line
+
+
 def test_the_textfile_beside_the_output_is_valid_exposition(exported, split_dir, tmp_path):
     _, model, _ = exported
     merged = score(ScoreConfig(model=model, inputs=(str(split_dir / "test.parquet"),), out=tmp_path / "out"))

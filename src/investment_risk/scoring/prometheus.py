@@ -7,9 +7,11 @@ the metrics are its shadow. A complete batch removes the shard groups a night wi
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,24 @@ def write_textfile(metrics: dict[str, Any], scope: str, dest: Path) -> None:
     write_text_atomic(generate_latest(registry_for(metrics, scope)).decode(), dest)
 
 
+def _gateway(gateway: str) -> tuple[str, list[tuple[str, str]]]:
+    """The Pushgateway URL without a `user:password@`, and the HTTP basic-auth header they stand for: urllib would
+    read them as part of the host name, so a gateway behind basic auth was never reached."""
+    parts = urllib.parse.urlsplit(gateway if "://" in gateway else f"http://{gateway}")
+    if parts.username is None:
+        return gateway, []
+    credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return bare, [("Authorization", "Basic " + base64.b64encode(credentials.encode()).decode())]
+
+
+def _handler(auth: list[tuple[str, str]]) -> Any:
+    """prometheus_client's request handler, with the basic-auth header added."""
+    from prometheus_client.exposition import default_handler
+
+    return lambda url, method, timeout, headers, data: default_handler(url, method, timeout, [*headers, *auth], data)
+
+
 def push(metrics: dict[str, Any], scope: str, gateway: str | None) -> bool:
     """Push to the Pushgateway, grouped by job, batch group and shard; retried, logged, never raised. True when it
     got there."""
@@ -119,6 +139,7 @@ def push(metrics: dict[str, Any], scope: str, gateway: str | None) -> bool:
         return False
     from prometheus_client import push_to_gateway, pushadd_to_gateway
 
+    gateway, auth = _gateway(gateway)
     log = get_logger()
     registry = registry_for(metrics, scope)
     grouping = {"batch_group": metrics.get("metrics_group", DEFAULT_METRICS_GROUP), "shard": scope}
@@ -126,7 +147,8 @@ def push(metrics: dict[str, Any], scope: str, gateway: str | None) -> bool:
     send = pushadd_to_gateway if scope == "batch" and not metrics.get("complete") else push_to_gateway
     for attempt in range(1, PUSH_ATTEMPTS + 1):
         try:
-            send(gateway, job=PUSH_JOB, registry=registry, grouping_key=grouping, timeout=PUSH_TIMEOUT_S)
+            send(gateway, job=PUSH_JOB, registry=registry, grouping_key=grouping, timeout=PUSH_TIMEOUT_S,
+                 handler=_handler(auth))
             log.info("metrics_pushed", gateway=gateway, group=scope, attempt=attempt)
             return True
         except Exception as exc:  # noqa: BLE001 - any failure to push is logged, never fatal
@@ -147,17 +169,19 @@ def remove_stale_shard_groups(group: str, shard_count: int, started: float, gate
         return []
     from prometheus_client import delete_from_gateway
 
+    gateway, auth = _gateway(gateway)
     log = get_logger()
     url = gateway if "://" in gateway else f"http://{gateway}"  # as prometheus_client reads it
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/api/v1/metrics", timeout=PUSH_TIMEOUT_S) as response:
+        request = urllib.request.Request(f"{url.rstrip('/')}/api/v1/metrics", headers=dict(auth))
+        with urllib.request.urlopen(request, timeout=PUSH_TIMEOUT_S) as response:
             groups = json.load(response).get("data", [])
         stale = sorted(labels["shard"] for g in groups if (labels := g.get("labels", {})).get("job") == PUSH_JOB
                        and labels.get("batch_group") == group and labels.get("shard", "").isdigit()
                        and int(labels["shard"]) >= shard_count and _pushed_at(g) < started)
         for shard in stale:
             delete_from_gateway(gateway, job=PUSH_JOB, grouping_key={"batch_group": group, "shard": shard},
-                                timeout=PUSH_TIMEOUT_S)
+                                timeout=PUSH_TIMEOUT_S, handler=_handler(auth))
     except Exception as exc:  # noqa: BLE001 - like a push: logged, never fatal
         log.warning("metrics_stale_groups_not_removed", gateway=gateway, batch_group=group,
                     error=f"{exc.__class__.__name__}: {exc}"[:300])
