@@ -58,10 +58,16 @@ def test_a_file_changed_after_the_listing_stops_its_shard_naming_it(exported, fo
     result = runner.invoke(main, ["score", "--model", str(model), "--input", str(folder), "--out", str(out),
                                   "--shard-index", "1", "--shard-count", "2"])
     assert result.exit_code == 2 and f"{folder / 'b.parquet'}: changed since this batch listed it" in result.output
-    # Other inputs into the same --out are another batch: refused, naming both.
-    result = runner.invoke(main, ["score", "--model", str(model), "--input", str(folder / "a.parquet"),
-                                  "--out", str(out), "--shard-index", "1", "--shard-count", "2"])
-    assert result.exit_code == 2 and "holds a batch of the inputs" in result.output, result.output
+    # Other inputs into the same --out are another batch: refused, naming both; by the finished shard 0 too,
+    # which answered "already done", exit 0, and never scored them
+    for shard in ("1", "0"):
+        result = runner.invoke(main, ["score", "--model", str(model), "--input", str(folder / "a.parquet"),
+                                      "--out", str(out), "--shard-index", shard, "--shard-count", "2"])
+        assert result.exit_code == 2 and "holds a batch of the inputs" in result.output, (shard, result.output)
+    # the same inputs spelled otherwise are the same batch
+    result = runner.invoke(main, ["score", "--model", str(model), "--input", f"{folder}/", "--out", str(out),
+                                  "--shard-index", "0", "--shard-count", "2"])
+    assert result.exit_code == 0 and "shard_skipped" in result.output, result.output
 
 
 def test_force_with_a_smaller_shard_count_leaves_one_batch(exported, folder, tmp_path):

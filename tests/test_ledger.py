@@ -95,6 +95,10 @@ def test_a_bad_ledger_stops_with_exit_2_naming_it(exported, tmp_path, runner):
     ledger.write_text(json.dumps({"format": 1, "input_root": "/elsewhere", "units": []}))
     result = runner.invoke(main, args)
     assert result.exit_code == 2 and "/elsewhere" in result.output
+    # the same folder spelled otherwise (a trailing slash, relative) is the same input root
+    ledger.write_text(json.dumps({"format": 1, "input_root": f"{incoming}/", "units": []}))
+    assert runner.invoke(main, args).exit_code == 0
+    assert json.loads(ledger.read_text())["input_root"] == f"{incoming}/"  # as it was first recorded
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
 
 

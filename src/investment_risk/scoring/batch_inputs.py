@@ -19,7 +19,7 @@ from ..core.atomic import read_json, remove_abandoned, write_json_atomic
 from ..core.errors import InputError, unreadable
 from ..core.logs import get_logger
 from ..datasets.readers import expand_inputs, refuse_out_inside_inputs
-from .ledger import input_root, read_ledger
+from .ledger import input_root, read_ledger, same_root
 from .units import READ_COLUMNS, Unit, list_units
 
 INPUTS_FILE = "_inputs.json"
@@ -35,16 +35,7 @@ def shard_inputs(out: Path, inputs: Sequence[str], ledger: Path | None, shard_in
     remove_abandoned(path)  # a listing whose writer was killed before it landed
     if not path.exists():  # a twin may have listed first
         write_json_atomic(_listing(inputs, ledger, out, read), path, first_wins=True)
-    recorded = read_json(path)
-    root = input_root(inputs)
-    if recorded.get("format") != INPUTS_FORMAT or not isinstance(recorded.get("units"), list):
-        raise InputError(f"{path}: not a batch listing this version wrote (delete it to list the inputs again)")
-    if recorded["input_root"] != root:
-        theirs, ours = (", ".join(text.split("\n")) for text in (recorded["input_root"], root))
-        raise InputError(f"--out {out} holds a batch of the inputs {theirs}, not {ours}: score into another --out")
-    if recorded["ledger"] != (str(ledger) if ledger else None):
-        raise InputError(f"--out {out} holds a batch listed with --ledger {recorded['ledger']}, not {ledger}: "
-                         "score into another --out")
+    recorded = _same_batch(out, inputs, ledger)
     get_logger().info("batch_inputs", listing=str(path), listed_at=recorded["listed_at"],
                       units=len(recorded["units"]), known_units=recorded["known_units"])
     mine = recorded["units"][shard_index::shard_count]
@@ -52,6 +43,35 @@ def shard_inputs(out: Path, inputs: Sequence[str], ledger: Path | None, shard_in
         _check_unchanged(record, recorded["listed_at"])
     units = [Unit(Path(r["path"]), r["row_group"], r["rows"]) for r in mine]
     return units, ([r["ledger_entry"] for r in mine] if ledger else None)
+
+
+def check_same_batch(out: Path, inputs: Sequence[str], ledger: Path | None) -> None:
+    """A batch already listed in `out` is of these inputs and this ledger. Checked before a finished shard is
+    skipped: otherwise a run of other inputs into a finished --out ended "already done", exit 0, its rows never
+    scored."""
+    if (out / INPUTS_FILE).exists():
+        _same_batch(out, inputs, ledger)
+
+
+def _same_batch(out: Path, inputs: Sequence[str], ledger: Path | None) -> dict[str, Any]:
+    path = out / INPUTS_FILE
+    recorded = read_json(path)
+    if recorded.get("format") != INPUTS_FORMAT or not isinstance(recorded.get("units"), list):
+        raise InputError(f"{path}: not a batch listing this version wrote (delete it to list the inputs again)")
+    root = input_root(inputs)
+    if not same_root(recorded["input_root"], root):
+        theirs, ours = (", ".join(text.split("\n")) for text in (recorded["input_root"], root))
+        raise InputError(f"--out {out} holds a batch of the inputs {theirs}, not {ours}: score into another --out")
+    if not _same_ledger(recorded["ledger"], ledger):
+        raise InputError(f"--out {out} holds a batch listed with --ledger {recorded['ledger']}, not {ledger}: "
+                         "score into another --out")
+    return recorded
+
+
+def _same_ledger(recorded: str | None, ledger: Path | None) -> bool:
+    if recorded is None or ledger is None:
+        return recorded is None and ledger is None
+    return Path(recorded).absolute() == ledger.absolute()
 
 
 def _check_apart(inputs: Sequence[str], files: Sequence[Path], out: Path) -> None:

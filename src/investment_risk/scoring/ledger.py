@@ -11,6 +11,7 @@ those units again. The ledger is one JSON file, rewritten whole and atomically.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,15 @@ LEDGER_FORMAT = 1
 def input_root(inputs: Sequence[str]) -> str:
     """What the ledger is about: the --input specs as given (a ledger for another input is refused)."""
     return "\n".join(sorted(inputs))
+
+
+def same_root(recorded: str, root: str) -> bool:
+    """Two input roots name the same inputs however they are spelled (`in7`, `in7/`, `$PWD/in7`): compared as
+    absolute, normalised paths, glob characters kept."""
+    def spelled_out(text: str) -> list[str]:
+        return sorted(os.path.abspath(os.path.expanduser(spec)) for spec in text.split("\n"))
+
+    return recorded == root or spelled_out(recorded) == spelled_out(root)
 
 
 def _key(entry: dict[str, Any]) -> tuple[str, int | None, int, str]:
@@ -74,14 +84,16 @@ def read_ledger(path: Path, root: str) -> Ledger:
         raw = json.loads(text)
         entries = list(raw["units"])
         recorded_root = raw["input_root"]
+        if not isinstance(recorded_root, str):
+            raise ValueError("input_root is not text")
         if not all(isinstance(e["mtime_ns"], int) and len(_key(e)) == 4 for e in entries):
             raise ValueError("an entry without its mtime")
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"--ledger {path}: not a readable ledger ({exc.__class__.__name__}: {exc})") from None
-    if recorded_root != root:
+    if not same_root(recorded_root, root):
         raise InputError(f"--ledger {path}: it records the input {recorded_root!r}, not {root!r}; "
                          "use one ledger per input root")
-    return Ledger(path, root, entries)
+    return Ledger(path, recorded_root, entries)
 
 
 def record_units(path: Path, root: str, entries: Sequence[dict[str, Any]]) -> int:
@@ -91,5 +103,6 @@ def record_units(path: Path, root: str, entries: Sequence[dict[str, Any]]) -> in
     have = {_key(e) for e in ledger.entries}
     added = [e for e in entries if _key(e) not in have]
     if added or not path.exists():
-        write_json_atomic({"format": LEDGER_FORMAT, "input_root": root, "units": [*ledger.entries, *added]}, path)
+        write_json_atomic({"format": LEDGER_FORMAT, "input_root": ledger.root, "units": [*ledger.entries, *added]},
+                          path)
     return len(added)

@@ -35,7 +35,7 @@ from ..core.spec import DIMENSIONS, NUM_DIMENSIONS, default_spec
 from ..datasets.readers import JSON_TEXT, Batch, is_jsonl, iter_file_batches, parquet_schema
 from ..modeling.description import ModelDescription, describe_model
 from ..modeling.predict import predict, token_budget_for
-from .batch_inputs import shard_inputs
+from .batch_inputs import check_same_batch, shard_inputs
 from .ledger import input_root
 from .progress import Position, SeenIds, ShardProgress, discard_checkpoints, discard_stale_checkpoints
 from .prometheus import DEFAULT_METRICS_GROUP, METRICS_GROUP_PATTERN, push, write_textfile
@@ -443,6 +443,7 @@ def _score(config: ScoreConfig) -> dict[str, Any]:
     if config.force and (stale := remove_shards_from(out, config.shard_count)):
         log.warning("stale_shards_removed", shards=stale, reason=f"--force with --shard-count {config.shard_count}: "
                     "no shard of this count would replace them")
+    check_same_batch(out, config.inputs, config.ledger)  # before the skip too: "already done" is no other batch's
     if marker.exists() and not config.force:
         if (problem := broken_shard(out, config.shard_index)) is None:
             log.info("shard_skipped", reason="already done (pass --force to redo)", marker=str(marker))
