@@ -128,6 +128,27 @@ def test_one_file_named_twice_is_listed_once(folder, monkeypatch):
     assert sorted(os.path.realpath(f) for f in files) == sorted(os.path.realpath(folder / n) for n in ("a.parquet", "b.parquet"))
 
 
+def test_a_files_footer_is_parsed_once_however_many_row_groups_it_has(exported, folder, tmp_path, monkeypatch):
+    """Each unit parsed its file's whole footer (three times): a file of 3,000 row groups took 210 s to score,
+    against 3.8 s for the same rows in one."""
+    import pyarrow.parquet as parquet
+
+    _, model, _ = exported
+    table = pq.read_table(folder / "a.parquet")
+    pq.write_table(table, folder / "a.parquet", row_group_size=4)  # 25 row groups
+    parsed = []
+    real = parquet.read_metadata
+    monkeypatch.setattr(parquet, "read_metadata", lambda path, *a, **k: parsed.append(path) or real(path, *a, **k))
+    merged = score(ScoreConfig(model=model, inputs=(str(folder / "a.parquet"),), out=tmp_path / "out"))
+    assert merged["rows_in"] == table.num_rows and merged["invariant_holds"]
+    assert len(parsed) == 1, parsed
+    # rewritten in place, the file is parsed again: its footer is another
+    pq.write_table(table, folder / "a.parquet", row_group_size=5)
+    score(ScoreConfig(model=model, inputs=(str(folder / "a.parquet"),), out=tmp_path / "again"))
+    assert len(parsed) == 2, parsed
+    assert ids_out(tmp_path / "again") == ids_out(tmp_path / "out")
+
+
 def test_a_listing_this_version_did_not_write_is_refused(exported, folder, tmp_path):
     _, model, _ = exported
     (tmp_path / "out").mkdir()

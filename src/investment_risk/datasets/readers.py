@@ -9,6 +9,8 @@ skipped and counted, as other JSON Lines readers do.
 from __future__ import annotations
 
 import fnmatch
+import functools
+import itertools
 import json
 import math
 import os
@@ -351,15 +353,12 @@ def row_problems(table: pa.Table, labels: Sequence[str] = ()) -> dict[int, str]:
 
 def _iter_parquet(path: Path, batch_rows: int, columns: Sequence[str] | None,
                   row_groups: Sequence[int] | None = None) -> Iterator[Batch]:
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: empty file (0 bytes), not a Parquet file")
+    metadata, starts = parquet_footer(path)
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path, metadata=metadata)
     except (pa.ArrowException, OSError) as exc:
         raise unreadable(path, exc, "not a readable Parquet file") from None
-    start = 0
-    if row_groups:
-        start = sum(parquet.metadata.row_group(i).num_rows for i in range(min(row_groups)))
+    start = starts[min(row_groups)] if row_groups else 0
     try:
         for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=columns, row_groups=row_groups):
             table, problems = invalid_text_rows(pa.Table.from_batches([record_batch]))
@@ -370,14 +369,29 @@ def _iter_parquet(path: Path, batch_rows: int, columns: Sequence[str] | None,
 
 
 def parquet_schema(path: Path) -> pa.Schema:
-    if path.stat().st_size == 0:
+    return parquet_footer(path)[0].schema.to_arrow_schema()
+
+
+def parquet_footer(path: Path) -> tuple[pq.FileMetaData, tuple[int, ...]]:
+    """A Parquet file's footer and each row group's first row, parsed once per version of the file (its size and
+    mtime): a shard reads a file of many row groups a unit at a time, and parsing the whole footer for each unit
+    made a file's time grow with the square of its row groups (3,000 of them: 210 s, against 3.8 s in one)."""
+    stat = path.stat()
+    if stat.st_size == 0:
         raise InputError(f"{path}: empty file (0 bytes), not a Parquet file")
+    return _footer(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _footer(path: Path, size: int, mtime_ns: int) -> tuple[pq.FileMetaData, tuple[int, ...]]:
     try:
-        return pq.read_schema(path)
+        metadata = pq.read_metadata(path)
     except PermissionError:
         raise InputError(f"{path}: permission denied") from None
     except (pa.ArrowException, OSError) as exc:
         raise unreadable(path, exc, "not a readable Parquet file") from None
+    rows = (metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
+    return metadata, tuple(itertools.accumulate(rows, initial=0))
 
 
 _JSON_KINDS = {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list",

@@ -6,12 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core.errors import InputError
 from ..core.spec import DIMENSIONS
-from ..datasets.readers import REQUIRED_COLUMNS, check_schema, is_jsonl, parquet_schema
+from ..datasets.readers import REQUIRED_COLUMNS, check_schema, is_jsonl, parquet_footer, parquet_schema
 
 READ_COLUMNS = (*REQUIRED_COLUMNS, *DIMENSIONS)  # what scoring reads of every file (and --keep-columns)
 
@@ -34,10 +32,7 @@ def list_units(files: Sequence[Path], read: Sequence[str] = READ_COLUMNS) -> lis
         # A corrupt file, or one without the article columns, fails here, naming itself, in every shard alike: a
         # file of no row groups is no shard's unit, so no shard would read (and check) it.
         check_schema(path, parquet_schema(path), read=read)
-        try:
-            metadata = pq.ParquetFile(path).metadata
-        except (pa.ArrowException, OSError) as exc:
-            raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+        metadata = parquet_footer(path)[0]
         units.extend(Unit(path, g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups))
     return units
 
