@@ -412,8 +412,34 @@ def test_a_resume_on_changed_base_weights_is_refused(split_dir, tmp_path):
     assert run_cli(args, env={"_INVESTMENT_RISK_KILL_AT_STEP": "7"}).returncode == -9
     weights = base / "model.safetensors"
     weights.write_bytes(weights.read_bytes())  # the same size, written again: the file may hold other weights
-    resumed = run_cli(args + ["--resume"])
-    assert resumed.returncode == 2 and "its weights changed" in resumed.stderr, resumed.stderr
+    for dry in ([], ["--dry-run"]):  # the dry run checks it as the run will
+        resumed = run_cli(args + ["--resume", *dry])
+        assert resumed.returncode == 2 and "its config or weight files changed" in resumed.stderr, resumed.stderr
+
+
+def test_a_finished_run_on_other_base_weights_is_refused_where_it_is_loaded(exported, split_dir, tmp_path, runner):
+    """The adapter was fitted to the base's weights: evaluate, export and calibrate put it on whatever was there."""
+    run, _, _ = exported
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved)
+    meta = json.loads((moved / "training_metadata.json").read_text())
+    (moved / "training_metadata.json").write_text(json.dumps({**meta, "base_model_revision": "sha256:0000"}))
+    for args in (["evaluate", "--model", str(moved), "--data", str(split_dir / "test.parquet")],
+                 ["export", "--run", str(moved), "--out", str(tmp_path / "m")],
+                 ["calibrate", "--model", str(moved), "--data", str(split_dir / "train.parquet")]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2 and "trained on base model 'tiny-qwen2' at revision sha256:0000" in result.output, \
+            (args[0], result.output)
+
+
+def test_a_relative_local_base_model_is_recorded_whole(tmp_path, monkeypatch):
+    from investment_risk.training.config import TrainConfig
+
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(mode="distillation", base_model="base/", data="d", out="r")
+    assert config.base_model == str(tmp_path / "base")
+    assert TrainConfig(mode="distillation", base_model="tiny-qwen2", data="d", out="r").base_model == "tiny-qwen2"
 
 
 def test_one_process_at_a_time_trains_into_a_run(split_dir, tmp_path):

@@ -9,7 +9,7 @@ from typing import Any
 from ..core.atomic import read_json
 from ..core.errors import ConfigError, InputError, damaged
 from .description import CPU_ENGINES, TWIN_FILES, ModelDescription
-from .presets import load_config, load_tokenizer, quiet_libraries, resolve_base_model
+from .presets import BaseModel, load_config, load_tokenizer, quiet_libraries, resolve_base_model
 
 HEAD_FILE = "regression_head.safetensors"  # instruction runs: the score head beside the adapter
 EMBEDDINGS_FILE = "token_embeddings.safetensors"  # instruction runs trained with --train-embeddings
@@ -59,6 +59,22 @@ def run_split(metadata: dict[str, Any], name: str) -> Path | None:
     return metadata["splits"][name]
 
 
+def run_base(run_dir: Path, metadata: dict[str, Any]) -> BaseModel:
+    """The base model the run trained on. The adapter was fitted to those weights; on others (a local directory's
+    weights replaced, a hub model staged again since) it scored without a word. A hub model's recorded snapshot is
+    used while the cache still holds it."""
+    base = resolve_base_model(metadata["model_name"])
+    recorded = metadata.get("base_model_revision")
+    if recorded is None or base.revision == recorded:
+        return base
+    snapshot = base.path.parent / str(recorded)  # the hub cache's snapshots/<commit>
+    if base.path.parent.name == "snapshots" and (snapshot / "config.json").is_file():
+        return BaseModel(base.name, snapshot, recorded)
+    raise InputError(f"{run_dir}: trained on base model {metadata['model_name']!r} at revision {recorded}; at "
+                     f"{base.path} it is now {base.revision} (its config or weight files changed: their size or "
+                     "modification time): its adapter was fitted to the other weights; restore them, or train again")
+
+
 def load_run_model(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     """A trained run's best model (base + adapter + head), its tokenizer and its metadata."""
     import torch
@@ -67,7 +83,7 @@ def load_run_model(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, dict[str
     model_dir = run_dir / "model"
     metadata = _run_metadata(run_dir)
     quiet_libraries()
-    base = resolve_base_model(metadata["model_name"])
+    base = run_base(run_dir, metadata)
     tokenizer = load_tokenizer(model_dir)
     config = load_config(base, tokenizer.pad_token_id)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -114,7 +130,7 @@ def load_instruction_run(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, di
 
     metadata = _run_metadata(run_dir)
     quiet_libraries()
-    base = resolve_base_model(metadata["model_name"])
+    base = run_base(run_dir, metadata)
     tokenizer = load_tokenizer(run_dir / "model")
     lm = AutoModelForCausalLM.from_pretrained(base.path, use_safetensors=True, trust_remote_code=False,
                                               dtype=dtype or torch.float32)

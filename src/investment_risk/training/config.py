@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
+from ..modeling.presets import PRESETS
 from ..modeling.tokens import TRUNCATIONS
 
 MODES = ("distillation", "instruction")
@@ -46,6 +48,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # recorded whole: export reads the run's splits from another working directory than training's
         object.__setattr__(self, "data", str(Path(self.data).absolute()))
+        # a local base model too: evaluate, export and a resume find it from any working directory (and never
+        # another folder of that name under it)
+        local = Path(os.path.expanduser(self.base_model))
+        if self.base_model not in PRESETS and local.is_dir():
+            object.__setattr__(self, "base_model", str(local.absolute()))
         if not self.max_length:
             object.__setattr__(self, "max_length", 1024 if self.mode == "instruction" else 512)
         checks = [

@@ -12,7 +12,7 @@ from ..modeling.tokens import article_texts, encode
 from .config import TrainConfig, plan_steps
 from .data import check_batch_fits, read_split
 from .instruction import reasonings
-from .run_dir import check_out_dir
+from .run_dir import CONFIG_FILE, check_out_dir, check_same_base
 
 
 def dry_run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -26,6 +26,8 @@ def dry_run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     device = pick_device(config.device)  # --device cuda on a node without a GPU fails here as the run would
     base = resolve_base_model(config.base_model, need_weights=False)
     check_base(base, config.mode, config.max_length)
+    if resume and (Path(config.out) / CONFIG_FILE).exists():
+        check_same_base(config, base.revision)  # as the run itself will
     tokenizer = load_tokenizer(base.path) if base.has_tokenizer else None
     train_table, val_table = read_split(Path(config.data), "train"), read_split(Path(config.data), "val")
     check_batch_fits(Path(config.data), train_table.num_rows, config.batch_size)

@@ -112,5 +112,5 @@ def check_same_base(config: TrainConfig, base_revision: str) -> None:
     started = read_json(Path(config.out) / CONFIG_FILE).get("base_model_revision")
     if started is not None and started != base_revision:
         raise InputError(f"--resume: {config.out} was started on base model {config.base_model} at revision "
-                         f"{started}; it is now {base_revision} (its weights changed): start a new run in another "
-                         "--out")
+                         f"{started}; it is now {base_revision} (its config or weight files changed: their size or "
+                         "modification time): start a new run in another --out")
