@@ -300,8 +300,28 @@ def _shard_metrics(out_dir: Path, name: str) -> dict[str, Any] | None:
         metrics = read_json(out_dir / "metrics" / f"{name}.json")
     except InputError:
         return None
-    ok = isinstance(metrics, dict) and all(isinstance(metrics.get(k), int) for k in ("shard", "rows_in", "shard_count"))
-    return metrics if ok else None
+    return metrics if _usable(metrics) else None
+
+
+def _usable(metrics: Any) -> bool:
+    """Whether a shard's metrics hold what the merge reads, of the right kind: a file of another version, or edited
+    by hand, was a KeyError traceback in every merge (exit 1, retried), and a rerun skipped the shard as done."""
+    def number(value: Any) -> bool:
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    def counts(value: Any) -> bool:
+        return isinstance(value, dict) and all(isinstance(v, int) for v in value.values())
+
+    if not isinstance(metrics, dict):
+        return False
+    latency, histograms = metrics.get("batch_latency_ms"), metrics.get("score_histograms")
+    return (all(isinstance(metrics.get(k), int) for k in ("shard", "rows_in", "shard_count"))
+            and number(metrics.get("rows_per_second")) and isinstance(metrics.get("model_version"), str)
+            and counts(metrics.get("tier_counts")) and counts(metrics.get("reject_reasons"))
+            and isinstance(latency, dict) and number(latency.get("p50")) and number(latency.get("p95"))
+            and isinstance(latency.get("histogram"), list) and len(latency["histogram"]) == len(LATENCY_EDGES_MS) + 1
+            and isinstance(histograms, dict)
+            and all(isinstance(histograms.get(d), list) and len(histograms[d]) == SCORE_BINS for d in DIMENSIONS))
 
 
 def _recount(out_dir: Path, metrics: dict[str, Any]) -> bool:
