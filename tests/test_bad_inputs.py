@@ -422,6 +422,23 @@ def test_a_kept_jsonl_reasoning_reads_the_same_whatever_its_batch_holds(tmp_path
     assert list(batch.problems) == [1] and "'reasoning' is an object, expected a string" in batch.problems[1]
 
 
+def test_a_kept_jsonl_value_reads_the_same_whatever_its_batch_holds(tmp_path):
+    """A kept column was typed over the read batch: an object gained its neighbours' keys as nulls, and a string
+    beside an object became JSON text; a join on the kept column then missed."""
+    from investment_risk.datasets.readers import iter_file_batches
+    from investment_risk.scoring.units import READ_COLUMNS
+    from investment_risk.scoring.writer import kept_columns
+
+    def kept(values: list) -> list:
+        path = jsonl(tmp_path / "m.jsonl", [json.dumps({**r, "meta": v}) for r, v in zip(rows(len(values)), values)])
+        [batch] = iter_file_batches(path, columns=[*READ_COLUMNS, "meta"], lenient=True)
+        return kept_columns(batch, list(range(len(values))), ["meta"])["meta"].to_pylist()
+
+    alone = [kept([v])[0] for v in ({"tags": ["a"]}, "str", 5, None)]
+    assert alone == ['{"tags": ["a"]}', "str", "5", None]
+    assert kept([{"tags": ["a"]}, {"author": "x"}, "str", 5, None]) == [alone[0], '{"author": "x"}', *alone[1:]]
+
+
 def test_a_kept_binary_value_reads_the_same_whatever_its_batch_holds():
     from investment_risk.datasets.readers import Batch
     from investment_risk.scoring.writer import kept_columns

@@ -452,6 +452,11 @@ def _jsonl_table(path: Path, start: int, rows: list[dict[str, Any]], labels: Seq
             if columns[name] is None:  # a string, a boolean, an int past a float: each value's JSON text, marked
                 columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], type=pa.string())
                 json_text.add(name)
+        elif read is not None:  # a kept column (scoring writes it as text): each value its own text, whatever
+            # its neighbours hold (typed over the batch, an object gained its neighbours' keys as nulls, and a
+            # string became JSON text beside an object)
+            columns[name] = pa.array([v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+                                      for v in values], type=pa.string())
         else:
             try:
                 columns[name] = pa.array(values)
