@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from structlog.testing import capture_logs
 
 from investment_risk.cli import main
 from investment_risk.core.decisions import decision_metrics, ranking_quality, tier_report
@@ -245,6 +246,25 @@ def test_score_applies_the_calibration_and_records_provenance(calibrated, runner
     merged = json.loads((tmp_path / "cal" / "metrics.json").read_text())
     assert sum(map(sum, merged["decisions"]["confusion"])) == merged["rows_scored"]  # prefiltered rows: as NOISE
     assert merged["labelled_rows"] == merged["rows_model"]  # the MAE's rows: those with scores
+
+
+def test_one_batch_is_on_one_score_scale(calibrated, runner, tmp_path):
+    """A shard scored with --no-calibration beside calibrated ones merged as complete: one MAE, tier metrics and
+    ledger night over two scales, which its rows (one model_version) could not tell apart."""
+    from investment_risk.scoring.pipeline import ScoreConfig, score
+
+    root, _, _ = calibrated
+    inputs, out = str(root / "data" / "test.parquet"), tmp_path / "scale"
+    score(ScoreConfig(model=root / "model", inputs=(inputs,), out=out, shard_count=2, shard_index=0))
+    result = runner.invoke(main, ["score", "--model", str(root / "model"), "--input", inputs, "--out", str(out),
+                                  "--shard-count", "2", "--shard-index", "1", "--no-calibration"])
+    assert result.exit_code == 2 and "holds shards scored with calibration" in result.output, result.output
+    assert not (out / "_done" / "part-00001").exists()
+    with capture_logs() as logs:  # --force: the user redoes the shards one by one; until then, no batch
+        merged = score(ScoreConfig(model=root / "model", inputs=(inputs,), out=out, shard_count=2, shard_index=1,
+                                   calibration=False, force=True))
+    assert merged["shards"] == 2 and merged["calibrated"] is None and not merged["complete"]
+    assert "calibrations_mixed" in [e["event"] for e in logs]
 
 
 def test_evaluate_and_a_scored_batch_of_the_same_file_agree_and_a_prefiltered_red_is_a_miss(calibrated, tmp_path):

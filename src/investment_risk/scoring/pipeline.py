@@ -39,7 +39,7 @@ from .batch_inputs import check_same_batch, shard_inputs
 from .ledger import input_root
 from .progress import Position, SeenIds, ShardProgress, discard_checkpoints, discard_stale_checkpoints
 from .prometheus import DEFAULT_METRICS_GROUP, METRICS_GROUP_PATTERN, push, write_textfile
-from .shard_metrics import ShardMetrics, broken_shard, done_shard_counts, merge_metrics
+from .shard_metrics import ShardMetrics, broken_shard, done_shard_calibrations, done_shard_counts, merge_metrics
 from .units import READ_COLUMNS, Unit, done_marker, parquet_rows, part_name, remove_shards_from, shard_files, shard_outputs
 from .writer import REJECT_SCHEMA, ShardWriter, kept_columns, part_schema, provenance
 
@@ -453,6 +453,11 @@ def _score(config: ScoreConfig) -> dict[str, Any]:
             return merge_metrics(out)
         log.warning("shard_redone", reason=f"marked done, but {problem}")
     model = describe_model(config.model)  # a model that cannot score stops the shard before it lists the batch
+    calibrated = config.calibration and model.calibration is not None
+    if not config.force and (kinds := done_shard_calibrations(out, config.shard_index) - {calibrated}):
+        raise InputError(f"--out {out} holds shards scored {'with' if kinds.pop() else 'without'} calibration, this "
+                         f"one would be {'with' if calibrated else 'without'}: one batch is on one score scale; "
+                         "score into another --out, or redo every shard with --force")
     tokenizer = load_tokenizer(model.tokenizer_dir)
     runner = load_runner(model, config.backend, config.device, config.threads, config.cpu_engine)
     units, shard_entries = shard_inputs(out, config.inputs, config.ledger, config.shard_index, config.shard_count,

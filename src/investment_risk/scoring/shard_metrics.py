@@ -367,6 +367,12 @@ def done_shard_counts(out_dir: Path) -> set[int]:
     return {m["shard_count"] for name in _done_shards(out_dir) if (m := _shard_metrics(out_dir, name)) is not None}
 
 
+def done_shard_calibrations(out_dir: Path, other_than: int) -> set[bool]:
+    """Whether the other finished shards in OUT wrote calibrated scores (one value each)."""
+    return {bool(m.get("calibrated", False)) for name in _done_shards(out_dir)
+            if (m := _shard_metrics(out_dir, name)) is not None and m["shard"] != other_than}
+
+
 def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
     shards, broken = _done_metrics(out_dir, done)
     merged: dict[str, Any] = {"shards": len(shards), "shard_count": max((s["shard_count"] for s in shards), default=0),
@@ -396,6 +402,10 @@ def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
         merged["metrics_groups"] = groups
     calibrations = {bool(s.get("calibrated", False)) for s in shards}
     merged["calibrated"] = calibrations.pop() if len(calibrations) == 1 else None  # None: shards of both kinds
+    if merged["calibrated"] is None:  # one MAE, tier metrics and ledger night over two score scales: not a batch
+        merged["complete"] = False
+        get_logger().warning("calibrations_mixed", out=str(out_dir),
+                             remedy="redo the shards of one kind with --force, with or without --no-calibration")
     merged["real_token_share"] = round(merged["real_tokens"] / merged["padded_tokens"], 4) if merged["padded_tokens"] else None
     merged["rows_per_second_sum"] = round(sum(s["rows_per_second"] or 0 for s in shards), 2)
     hist = np.sum([s["batch_latency_ms"]["histogram"] for s in shards], axis=0).tolist() if shards else []
