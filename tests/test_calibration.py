@@ -265,6 +265,8 @@ def test_one_batch_is_on_one_score_scale(calibrated, runner, tmp_path):
                                    calibration=False, force=True))
     assert merged["shards"] == 2 and merged["calibrated"] is None and not merged["complete"]
     assert "calibrations_mixed" in [e["event"] for e in logs]
+    result = runner.invoke(main, ["score-merge", "--out", str(out), "--expect-shards", "2"])
+    assert result.exit_code == 1 and "both with and without calibration" in result.output, result.output
 
 
 def test_evaluate_and_a_scored_batch_of_the_same_file_agree_and_a_prefiltered_red_is_a_miss(calibrated, tmp_path):

@@ -495,6 +495,8 @@ def _incomplete(out_dir: Path, merged: dict[str, Any], needed: int) -> Retryable
         why = f"shards {broken} no longer add up (rows or metrics lost since they were scored): score them again"
     elif counts := merged.get("shard_counts"):
         why = f"its done shards were scored with --shard-count {counts}: redo every shard with one count"
+    elif merged["shards"] and merged.get("calibrated", False) is None:
+        why = "its done shards were scored both with and without calibration: redo the shards of one kind"
     else:
         why = f"{merged['shards']} of {needed} shards are done"
     return RetryableError(f"{out_dir}: {why}")
