@@ -94,3 +94,22 @@ def test_compare_says_when_the_runs_were_validated_on_different_splits(two_runs,
     events = {e["event"]: e for e in assert_json_stdout(result)}
     assert events["comparison_written"]["same_val_split"] is False and "comparison_not_like_for_like" in events
     assert "Not like for like" in (tmp_path / "differ" / "comparison_report.md").read_text()
+
+
+def test_a_run_recalibrated_since_training_shows_no_stale_calibrated_figure(two_runs, tmp_path, runner):
+    import shutil
+
+    a, b = two_runs
+    refit = tmp_path / "refit"
+    shutil.copytree(b, refit)
+    meta = json.loads((refit / "training_metadata.json").read_text())
+    meta["calibration"] = {**(meta.get("calibration") or {}), "fitted": True, "val_mae_calibrated": 1.2345}
+    (refit / "training_metadata.json").write_text(json.dumps(meta))
+    result = runner.invoke(main, ["report", "compare", str(a), str(refit), "--out", str(tmp_path / "before")])
+    assert result.exit_code == 0 and "1.2345" in (tmp_path / "before" / "comparison_report.md").read_text()
+    meta["recalibrated"] = {"data": "later.parquet", "rows": 40}  # what `calibrate` records
+    (refit / "training_metadata.json").write_text(json.dumps(meta))
+    result = runner.invoke(main, ["report", "compare", str(a), str(refit), "--out", str(tmp_path / "after")])
+    report = (tmp_path / "after" / "comparison_report.md").read_text()
+    assert result.exit_code == 0 and "1.2345" not in report, report
+    assert "B's calibration was refit since training (`calibrate` on `later.parquet`)" in report

@@ -70,8 +70,11 @@ def compare_runs(run_a: Path, run_b: Path) -> dict[str, Any]:
                         "train_val_gap": best["val"]["mae"] - best["train"]["mae"],
                         "dimensions_won": won_a if key == "a" else won_b}
         calibration = run["metadata"].get("calibration") or {}
+        # a run recalibrated since (`calibrate`) holds another calibration than training's: its figure is gone
+        refit = run["metadata"].get("recalibrated")
+        overall[key]["recalibrated_on"] = refit.get("data") if isinstance(refit, dict) else None
         overall[key]["val_mae_calibrated_in_sample"] = (calibration.get("val_mae_calibrated")
-                                                        if calibration.get("fitted") else None)
+                                                        if calibration.get("fitted") and not refit else None)
         # how far the raw scores are from calibrated (runs trained before it was recorded: None)
         overall[key]["val_calibration_error_raw"] = calibration.get("val_calibration_error_raw")
     mae_a, mae_b = overall["a"]["val_mae"], overall["b"]["val_mae"]
@@ -106,6 +109,10 @@ def comparison_markdown(result: dict[str, Any]) -> str:
         "The val MAE is training's: raw scores (before calibration) on every row of the validation split, the "
         "prefiltered ones too (`evaluate` leaves those out). The calibrated figure is in-sample: each run's "
         "calibration was fitted on that same split.", "",
+        *[line for side, k in (("A", "a"), ("B", "b")) if o[k].get("recalibrated_on")
+          for line in (f"{side}'s calibration was refit since training (`calibrate` on `{o[k]['recalibrated_on']}`): "
+                       "its calibrated val MAE is not training's any more, so it is not shown; `evaluate` measures "
+                       "the calibration it holds now.", "")],
         *(["**Not like for like: the runs were validated on different val splits** (their `training_config.json` "
            "data_sha256 differ), so their val MAEs measure different articles. Compare them with `evaluate` on one "
            "labelled file.", ""] if result.get("same_val_split") is False else []),
