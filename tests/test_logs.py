@@ -1,4 +1,5 @@
 import json
+import threading
 
 import pytest
 from structlog.testing import capture_logs
@@ -175,3 +176,18 @@ def test_a_non_finite_value_still_makes_a_json_line(capsys):
     get_logger().info("epoch_done", val_mae=float("nan"), history=[{"loss": float("inf")}])
     event = json.loads(capsys.readouterr().out)  # a bare NaN would not parse
     assert event["val_mae"] == "nan" and event["history"] == [{"loss": "inf"}]
+
+
+def test_library_prints_are_set_aside_while_our_lines_stay_on_stdout(capsys):
+    """export redirected stdout around the ONNX exporter: the heartbeat's progress events, logged meanwhile from
+    its own thread, went to stderr with the exporter's prints."""
+    configure_logging("json", "INFO")
+    with logs.library_prints_aside():
+        print("exporter step 1/4")
+        beat = threading.Thread(target=lambda: get_logger().info("progress", what="export"))
+        beat.start()
+        beat.join()
+    get_logger().info("after")
+    captured = capsys.readouterr()
+    assert [json.loads(line)["event"] for line in captured.out.splitlines()] == ["progress", "after"]
+    assert "exporter step" not in captured.out + captured.err  # stderr is no terminal here: nowhere

@@ -6,15 +6,17 @@ JSON lines on stdout when it is not a terminal, readable console lines when it i
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import math
+import os
 import re
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import structlog
@@ -129,11 +131,35 @@ def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
         processors=shared_processors() + renderers,
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         # A new PrintLogger per use picks up the current sys.stdout (CliRunner swaps it).
-        logger_factory=structlog.PrintLoggerFactory(),
+        logger_factory=_print_logger,
         cache_logger_on_first_use=False,
     )
     # Libraries that use stdlib logging (transformers, peft) go to stderr, at warning level and above.
     logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=sys.stderr, format="%(name)s: %(message)s")
+
+
+_log_stream: Any = None  # where log lines go while libraries' prints are set aside (None: sys.stdout)
+
+
+def _print_logger(*_args: Any) -> structlog.PrintLogger:
+    return structlog.PrintLogger(file=_log_stream or sys.stdout)
+
+
+@contextlib.contextmanager
+def library_prints_aside() -> Iterator[None]:
+    """What libraries print on stdout (an exporter's steps, a quantiser's bars), which carries our JSON lines, goes
+    to stderr on a terminal and nowhere in a pipe (a pod's log); our own lines meanwhile, a heartbeat thread's
+    progress events too, stay on stdout (a plain redirect took them along)."""
+    global _log_stream
+    saved = _log_stream
+    with contextlib.ExitStack() as stack:
+        aside = sys.stderr if sys.stderr.isatty() else stack.enter_context(open(os.devnull, "w"))
+        _log_stream = saved or sys.stdout
+        try:
+            stack.enter_context(contextlib.redirect_stdout(aside))
+            yield
+        finally:
+            _log_stream = saved
 
 
 def new_run_id() -> str:

@@ -9,10 +9,8 @@ An fp32 export whose scores differ from PyTorch by more than 1e-3 fails (exit 1)
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import shutil
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ import numpy as np
 from .. import __version__
 from ..core.atomic import locked_dir, sha256_file, write_dir_atomic, write_json_atomic
 from ..core.errors import ConfigError, InputError, RetryableError
-from ..core.logs import Progress, get_logger
+from ..core.logs import Progress, get_logger, library_prints_aside
 from ..core.spec import DIMENSIONS, default_spec
 from ..core.drift import REFERENCE_FILE, make_reference, reference_entry
 from ..modeling.calibration import CALIBRATION_FILE, Calibration, load_calibration
@@ -376,8 +374,7 @@ def _export_run(run_dir: Path, out_dir: Path, dtype: str, force: bool, cpu_engin
         example = (torch.from_numpy(example.input_ids), torch.from_numpy(example.attention_mask))
         log.info("onnx_export_start", run=str(run_dir), route="torch.onnx dynamo + onnxscript fusions",
                  parameters=sum(p.numel() for p in module.parameters()), external_data=external)
-        # The exporter prints progress on stdout, which carries our JSON log lines: send it to stderr.
-        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        with library_prints_aside(), warnings.catch_warnings():  # the exporter prints its steps on stdout
             warnings.simplefilter("ignore")
             export_graph(module, example, work / "model.onnx", external)
         parity: dict[str, Any] = {"fp32_max_abs_diff": parity_of(work / "model.onnx"), "batches": batch_shapes,

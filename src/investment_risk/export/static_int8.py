@@ -12,15 +12,13 @@ deleted when it does not win, so an export ships only the files it runs.
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..core.logs import get_logger
+from ..core.logs import get_logger, library_prints_aside
 from ..modeling.loading import run_split
 from ..modeling.predict import padded_batches
 from ..modeling.tokens import article_texts, encode, sorted_batches
@@ -111,11 +109,8 @@ def quantize_int8(model_path: Path, out: Path, rows: list[np.ndarray], pad_id: i
 
         advanced = AdvancedQuantizationParameters(
             backend_params={BackendParameters.EXTERNAL_DATA_DIR: str(model_path.parent.resolve())})
-    # NNCF draws progress bars on stdout, which carries our JSON log lines: on a terminal they go to stderr, in a
-    # pipe (a pod's log) nowhere (export's own progress events say where it is).
-    with contextlib.ExitStack() as stack:
-        bars = sys.stderr if sys.stderr.isatty() else stack.enter_context(open(os.devnull, "w"))
-        stack.enter_context(contextlib.redirect_stdout(bars))
+    # NNCF draws progress bars on stdout (export's own progress events say where it is)
+    with library_prints_aside():
         quantized = nncf.quantize(onnx.load(str(model_path), load_external_data=not external), nncf.Dataset(samples),
                                   model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples),
                                   ignored_scope=nncf.IgnoredScope(names=pooled_nodes(model_path), validate=False),
