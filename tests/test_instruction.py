@@ -191,7 +191,12 @@ def test_a_dry_run_builds_the_prompts_and_refuses_a_max_length_that_leaves_no_ro
     args = ["train", "--mode", "instruction", "--base-model", "tiny-qwen2", "--data", str(small_split), "--dry-run"]
     result = runner.invoke(main, [*args, "--out", str(tmp_path / "a"), "--max-length", "64"])
     assert result.exit_code == 2 and "no room for the article within --max-length 64" in result.output, result.output
+    assert "(the longest reasoning, whose room every prompt keeps)" in result.output  # the row that is the cause
     result = runner.invoke(main, [*args, "--out", str(tmp_path / "b"), "--max-length", "1024"])
     assert result.exit_code == 0, result.output
     [report] = [e for e in assert_json_stdout(result) if e["event"] == "dry_run"]
     assert report["train_mean_tokens"] > 64  # instruction, article and target, not the article alone
+    # the share of articles cut to their prompt's room, not of rows at full length (only the longest target's)
+    tight = runner.invoke(main, [*args, "--out", str(tmp_path / "c"), "--max-length", "600"])
+    [tight] = [e for e in assert_json_stdout(tight) if e["event"] == "dry_run"]
+    assert tight["train_truncated_share"] > report["train_truncated_share"] and tight["train_truncated_share"] > 0.5

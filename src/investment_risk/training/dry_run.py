@@ -51,14 +51,19 @@ def dry_run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if config.mode == "instruction":  # every prompt built as the run builds them: one with no room fails here too
             from .instruction import InstructionTask
 
-            splits = InstructionTask(config, tokenizer).prepare(None)
+            task = InstructionTask(config, tokenizer)
+            splits = task.prepare(None)
             token_lengths = {name: data.lengths for name, data in zip(("train", "val"), splits)}
+            # an article is cut to the room its prompt leaves (max_length less the instruction and the longest
+            # target): a full-length row is only the one with the longest target
+            truncated = task.truncated
         else:
             token_lengths = {name: np.array([len(t) for t in encode(tokenizer, article_texts(table), config.max_length,
                                                                      truncation=config.truncation)])
                              for name, table in (("train", train_table), ("val", val_table))}
+            truncated = {name: lengths >= config.max_length for name, lengths in token_lengths.items()}
         for name, lengths in token_lengths.items():
             report[f"{name}_tokens"] = int(lengths.sum())
             report[f"{name}_mean_tokens"] = round(float(lengths.mean()), 1)
-            report[f"{name}_truncated_share"] = round(float((lengths >= config.max_length).mean()), 4)
+            report[f"{name}_truncated_share"] = round(float(truncated[name].mean()), 4)
     return report

@@ -57,19 +57,24 @@ class InstructionTask:
             loaded.append((path, table, labels, targets))
         # Every article gets the same room (max_length - the longest target), so the prompts scored later are the
         # prompts trained on; scoring builds them with prompt_max_length = max_length - target_reserve.
-        self.target_reserve = max(len(target_ids(self.tokenizer, t)) for *_, targets in loaded for t in targets)
+        self.target_reserve, longest = max((len(target_ids(self.tokenizer, t)), f"{path} row {i}")
+                                           for path, _, _, targets in loaded for i, t in enumerate(targets))
         splits = []
+        self.truncated: dict[str, np.ndarray] = {}  # per split, whether each prompt cut its article (the dry run's)
         for path, table, labels, targets in loaded:
-            tokens, prompt_lengths = [], []
+            tokens, prompt_lengths, cut = [], [], []
             rows = zip(table.column("title").to_pylist(), table.column("content").to_pylist(), targets)
             for i, (title, content, target) in enumerate(rows):
                 try:
                     parts = build_prompt(self.tokenizer, title, content, self.config.max_length, target,
                                          self.target_reserve)
-                except PromptTooLong as exc:
-                    raise InputError(f"{path} row {i}: {exc}") from None
+                except PromptTooLong as exc:  # the reserve is the longest target's: that row is the cause
+                    raise InputError(f"{longest} (the longest reasoning, whose room every prompt keeps): {exc}; "
+                                     "shorten it or raise --max-length") from None
                 tokens.append(np.asarray(parts.input_ids, dtype=np.int64))
                 prompt_lengths.append(len(parts.prompt_ids))
+                cut.append(parts.article_truncated)
+            self.truncated[path.stem] = np.asarray(cut, dtype=bool)
             splits.append(SplitData(table, labels, tokens, np.asarray(prompt_lengths),
                                     self.config.max_length - self.target_reserve))
         check_batch_fits(data_dir, splits[0].table.num_rows, self.config.batch_size)
