@@ -416,6 +416,13 @@ def test_a_folder_or_glob_refuses_compressed_articles_and_names_what_it_skips(tm
         assert expand_inputs([str(tmp_path)]) == [tmp_path / "a.jsonl"]
     [skipped] = [e for e in logs if e["event"] == "inputs_skipped"]
     assert skipped["files"] == [str(tmp_path / "notes.csv")] and skipped["log_level"] == "warning"
+    # JSON lines of articles named .json are still metadata by name, but their rows are not dropped without a word
+    (tmp_path / "more.json").write_text(rows)
+    with capture_logs() as logs:
+        assert expand_inputs([str(tmp_path)]) == [tmp_path / "a.jsonl"]
+    assert [e["files"] for e in logs if "rename them .jsonl" in e.get("reason", "")] == [[str(tmp_path / "more.json")]]
+    assert expand_inputs([str(tmp_path / "more.json")]) == [tmp_path / "more.json"]  # named, it is read
+    (tmp_path / "more.json").unlink()
     with gzip.open(tmp_path / "b.jsonl.gz", "wt") as handle:  # its rows would be lost without a word
         handle.write(rows)
     for given in (str(tmp_path), str(tmp_path / "*")):

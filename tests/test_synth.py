@@ -93,7 +93,7 @@ def test_rows_must_be_positive():
         generate(SynthConfig(rows=0))
 
 
-@pytest.mark.parametrize("name", ["s.parquet", "s.jsonl", "s.json"])
+@pytest.mark.parametrize("name", ["s.parquet", "s.jsonl", "s.ndjson"])
 def test_what_synth_writes_the_readers_read_back(tmp_path, name):
     from investment_risk.datasets.readers import read_articles
     from investment_risk.datasets.synth import write_synthetic
@@ -105,6 +105,7 @@ def test_what_synth_writes_the_readers_read_back(tmp_path, name):
 def test_synth_refuses_a_name_no_reader_takes(runner, tmp_path):
     from investment_risk.cli import main
 
-    result = runner.invoke(main, ["data", "synth", "--rows", "5", "--out", str(tmp_path / "s.csv")])
-    assert result.exit_code == 2 and "s.csv: name a Parquet" in result.output
-    assert not (tmp_path / "s.csv").exists()
+    for name in ("s.csv", "s.json"):  # .json: a folder of them would skip its rows as metadata
+        result = runner.invoke(main, ["data", "synth", "--rows", "5", "--out", str(tmp_path / name)])
+        assert result.exit_code == 2 and f"{name}: name a Parquet" in result.output
+        assert not (tmp_path / name).exists()

@@ -83,7 +83,7 @@ def _supported(path: Path, named: bool = True) -> bool:
 def _screen(candidates: Sequence[Path], where: str, named: bool) -> list[Path]:
     """The article files among a folder's or a glob's `candidates`. A compressed article file is refused (exit 2:
     skipped, its rows would be lost without a word); other files are skipped with a warning naming them."""
-    keep, skipped = [], []
+    keep, skipped, articles_json = [], [], []
     for path in candidates:
         if _supported(path, named):
             keep.append(path)
@@ -91,10 +91,26 @@ def _screen(candidates: Sequence[Path], where: str, named: bool) -> list[Path]:
             raise InputError(f"{path}: a compressed article file is not read; decompress it")
         elif path.suffix.lower() != ".json":  # a folder's .json files are metadata (split_summary.json, model.json)
             skipped.append(path)
+        elif _holds_articles(path):  # JSON lines of articles named .json: metadata by name, but say so
+            articles_json.append(path)
     if skipped:
         get_logger().warning("inputs_skipped", input=where, files=[str(p) for p in skipped[:10]], count=len(skipped),
                              reason="not a Parquet or JSONL file")
+    if articles_json:
+        get_logger().warning("inputs_skipped", input=where, files=[str(p) for p in articles_json[:10]],
+                             count=len(articles_json), reason="JSON lines of articles named .json, which a folder "
+                             "or glob reads as metadata: rename them .jsonl, or name each file")
     return keep
+
+
+def _holds_articles(path: Path) -> bool:
+    """Whether a .json file's first line is an article object (id, title, content): JSON lines, not metadata."""
+    try:
+        with path.open("rb") as handle:
+            first = json.loads(handle.readline(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and set(REQUIRED_COLUMNS) <= set(first)
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:

@@ -275,9 +275,11 @@ def write_synthetic(config: SynthConfig, out: str | Path) -> Path:
     from ..core.atomic import atomic_path, write_parquet_atomic
 
     out = Path(out)
-    if out.suffix.lower() not in PARQUET_SUFFIXES + JSONL_SUFFIXES:
+    # not .json: a folder or glob reads a .json file as metadata, so the rows written would be skipped there
+    lines = [suffix for suffix in JSONL_SUFFIXES if suffix != ".json"]
+    if out.suffix.lower() not in PARQUET_SUFFIXES + tuple(lines):
         raise ConfigError(f"--out {out}: name a Parquet ({', '.join(PARQUET_SUFFIXES)}) or JSON lines "
-                          f"({', '.join(JSONL_SUFFIXES)}) file")
+                          f"({', '.join(lines)}) file")
     table = generate(config)
     if is_jsonl(out):
         with atomic_path(out) as tmp, tmp.open("w") as handle:
