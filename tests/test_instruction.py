@@ -196,6 +196,7 @@ def test_a_dry_run_builds_the_prompts_and_refuses_a_max_length_that_leaves_no_ro
     assert result.exit_code == 0, result.output
     [report] = [e for e in assert_json_stdout(result) if e["event"] == "dry_run"]
     assert report["train_mean_tokens"] > 64  # instruction, article and target, not the article alone
+    assert [e["what"] for e in assert_json_stdout(result) if e["event"] == "progress_done"] == ["dry_run"]
     # the share of articles cut to their prompt's room, not of rows at full length (only the longest target's)
     tight = runner.invoke(main, [*args, "--out", str(tmp_path / "c"), "--max-length", "600"])
     [tight] = [e for e in assert_json_stdout(tight) if e["event"] == "dry_run"]

@@ -109,3 +109,13 @@ def test_synth_refuses_a_name_no_reader_takes(runner, tmp_path):
         result = runner.invoke(main, ["data", "synth", "--rows", "5", "--out", str(tmp_path / name)])
         assert result.exit_code == 2 and f"{name}: name a Parquet" in result.output
         assert not (tmp_path / name).exists()
+
+
+def test_synth_reports_its_progress():
+    """A million rows take half an hour: it said nothing until the end."""
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        generate(SynthConfig(rows=2500))
+    [done] = [e for e in logs if e["event"] == "progress_done"]
+    assert done["what"] == "synth" and done["done"] == done["total"] == 2500

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..core.errors import ConfigError
+from ..core.logs import Progress
 from ..core.spec import DIMENSIONS, default_spec
 from .readers import JSONL_SUFFIXES, PARQUET_SUFFIXES, is_jsonl
 
@@ -239,30 +240,35 @@ def generate(config: SynthConfig) -> pa.Table:
     rows: dict[str, list] = {k: [] for k in ("id", "title", "content", "source", "url", "published_at", "language",
                                              "reasoning", "kind")}
     start = dt.date(2024, 1, 1)
-    for i in range(config.rows):
-        kind = str(kinds[i])
-        if kind == "noise":
-            labels[i] = np.clip([rng.uniform(0, 3), rng.uniform(0, 2), rng.uniform(6, 10), rng.uniform(3, 8),
-                                 rng.uniform(0, 2), rng.uniform(0, 2), rng.uniform(0, 3), rng.uniform(0, 3)], 0, 10).round(1)
-            title, content = _noise_article(rng)
-        elif kind in ("duplicate", "near_duplicate"):
-            j = int(rng.integers(i))
-            labels[i] = labels[j]
-            title, content = rows["title"][j], rows["content"][j]
-            if kind == "near_duplicate":
-                content = _near_duplicate(rng, content)
-        else:
-            title, content = _article(rng, latent[i], config.long_tail_share)
-        id_ = f"syn-{config.seed}-{i:06d}"
-        rows["id"].append(id_)
-        rows["title"].append(title)
-        rows["content"].append(content)
-        rows["source"].append(SOURCES[int(rng.integers(len(SOURCES)))])
-        rows["url"].append(f"https://news.example/{id_}")
-        rows["published_at"].append((start + dt.timedelta(days=int(rng.integers(0, 700)))).isoformat())
-        rows["language"].append("en")
-        rows["reasoning"].append(reasoning_for(labels[i]))
-        rows["kind"].append(kind)
+    with Progress(config.rows, "synth") as progress:  # a million rows take half an hour
+        for i in range(config.rows):
+            kind = str(kinds[i])
+            if kind == "noise":
+                labels[i] = np.clip([rng.uniform(0, 3), rng.uniform(0, 2), rng.uniform(6, 10), rng.uniform(3, 8),
+                                     rng.uniform(0, 2), rng.uniform(0, 2), rng.uniform(0, 3), rng.uniform(0, 3)],
+                                    0, 10).round(1)
+                title, content = _noise_article(rng)
+            elif kind in ("duplicate", "near_duplicate"):
+                j = int(rng.integers(i))
+                labels[i] = labels[j]
+                title, content = rows["title"][j], rows["content"][j]
+                if kind == "near_duplicate":
+                    content = _near_duplicate(rng, content)
+            else:
+                title, content = _article(rng, latent[i], config.long_tail_share)
+            id_ = f"syn-{config.seed}-{i:06d}"
+            rows["id"].append(id_)
+            rows["title"].append(title)
+            rows["content"].append(content)
+            rows["source"].append(SOURCES[int(rng.integers(len(SOURCES)))])
+            rows["url"].append(f"https://news.example/{id_}")
+            rows["published_at"].append((start + dt.timedelta(days=int(rng.integers(0, 700)))).isoformat())
+            rows["language"].append("en")
+            rows["reasoning"].append(reasoning_for(labels[i]))
+            rows["kind"].append(kind)
+            if i % 1000 == 999:
+                progress.update(1000)
+        progress.update(config.rows - progress.done)
     columns = {k: pa.array(v, type=pa.string()) for k, v in rows.items() if k != "kind"}
     for d, dim in enumerate(DIMENSIONS):
         columns[dim] = pa.array(labels[:, d].astype(np.float32))

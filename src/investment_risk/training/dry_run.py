@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.logs import Progress
 from ..core.spec import NUM_DIMENSIONS
 from ..modeling.tokens import article_texts, encode
 from .config import TrainConfig, plan_steps
@@ -48,22 +49,30 @@ def dry_run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         "warmup_steps": plan.warmup,
     }
     if tokenizer is not None:
-        if config.mode == "instruction":  # every prompt built as the run builds them: one with no room fails here too
-            from .instruction import InstructionTask
-
-            task = InstructionTask(config, tokenizer)
-            splits = task.prepare(None)
-            token_lengths = {name: data.lengths for name, data in zip(("train", "val"), splits)}
-            # an article is cut to the room its prompt leaves (max_length less the instruction and the longest
-            # target): a full-length row is only the one with the longest target
-            truncated = task.truncated
-        else:
-            token_lengths = {name: np.array([len(t) for t in encode(tokenizer, article_texts(table), config.max_length,
-                                                                     truncation=config.truncation)])
-                             for name, table in (("train", train_table), ("val", val_table))}
-            truncated = {name: lengths >= config.max_length for name, lengths in token_lengths.items()}
+        with Progress(None, "dry_run", unit="steps") as steps:  # tokenising a large split takes minutes
+            steps.step("tokenise")
+            token_lengths, truncated = _token_lengths(config, tokenizer, train_table, val_table)
         for name, lengths in token_lengths.items():
             report[f"{name}_tokens"] = int(lengths.sum())
             report[f"{name}_mean_tokens"] = round(float(lengths.mean()), 1)
             report[f"{name}_truncated_share"] = round(float(truncated[name].mean()), 4)
     return report
+
+
+def _token_lengths(config: TrainConfig, tokenizer: Any, train_table: Any, val_table: Any) -> tuple[dict, dict]:
+    """Each split's token lengths as the run will see them, and which rows lose text to truncation."""
+    if config.mode == "instruction":  # every prompt built as the run builds them: one with no room fails here too
+        from .instruction import InstructionTask
+
+        task = InstructionTask(config, tokenizer)
+        splits = task.prepare(None)
+        token_lengths = {name: data.lengths for name, data in zip(("train", "val"), splits)}
+        # an article is cut to the room its prompt leaves (max_length less the instruction and the longest
+        # target): a full-length row is only the one with the longest target
+        truncated = task.truncated
+    else:
+        token_lengths = {name: np.array([len(t) for t in encode(tokenizer, article_texts(table), config.max_length,
+                                                                 truncation=config.truncation)])
+                         for name, table in (("train", train_table), ("val", val_table))}
+        truncated = {name: lengths >= config.max_length for name, lengths in token_lengths.items()}
+    return token_lengths, truncated
