@@ -708,6 +708,17 @@ def test_unusable_labels_are_left_out_of_the_metrics_and_counted(exported, artic
     assert clean["labels_unusable"] == 0
 
 
+def test_a_file_with_some_label_columns_says_its_rows_are_not_in_the_label_metrics(exported, articles, tmp_path):
+    _, model, _ = exported
+    pq.write_table(pq.read_table(articles / "a.parquet").slice(0, 20).drop_columns(["actionability"]),
+                   tmp_path / "seven.parquet")
+    with capture_logs() as logs:
+        merged = score(ScoreConfig(model=model, inputs=(str(tmp_path / "seven.parquet"),), out=tmp_path / "out"))
+    assert merged["rows_scored"] == 20 and "mae" not in merged
+    [warning] = [e for e in logs if e["event"] == "labels_incomplete"]
+    assert warning["missing"] == ["actionability"] and warning["file"] == str(tmp_path / "seven.parquet")
+
+
 def test_a_duplicate_rows_unusable_labels_are_not_counted(exported, tmp_path):
     """The duplicate is rejected, so its labels never reach the metrics, nor the count of unusable ones."""
     from .conftest import article_rows

@@ -216,8 +216,15 @@ class ShardScorer:
     def _producer(self, units: Sequence[Unit], start: Position, out: queue.Queue, stop: threading.Event) -> None:
         """Reads, validates and tokenises ahead of the model, on its own thread (fast tokenizers drop the GIL)."""
         try:
+            warned: set[Path] = set()
             for position, batch in self._read(units, start):
-                has_labels = all(d in batch.table.column_names for d in DIMENSIONS)
+                labels = [d for d in DIMENSIONS if d in batch.table.column_names]
+                has_labels = len(labels) == len(DIMENSIONS)
+                if labels and not has_labels and batch.path not in warned:  # else its MAE is gone without a word
+                    warned.add(batch.path)
+                    get_logger().warning("labels_incomplete", file=str(batch.path),
+                                         missing=[d for d in DIMENSIONS if d not in labels],
+                                         consequence="its rows are scored but not in the label metrics")
                 item = prepare(batch, self.tokenizer, self.model, has_labels, position)
                 while not stop.is_set():
                     try:
