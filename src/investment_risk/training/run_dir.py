@@ -77,6 +77,7 @@ def claimed_out_dir(config: TrainConfig, resume: bool, if_present: bool = False)
         return resume or (if_present and has_checkpoint(out))
 
     check_out_dir(config, resuming())  # before anything is made: a mistyped --out is refused and left as it was
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
         lock = hold_lock(out / LOCK_FILE)  # also the first write: a read-only --out stops here, not at a checkpoint
@@ -92,6 +93,11 @@ def claimed_out_dir(config: TrainConfig, resume: bool, if_present: bool = False)
         if not resumed and lock is not None:  # no committed checkpoint: what checkpoints/ holds, a killed start left
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         yield resumed
+    except BaseException:
+        # a start that failed before its first checkpoint (no GPU, a base model not found) leaves no folder behind
+        if created and {path.name for path in out.iterdir()} <= {LOCK_FILE, CONFIG_FILE}:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         if lock is not None:
             os.close(lock)
