@@ -321,6 +321,24 @@ def test_evaluate_reports_raw_and_calibrated_with_decision_metrics(calibrated, r
     assert result.exit_code == 2 and "--top-k" in result.output
 
 
+def test_a_forced_export_over_a_refit_model_says_the_refit_goes(calibrated, runner, tmp_path):
+    """export --force carries the run's calibration: a refit `calibrate` made on the model went without a word."""
+    from investment_risk.export.onnx_export import warn_refit_replaced
+
+    root, _, _ = calibrated
+    model = tmp_path / "model"
+    shutil.copytree(root / "model", model)
+    with capture_logs() as logs:
+        warn_refit_replaced(root / "run", model)  # the run's own calibration: nothing to say
+    assert not [e for e in logs if e["event"] == "calibration_replaced"]
+    data = str(root / "data" / "val.parquet")
+    assert runner.invoke(main, ["calibrate", "--model", str(model), "--data", data]).exit_code == 0
+    with capture_logs() as logs:
+        warn_refit_replaced(root / "run", model)
+    [warning] = [e for e in logs if e["event"] == "calibration_replaced"]
+    assert warning["refit_on"] == data and f"calibrate --model {model} --data {data}" in warning["remedy"]
+
+
 def test_calibrate_refits_an_exported_model_with_a_new_version(calibrated, runner, tmp_path):
     root, _, _ = calibrated
     model = tmp_path / "model"

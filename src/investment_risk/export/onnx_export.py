@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.atomic import locked_dir, sha256_file, write_dir_atomic, write_json_atomic
-from ..core.errors import ConfigError, InputError, RetryableError
+from ..core.errors import ConfigError, InputError, InvestmentRiskError, RetryableError
 from ..core.logs import Progress, get_logger, library_prints_aside
 from ..core.spec import DIMENSIONS, default_spec
 from ..core.drift import REFERENCE_FILE, make_reference, reference_entry
@@ -283,6 +283,19 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", force: bool = 
         return _export_run(run_dir, out_dir, dtype, force, cpu_engine, device)
 
 
+def warn_refit_replaced(run_dir: Path, out_dir: Path) -> None:
+    """--force over a model whose calibration `calibrate` refit (and the run's was not): the export carries the
+    run's calibration, and the refit, and its model_version, go without a word otherwise."""
+    try:
+        old = load_calibration(out_dir) if (out_dir / CALIBRATION_FILE).exists() else None
+        new = load_calibration(run_dir / "model") if (run_dir / "model" / CALIBRATION_FILE).exists() else None
+    except InvestmentRiskError:  # a damaged one is replaced: nothing to keep
+        return
+    if old is not None and old.fitted_on.get("split") == "refit" and (new is None or new.fitted_on != old.fitted_on):
+        get_logger().warning("calibration_replaced", model=str(out_dir), refit_on=old.fitted_on.get("data"),
+                             remedy=f"calibrate --model {out_dir} --data {old.fitted_on.get('data')} refits it again")
+
+
 def _export_run(run_dir: Path, out_dir: Path, dtype: str, force: bool, cpu_engine: str, device: str
                 ) -> dict[str, Any]:
     import torch
@@ -304,6 +317,8 @@ def _export_run(run_dir: Path, out_dir: Path, dtype: str, force: bool, cpu_engin
     check_out_dir(run_dir, out_dir, force)  # again, under the lock: an export that finished meanwhile
     if describe_model(run_dir).is_instruction:
         raise ConfigError(f"{run_dir}: export takes distillation runs; score an instruction run with --backend torch")
+    if force:
+        warn_refit_replaced(run_dir, out_dir)
     module, tokenizer, metadata = scoring_module(run_dir)
     metadata = {**metadata, "splits": run_splits(run_dir, metadata)}
     model_type = getattr(module.inner.config, "model_type", "")
