@@ -639,6 +639,11 @@ def test_report_dimensions_says_when_a_handful_of_rows_cannot_tell(runner, tmp_p
     analysis = json.loads((tmp_path / "dims" / "dimensions.json").read_text())
     assert analysis["too_few_rows"] and analysis["chance_r"] == 1.0  # 2/sqrt(3) > 1: any correlation at all
     assert "Too few rows to read much into" in (tmp_path / "dims" / "dimensions.md").read_text()
+    pq.write_table(generate(SynthConfig(rows=1, seed=5)), tmp_path / "one.parquet")  # no components at all
+    result = runner.invoke(main, ["report", "dimensions", "--data", str(tmp_path / "one.parquet"),
+                                  "--out", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    assert "1 labelled articles. Too few rows for principal components" in (tmp_path / "one" / "dimensions.md").read_text()
 
 
 def test_head_tail_truncation_keeps_both_ends(tmp_path):

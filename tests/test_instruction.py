@@ -113,9 +113,13 @@ def test_train_embeddings_needs_instruction_mode(small_split, tmp_path, runner):
     assert result.exit_code == 2 and "--train-embeddings needs --mode instruction" in result.output
 
 
-def test_score_with_the_head(instruction_run, small_split, tmp_path):
+def test_score_with_the_head(instruction_run, small_split, tmp_path, runner):
     from investment_risk.scoring.pipeline import ScoreConfig, score
     out, _ = instruction_run
+    # the ONNX backend names the one that scores it, not export (which refuses instruction runs)
+    result = runner.invoke(main, ["score", "--model", str(out), "--input", str(small_split / "test.parquet"),
+                                  "--out", str(tmp_path / "onnx")])
+    assert result.exit_code == 2 and "an instruction run is scored with --backend torch" in result.output
     merged = score(ScoreConfig(model=out, inputs=(str(small_split / "test.parquet"),), out=tmp_path / "s", backend="torch"))
     parts = pq.read_table(tmp_path / "s" / "part-00000.parquet")
     assert merged["invariant_holds"] and parts.num_rows == merged["rows_in"]

@@ -82,9 +82,9 @@ def strong_pairs_line(analysis: dict[str, Any]) -> str:
 def dimensions_markdown(analysis: dict[str, Any], heading: str = "#") -> str:
     explained = analysis["explained_variance"]
     lines = [f"{heading} Dimension redundancy", "",
-             f"{analysis['rows']} labelled articles. The first principal component of the standardised labels explains "
-             f"{explained[0]:.0%} of their variance" if explained else "Too few rows for principal components",
-             ""]
+             f"{analysis['rows']} labelled articles. " + (
+                 f"The first principal component of the standardised labels explains {explained[0]:.0%} of their "
+                 "variance" if explained else "Too few rows for principal components"), ""]
     if analysis.get("too_few_rows"):
         lines += [f"**Too few rows to read much into:** below {FEW_ROWS} articles, correlations up to about "
                   f"{analysis['chance_r']:.2f} (2/sqrt(n)) arise by chance between independent labels, and the first "

@@ -272,6 +272,9 @@ def load_runner(model: ModelDescription, backend: str, device: str = "auto", thr
     """The runner that scores `model`: its model.onnx (ONNX Runtime CUDA on a GPU; on CPUs the engine export chose,
     or `cpu_engine`), or PyTorch on its (source) run."""
     if backend == "onnx":
+        if not model.exported and model.is_instruction:  # export refuses it: naming export would send them there
+            raise ConfigError(f"{model.path}: an instruction run is scored with --backend torch (it has no ONNX "
+                              "export)")
         if not model.exported:
             raise ConfigError(f"{model.path}: --backend onnx needs an exported model (run 'export'), "
                               "or pass --backend torch for a training run")
