@@ -825,3 +825,15 @@ def test_dry_run_on_a_machine_without_the_named_device_fails_as_the_run_would(sp
                                       "--device", "cuda"])
         assert result.exit_code == 1 and "no CUDA device is visible" in result.output, result.output
     assert not (tmp_path / "new").exists() and (tmp_path / "existing").is_dir()
+
+
+def test_the_wall_time_counts_the_set_up(split_dir, tmp_path, monkeypatch):
+    """wall_time_s began after loading and tokenising: a run's minutes of set-up were in no figure."""
+    import time
+
+    from investment_risk.modeling import presets
+
+    load = presets.load_tokenizer
+    monkeypatch.setattr(presets, "load_tokenizer", lambda path: time.sleep(2) or load(path))
+    metadata = train(tiny_config(split_dir, tmp_path / "run", epochs=1))
+    assert metadata["wall_time_s"] >= metadata["train_seconds"] + 2

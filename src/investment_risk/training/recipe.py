@@ -140,6 +140,7 @@ def setup(config: TrainConfig, resume: bool) -> Session:
 
     from ..modeling.presets import check_base, load_tokenizer, resolve_base_model
 
+    started = time.monotonic()  # the run's wall time counts its set-up (loading, tokenising) too
     out = Path(config.out)  # claimed by train()
     device = pick_device(config.device)
     base = resolve_base_model(config.base_model)
@@ -176,7 +177,7 @@ def setup(config: TrainConfig, resume: bool) -> Session:
         task=task, train_data=train_data, val_data=val_data, model=model, optimizer=optimizer,
         scheduler=get_linear_schedule_with_warmup(optimizer, plan.warmup, plan.total_steps), trainable=trainable,
         batches_per_epoch=plan.batches_per_epoch, steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps,
-        warmup=plan.warmup)
+        warmup=plan.warmup, wall_mark=started)
 
 
 def compile_blocks(model: Any) -> None:
@@ -394,8 +395,9 @@ def finish(session: Session, state: TrainState) -> dict[str, Any]:
     from .metadata import build_metadata
     from .reports import write_training_reports
 
+    calibration = fit_run_calibration(session, state)  # before the metadata: its wall time counts the fit
     metadata = build_metadata(session, state)
-    metadata["calibration"] = fit_run_calibration(session, state)
+    metadata["calibration"] = calibration
     write_training_reports(session.out, state.history, metadata, state.step_losses, session.train_data.labels)
     write_json_atomic(metadata, session.out / METADATA_FILE)  # last: with it the run is finished (`finished`)
     get_logger().info("training_done", out=str(session.out), best_val_mae=metadata["best_val_mae"],
