@@ -22,7 +22,7 @@ def test_demo_runs_the_whole_loop(runner, tmp_path):
         [(e["event"], e["stage"]) for e in events if ("shard" in e) != (e["stage"] == "demo:score")]
     [event] = [e for e in events if e["event"] == "demo_summary"]
     lines = event["lines"]
-    assert any(line.startswith("val MAE") and "predict-the-mean" in line for line in lines)
+    assert any(line.startswith("val MAE") and "(raw, every row)" in line and "predict-the-mean" in line for line in lines)
     assert any("rows/s" in line and "tiers:" in line for line in lines)
     assert any(line.startswith("scored ") and str(out / "scored") in line for line in lines)
     report = (out / "demo_report.md").read_text()

@@ -68,7 +68,7 @@ def test_run_package_is_complete(tiny_run):
     for png in ("overall_metrics.png", "per_dimension_mae.png", "loss_curves.png"):
         assert (reports / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (reports / "training_summary.txt").read_text()
-    assert "Overall metrics" in summary
+    assert "Overall metrics (best epoch, raw scores, every row: prefiltered noise too)" in summary
     # The training labels' redundancy, as dimensions.md gives it (a small run: flagged as too few rows or not)
     redundancy = summary.split("Dimension redundancy of the training labels (dimensions.md):\n", 1)[1]
     assert "First principal component:" in redundancy and "Pairs with |r| > 0.7:" in redundancy

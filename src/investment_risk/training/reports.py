@@ -44,16 +44,21 @@ def plot_per_dimension(history: list[dict[str, Any]], dest: Path) -> None:
     save_figure(fig, dest)
 
 
-def plot_losses(history: list[dict[str, Any]], step_losses: list[list[float]], steps_per_epoch: float, dest: Path) -> None:
+def plot_losses(history: list[dict[str, Any]], step_losses: list[list[float]], steps_per_epoch: float, dest: Path,
+                mode: str = "distillation") -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
+    # An instruction run's steps minimise token cross-entropy plus the score MSE; its epoch points are the score
+    # MSE alone: one label for both drew a gap between train and val that is not there.
+    objective = "token cross-entropy + score MSE" if mode == "instruction" else "score MSE"
     if step_losses:
-        ax.plot([s for s, _ in step_losses], [l for _, l in step_losses], "-", alpha=0.6, label="train (logged steps)")
+        ax.plot([s for s, _ in step_losses], [l for _, l in step_losses], "-", alpha=0.6,
+                label=f"train objective, {objective} (logged steps)")
     ends = [h["epoch"] * steps_per_epoch for h in history]
-    ax.plot(ends, [h["train"]["loss"] for h in history], "o", label="train (epoch)")
-    ax.plot(ends, [h["val"]["loss"] for h in history], "s--", label="val (epoch)")
+    ax.plot(ends, [h["train"]["loss"] for h in history], "o", label="train score MSE (epoch)")
+    ax.plot(ends, [h["val"]["loss"] for h in history], "s--", label="val score MSE (epoch)")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("MSE loss")
+    ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -68,7 +73,7 @@ def summary_text(history: list[dict[str, Any]], metadata: dict[str, Any],
         f"Training summary ({metadata['training_mode']}, {metadata['model_name']})",
         f"Best epoch: {best['epoch']} of {len(history)}",
         "",
-        "Overall metrics (best epoch):",
+        "Overall metrics (best epoch, raw scores, every row: prefiltered noise too):",
         f"  Train MAE={best['train']['mae']:.4f} RMSE={best['train']['rmse']:.4f} loss={best['train']['loss']:.4f}",
         f"  Val   MAE={best['val']['mae']:.4f} RMSE={best['val']['rmse']:.4f} loss={best['val']['loss']:.4f}",
         f"  Train/val MAE gap={best['val']['mae'] - best['train']['mae']:+.4f}",
@@ -83,7 +88,8 @@ def summary_text(history: list[dict[str, Any]], metadata: dict[str, Any],
               f"Wall time: {metadata['wall_time_s']} s, {metadata['tokens_per_second']} training tokens/s"]
     calibration = metadata.get("calibration") or {}
     if calibration.get("fitted"):
-        lines += ["", "Calibration (isotonic per dimension, fitted on the best epoch's val predictions; in-sample):",
+        lines += ["", "Calibration (isotonic per dimension, fitted on the best epoch's val predictions; in-sample; "
+                  "the rows the prefilter lets through, as scoring and evaluate count them):",
                   f"  Val MAE raw={calibration['val_mae_raw']:.4f} calibrated={calibration['val_mae_calibrated']:.4f}"]
         if "val_calibration_error_raw" in calibration:  # runs before it was recorded have none
             lines.append(f"  Val calibration error (binned |mean score - mean label|) "
@@ -172,7 +178,8 @@ def write_training_reports(run_dir: Path, history: list[dict[str, Any]], metadat
         redundancy = write_dimension_report(train_labels, reports, heading="##")
     plot_overall(history, reports / "overall_metrics.png")
     plot_per_dimension(history, reports / "per_dimension_mae.png")
-    plot_losses(history, step_losses, metadata["steps_per_epoch"], reports / "loss_curves.png")
+    plot_losses(history, step_losses, metadata["steps_per_epoch"], reports / "loss_curves.png",
+                metadata.get("training_mode", "distillation"))
     write_text_atomic(summary_text(history, metadata, redundancy), reports / "training_summary.txt")
     word_report(history, metadata, reports, reports / "training_report.docx")
     return reports
