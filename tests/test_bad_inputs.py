@@ -516,12 +516,13 @@ def test_a_library_error_of_several_lines_is_one_and_a_read_only_place_is_exit_2
 
     from investment_risk.datasets import synth as data_cli
 
-    def fails(*args, **kwargs):
-        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "ro" / "s.parquet"))
+    for code, text in ((errno.EROFS, "Read-only file system"), (errno.EFBIG, "File too large")):
+        def fails(*args, code=code, text=text, **kwargs):
+            raise OSError(code, text, str(tmp_path / "ro" / "s.parquet"))
 
-    monkeypatch.setattr(data_cli, "write_synthetic", fails)
-    result = runner.invoke(main, ["data", "synth", "--rows", "5", "--out", str(tmp_path / "ro" / "s.parquet")])
-    assert result.exit_code == 2 and "Read-only file system" in result.output, result.output  # no retry helps
+        monkeypatch.setattr(data_cli, "write_synthetic", fails)
+        result = runner.invoke(main, ["data", "synth", "--rows", "5", "--out", str(tmp_path / "ro" / "s.parquet")])
+        assert result.exit_code == 2 and text in result.output, result.output  # no retry helps
 
     from investment_risk.core.errors import InputError
 

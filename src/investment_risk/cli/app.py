@@ -23,9 +23,10 @@ from . import data, demo, evaluate, export, jobs, report, score, train
 from .options import ENV_PREFIX, option
 
 
-# A path that cannot be what it is used as: a retry meets the same path (exit 2, not 1).
+# A path that cannot be what it is used as: a retry meets the same path (exit 2, not 1). EFBIG: a file past the
+# filesystem's or the container's size limit, which a retry meets again (a full disk, ENOSPC, may be freed: 1).
 _PATH_ERRORS = {errno.ENOENT, errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS,
-                errno.ENAMETOOLONG, errno.ELOOP}
+                errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG}
 
 
 def _one_line(text: str) -> str:
