@@ -106,20 +106,19 @@ def _build(kind: str, settings: Any, params: dict[str, Any]) -> dict[str, Any]:
     params["inputs"] = tuple(params["inputs"])
     params["extra_args"] = tuple(params["extra_args"])
     manifest = build(kind, settings, **params)
-    check_pod_command(manifest)
+    check_pod_command(manifest, context.find_root().command)
     return manifest
 
 
-def check_pod_command(manifest: dict[str, Any]) -> None:
+def check_pod_command(manifest: dict[str, Any], cli: Any) -> None:
     """Parse the pod's command as the image's CLI will, so that what it would refuse is refused now, not after the
     image pull: an unknown option, one given twice (by the Job and again by --extra-arg, where the last would
     silently win), a URL, a value of the wrong kind; and a relative path, which in a pod lands in its /tmp and is
-    deleted with it (the Job still succeeds). Existence is the pod's to check: its volumes are not here."""
-    from .app import main
-
+    deleted with it (the Job still succeeds). Existence is the pod's to check: its volumes are not here. `cli`:
+    the root command group, the image's entry point."""
     job = manifest["spec"].get("jobTemplate", manifest)
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
-    command = main.commands[args[0]]
+    command = cli.commands[args[0]]
     context = click.Context(command, info_name=args[0])
     try:
         values, extra, order = command.make_parser(context).parse_args(list(args[1:]))
