@@ -534,25 +534,23 @@ def test_row_invariant_is_checked_against_the_files_on_disk(exported, articles, 
     rejects = out / "rejects" / "part-00000.parquet"
     assert pq.read_metadata(rejects).num_rows == 0
     rejects.write_bytes(b"garbage")
-    result = runner.invoke(main, ["score-merge", "--out", str(out)])
-    assert result.exit_code == 1 and "shards [0] no longer add up" in result.output, result.output
-    with capture_logs() as logs:
-        score(ScoreConfig(model=model, inputs=(str(articles),), out=out, shard_index=0, shard_count=2))
-    assert [e["reason"] for e in logs if e["event"] == "shard_redone"] == [
-        "marked done, but its part or rejects file is missing or unreadable"]
-    assert pq.read_metadata(rejects).num_rows == 0 and json.loads((out / "metrics.json").read_text())["complete"]
+
+    def merged_apart_then_redone(shard: int, why: str) -> None:
+        result = runner.invoke(main, ["score-merge", "--out", str(out)])
+        assert result.exit_code == 1 and f"shards [{shard}] no longer add up" in result.output, result.output
+        with capture_logs() as logs:
+            score(ScoreConfig(model=model, inputs=(str(articles),), out=out, shard_index=shard, shard_count=2))
+        assert [e["reason"] for e in logs if e["event"] == "shard_redone"] == [f"marked done, but {why}"]
+        assert json.loads((out / "metrics.json").read_text())["complete"]
+
+    merged_apart_then_redone(0, "its part or rejects file is missing or unreadable")
+    assert pq.read_metadata(rejects).num_rows == 0
     # A metrics file without a field the merge reads (another version's, or edited) was a KeyError in every merge
     # (exit 1, retried) while a rerun skipped the shard as done.
     metrics_file = out / "metrics" / "part-00001.json"
     metrics_file.write_text(json.dumps({k: v for k, v in json.loads(metrics_file.read_text()).items()
                                         if k != "batch_latency_ms"}))
-    result = runner.invoke(main, ["score-merge", "--out", str(out)])
-    assert result.exit_code == 1 and "shards [1] no longer add up" in result.output, result.output
-    with capture_logs() as logs:
-        score(ScoreConfig(model=model, inputs=(str(articles),), out=out, shard_index=1, shard_count=2))
-    assert [e["reason"] for e in logs if e["event"] == "shard_redone"] == [
-        "marked done, but its metrics file is missing or unreadable"]
-    assert json.loads((out / "metrics.json").read_text())["complete"]
+    merged_apart_then_redone(1, "its metrics file is missing or unreadable")
 
 
 def test_export_refuses_non_empty_out(exported, runner):
