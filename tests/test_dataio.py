@@ -173,7 +173,7 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch, suffix):
     if os.access(path, os.R_OK):  # root reads anything: make the open fail as it would for anyone else
         def deny(*args, **kwargs):
             raise PermissionError(13, "Permission denied", str(path))
-        monkeypatch.setattr(pq, "read_schema", deny)
+        monkeypatch.setattr(pq, "read_metadata", deny)
         monkeypatch.setattr(Path, "open", deny)
     with pytest.raises(InputError, match=f"{path}: permission denied"):
         read_articles([path])

@@ -668,7 +668,9 @@ def test_a_start_that_failed_before_its_first_checkpoint_does_not_block_the_next
     out = tmp_path / "run"
     failed = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, "--data", str(bad), "--out", str(out)])
     assert failed.exit_code == 2 and "is null or NaN" in failed.output
-    assert (out / "training_config.json").exists()
+    assert not out.exists()  # the folder it made goes with it
+    out.mkdir()
+    (out / "training_config.json").write_text("{}")  # a start killed before its first checkpoint (SIGKILL)
     for args in ([], ["--resume-if-present"]):  # a new start, and a retried pod's
         again = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(out),
                                      "--dry-run", *args])

@@ -32,7 +32,7 @@ class EnvOption(click.Option):
         # A path option given a URL (s3://bucket/scored): pathlib reads it as the folder ./s3:/bucket, where a
         # command wrote without a word, or deep in a library's traceback.
         if isinstance(self.type, click.Path):
-            for item in value if self.multiple and value is not None else (value,):
+            for item in value if isinstance(value, (list, tuple)) else (value,):  # not Click's unset marker
                 if is_url(item):
                     raise click.BadParameter(f"{item}: a URL; this takes a local or mounted path (copy the files "
                                              "there, or mount the bucket)", ctx, self)
