@@ -700,7 +700,7 @@ def test_401_says_the_credentials_were_refused_and_a_refused_connection_is_one_s
 
 # --- run-local: the pod contract without a cluster ---------------------------------------------------------------
 
-def test_run_local_three_shards_match_a_single_score_run(exported, tmp_path, runner):
+def test_run_local_three_shards_match_a_single_score_run(exported, tmp_path, runner, monkeypatch):
     _, model, _ = exported
     data, models = tmp_path / "data", tmp_path / "models"
     (data / "in").mkdir(parents=True)
@@ -714,8 +714,9 @@ def test_run_local_three_shards_match_a_single_score_run(exported, tmp_path, run
                                   "--input", "/data/in", "--out", "/data/scored/$(JOB_NAME)"])
     assert result.exit_code == 0, result.output
     (tmp_path / "job.yaml").write_text(result.output)
-    result = runner.invoke(main, ["jobs", "run-local", "--manifest", str(tmp_path / "job.yaml"),
-                                  "--mount", f"/data={data}", "--mount", f"/models={models}"])
+    monkeypatch.chdir(tmp_path)  # relative mounts, as the README runs it: the pods start in their own /tmp
+    result = runner.invoke(main, ["jobs", "run-local", "--manifest", "job.yaml",
+                                  "--mount", "/data=./data", "--mount", "/models=./models"])
     assert result.exit_code == 0, result.output
     [done] = [e for e in assert_json_stdout(result) if e["event"] == "local_job_done"]  # a pipe gets JSON only
     assert done["succeeded"] == [0, 1, 2] and done["failed"] == [] and done["fail_reason"] is None
@@ -820,6 +821,7 @@ def test_run_local_pods_get_their_own_environment_not_this_shells(tmp_path, monk
     monkeypatch.setenv("INVESTMENT_RISK_SHARD_INDEX", "0")  # would score shard 0 in every pod
     monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 30)
     monkeypatch.setenv("_INVESTMENT_RISK_KILL_AT", "after_rename:*")  # a test hook: kept
+    monkeypatch.setenv("PYTHONPATH", f"src{os.pathsep}/abs")  # relative to here, not to the pod's /tmp
     started = []
     monkeypatch.setattr(runlocal.subprocess, "Popen", lambda args, env, cwd: started.append({**env, "cwd": cwd}))
     docs = docs_of(to_yaml(default_base()["shared.yaml"] + [build("score", JobSettings(), name="investment-risk-score")]))
@@ -832,6 +834,7 @@ def test_run_local_pods_get_their_own_environment_not_this_shells(tmp_path, monk
     assert env["INVESTMENT_RISK_RUN_ID"] == "investment-risk-score"  # every shard's lines carry the Job's name
     assert env["HOME"] == env["TMPDIR"] == pods.tmp and env["PATH"] == os.environ["PATH"]
     assert env["cwd"] == pods.tmp  # the image's working directory: a relative path lands in the pod's /tmp
+    assert env["PYTHONPATH"] == f"{os.path.abspath('src')}{os.pathsep}/abs"
 
 
 # --- run-local --runtime docker: the pod spec as `docker run` arguments (a recording stand-in for the client) -------

@@ -440,6 +440,11 @@ def test_a_relative_local_base_model_is_recorded_whole(tmp_path, monkeypatch):
     config = TrainConfig(mode="distillation", base_model="base/", data="d", out="r")
     assert config.base_model == str(tmp_path / "base")
     assert TrainConfig(mode="distillation", base_model="tiny-qwen2", data="d", out="r").base_model == "tiny-qwen2"
+    # a run started before, which recorded it as typed, still resumes
+    from investment_risk.training.config import resume_problem
+
+    assert resume_problem(config, {**config.to_json(), "base_model": "base"}, {}) == ""
+    assert "--base-model" in resume_problem(config, {**config.to_json(), "base_model": "other"}, {})
 
 
 def test_one_process_at_a_time_trains_into_a_run(split_dir, tmp_path):

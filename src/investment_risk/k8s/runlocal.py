@@ -200,8 +200,12 @@ HOST_VARIABLES = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "CUDA_
 
 
 def host_environment() -> dict[str, str]:
-    return {name: value for name, value in os.environ.items()
-            if name in HOST_VARIABLES or name.startswith("_INVESTMENT_RISK_")}
+    env = {name: value for name, value in os.environ.items()
+           if name in HOST_VARIABLES or name.startswith("_INVESTMENT_RISK_")}
+    for name in ("PYTHONPATH", "LD_LIBRARY_PATH"):  # relative entries meant this directory, not the pod's /tmp
+        if name in env:
+            env[name] = os.pathsep.join(os.path.abspath(p) if p else p for p in env[name].split(os.pathsep))
+    return env
 
 
 class ProcessRuntime:
@@ -242,6 +246,7 @@ def policy_action(rules: list[Any], container: str | None, code: int) -> str | N
 def run_local(manifest: Path, mounts: dict[str, Path], job_name: str | None = None,
               parallelism: int | None = None, runtime: str = "process", image: str | None = None) -> LocalResult:
     log = get_logger()
+    mounts = {path: Path(local).absolute() for path, local in mounts.items()}  # pods start in their own /tmp
     docs = load_manifests(manifest)
     job = pick_job(docs, job_name, manifest)
     spec = job["spec"]

@@ -50,9 +50,7 @@ class TrainConfig:
         object.__setattr__(self, "data", str(Path(self.data).absolute()))
         # a local base model too: evaluate, export and a resume find it from any working directory (and never
         # another folder of that name under it)
-        local = Path(os.path.expanduser(self.base_model))
-        if self.base_model not in PRESETS and local.is_dir():
-            object.__setattr__(self, "base_model", str(local.absolute()))
+        object.__setattr__(self, "base_model", whole_base_model(self.base_model))
         if not self.max_length:
             object.__setattr__(self, "max_length", 1024 if self.mode == "instruction" else 512)
         checks = [
@@ -107,9 +105,17 @@ def plan_steps(config: TrainConfig, train_rows: int) -> StepPlan:
     return StepPlan(batches_per_epoch, steps_per_epoch, total_steps, warmup_for(config, total_steps))
 
 
+def whole_base_model(name: str) -> str:
+    """A local base model directory as an absolute path; a preset or a hub id as it is."""
+    local = Path(os.path.expanduser(name))
+    return str(local.absolute()) if name not in PRESETS and local.is_dir() else name
+
+
 def resume_problem(config: TrainConfig, saved: dict[str, Any], data_sha256: dict[str, str]) -> str:
     """Why a run saved with `saved` (its training_config.json) cannot be continued under `config` on data whose
     files hash to `data_sha256` ('' when it can): resuming with other settings or data would mix two trainings."""
+    if isinstance(saved.get("base_model"), str):  # a run started before it was recorded whole
+        saved = {**saved, "base_model": whole_base_model(saved["base_model"])}
     changed = [f"--{name.replace('_', '-')} {saved[name]} (not {getattr(config, name)})"
                for name in (f.name for f in dataclasses.fields(config))
                if name not in RESUMABLE and name in saved and saved[name] != getattr(config, name)]
