@@ -50,7 +50,7 @@ def test_a_file_that_arrives_between_two_shards_starts_is_in_neither(exported, f
     assert len(json.loads((out / "_inputs.json").read_text())["units"]) == 4 + 3  # a's and b's row groups
 
 
-def test_a_file_changed_after_the_listing_stops_its_shard_naming_it(exported, folder, tmp_path, runner):
+def test_a_file_changed_after_the_listing_stops_its_shard_naming_it(exported, folder, tmp_path, runner, monkeypatch):
     _, model, _ = exported
     out = tmp_path / "out"
     score(ScoreConfig(model=model, inputs=(str(folder),), out=out, shard_index=0, shard_count=2))
@@ -64,10 +64,12 @@ def test_a_file_changed_after_the_listing_stops_its_shard_naming_it(exported, fo
         result = runner.invoke(main, ["score", "--model", str(model), "--input", str(folder / "a.parquet"),
                                       "--out", str(out), "--shard-index", shard, "--shard-count", "2"])
         assert result.exit_code == 2 and "holds a batch of the inputs" in result.output, (shard, result.output)
-    # the same inputs spelled otherwise are the same batch
-    result = runner.invoke(main, ["score", "--model", str(model), "--input", f"{folder}/", "--out", str(out),
-                                  "--shard-index", "0", "--shard-count", "2"])
-    assert result.exit_code == 0 and "shard_skipped" in result.output, result.output
+    # the same inputs spelled otherwise, from another folder too, are the same batch
+    for spelled, cwd in ((f"{folder}/", "/"), (folder.name, str(folder.parent))):
+        monkeypatch.chdir(cwd)
+        result = runner.invoke(main, ["score", "--model", str(model), "--input", spelled, "--out", str(out),
+                                      "--shard-index", "0", "--shard-count", "2"])
+        assert result.exit_code == 0 and "shard_skipped" in result.output, (spelled, result.output)
 
 
 def test_force_with_a_smaller_shard_count_leaves_one_batch(exported, folder, tmp_path):

@@ -128,6 +128,7 @@ def _listing(inputs: Sequence[str], ledger: Path | None, out: Path, read: Sequen
         if entries is not None:
             record["ledger_entry"] = entries[i]
         records.append(record)
-    return {"format": INPUTS_FORMAT, "input_root": input_root(inputs), "ledger": str(ledger) if ledger else None,
+    return {"format": INPUTS_FORMAT, "input_root": input_root(inputs),
+            "ledger": str(ledger.absolute()) if ledger else None,
             "known_units": known, "listed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "units": records}

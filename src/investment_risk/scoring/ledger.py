@@ -26,17 +26,19 @@ LEDGER_FORMAT = 1
 
 
 def input_root(inputs: Sequence[str]) -> str:
-    """What the ledger is about: the --input specs as given (a ledger for another input is refused)."""
-    return "\n".join(sorted(inputs))
+    """What the ledger is about: the --input specs as absolute, normalised paths, glob characters kept (a ledger
+    for another input is refused; `in7`, `in7/` and `$PWD/in7` are one input, from whatever folder)."""
+    return "\n".join(sorted(_whole(spec) for spec in inputs))
+
+
+def _whole(spec: str) -> str:
+    return os.path.abspath(os.path.expanduser(spec))
 
 
 def same_root(recorded: str, root: str) -> bool:
-    """Two input roots name the same inputs however they are spelled (`in7`, `in7/`, `$PWD/in7`): compared as
-    absolute, normalised paths, glob characters kept."""
-    def spelled_out(text: str) -> list[str]:
-        return sorted(os.path.abspath(os.path.expanduser(spec)) for spec in text.split("\n"))
-
-    return recorded == root or spelled_out(recorded) == spelled_out(root)
+    """Whether a recorded input root is `root`. One recorded before roots were absolute holds the specs as typed:
+    read from this folder."""
+    return "\n".join(sorted(_whole(spec) for spec in recorded.split("\n"))) == root
 
 
 def _key(entry: dict[str, Any]) -> tuple[str, int | None, int, str]:

@@ -495,7 +495,9 @@ def _finish_shard(config: ScoreConfig, metrics: ShardMetrics, shard_entries: Any
     out = config.out
     marker = done_marker(out, config.shard_index)
     if shard_entries is not None:  # what this shard scored, for the merge to add to the ledger once all are done
-        metrics.ledger = {"path": str(config.ledger), "input_root": input_root(config.inputs), "units": shard_entries}
+        # whole: the merge that records it may run from another folder
+        metrics.ledger = {"path": str(Path(config.ledger).absolute()), "input_root": input_root(config.inputs),
+                          "units": shard_entries}
     metrics_dir = out / "metrics"
     as_dict = metrics.to_dict()
     write_json_atomic(as_dict, metrics_dir / f"{part_name(config.shard_index)}.json")
