@@ -1008,9 +1008,11 @@ def test_metrics_and_merge_command(exported, articles, tmp_path, runner):
     score(ScoreConfig(model=model, inputs=(str(articles / "a.parquet"),), out=out, shard_count=2, shard_index=0))
     result = runner.invoke(main, ["score-merge", "--out", str(out), "--expect-shards", "2", "--wait-seconds", "5"])
     assert result.exit_code == 0 and json.loads((out / "metrics.json").read_text())["complete"]
-    # a merge Job rendered with more shards than the batch was scored with: no more will come, so no day's wait
-    result = runner.invoke(main, ["score-merge", "--out", str(out), "--expect-shards", "4", "--wait-seconds", "600"])
-    assert result.exit_code == 2 and "complete with 2 shards" in result.output, result.output
+    # a merge Job rendered with more shards than the batch was scored with: said at once (the batch may be being
+    # scored again with more), and named when the wait ends
+    result = runner.invoke(main, ["score-merge", "--out", str(out), "--expect-shards", "4", "--wait-seconds", "1"])
+    assert result.exit_code == 1 and "complete with 2 shards (scored with --shard-count 2), not the 4" in result.output
+    assert [e["shard_count"] for e in assert_json_stdout(result) if e["event"] == "merge_expects_more_shards"] == [2]
 
 
 def test_merge_waits_for_the_missing_shards(exported, articles, tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..core.atomic import in_turn, read_json, write_json_atomic
-from ..core.errors import ConfigError, InputError, RetryableError
+from ..core.errors import InputError, RetryableError
 from ..core.logs import Progress, get_logger
 from ..core.decisions import tier_report
 from ..core.drift import (DEFAULT_PSI_THRESHOLD, SCORE_BINS, SCORE_EDGES, calibration_mismatch, drift, model_tier_counts,
@@ -467,12 +467,16 @@ def merge_until_complete(out_dir: Path, expect_shards: int | None, wait_seconds:
         # pushed once complete: the shards pushed the partial merges as they finished
         merged = merge_metrics(out_dir, gateway, push_partial=False) if out_dir.is_dir() else {"shards": 0,
                                                                                                 "shard_count": 0}
-        if merged.get("complete") and (expect_shards or 0) > merged["shard_count"]:
-            # every shard of the count the batch was scored with is done: no more will come (a day's wait, then
-            # retries, for a merge Job rendered with another --shards)
-            raise ConfigError(f"{out_dir}: the batch is complete with {merged['shard_count']} shards (scored with "
-                              f"--shard-count {merged['shard_count']}), not the {expect_shards} expected")
+        if merged.get("complete") and (expect_shards or 0) > merged["shard_count"] and not warned:
+            # a merge Job rendered with another --shards waits a day for shards that never come; or the batch is
+            # being scored again with more (--force): said at once, and the wait goes on
+            warned.append(merged["shard_count"])
+            get_logger().warning("merge_expects_more_shards", out=str(out_dir), expect_shards=expect_shards,
+                                 shard_count=merged["shard_count"], reason="the batch is complete with fewer shards "
+                                 "(scored with another --shard-count?)")
         return merged, max(expect_shards or 0, merged["shard_count"], 1)
+
+    warned: list[int] = []
 
     merged, needed = merged_now()
     if merged["shards"] >= needed and merged.get("complete"):
@@ -497,6 +501,9 @@ def _incomplete(out_dir: Path, merged: dict[str, Any], needed: int) -> Retryable
         why = f"its done shards were scored with --shard-count {counts}: redo every shard with one count"
     elif merged["shards"] and merged.get("calibrated", False) is None:
         why = "its done shards were scored both with and without calibration: redo the shards of one kind"
+    elif merged.get("complete"):
+        why = (f"the batch is complete with {merged['shard_count']} shards (scored with --shard-count "
+               f"{merged['shard_count']}), not the {needed} expected")
     else:
         why = f"{merged['shards']} of {needed} shards are done"
     return RetryableError(f"{out_dir}: {why}")
