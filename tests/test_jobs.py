@@ -973,7 +973,8 @@ def test_render_parses_the_pods_command_as_the_image_will(runner):
             (["train", "--out", "runs/t1"], "--out runs/t1: a relative path"),
             (["score", "--extra-arg", "--input=s3://bucket/new"], "--input s3://bucket/new: a URL"),
             (["score", "--extra-arg", "--ledger=ledger.json"], "--ledger ledger.json: a relative path"),
-            (["score", "--extra-arg", "--model", "--extra-arg", "/models/other"], "--model is given twice"),
+            (["score", "--extra-arg", "--model", "--extra-arg", "/models/other"], "--model is set by the Job itself"),
+            (["merge", "--out", "/data/s", "--extra-arg", "--wait-seconds=10"], "--wait-seconds is set by the Job"),
             (["train", "--extra-arg", "--data=/x"], "--data was given more than once"),
             (["score", "--extra-arg", "--forcee"], "No such option '--forcee'"),
             (["score", "--extra-arg", "--token-budget=12"], "12 is not in the range"),
@@ -984,7 +985,8 @@ def test_render_parses_the_pods_command_as_the_image_will(runner):
         assert result.exit_code == 2 and message in result.output, (command, result.output)
     # what the pod's command takes goes through: the merge's too (it was dropped)
     for kind, paths, passed in (("merge", ["--out", "/data/s"], ["--pushgateway", "http://pg:9091"]),
-                                ("score", [], ["--force", "--input=/data/more", "/data/other"])):
+                                ("score", [], ["--force", "--input=/data/more", "/data/other"]),
+                                ("train", [], ["--epochs=3", "--epochs=4"])):  # twice by the user: the last wins
         extra = [arg for value in passed for arg in ("--extra-arg", value)]
         result = runner.invoke(main, ["jobs", "render", kind, "--name", "j", *paths, *extra])
         assert result.exit_code == 0, result.output

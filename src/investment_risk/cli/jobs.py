@@ -106,11 +106,11 @@ def _build(kind: str, settings: Any, params: dict[str, Any]) -> dict[str, Any]:
     params["inputs"] = tuple(params["inputs"])
     params["extra_args"] = tuple(params["extra_args"])
     manifest = build(kind, settings, **params)
-    check_pod_command(manifest, context.find_root().command)
+    check_pod_command(manifest, context.find_root().command, params["extra_args"])
     return manifest
 
 
-def check_pod_command(manifest: dict[str, Any], cli: Any) -> None:
+def check_pod_command(manifest: dict[str, Any], cli: Any, extra_args: tuple[str, ...] = ()) -> None:
     """Parse the pod's command as the image's CLI will, so that what it would refuse is refused now, not after the
     image pull: an unknown option, one given twice (by the Job and again by --extra-arg, where the last would
     silently win), a URL, a value of the wrong kind; and a relative path, which in a pod lands in its /tmp and is
@@ -124,10 +124,12 @@ def check_pod_command(manifest: dict[str, Any], cli: Any) -> None:
         values, extra, order = command.make_parser(context).parse_args(list(args[1:]))
         if extra:
             raise click.UsageError(f"unexpected argument {extra[0]!r}")
-        for param in order:
-            if not param.multiple and order.count(param) > 1:
-                raise click.UsageError(f"{param.opts[0]} is given twice (by the Job and by --extra-arg): set it "
-                                       "with the jobs option")
+        # an option the Job sets, set again by --extra-arg, would silently win (twice in --extra-arg alone is the
+        # CLI's override: the last one)
+        theirs = command.make_parser(context).parse_args(list(extra_args))[2] if extra_args else []
+        for param in dict.fromkeys(order):
+            if not param.multiple and param.nargs != -1 and 0 < theirs.count(param) < order.count(param):
+                raise click.UsageError(f"{param.opts[0]} is set by the Job itself; --extra-arg cannot set it again")
         for param in dict.fromkeys(order):
             value = values.get(param.name)
             if not isinstance(value, (str, bool, list, tuple)):  # an argument not given (Click's unset marker)
