@@ -157,8 +157,10 @@ def test_free_text_loses_the_values_of_secret_named_keys(text, secret):
 
 def test_a_redacted_json_line_is_still_json():
     # `jobs logs --raw` on a terminal prints pods' lines through redact_text: "api_key":*** would not parse
-    line = json.dumps({"event": "x", "api_key": "sk-" + "a" * 30, "hf_token": "plain-secret", "n": 1})
-    assert json.loads(logs.redact_text(line)) == {"event": "x", "api_key": "***", "hf_token": "***", "n": 1}
+    line = json.dumps({"event": "x", "api_key": "sk-" + "a" * 30, "hf_token": "plain-secret", "n": 1,
+                       "password": 'ab"cd'})  # an escaped quote inside: none of it leaks, the line still parses
+    assert json.loads(logs.redact_text(line)) == {"event": "x", "api_key": "***", "hf_token": "***", "n": 1,
+                                                  "password": "***"}
 
 
 @pytest.mark.parametrize("text", [
@@ -191,3 +193,6 @@ def test_library_prints_are_set_aside_while_our_lines_stay_on_stdout(capsys):
     captured = capsys.readouterr()
     assert [json.loads(line)["event"] for line in captured.out.splitlines()] == ["progress", "after"]
     assert "exporter step" not in captured.out + captured.err  # stderr is no terminal here: nowhere
+    with logs.library_prints_aside(keep=True):  # an exporter's steps and failures stay in the pod's log
+        print("exporter failed at node 7")
+    assert capsys.readouterr().err == "exporter failed at node 7\n"

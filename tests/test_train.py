@@ -428,8 +428,9 @@ def test_a_finished_run_on_other_base_weights_is_refused_where_it_is_loaded(expo
                  ["export", "--run", str(moved), "--out", str(tmp_path / "m")],
                  ["calibrate", "--model", str(moved), "--data", str(split_dir / "train.parquet")]):
         result = runner.invoke(main, args)
-        assert result.exit_code == 2 and "trained on base model 'tiny-qwen2' at revision sha256:0000" in result.output, \
-            (args[0], result.output)
+        assert result.exit_code == 2, (args[0], result.output)
+        assert "trained on base model 'tiny-qwen2' at revision sha256:0000" in result.output
+        assert "builds another tiny-qwen2" in result.output  # what changed, for the kind of base model it is
 
 
 def test_a_relative_local_base_model_is_recorded_whole(tmp_path, monkeypatch):

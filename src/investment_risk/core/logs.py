@@ -53,7 +53,7 @@ _SECRET_KEY_TEXT = (r"(?:[A-Za-z0-9]+[_-])*(?:token|password|passwd|passphrase|s
                     r"|private[_-]?key|access[_-]?key|secret[_-](?:access[_-])?key)")
 _SECRET_ASSIGNMENT = re.compile(
     rf"""((?<![\w/.-]){_SECRET_KEY_TEXT}["']?\s*[=:]\s*|(?<![\w-])--{_SECRET_KEY_TEXT}(?:\s+|=))"""
-    r"""("[^"]*"|'[^']*'|[^\s"',;&]+)""", re.I)
+    r"""("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|[^\s"',;&]+)""", re.I)  # a quoted value whole, escaped quotes too
 
 
 def redact_text(text: str) -> str:
@@ -146,14 +146,14 @@ def _print_logger(*_args: Any) -> structlog.PrintLogger:
 
 
 @contextlib.contextmanager
-def library_prints_aside() -> Iterator[None]:
-    """What libraries print on stdout (an exporter's steps, a quantiser's bars), which carries our JSON lines, goes
-    to stderr on a terminal and nowhere in a pipe (a pod's log); our own lines meanwhile, a heartbeat thread's
-    progress events too, stay on stdout (a plain redirect took them along)."""
+def library_prints_aside(keep: bool = False) -> Iterator[None]:
+    """What libraries print on stdout, which carries our JSON lines, goes to stderr: always with `keep` (an
+    exporter's steps and failures, for the pod's log), else on a terminal only (a quantiser's progress bars); our
+    own lines meanwhile, a heartbeat thread's progress events too, stay on stdout (a plain redirect took them)."""
     global _log_stream
     saved = _log_stream
     with contextlib.ExitStack() as stack:
-        aside = sys.stderr if sys.stderr.isatty() else stack.enter_context(open(os.devnull, "w"))
+        aside = sys.stderr if keep or sys.stderr.isatty() else stack.enter_context(open(os.devnull, "w"))
         _log_stream = saved or sys.stdout
         try:
             stack.enter_context(contextlib.redirect_stdout(aside))

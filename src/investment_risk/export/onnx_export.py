@@ -389,7 +389,7 @@ def _export_run(run_dir: Path, out_dir: Path, dtype: str, force: bool, cpu_engin
         example = (torch.from_numpy(example.input_ids), torch.from_numpy(example.attention_mask))
         log.info("onnx_export_start", run=str(run_dir), route="torch.onnx dynamo + onnxscript fusions",
                  parameters=sum(p.numel() for p in module.parameters()), external_data=external)
-        with library_prints_aside(), warnings.catch_warnings():  # the exporter prints its steps on stdout
+        with library_prints_aside(keep=True), warnings.catch_warnings():  # the exporter prints its steps on stdout
             warnings.simplefilter("ignore")
             export_graph(module, example, work / "model.onnx", external)
         parity: dict[str, Any] = {"fp32_max_abs_diff": parity_of(work / "model.onnx"), "batches": batch_shapes,
