@@ -70,6 +70,12 @@ def test_a_file_changed_after_the_listing_stops_its_shard_naming_it(exported, fo
         result = runner.invoke(main, ["score", "--model", str(model), "--input", spelled, "--out", str(out),
                                       "--shard-index", "0", "--shard-count", "2"])
         assert result.exit_code == 0 and "shard_skipped" in result.output, (spelled, result.output)
+    # a batch listed from relative inputs is read by a shard run from another folder (its files listed whole)
+    monkeypatch.chdir(folder.parent)
+    score(ScoreConfig(model=model, inputs=(folder.name,), out=tmp_path / "rel", shard_index=0, shard_count=2))
+    monkeypatch.chdir("/")
+    merged = score(ScoreConfig(model=model, inputs=(str(folder),), out=tmp_path / "rel", shard_index=1, shard_count=2))
+    assert merged["complete"] and ids_out(tmp_path / "rel") == input_ids(folder)
 
 
 def test_force_with_a_smaller_shard_count_leaves_one_batch(exported, folder, tmp_path):

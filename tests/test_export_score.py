@@ -1028,6 +1028,22 @@ def test_merge_waits_for_the_missing_shards(exported, articles, tmp_path):
     assert merged["complete"] and merged["shards"] == 1
 
 
+def test_a_wait_over_an_unchanged_batch_merges_it_once(exported, articles, tmp_path, monkeypatch):
+    """A merge Job waiting a day over a batch it would never call done merged, recorded and pushed it every poll."""
+    from investment_risk.core.errors import RetryableError
+    from investment_risk.scoring import shard_metrics
+
+    _, model, _ = exported
+    out = tmp_path / "once"
+    score(ScoreConfig(model=model, inputs=(str(articles / "a.parquet"),), out=out))
+    calls = []
+    real = shard_metrics.merge_metrics
+    monkeypatch.setattr(shard_metrics, "merge_metrics", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with pytest.raises(RetryableError, match="complete with 1 shards"):
+        shard_metrics.merge_until_complete(out, expect_shards=2, wait_seconds=0.5, poll_seconds=0.1)
+    assert len(calls) == 1
+
+
 def test_evaluate_an_exported_model_matches_the_run(exported, split_dir, runner, tmp_path):
     run, model, _ = exported
     data = str(split_dir / "test.parquet")

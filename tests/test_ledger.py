@@ -132,3 +132,17 @@ def test_a_redo_cut_short_after_its_night_was_recorded_still_scores_its_units(ex
     merged = score(config)
     assert merged["complete"] and merged["rows_in"] == 30
     assert sorted(scored_ids(scored / "night-1")) == sorted(f"a-{i}" for i in range(30))
+
+
+def test_a_root_recorded_as_typed_by_the_previous_version_is_the_same_root(tmp_path, monkeypatch):
+    """Shards and ledgers of the previous version hold the --input specs as typed; the merge of such a batch raised
+    "it records the input 'in7', not 'in7'"."""
+    from investment_risk.scoring.ledger import input_root, record_units, same_root
+
+    (tmp_path / "in7").mkdir()
+    monkeypatch.chdir(tmp_path)
+    ledger = tmp_path / "ledger.json"
+    ledger.write_text(json.dumps({"format": 1, "input_root": "in7", "units": []}))
+    assert record_units(ledger, "in7", []) == 0 and record_units(ledger, input_root(["in7/"]), []) == 0
+    assert same_root("in7", str(tmp_path / "in7")) and not same_root("in8", str(tmp_path / "in7"))
+

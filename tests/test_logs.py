@@ -150,6 +150,8 @@ def test_named_steps_are_counted_named_while_running_and_timed_at_the_end(monkey
     ("run --password hunter2 --verbose", "hunter2"),
     ('password = "correct horse battery"', "horse battery"),
     ('{"hf_token": "plain-secret"}', "plain-secret"),
+    ("password='abc\\' and more", "abc"),  # a shell's quoted value ending in a backslash
+    ('token="abc\\" next', "abc"),
 ])
 def test_free_text_loses_the_values_of_secret_named_keys(text, secret):
     assert secret not in logs.redact_text(text) and logs.REDACTED in logs.redact_text(text)

@@ -53,7 +53,9 @@ _SECRET_KEY_TEXT = (r"(?:[A-Za-z0-9]+[_-])*(?:token|password|passwd|passphrase|s
                     r"|private[_-]?key|access[_-]?key|secret[_-](?:access[_-])?key)")
 _SECRET_ASSIGNMENT = re.compile(
     rf"""((?<![\w/.-]){_SECRET_KEY_TEXT}["']?\s*[=:]\s*|(?<![\w-])--{_SECRET_KEY_TEXT}(?:\s+|=))"""
-    r"""("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|[^\s"',;&]+)""", re.I)  # a quoted value whole, escaped quotes too
+    # a quoted value whole, an escaped quote inside it too; one whose closing quote follows a backslash (a shell's
+    # 'abc\') is whole up to that quote
+    r"""("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|"[^"]*"|'[^']*'|[^\s"',;&]+)""", re.I)
 
 
 def redact_text(text: str) -> str:

@@ -75,7 +75,7 @@ def run_base(run_dir: Path, metadata: dict[str, Any]) -> BaseModel:
     elif base.name == "tiny-qwen2":
         what = "this version of the package builds another tiny-qwen2"
     elif base.name in PRESETS or base.path.parent.name == "snapshots":
-        what = "the hub cache no longer holds the snapshot it trained on: stage that revision again"
+        what = "the hub cache no longer holds the snapshot it trained on: put that snapshot back in the cache"
     else:
         what = "its config or weight files changed (their size or modification time): restore them"
     raise InputError(f"{run_dir}: trained on base model {metadata['model_name']!r} at revision {recorded}, now "

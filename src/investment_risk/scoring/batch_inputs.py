@@ -123,8 +123,9 @@ def _listing(inputs: Sequence[str], ledger: Path | None, out: Path, read: Sequen
     records = []
     for i, unit in enumerate(units):
         stat = stats[unit.path]
-        record = {"path": str(unit.path), "row_group": unit.row_group, "rows": unit.rows, "size": stat.st_size,
-                  "mtime_ns": stat.st_mtime_ns}
+        # whole: a shard run from another folder (its --input absolute) reads the same files
+        record = {"path": str(unit.path.absolute()), "row_group": unit.row_group, "rows": unit.rows,
+                  "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         if entries is not None:
             record["ledger_entry"] = entries[i]
         records.append(record)

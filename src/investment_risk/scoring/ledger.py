@@ -36,9 +36,12 @@ def _whole(spec: str) -> str:
 
 
 def same_root(recorded: str, root: str) -> bool:
-    """Whether a recorded input root is `root`. One recorded before roots were absolute holds the specs as typed:
-    read from this folder."""
-    return "\n".join(sorted(_whole(spec) for spec in recorded.split("\n"))) == root
+    """Whether two input roots are one. One recorded before roots were absolute (a ledger, a listing or a shard's
+    record) holds the specs as typed: read from this folder."""
+    def whole(text: str) -> list[str]:
+        return sorted(_whole(spec) for spec in text.split("\n"))
+
+    return whole(recorded) == whole(root)
 
 
 def _key(entry: dict[str, Any]) -> tuple[str, int | None, int, str]:

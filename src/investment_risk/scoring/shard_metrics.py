@@ -463,10 +463,20 @@ def merge_until_complete(out_dir: Path, expect_shards: int | None, wait_seconds:
     done at least every 30 s meanwhile (a merge Job waits hours); a directory not made yet counts as no shard done."""
     deadline = time.monotonic() + wait_seconds
 
+    last: list[Any] = [None, None]  # the done markers seen and the merge made of them
+
     def merged_now() -> tuple[dict[str, Any], int]:
-        # pushed once complete: the shards pushed the partial merges as they finished
-        merged = merge_metrics(out_dir, gateway, push_partial=False) if out_dir.is_dir() else {"shards": 0,
-                                                                                                "shard_count": 0}
+        # merged again only when a shard finished or was redone since: a wait of hours over an unchanged batch
+        # neither rewrites its files nor pushes and records it every poll
+        try:
+            seen = sorted((p.name, p.stat().st_mtime_ns) for p in (out_dir / "_done").glob("part-*"))
+        except FileNotFoundError:  # a marker removed as it was listed (a shard being redone): merge again
+            seen = None
+        if seen is None or last[0] != seen or last[1] is None:
+            # pushed once complete: the shards pushed the partial merges as they finished
+            last[0], last[1] = seen, (merge_metrics(out_dir, gateway, push_partial=False) if out_dir.is_dir()
+                                      else {"shards": 0, "shard_count": 0})
+        merged = last[1]
         if merged.get("complete") and (expect_shards or 0) > merged["shard_count"] and not warned:
             # a merge Job rendered with another --shards waits a day for shards that never come; or the batch is
             # being scored again with more (--force): said at once, and the wait goes on
