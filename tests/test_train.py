@@ -828,7 +828,7 @@ def test_dry_run_on_a_machine_without_the_named_device_fails_as_the_run_would(sp
     assert result.exit_code == 1 and "--device cuda: no CUDA device is visible" in result.output, result.output
     # the run itself fails the same way, and leaves no empty run folder behind (an existing one stays)
     (tmp_path / "existing").mkdir()
-    for out in (tmp_path / "new", tmp_path / "existing"):
+    for out in (tmp_path / "new" / "run", tmp_path / "existing"):  # new/ too is made by the start
         result = runner.invoke(main, ["train", *TINY_TRAIN_ARGS, "--data", str(split_dir), "--out", str(out),
                                       "--device", "cuda"])
         assert result.exit_code == 1 and "no CUDA device is visible" in result.output, result.output

@@ -77,6 +77,9 @@ def claimed_out_dir(config: TrainConfig, resume: bool, if_present: bool = False)
         return resume or (if_present and has_checkpoint(out))
 
     check_out_dir(config, resuming())  # before anything is made: a mistyped --out is refused and left as it was
+    made = out.absolute()  # the outermost folder this start makes (`runs/new/r`: runs/new, when runs/ is there)
+    while not made.parent.exists():
+        made = made.parent
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -97,10 +100,21 @@ def claimed_out_dir(config: TrainConfig, resume: bool, if_present: bool = False)
         # a start that failed before its first checkpoint (no GPU, a base model not found) leaves no folder behind
         if created and {path.name for path in out.iterdir()} <= {LOCK_FILE, CONFIG_FILE}:
             shutil.rmtree(out, ignore_errors=True)
+            for folder in out.absolute().parents:  # and the folders made for it, while nothing else is in them
+                if folder == made.parent or not _remove_empty(folder):
+                    break
         raise
     finally:
         if lock is not None:
             os.close(lock)
+
+
+def _remove_empty(folder: Path) -> bool:
+    try:
+        folder.rmdir()
+    except OSError:  # another run's folder is in it: it stays
+        return False
+    return True
 
 
 def save_run_config(config: TrainConfig, base_revision: str) -> None:
