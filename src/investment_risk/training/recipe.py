@@ -147,7 +147,7 @@ def setup(config: TrainConfig, resume: bool) -> Session:
     check_base(base, config.mode, config.max_length)
     tokenizer = load_tokenizer(base.path)
     if resume:
-        check_same_base(config, base.revision)
+        check_same_base(config, base)
     else:
         save_run_config(config, base.revision)
     task = make_task(config, tokenizer)

@@ -13,6 +13,7 @@ from ..core.atomic import hold_lock, read_json, sha256_file, write_json_atomic
 from ..core.errors import InputError, RetryableError, unreadable
 from ..core.logs import get_logger
 from ..modeling.description import RUN_CONFIG_FILE
+from ..modeling.presets import BaseModel, revision_change
 from .config import TrainConfig, resume_problem
 
 CONFIG_FILE = RUN_CONFIG_FILE
@@ -127,10 +128,10 @@ def save_run_config(config: TrainConfig, base_revision: str) -> None:
     write_json_atomic(saved, out / CONFIG_FILE)
 
 
-def check_same_base(config: TrainConfig, base_revision: str) -> None:
+def check_same_base(config: TrainConfig, base: BaseModel) -> None:
     """A resumed run continues on the base weights it started on (the adapter was fitted to them)."""
     started = read_json(Path(config.out) / CONFIG_FILE).get("base_model_revision")
-    if started is not None and started != base_revision:
+    if started is not None and started != base.revision:
         raise InputError(f"--resume: {config.out} was started on base model {config.base_model} at revision "
-                         f"{started}; it is now {base_revision} (its config or weight files changed: their size or "
-                         "modification time): start a new run in another --out")
+                         f"{started}; it is now {base.revision} ({revision_change(base, str(started))}), or start a "
+                         "new run in another --out")
