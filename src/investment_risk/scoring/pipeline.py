@@ -39,7 +39,7 @@ from .batch_inputs import check_same_batch, shard_inputs
 from .ledger import input_root
 from .progress import Position, SeenIds, ShardProgress, discard_checkpoints, discard_stale_checkpoints
 from .prometheus import DEFAULT_METRICS_GROUP, METRICS_GROUP_PATTERN, push, write_textfile
-from .shard_metrics import ShardMetrics, broken_shard, done_shard_calibrations, done_shard_counts, merge_metrics
+from .shard_metrics import ShardMetrics, broken_shard, done_shard_metrics, merge_metrics
 from .units import READ_COLUMNS, Unit, done_marker, parquet_rows, part_name, remove_shards_from, shard_files, shard_outputs
 from .writer import REJECT_SCHEMA, ShardWriter, kept_columns, part_schema, provenance
 
@@ -193,7 +193,7 @@ class ShardScorer:
         self.pad_id = model.pad_id(tokenizer)
         self.columns_seen: set[str] = set()  # to name a --keep-columns column that no input had
         self.batches_scored = 0  # read batches, by this run
-        self.calibrated = config.calibration and model.calibration is not None  # the scores go through it
+        self.calibrated = writes_calibrated(config, model)
         self.spec = default_spec()
         on_gpu = "cuda" in str(getattr(runner, "provider", "")).lower()  # CUDAExecutionProvider, torch-cuda
         self.token_budget = config.token_budget or token_budget_for("cuda" if on_gpu else "cpu")
@@ -436,6 +436,11 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         return _score(config)
 
 
+def writes_calibrated(config: ScoreConfig, model: ModelDescription) -> bool:
+    """Whether the shard's scores go through the model's calibration."""
+    return config.calibration and model.calibration is not None
+
+
 def _score(config: ScoreConfig) -> dict[str, Any]:
     from ..modeling.loading import load_runner
     from ..modeling.presets import load_tokenizer
@@ -443,8 +448,9 @@ def _score(config: ScoreConfig) -> dict[str, Any]:
     log = get_logger()
     out = config.out
     marker = done_marker(out, config.shard_index)
+    done = done_shard_metrics(out)  # what the finished shards were scored with
     # Before the skip: shard 0 of 1 done is not shard 0 of 2 done (a finished shard would hide the mismatch).
-    if not config.force and (counts := done_shard_counts(out) - {config.shard_count}):
+    if not config.force and (counts := {m["shard_count"] for m in done} - {config.shard_count}):
         raise InputError(f"--out {out} holds shards scored with --shard-count {', '.join(map(str, sorted(counts)))}, "
                          f"not {config.shard_count}: score into another --out, or redo every shard with --force")
     if config.force and (stale := remove_shards_from(out, config.shard_count)):
@@ -460,8 +466,9 @@ def _score(config: ScoreConfig) -> dict[str, Any]:
             return merge_metrics(out)
         log.warning("shard_redone", reason=f"marked done, but {problem}")
     model = describe_model(config.model)  # a model that cannot score stops the shard before it lists the batch
-    calibrated = config.calibration and model.calibration is not None
-    if not config.force and (kinds := done_shard_calibrations(out, config.shard_index) - {calibrated}):
+    calibrated = writes_calibrated(config, model)
+    others = {bool(m.get("calibrated", False)) for m in done if m["shard"] != config.shard_index}
+    if not config.force and (kinds := others - {calibrated}):
         raise InputError(f"--out {out} holds shards scored {'with' if kinds.pop() else 'without'} calibration, this "
                          f"one would be {'with' if calibrated else 'without'}: one batch is on one score scale; "
                          "score into another --out, or redo every shard with --force")

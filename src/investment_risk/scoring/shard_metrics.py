@@ -362,15 +362,9 @@ def _done_metrics(out_dir: Path, done: set[str]) -> tuple[list[dict[str, Any]], 
     return shards, broken
 
 
-def done_shard_counts(out_dir: Path) -> set[int]:
-    """The --shard-count values the finished shards in OUT were scored with."""
-    return {m["shard_count"] for name in _done_shards(out_dir) if (m := _shard_metrics(out_dir, name)) is not None}
-
-
-def done_shard_calibrations(out_dir: Path, other_than: int) -> set[bool]:
-    """Whether the other finished shards in OUT wrote calibrated scores (one value each)."""
-    return {bool(m.get("calibrated", False)) for name in _done_shards(out_dir)
-            if (m := _shard_metrics(out_dir, name)) is not None and m["shard"] != other_than}
+def done_shard_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    """The metrics of the finished shards in OUT (what they were scored with: --shard-count, calibration)."""
+    return [m for name in sorted(_done_shards(out_dir)) if (m := _shard_metrics(out_dir, name)) is not None]
 
 
 def _merge_once(out_dir: Path, done: set[str]) -> dict[str, Any]:
@@ -463,30 +457,30 @@ def merge_until_complete(out_dir: Path, expect_shards: int | None, wait_seconds:
     done at least every 30 s meanwhile (a merge Job waits hours); a directory not made yet counts as no shard done."""
     deadline = time.monotonic() + wait_seconds
 
-    last: list[Any] = [None, None]  # the done markers seen and the merge made of them
+    markers: list[tuple[str, int]] | None = None  # the done markers the last merge was made of
+    merged: dict[str, Any] = {}
+    warned = False
 
     def merged_now() -> tuple[dict[str, Any], int]:
+        nonlocal markers, merged, warned
         # merged again only when a shard finished or was redone since: a wait of hours over an unchanged batch
         # neither rewrites its files nor pushes and records it every poll
         try:
             seen = sorted((p.name, p.stat().st_mtime_ns) for p in (out_dir / "_done").glob("part-*"))
         except FileNotFoundError:  # a marker removed as it was listed (a shard being redone): merge again
             seen = None
-        if seen is None or last[0] != seen or last[1] is None:
+        if seen is None or seen != markers or not merged:
             # pushed once complete: the shards pushed the partial merges as they finished
-            last[0], last[1] = seen, (merge_metrics(out_dir, gateway, push_partial=False) if out_dir.is_dir()
-                                      else {"shards": 0, "shard_count": 0})
-        merged = last[1]
+            markers, merged = seen, (merge_metrics(out_dir, gateway, push_partial=False) if out_dir.is_dir()
+                                     else {"shards": 0, "shard_count": 0})
         if merged.get("complete") and (expect_shards or 0) > merged["shard_count"] and not warned:
             # a merge Job rendered with another --shards waits a day for shards that never come; or the batch is
             # being scored again with more (--force): said at once, and the wait goes on
-            warned.append(merged["shard_count"])
+            warned = True
             get_logger().warning("merge_expects_more_shards", out=str(out_dir), expect_shards=expect_shards,
                                  shard_count=merged["shard_count"], reason="the batch is complete with fewer shards "
                                  "(scored with another --shard-count?)")
         return merged, max(expect_shards or 0, merged["shard_count"], 1)
-
-    warned: list[int] = []
 
     merged, needed = merged_now()
     if merged["shards"] >= needed and merged.get("complete"):
