@@ -130,7 +130,6 @@ def check_pod_command(manifest: dict[str, Any], cli: Any, extra_args: tuple[str,
         for param in dict.fromkeys(order):
             if not param.multiple and param.nargs != -1 and 0 < theirs.count(param) < order.count(param):
                 raise click.UsageError(f"{param.opts[0]} is set by the Job itself; --extra-arg cannot set it again")
-        for param in dict.fromkeys(order):
             value = values.get(param.name)
             if not isinstance(value, (str, bool, list, tuple)):  # an argument not given (Click's unset marker)
                 continue
